@@ -1,17 +1,20 @@
-"""meterline's single exception tree.
+"""meterline's error tree.
 
     MeterlineError
-     +-- ConfigError (alias InvalidMeterError)   bad config.yaml / meter definitions
-     +-- InvalidEventError                       a CloudEvent that fails validation
-     +-- MeterNotFoundError                      a query or lookup names an unknown meter slug
-     +-- StorageError                            ClickHouse failed (adapters translate driver errors)
-     +-- BrokerUnavailableError                  Kafka did not ack in time / unreachable
+    ├── ConfigError (= InvalidMeterError)   config.yaml or settings are wrong
+    ├── InvalidEventError                   an incoming event breaks the CloudEvents or size rules
+    ├── MeterNotFoundError                  a query names a meter that config.yaml does not define
+    ├── InvalidQueryError                   query parameters are inconsistent (range, window, zone)
+    ├── StorageError                        ClickHouse failed or could not be reached
+    └── BrokerUnavailableError              Kafka did not acknowledge in time
 
-Adapters translate third-party exceptions into this tree so callers (and only
-``routes.py`` for HTTP statuses) never catch a dependency's exceptions.
+Adapters translate confluent-kafka and clickhouse-connect exceptions into these, so callers never
+catch a dependency's exceptions, and only the HTTP layers map them to status codes.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class MeterlineError(Exception):
@@ -19,27 +22,39 @@ class MeterlineError(Exception):
 
 
 class ConfigError(MeterlineError):
-    """Configuration (settings or meter definitions) is invalid; message lists every problem."""
+    """The configuration is invalid; the message lists every problem with file, meter and field."""
 
 
 InvalidMeterError = ConfigError
 
 
 class InvalidEventError(MeterlineError):
-    """An incoming event is not a valid CloudEvent for meterline."""
+    """One or more events are invalid; `errors` holds `{index, field, message}` for each problem."""
+
+    def __init__(self, errors: list[dict[str, Any]], message: str | None = None) -> None:
+        self.errors = errors
+        super().__init__(message or f"{len(errors)} invalid event field(s)")
 
 
 class MeterNotFoundError(MeterlineError):
-    """No meter with this slug is configured."""
+    """Raised by `MeterSet.get` when a slug is not in config.yaml."""
 
     def __init__(self, slug: str) -> None:
-        super().__init__(f"meter not found: {slug}")
         self.slug = slug
+        super().__init__(f"meter not found: {slug}")
+
+
+class InvalidQueryError(MeterlineError):
+    """Query parameters that cannot be answered exactly; `field` names the parameter."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {message}")
 
 
 class StorageError(MeterlineError):
-    """The storage backend (ClickHouse) failed."""
+    """ClickHouse failed; retrying may help."""
 
 
 class BrokerUnavailableError(MeterlineError):
-    """The Kafka broker is unreachable or did not acknowledge in time."""
+    """The Kafka broker did not acknowledge every message within the produce timeout."""

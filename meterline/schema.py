@@ -1,0 +1,108 @@
+"""ClickHouse tables: the one place their names, columns and DDL live.
+
+Every table is a ReplacingMergeTree whose sorting key ends in the row's deterministic identity and is
+read with FINAL. That is what turns at-least-once delivery into exactly-once effect: a processor that
+crashes after writing but before acking replays the same messages, produces byte-identical rows with
+identical keys, and the engine collapses them (see docs/design.md, "Exactly-once effect").
+"""
+
+from __future__ import annotations
+
+EVENTS = "events"
+METER_WINDOWS = "meter_windows"
+DEAD_LETTERS = "dead_letters"
+
+EVENT_COLUMNS: tuple[str, ...] = (
+    "dedupe_key", "id", "source", "type", "subject", "time", "data", "ingested_at",
+    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "validation_errors",
+)
+
+WINDOW_COLUMNS: tuple[str, ...] = (
+    "meter", "subject", "window_start", "group_key", "group",
+    "log_epoch", "kafka_partition", "kafka_offset",
+    "count", "sum", "min", "max", "uniques", "latest_time", "latest_value", "latest_rank",
+)
+
+DEAD_LETTER_COLUMNS: tuple[str, ...] = (
+    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "meter",
+    "id", "source", "type", "subject", "time", "data", "reason_code", "reason", "received_at",
+)
+
+# Decimal128(9): 29 integer digits and 9 fractional digits, exact for every value meters accept.
+DECIMAL = "Decimal128(9)"
+
+
+def ddl(database: str) -> list[str]:
+    """Statements that create the database and every table; idempotent (IF NOT EXISTS)."""
+    db = quote_identifier(database)
+    return [
+        f"CREATE DATABASE IF NOT EXISTS {db}",
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{EVENTS} (
+            dedupe_key FixedString(16),
+            id String,
+            source String,
+            type LowCardinality(String),
+            subject String,
+            time DateTime64(6, 'UTC'),
+            data String,
+            ingested_at DateTime64(3, 'UTC'),
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            batch_index UInt32,
+            validation_errors Array(String)
+        )
+        ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(time)
+        ORDER BY (subject, time, dedupe_key)
+        """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{METER_WINDOWS} (
+            meter LowCardinality(String),
+            subject String,
+            window_start DateTime('UTC'),
+            group_key String,
+            group Map(String, String),
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            count UInt64,
+            sum {DECIMAL},
+            min Nullable({DECIMAL}),
+            max Nullable({DECIMAL}),
+            uniques Array(String),
+            latest_time DateTime64(6, 'UTC'),
+            latest_value Nullable({DECIMAL}),
+            latest_rank UInt64
+        )
+        ENGINE = ReplacingMergeTree
+        PARTITION BY toYYYYMM(window_start)
+        ORDER BY (meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset)
+        """,
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{DEAD_LETTERS} (
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            batch_index UInt32,
+            meter LowCardinality(String),
+            id String,
+            source String,
+            type LowCardinality(String),
+            subject String,
+            time DateTime64(6, 'UTC'),
+            data String,
+            reason_code LowCardinality(String),
+            reason String,
+            received_at DateTime64(3, 'UTC')
+        )
+        ENGINE = ReplacingMergeTree
+        ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
+        """,
+    ]
+
+
+def quote_identifier(name: str) -> str:
+    """Backquote a database/table identifier; names come from config, never from requests."""
+    return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
