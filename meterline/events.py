@@ -1,0 +1,334 @@
+"""CloudEvent validation and the Kafka payload codec — the one event parser of meterline.
+
+Ingest validates and normalises every incoming event here, and the processor decodes Kafka messages
+with the same module, so the two sides can never disagree on the wire format (see docs/design.md,
+"Kafka wire format"):
+
+* one Kafka message = a JSON array (orjson) of structured-mode CloudEvents that all share one subject,
+  keyed by that subject, so every window of a subject lands on a single partition;
+* each event dict has `specversion, id, source, type, subject, time` (RFC 3339 UTC, microseconds, `Z`),
+  optional `data`, `datacontenttype`, `dataschema` and extension attributes.
+
+Ingest normalises `time` (defaulting to the receive time) so the processor never re-validates.
+
+Attribute rules come from the CloudEvents SDK (`cloudevents.core.v1.event.CloudEvent`, which reports
+every problem per attribute). meterline adds what metering needs: `subject` is required, `time` must be
+RFC 3339 inside the range ClickHouse can store, and `data` is bounded in size and depth.
+
+This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any, Final
+
+import orjson
+from cloudevents.core.exceptions import (
+    BaseCloudEventException,
+    CloudEventValidationError,
+    InvalidAttributeTypeError,
+    InvalidAttributeValueError,
+    MissingRequiredAttributeError,
+)
+from cloudevents.core.v1.event import CloudEvent
+
+from meterline.errors import InvalidEventError
+
+logger = logging.getLogger(__name__)
+
+SPECVERSION: Final = "1.0"
+REQUIRED: Final = ("specversion", "id", "source", "type", "subject")
+OPTIONAL_STRINGS: Final = ("datacontenttype", "dataschema")
+
+DEFAULT_MAX_DATA_BYTES: Final = 64 * 1024
+DEFAULT_MAX_DATA_DEPTH: Final = 32
+#: Kafka message bounds (design.md): ~100-event messages are what make the processor fast, and 512 KiB
+#: stays far below every broker's default `message.max.bytes` (1 MiB) even after framing.
+CHUNK_MAX_EVENTS: Final = 500
+CHUNK_MAX_BYTES: Final = 512 * 1024
+
+# Event times must fit every ClickHouse column they end up in: `meter_windows.window_start` is a
+# `DateTime` (seconds since 1970, up to 2106), so anything outside would be clamped silently.
+MIN_TIME: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
+MAX_TIME: Final = datetime(2106, 1, 1, tzinfo=timezone.utc)
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+# --------------------------------------------------------------------------------------------- time
+def parse_time(value: str) -> datetime:
+    """Parse an RFC 3339 timestamp into an aware UTC datetime (fractions beyond µs are truncated).
+
+    Stricter than `datetime.fromisoformat`, which also accepts ISO 8601 forms (week dates, no offset)
+    that RFC 3339 forbids and whose meaning for a usage record would be ambiguous.
+    """
+    m = _RFC3339.match(value)
+    if m is None:
+        raise ValueError("must be an RFC 3339 timestamp such as 2024-01-01T00:00:00Z")
+    year, month, day, hour, minute, second, frac, offset = m.groups()
+    micro = int((frac or "0")[:6].ljust(6, "0"))
+    if offset in ("Z", "z"):
+        tz = timezone.utc
+    else:
+        sign = 1 if offset[0] == "+" else -1
+        oh, om = int(offset[1:3]), int(offset[4:6])
+        if oh > 23 or om > 59:
+            raise ValueError("has an invalid UTC offset")
+        tz = timezone(sign * timedelta(hours=oh, minutes=om))
+    try:
+        t = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
+    except ValueError as exc:  # month 13, Feb 30, second 60 ...
+        raise ValueError(f"is not a valid date-time ({exc})") from None
+    return t.astimezone(timezone.utc)
+
+
+def format_time(t: datetime) -> str:
+    """Render an aware datetime as the wire form: UTC, always microseconds, `Z` suffix."""
+    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --------------------------------------------------------------------------------------- validation
+def _sdk_message(exc: BaseCloudEventException) -> str:
+    """Human text for an SDK error (the SDK's own type message prints `<class 'str'>`)."""
+    if isinstance(exc, MissingRequiredAttributeError):
+        return "is required"
+    if isinstance(exc, InvalidAttributeTypeError):
+        return "must be a string"
+    if isinstance(exc, InvalidAttributeValueError) and "specversion" in str(exc):
+        return f'must be "{SPECVERSION}"'
+    if isinstance(exc, InvalidAttributeValueError):
+        return "must be a non-empty string"
+    return str(exc)
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """True when `value` nests containers deeper than `limit` (iterative: no recursion on hostile input)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Iterable[Any] = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        depth += 1
+        if depth > limit:
+            return True
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def _validate_one(
+    index: int,
+    item: Any,
+    received_time: str,
+    max_data_bytes: int,
+    max_data_depth: int,
+    errors: list[dict[str, Any]],
+) -> dict[str, Any] | None:
+    """Validate one item, appending every problem to `errors`; return its normalised form when valid."""
+    if not isinstance(item, dict):
+        errors.append({"index": index, "field": "event", "message": "must be a JSON object"})
+        return None
+    found: list[dict[str, Any]] = []
+
+    def bad(field: str, message: str) -> None:
+        found.append({"index": index, "field": field, "message": message})
+
+    # Per the JSON event format, null-valued optional attributes are treated as absent.
+    event: dict[str, Any] = {k: v for k, v in item.items() if v is not None or k in REQUIRED}
+    data_present = "data" in event
+    data = event.pop("data", None)
+    if "data_base64" in event:
+        event.pop("data_base64")
+        bad("data_base64", "binary data is not supported; send JSON in `data`")
+
+    # time: ours to parse (RFC 3339, storable range); the SDK only checks it is an aware datetime.
+    raw_time = event.pop("time", None)
+    time_text = received_time
+    if raw_time is not None:
+        if not isinstance(raw_time, str):
+            bad("time", "must be an RFC 3339 string")
+        else:
+            try:
+                t = parse_time(raw_time)
+            except ValueError as exc:
+                bad("time", str(exc))
+            else:
+                if not MIN_TIME <= t < MAX_TIME:
+                    bad("time", "must be between 1970-01-01T00:00:00Z and 2106-01-01T00:00:00Z")
+                else:
+                    time_text = format_time(t)
+
+    # Extension values: the JSON format only has string, number and boolean attribute types.
+    for key, value in event.items():
+        if key in REQUIRED or key in OPTIONAL_STRINGS:
+            continue
+        if isinstance(value, (dict, list)):
+            bad(key, "extension attribute values must be a string, number or boolean")
+
+    # The SDK validates required attributes, optional string attributes and extension names in one pass,
+    # reporting every problem per attribute. Subject is optional in CloudEvents but required for metering.
+    if "subject" not in event:
+        bad("subject", "is required")
+    elif not isinstance(event["subject"], str) or not event["subject"]:
+        bad("subject", "must be a non-empty string")
+    sdk_attrs = {k: v for k, v in event.items() if k != "subject"}
+    # The SDK fills a missing specversion/id with defaults; a CloudEvents request must carry them.
+    for name in ("specversion", "id"):
+        if name not in sdk_attrs:
+            bad(name, "is required")
+            sdk_attrs[name] = SPECVERSION if name == "specversion" else "placeholder"
+    try:
+        CloudEvent(sdk_attrs, None)
+    except CloudEventValidationError as exc:
+        for field, problems in exc.errors.items():
+            if problems:  # first problem per field is the most specific (missing > empty > type)
+                bad(field, _sdk_message(problems[0]))
+
+    if data_present and data is not None:
+        if _depth_exceeds(data, max_data_depth):
+            bad("data", f"nests deeper than {max_data_depth} levels")
+        else:
+            try:
+                size = len(orjson.dumps(data))
+            except TypeError as exc:  # e.g. an integer beyond 64 bits
+                bad("data", f"cannot be encoded: {exc}")
+            else:
+                if size > max_data_bytes:
+                    bad("data", f"is {size} bytes encoded; the limit is {max_data_bytes}")
+
+    if found:
+        # Dedupe (field, message): the SDK can restate what we already reported (e.g. a missing id).
+        seen: set[tuple[str, str]] = set()
+        for e in found:
+            key = (e["field"], e["message"])
+            if key not in seen:
+                seen.add(key)
+                errors.append(e)
+        return None
+
+    event["time"] = time_text
+    if data_present and data is not None:
+        event["data"] = data
+    try:
+        encoded_size = len(orjson.dumps(event))
+    except TypeError as exc:  # numbers beyond 64 bits in extension attributes
+        errors.append({"index": index, "field": "event", "message": f"cannot be encoded: {exc}"})
+        return None
+    if encoded_size > CHUNK_MAX_BYTES:
+        errors.append(
+            {"index": index, "field": "event", "message": f"is {encoded_size} bytes encoded; the limit is {CHUNK_MAX_BYTES}"}
+        )
+        return None
+    return event
+
+
+def validate_events(
+    items: Sequence[Any],
+    received_at: datetime,
+    *,
+    max_data_bytes: int = DEFAULT_MAX_DATA_BYTES,
+    max_data_depth: int = DEFAULT_MAX_DATA_DEPTH,
+) -> list[dict[str, Any]]:
+    """Validate and normalise a request's events, all or nothing.
+
+    Why all or nothing: a client retrying a half-accepted batch cannot know which half landed; rejecting
+    the whole batch with every problem listed lets it fix and resend once (dedupe makes resends safe).
+
+    Raises `InvalidEventError` whose `errors` lists `{index, field, message}` for every invalid event.
+    Returns the normalised events in request order (time filled with `received_at` when absent).
+    """
+    received_time = format_time(received_at)
+    errors: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        event = _validate_one(index, item, received_time, max_data_bytes, max_data_depth, errors)
+        if event is not None:
+            events.append(event)
+    if errors:
+        bad_indexes = len({e["index"] for e in errors})
+        logger.warning("rejected batch: %d of %d events invalid", bad_indexes, len(items))
+        raise InvalidEventError(errors, f"{bad_indexes} of {len(items)} event(s) invalid")
+    return events
+
+
+# --------------------------------------------------------------------------------------------- codec
+def encode_batch(events: Sequence[dict[str, Any]]) -> bytes:
+    """Encode one Kafka message value: a JSON array of events (all of one subject, by contract)."""
+    return orjson.dumps(list(events))
+
+
+def decode_batch(payload: bytes) -> list[dict[str, Any]]:
+    """Decode one Kafka message value; raises `InvalidEventError` (field `payload`) if it is not ours."""
+    try:
+        value = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEventError([{"field": "payload", "message": f"not JSON: {exc}"}]) from None
+    if not isinstance(value, list) or not all(isinstance(e, dict) for e in value):
+        raise InvalidEventError([{"field": "payload", "message": "must be a JSON array of event objects"}])
+    return value
+
+
+def _chunks(
+    events: Sequence[dict[str, Any]], max_events: int, max_bytes: int
+) -> list[tuple[str, list[int], list[bytes]]]:
+    """Group event indexes by subject (first-seen order) and cut each group by count and encoded size.
+
+    Sizes are exact: a message is `[` + events joined by `,` + `]`. An event that alone exceeds
+    `max_bytes` still travels alone (validation keeps events under CHUNK_MAX_BYTES, so it cannot).
+    """
+    if max_events < 1:
+        raise ValueError("max_events must be >= 1")
+    by_subject: dict[str, list[int]] = {}
+    for i, event in enumerate(events):
+        by_subject.setdefault(str(event["subject"]), []).append(i)
+    out: list[tuple[str, list[int], list[bytes]]] = []
+    for subject, indexes in by_subject.items():
+        idx: list[int] = []
+        parts: list[bytes] = []
+        size = 2  # the brackets
+        for i in indexes:
+            part = orjson.dumps(events[i])
+            extra = len(part) + (1 if parts else 0)
+            if parts and (len(parts) >= max_events or size + extra > max_bytes):
+                out.append((subject, idx, parts))
+                idx, parts, size = [], [], 2
+                extra = len(part)
+            idx.append(i)
+            parts.append(part)
+            size += extra
+        if parts:
+            out.append((subject, idx, parts))
+    return out
+
+
+def chunk_by_subject(
+    events: Sequence[dict[str, Any]],
+    max_events: int = CHUNK_MAX_EVENTS,
+    max_bytes: int = CHUNK_MAX_BYTES,
+) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Split events into per-subject chunks (≤ max_events, ≤ max_bytes encoded), order kept per subject."""
+    return [(s, [events[i] for i in idx]) for s, idx, _ in _chunks(events, max_events, max_bytes)]
+
+
+def encode_messages(
+    events: Sequence[dict[str, Any]],
+    max_events: int = CHUNK_MAX_EVENTS,
+    max_bytes: int = CHUNK_MAX_BYTES,
+) -> list[tuple[bytes, bytes]]:
+    """Chunk and encode in one pass: `(key=subject utf-8, value=JSON array)` Kafka messages.
+
+    Equivalent to `encode_batch` over `chunk_by_subject`, but serialises each event once (ingest hot path).
+    """
+    return [
+        (subject.encode(), b"[" + b",".join(parts) + b"]")
+        for subject, _, parts in _chunks(events, max_events, max_bytes)
+    ]
