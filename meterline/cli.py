@@ -1,0 +1,125 @@
+"""`meterline` command line: the entrypoint layer (it may import every process package).
+
+    meterline run                       the whole local pipeline on http://127.0.0.1:8888 (make run)
+    meterline serve ingest|query|all    one HTTP process (deploy/ runs ingest and query separately)
+    meterline validate-config [FILE]    check config.yaml without starting anything
+    meterline recompute METER           rebuild a meter's windows from stored raw events
+    meterline dead-letters list|replay  inspect, or re-meter after a config fix
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from meterline.errors import ConfigError
+from meterline.settings import Settings
+
+app = typer.Typer(help="meterline: exact usage metering.", no_args_is_help=True, add_completion=False)
+console = Console(stderr=True)
+
+
+def _settings(config: Path | None = None) -> Settings:
+    return Settings(config_file=str(config)) if config else Settings()
+
+
+@app.command("validate-config")
+def validate_config(config: Annotated[Optional[Path], typer.Argument(help="config.yaml to check")] = None) -> None:
+    """Validate meters and settings; exit 1 listing every problem (file, meter slug, field)."""
+    from meterline.settings import config_path
+
+    path = config or config_path()
+    if not path.exists():
+        console.print(f"[red]{path}: file not found[/red]")
+        raise typer.Exit(1)
+    try:
+        settings = _settings(path)
+        meters = settings.meters()
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    except ValueError as exc:  # pydantic ValidationError of the service settings
+        console.print(f"[red]{path}: settings: {exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"[green]{path}: OK[/green] ({len(meters)} meters)")
+
+
+@app.command()
+def serve(
+    which: Annotated[str, typer.Argument(help="ingest | query | all")] = "all",
+    host: str = "127.0.0.1",
+    port: int = 8888,
+) -> None:
+    """Serve one HTTP process with uvicorn."""
+    import uvicorn
+
+    from meterline.server import build_app
+
+    settings = _settings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(build_app(which, settings), host=host, port=port, log_level="warning", access_log=False)
+
+
+@app.command()
+def run(
+    port: int = 8888,
+    processors: int = 1,
+    data_dir: Annotated[Path, typer.Option(help="ClickHouse data, worker state and logs")] = Path(".data"),
+) -> None:
+    """Start broker, ClickHouse, processor and HTTP API locally; Ctrl-C stops all of it."""
+    from meterline.localinfra.stack import LocalStack
+    from meterline.settings import config_path
+
+    settings = _settings()
+    settings.meters()  # fail fast, before starting anything, on an invalid config.yaml
+    stack = LocalStack(
+        data_dir=data_dir.resolve(),
+        config_file=config_path().resolve(),
+        processors=processors,
+        http_port=port,
+        topic=settings.events_topic,
+        database=settings.clickhouse_database,
+        partitions=settings.topic_partitions,
+    )
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    with console.status("starting broker, ClickHouse, processor and API..."):
+        stack.start()
+    console.print(
+        f"[bold green]meterline is up[/bold green] on {stack.url}\n"
+        f"  broker     {stack.kafka_bootstrap}  topic {stack.topic}\n"
+        f"  clickhouse {stack.clickhouse_db_url}\n"
+        f"  logs       {data_dir / 'logs'}\n"
+        "Ctrl-C stops everything."
+    )
+    try:
+        while not stopped.wait(1.0):
+            dead = [p.name for p in [stack.server, *stack.workers] if p is not None and not p.alive()]
+            if dead:
+                console.print(f"[red]{', '.join(dead)} exited; see {data_dir / 'logs'}[/red]")
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with console.status("stopping..."):
+            stack.stop()
+        console.print("stopped.")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
