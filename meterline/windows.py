@@ -1,0 +1,189 @@
+"""Pure windowing: event times, minute windows and per-message aggregation into delta rows.
+
+Windows follow **event time**, not arrival: a usage report that arrives late (or is
+replayed) must land in the minute it happened, otherwise totals would depend on broker lag.
+Storage is always minute windows in UTC; since every IANA zone offset is a multiple of 15
+minutes, minute rows roll up exactly into any zone's hours, days and months at query time.
+
+One :class:`WindowAccumulator` is used per Kafka message: all the rows it yields share that
+message's position identity ``(log_epoch, partition, offset)``, so re-processing the message
+rewrites byte-identical rows that ReplacingMergeTree collapses (exactly-once effect).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, timezone
+from decimal import Decimal
+
+from meterline.meters import DECIMAL_CONTEXT, Measurement
+
+__all__ = [
+    "parse_time",
+    "format_time",
+    "window_start",
+    "WindowDelta",
+    "WindowAccumulator",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RFC3339_RE = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,
+)
+_ZERO_DELTA = timedelta(0)
+
+
+def parse_time(value: str) -> datetime:
+    """Parse an RFC 3339 timestamp into an aware UTC datetime.
+
+    Offsets are applied, fractional seconds of up to 9 digits are truncated (not rounded) to
+    microseconds so a nanosecond timestamp never moves into the next window. Naive times are
+    rejected: guessing a zone would put usage into the wrong window.
+    Raises ValueError with a human reason.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"time must be a string, got {type(value).__name__}")
+    m = _RFC3339_RE.fullmatch(value)
+    if m is None:
+        if re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?", value, re.ASCII):
+            raise ValueError(f"time {value!r} has no time zone offset (use 'Z' or ±HH:MM)")
+        raise ValueError(f"time {value!r} is not RFC 3339 (e.g. 2024-01-01T00:00:00.001Z)")
+    year, month, day, hour, minute, second, frac, z, sign, oh, om = m.groups()
+    micro = int((frac + "00000")[:6]) if frac else 0
+    if z:
+        tz: timezone = UTC
+    else:
+        oh_i, om_i = int(oh), int(om)
+        if oh_i > 23 or om_i > 59:
+            raise ValueError(f"time {value!r} has an invalid offset")
+        offset = timedelta(hours=oh_i, minutes=om_i)
+        tz = UTC if offset == _ZERO_DELTA else timezone(-offset if sign == "-" else offset)
+    try:
+        t = datetime(
+            int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz
+        )
+    except ValueError as exc:
+        raise ValueError(f"time {value!r} is invalid: {exc}") from None
+    if tz is not UTC:
+        try:
+            t = t.astimezone(UTC)
+        except OverflowError as exc:
+            raise ValueError(f"time {value!r} is out of range") from exc
+    return t
+
+
+def format_time(t: datetime) -> str:
+    """Aware datetime -> ``2024-01-01T00:00:00.001000Z`` (UTC, always microseconds).
+
+    One fixed shape so times compare as strings and round-trip through parse_time.
+    """
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise ValueError("format_time needs an aware datetime")
+    u = t.astimezone(UTC)
+    return (
+        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:"
+        f"{u.second:02d}.{u.microsecond:06d}Z"
+    )
+
+
+def window_start(t: datetime, seconds: int = 60) -> datetime:
+    """Start (aware UTC) of the ``seconds``-long window containing ``t``, aligned to the epoch."""
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise ValueError("window_start needs an aware datetime")
+    if seconds <= 0:
+        raise ValueError("window size must be positive")
+    step = timedelta(seconds=seconds)
+    return _EPOCH + ((t - _EPOCH) // step) * step
+
+
+@dataclass(slots=True)
+class WindowDelta:
+    """One meter_windows row minus the position columns (the sink adds those).
+
+    Every numeric measurement updates sum/min/max/latest whatever the meter's aggregation,
+    so a row is meaningful for any rollup; ``latest_time`` is the greatest event time seen
+    (also for COUNT/UNIQUE_COUNT), ``latest_value`` the numeric value at it (None if none).
+    """
+
+    meter: str
+    subject: str
+    window_start: datetime
+    group_key: str
+    group: dict[str, str]
+    count: int = 0
+    sum: Decimal = field(default_factory=Decimal)
+    min: Decimal | None = None
+    max: Decimal | None = None
+    uniques: set[str] = field(default_factory=set)
+    latest_time: datetime | None = None
+    latest_value: Decimal | None = None
+    latest_rank: int = 0
+
+
+class WindowAccumulator:
+    """Folds the measurements of one Kafka message into one delta per
+    (meter, subject, window_start, group_key).
+
+    Sums use a wide Decimal context, so the result is exact (never rounded to 28 digits).
+    LATEST keeps the value with the greatest ``(event_time, rank)``; rank is the event's
+    position (``kafka_offset*100000 + batch_index``) so equal timestamps resolve the same way
+    on every replay.
+    """
+
+    __slots__ = ("_window", "_rows", "_cache_key", "_cache_start")
+
+    def __init__(self, window_seconds: int = 60) -> None:
+        if window_seconds <= 0:
+            raise ValueError("window_seconds must be positive")
+        self._window = timedelta(seconds=window_seconds)
+        self._rows: dict[tuple[str, str, datetime, str], WindowDelta] = {}
+        # Events of one message usually share a minute: memoise the last window computation.
+        self._cache_key: datetime | None = None
+        self._cache_start: datetime = _EPOCH
+
+    def add(self, subject: str, event_time: datetime, m: Measurement, rank: int) -> None:
+        """Fold one measurement of one event (at ``event_time``, position ``rank``)."""
+        if event_time is self._cache_key:
+            ws = self._cache_start
+        else:
+            if event_time.tzinfo is None or event_time.utcoffset() is None:
+                raise ValueError("event_time must be an aware datetime")
+            ws = _EPOCH + ((event_time - _EPOCH) // self._window) * self._window
+            self._cache_key = event_time
+            self._cache_start = ws
+        slug = m.meter.slug
+        key = (slug, subject, ws, m.group_key)
+        row = self._rows.get(key)
+        if row is None:
+            row = WindowDelta(slug, subject, ws, m.group_key, dict(m.group))
+            self._rows[key] = row
+        row.count += 1
+        value = m.value
+        newer = row.latest_time is None or (event_time, rank) > (row.latest_time, row.latest_rank)
+        if isinstance(value, Decimal):
+            row.sum = DECIMAL_CONTEXT.add(row.sum, value)
+            if row.min is None or value < row.min:
+                row.min = value
+            if row.max is None or value > row.max:
+                row.max = value
+            if newer:
+                row.latest_value = value
+        elif isinstance(value, str):
+            row.uniques.add(value)
+            if newer:
+                row.latest_value = None
+        elif newer:
+            row.latest_value = None
+        if newer:
+            row.latest_time = event_time
+            row.latest_rank = rank
+
+    def deltas(self) -> list[WindowDelta]:
+        """Rows in first-seen order (deterministic for a given message)."""
+        return list(self._rows.values())
+
+    def __len__(self) -> int:
+        return len(self._rows)
