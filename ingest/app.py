@@ -1,0 +1,62 @@
+"""The ingest HTTP service: wiring only (router + problem handlers + health + producer lifecycle).
+
+The producer is built in the lifespan, never at import, so importing this module (tests, the combined
+`make run` app, OpenAPI generation) needs no broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from ingest.problems import install_problem_handlers
+from ingest.producer import EventProducer
+from ingest.routes import router
+from meterline.health import ReadinessCheck, health_router
+from meterline.settings import Settings
+
+__all__ = ["create_app", "ingest_lifespan", "broker_check", "router"]
+
+
+@asynccontextmanager
+async def ingest_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    """Start the producer and publish `settings`/`producer` on `app.state` for `ingest.routes`.
+
+    A combined app enters this inside its own lifespan (e.g. with an AsyncExitStack).
+    """
+    producer = EventProducer(settings)
+    await asyncio.to_thread(producer.start)
+    app.state.settings = settings
+    app.state.producer = producer
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(producer.close)
+
+
+def broker_check(app: FastAPI, timeout: float = 2.0) -> ReadinessCheck:
+    """Readiness probe: broker metadata for the events topic is reachable within `timeout`."""
+
+    async def check() -> bool:
+        producer: EventProducer | None = getattr(app.state, "producer", None)
+        return producer is not None and await asyncio.to_thread(producer.check_ready, timeout)
+
+    return check
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Ingest-only app (deploy/): POST /api/v1/events, /healthz, /readyz, /metrics."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with ingest_lifespan(app, settings):
+            yield
+
+    app = FastAPI(title="meterline ingest", version="0.1.0", lifespan=lifespan)
+    install_problem_handlers(app)
+    app.include_router(router)
+    app.include_router(health_router({"broker": broker_check(app)}))
+    return app

@@ -1,0 +1,203 @@
+"""Async Kafka producer for ingest: publish a request's messages and resolve once the broker acked ALL.
+
+Why this shape:
+* confluent-kafka (librdkafka) is the fastest Python producer, but it is callback based and its delivery
+  reports only fire from `poll()`. A daemon thread polls; delivery callbacks hop back onto the event
+  loop with `call_soon_threadsafe`, so `publish` is a plain awaitable and never blocks the loop.
+* `enable.idempotence` + `acks=all` means a 204 is only returned once every in-sync replica has the
+  data and librdkafka's internal retries can never duplicate or reorder a subject's messages.
+* `message.timeout.ms` = `produce_timeout_seconds` bounds how long a message may wait for the broker, so
+  a stalled broker turns into `BrokerUnavailableError` (HTTP 503) instead of a hung request. `publish`
+  also has its own deadline (timeout + slack) as a safety net in case a report never arrives.
+* Keys are hashed with `murmur2_random`, the Java/aiokafka default, so any other client producing to
+  the topic (replay tools, Faust) maps a subject to the same partition.
+
+Only this module touches confluent-kafka on the ingest side; its errors become meterline errors here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from meterline.errors import BrokerUnavailableError
+from meterline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+#: Extra time `publish` waits beyond message.timeout.ms before giving up on delivery reports itself.
+DEADLINE_SLACK_SECONDS = 1.0
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka settings for the ingest producer (a function so tests and bench can inspect them)."""
+    timeout_ms = max(1, int(settings.produce_timeout_seconds * 1000))
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "client.id": "meterline-ingest",
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "partitioner": "murmur2_random",
+        "message.timeout.ms": timeout_ms,
+        "request.timeout.ms": min(timeout_ms, 30_000),
+        "socket.keepalive.enable": True,
+    }
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 10.0) -> None:
+    """Create `topic` if missing (best effort: an existing topic or a refusing cluster is not an error).
+
+    Why best effort: in deployments topics are usually provisioned by operators with their own
+    replication settings; locally and in tests ingest must work on a fresh broker without extra steps.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        futures = admin.create_topics([NewTopic(topic, num_partitions=partitions)], operation_timeout=timeout)
+        futures[topic].result(timeout=timeout)
+        logger.info("created topic %s with %d partitions", topic, partitions)
+    except KafkaException as exc:
+        err = exc.args[0] if exc.args else None
+        if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            logger.debug("topic %s already exists", topic)
+        else:
+            logger.warning("could not ensure topic %s: %s", topic, exc)
+    except Exception as exc:  # noqa: BLE001 - best effort by design; publish reports real failures
+        logger.warning("could not ensure topic %s: %s", topic, exc)
+
+
+class EventProducer:
+    """One librdkafka producer per process, shared by every request.
+
+    Lifecycle: `start()` in the app lifespan (never at import), `close()` on shutdown.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.kafka_bootstrap:
+            raise BrokerUnavailableError("kafka_bootstrap is not configured (set KAFKA_BOOTSTRAP)")
+        self._settings = settings
+        self._topic = settings.events_topic
+        self._timeout = settings.produce_timeout_seconds
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ----------------------------------------------------------------------------------- lifecycle
+    def start(self, *, create_topic: bool = True) -> None:
+        """Create the producer and its poll thread; optionally make sure the topic exists."""
+        if create_topic:
+            ensure_topic(str(self._settings.kafka_bootstrap), self._topic, self._settings.topic_partitions)
+        self._producer = self._new_producer()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._poll_loop, name="meterline-producer-poll", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Flush what is in flight (bounded), then stop the poll thread."""
+        producer = self._producer
+        if producer is not None:
+            remaining = producer.flush(self._timeout if timeout is None else timeout)
+            if remaining:
+                logger.warning("producer closed with %d undelivered message(s)", remaining)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._thread = None
+        self._producer = None
+
+    def _new_producer(self) -> Producer:
+        return Producer(producer_config(self._settings), logger=logging.getLogger("confluent_kafka"))
+
+    def _poll_loop(self) -> None:
+        while not self._stop.is_set():
+            producer = self._producer
+            if producer is None:
+                time.sleep(0.05)
+                continue
+            try:
+                producer.poll(0.1)
+            except Exception:  # noqa: BLE001 - a failing callback must not kill the poll thread
+                logger.exception("producer poll failed")
+
+    def _replace_if_fatal(self, err: KafkaError) -> None:
+        """A fatal error (e.g. idempotence state lost) poisons the instance: build a fresh one."""
+        if not err.fatal():
+            return
+        with self._lock:
+            logger.error("fatal producer error, recreating producer: %s", err)
+            self._producer = self._new_producer()
+
+    # -------------------------------------------------------------------------------------- publish
+    async def publish(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        """Send `(key, value)` messages; return once the broker acked every one of them.
+
+        Raises `BrokerUnavailableError` on the first failed delivery, a full local queue, or when the
+        acks do not arrive within `produce_timeout_seconds` (+ slack). Never hangs longer than that.
+        """
+        if not messages:
+            return
+        producer = self._producer
+        if producer is None:
+            raise BrokerUnavailableError("producer is not started")
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        # Reports may fail the future after we gave up waiting; retrieve it so asyncio does not warn.
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        pending = len(messages)
+
+        def settle(err: KafkaError | None) -> None:  # runs on the event loop
+            nonlocal pending
+            if done.done():
+                return
+            if err is not None:
+                self._replace_if_fatal(err)
+                done.set_exception(BrokerUnavailableError(f"delivery failed: {err.str()}"))
+                return
+            pending -= 1
+            if pending == 0:
+                done.set_result(None)
+
+        def on_delivery(err: KafkaError | None, _msg: Message) -> None:  # runs on the poll thread
+            loop.call_soon_threadsafe(settle, err)
+
+        try:
+            for key, value in messages:
+                producer.produce(self._topic, value=value, key=key, on_delivery=on_delivery)
+        except BufferError:
+            self._fail(done, BrokerUnavailableError("producer queue is full; the broker is not keeping up"))
+        except KafkaException as exc:
+            self._fail(done, BrokerUnavailableError(f"produce failed: {exc}"))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout=self._timeout + DEADLINE_SLACK_SECONDS)
+        except TimeoutError:
+            raise BrokerUnavailableError(
+                f"broker did not acknowledge {pending} message(s) within {self._timeout:g}s"
+            ) from None
+
+    @staticmethod
+    def _fail(done: asyncio.Future[None], exc: BrokerUnavailableError) -> None:
+        if not done.done():
+            done.set_exception(exc)
+
+    # ------------------------------------------------------------------------------------- health
+    def check_ready(self, timeout: float = 2.0) -> bool:
+        """True when broker metadata for the topic is reachable within `timeout` (blocking; use a thread)."""
+        producer = self._producer
+        if producer is None:
+            return False
+        try:
+            md = producer.list_topics(self._topic, timeout=timeout)
+        except KafkaException as exc:
+            logger.info("broker not ready: %s", exc)
+            return False
+        topic = md.topics.get(self._topic)
+        return topic is not None and topic.error is None and bool(md.brokers)

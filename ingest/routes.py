@@ -1,0 +1,198 @@
+"""`POST /api/v1/events` — OpenMeter v1 `ingestEvents`, answering 204 once Kafka acked every event.
+
+Content types (OpenMeter v1 semantics):
+* `application/cloudevents+json`        one event object
+* `application/cloudevents-batch+json`  a JSON array of events
+* `application/json`                    one event object or an array
+(each optionally with `charset=utf-8`). Anything else is 415.
+
+The body is read raw and bounded while streaming (a lying or absent Content-Length cannot make us
+buffer more than `max_body_bytes`), parsed with orjson, validated all-or-nothing by
+`meterline.events`, grouped by subject into Kafka messages and published. Errors are raised, never
+turned into responses here: `ingest.problems` owns every status code.
+
+The router reads `request.app.state.settings` (`Settings`) and `request.app.state.producer`
+(`EventProducer`), which `ingest.app.ingest_lifespan` sets, so a combined app can include it as is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request, Response
+from prometheus_client import Counter, Histogram
+
+from ingest.problems import (
+    PROBLEM_MEDIA_TYPE,
+    BodyTooLargeError,
+    MalformedBodyError,
+    UnsupportedContentTypeError,
+)
+from meterline.errors import BrokerUnavailableError, InvalidEventError
+from meterline.events import encode_messages, validate_events
+
+logger = logging.getLogger(__name__)
+
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+PLAIN = "application/json"
+
+EVENTS_ACCEPTED = Counter("meterline_ingest_events_accepted_total", "Events acknowledged by Kafka")
+EVENTS_REJECTED = Counter(
+    "meterline_ingest_events_rejected_total", "Events (or requests, if unreadable) rejected", ["reason"]
+)
+BATCHES = Counter("meterline_ingest_batches_total", "Accepted ingest requests")
+MESSAGES = Counter("meterline_ingest_messages_total", "Kafka messages published")
+PUBLISH_SECONDS = Histogram(
+    "meterline_ingest_publish_seconds",
+    "Time from first produce to the last broker ack of one request",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+
+_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "CloudEvent (structured JSON mode). `time` defaults to the receive time.",
+    "required": ["specversion", "id", "source", "type", "subject"],
+    "properties": {
+        "specversion": {"type": "string", "example": "1.0"},
+        "id": {"type": "string", "minLength": 1},
+        "source": {"type": "string", "minLength": 1},
+        "type": {"type": "string", "minLength": 1},
+        "subject": {"type": "string", "minLength": 1},
+        "time": {"type": "string", "format": "date-time"},
+        "datacontenttype": {"type": "string"},
+        "dataschema": {"type": "string"},
+        "data": {},
+    },
+    "additionalProperties": True,
+}
+_PROBLEM = {"content": {PROBLEM_MEDIA_TYPE: {"schema": {"type": "object"}}}}
+_OPENAPI_EXTRA: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            SINGLE: {"schema": _EVENT_SCHEMA},
+            BATCH: {"schema": {"type": "array", "items": _EVENT_SCHEMA}},
+            PLAIN: {"schema": {"anyOf": [_EVENT_SCHEMA, {"type": "array", "items": _EVENT_SCHEMA}]}},
+        },
+    },
+    "responses": {
+        "400": {"description": "Invalid events or malformed body", **_PROBLEM},
+        "413": {"description": "Body or batch too large", **_PROBLEM},
+        "415": {"description": "Unsupported content type", **_PROBLEM},
+        "503": {"description": "Broker did not acknowledge in time; retry", **_PROBLEM},
+    },
+}
+
+router = APIRouter(tags=["Events"])
+
+
+def media_type(header: str | None) -> str:
+    """Return the accepted media type of a Content-Type header, or raise UnsupportedContentTypeError."""
+    if not header:
+        raise UnsupportedContentTypeError(f"Content-Type is required: one of {SINGLE}, {BATCH}, {PLAIN}")
+    main, *params = (p.strip() for p in header.split(";"))
+    main = main.lower()
+    if main not in (SINGLE, BATCH, PLAIN):
+        raise UnsupportedContentTypeError(f"unsupported Content-Type {main!r}; use {SINGLE}, {BATCH} or {PLAIN}")
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise UnsupportedContentTypeError(f"unsupported charset {value.strip()!r}; only utf-8")
+    return main
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """Read the body, refusing (413) as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > limit:
+                raise BodyTooLargeError(f"body of {declared} bytes exceeds the limit of {limit}")
+        except ValueError:
+            raise MalformedBodyError("Content-Length is not a number") from None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLargeError(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_items(body: bytes, kind: str) -> list[Any]:
+    """Decode the JSON body into a list of candidate events according to the content type."""
+    if not body:
+        raise MalformedBodyError("the body is empty")
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedBodyError(f"the body is not valid JSON: {exc}") from None
+    if kind == SINGLE:
+        if not isinstance(value, dict):
+            raise MalformedBodyError(f"{SINGLE} expects one event object; send arrays as {BATCH}")
+        return [value]
+    if kind == BATCH:
+        if not isinstance(value, list):
+            raise MalformedBodyError(f"{BATCH} expects a JSON array of events")
+        return value
+    if isinstance(value, dict):
+        return [value]
+    if isinstance(value, list):
+        return value
+    raise MalformedBodyError(f"{PLAIN} expects an event object or an array of events")
+
+
+@router.post(
+    "/api/v1/events",
+    status_code=204,
+    response_class=Response,
+    operation_id="ingestEvents",
+    summary="Ingest events",
+    description="Ingest one CloudEvent or a batch. 204 once the broker acknowledged every event.",
+    openapi_extra=_OPENAPI_EXTRA,
+)
+async def ingest_events(request: Request) -> Response:
+    """Validate the whole request, publish it grouped by subject, then answer 204."""
+    settings = request.app.state.settings
+    received_at = datetime.now(timezone.utc)
+    try:
+        kind = media_type(request.headers.get("content-type"))
+        body = await read_body(request, settings.max_body_bytes)
+        items = parse_items(body, kind)
+        if len(items) > settings.max_batch_events:
+            raise BodyTooLargeError(f"{len(items)} events exceed the batch limit of {settings.max_batch_events}")
+    except UnsupportedContentTypeError:
+        EVENTS_REJECTED.labels("unsupported_media_type").inc()
+        raise
+    except BodyTooLargeError:
+        EVENTS_REJECTED.labels("too_large").inc()
+        raise
+    except MalformedBodyError:
+        EVENTS_REJECTED.labels("malformed").inc()
+        raise
+    try:
+        events = validate_events(
+            items, received_at, max_data_bytes=settings.max_data_bytes, max_data_depth=settings.max_data_depth
+        )
+    except InvalidEventError:
+        EVENTS_REJECTED.labels("invalid").inc(len(items))
+        raise
+    if events:
+        messages = encode_messages(events)
+        started = time.perf_counter()
+        try:
+            await request.app.state.producer.publish(messages)
+        except BrokerUnavailableError:
+            EVENTS_REJECTED.labels("broker_unavailable").inc(len(events))
+            raise
+        PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        MESSAGES.inc(len(messages))
+        EVENTS_ACCEPTED.inc(len(events))
+    BATCHES.inc()
+    return Response(status_code=204)

@@ -1,0 +1,58 @@
+"""Shared `/healthz`, `/readyz` and `/metrics` routes for every meterline HTTP service.
+
+Why a factory taking check callables: ingest needs the broker, query needs ClickHouse, and the combined
+`make run` app needs both; each app passes its own checks and the endpoints behave identically.
+`/healthz` only says the process serves requests (a liveness probe must not restart a pod because a
+dependency is down); `/readyz` says whether requests can succeed right now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+logger = logging.getLogger(__name__)
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+
+
+async def _run_check(name: str, check: ReadinessCheck, timeout: float) -> bool:
+    try:
+        return bool(await asyncio.wait_for(check(), timeout))
+    except Exception as exc:  # noqa: BLE001 - any failure (timeout included) means "not ready"
+        logger.info("readiness check %s failed: %r", name, exc)
+        return False
+
+
+def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0) -> APIRouter:
+    """Build the health/metrics router; `checks` maps a dependency name to an async probe."""
+    router = APIRouter(tags=["Health"])
+
+    @router.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @router.get("/readyz", summary="Readiness", responses={503: {"description": "A dependency is down"}})
+    async def readyz() -> JSONResponse:
+        names = list(checks)
+        results = await asyncio.gather(*(_run_check(n, checks[n], timeout) for n in names))
+        status = {n: ("ok" if ok else "unavailable") for n, ok in zip(names, results, strict=True)}
+        if all(results):
+            return JSONResponse({"status": "ready", "checks": status})
+        down = ", ".join(n for n, ok in zip(names, results, strict=True) if not ok)
+        return JSONResponse(
+            {"type": "about:blank", "title": "Service unavailable", "status": 503,
+             "detail": f"not reachable within {timeout:g}s: {down}", "checks": status},
+            status_code=503, media_type="application/problem+json", headers={"Retry-After": "5"},
+        )
+
+    @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return router
