@@ -1,0 +1,418 @@
+"""ClickHouse reads of the query API: one function per query, plus `WindowStore` that runs them.
+
+Each `*_query` function only builds SQL text and server-side bound parameters (`{name:Type}`) from the
+names in `meterline.schema`, so it is unit-tested without a server (as OpenMeter tests its
+`meter_query.go`). Values that come from requests are *always* bound parameters, never interpolated;
+only config-defined identifiers (database name) are quoted into the text.
+
+Reads use FINAL: the tables are ReplacingMergeTree, and a replayed Kafka message writes rows identical
+to rows already stored; FINAL collapses them so each delta counts once (docs/design.md).
+
+Instants are bound as UTC text ("YYYY-MM-DD HH:MM:SS[.ffffff]") with a `DateTime('UTC')`-typed
+parameter, so the result never depends on the server's or the driver's time zone.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
+from enum import Enum
+from typing import Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+
+from meterline.clickhouse import storage_errors
+from meterline.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, quote_identifier
+
+log = logging.getLogger(__name__)
+
+AVG_QUANTUM = Decimal(1).scaleb(-9)
+"""AVG is an exact Decimal quotient rounded half-even to 9 places, the stored scale."""
+
+EVENT_LIST_COLUMNS: tuple[str, ...] = (
+    "id", "source", "type", "subject", "time", "data", "ingested_at", "validation_errors",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """SQL text with `{name:Type}` placeholders and the values bound to them."""
+
+    sql: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+def _agg_name(aggregation: str | Enum) -> str:
+    return str(aggregation.value if isinstance(aggregation, Enum) else aggregation)
+
+
+def _ts(t: datetime) -> str:
+    """Whole-second UTC text for a DateTime('UTC') parameter."""
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _ts6(t: datetime) -> str:
+    """Microsecond UTC text for a DateTime64(6, 'UTC') parameter."""
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _table(database: str, table: str) -> str:
+    return f"{quote_identifier(database)}.{table}"
+
+
+# -------------------------------------------------------------------------------------------------
+# Meter query
+# -------------------------------------------------------------------------------------------------
+
+_BUCKETS: dict[str | None, str] = {
+    # Every bucket is returned as a UTC unix timestamp: unambiguous, whatever the zone.
+    # toStartOfHour/Day in a zone give *local* starts (verified for :30/:45 zones and DST folds).
+    None: "toUInt32(0)",
+    "MINUTE": "toUnixTimestamp(window_start)",
+    "HOUR": "toUnixTimestamp(toStartOfHour(window_start, {tz:String}))",
+    "DAY": "toUnixTimestamp(toStartOfDay(window_start, {tz:String}))",
+    # toStartOfMonth returns a Date; toDateTime(date, tz) is that date's local midnight.
+    "MONTH": "toUnixTimestamp(toDateTime(toStartOfMonth(window_start, {tz:String}), {tz:String}))",
+}
+
+_VALUES: dict[str, tuple[str, ...]] = {
+    # Each stored column rolls up exactly (design.md "Rollups are exact").
+    "COUNT": ("sum(count) AS total_count",),
+    "SUM": ("sum(sum) AS total_sum",),
+    "AVG": ("sum(sum) AS total_sum", "sum(count) AS total_count"),
+    "MIN": ("min(min) AS total_min",),
+    "MAX": ("max(max) AS total_max",),
+    "UNIQUE_COUNT": ("uniqExactArray(uniques) AS total_unique",),
+    "LATEST": ("argMax(latest_value, (latest_time, latest_rank)) AS total_latest",),
+}
+
+_NOT_NULL: dict[str, str] = {
+    # Rows that cannot contribute are dropped before aggregation, so a bucket of such rows vanishes
+    # instead of reporting a NULL value.
+    "MIN": "min IS NOT NULL",
+    "MAX": "max IS NOT NULL",
+    "LATEST": "latest_value IS NOT NULL",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class MeterRow:
+    """One aggregated bucket: `bucket` is the UTC bucket start (None when no window size was asked)."""
+
+    bucket: datetime | None
+    first_window: datetime
+    subject: str | None
+    group: dict[str, str | None]
+    value: Decimal
+
+
+def meter_query(
+    database: str,
+    meter: str,
+    aggregation: str | Enum,
+    *,
+    start: datetime | None,
+    end: datetime,
+    window_size: str | Enum | None = None,
+    tz: str = "UTC",
+    subjects: Sequence[str] = (),
+    group_by: Sequence[str] = (),
+    group_by_subject: bool = False,
+    filter_group_by: Mapping[str, str] | None = None,
+) -> Query:
+    """Aggregate one meter's minute deltas into buckets of `window_size` local to `tz`.
+
+    `group_by` holds meter groupBy keys (not `subject`); a key missing from a row's map becomes NULL,
+    its own bucket, as in OpenMeter. `filter_group_by` keeps rows whose group[key] equals the value
+    (rows without the key never match, even for an empty value).
+    """
+    agg = _agg_name(aggregation)
+    size = window_size.value if isinstance(window_size, Enum) else window_size
+    if agg not in _VALUES:
+        raise ValueError(f"unknown aggregation {agg!r}")
+    if size not in _BUCKETS:
+        raise ValueError(f"unknown window size {size!r}")
+    params: dict[str, Any] = {"meter": meter, "to": _ts(end)}
+    if size in ("HOUR", "DAY", "MONTH"):
+        params["tz"] = tz
+
+    select = [f"{_BUCKETS[size]} AS bucket", "toUnixTimestamp(min(window_start)) AS first_window"]
+    keys = ["bucket"]
+    if group_by_subject:
+        select.append("subject AS subject_key")
+        keys.append("subject_key")
+    for i, key in enumerate(group_by):
+        params[f"g{i}"] = key
+        select.append(f"if(mapContains(group, {{g{i}:String}}), group[{{g{i}:String}}], NULL) AS group_{i}")
+        keys.append(f"group_{i}")
+    select.extend(_VALUES[agg])
+
+    where = ["meter = {meter:String}"]
+    if start is not None:
+        params["from"] = _ts(start)
+        where.append("window_start >= {from:DateTime('UTC')}")
+    where.append("window_start < {to:DateTime('UTC')}")
+    if subjects:
+        params["subjects"] = list(subjects)
+        where.append("subject IN {subjects:Array(String)}")
+    for i, (key, value) in enumerate(sorted((filter_group_by or {}).items())):
+        params[f"fk{i}"] = key
+        params[f"fv{i}"] = value
+        where.append(f"mapContains(group, {{fk{i}:String}}) AND group[{{fk{i}:String}}] = {{fv{i}:String}}")
+    if agg in _NOT_NULL:
+        where.append(_NOT_NULL[agg])
+
+    sql = (
+        f"SELECT {', '.join(select)}\n"
+        f"FROM {_table(database, METER_WINDOWS)} FINAL\n"
+        f"WHERE {' AND '.join(where)}\n"
+        f"GROUP BY {', '.join(keys)}\n"
+        f"ORDER BY {', '.join(keys)}"
+    )
+    return Query(sql, params)
+
+
+def meter_value(aggregation: str | Enum, row: Mapping[str, Any]) -> Decimal:
+    """The exact value of one result row (AVG divided here in Decimal, not in ClickHouse floats)."""
+    agg = _agg_name(aggregation)
+    if agg == "COUNT":
+        return Decimal(int(row["total_count"]))
+    if agg == "SUM":
+        return Decimal(row["total_sum"])
+    if agg == "AVG":
+        count = int(row["total_count"])
+        if count == 0:
+            return Decimal(0)
+        return (Decimal(row["total_sum"]) / Decimal(count)).quantize(AVG_QUANTUM, rounding=ROUND_HALF_EVEN)
+    if agg == "MIN":
+        return Decimal(row["total_min"])
+    if agg == "MAX":
+        return Decimal(row["total_max"])
+    if agg == "UNIQUE_COUNT":
+        return Decimal(int(row["total_unique"]))
+    if agg == "LATEST":
+        return Decimal(row["total_latest"])
+    raise ValueError(f"unknown aggregation {agg!r}")
+
+
+# -------------------------------------------------------------------------------------------------
+# Subjects, events, dead letters
+# -------------------------------------------------------------------------------------------------
+
+
+def subjects_query(database: str, meter: str, *, start: datetime | None = None, end: datetime | None = None) -> Query:
+    """Distinct subjects with data for a meter. No FINAL: duplicates cannot change a DISTINCT set."""
+    params: dict[str, Any] = {"meter": meter}
+    where = ["meter = {meter:String}"]
+    if start is not None:
+        params["from"] = _ts(start)
+        where.append("window_start >= {from:DateTime('UTC')}")
+    if end is not None:
+        params["to"] = _ts(end)
+        where.append("window_start < {to:DateTime('UTC')}")
+    sql = (
+        f"SELECT DISTINCT subject\nFROM {_table(database, METER_WINDOWS)}\n"
+        f"WHERE {' AND '.join(where)}\nORDER BY subject"
+    )
+    return Query(sql, params)
+
+
+def events_query(
+    database: str,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    subject: str | None = None,
+    limit: int = 100,
+) -> Query:
+    """Newest accepted events first; `from` and `to` are inclusive event times (OpenMeter's listEvents)."""
+    params: dict[str, Any] = {"limit": int(limit)}
+    where: list[str] = []
+    if start is not None:
+        params["from"] = _ts6(start)
+        where.append("time >= {from:DateTime64(6, 'UTC')}")
+    if end is not None:
+        params["to"] = _ts6(end)
+        where.append("time <= {to:DateTime64(6, 'UTC')}")
+    if subject is not None:
+        params["subject"] = subject
+        where.append("subject = {subject:String}")
+    sql = f"SELECT {', '.join(EVENT_LIST_COLUMNS)}\nFROM {_table(database, EVENTS)} FINAL\n"
+    if where:
+        sql += f"WHERE {' AND '.join(where)}\n"
+    sql += "ORDER BY time DESC, ingested_at DESC, id DESC\nLIMIT {limit:UInt32}"
+    return Query(sql, params)
+
+
+def dead_letters_query(
+    database: str,
+    *,
+    meter: str | None = None,
+    reason_code: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = 100,
+) -> Query:
+    """Newest dead letters first; `from`/`to` bound `received_at` (when metering failed), inclusive."""
+    params: dict[str, Any] = {"limit": int(limit)}
+    where: list[str] = []
+    if meter is not None:
+        params["meter"] = meter
+        where.append("meter = {meter:String}")
+    if reason_code is not None:
+        params["reason_code"] = reason_code
+        where.append("reason_code = {reason_code:String}")
+    if start is not None:
+        params["from"] = _ts6(start)
+        where.append("received_at >= {from:DateTime64(6, 'UTC')}")
+    if end is not None:
+        params["to"] = _ts6(end)
+        where.append("received_at <= {to:DateTime64(6, 'UTC')}")
+    sql = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)}\nFROM {_table(database, DEAD_LETTERS)} FINAL\n"
+    if where:
+        sql += f"WHERE {' AND '.join(where)}\n"
+    sql += "ORDER BY received_at DESC, log_epoch, kafka_partition, kafka_offset, batch_index, meter\nLIMIT {limit:UInt32}"
+    return Query(sql, params)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def format_event_time(t: datetime) -> str:
+    """Event times keep microseconds, matching `meterline.windows.format_time`."""
+    return _utc(t).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
+    """An `events` row in OpenMeter's IngestedEvent shape: `{event, validationError?, ingestedAt}`."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": row["id"],
+        "source": row["source"],
+        "type": row["type"],
+        "subject": row["subject"],
+        "time": format_event_time(row["time"]),
+    }
+    data = row["data"]
+    if data:
+        try:
+            event["data"] = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            event["data"] = data
+    out: dict[str, Any] = {"event": event}
+    if row["validation_errors"]:
+        out["validationError"] = "; ".join(row["validation_errors"])
+    out["ingestedAt"] = format_event_time(row["ingested_at"])
+    return out
+
+
+def dead_letter(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A `dead_letters` row as JSON: the event, why it failed, and its log position (for replay)."""
+    data = row["data"]
+    parsed: Any = None
+    if data:
+        try:
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            parsed = data
+    return {
+        "event": {
+            "id": row["id"], "source": row["source"], "type": row["type"], "subject": row["subject"],
+            "time": format_event_time(row["time"]), "data": parsed,
+        },
+        "meter": row["meter"] or None,
+        "reasonCode": row["reason_code"],
+        "reason": row["reason"],
+        "receivedAt": format_event_time(row["received_at"]),
+        "position": {
+            "logEpoch": row["log_epoch"], "partition": int(row["kafka_partition"]),
+            "offset": int(row["kafka_offset"]), "index": int(row["batch_index"]),
+        },
+    }
+
+
+# -------------------------------------------------------------------------------------------------
+# Executor
+# -------------------------------------------------------------------------------------------------
+
+
+class WindowStore:
+    """Runs the queries above on one clickhouse-connect client; driver errors become StorageError."""
+
+    def __init__(self, client: Client, database: str) -> None:
+        self.client = client
+        self.database = database
+
+    def _rows(self, query: Query) -> list[dict[str, Any]]:
+        with storage_errors():
+            result = self.client.query(query.sql, parameters=query.parameters)
+        names = result.column_names
+        return [dict(zip(names, r, strict=True)) for r in result.result_rows]
+
+    def meter(
+        self,
+        meter: str,
+        aggregation: str | Enum,
+        *,
+        start: datetime | None,
+        end: datetime,
+        window_size: str | Enum | None = None,
+        tz: str = "UTC",
+        subjects: Sequence[str] = (),
+        group_by: Sequence[str] = (),
+        group_by_subject: bool = False,
+        filter_group_by: Mapping[str, str] | None = None,
+    ) -> list[MeterRow]:
+        query = meter_query(
+            self.database, meter, aggregation, start=start, end=end, window_size=window_size, tz=tz,
+            subjects=subjects, group_by=group_by, group_by_subject=group_by_subject,
+            filter_group_by=filter_group_by,
+        )
+        out: list[MeterRow] = []
+        for row in self._rows(query):
+            out.append(
+                MeterRow(
+                    bucket=None if window_size is None else datetime.fromtimestamp(int(row["bucket"]), UTC),
+                    first_window=datetime.fromtimestamp(int(row["first_window"]), UTC),
+                    subject=row.get("subject_key") if group_by_subject else None,
+                    group={key: row[f"group_{i}"] for i, key in enumerate(group_by)},
+                    value=meter_value(aggregation, row),
+                )
+            )
+        return out
+
+    def subjects(self, meter: str, *, start: datetime | None = None, end: datetime | None = None) -> list[str]:
+        return [r["subject"] for r in self._rows(subjects_query(self.database, meter, start=start, end=end))]
+
+    def events(
+        self, *, start: datetime | None = None, end: datetime | None = None, subject: str | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        query = events_query(self.database, start=start, end=end, subject=subject, limit=limit)
+        return [ingested_event(r) for r in self._rows(query)]
+
+    def dead_letters(
+        self,
+        *,
+        meter: str | None = None,
+        reason_code: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 100,
+    ) -> list[dict[str, Any]]:
+        query = dead_letters_query(
+            self.database, meter=meter, reason_code=reason_code, start=start, end=end, limit=limit
+        )
+        return [dead_letter(r) for r in self._rows(query)]
+
+    def ping(self) -> bool:
+        """Readiness: can we run a trivial query right now?"""
+        try:
+            with storage_errors():
+                return bool(self.client.ping())
+        except Exception:  # readiness must answer, never raise
+            return False
