@@ -142,7 +142,7 @@ def parse_numeric(value: Any) -> Decimal:
     round silently. Raises :class:`NumericValueError` (a ``ValueError``) with a human reason.
     """
     d = _to_decimal(value)
-    if abs(d) >= MAX_ABS_VALUE:
+    if d.copy_abs() >= MAX_ABS_VALUE:  # abs() would round to the 28-digit context
         raise NumericValueError("value_out_of_range", f"{value!r} is outside ±10^29")
     try:
         q = d.quantize(_QUANTUM, context=DECIMAL_CONTEXT)
