@@ -1,0 +1,51 @@
+"""Builds the HTTP app a process serves: ingest alone, query alone (deploy/), or both (`make run`).
+
+This is entrypoint wiring, so it may import the process packages; domain modules never do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+
+from meterline.settings import Settings
+
+
+def build_app(which: str, settings: Settings) -> FastAPI:
+    """`ingest`, `query`, or `all`: one app with both routers, one OpenAPI document and both lifespans."""
+    if which == "ingest":
+        from ingest.app import create_app as create_ingest
+
+        return create_ingest(settings)
+    if which == "query":
+        from query.app import create_app as create_query
+
+        return create_query(settings)
+    if which != "all":
+        raise ValueError(f"unknown app {which!r}: expected ingest, query or all")
+    return _combined_app(settings)
+
+
+def _combined_app(settings: Settings) -> FastAPI:
+    from ingest.app import broker_check, ingest_lifespan
+    from ingest.problems import install_problem_handlers
+    from ingest.routes import router as ingest_router
+    from meterline.health import health_router
+    from query.app import clickhouse_check, query_lifespan
+    from query.routes import router as query_router
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            await stack.enter_async_context(ingest_lifespan(app, settings))
+            await stack.enter_async_context(query_lifespan(app, settings))
+            yield
+
+    app = FastAPI(title="meterline", version="0.1.0", lifespan=lifespan)
+    install_problem_handlers(app)
+    app.include_router(ingest_router)
+    app.include_router(query_router)
+    app.include_router(health_router({"broker": broker_check(app), "clickhouse": clickhouse_check(app)}))
+    return app
