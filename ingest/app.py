@@ -18,7 +18,7 @@ from ingest.routes import router
 from meterline.health import ReadinessCheck, health_router
 from meterline.settings import Settings
 
-__all__ = ["create_app", "ingest_lifespan", "broker_check", "router"]
+__all__ = ["broker_check", "create_app", "ingest_lifespan", "router"]
 
 
 @asynccontextmanager

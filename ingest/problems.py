@@ -78,7 +78,11 @@ def _instance(request: Request) -> str:
 async def _invalid_event(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, InvalidEventError)
     return problem(
-        400, "Invalid events", str(exc), instance=_instance(request), errors=exc.errors,
+        400,
+        "Invalid events",
+        str(exc),
+        instance=_instance(request),
+        errors=exc.errors,
         type_="https://meterline.dev/problems/invalid-event",
     )
 
@@ -86,7 +90,10 @@ async def _invalid_event(request: Request, exc: Exception) -> ProblemResponse:
 async def _broker_unavailable(request: Request, exc: Exception) -> ProblemResponse:
     logger.warning("publish failed for %s: %s", request.url.path, exc)
     return problem(
-        503, "Broker unavailable", str(exc), instance=_instance(request),
+        503,
+        "Broker unavailable",
+        str(exc),
+        instance=_instance(request),
         headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
         type_="https://meterline.dev/problems/broker-unavailable",
     )
@@ -104,11 +111,19 @@ async def _validation(request: Request, exc: Exception) -> ProblemResponse:
     """FastAPI's own validation (query/path/body models) becomes a 400 with per-field errors, not 422."""
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {"field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "request", "message": e.get("msg", "")}
+        {
+            "field": ".".join(str(p) for p in e.get("loc", ()) if p != "body") or "request",
+            "message": e.get("msg", ""),
+        }
         for e in exc.errors()
     ]
-    return problem(400, "Invalid request", "the request parameters are invalid", instance=_instance(request),
-                   errors=errors)
+    return problem(
+        400,
+        "Invalid request",
+        "the request parameters are invalid",
+        instance=_instance(request),
+        errors=errors,
+    )
 
 
 async def _http_exception(request: Request, exc: Exception) -> ProblemResponse:

@@ -125,7 +125,7 @@ class EventProducer:
                 continue
             try:
                 producer.poll(0.1)
-            except Exception:  # noqa: BLE001 - a failing callback must not kill the poll thread
+            except Exception:
                 logger.exception("producer poll failed")
 
     def _replace_if_fatal(self, err: KafkaError) -> None:

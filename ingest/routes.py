@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -98,7 +98,9 @@ def media_type(header: str | None) -> str:
     main, *params = (p.strip() for p in header.split(";"))
     main = main.lower()
     if main not in (SINGLE, BATCH, PLAIN):
-        raise UnsupportedContentTypeError(f"unsupported Content-Type {main!r}; use {SINGLE}, {BATCH} or {PLAIN}")
+        raise UnsupportedContentTypeError(
+            f"unsupported Content-Type {main!r}; use {SINGLE}, {BATCH} or {PLAIN}"
+        )
     for param in params:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
@@ -160,13 +162,15 @@ def parse_items(body: bytes, kind: str) -> list[Any]:
 async def ingest_events(request: Request) -> Response:
     """Validate the whole request, publish it grouped by subject, then answer 204."""
     settings = request.app.state.settings
-    received_at = datetime.now(timezone.utc)
+    received_at = datetime.now(UTC)
     try:
         kind = media_type(request.headers.get("content-type"))
         body = await read_body(request, settings.max_body_bytes)
         items = parse_items(body, kind)
         if len(items) > settings.max_batch_events:
-            raise BodyTooLargeError(f"{len(items)} events exceed the batch limit of {settings.max_batch_events}")
+            raise BodyTooLargeError(
+                f"{len(items)} events exceed the batch limit of {settings.max_batch_events}"
+            )
     except UnsupportedContentTypeError:
         EVENTS_REJECTED.labels("unsupported_media_type").inc()
         raise

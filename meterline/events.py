@@ -21,9 +21,8 @@ This module does no I/O.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import orjson
@@ -37,6 +36,7 @@ from cloudevents.core.exceptions import (
 from cloudevents.core.v1.event import CloudEvent
 
 from meterline.errors import InvalidEventError
+from meterline.windows import format_time, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -53,44 +53,8 @@ CHUNK_MAX_BYTES: Final = 512 * 1024
 
 # Event times must fit every ClickHouse column they end up in: `meter_windows.window_start` is a
 # `DateTime` (seconds since 1970, up to 2106), so anything outside would be clamped silently.
-MIN_TIME: Final = datetime(1970, 1, 1, tzinfo=timezone.utc)
-MAX_TIME: Final = datetime(2106, 1, 1, tzinfo=timezone.utc)
-
-_RFC3339 = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?([Zz]|[+-]\d{2}:\d{2})$"
-)
-
-
-# --------------------------------------------------------------------------------------------- time
-def parse_time(value: str) -> datetime:
-    """Parse an RFC 3339 timestamp into an aware UTC datetime (fractions beyond µs are truncated).
-
-    Stricter than `datetime.fromisoformat`, which also accepts ISO 8601 forms (week dates, no offset)
-    that RFC 3339 forbids and whose meaning for a usage record would be ambiguous.
-    """
-    m = _RFC3339.match(value)
-    if m is None:
-        raise ValueError("must be an RFC 3339 timestamp such as 2024-01-01T00:00:00Z")
-    year, month, day, hour, minute, second, frac, offset = m.groups()
-    micro = int((frac or "0")[:6].ljust(6, "0"))
-    if offset in ("Z", "z"):
-        tz = timezone.utc
-    else:
-        sign = 1 if offset[0] == "+" else -1
-        oh, om = int(offset[1:3]), int(offset[4:6])
-        if oh > 23 or om > 59:
-            raise ValueError("has an invalid UTC offset")
-        tz = timezone(sign * timedelta(hours=oh, minutes=om))
-    try:
-        t = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
-    except ValueError as exc:  # month 13, Feb 30, second 60 ...
-        raise ValueError(f"is not a valid date-time ({exc})") from None
-    return t.astimezone(timezone.utc)
-
-
-def format_time(t: datetime) -> str:
-    """Render an aware datetime as the wire form: UTC, always microseconds, `Z` suffix."""
-    return t.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+MIN_TIME: Final = datetime(1970, 1, 1, tzinfo=UTC)
+MAX_TIME: Final = datetime(2106, 1, 1, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -209,9 +173,9 @@ def _validate_one(
         # Dedupe (field, message): the SDK can restate what we already reported (e.g. a missing id).
         seen: set[tuple[str, str]] = set()
         for e in found:
-            key = (e["field"], e["message"])
-            if key not in seen:
-                seen.add(key)
+            ident = (e["field"], e["message"])
+            if ident not in seen:
+                seen.add(ident)
                 errors.append(e)
         return None
 
@@ -225,7 +189,11 @@ def _validate_one(
         return None
     if encoded_size > CHUNK_MAX_BYTES:
         errors.append(
-            {"index": index, "field": "event", "message": f"is {encoded_size} bytes encoded; the limit is {CHUNK_MAX_BYTES}"}
+            {
+                "index": index,
+                "field": "event",
+                "message": f"is {encoded_size} bytes encoded; the limit is {CHUNK_MAX_BYTES}",
+            }
         )
         return None
     return event

@@ -46,9 +46,16 @@ def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0) ->
             return JSONResponse({"status": "ready", "checks": status})
         down = ", ".join(n for n, ok in zip(names, results, strict=True) if not ok)
         return JSONResponse(
-            {"type": "about:blank", "title": "Service unavailable", "status": 503,
-             "detail": f"not reachable within {timeout:g}s: {down}", "checks": status},
-            status_code=503, media_type="application/problem+json", headers={"Retry-After": "5"},
+            {
+                "type": "about:blank",
+                "title": "Service unavailable",
+                "status": 503,
+                "detail": f"not reachable within {timeout:g}s: {down}",
+                "checks": status,
+            },
+            status_code=503,
+            media_type="application/problem+json",
+            headers={"Retry-After": "5"},
         )
 
     @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

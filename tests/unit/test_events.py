@@ -1,0 +1,178 @@
+"""meterline.events: validation rules, per-field errors by index, codec round-trip, chunking."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from meterline.errors import InvalidEventError
+from meterline.events import (
+    CHUNK_MAX_BYTES,
+    chunk_by_subject,
+    decode_batch,
+    encode_batch,
+    encode_messages,
+    validate_events,
+)
+
+NOW = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def ev(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": "e1",
+        "source": "svc",
+        "type": "prompt",
+        "subject": "cust-1",
+        "time": "2024-01-01T00:00:00.001Z",
+        "data": {"tokens": "123456"},
+    }
+    base.update(over)
+    return {k: v for k, v in base.items() if v is not ...}
+
+
+def errors_of(items: list[Any], **kw: Any) -> list[dict[str, Any]]:
+    with pytest.raises(InvalidEventError) as info:
+        validate_events(items, NOW, **kw)
+    return info.value.errors
+
+
+def fields(errors: list[dict[str, Any]]) -> set[tuple[int, str]]:
+    return {(e["index"], e["field"]) for e in errors}
+
+
+def test_valid_event_is_normalised() -> None:
+    [out] = validate_events([ev(time="2024-01-01T01:00:00.5+01:00", myext="x")], NOW)
+    assert out["time"] == "2024-01-01T00:00:00.500000Z"
+    assert out["myext"] == "x"
+    assert out["data"] == {"tokens": "123456"}
+    assert {"specversion", "id", "source", "type", "subject", "time"} <= out.keys()
+
+
+def test_missing_time_defaults_to_receive_time() -> None:
+    [out] = validate_events([ev(time=...)], NOW)
+    assert out["time"] == "2024-05-01T12:00:00.123456Z"
+    [out] = validate_events([ev(time=None)], NOW)  # null == absent (JSON event format)
+    assert out["time"] == "2024-05-01T12:00:00.123456Z"
+
+
+@pytest.mark.parametrize("field", ["id", "source", "type", "subject", "specversion"])
+def test_required_fields_missing(field: str) -> None:
+    assert fields(errors_of([ev(**{field: ...})])) == {(0, field)}
+
+
+@pytest.mark.parametrize("field", ["id", "source", "type", "subject"])
+@pytest.mark.parametrize("value", ["", 5, None, ["x"]])
+def test_required_fields_must_be_non_empty_strings(field: str, value: Any) -> None:
+    assert fields(errors_of([ev(**{field: value})])) == {(0, field)}
+
+
+def test_specversion_must_be_1_0() -> None:
+    [err] = errors_of([ev(specversion="0.3")])
+    assert err["field"] == "specversion" and "1.0" in err["message"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2024-01-01",
+        "2024-13-01T00:00:00Z",
+        "yesterday",
+        "2024-01-01T00:00:00",
+        1700000000,
+        "1969-12-31T23:59:59Z",
+    ],
+)
+def test_bad_time(value: Any) -> None:
+    assert fields(errors_of([ev(time=value)])) == {(0, "time")}
+
+
+def test_every_invalid_event_is_reported_with_its_index() -> None:
+    items = [ev(), ev(id=""), "not an object", ev(), ev(source=..., subject=7, time="x")]
+    errs = errors_of(items)
+    assert fields(errs) == {(1, "id"), (2, "event"), (4, "source"), (4, "subject"), (4, "time")}
+    assert all(e["message"] for e in errs)
+
+
+def test_data_limits() -> None:
+    deep: Any = 1
+    for _ in range(5):
+        deep = [deep]
+    assert fields(errors_of([ev(data=deep)], max_data_depth=4)) == {(0, "data")}
+    assert validate_events([ev(data=deep)], NOW, max_data_depth=5)
+    big = {"s": "x" * 100}
+    assert fields(errors_of([ev(data=big)], max_data_bytes=50)) == {(0, "data")}
+
+
+def test_extension_rules() -> None:
+    assert fields(errors_of([ev(Bad_Name="x")])) == {(0, "Bad_Name")}
+    assert fields(errors_of([ev(ext={"nested": 1})])) == {(0, "ext")}
+    assert fields(errors_of([ev(data_base64="AAAA")])) == {(0, "data_base64")}
+    [out] = validate_events([ev(traceparent="00-abc", n=1, flag=True)], NOW)
+    assert (out["traceparent"], out["n"], out["flag"]) == ("00-abc", 1, True)
+
+
+def test_any_json_data_is_kept() -> None:
+    for data in [1, "s", [1, 2], {"a": None}, True, 1.5]:
+        [out] = validate_events([ev(data=data)], NOW)
+        assert out["data"] == data
+
+
+def test_codec_round_trip() -> None:
+    events = validate_events([ev(id=str(i), data={"v": i, "s": "é"}) for i in range(3)], NOW)
+    assert decode_batch(encode_batch(events)) == events
+
+
+@pytest.mark.parametrize("payload", [b"not json", b"{}", b"[1]", b'"x"'])
+def test_decode_rejects_foreign_payloads(payload: bytes) -> None:
+    with pytest.raises(InvalidEventError):
+        decode_batch(payload)
+
+
+# ------------------------------------------------------------------------------------------- chunking
+subjects = st.sampled_from(["a", "b", "c", "d"])
+event_lists = st.lists(
+    st.builds(
+        lambda i, s, pad: {"id": str(i), "subject": s, "data": "x" * pad},
+        st.integers(0, 10**6),
+        subjects,
+        st.integers(0, 300),
+    ),
+    max_size=80,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(events=event_lists, max_events=st.integers(1, 10), max_bytes=st.integers(400, 3000))
+def test_chunk_by_subject_preserves_every_event_in_order(
+    events: list[dict[str, Any]], max_events: int, max_bytes: int
+) -> None:
+    # tag each event with its position so equal-looking events stay distinguishable
+    events = [dict(e, pos=i) for i, e in enumerate(events)]
+    chunks = chunk_by_subject(events, max_events=max_events, max_bytes=max_bytes)
+    flat = [e for _, chunk in chunks for e in chunk]
+    assert sorted(e["pos"] for e in flat) == list(range(len(events)))  # exactly once
+    for subject in {e["subject"] for e in events}:
+        got = [e["pos"] for s, chunk in chunks if s == subject for e in chunk]
+        assert got == [e["pos"] for e in events if e["subject"] == subject]  # order within subject
+    for subject, chunk in chunks:
+        assert chunk and all(e["subject"] == subject for e in chunk)
+        assert len(chunk) <= max_events
+        assert len(encode_batch(chunk)) <= max_bytes or len(chunk) == 1
+    # the one-pass encoder produces the same messages
+    assert encode_messages(events, max_events, max_bytes) == [
+        (s.encode(), encode_batch(c)) for s, c in chunks
+    ]
+
+
+def test_default_chunk_limits() -> None:
+    events = validate_events([ev(id=str(i), data={"p": "x" * 2000}) for i in range(1200)], NOW)
+    chunks = chunk_by_subject(events)
+    assert all(len(c) <= 500 and len(orjson.dumps(c)) <= CHUNK_MAX_BYTES for _, c in chunks)
+    assert sum(len(c) for _, c in chunks) == 1200
