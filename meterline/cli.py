@@ -23,7 +23,7 @@ from meterline.errors import ConfigError
 from meterline.settings import Settings
 
 app = typer.Typer(help="meterline: exact usage metering.", no_args_is_help=True, add_completion=False)
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(config: Path | None = None) -> Settings:

@@ -93,7 +93,8 @@ class _YamlSource(InitSettingsSource):
     """config.yaml's top-level keys as the lowest-priority source, so one file holds meters and settings."""
 
     def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> None:
-        path = Path(getattr(init, "init_kwargs", {}).get("config_file") or config_path())
+        given = getattr(init, "init_kwargs", {})
+        path = Path(given.get("config_file") or given.get("METERLINE_CONFIG") or config_path())
         data: dict[str, Any] = {}
         if path.exists():
             loaded = yaml.safe_load(path.read_text()) or {}
