@@ -42,20 +42,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from meterline.errors import ConfigError, MeterNotFoundError
 
 __all__ = [
-    "Aggregation",
-    "WindowSize",
-    "Meter",
-    "Rejection",
-    "Measurement",
-    "MeterSet",
-    "NumericValueError",
-    "compile_path",
-    "parse_numeric",
-    "load_meters",
-    "validate_meters",
     "DECIMAL_CONTEXT",
     "MAX_ABS_VALUE",
     "SCALE",
+    "Aggregation",
+    "Measurement",
+    "Meter",
+    "MeterSet",
+    "NumericValueError",
+    "Rejection",
+    "WindowSize",
+    "compile_path",
+    "load_meters",
+    "parse_numeric",
+    "validate_meters",
 ]
 
 
@@ -149,9 +149,7 @@ def parse_numeric(value: Any) -> Decimal:
     except InvalidOperation as exc:  # pragma: no cover - guarded by the range check
         raise NumericValueError("value_out_of_range", f"{value!r} cannot be stored") from exc
     if q != d:
-        raise NumericValueError(
-            "value_out_of_range", f"{value!r} has more than {SCALE} fractional digits"
-        )
+        raise NumericValueError("value_out_of_range", f"{value!r} has more than {SCALE} fractional digits")
     return q
 
 
@@ -301,7 +299,7 @@ def compile_path(path: str) -> Getter:
         raise ValueError("JSONPath must be a non-empty string")
     try:
         expr = _jsonpath_parse(path)
-    except (JsonPathLexerError, JsonPathParserError, Exception) as exc:  # noqa: BLE001
+    except (JsonPathLexerError, JsonPathParserError, Exception) as exc:
         # jsonpath-ng raises bare Exception subclasses for some inputs; all are "invalid".
         raise ValueError(f"invalid JSONPath {path!r}: {exc}") from exc
     steps = _simple_steps(expr)
@@ -442,7 +440,7 @@ _EMPTY_GROUP_KEY = "{}"
 class _CompiledMeter:
     """A meter with its JSONPaths compiled, so measuring an event does no parsing."""
 
-    __slots__ = ("meter", "slug", "agg", "value_path", "value_getter", "group_getters")
+    __slots__ = ("agg", "group_getters", "meter", "slug", "value_getter", "value_path")
 
     def __init__(self, meter: Meter) -> None:
         self.meter = meter
@@ -450,9 +448,7 @@ class _CompiledMeter:
         self.agg = meter.aggregation
         self.value_path = meter.value_property
         self.value_getter = compile_path(meter.value_property) if meter.value_property else None
-        self.group_getters = tuple(
-            (key, compile_path(path)) for key, path in sorted(meter.group_by.items())
-        )
+        self.group_getters = tuple((key, compile_path(path)) for key, path in sorted(meter.group_by.items()))
 
     def group(self, data: Any) -> tuple[dict[str, str], str]:
         if not self.group_getters:
@@ -473,9 +469,7 @@ class _CompiledMeter:
         """Events without ``data``: COUNT still counts (no groups), valued meters are missing."""
         if self.value_getter is None:
             return Measurement(self.meter, {}, _EMPTY_GROUP_KEY, None)
-        return Rejection(
-            self.slug, "value_missing", f"valueProperty {self.value_path}: event has no data"
-        )
+        return Rejection(self.slug, "value_missing", f"valueProperty {self.value_path}: event has no data")
 
     def measure(self, data: Any) -> Measurement | Rejection:
         if self.value_getter is None:
@@ -488,9 +482,7 @@ class _CompiledMeter:
         if raw is None:
             return Rejection(self.slug, "value_null", f"valueProperty {path}: value is null")
         if type(raw) is _Many:
-            return Rejection(
-                self.slug, "value_ambiguous", f"valueProperty {path}: matched {len(raw)} values"
-            )
+            return Rejection(self.slug, "value_ambiguous", f"valueProperty {path}: matched {len(raw)} values")
         value: Decimal | str
         try:
             if self.agg is Aggregation.UNIQUE_COUNT:
@@ -512,7 +504,7 @@ class _CompiledMeter:
 class MeterSet:
     """All configured meters, indexed by slug and event type; immutable, built once."""
 
-    __slots__ = ("_meters", "_by_slug", "_by_type", "_compiled_by_type")
+    __slots__ = ("_by_slug", "_by_type", "_compiled_by_type", "_meters")
 
     def __init__(self, meters: Sequence[Meter]) -> None:
         by_slug: dict[str, Meter] = {}
@@ -526,9 +518,7 @@ class MeterSet:
         for m in meters:
             by_type.setdefault(m.event_type, []).append(m)
         self._by_type = {t: tuple(ms) for t, ms in by_type.items()}
-        self._compiled_by_type = {
-            t: tuple(_CompiledMeter(m) for m in ms) for t, ms in by_type.items()
-        }
+        self._compiled_by_type = {t: tuple(_CompiledMeter(m) for m in ms) for t, ms in by_type.items()}
 
     def __iter__(self) -> Any:
         return iter(self._meters)
@@ -570,8 +560,6 @@ class MeterSet:
             else:
                 rejections.append(r)  # type: ignore[arg-type]
         return measurements, rejections
-
-
 
 
 # --------------------------------------------------------------------------------------
@@ -623,9 +611,7 @@ def validate_meters(raw: Any, source: str) -> list[Meter]:
                 problems.append(f"{where}.{_fmt_loc(tuple(err['loc']))}: {msg}")
             continue
         if meter.slug in seen:
-            problems.append(
-                f"{where}.slug: duplicate slug (first defined at meters[{seen[meter.slug]}])"
-            )
+            problems.append(f"{where}.slug: duplicate slug (first defined at meters[{seen[meter.slug]}])")
         else:
             seen[meter.slug] = i
             meters.append(meter)

@@ -20,11 +20,11 @@ from decimal import Decimal
 from meterline.meters import DECIMAL_CONTEXT, Measurement
 
 __all__ = [
-    "parse_time",
-    "format_time",
-    "window_start",
-    "WindowDelta",
     "WindowAccumulator",
+    "WindowDelta",
+    "format_time",
+    "parse_time",
+    "window_start",
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -45,7 +45,7 @@ def parse_time(value: str) -> datetime:
     Raises ValueError with a human reason.
     """
     if not isinstance(value, str):
-        raise ValueError(f"time must be a string, got {type(value).__name__}")
+        raise ValueError(f"time must be a string, got {type(value).__name__}")  # noqa: TRY004 - callers catch ValueError
     m = _RFC3339_RE.fullmatch(value)
     if m is None:
         if re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?", value, re.ASCII):
@@ -62,9 +62,7 @@ def parse_time(value: str) -> datetime:
         offset = timedelta(hours=oh_i, minutes=om_i)
         tz = UTC if offset == _ZERO_DELTA else timezone(-offset if sign == "-" else offset)
     try:
-        t = datetime(
-            int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz
-        )
+        t = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
     except ValueError as exc:
         raise ValueError(f"time {value!r} is invalid: {exc}") from None
     if tz is not UTC:
@@ -133,7 +131,7 @@ class WindowAccumulator:
     on every replay.
     """
 
-    __slots__ = ("_window", "_rows", "_cache_key", "_cache_start")
+    __slots__ = ("_cache_key", "_cache_start", "_rows", "_window")
 
     def __init__(self, window_seconds: int = 60) -> None:
         if window_seconds <= 0:

@@ -41,11 +41,24 @@ def _by_slug(ms: list[Measurement]) -> dict[str, Measurement]:
 def test_config_has_every_aggregation_and_example_meter(meter_set: MeterSet) -> None:
     slugs = {m.slug for m in meter_set.meters}
     assert {
-        "tokens_total", "gpu_execution_duration_seconds", "api_requests_total",
-        "api_request_duration_seconds", "api_request_ingress_bytes", "pod_execution_time",
-        "unique_sessions_total", "workflow_created", "workflow_succeeded", "workflow_failed",
-        "pages_total", "words_total", "translate_tokens_total", "storage_bytes_latest",
-        "job_seconds_avg", "job_seconds_max", "job_seconds_min", "active_users",
+        "tokens_total",
+        "gpu_execution_duration_seconds",
+        "api_requests_total",
+        "api_request_duration_seconds",
+        "api_request_ingress_bytes",
+        "pod_execution_time",
+        "unique_sessions_total",
+        "workflow_created",
+        "workflow_succeeded",
+        "workflow_failed",
+        "pages_total",
+        "words_total",
+        "translate_tokens_total",
+        "storage_bytes_latest",
+        "job_seconds_avg",
+        "job_seconds_max",
+        "job_seconds_min",
+        "active_users",
     } <= slugs
     assert {m.aggregation for m in meter_set.meters} == set(Aggregation)
 
@@ -54,28 +67,38 @@ def test_llm_tokens(meter_set: MeterSet) -> None:
     ms, rej = meter_set.measure(_ev("prompt", {"tokens": "123456", "model": "gpt4-turbo", "type": "output"}))
     assert rej == []
     (m,) = ms
-    assert m.meter.slug == "tokens_total" and m.value == Decimal("123456")
+    assert m.meter.slug == "tokens_total" and m.value == Decimal(123456)
     assert m.group == {"model": "gpt4-turbo", "type": "output"}
 
 
 def test_gpu_time(meter_set: MeterSet) -> None:
-    data = {"duration_seconds": "12345", "hostname": "my-hostname", "region": "us-east-1", "gpu_type": "nvidia_A100"}
+    data = {
+        "duration_seconds": "12345",
+        "hostname": "my-hostname",
+        "region": "us-east-1",
+        "gpu_type": "nvidia_A100",
+    }
     ms, rej = meter_set.measure(_ev("gpu_time", data))
     assert rej == [] and len(ms) == 1
-    assert ms[0].value == Decimal("12345")
+    assert ms[0].value == Decimal(12345)
     assert ms[0].group == {"hostname": "my-hostname", "region": "us-east-1", "gpu_type": "nvidia_A100"}
 
 
 def test_request_moves_three_meters(meter_set: MeterSet) -> None:
-    data = {"method": "GET", "route": "/products/:product_id", "duration_seconds": "123",
-            "ingress_bytes": "456", "egress_bytes": "789"}
+    data = {
+        "method": "GET",
+        "route": "/products/:product_id",
+        "duration_seconds": "123",
+        "ingress_bytes": "456",
+        "egress_bytes": "789",
+    }
     ms, rej = meter_set.measure(_ev("request", data))
     assert rej == []
     got = _by_slug(ms)
     assert set(got) == {"api_requests_total", "api_request_duration_seconds", "api_request_ingress_bytes"}
     assert got["api_requests_total"].value is None
-    assert got["api_request_duration_seconds"].value == Decimal("123")
-    assert got["api_request_ingress_bytes"].value == Decimal("456")
+    assert got["api_request_duration_seconds"].value == Decimal(123)
+    assert got["api_request_ingress_bytes"].value == Decimal(456)
     for m in ms:
         assert m.group == {"method": "GET", "route": "/products/:product_id"}
 
@@ -93,7 +116,7 @@ def test_request_count_only_example(meter_set: MeterSet) -> None:
 def test_pod_execution_time(meter_set: MeterSet) -> None:
     data = {"duration_seconds": "123", "pod_name": "pod_name", "pod_namespace": "pod_namespace"}
     (m,), rej = meter_set.measure(_ev("kube-pod-exec-time", data))
-    assert rej == [] and m.value == Decimal("123")
+    assert rej == [] and m.value == Decimal(123)
     assert m.group == {"pod_name": "pod_name", "pod_namespace": "pod_namespace"}
 
 

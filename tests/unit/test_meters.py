@@ -159,7 +159,7 @@ def test_parse_numeric_accepts(value: Any, expected: str) -> None:
 def test_parse_numeric_rejects(value: Any, code: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_numeric(value)
-    assert getattr(info.value, "code") == code
+    assert info.value.code == code
 
 
 # ----------------------------------------------------------------------------- JSONPath
@@ -187,9 +187,7 @@ def _render_step(step: str | int, style: int) -> str:
     return f"[{quote}{step}{quote}]"
 
 
-simple_paths = st.lists(
-    st.one_of(st.sampled_from(KEYS), st.integers(-3, 3)), min_size=0, max_size=4
-).flatmap(
+simple_paths = st.lists(st.one_of(st.sampled_from(KEYS), st.integers(-3, 3)), min_size=0, max_size=4).flatmap(
     lambda steps: st.lists(st.integers(0, 2), min_size=len(steps), max_size=len(steps)).map(
         lambda styles: "$" + "".join(_render_step(s, y) for s, y in zip(steps, styles))
     )
@@ -208,9 +206,7 @@ def test_fast_path_agrees_with_jsonpath_ng(path: str, data: Any) -> None:
         assert fast is not MISSING and fast == slow and type(fast) is type(slow)
 
 
-@pytest.mark.parametrize(
-    "path", ["$.items[*].x", "$..x", "$.a[0:2]", "$['a','b']", "$.items[?(@.x > 1)].x"]
-)
+@pytest.mark.parametrize("path", ["$.items[*].x", "$..x", "$.a[0:2]", "$['a','b']", "$.items[?(@.x > 1)].x"])
 def test_complex_paths_use_jsonpath_ng(path: str) -> None:
     assert _simple_steps(_jsonpath_parse(path)) is None
     compile_path(path)  # compiles
@@ -244,7 +240,9 @@ def _measure(meter: Meter, data: Any = MISSING) -> Measurement | Rejection:
 
 
 def test_meter_aliases_and_dump_shape() -> None:
-    m = Meter(slug="s", event_type="e", aggregation=Aggregation.SUM, value_property="$.v", group_by={"k": "$.k"})
+    m = Meter(
+        slug="s", event_type="e", aggregation=Aggregation.SUM, value_property="$.v", group_by={"k": "$.k"}
+    )
     assert m.model_dump(by_alias=True, mode="json") == {
         "slug": "s",
         "description": "",
@@ -294,9 +292,27 @@ def test_count_counts_without_data_or_groups() -> None:
 
 def test_group_values_and_key() -> None:
     meter = _m(
-        groupBy={"s": "$.s", "i": "$.i", "f": "$.f", "b": "$.b", "o": "$.o", "n": "$.n", "z": "$.z", "w": "$.w[*]"}
+        groupBy={
+            "s": "$.s",
+            "i": "$.i",
+            "f": "$.f",
+            "b": "$.b",
+            "o": "$.o",
+            "n": "$.n",
+            "z": "$.z",
+            "w": "$.w[*]",
+        }
     )
-    data = {"v": 1, "s": "x", "i": 3, "f": 1.5, "b": False, "o": {"b": 1, "a": [1, "2"]}, "n": None, "w": [1, 2]}
+    data = {
+        "v": 1,
+        "s": "x",
+        "i": 3,
+        "f": 1.5,
+        "b": False,
+        "o": {"b": 1, "a": [1, "2"]},
+        "n": None,
+        "w": [1, 2],
+    }
     r = _measure(meter, data)
     assert isinstance(r, Measurement)
     assert r.group == {"s": "x", "i": "3", "f": "1.5", "b": "false", "o": '{"a":[1,"2"],"b":1}', "w": "[1,2]"}
@@ -309,8 +325,19 @@ def test_group_values_and_key() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("abc", "abc"), (1, "1"), (1.0, "1"), ("1", "1"), ("1.0", "1.0"), (1e2, "100"), (-0.0, "0"),
-     (True, "true"), (False, "false"), (10**40, "1" + "0" * 40), (0.1, "0.1")],
+    [
+        ("abc", "abc"),
+        (1, "1"),
+        (1.0, "1"),
+        ("1", "1"),
+        ("1.0", "1.0"),
+        (1e2, "100"),
+        (-0.0, "0"),
+        (True, "true"),
+        (False, "false"),
+        (10**40, "1" + "0" * 40),
+        (0.1, "0.1"),
+    ],
 )
 def test_unique_count_values(value: Any, expected: str) -> None:
     r = _measure(_m(aggregation="UNIQUE_COUNT"), {"v": value})

@@ -58,9 +58,7 @@ def test_parse_time_non_string() -> None:
         parse_time(123)  # type: ignore[arg-type]
 
 
-aware = st.datetimes(
-    min_value=datetime(1971, 1, 1), max_value=datetime(9998, 1, 1), timezones=st.just(UTC)
-)
+aware = st.datetimes(min_value=datetime(1971, 1, 1), max_value=datetime(9998, 1, 1), timezones=st.just(UTC))
 
 
 @given(aware, st.integers(-14 * 4, 14 * 4))
@@ -93,9 +91,19 @@ def test_window_start_minute_default() -> None:
 # ----------------------------------------------------------------------------- accumulator
 
 METERS = [
-    Meter.model_validate({"slug": "sum", "eventType": "t", "aggregation": "SUM", "valueProperty": "$.v", "groupBy": {"g": "$.g"}}),
+    Meter.model_validate(
+        {
+            "slug": "sum",
+            "eventType": "t",
+            "aggregation": "SUM",
+            "valueProperty": "$.v",
+            "groupBy": {"g": "$.g"},
+        }
+    ),
     Meter.model_validate({"slug": "cnt", "eventType": "t", "aggregation": "COUNT", "groupBy": {"g": "$.g"}}),
-    Meter.model_validate({"slug": "uniq", "eventType": "t", "aggregation": "UNIQUE_COUNT", "valueProperty": "$.u"}),
+    Meter.model_validate(
+        {"slug": "uniq", "eventType": "t", "aggregation": "UNIQUE_COUNT", "valueProperty": "$.u"}
+    ),
     Meter.model_validate({"slug": "last", "eventType": "t", "aggregation": "LATEST", "valueProperty": "$.v"}),
 ]
 METER_SET = MeterSet(METERS)
@@ -104,7 +112,9 @@ WIDE = Context(prec=200)  # the default 28-digit context would round the oracle 
 
 values = st.one_of(
     st.integers(-(10**28), 10**28),
-    st.decimals(min_value=-(10**20), max_value=10**20, places=9, allow_nan=False, allow_infinity=False).map(str),
+    st.decimals(min_value=-(10**20), max_value=10**20, places=9, allow_nan=False, allow_infinity=False).map(
+        str
+    ),
 )
 events = st.lists(
     st.fixed_dictionaries(
