@@ -1,0 +1,95 @@
+"""The query HTTP service: wiring only (router + problem handlers + health + ClickHouse client lifecycle).
+
+The ClickHouse client is built in the lifespan, never at import, so importing this module (tests,
+the combined `make run` app, OpenAPI generation) needs no server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import Histogram
+
+from ingest.problems import install_problem_handlers
+from meterline.clickhouse import connect
+from meterline.errors import ConfigError
+from meterline.health import ReadinessCheck, health_router
+from meterline.meters import MeterSet
+from meterline.settings import Settings
+from query.routes import install_query_problem_handlers, router
+from query.store import WindowStore
+
+__all__ = ["clickhouse_check", "create_app", "install_query", "query_lifespan", "router"]
+
+REQUEST_SECONDS = Histogram(
+    "meterline_query_request_seconds",
+    "Query API request latency by route template",
+    ["method", "route", "status"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+
+
+@asynccontextmanager
+async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+    """Connect to ClickHouse and publish `meters`/`query_store` on `app.state` for `query.routes`.
+
+    A combined app enters this inside its own lifespan (e.g. with an AsyncExitStack). Meters already
+    set on `app.state.meters` (e.g. by the combined app) are kept.
+    """
+    if settings.clickhouse_url is None:
+        raise ConfigError("clickhouse_url (CLICKHOUSE_URL) is required by the query API")
+    if getattr(app.state, "meters", None) is None:
+        app.state.meters = MeterSet(settings.meters())
+    client = await asyncio.to_thread(connect, settings.clickhouse_url)
+    app.state.query_store = WindowStore(client, settings.clickhouse_database)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(client.close)
+
+
+def clickhouse_check(app: FastAPI) -> ReadinessCheck:
+    """Readiness probe: ClickHouse answers a ping."""
+
+    async def check() -> bool:
+        store: WindowStore | None = getattr(app.state, "query_store", None)
+        return store is not None and await asyncio.to_thread(store.ping)
+
+    return check
+
+
+def install_query(app: FastAPI) -> None:
+    """Router, query error mappings and the latency histogram, for this app or a combined one."""
+    install_query_problem_handlers(app)
+    app.include_router(router)
+
+    @app.middleware("http")
+    async def _latency(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        if path.startswith("/api/v1/meters") or path in ("/api/v1/events", "/api/v1/dead-letters"):
+            REQUEST_SECONDS.labels(request.method, path, str(response.status_code)).observe(
+                time.perf_counter() - started
+            )
+        return response
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Query-only app (deploy/): /api/v1/meters..., GET /api/v1/events, dead letters, health, metrics."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with query_lifespan(app, settings):
+            yield
+
+    app = FastAPI(title="meterline query", version="0.1.0", lifespan=lifespan)
+    install_problem_handlers(app)
+    install_query(app)
+    app.include_router(health_router({"clickhouse": clickhouse_check(app)}))
+    return app
