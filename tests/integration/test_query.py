@@ -1,0 +1,330 @@
+"""The query API against a real ClickHouse, checked window by window against a pure-Python oracle.
+
+Delta rows are written straight into `meter_windows` (one per event, each with its own offset, and
+every row inserted twice with identical identity, so FINAL must collapse them). The oracle buckets the
+raw events itself with zoneinfo and Decimal, so time-zone and rollup bugs in SQL cannot hide.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import random
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import ROUND_HALF_EVEN, Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from fastapi.testclient import TestClient
+
+from meterline.clickhouse import connect, create_schema
+from meterline.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
+from meterline.settings import Settings
+from query.app import create_app
+
+AGGS = ("COUNT", "SUM", "AVG", "MIN", "MAX", "UNIQUE_COUNT", "LATEST")
+SIZES = (None, "MINUTE", "HOUR", "DAY", "MONTH")
+ZONES = ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "America/New_York")
+FROM = datetime(2024, 3, 9, 5, 7, tzinfo=UTC)
+TO = datetime(2024, 11, 4, 3, 0, tzinfo=UTC)
+DAYS = [datetime(2024, m, d, tzinfo=UTC) for m, d in (
+    (3, 8), (3, 9), (3, 10), (3, 11), (3, 30), (3, 31), (4, 1), (10, 26), (10, 27), (11, 2), (11, 3), (11, 4), (11, 5)
+)]
+
+
+@pytest.fixture(scope="module")
+def ch_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The shared `clickhouse_url` fixture when conftest provides it, else our own local server."""
+    try:
+        yield request.getfixturevalue("clickhouse_url")
+        return
+    except pytest.FixtureLookupError:
+        pass
+    from meterline.localinfra.clickhouse_server import LocalClickHouse
+
+    server = LocalClickHouse(tmp_path_factory.mktemp("query-ch") / "data")
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _meters() -> list[dict[str, Any]]:
+    out = []
+    for agg in AGGS:
+        m: dict[str, Any] = {"slug": f"m_{agg.lower()}", "eventType": "ev", "aggregation": agg,
+                             "groupBy": {"model": "$.model", "region": "$.region"}}
+        if agg == "UNIQUE_COUNT":
+            m["valueProperty"] = "$.u"
+        elif agg != "COUNT":
+            m["valueProperty"] = "$.v"
+        out.append(m)
+    return out
+
+
+def _events(rng: random.Random, n: int = 500) -> list[dict[str, Any]]:
+    events = []
+    for i in range(n):
+        t = rng.choice(DAYS) + timedelta(seconds=rng.randrange(86400), microseconds=rng.randrange(1_000_000))
+        group = {}
+        if (model := rng.choice(["a", "b", None])) is not None:
+            group["model"] = model
+        group["region"] = rng.choice(["eu", "us"])
+        events.append({
+            "offset": i, "subject": rng.choice(["s1", "s2", "s3"]), "time": t, "group": group,
+            "v": Decimal(rng.randrange(-5000, 100000)) / Decimal(1000), "u": f"u{rng.randrange(40)}",
+        })
+    return events
+
+
+def _rows(events: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for e in events:
+        wstart = e["time"].replace(second=0, microsecond=0)
+        gkey = str(sorted(e["group"].items()))
+        for agg in AGGS:
+            value = None if agg in ("COUNT", "UNIQUE_COUNT") else e["v"]
+            rows.append([
+                f"m_{agg.lower()}", e["subject"], wstart, gkey, e["group"], "epoch", 0, e["offset"],
+                1, value or Decimal(0), value, value, [e["u"]] if agg == "UNIQUE_COUNT" else [],
+                e["time"], value, e["offset"] * 100000,
+            ])
+    return rows
+
+
+@pytest.fixture(scope="module")
+def app_client(ch_url: str) -> Iterator[tuple[TestClient, list[dict[str, Any]], Any, str]]:
+    database = f"q_{uuid.uuid4().hex[:12]}"
+    client = connect(ch_url)
+    create_schema(client, database)
+    events = _events(random.Random(20240310))
+    rows = _rows(events)
+    for _ in range(2):  # the second insert repeats every identity: FINAL must collapse it
+        client.insert(f"{database}.meter_windows", rows, column_names=list(WINDOW_COLUMNS))
+    settings = Settings(clickhouse_url=f"{ch_url}/{database}", meters=_meters(), config_file="/nonexistent.yaml")
+    try:
+        with TestClient(create_app(settings)) as http:
+            yield http, events, client, database
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+        client.close()
+
+
+# ------------------------------------------------------------------ oracle
+
+
+def _bucket(t: datetime, size: str, tz: ZoneInfo) -> datetime:
+    minute = t.replace(second=0, microsecond=0)
+    if size == "MINUTE":
+        return minute
+    if size == "HOUR":
+        while minute.astimezone(tz).minute != 0:
+            minute -= timedelta(minutes=1)
+        return minute
+    local = t.astimezone(tz)
+    day = 1 if size == "MONTH" else local.day
+    return datetime(local.year, local.month, day, tzinfo=tz).astimezone(UTC)
+
+
+def _bucket_end(start: datetime, size: str, tz: ZoneInfo) -> datetime:
+    if size == "MINUTE":
+        return start + timedelta(minutes=1)
+    if size == "HOUR":
+        t = start + timedelta(minutes=1)
+        while t.astimezone(tz).minute != 0:
+            t += timedelta(minutes=1)
+        return t
+    local = start.astimezone(tz)
+    if size == "DAY":
+        d = local.date() + timedelta(days=1)
+        return datetime(d.year, d.month, d.day, tzinfo=tz).astimezone(UTC)
+    y, m = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
+    return datetime(y, m, 1, tzinfo=tz).astimezone(UTC)
+
+
+def _fmt(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _oracle(events: list[dict[str, Any]], agg: str, size: str | None, zone: str, *, by_subject: bool,
+            keys: list[str], subjects: list[str], filters: dict[str, str]) -> dict[tuple[Any, ...], Decimal]:
+    tz = ZoneInfo(zone)
+    buckets: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for e in events:
+        if not (FROM <= e["time"].replace(second=0, microsecond=0) < TO):
+            continue
+        if subjects and e["subject"] not in subjects:
+            continue
+        if any(e["group"].get(k) != v for k, v in filters.items()):
+            continue
+        if size is None:
+            start, end = FROM, TO
+        else:
+            b = _bucket(e["time"], size, tz)
+            start, end = max(b, FROM), min(_bucket_end(b, size, tz), TO)
+        key = (_fmt(start), _fmt(end), e["subject"] if by_subject else None,
+               tuple((k, e["group"].get(k)) for k in keys))
+        buckets.setdefault(key, []).append(e)
+    out = {}
+    for key, es in buckets.items():
+        vs = [e["v"] for e in es]
+        out[key] = {
+            "COUNT": lambda: Decimal(len(es)),
+            "SUM": lambda: sum(vs, Decimal(0)),
+            "AVG": lambda: (sum(vs, Decimal(0)) / len(vs)).quantize(Decimal("1e-9"), ROUND_HALF_EVEN),
+            "MIN": lambda: min(vs),
+            "MAX": lambda: max(vs),
+            "UNIQUE_COUNT": lambda: Decimal(len({e["u"] for e in es})),
+            "LATEST": lambda: max(es, key=lambda e: (e["time"], e["offset"]))["v"],
+        }[agg]()
+    return out
+
+
+VARIANTS = [
+    {"by_subject": False, "keys": [], "subjects": [], "filters": {}},
+    {"by_subject": True, "keys": ["model"], "subjects": [], "filters": {}},
+    {"by_subject": False, "keys": ["model", "region"], "subjects": ["s1", "s3"], "filters": {"region": "eu"}},
+]
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("zone", ZONES)
+def test_every_window_matches_oracle(app_client: Any, agg: str, zone: str) -> None:
+    http, events, _, _ = app_client
+    for size in SIZES:
+        for variant in VARIANTS:
+            params: list[tuple[str, str]] = [("from", _fmt(FROM)), ("to", _fmt(TO)), ("windowTimeZone", zone)]
+            if size:
+                params.append(("windowSize", size))
+            if variant["by_subject"]:
+                params.append(("groupBy", "subject"))
+            params += [("groupBy", k) for k in variant["keys"]]
+            params += [("subject", s) for s in variant["subjects"]]
+            params += [(f"filterGroupBy[{k}]", v) for k, v in variant["filters"].items()]
+            expected = _oracle(events, agg, size, zone, **variant)
+            assert expected, (size, variant)
+            res = http.get(f"/api/v1/meters/m_{agg.lower()}/query", params=params)
+            assert res.status_code == 200, res.text
+            body = res.json()
+            got = {
+                (r["windowStart"], r["windowEnd"], r["subject"], tuple((k, r["groupBy"][k]) for k in variant["keys"])):
+                r["value"] for r in body["data"]
+            }
+            assert len(got) == len(body["data"]), "duplicate windows"
+            assert set(got) == set(expected), (size, variant)
+            if size == "HOUR" and zone == "Asia/Kathmandu":  # local hours start at UTC :15
+                assert all(k[0].endswith("15:00Z") or k[0] == _fmt(FROM) for k in got)
+            for key, value in expected.items():
+                assert got[key] == (int(value) if value == value.to_integral_value() else float(value)), key
+            # CSV carries the same windows with exact decimal values.
+            res = http.get(f"/api/v1/meters/m_{agg.lower()}/query", params=params, headers={"Accept": "text/csv"})
+            assert res.status_code == 200 and res.headers["content-type"].startswith("text/csv")
+            rows = list(csv.DictReader(io.StringIO(res.text)))
+            assert len(rows) == len(expected)
+            for r in rows:
+                key = (r["windowStart"], r["windowEnd"], r["subject"] or None,
+                       tuple((k, r[k] or None) for k in variant["keys"]))
+                assert Decimal(r["value"]) == expected[key], key
+
+
+def test_meters_list_get_and_subjects(app_client: Any) -> None:
+    http, events, _, _ = app_client
+    meters = http.get("/api/v1/meters").json()
+    assert [m["slug"] for m in meters] == [f"m_{a.lower()}" for a in AGGS]
+    got = http.get("/api/v1/meters/m_sum").json()
+    assert got["aggregation"] == "SUM" and got["valueProperty"] == "$.v" and got["windowSize"] == "MINUTE"
+    assert got["groupBy"] == {"model": "$.model", "region": "$.region"} and got["eventType"] == "ev"
+    assert http.get("/api/v1/meters/m_sum/subjects").json() == sorted({e["subject"] for e in events})
+
+
+@pytest.mark.parametrize(
+    ("url", "status", "field"),
+    [
+        ("/api/v1/meters/nope", 404, None),
+        ("/api/v1/meters/nope/query", 404, None),
+        ("/api/v1/meters/m_sum/query?windowTimeZone=Mars/Base", 400, "windowTimeZone"),
+        ("/api/v1/meters/m_sum/query?from=2024-01-01T00:00:30Z", 400, "from"),
+        ("/api/v1/meters/m_sum/query?to=2024-01-01T00:00:00.5Z", 400, "to"),
+        ("/api/v1/meters/m_sum/query?from=2024-01-02T00:00:00Z&to=2024-01-01T00:00:00Z", 400, "from"),
+        ("/api/v1/meters/m_sum/query?from=yesterday", 400, "from"),
+        ("/api/v1/meters/m_sum/query?windowSize=WEEK", 400, "windowSize"),
+        ("/api/v1/meters/m_sum/query?groupBy=colour", 400, "groupBy"),
+        ("/api/v1/meters/m_sum/query?filterGroupBy[colour]=x", 400, "filterGroupBy[colour]"),
+        ("/api/v1/events?limit=0", 400, "limit"),
+        ("/api/v1/events?limit=1001", 400, "limit"),
+        ("/api/v1/events?limit=ten", 400, "limit"),
+        ("/api/v1/dead-letters?from=nope", 400, "from"),
+    ],
+)
+def test_errors_are_problem_json(app_client: Any, url: str, status: int, field: str | None) -> None:
+    http = app_client[0]
+    res = http.get(url)
+    assert res.status_code == status, res.text
+    assert res.headers["content-type"].startswith("application/problem+json")
+    body = res.json()
+    assert body["status"] == status and body["title"]
+    if field:
+        assert any(e["field"] == field for e in body["errors"]), body
+
+
+def test_events_listing(app_client: Any) -> None:
+    http, _, client, database = app_client
+    base = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    rows = []
+    for i in range(30):
+        row = {
+            "dedupe_key": uuid.uuid4().bytes, "id": f"e{i}", "source": "src", "type": "ev",
+            "subject": "s1" if i % 2 else "s2", "time": base + timedelta(minutes=i, microseconds=i),
+            "data": '{"v": %d}' % i, "ingested_at": base + timedelta(hours=1), "log_epoch": "epoch",
+            "kafka_partition": 0, "kafka_offset": i, "batch_index": 0,
+            "validation_errors": ["m_sum: value missing"] if i == 5 else [],
+        }
+        rows.append([row[c] for c in EVENT_COLUMNS])
+    for _ in range(2):
+        client.insert(f"{database}.events", rows, column_names=list(EVENT_COLUMNS))
+    got = http.get("/api/v1/events").json()
+    assert [g["event"]["id"] for g in got] == [f"e{i}" for i in range(29, -1, -1)]
+    first = got[-1]
+    assert first["event"] == {"specversion": "1.0", "id": "e0", "source": "src", "type": "ev", "subject": "s2",
+                              "time": "2024-05-01T12:00:00.000000Z", "data": {"v": 0}}
+    assert first["ingestedAt"] == "2024-05-01T13:00:00.000000Z" and "validationError" not in first
+    assert got[-6]["validationError"] == "m_sum: value missing"
+    got = http.get("/api/v1/events", params={"subject": "s1", "limit": 3}).json()
+    assert [g["event"]["id"] for g in got] == ["e29", "e27", "e25"]
+    got = http.get("/api/v1/events", params={"from": "2024-05-01T12:10:00.000010Z", "to": "2024-05-01T12:12:00.000012Z"}).json()
+    assert [g["event"]["id"] for g in got] == ["e12", "e11", "e10"]
+
+
+def test_dead_letters_listing(app_client: Any) -> None:
+    http, _, client, database = app_client
+    base = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    rows = []
+    for i in range(6):
+        row = {
+            "log_epoch": "epoch", "kafka_partition": 1, "kafka_offset": i, "batch_index": 0,
+            "meter": "m_sum" if i % 2 else "", "id": f"d{i}", "source": "src", "type": "ev", "subject": "s",
+            "time": base, "data": "{}", "reason_code": "value_missing" if i % 2 else "unknown_type",
+            "reason": "why", "received_at": base + timedelta(seconds=i),
+        }
+        rows.append([row[c] for c in DEAD_LETTER_COLUMNS])
+    for _ in range(2):
+        client.insert(f"{database}.dead_letters", rows, column_names=list(DEAD_LETTER_COLUMNS))
+    got = http.get("/api/v1/dead-letters").json()
+    assert [g["event"]["id"] for g in got] == [f"d{i}" for i in range(5, -1, -1)]
+    assert got[0]["meter"] == "m_sum" and got[0]["reasonCode"] == "value_missing"
+    assert got[0]["position"] == {"logEpoch": "epoch", "partition": 1, "offset": 5, "index": 0}
+    got = http.get("/api/v1/dead-letters", params={"reasonCode": "unknown_type", "limit": 2}).json()
+    assert [g["event"]["id"] for g in got] == ["d4", "d2"] and got[0]["meter"] is None
+    assert [g["event"]["id"] for g in http.get("/api/v1/dead-letters", params={"meter": "m_sum"}).json()] == ["d5", "d3", "d1"]
+
+
+def test_health_and_metrics(app_client: Any) -> None:
+    http = app_client[0]
+    assert http.get("/healthz").status_code == 200
+    assert http.get("/readyz").status_code == 200
+    http.get("/api/v1/meters")
+    assert "meterline_query_request_seconds" in http.get("/metrics").text
