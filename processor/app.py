@@ -1,0 +1,186 @@
+"""Wire the processor worker: Settings -> Faust app with the agent, sink, dedupe state and web views.
+
+Only wiring lives here (see processor/agents.py for the loop and processor/rows.py for the rules).
+Processor-only knobs that are not part of the shared `Settings` are read from the environment:
+
+    METERLINE_PROCESSOR_SESSION_TIMEOUT    broker session timeout, s (10; Faust's default 60 makes
+    METERLINE_PROCESSOR_REBALANCE_TIMEOUT  rebalance timeout, s (10)   every join wait ~30 s)
+    METERLINE_PROCESSOR_HEARTBEAT          heartbeat interval, s (2)
+    METERLINE_PROCESSOR_WEB_PORT           /healthz /readyz /metrics port (0 = a free port)
+    METERLINE_PROCESSOR_WEB_HOST           bind address (127.0.0.1)
+    METERLINE_PROCESSOR_WORKER_ID          names the local state dir; default per run (host + port)
+    METERLINE_LOG_LEVEL                    info
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from meterline.errors import ConfigError
+from meterline.meters import MeterSet
+from meterline.settings import Settings
+from processor import metrics  # noqa: F401  (registers the collectors served at /metrics)
+from processor.agents import BatchProcessor, register_agent
+from processor.dedupe import DedupeState
+from processor.sink import ClickHouseSink
+from processor.topics import ensure_events_topic
+
+logger = logging.getLogger(__name__)
+
+PURGE_INTERVAL_SECONDS = 6 * 3600.0
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return default if raw in (None, "") else float(raw)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (bind port 0); good enough for a local worker's web server."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerOptions:
+    """Per-worker process options (see module docstring for the environment names)."""
+
+    session_timeout: float = 10.0
+    rebalance_timeout: float = 10.0
+    heartbeat: float = 2.0
+    web_port: int = 0
+    web_host: str = "127.0.0.1"
+    worker_id: str | None = None
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, web_port: int | None = None) -> WorkerOptions:
+        return cls(
+            session_timeout=_env_float("METERLINE_PROCESSOR_SESSION_TIMEOUT", 10.0),
+            rebalance_timeout=_env_float("METERLINE_PROCESSOR_REBALANCE_TIMEOUT", 10.0),
+            heartbeat=_env_float("METERLINE_PROCESSOR_HEARTBEAT", 2.0),
+            web_port=web_port if web_port is not None else int(_env_float("METERLINE_PROCESSOR_WEB_PORT", 0)),
+            web_host=os.environ.get("METERLINE_PROCESSOR_WEB_HOST", "127.0.0.1"),
+            worker_id=os.environ.get("METERLINE_PROCESSOR_WORKER_ID") or None,
+            log_level=os.environ.get("METERLINE_LOG_LEVEL", "info"),
+        )
+
+
+def state_dir_for(settings: Settings, worker_id: str) -> Path:
+    """`settings.state_dir`, else `<data_dir>/processor-<worker_id>`."""
+    return Path(settings.state_dir) if settings.state_dir else Path(settings.data_dir) / f"processor-{worker_id}"
+
+
+def create_app(settings: Settings, options: WorkerOptions | None = None) -> faust.App:
+    """Build the Faust app: broker and ClickHouse must be reachable (both are retried for a while).
+
+    Blocking work (topic creation, cluster id, schema) happens here, before the worker's event loop
+    starts, so the agent only ever sees a ready world.
+    """
+    options = options or WorkerOptions.from_env()
+    if not settings.kafka_bootstrap:
+        raise ConfigError("KAFKA_BOOTSTRAP (or METERLINE_KAFKA_BOOTSTRAP) is not set")
+    if not settings.clickhouse_url:
+        raise ConfigError("CLICKHOUSE_URL (or METERLINE_CLICKHOUSE_URL) is not set")
+    web_port = options.web_port or free_port(options.web_host)
+    worker_id = options.worker_id or f"{socket.gethostname()}-{web_port}"
+    state_dir = state_dir_for(settings, worker_id)
+
+    log_epoch = ensure_events_topic(settings.kafka_bootstrap, settings.events_topic, settings.topic_partitions)
+    sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database)
+    sink.ensure_schema()
+    meters = MeterSet(settings.meters())
+    state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days)
+    processor = BatchProcessor(settings, meters, state, sink, log_epoch)
+
+    app = faust.App(
+        settings.consumer_group,
+        broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",") if b.strip()],
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        datadir=str(state_dir / "faust"),
+        topic_partitions=settings.topic_partitions,
+        consumer_auto_offset_reset="earliest",
+        broker_session_timeout=options.session_timeout,
+        broker_rebalance_timeout=options.rebalance_timeout,
+        broker_heartbeat_interval=options.heartbeat,
+        web_enabled=True,
+        web_port=web_port,
+        web_bind=options.web_host,
+        web_host=options.web_host,
+        # The default 4096 per partition lets a slow ClickHouse pile up minutes of events in memory.
+        stream_buffer_maxsize=max(2 * settings.processor_batch_messages, 64),
+    )
+    app.meterline = processor  # type: ignore[attr-defined]
+    app.meterline_state_dir = state_dir  # type: ignore[attr-defined]
+    app.meterline_ephemeral_state = options.worker_id is None and not settings.state_dir  # type: ignore[attr-defined]
+    register_agent(app, settings, processor)
+    _register_views(app, processor)
+
+    @app.timer(interval=PURGE_INTERVAL_SECONDS)
+    async def purge_dedupe() -> None:
+        import asyncio
+
+        n = await asyncio.to_thread(state.purge)
+        logger.info("dedupe keys past the horizon purged", extra={"keys": n})
+
+    logger.info("processor configured", extra={"log_epoch": log_epoch, "topic": settings.events_topic,
+                                               "web_port": web_port, "state_dir": str(state_dir)})
+    return app
+
+
+def _register_views(app: faust.App, processor: BatchProcessor) -> None:
+    """`/healthz` (alive), `/readyz` (consumer assigned and the last ClickHouse write recent or none
+    pending), `/metrics` (Prometheus text) on the worker's Faust web server."""
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json({"status": "ok"})
+
+    @app.page("/readyz")
+    async def readyz(web: Any, request: Any) -> Any:
+        ok = not processor.sink.failing
+        body = {"status": "ok" if ok else "unavailable", "clickhouse": not processor.sink.failing,
+                "log_epoch": processor.log_epoch}
+        return web.json(body, status=200 if ok else 503)
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m processor [--web-port N]`: run one worker until SIGTERM/SIGINT."""
+    parser = argparse.ArgumentParser(prog="python -m processor", description="meterline processor worker")
+    parser.add_argument("--web-port", type=int, default=None, help="web port for /healthz /readyz /metrics (0 = free)")
+    args = parser.parse_args(argv)
+    options = WorkerOptions.from_env(args.web_port)
+    logging.basicConfig(level=options.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    settings = Settings()
+    app = create_app(settings, options)
+    from faust.worker import Worker
+
+    processor: BatchProcessor = app.meterline  # type: ignore[attr-defined]
+    worker = Worker(app, loglevel=options.log_level, redirect_stdouts=False)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        processor.sink.stop()
+        processor.state.close()
+        if app.meterline_ephemeral_state:  # type: ignore[attr-defined]
+            shutil.rmtree(app.meterline_state_dir, ignore_errors=True)  # type: ignore[attr-defined]

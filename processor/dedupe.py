@@ -1,0 +1,267 @@
+"""First-sighting dedupe state: which position first carried each (source, id).
+
+Why first-sighting positions rather than a "seen" set: a worker that crashes after writing to ClickHouse
+but before committing its Kafka offsets replays the same messages. A plain "seen" set would then drop the
+replayed originals as duplicates and their rows would never be rewritten (harmless) -- but it would also
+drop them when the *write* was what got lost. Remembering *where* a key was first seen makes every
+decision a pure function of the log: a position is accepted iff it is the recorded first sighting, so
+replaying any suffix of the log reproduces exactly the same accept/drop decisions (docs/design.md,
+"Exactly-once effect").
+
+Storage: ClickHouse `events` is the source of truth (one row per accepted first sighting). This module
+keeps a per-worker RocksDB cache (rocksdict) so that memory stays bounded: 10M keys are ~250 MB of SST on
+disk and only RocksDB's block cache and memtables live in RAM. Nothing holds a Python dict of all keys;
+only the keys of the batch being processed are held in memory (`prefetch` -> `decide` -> `flush`).
+
+Layout (raw bytes):
+    b"k" + dedupe_key(16)           -> position(20) + seen_at(4)   position = >IIQI (epoch_no, partition, offset, index)
+    b"e" + log_epoch (utf-8)         -> >I epoch_no                 small int per Kafka cluster id
+    b"p" + >I partition              -> >IQ (epoch_no, next_offset) the "loaded up to" marker
+
+Marker semantics: for partition p, marker (E, M) means the cache holds every key that ClickHouse holds for
+partition p in epoch E below offset M, and every key of older epochs (within the horizon). A restart then
+loads only `log_epoch = E AND kafka_offset >= M`; a different epoch (broker log reset) reloads fully.
+
+Cross-partition duplicates (same source+id, different subject => different partition) are caught only
+when the same worker holds both partitions (the cache is shared by all partitions of a worker); ingest
+keys by subject, and CloudEvents producers retry with the same subject, so this is the rare case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+from rocksdict import Options, Rdict, WriteBatch
+
+logger = logging.getLogger(__name__)
+
+_POS = struct.Struct(">IIQI")
+_SEEN = struct.Struct(">I")
+_EPOCH_NO = struct.Struct(">I")
+_MARKER = struct.Struct(">IQ")
+_PARTITION = struct.Struct(">I")
+
+_KEY_PREFIX = b"k"
+_EPOCH_PREFIX = b"e"
+_MARKER_PREFIX = b"p"
+_DAY = 86_400
+
+
+class Position(NamedTuple):
+    """Where an event sits in the log; unique per event for the life of a broker log (epoch)."""
+
+    log_epoch: str
+    partition: int
+    offset: int
+    index: int
+
+
+def dedupe_key(source: str, event_id: str) -> bytes:
+    """blake2b-128 of `source NUL id`: CloudEvents identity is (source, id), NUL cannot occur in either."""
+    return hashlib.blake2b(f"{source}\x00{event_id}".encode(), digest_size=16).digest()
+
+
+class DedupeState:
+    """First-sighting positions of the dedupe keys of one worker, cached in RocksDB.
+
+    Per batch: `prefetch(keys)` (one RocksDB multi-get), `decide(key, position)` per event in log order,
+    `flush()` before the ClickHouse write (so a crash after the write never loses a record that
+    ClickHouse has), then `mark_written(partition, next_offset)` after the write succeeded.
+    """
+
+    def __init__(self, path: str, horizon_days: int = 32, *, sync: bool = False) -> None:
+        os.makedirs(path, exist_ok=True)
+        opts = Options(raw_mode=True)
+        opts.create_if_missing(True)
+        opts.set_write_buffer_size(32 * 1024 * 1024)
+        self._db = Rdict(path, opts)
+        self.path = path
+        self.horizon_seconds = horizon_days * _DAY
+        self._epochs: dict[str, int] = {}
+        self._batch: dict[bytes, bytes | None] = {}
+        self._new: dict[bytes, bytes] = {}
+        self._loaded: set[int] = set()
+        self._sync = sync
+        next_no = 0
+        for k, v in self._db.items(from_key=_EPOCH_PREFIX):
+            if not k.startswith(_EPOCH_PREFIX):
+                break
+            no = _EPOCH_NO.unpack(v)[0]
+            self._epochs[k[1:].decode()] = no
+            next_no = max(next_no, no + 1)
+        self._next_epoch_no = next_no
+
+    # ------------------------------------------------------------------ epochs and markers
+    def epoch_no(self, log_epoch: str) -> int:
+        """The small integer standing for a Kafka cluster id inside packed positions (persisted)."""
+        no = self._epochs.get(log_epoch)
+        if no is None:
+            no = self._next_epoch_no
+            self._next_epoch_no += 1
+            self._db.put(_EPOCH_PREFIX + log_epoch.encode(), _EPOCH_NO.pack(no))
+            self._epochs[log_epoch] = no
+        return no
+
+    def marker(self, partition: int) -> tuple[int, int] | None:
+        """(epoch_no, next_offset) up to which this partition's keys are known to be cached."""
+        v = self._db.get(_MARKER_PREFIX + _PARTITION.pack(partition))
+        return None if v is None else _MARKER.unpack(v)  # type: ignore[return-value]
+
+    def _set_marker(self, partition: int, epoch_no: int, next_offset: int) -> None:
+        self._db.put(_MARKER_PREFIX + _PARTITION.pack(partition), _MARKER.pack(epoch_no, next_offset))
+
+    def is_loaded(self, partition: int) -> bool:
+        """Whether this process already merged ClickHouse's keys of `partition` since it was assigned."""
+        return partition in self._loaded
+
+    def forget_partitions(self, partitions: Iterable[int]) -> None:
+        """On revoke: another worker may write keys for these partitions, so reload on next assignment."""
+        self._loaded.difference_update(partitions)
+
+    def mark_written(self, log_epoch: str, partition: int, next_offset: int) -> None:
+        """After a successful ClickHouse write of every message of `partition` below `next_offset`."""
+        no = self.epoch_no(log_epoch)
+        current = self.marker(partition)
+        if current is None or current[0] != no or current[1] < next_offset:
+            self._set_marker(partition, no, next_offset)
+
+    # ------------------------------------------------------------------ loading from ClickHouse
+    def load_rows(
+        self, log_epoch: str, partition: int, rows: Iterable[Sequence[Any]], *, now: float | None = None
+    ) -> int:
+        """Merge `events` rows (dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index,
+        ingested_at unix seconds) of one partition into the cache and advance its marker.
+
+        A cached record is never overwritten: ClickHouse and the cache agree on the first sighting of
+        every key, except for rows the cache has that ClickHouse does not (written locally before a
+        failed write), and those are exactly the ones a replay must still accept.
+        """
+        now = time.time() if now is None else now
+        floor = now - self.horizon_seconds
+        current_no = self.epoch_no(log_epoch)
+        max_next = 0
+        n = 0
+        wb = WriteBatch(raw_mode=True)
+        chunk: list[tuple[bytes, bytes]] = []
+
+        def write_chunk() -> None:
+            existing = self._db[[k for k, _ in chunk]]
+            for (k, v), old in zip(chunk, existing):
+                if old is None:
+                    wb.put(k, v)
+
+        for key, epoch, part, offset, index, seen in rows:
+            seen_s = int(seen)
+            if seen_s < floor:
+                continue
+            no = self.epoch_no(epoch)
+            if no == current_no and int(part) == partition:
+                max_next = max(max_next, int(offset) + 1)
+            k = _KEY_PREFIX + bytes(key)
+            chunk.append((k, _POS.pack(no, int(part), int(offset), int(index)) + _SEEN.pack(seen_s)))
+            n += 1
+            if len(chunk) >= 10_000:
+                write_chunk()
+                chunk.clear()
+        if chunk:
+            write_chunk()
+        self._db.write(wb)
+        marker = self.marker(partition)
+        if marker is None or marker[0] != current_no:
+            self._set_marker(partition, current_no, max_next)
+        elif max_next > marker[1]:
+            self._set_marker(partition, current_no, max_next)
+        self._loaded.add(partition)
+        return n
+
+    # ------------------------------------------------------------------ hot path
+    def prefetch(self, keys: Sequence[bytes]) -> None:
+        """One RocksDB multi-get for every key of a batch; `decide` then never touches the disk."""
+        batch = self._batch
+        missing = [k for k in keys if k not in batch]
+        if not missing:
+            return
+        values = self._db[[_KEY_PREFIX + k for k in missing]]
+        batch.update(zip(missing, values))
+
+    def decide(self, key: bytes, position: Position) -> bool:
+        """True iff `position` is the first sighting of `key` (recording it when the key is new).
+
+        Absent -> record and accept; equal position -> a replay of the original -> accept; any other
+        recorded position -> duplicate. A recorded position from another epoch is always older (the
+        epoch only changes when the broker's log was reset), and a recorded *later* position of the same
+        partition can only come from a lost write of the earlier one, whose windows never reached
+        ClickHouse while the later one's did -- accepting both would double count, so it stays a drop.
+        """
+        packed = _POS.pack(self.epoch_no(position[0]), position[1], position[2], position[3])
+        batch = self._batch
+        if key in batch:
+            stored = batch[key]
+        else:
+            stored = self._db.get(_KEY_PREFIX + key)
+        if stored is None:
+            batch[key] = packed
+            self._new[key] = packed
+            return True
+        batch[key] = stored
+        return stored[:20] == packed
+
+    def flush(self, *, now: float | None = None) -> None:
+        """Persist the batch's new first sightings; call before writing the batch to ClickHouse."""
+        if self._new:
+            seen = _SEEN.pack(int(time.time() if now is None else now))
+            wb = WriteBatch(raw_mode=True)
+            for k, v in self._new.items():
+                wb.put(_KEY_PREFIX + k, v + seen)
+            self._db.write(wb)
+        self._new.clear()
+        self._batch.clear()
+
+    def discard_batch(self) -> None:
+        """Drop unflushed decisions (tests model a crash with this)."""
+        self._new.clear()
+        self._batch.clear()
+
+    # ------------------------------------------------------------------ maintenance
+    def purge(self, *, now: float | None = None) -> int:
+        """Delete keys first seen before the dedupe horizon; returns how many were deleted.
+
+        A full scan, run at startup and then every few hours from a thread: RocksDB iterates ~1M
+        keys/s, and keys past the horizon are, by contract, no longer deduplicated.
+        """
+        floor = (time.time() if now is None else now) - self.horizon_seconds
+        wb = WriteBatch(raw_mode=True)
+        n = 0
+        for k, v in self._db.items(from_key=_KEY_PREFIX):
+            if not k.startswith(_KEY_PREFIX):
+                break
+            if _SEEN.unpack_from(v, 20)[0] < floor:
+                wb.delete(k)
+                n += 1
+                if n % 100_000 == 0:
+                    self._db.write(wb)
+                    wb = WriteBatch(raw_mode=True)
+        self._db.write(wb)
+        return n
+
+    def lookup(self, key: bytes) -> Position | None:
+        """The recorded first sighting of `key` (diagnostics and tests)."""
+        v = self._db.get(_KEY_PREFIX + key)
+        if v is None:
+            return None
+        no, part, offset, index = _POS.unpack_from(v)
+        names = {n: e for e, n in self._epochs.items()}
+        return Position(names.get(no, f"#{no}"), part, offset, index)
+
+    def close(self) -> None:
+        """Flush memtables and close the database (the WAL already makes writes crash-safe)."""
+        try:
+            self._db.flush()
+        finally:
+            self._db.close()

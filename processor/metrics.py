@@ -1,0 +1,26 @@
+"""Prometheus metrics of the processor, served at `/metrics` by the worker's Faust web server.
+
+Why Faust's web server rather than `prometheus_client.start_http_server`: one port per worker serves
+`/healthz`, `/readyz` and `/metrics` together, and it is already there (see `processor.app`).
+Metrics live in the default registry, so `generate_latest()` renders them all.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+EVENTS = Counter("meterline_processor_events_total", "CloudEvents read from Kafka (including duplicates)")
+ACCEPTED = Counter("meterline_processor_events_accepted_total", "First sightings written to ClickHouse events")
+DUPLICATES = Counter("meterline_processor_duplicates_total", "Events dropped as duplicates of an earlier (source, id)")
+DEAD_LETTERS = Counter("meterline_processor_dead_letters_total", "Dead-letter rows written", ["reason_code"])
+LATE = Counter("meterline_processor_late_events_total", "Events older than late_horizon_days (dead-lettered too_late)")
+MESSAGES = Counter("meterline_processor_messages_total", "Kafka messages processed")
+BATCHES = Counter("meterline_processor_batches_total", "Batches written to ClickHouse and acked")
+STALE = Counter("meterline_processor_stale_messages_total", "Messages of a revoked generation left unacked")
+WRITE_SECONDS = Histogram(
+    "meterline_processor_write_seconds", "Wall time of one batch's ClickHouse writes, retries included",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+WRITE_RETRIES = Counter("meterline_processor_write_retries_total", "Failed ClickHouse operations retried", ["operation"])
+LAST_WRITE = Gauge("meterline_processor_last_write_timestamp_seconds", "Unix time of the last successful batch write")
+DEDUPE_LOADED = Counter("meterline_processor_dedupe_keys_loaded_total", "Dedupe keys loaded from ClickHouse")

@@ -1,0 +1,196 @@
+"""Turn one Kafka message (a batch of CloudEvents) into ClickHouse rows: the processor's pure core.
+
+Pure on purpose: the worker and `meterline recompute` (which rebuilds a meter's windows from the stored
+`events` table with `decide=always_accept`) must produce byte-identical rows for the same message, or
+replays would not collapse in ReplacingMergeTree. Nothing here does I/O; dedupe is injected as `decide`.
+
+Row shapes follow `meterline.schema` column orders exactly (EVENT_COLUMNS, DEAD_LETTER_COLUMNS,
+WINDOW_COLUMNS).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
+
+import orjson
+
+from meterline.meters import MeterSet
+from meterline.windows import WindowAccumulator, parse_time
+from processor.dedupe import Position, dedupe_key
+
+logger = logging.getLogger(__name__)
+
+#: rank = offset * RANK_SCALE + index: LATEST's tie-break for equal event times (design.md).
+RANK_SCALE = 100_000
+EPOCH_START = datetime(1970, 1, 1, tzinfo=UTC)
+
+Decide = Callable[[bytes, Position], bool]
+
+
+def always_accept(key: bytes, position: Position) -> bool:
+    """The `decide` of recompute: the stored `events` table already holds only first sightings."""
+    return True
+
+
+class MessagePosition(NamedTuple):
+    """Identity of one Kafka message; an event's position adds its index inside the array."""
+
+    log_epoch: str
+    partition: int
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class RowOptions:
+    """The settings that change rows; built once from `Settings` so the hot loop reads attributes."""
+
+    window_seconds: int = 60
+    late_horizon: timedelta | None = None
+    strict_event_types: bool = False
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> RowOptions:
+        days = settings.late_horizon_days
+        return cls(
+            window_seconds=settings.window_size_seconds,
+            late_horizon=None if days is None else timedelta(days=days),
+            strict_event_types=settings.strict_event_types,
+        )
+
+
+@dataclass(slots=True)
+class Rows:
+    """Rows for the three tables plus counters for metrics; `extend`-able across messages of a batch."""
+
+    events: list[list[Any]] = field(default_factory=list)
+    dead_letters: list[list[Any]] = field(default_factory=list)
+    windows: list[list[Any]] = field(default_factory=list)
+    accepted: int = 0
+    duplicates: int = 0
+    late: int = 0
+    dead_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.events) + len(self.dead_letters) + len(self.windows)
+
+
+def parse_event_time(value: Any) -> datetime:
+    """Event time as aware UTC. Fast path for ingest's normalised `YYYY-MM-DDTHH:MM:SS.ffffffZ`:
+    `datetime.fromisoformat` is C and gives the same answer for exactly that shape; anything else
+    takes the strict RFC 3339 parser of the core."""
+    if type(value) is str and len(value) == 27 and value[26] == "Z" and value[10] == "T":
+        try:
+            return datetime.fromisoformat(value)
+        except ValueError:
+            pass
+    return parse_time(value)
+
+
+def _data_text(event: Mapping[str, Any]) -> str:
+    if "data" not in event:
+        return ""
+    return orjson.dumps(event["data"]).decode()
+
+
+def _dead(
+    rows: Rows, pos: MessagePosition, index: int, meter: str, event: Mapping[str, Any],
+    t: datetime, data: str, code: str, reason: str, now: datetime,
+) -> None:
+    rows.dead_letters.append([
+        pos.log_epoch, pos.partition, pos.offset, index, meter,
+        str(event.get("id", "")), str(event.get("source", "")), str(event.get("type", "")),
+        str(event.get("subject", "")), t, data, code, reason, now,
+    ])
+    rows.dead_by_reason[code] = rows.dead_by_reason.get(code, 0) + 1
+
+
+def undecodable_rows(pos: MessagePosition, payload: bytes, reason: str, now: datetime, rows: Rows) -> Rows:
+    """A message that is not a JSON array of events becomes one dead letter (never a worker crash)."""
+    text = payload[:65536].decode("utf-8", "replace")
+    _dead(rows, pos, 0, "", {}, EPOCH_START, text, "invalid_event", reason, now)
+    return rows
+
+
+def message_rows(
+    events: Sequence[Mapping[str, Any]],
+    pos: MessagePosition,
+    meters: MeterSet,
+    options: RowOptions,
+    decide: Decide,
+    *,
+    now: datetime | None = None,
+    keys: Sequence[bytes] | None = None,
+    rows: Rows | None = None,
+) -> Rows:
+    """Rows for one message: `events` rows for accepted first sightings, `dead_letters` for what could
+    not be metered (invalid, too late, unknown type in strict mode, per-meter rejections), and one
+    `meter_windows` delta row per (meter, subject, minute, group) carrying the message's position.
+
+    `keys` may carry precomputed dedupe keys (the worker hashes them once for its RocksDB multi-get).
+    `rows` accumulates several messages into one set of lists (one ClickHouse insert per batch).
+    """
+    out = Rows() if rows is None else rows
+    now = datetime.now(UTC) if now is None else now
+    late_floor = None if options.late_horizon is None else now - options.late_horizon
+    strict = options.strict_event_types
+    epoch, partition, offset = pos
+    rank_base = offset * RANK_SCALE
+    acc = WindowAccumulator(options.window_seconds)
+    measure = meters.measure
+    add = acc.add
+    ev_append = out.events.append
+    for index, event in enumerate(events):
+        try:
+            source = event["source"]
+            event_id = event["id"]
+            subject = event["subject"]
+            etype = event["type"]
+            t = parse_event_time(event["time"])
+            if type(source) is not str or type(event_id) is not str or type(subject) is not str:
+                raise TypeError("id, source and subject must be strings")
+        except (KeyError, TypeError, ValueError) as exc:
+            # Ingest validates every event, so this is a foreign producer: keep it visible, never crash.
+            _dead(out, pos, index, "", event if isinstance(event, Mapping) else {}, EPOCH_START,
+                  orjson.dumps(event).decode(), "invalid_event", f"invalid event: {exc}", now)
+            continue
+        key = keys[index] if keys is not None else dedupe_key(source, event_id)
+        if not decide(key, Position(epoch, partition, offset, index)):
+            out.duplicates += 1
+            continue
+        out.accepted += 1
+        data = _data_text(event)
+        errors: list[str] = []
+        if late_floor is not None and t < late_floor:
+            out.late += 1
+            reason = f"event time is older than the late horizon ({options.late_horizon})"
+            _dead(out, pos, index, "", event, t, data, "too_late", reason, now)
+            errors.append(f"*: {reason}")
+        else:
+            measurements, rejections = measure(event)
+            if measurements:
+                rank = rank_base + index
+                for m in measurements:
+                    add(subject, t, m, rank)
+            if rejections:
+                for r in rejections:
+                    _dead(out, pos, index, r.meter, event, t, data, r.code, r.reason, now)
+                    errors.append(f"{r.meter}: {r.reason}")
+            elif strict and not measurements:
+                reason = f"no meter has eventType {etype!r}"
+                _dead(out, pos, index, "", event, t, data, "unknown_type", reason, now)
+                errors.append(f"*: {reason}")
+        ev_append([key, event_id, source, str(etype), subject, t, data, now,
+                   epoch, partition, offset, index, errors])
+    win_append = out.windows.append
+    for d in acc.deltas():
+        win_append([
+            d.meter, d.subject, d.window_start, d.group_key, d.group,
+            epoch, partition, offset,
+            d.count, d.sum, d.min, d.max, sorted(d.uniques),
+            d.latest_time or d.window_start, d.latest_value, d.latest_rank,
+        ])
+    return out

@@ -1,0 +1,177 @@
+"""ClickHouse writes of the processor, retried until they succeed.
+
+Why retry forever instead of failing the batch: the Kafka offsets of a batch are acked only after its
+rows are written (docs/design.md, "Exactly-once effect"). While ClickHouse is down the stream simply
+stalls -- nothing is acked, nothing is lost -- and resumes where it stopped. Every row is idempotent
+(ReplacingMergeTree identity), so a write that failed *after* ClickHouse applied it is harmless to repeat.
+Inserts are synchronous (`async_insert=0`): an ack must mean the rows are in a part on disk.
+
+clickhouse-connect is blocking, so `write` runs it in a thread to keep Faust's event loop (heartbeats,
+fetching) alive while ClickHouse is slow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from meterline.clickhouse import connect, create_schema, storage_errors
+from meterline.errors import StorageError
+from meterline.schema import (
+    DEAD_LETTER_COLUMNS,
+    DEAD_LETTERS,
+    EVENT_COLUMNS,
+    EVENTS,
+    METER_WINDOWS,
+    WINDOW_COLUMNS,
+    quote_identifier,
+)
+from processor import metrics
+from processor.rows import Rows
+
+logger = logging.getLogger(__name__)
+
+INSERT_SETTINGS = {"async_insert": 0, "wait_for_async_insert": 1}
+
+
+def dedupe_load_query(database: str, partition: int, horizon_days: int,
+                      since: tuple[str, int] | None) -> tuple[str, dict[str, Any]]:
+    """SQL + parameters loading one partition's first sightings within the horizon.
+
+    `since=(log_epoch, offset)` restricts to what was written after the local marker; no FINAL needed:
+    duplicate rows of one key carry the same position.
+    """
+    sql = (
+        "SELECT dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, "
+        "toUnixTimestamp(ingested_at) "
+        f"FROM {quote_identifier(database)}.{EVENTS} "
+        "WHERE kafka_partition = {partition:UInt32} "
+        "AND ingested_at >= now() - toIntervalDay({days:UInt32})"
+    )
+    params: dict[str, Any] = {"partition": partition, "days": horizon_days}
+    if since is not None:
+        sql += " AND log_epoch = {epoch:String} AND kafka_offset >= {offset:UInt64}"
+        params["epoch"], params["offset"] = since
+    return sql, params
+
+
+class ClickHouseSink:
+    """Writes a batch's rows (events, then dead letters, then windows) and loads dedupe state."""
+
+    def __init__(self, url: str, database: str, *, backoff_initial: float = 0.2, backoff_max: float = 10.0) -> None:
+        self.url = url
+        self.database = database
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._client: Client | None = None
+        self._lock = threading.Lock()
+        self._stopping = False
+        #: True while the last ClickHouse operation failed (drives /readyz).
+        self.failing = False
+
+    # ------------------------------------------------------------------ connection
+    def _connected(self) -> Client:
+        if self._client is None:
+            self._client = connect(self.url, database=self.database)
+        return self._client
+
+    def _reset(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:  # noqa: BLE001 - closing a broken client must not mask the real error
+                pass
+
+    def ensure_schema(self) -> None:
+        """Create database and tables (idempotent), retrying like writes: startup waits for ClickHouse."""
+        def op() -> None:
+            client = connect(self.url, database="default")
+            try:
+                create_schema(client, self.database)
+            finally:
+                client.close()
+        self._retry("create_schema", op, rows=0)
+
+    def stop(self) -> None:
+        """Make a retry loop give up (on shutdown); the batch stays unacked and is replayed later."""
+        self._stopping = True
+
+    # ------------------------------------------------------------------ writes
+    def write_sync(self, rows: Rows) -> None:
+        """Insert the rows in design order; returns only once all three inserts succeeded."""
+        with self._lock:
+            started = time.perf_counter()
+            if rows.events:
+                self._retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS),
+                            rows=len(rows.events))
+            if rows.dead_letters:
+                self._retry("insert dead_letters",
+                            lambda: self._insert(DEAD_LETTERS, rows.dead_letters, DEAD_LETTER_COLUMNS),
+                            rows=len(rows.dead_letters))
+            if rows.windows:
+                self._retry("insert meter_windows",
+                            lambda: self._insert(METER_WINDOWS, rows.windows, WINDOW_COLUMNS),
+                            rows=len(rows.windows))
+            metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
+            metrics.LAST_WRITE.set(time.time())
+
+    async def write(self, rows: Rows) -> None:
+        """`write_sync` off the event loop."""
+        await asyncio.to_thread(self.write_sync, rows)
+
+    def _insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+        with storage_errors():
+            self._connected().insert(table, rows, column_names=list(columns), settings=INSERT_SETTINGS)
+
+    def _retry(self, what: str, op: Any, *, rows: int) -> Any:
+        """Run `op` until it succeeds: exponential backoff with full jitter, capped at `backoff_max`."""
+        attempt = 0
+        delay = self.backoff_initial
+        while True:
+            try:
+                result = op()
+                self.failing = False
+                return result
+            except (StorageError, OSError) as exc:
+                attempt += 1
+                self.failing = True
+                metrics.WRITE_RETRIES.labels(operation=what.split()[0]).inc()
+                self._reset()
+                if self._stopping:
+                    raise
+                sleep = random.uniform(delay / 2, delay)
+                logger.warning(
+                    "clickhouse %s failed; retrying", what,
+                    extra={"operation": what, "attempt": attempt, "rows": rows,
+                           "retry_in_seconds": round(sleep, 3), "error": str(exc)[:500]},
+                )
+                time.sleep(sleep)
+                delay = min(delay * 2, self.backoff_max)
+
+    # ------------------------------------------------------------------ dedupe loading
+    def load_dedupe(self, partition: int, horizon_days: int, since: tuple[str, int] | None,
+                    merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
+        """Stream `(dedupe_key, log_epoch, partition, offset, index, ingested_at)` rows of one partition
+        into `merge` (blocking; run it in a thread). Streaming keeps memory flat for millions of keys;
+        on failure the whole load is retried, which is harmless because merging is idempotent.
+        """
+        sql, params = dedupe_load_query(self.database, partition, horizon_days, since)
+
+        def rows(stream: Any) -> Iterator[Sequence[Any]]:
+            for block in stream:
+                yield from block
+
+        def op() -> int:
+            with storage_errors(), self._connected().query_row_block_stream(sql, parameters=params) as stream:
+                return merge(rows(stream))
+
+        with self._lock:
+            return int(self._retry(f"load dedupe partition {partition}", op, rows=0))
