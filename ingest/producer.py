@@ -35,6 +35,18 @@ logger = logging.getLogger(__name__)
 #: Extra time `publish` waits beyond message.timeout.ms before giving up on delivery reports itself.
 DEADLINE_SLACK_SECONDS = 1.0
 
+#: Errors after which the idempotent producer's id/epoch is no longer usable (see `_replace_if_fatal`).
+_POISONED = frozenset(
+    {
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+        KafkaError._FENCED,
+        KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+        KafkaError.UNKNOWN_PRODUCER_ID,
+        KafkaError.INVALID_PRODUCER_ID_MAPPING,
+    }
+)
+
 
 def producer_config(settings: Settings) -> dict[str, Any]:
     """librdkafka settings for the ingest producer (a function so tests and bench can inspect them)."""
@@ -128,13 +140,25 @@ class EventProducer:
             except Exception:
                 logger.exception("producer poll failed")
 
-    def _replace_if_fatal(self, err: KafkaError) -> None:
-        """A fatal error (e.g. idempotence state lost) poisons the instance: build a fresh one."""
-        if not err.fatal():
+    def _replace_if_fatal(self, err: KafkaError, failed: Producer) -> None:
+        """Replace a producer whose idempotence state is poisoned.
+
+        Fatal errors make the instance unusable by definition. Fencing/epoch errors are not flagged
+        fatal, but after a stalled broker (messages timed out mid-flight) librdkafka can keep getting
+        "newer producer ... fences the current one" for every later message, so those also get a fresh
+        instance (new producer id). Safe: failed requests are 503s and clients resend; dedupe absorbs it.
+        """
+        if not (err.fatal() or err.code() in _POISONED):
             return
         with self._lock:
-            logger.error("fatal producer error, recreating producer: %s", err)
+            if self._producer is not failed:  # another request already replaced it
+                return
+            old = self._producer
+            logger.error("producer poisoned (%s), recreating it", err)
             self._producer = self._new_producer()
+        if old is not None:
+            old.purge()  # fail its queued messages now rather than at their timeout...
+            old.poll(0)  # ...and deliver those reports (the poll thread only polls the new instance)
 
     # -------------------------------------------------------------------------------------- publish
     async def publish(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
@@ -159,7 +183,7 @@ class EventProducer:
             if done.done():
                 return
             if err is not None:
-                self._replace_if_fatal(err)
+                self._replace_if_fatal(err, producer)
                 done.set_exception(BrokerUnavailableError(f"delivery failed: {err.str()}"))
                 return
             pending -= 1

@@ -1,0 +1,391 @@
+"""Ingest against the REAL broker: the app runs under uvicorn on a free port, and every accepted
+request is checked by consuming the topic (the oracle is what we sent, normalised)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any, Self
+
+import httpx
+import orjson
+import pytest
+import uvicorn
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ingest.app import create_app
+from meterline.events import decode_batch
+from meterline.settings import Settings
+
+PARTITIONS = 4
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """uvicorn in a thread, stopped in a finally (tests must not leak servers)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.base_url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("ingest app did not become healthy")
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def app_settings(kafka_bootstrap: str) -> Settings:
+    return Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        events_topic=f"test-ingest-{uuid.uuid4().hex[:8]}",
+        topic_partitions=PARTITIONS,
+        produce_timeout_seconds=3.0,
+        max_body_bytes=256 * 1024,
+        max_batch_events=1000,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(app_settings: Settings) -> Iterator[Server]:
+    with Server(app_settings) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base_url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def consumer(kafka_bootstrap: str) -> Iterator[Consumer]:
+    c = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def read_until(
+    consumer: Consumer, topic: str, want_ids: set[str]
+) -> list[tuple[bytes, list[dict[str, Any]]]]:
+    """Consume the topic from the beginning until every id in `want_ids` was seen (or 20 s).
+
+    Why not watermarks: tansu reports the high watermark of a multi-record batch wrongly, so "what
+    arrived since offset X" is answered by ids instead (every test uses fresh uuid ids).
+    """
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    out: list[tuple[bytes, list[dict[str, Any]]]] = []
+    seen: set[str] = set()
+    deadline = time.monotonic() + 20
+    try:
+        while not want_ids <= seen and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            events = decode_batch(msg.value())
+            out.append((msg.key(), events))
+            seen.update(e["id"] for e in events)
+    finally:
+        consumer.unassign()
+    return out
+
+
+def mine(
+    messages: list[tuple[bytes, list[dict[str, Any]]]], ids: set[str]
+) -> list[tuple[bytes, list[dict[str, Any]]]]:
+    """The messages holding any of `ids` (a message never mixes requests' subjects... but may, so filter)."""
+    return [
+        (k, [e for e in evs if e["id"] in ids]) for k, evs in messages if any(e["id"] in ids for e in evs)
+    ]
+
+
+def make_event(i: int, subject: str = "cust-1", **over: Any) -> dict[str, Any]:
+    e = {
+        "specversion": "1.0",
+        "id": f"id-{uuid.uuid4().hex}-{i}",
+        "source": "test",
+        "type": "prompt",
+        "subject": subject,
+        "time": "2024-01-01T00:00:00.001Z",
+        "data": {"tokens": i, "model": "m"},
+    }
+    e.update(over)
+    return e
+
+
+def assert_problem(r: httpx.Response, status: int) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = r.json()
+    assert body["status"] == status and body["title"]
+    return body
+
+
+def normalised(e: dict[str, Any]) -> dict[str, Any]:
+    out = dict(e)
+    out["time"] = "2024-01-01T00:00:00.001000Z"
+    return out
+
+
+# ------------------------------------------------------------------------------------- accepted paths
+@pytest.mark.parametrize(
+    ("content_type", "batch"),
+    [(SINGLE, False), (BATCH, True), ("application/json", False), ("application/json; charset=utf-8", True)],
+)
+def test_published_events_match_what_was_sent(
+    client: httpx.Client, consumer: Consumer, app_settings: Settings, content_type: str, batch: bool
+) -> None:
+    topic = app_settings.events_topic
+    sent = [make_event(i, subject=f"s{i % 3}") for i in range(7)] if batch else [make_event(0)]
+    r = client.post(
+        "/api/v1/events",
+        content=orjson.dumps(sent if batch else sent[0]),
+        headers={"content-type": content_type},
+    )
+    assert r.status_code == 204, r.text
+    ids = {e["id"] for e in sent}
+    got = mine(read_until(consumer, topic, ids), ids)
+    for key, events in got:
+        assert {e["subject"] for e in events} == {key.decode()}  # one subject per message, key = subject
+    received = [e for _, events in got for e in events]
+    assert sorted(received, key=lambda e: e["id"]) == sorted(map(normalised, sent), key=lambda e: e["id"])
+    for subject in {e["subject"] for e in sent}:  # order kept within a subject
+        assert [e["id"] for e in received if e["subject"] == subject] == [
+            e["id"] for e in sent if e["subject"] == subject
+        ]
+
+
+def test_missing_time_is_filled_with_receive_time(
+    client: httpx.Client, consumer: Consumer, app_settings: Settings
+) -> None:
+    e = make_event(1)
+    del e["time"]
+    assert (
+        client.post("/api/v1/events", content=orjson.dumps(e), headers={"content-type": SINGLE}).status_code
+        == 204
+    )
+    [(_, [got])] = mine(read_until(consumer, app_settings.events_topic, {e["id"]}), {e["id"]})
+    assert got["time"].endswith("Z") and got["time"][:2] == "20"
+
+
+# ------------------------------------------------------------------------------------- rejected paths
+def test_invalid_batch_lists_every_problem_and_publishes_nothing(
+    client: httpx.Client, consumer: Consumer, app_settings: Settings
+) -> None:
+    topic = app_settings.events_topic
+    subject = f"sub-{uuid.uuid4().hex}"
+    batch = [
+        make_event(0, subject),
+        make_event(1, id=""),
+        make_event(2, subject),
+        make_event(3, subject=None, time="nope"),
+        5,
+    ]
+    body = assert_problem(
+        client.post("/api/v1/events", content=orjson.dumps(batch), headers={"content-type": BATCH}), 400
+    )
+    assert {(e["index"], e["field"]) for e in body["errors"]} == {
+        (1, "id"),
+        (3, "subject"),
+        (3, "time"),
+        (4, "event"),
+    }
+    # Nothing published: a sentinel with the same subject (same partition, sent later) is found first.
+    sentinel = make_event(9, subject)
+    assert (
+        client.post(
+            "/api/v1/events", content=orjson.dumps(sentinel), headers={"content-type": SINGLE}
+        ).status_code
+        == 204
+    )
+    seen = {e["id"] for _, evs in read_until(consumer, topic, {sentinel["id"]}) for e in evs}
+    assert sentinel["id"] in seen
+    assert not seen & {batch[0]["id"], batch[2]["id"]}
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "status"),
+    [
+        (b"{not json", SINGLE, 400),
+        (b"", SINGLE, 400),
+        (b"[]", SINGLE, 400),  # single-event type with an array
+        (b"{}", BATCH, 400),  # batch type with an object
+        (b"123", "application/json", 400),
+        (b"{}", "text/plain", 415),
+        (b"{}", "application/xml", 415),
+        (b"{}", "application/json; charset=latin-1", 415),
+        (b"\xff\xfe", "application/json", 400),
+    ],
+)
+def test_unreadable_requests(client: httpx.Client, content: bytes, content_type: str, status: int) -> None:
+    assert_problem(
+        client.post("/api/v1/events", content=content, headers={"content-type": content_type}), status
+    )
+
+
+def test_missing_content_type_is_415(client: httpx.Client) -> None:
+    assert_problem(client.post("/api/v1/events", content=b"{}", headers={"content-type": ""}), 415)
+
+
+def test_body_too_large(client: httpx.Client, app_settings: Settings) -> None:
+    big = orjson.dumps([make_event(i, data={"pad": "x" * 1000}) for i in range(400)])
+    assert len(big) > app_settings.max_body_bytes
+    assert_problem(client.post("/api/v1/events", content=big, headers={"content-type": BATCH}), 413)
+
+    def chunked() -> Iterator[bytes]:  # no Content-Length: the streamed size must be enforced
+        for i in range(0, len(big), 4096):
+            yield big[i : i + 4096]
+
+    assert_problem(client.post("/api/v1/events", content=chunked(), headers={"content-type": BATCH}), 413)
+
+
+def test_too_many_events_is_413(client: httpx.Client, app_settings: Settings) -> None:
+    batch = [{"x": 1}] * (app_settings.max_batch_events + 1)
+    assert_problem(
+        client.post("/api/v1/events", content=orjson.dumps(batch), headers={"content-type": BATCH}), 413
+    )
+
+
+def test_wrong_method_and_path_are_problems(client: httpx.Client) -> None:
+    assert_problem(client.get("/api/v1/events"), 405)
+    assert_problem(client.get("/nope"), 404)
+
+
+def test_health_and_metrics(client: httpx.Client) -> None:
+    assert client.get("/healthz").status_code == 200
+    r = client.get("/readyz")
+    assert r.status_code == 200 and r.json()["checks"] == {"broker": "ok"}
+    metrics = client.get("/metrics").text
+    assert "meterline_ingest_events_accepted_total" in metrics
+    assert "meterline_ingest_publish_seconds_bucket" in metrics
+
+
+# ------------------------------------------------------------------------------------- random input
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=5)
+    ),
+    max_leaves=20,
+)
+event_like = st.fixed_dictionaries(
+    {},
+    optional={
+        "specversion": st.sampled_from(["1.0", "0.3", ""]) | json_values,
+        "id": st.text(max_size=5) | json_values,
+        "source": st.just("s") | json_values,
+        "type": st.just("t") | json_values,
+        "subject": st.sampled_from(["a", "b"]) | json_values,
+        "time": st.sampled_from(["2024-01-01T00:00:00Z", "bad", "2024-01-01T00:00:00+05:30"]) | json_values,
+        "data": json_values,
+    },
+)
+bodies = st.one_of(
+    json_values.map(orjson.dumps),
+    event_like.map(orjson.dumps),
+    st.lists(event_like, max_size=5).map(orjson.dumps),
+    st.binary(max_size=50),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=bodies,
+    content_type=st.sampled_from([SINGLE, BATCH, "application/json", "text/plain", "application/x"]),
+)
+def test_random_bodies_never_5xx(client: httpx.Client, body: bytes, content_type: str) -> None:
+    r = client.post("/api/v1/events", content=body, headers={"content-type": content_type})
+    assert r.status_code in {204, 400, 413, 415}, r.text
+    if r.status_code != 204:
+        assert r.headers["content-type"].startswith("application/problem+json")
+
+
+def test_schemathesis_no_server_errors(server: Server) -> None:
+    import schemathesis
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert any(op.path == "/api/v1/events" and op.method.upper() == "POST" for op in operations)
+    for operation in operations:
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+        def check(case: Any) -> None:
+            response = case.call()
+            assert response.status_code < 500, (case.path, case.media_type, response.text)
+            case.validate_response(response, checks=[not_a_server_error])
+
+        check()
+
+
+# ------------------------------------------------------------------------------------- broker faults
+def test_broker_paused_gives_bounded_503_then_recovers(
+    client: httpx.Client, broker: Any, app_settings: Settings
+) -> None:
+    if broker is None:
+        pytest.skip("needs the locally launched broker (broker fixture) to pause it")
+    broker.pause()
+    try:
+        started = time.monotonic()
+        r = client.post(
+            "/api/v1/events", content=orjson.dumps(make_event(0)), headers={"content-type": SINGLE}
+        )
+        elapsed = time.monotonic() - started
+        body = assert_problem(r, 503)
+        assert r.headers.get("retry-after")
+        assert elapsed < app_settings.produce_timeout_seconds + 3, elapsed
+        assert body["detail"]
+        assert client.get("/readyz").status_code == 503
+    finally:
+        broker.resume()
+    deadline = time.monotonic() + 30
+    status = None
+    while time.monotonic() < deadline:
+        status = client.post(
+            "/api/v1/events", content=orjson.dumps(make_event(1)), headers={"content-type": SINGLE}
+        ).status_code
+        if status == 204:
+            break
+        time.sleep(0.5)
+    assert status == 204
