@@ -158,12 +158,12 @@ def list_meters(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get("/api/v1/meters/{meterIdOrSlug}", summary="Get meter")
-def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:  # noqa: N803 - OpenMeter's name
+def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
     return meter_json(_meters(request).get(meterIdOrSlug))
 
 
 @router.get("/api/v1/meters/{meterIdOrSlug}/query", summary="Query meter", response_model=None)
-def query_meter(request: Request, meterIdOrSlug: str) -> Response:  # noqa: N803
+def query_meter(request: Request, meterIdOrSlug: str) -> Response:
     meter = _meters(request).get(meterIdOrSlug)
     params = request.query_params
 
@@ -255,7 +255,7 @@ def _csv(data: list[dict[str, Any]], exact: list[Decimal], group_by: list[str]) 
 
 
 @router.get("/api/v1/meters/{meterIdOrSlug}/subjects", summary="List meter subjects")
-def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:  # noqa: N803
+def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
     meter = _meters(request).get(meterIdOrSlug)
     start, end = _instant(request, "from"), _instant(request, "to")
     if start is not None and end is not None and start >= end:

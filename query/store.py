@@ -414,5 +414,5 @@ class WindowStore:
         try:
             with storage_errors():
                 return bool(self.client.ping())
-        except Exception:  # readiness must answer, never raise
+        except Exception:  # noqa: BLE001 - readiness must answer, never raise
             return False

@@ -169,19 +169,25 @@ def _oracle(events: list[dict[str, Any]], agg: str, size: str | None, zone: str,
         key = (_fmt(start), _fmt(end), e["subject"] if by_subject else None,
                tuple((k, e["group"].get(k)) for k in keys))
         buckets.setdefault(key, []).append(e)
-    out = {}
-    for key, es in buckets.items():
-        vs = [e["v"] for e in es]
-        out[key] = {
-            "COUNT": lambda: Decimal(len(es)),
-            "SUM": lambda: sum(vs, Decimal(0)),
-            "AVG": lambda: (sum(vs, Decimal(0)) / len(vs)).quantize(Decimal("1e-9"), ROUND_HALF_EVEN),
-            "MIN": lambda: min(vs),
-            "MAX": lambda: max(vs),
-            "UNIQUE_COUNT": lambda: Decimal(len({e["u"] for e in es})),
-            "LATEST": lambda: max(es, key=lambda e: (e["time"], e["offset"]))["v"],
-        }[agg]()
-    return out
+    return {key: _value(agg, es) for key, es in buckets.items()}
+
+
+def _value(agg: str, es: list[dict[str, Any]]) -> Decimal:
+    vs = [e["v"] for e in es]
+    if agg == "COUNT":
+        return Decimal(len(es))
+    if agg == "SUM":
+        return sum(vs, Decimal(0))
+    if agg == "AVG":
+        return (sum(vs, Decimal(0)) / len(vs)).quantize(Decimal("1e-9"), ROUND_HALF_EVEN)
+    if agg == "MIN":
+        return min(vs)
+    if agg == "MAX":
+        return max(vs)
+    if agg == "UNIQUE_COUNT":
+        return Decimal(len({e["u"] for e in es}))
+    latest: Decimal = max(es, key=lambda e: (e["time"], e["offset"]))["v"]
+    return latest
 
 
 VARIANTS = [
@@ -279,7 +285,7 @@ def test_events_listing(app_client: Any) -> None:
         row = {
             "dedupe_key": uuid.uuid4().bytes, "id": f"e{i}", "source": "src", "type": "ev",
             "subject": "s1" if i % 2 else "s2", "time": base + timedelta(minutes=i, microseconds=i),
-            "data": '{"v": %d}' % i, "ingested_at": base + timedelta(hours=1), "log_epoch": "epoch",
+            "data": f"{{\"v\": {i}}}", "ingested_at": base + timedelta(hours=1), "log_epoch": "epoch",
             "kafka_partition": 0, "kafka_offset": i, "batch_index": 0,
             "validation_errors": ["m_sum: value missing"] if i == 5 else [],
         }

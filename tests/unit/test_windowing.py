@@ -8,7 +8,15 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from meterline.errors import InvalidQueryError
-from query.windowing import TimeRange, bucket_end, clip, format_instant, parse_instant, parse_zone, resolve_range
+from query.windowing import (
+    TimeRange,
+    bucket_end,
+    clip,
+    format_instant,
+    parse_instant,
+    parse_zone,
+    resolve_range,
+)
 
 
 def _next_start_oracle(start: datetime, size: str, tz: ZoneInfo) -> datetime:
