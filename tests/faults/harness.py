@@ -1,0 +1,346 @@
+"""What every fault scenario shares: the meters and their oracle, a retrying HTTP client that records
+every answer, the catch-up wait, the window-by-window comparison and the summary row.
+
+The comparison reads only through the query API (HOUR windows, grouped by subject and each meter's
+groupBy keys) and compares EVERY window, in both directions, with tests/oracle.py -- a window the
+pipeline invented counts as a mismatch just like a missing or wrong one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from meterline.clickhouse import connect
+from meterline.localinfra.stack import LocalStack
+from tests.oracle import EventFactory, OracleMeter, expected, first_sightings, response_windows
+
+FAULT_CONFIG = """
+meters:
+  - slug: tokens_total
+    eventType: prompt
+    aggregation: SUM
+    valueProperty: $.tokens
+    groupBy: {model: $.model, type: $.type}
+  - slug: prompt_count
+    eventType: prompt
+    aggregation: COUNT
+    groupBy: {model: $.model}
+  - slug: tokens_max
+    eventType: prompt
+    aggregation: MAX
+    valueProperty: $.tokens
+  - slug: active_users
+    eventType: activity
+    aggregation: UNIQUE_COUNT
+    valueProperty: $.user_id
+  - slug: activity_count
+    eventType: activity
+    aggregation: COUNT
+  - slug: storage_latest
+    eventType: storage
+    aggregation: LATEST
+    valueProperty: $.bytes
+    groupBy: {tier: $.tier}
+  - slug: storage_count
+    eventType: storage
+    aggregation: COUNT
+    groupBy: {tier: $.tier}
+"""
+
+METERS: dict[str, OracleMeter] = {
+    "tokens_total": OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
+    "prompt_count": OracleMeter("prompt_count", "prompt", "COUNT", None, ("model",)),
+    "tokens_max": OracleMeter("tokens_max", "prompt", "MAX", "tokens"),
+    "active_users": OracleMeter("active_users", "activity", "UNIQUE_COUNT", "user_id"),
+    "activity_count": OracleMeter("activity_count", "activity", "COUNT"),
+    "storage_latest": OracleMeter("storage_latest", "storage", "LATEST", "bytes", ("tier",)),
+    "storage_count": OracleMeter("storage_count", "storage", "COUNT", None, ("tier",)),
+}
+#: One COUNT meter per event type: their totals say whether every accepted event has been processed.
+PROGRESS_METERS = ("prompt_count", "activity_count", "storage_count")
+
+START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+SPAN = timedelta(hours=6)
+#: The query range covers late events days before START and the whole generated span.
+RANGE_FROM = START - timedelta(days=10)
+RANGE_TO = START + timedelta(days=1)
+
+
+# -- sizes and seeds (env-configurable) ----------------------------------------------------------
+
+def env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def fault_events() -> int:
+    """Events of the biggest scenario (kill -9 loop); the others use fractions of it."""
+    return env_int("METERLINE_FAULT_EVENTS", 20_000)
+
+
+def fault_seed() -> int:
+    return env_int("METERLINE_FAULT_SEED", 20240101)
+
+
+def liveness_timeout() -> float:
+    """How long the processor may take to catch up after the last fault: a liveness bound, not speed."""
+    return float(env_int("METERLINE_FAULT_TIMEOUT", 300))
+
+
+# -- event streams -------------------------------------------------------------------------------
+
+def stream_with_retries(factory: EventFactory, n: int, rng: random.Random, dup_rate: float = 0.1,
+                        invalid_rate: float = 0.0) -> list[dict[str, Any]]:
+    """`n` fresh events plus `dup_rate * n` exact copies, each placed somewhere after its original
+    (a client retrying an event it believes was lost)."""
+    fresh = [factory.event(invalid_rate=invalid_rate) for _ in range(n)]
+    out = list(fresh)
+    for i in sorted(rng.sample(range(n), int(n * dup_rate)), reverse=True):
+        out.insert(rng.randrange(i + 1, len(out) + 1), dict(fresh[i]))
+    return out
+
+
+def batches(events: Sequence[dict[str, Any]], rng: random.Random, low: int = 1, high: int = 300) -> list[list[dict[str, Any]]]:
+    out, i = [], 0
+    while i < len(events):
+        size = rng.randint(low, high)
+        out.append(list(events[i : i + size]))
+        i += size
+    return out
+
+
+# -- the client ----------------------------------------------------------------------------------
+
+@dataclass
+class Sender:
+    """POSTs batches the way a real client does: a 503 or a dropped connection is retried (same
+    events, same ids) until the batch gets a 2xx. Records every status and every accepted event."""
+
+    url: str
+    retry_delay: float = 0.5
+    max_attempt_seconds: float = 30.0
+    sent: int = 0
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    statuses: Counter[int | str] = field(default_factory=Counter)
+    #: (status, seconds) of every attempt, for bounded-latency assertions
+    attempts: list[tuple[int | str, float]] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self._client = httpx.Client(base_url=self.url, timeout=self.max_attempt_seconds)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def post_once(self, batch: list[dict[str, Any]]) -> int | str:
+        started = time.monotonic()
+        try:
+            resp = self._client.post(
+                "/api/v1/events", json=batch, headers={"content-type": "application/cloudevents-batch+json"}
+            )
+            status: int | str = resp.status_code
+            if status not in (204, 503):
+                self.unexpected.append(f"{status}: {resp.text[:300]}")
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        with self._lock:
+            self.sent += len(batch)
+            self.statuses[status] += 1
+            self.attempts.append((status, time.monotonic() - started))
+            if status == 204:
+                self.accepted.extend(batch)
+        return status
+
+    def send(self, batch: list[dict[str, Any]], *, deadline: float | None = None) -> None:
+        deadline = deadline or time.monotonic() + liveness_timeout()
+        while self.post_once(batch) != 204:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"batch never accepted; statuses so far {dict(self.statuses)}")
+            time.sleep(self.retry_delay)
+
+    def send_all(self, chunks: Iterable[list[dict[str, Any]]], *, pace: float = 0.0) -> None:
+        for chunk in chunks:
+            self.send(chunk)
+            if pace:
+                time.sleep(pace)
+
+
+class Background(threading.Thread):
+    """Runs a callable in a thread and re-raises its exception in `join_checked`."""
+
+    def __init__(self, target: Any) -> None:
+        super().__init__(daemon=True)
+        self._fn = target
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._fn()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test thread
+            self.error = exc
+
+    def join_checked(self, timeout: float | None = None) -> None:
+        self.join(timeout)
+        assert not self.is_alive(), "sender thread did not finish"
+        if self.error is not None:
+            raise self.error
+
+
+# -- reading back --------------------------------------------------------------------------------
+
+def query(stack: LocalStack, slug: str, params: dict[str, Any]) -> dict[str, Any]:
+    resp = httpx.get(f"{stack.url}/api/v1/meters/{slug}/query", params=params, timeout=60)
+    assert resp.status_code == 200, f"{slug}: {resp.status_code} {resp.text[:500]}"
+    return resp.json()
+
+
+def totals(stack: LocalStack, slugs: Sequence[str] = PROGRESS_METERS) -> tuple[Decimal, ...] | None:
+    """Whole-range totals of the progress meters, or None while the query side cannot answer."""
+    out = []
+    try:
+        for slug in slugs:
+            resp = httpx.get(f"{stack.url}/api/v1/meters/{slug}/query",
+                             params={"from": RANGE_FROM.isoformat(), "to": RANGE_TO.isoformat()}, timeout=30)
+            if resp.status_code != 200:
+                return None
+            out.append(sum((Decimal(str(r["value"])) for r in resp.json()["data"]), Decimal(0)))
+    except httpx.HTTPError:
+        return None
+    return tuple(out)
+
+
+def expected_totals(counted: Sequence[dict[str, Any]], slugs: Sequence[str] = PROGRESS_METERS) -> tuple[Decimal, ...]:
+    return tuple(
+        sum(expected(counted, METERS[s], start=RANGE_FROM, end=RANGE_TO, window=None, by_subject=False).values(),
+            Decimal(0))
+        for s in slugs
+    )
+
+
+def wait_caught_up(stack: LocalStack, counted: Sequence[dict[str, Any]], *, timeout: float | None = None,
+                   stable_seconds: float = 60.0) -> tuple[Decimal, ...] | None:
+    """Poll until the progress totals equal the oracle's, or have not changed for `stable_seconds`
+    (then the comparison reports what differs), or the liveness bound passes. Returns the last totals.
+
+    After a match it waits a little longer and requires the same totals again, so a late double
+    count (a replay after the match) still shows up in the comparison.
+    """
+    want = expected_totals(counted)
+    deadline = time.monotonic() + (timeout or liveness_timeout())
+    last: tuple[Decimal, ...] | None = None
+    changed = time.monotonic()
+    while time.monotonic() < deadline:
+        got = totals(stack)
+        if got != last:
+            last, changed = got, time.monotonic()
+        if got == want:
+            time.sleep(3.0)
+            if totals(stack) == want:
+                return got
+        elif got is not None and time.monotonic() - changed > stable_seconds:
+            return got
+        time.sleep(1.0)
+    return last
+
+
+@dataclass
+class Comparison:
+    windows: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+
+def compare(stack: LocalStack, counted: Sequence[dict[str, Any]], *, slugs: Sequence[str] | None = None,
+            start: datetime = RANGE_FROM, end: datetime = RANGE_TO) -> Comparison:
+    """Every HOUR window (by subject and groupBy keys) of every meter vs the oracle, both directions."""
+    result = Comparison()
+    for slug in slugs or sorted(METERS):
+        meter = METERS[slug]
+        group_by = list(meter.group_fields)
+        params: dict[str, Any] = {"from": start.isoformat(), "to": end.isoformat(), "windowSize": "HOUR",
+                                  "groupBy": ["subject", *group_by]}
+        got = response_windows(query(stack, slug, params), group_by)
+        want = expected(counted, meter, start=start, end=end, window="HOUR", group_by=group_by)
+        keys = set(got) | set(want)
+        result.windows += len(keys)
+        for key in sorted(keys, key=repr):
+            if got.get(key) != want.get(key):
+                result.mismatches.append(
+                    f"{slug} {key[0].isoformat()} {key[1]} {key[2]}: got {got.get(key)} want {want.get(key)}"
+                )
+    return result
+
+
+# -- direct ClickHouse facts (for the summary and diagnosis) ---------------------------------------
+
+def clickhouse_scalar(stack: LocalStack, sql: str) -> Any:
+    client = connect(str(stack.clickhouse_url), database=str(stack.database))
+    try:
+        return client.query(sql).result_rows[0][0]
+    finally:
+        client.close()
+
+
+def dead_letter_count(stack: LocalStack, reason_code: str | None = None) -> int:
+    where = f" WHERE reason_code = '{reason_code}'" if reason_code else ""
+    return int(clickhouse_scalar(stack, f"SELECT count() FROM dead_letters FINAL{where}"))
+
+
+def stored_event_count(stack: LocalStack) -> int:
+    return int(clickhouse_scalar(stack, "SELECT count() FROM events FINAL"))
+
+
+def log_excerpt(stack: LocalStack, lines: int = 15) -> str:
+    """The last lines of every processor log, for a failure message that points at the cause."""
+    out = []
+    for path in sorted(Path(stack.data_dir, "logs").glob("processor-*.log")):
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"--- {path}\n" + "\n".join(text))
+    return "\n".join(out)
+
+
+@dataclass
+class ScenarioRow:
+    scenario: str
+    sent: int = 0
+    accepted: int = 0
+    duplicates_dropped: int = 0
+    late: int = 0
+    dead_lettered: int = 0
+    windows_checked: int = 0
+    mismatches: int | str = "-"
+    seconds: float = 0.0
+    note: str = ""
+
+
+def finish(row: ScenarioRow, stack: LocalStack, sender: Sender, counted: Sequence[dict[str, Any]],
+           comparison: Comparison, started: float) -> None:
+    """Fill the summary row from the oracle and ClickHouse, then fail with a diagnosis on any mismatch."""
+    row.sent = sender.sent
+    row.accepted = len(sender.accepted)
+    row.duplicates_dropped = len(sender.accepted) - len(first_sightings(sender.accepted))
+    try:
+        row.dead_lettered = dead_letter_count(stack)
+    except Exception as exc:  # noqa: BLE001 - the summary must not hide the real assertion
+        row.note += f" dead-letter count failed: {exc}"
+    row.windows_checked = comparison.windows
+    row.mismatches = len(comparison.mismatches)
+    row.seconds = time.monotonic() - started
+    assert not comparison.mismatches, (
+        f"{row.scenario}: {len(comparison.mismatches)} of {comparison.windows} windows differ "
+        f"(seed {fault_seed()}):\n" + "\n".join(comparison.mismatches[:25])
+        + f"\nprocessor logs ({stack.data_dir}/logs):\n{log_excerpt(stack)}"
+    )
+    assert len(counted) > 0

@@ -1,0 +1,94 @@
+"""kill -9 of processor workers while tens of thousands of events (with retried duplicates) stream in.
+
+Scenario 1: one worker, killed at random moments (startup, partition load, mid-batch, mid-write) at
+least METERLINE_FAULT_KILLS times and restarted on its own state dir.
+Scenario 2: two workers; one is killed (its partitions move to the other), later restarted while the
+other is killed, so partitions move back onto a worker whose local cache is stale.
+Both end with every HOUR window of every meter equal to the oracle.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import pytest
+
+from meterline.localinfra.stack import LocalStack
+from tests.faults.harness import (
+    START,
+    SPAN,
+    Background,
+    ScenarioRow,
+    Sender,
+    batches,
+    compare,
+    env_int,
+    fault_events,
+    fault_seed,
+    finish,
+    stream_with_retries,
+    wait_caught_up,
+)
+from tests.oracle import EventFactory, first_sightings
+
+pytestmark = pytest.mark.faults
+
+
+def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack],
+                                     summary: Callable[[str], ScenarioRow]) -> None:
+    started = time.monotonic()
+    kills = env_int("METERLINE_FAULT_KILLS", 10)
+    row = summary(f"1 kill -9 processor x{kills}")
+    seed = fault_seed()
+    rng = random.Random(seed)
+    stack = make_stack(processors=1)
+    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events(), rng)
+    chunks = batches(stream, rng)
+    sender = Sender(stack.url)
+    # Spread the sends over the kill period so kills land while messages are being processed.
+    pace = max(0.0, min(0.2, 45.0 / len(chunks)))
+    feeder = Background(lambda: sender.send_all(chunks, pace=pace))
+    feeder.start()
+    done = 0
+    while done < kills:
+        time.sleep(rng.uniform(0.5, 6.0))  # sometimes during startup/partition load, sometimes mid-batch
+        stack.workers[0].kill()
+        done += 1
+        time.sleep(rng.uniform(0.0, 1.0))
+        stack.restart_processor(0)
+    feeder.join_checked(timeout=600)
+    row.note = f"{done} kills"
+    counted = first_sightings(sender.accepted)
+    wait_caught_up(stack, counted)
+    finish(row, stack, sender, counted, compare(stack, counted), started)
+    sender.close()
+
+
+def test_two_workers_one_killed(make_stack: Callable[..., LocalStack],
+                                summary: Callable[[str], ScenarioRow]) -> None:
+    started = time.monotonic()
+    row = summary("2 two workers, kill one")
+    seed = fault_seed() + 2
+    rng = random.Random(seed)
+    stack = make_stack(processors=2, partitions=4)
+    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 2, rng)
+    chunks = batches(stream, rng)
+    sender = Sender(stack.url)
+    pace = max(0.0, min(0.2, 40.0 / len(chunks)))
+    feeder = Background(lambda: sender.send_all(chunks, pace=pace))
+    feeder.start()
+    time.sleep(12)
+    stack.workers[1].kill()  # its partitions move to worker 0
+    time.sleep(12)
+    stack.restart_processor(1)  # a rebalance hands some back to worker 1 (stale local cache)
+    time.sleep(12)
+    stack.workers[0].kill()  # worker 1 takes everything, including what worker 0 wrote meanwhile
+    feeder.join_checked(timeout=600)
+    row.note = "kill w1, restart w1, kill w0"
+    counted = first_sightings(sender.accepted)
+    wait_caught_up(stack, counted)
+    finish(row, stack, sender, counted, compare(stack, counted), started)
+    assert stack.workers[1].alive()
+    sender.close()
