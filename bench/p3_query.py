@@ -1,0 +1,164 @@
+"""P3 query: hourly answers over 30 days from pre-aggregated minute windows vs. from raw events.
+
+ClickHouse is filled directly (`INSERT ... SELECT FROM numbers(N)`), both tables from the same
+expressions, so the `events` rows and the `meter_windows` delta rows describe the same usage:
+one `meter_windows` row per (subject, minute, model, source message), a message being 100 events of
+one subject as ingest cuts them. The windows answer is computed by the real query path
+(`query.store.WindowStore.meter`, FINAL included); the baseline aggregates raw events at query time,
+extracting the value and group from each row's JSON `data` (OpenMeter's design). The two answers are
+asserted equal before anything is timed.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+
+from bench.context import BenchContext
+from bench.report import Figure
+from bench.workload import MODELS, SUBJECT_RUN, percentile
+from meterline.schema import EVENTS, METER_WINDOWS
+from query.store import MeterRow, WindowStore
+
+METER = "tokens_total"
+START = datetime(2024, 1, 1, tzinfo=UTC)
+DAYS = 30
+TARGET_RATIO = 20.0
+TARGET_P95_MS = 100.0
+
+
+def _generator(n: int, subjects: int) -> str:
+    """One row per event `n`: the expressions both tables are filled from."""
+    span_ms = DAYS * 86_400_000
+    models = "[" + ",".join(f"'{m}'" for m in MODELS) + "]"
+    return f"""
+        SELECT
+            number AS n,
+            concat('customer-', toString(intDiv(number, {SUBJECT_RUN}) % {subjects})) AS subject,
+            addMilliseconds(toDateTime64('{START:%Y-%m-%d %H:%M:%S}', 6, 'UTC'), intDiv(number * {span_ms}, {n})) AS t,
+            intHash32(number) % 1000 + 1 AS tokens,
+            arrayElement({models}, intHash64(number) % {len(MODELS)} + 1) AS model,
+            intDiv(number, {SUBJECT_RUN}) AS message
+        FROM numbers({n})
+    """
+
+
+def fill(client: Client, n: int, subjects: int) -> dict[str, Any]:
+    gen = _generator(n, subjects)
+    t0 = time.perf_counter()
+    client.command(
+        f"""
+        INSERT INTO {EVENTS}
+        SELECT MD5(toString(n)), toString(n), 'bench', 'prompt', subject, t,
+               concat('{{"tokens":', toString(tokens), ',"model":"', model, '","user":"u', toString(n % 997), '"}}'),
+               t, 'bench', 0, message, n % {SUBJECT_RUN}, []
+        FROM ({gen})
+        """,
+        settings={"max_insert_threads": 2},
+    )
+    client.command(
+        f"""
+        INSERT INTO {METER_WINDOWS}
+        SELECT '{METER}', subject, toStartOfMinute(t) AS ws, concat('{{"model":"', model, '"}}'), map('model', model),
+               'bench', 0, message,
+               count(), sum(toDecimal128(tokens, 9)), min(toDecimal128(tokens, 9)), max(toDecimal128(tokens, 9)),
+               [], max(t), argMax(toDecimal128(tokens, 9), t), 0
+        FROM ({gen})
+        GROUP BY subject, ws, model, message
+        """
+    )
+    filled = time.perf_counter() - t0
+    # Background merges would get here on their own; do it now so every run reads the same layout.
+    client.command(f"OPTIMIZE TABLE {EVENTS} FINAL")
+    client.command(f"OPTIMIZE TABLE {METER_WINDOWS} FINAL")
+    windows = int(client.command(f"SELECT count() FROM {METER_WINDOWS}"))
+    events = int(client.command(f"SELECT count() FROM {EVENTS}"))
+    return {"fill_seconds": round(filled, 2), "events_rows": events, "window_rows": windows,
+            "events_per_window_row": round(events / max(windows, 1), 2), "subjects": subjects}
+
+
+def raw_answer(client: Client, *, subject: str | None, group_by_model: bool) -> list[tuple[Any, ...]]:
+    """The same answer aggregated from raw events at query time (JSON parsed per row, OpenMeter style)."""
+    params: dict[str, Any] = {"from": f"{START:%Y-%m-%d %H:%M:%S}", "to": f"{START + timedelta(days=DAYS):%Y-%m-%d %H:%M:%S}"}
+    where = ["type = 'prompt'", "time >= {from:DateTime64(6, 'UTC')}", "time < {to:DateTime64(6, 'UTC')}"]
+    if subject is not None:
+        params["subject"] = subject
+        where.append("subject = {subject:String}")
+    group = ", JSONExtractString(data, 'model') AS model" if group_by_model else ""
+    keys = "bucket, model" if group_by_model else "bucket"
+    sql = (
+        "SELECT toUnixTimestamp(toStartOfHour(time, 'UTC')) AS bucket" + group
+        + ", sum(toDecimal128OrNull(JSONExtractRaw(data, 'tokens'), 9)) AS value"
+        + f" FROM {EVENTS} WHERE {' AND '.join(where)} GROUP BY {keys} ORDER BY {keys}"
+    )
+    rows = client.query(sql, parameters=params).result_rows
+    return [(int(r[0]), r[1] if group_by_model else None, Decimal(r[-1])) for r in rows]
+
+
+def window_answer(store: WindowStore, *, subject: str | None, group_by_model: bool) -> list[MeterRow]:
+    return store.meter(
+        METER, "SUM", start=START, end=START + timedelta(days=DAYS), window_size="HOUR",
+        subjects=[subject] if subject else (), group_by=["model"] if group_by_model else (),
+    )
+
+
+def _normalise(rows: list[MeterRow], group_by_model: bool) -> list[tuple[Any, ...]]:
+    assert all(r.bucket is not None for r in rows)
+    out = [
+        (int(r.bucket.timestamp()), r.group.get("model") if group_by_model else None, r.value)  # type: ignore[union-attr]
+        for r in rows
+    ]
+    return sorted(out, key=lambda x: (x[0], x[1] or ""))
+
+
+def run(ctx: BenchContext, size: int) -> list[Figure]:
+    subjects = int(ctx.options.get("p3_subjects", 100))
+    repeats = int(ctx.options.get("p3_repeats", 20))
+    database, client = ctx.infra.database("p3")
+    store = WindowStore(client, database)
+    try:
+        task = ctx.task(f"P3 fill {size:,} events", None)
+        info = fill(client, size, subjects)
+        ctx.done(task)
+        figures: list[Figure] = []
+        for label, subject, by_model in (
+            ("hourly 30d, one subject", "customer-7", False),
+            ("hourly 30d, all subjects by model", None, True),
+        ):
+            windows = _normalise(window_answer(store, subject=subject, group_by_model=by_model), by_model)
+            raw = sorted(raw_answer(client, subject=subject, group_by_model=by_model), key=lambda x: (x[0], x[1] or ""))
+            if windows != raw:
+                raise AssertionError(f"P3 {label}: windows and raw answers differ ({len(windows)} vs {len(raw)} rows)")
+            total = sum((v for _, _, v in raw), Decimal(0))
+            task = ctx.task(f"P3 {label} ({size:,})", 2 * repeats)
+            fast: list[float] = []
+            slow: list[float] = []
+            for _ in range(repeats):  # interleaved, so drift on the machine hits both equally
+                t0 = time.perf_counter()
+                window_answer(store, subject=subject, group_by_model=by_model)
+                fast.append((time.perf_counter() - t0) * 1000)
+                ctx.progress.advance(task)
+                t0 = time.perf_counter()
+                raw_answer(client, subject=subject, group_by_model=by_model)
+                slow.append((time.perf_counter() - t0) * 1000)
+                ctx.progress.advance(task)
+            ctx.done(task)
+            details = {**info, "answer_rows": len(raw), "answer_total": str(total), "answers_equal": True,
+                       "repeats": repeats, "windows_ms": [round(x, 2) for x in fast], "raw_ms": [round(x, 2) for x in slow]}
+            for q in (50, 95):
+                value, baseline = percentile(fast, q), percentile(slow, q)
+                ok = baseline / value >= TARGET_RATIO and (q != 95 or value < TARGET_P95_MS)
+                figures.append(Figure(
+                    "P3", f"{label} p{q}", size, value, "ms", baseline, "raw events + JSONExtract per row",
+                    higher_is_better=False,
+                    target=f">= {TARGET_RATIO:g}x" + (f", < {TARGET_P95_MS:g} ms" if q == 95 else ""),
+                    passed=ok, details=details,
+                ))
+        return figures
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+        client.close()
