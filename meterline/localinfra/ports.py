@@ -32,8 +32,12 @@ def free_port(host: str = HOST) -> int:
 
 
 def port_is_free(port: int, host: str = HOST) -> bool:
-    """True if nothing listens on ``host:port`` (we can bind it ourselves)."""
+    """True if nothing listens on ``host:port``, i.e. a server could bind it now.
+
+    SO_REUSEADDR as servers use it: connections a stopped server left in TIME_WAIT do not count.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

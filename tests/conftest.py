@@ -1,0 +1,56 @@
+"""Session-wide infrastructure for integration and e2e tests (see tests/infra.py for where it comes from).
+
+Tests get a fresh topic/database name from ``unique_name`` so they never see each other's data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from meterline.localinfra.broker import LocalBroker
+from meterline.localinfra.clickhouse_server import LocalClickHouse
+from tests import infra
+
+
+@pytest.fixture(scope="session")
+def _kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, LocalBroker | None]]:
+    with infra.kafka(tmp_path_factory.mktemp("broker")) as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(_kafka: tuple[str, LocalBroker | None]) -> str:
+    """``host:port`` of a Kafka-compatible broker: $KAFKA_BOOTSTRAP, testcontainers Kafka, or local tansu."""
+    return _kafka[0]
+
+
+@pytest.fixture(scope="session")
+def broker(_kafka: tuple[str, LocalBroker | None]) -> LocalBroker | None:
+    """The LocalBroker we started (for pause/resume), or None when the broker is external."""
+    return _kafka[1]
+
+
+@pytest.fixture(scope="session")
+def _clickhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, LocalClickHouse | None]]:
+    with infra.clickhouse(tmp_path_factory.mktemp("clickhouse") / "data") as found:
+        yield found
+
+
+@pytest.fixture(scope="session")
+def clickhouse_url(_clickhouse: tuple[str, LocalClickHouse | None]) -> str:
+    """``http://[user:pass@]host:port`` (no database path): $CLICKHOUSE_URL, testcontainers, or local chdb."""
+    return _clickhouse[0]
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server(_clickhouse: tuple[str, LocalClickHouse | None]) -> LocalClickHouse | None:
+    """The LocalClickHouse we started (for pause/kill), or None when ClickHouse is external."""
+    return _clickhouse[1]
+
+
+@pytest.fixture
+def unique_name() -> Callable[[str], str]:
+    """``unique_name("events")`` -> ``events_<12 hex>``: a fresh topic or database name per call."""
+    return infra.unique
