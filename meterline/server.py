@@ -33,8 +33,7 @@ def _combined_app(settings: Settings) -> FastAPI:
     from ingest.problems import install_problem_handlers
     from ingest.routes import router as ingest_router
     from meterline.health import health_router
-    from query.app import clickhouse_check, query_lifespan
-    from query.routes import router as query_router
+    from query.app import clickhouse_check, install_query, query_lifespan
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -46,6 +45,6 @@ def _combined_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="meterline", version="0.1.0", lifespan=lifespan)
     install_problem_handlers(app)
     app.include_router(ingest_router)
-    app.include_router(query_router)
+    install_query(app)
     app.include_router(health_router({"broker": broker_check(app), "clickhouse": clickhouse_check(app)}))
     return app
