@@ -101,7 +101,7 @@ def run(
     )
     try:
         while not stopped.wait(1.0):
-            dead = [p.name for p in [stack.server, *stack.workers] if p is not None and not p.alive()]
+            dead = [p.name for p in [stack.server, *stack.workers] if p is not None and not p.is_alive()]
             if dead:
                 console.print(f"[red]{', '.join(dead)} exited; see {data_dir / 'logs'}[/red]")
                 break

@@ -1,0 +1,189 @@
+"""The whole pipeline as local processes: what `make run`, the end-to-end and fault tests and the
+benchmarks start.
+
+Infrastructure comes from the environment when given (`KAFKA_BOOTSTRAP`, `CLICKHOUSE_URL`) and is
+otherwise started here (tansu broker, chdb ClickHouse). meterline's own processes (processor workers and
+the HTTP server) always run as separate OS processes, so a test can kill -9 one of them exactly as a
+crash would, and every one is stopped by its PID when the stack stops, even after a failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+
+from meterline.localinfra.broker import LocalBroker, ensure_topic
+from meterline.localinfra.clickhouse_server import LocalClickHouse
+from meterline.localinfra.ports import free_port, wait_for
+from meterline.localinfra.process import ManagedProcess
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalStack:
+    """Broker + ClickHouse + `processors` Faust workers + one HTTP server (ingest and query).
+
+    `config_file` is the config.yaml the services read; `data_dir` holds ClickHouse data (when started
+    here), worker state and logs. Topic and database names are unique per stack unless given, so
+    stacks in one test session never see each other's data.
+    """
+
+    data_dir: Path
+    config_file: Path
+    processors: int = 1
+    http_port: int | None = None
+    topic: str | None = None
+    database: str | None = None
+    partitions: int = 4
+    extra_env: dict[str, str] = field(default_factory=dict)
+    kafka_bootstrap: str | None = None
+    clickhouse_url: str | None = None
+
+    broker: LocalBroker | None = None
+    clickhouse: LocalClickHouse | None = None
+    workers: list[ManagedProcess] = field(default_factory=list)
+    server: ManagedProcess | None = None
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        suffix = uuid.uuid4().hex[:8]
+        self.topic = self.topic or f"meterline-events-{suffix}"
+        self.database = self.database or f"meterline_{suffix}"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    def start(self) -> LocalStack:
+        try:
+            self._start_infra()
+            for index in range(self.processors):
+                self.add_processor(index)
+            self._start_server()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop everything this stack started, newest first; never raises for a dead process."""
+        for proc in [self.server, *reversed(self.workers)]:
+            if proc is not None:
+                try:
+                    proc.stop()
+                except Exception:  # pragma: no cover - best effort cleanup
+                    logger.exception("could not stop %s", proc.name)
+        for infra in (self.clickhouse, self.broker):
+            if infra is not None:
+                try:
+                    infra.stop()
+                except Exception:  # pragma: no cover
+                    logger.exception("could not stop %r", infra)
+
+    def __enter__(self) -> LocalStack:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    # -- pieces ----------------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def clickhouse_db_url(self) -> str:
+        assert self.clickhouse_url is not None
+        return self.clickhouse_url.rstrip("/") + "/" + str(self.database)
+
+    def env(self) -> dict[str, str]:
+        """The environment every meterline process of this stack runs with."""
+        env = dict(os.environ)
+        env.update(
+            KAFKA_BOOTSTRAP=str(self.kafka_bootstrap),
+            CLICKHOUSE_URL=self.clickhouse_db_url,
+            METERLINE_CONFIG=str(self.config_file),
+            METERLINE_EVENTS_TOPIC=str(self.topic),
+            METERLINE_TOPIC_PARTITIONS=str(self.partitions),
+            METERLINE_DATA_DIR=str(self.data_dir),
+            PYTHONUNBUFFERED="1",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def _start_infra(self) -> None:
+        self.kafka_bootstrap = self.kafka_bootstrap or os.environ.get("KAFKA_BOOTSTRAP")
+        self.clickhouse_url = self.clickhouse_url or os.environ.get("CLICKHOUSE_URL")
+        if not self.kafka_bootstrap:
+            self.broker = LocalBroker(log_dir=self.data_dir / "logs")
+            self.broker.start()
+            self.kafka_bootstrap = self.broker.bootstrap
+        if not self.clickhouse_url:
+            self.clickhouse = LocalClickHouse(data_dir=self.data_dir / "clickhouse")
+            self.clickhouse.start()
+            self.clickhouse_url = self.clickhouse.url
+        ensure_topic(self.kafka_bootstrap, str(self.topic), self.partitions)
+        from meterline.clickhouse import connect, create_schema
+
+        client = connect(self.clickhouse_url)
+        try:
+            create_schema(client, str(self.database))
+        finally:
+            client.close()
+
+    def add_processor(self, index: int | None = None) -> ManagedProcess:
+        """Start one more Faust worker (same consumer group) and return it."""
+        index = len(self.workers) if index is None else index
+        env = self.env()
+        env["METERLINE_STATE_DIR"] = str(self.data_dir / f"processor-{index}")
+        proc = ManagedProcess(
+            [sys.executable, "-m", "processor", "--web-port", str(free_port())],
+            name=f"processor-{index}",
+            env=env,
+            log_path=self.data_dir / "logs" / f"processor-{index}.log",
+            stop_timeout=15.0,
+        )
+        proc.start()
+        if index < len(self.workers):
+            self.workers[index] = proc
+        else:
+            self.workers.append(proc)
+        return proc
+
+    def restart_processor(self, index: int) -> ManagedProcess:
+        """Start worker `index` again on its own state dir (after a kill or stop)."""
+        self.workers[index].stop()
+        return self.add_processor(index)
+
+    def _start_server(self) -> None:
+        self.http_port = self.http_port or free_port()
+        self.server = ManagedProcess(
+            [
+                sys.executable, "-m", "meterline.cli", "serve", "all",
+                "--host", "127.0.0.1", "--port", str(self.http_port),
+            ],
+            name="http",
+            env=self.env(),
+            log_path=self.data_dir / "logs" / "http.log",
+        )
+        self.server.start()
+        wait_for(self._healthy, timeout=60, what=f"meterline HTTP server on {self.url} (see {self.server.log_path})")
+
+    def _healthy(self) -> bool:
+        if self.server is not None and not self.server.is_alive():
+            raise RuntimeError(f"HTTP server exited; see {self.server.log_path}")
+        try:
+            return httpx.get(self.url + "/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
