@@ -3,7 +3,6 @@ request is checked by consuming the topic (the oracle is what we sent, normalise
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 import uuid
@@ -20,24 +19,20 @@ from hypothesis import strategies as st
 
 from ingest.app import create_app
 from meterline.events import decode_batch
+from meterline.localinfra.ports import free_port
 from meterline.settings import Settings
+from tests.infra import unique
 
 PARTITIONS = 4
 SINGLE = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Server:
     """uvicorn in a thread, stopped in a finally (tests must not leak servers)."""
 
     def __init__(self, settings: Settings) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
@@ -65,7 +60,7 @@ class Server:
 def app_settings(kafka_bootstrap: str) -> Settings:
     return Settings(
         kafka_bootstrap=kafka_bootstrap,
-        events_topic=f"test-ingest-{uuid.uuid4().hex[:8]}",
+        events_topic=unique("test-ingest"),
         topic_partitions=PARTITIONS,
         produce_timeout_seconds=3.0,
         max_body_bytes=256 * 1024,
