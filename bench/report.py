@@ -94,7 +94,7 @@ class Report:
                 f.name,
                 f"{f.size:,}",
                 f"{_num(f.value)} {f.unit}",
-                f"{_num(f.baseline)} {f.unit}\n[dim]{f.baseline_name}[/dim]",
+                f"{_num(f.baseline)} {f.unit}",
                 f"{f.ratio:.2f}x",
                 f.target,
                 mark,
@@ -103,6 +103,9 @@ class Report:
 
     def print(self, console: Console) -> None:
         console.print(self.table())
+        baselines = {f"{f.figure} baseline": f.baseline_name for f in self.figures}
+        for label, name in baselines.items():
+            console.print(f"[dim]{label}: {name}[/dim]")
         for figure, error in self.errors.items():
             console.print(f"[red]{figure} failed:[/red] {error}")
 

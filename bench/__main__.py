@@ -1,0 +1,130 @@
+"""`make bench`: measure every figure next to its baseline, print a table, save JSON.
+
+    python -m bench                         small sizes (a few minutes on 2 cores)
+    python -m bench --size full             the sizes issue 6 quotes (10M events for P3/P5)
+    python -m bench --only P1,P3 --p3 2000000,5000000
+    BENCH_SIZE=tiny python -m bench         seconds; what tests/bench runs
+
+Every size option takes a comma-separated list: each figure is measured once per size (the cost
+curve). Options also read `BENCH_<OPTION>` from the environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from bench.context import BenchContext
+from bench.infra import Infra
+from bench.report import Figure, Report
+
+#: Sizes per figure and preset: P1/P2/P3/P5 in events (P5: distinct ids), P4 in events/s.
+PRESETS: dict[str, dict[str, list[int]]] = {
+    "tiny": {"P1": [2_000], "P2": [3_000], "P3": [20_000], "P4": [200], "P5": [3_000]},
+    "small": {"P1": [20_000, 50_000], "P2": [50_000, 200_000], "P3": [1_000_000, 3_000_000],
+              "P4": [1_000, 5_000], "P5": [200_000]},
+    "full": {"P1": [50_000, 200_000], "P2": [200_000, 1_000_000], "P3": [1_000_000, 3_000_000, 10_000_000],
+             "P4": [1_000, 5_000], "P5": [1_000_000, 10_000_000]},
+}
+FIGURES = ("P1", "P2", "P3", "P4", "P5")
+DEFAULT_RESULTS = Path(__file__).parent / "results"
+
+app = typer.Typer(add_completion=False)
+
+
+def _sizes(text: str | None) -> list[int] | None:
+    return [int(float(x)) for x in text.split(",") if x.strip()] if text else None
+
+
+def _runner(figure: str) -> Callable[[BenchContext, int], list[Figure]]:
+    if figure == "P1":
+        from bench.p1_ingest import run
+    elif figure == "P2":
+        from bench.p2_processor import run
+    elif figure == "P3":
+        from bench.p3_query import run
+    elif figure == "P4":
+        from bench.p4_freshness import run
+    else:
+        from bench.p5_memory import run
+    return run
+
+
+@app.command()
+def main(
+    size: Annotated[str, typer.Option(envvar="BENCH_SIZE", help="tiny | small | full")] = "small",
+    only: Annotated[str, typer.Option(envvar="BENCH_ONLY", help="figures to run, e.g. P1,P3")] = ",".join(FIGURES),
+    p1: Annotated[str | None, typer.Option(envvar="BENCH_P1", help="P1 sizes (events)")] = None,
+    p2: Annotated[str | None, typer.Option(envvar="BENCH_P2", help="P2 sizes (events)")] = None,
+    p3: Annotated[str | None, typer.Option(envvar="BENCH_P3", help="P3 sizes (raw events in ClickHouse)")] = None,
+    p4: Annotated[str | None, typer.Option(envvar="BENCH_P4", help="P4 rates (events/s)")] = None,
+    p5: Annotated[str | None, typer.Option(envvar="BENCH_P5", help="P5 sizes (distinct ids)")] = None,
+    clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 8,
+    partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
+    p3_subjects: Annotated[int, typer.Option(envvar="BENCH_P3_SUBJECTS")] = 100,
+    repeats: Annotated[int, typer.Option(envvar="BENCH_REPEATS", help="P3 runs per query")] = 20,
+    naive_cap: Annotated[int, typer.Option(envvar="BENCH_NAIVE_CAP", help="max events for the naive Faust baseline")] = 0,
+    p4_seconds: Annotated[float, typer.Option(envvar="BENCH_P4_SECONDS", help="P4 sending time per rate")] = 0,
+    results_dir: Annotated[Path, typer.Option(envvar="BENCH_RESULTS_DIR")] = DEFAULT_RESULTS,
+    work_dir: Annotated[Path | None, typer.Option(envvar="BENCH_WORK_DIR", help="scratch (default: a temp dir)")] = None,
+    keep_going: Annotated[bool, typer.Option(help="record a failing figure and continue")] = True,
+) -> None:
+    """Run the benchmarks and write bench/results/<timestamp>.json."""
+    if size not in PRESETS:
+        raise typer.BadParameter(f"size must be one of {', '.join(PRESETS)}")
+    console = Console(width=max(Console().width, 120))
+    logging.basicConfig(level=logging.WARNING)
+    sizes = dict(PRESETS[size])
+    for name, override in (("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4), ("P5", p5)):
+        sizes[name] = _sizes(override) or sizes[name]
+    wanted = [f.strip().upper() for f in only.split(",") if f.strip()]
+    options: dict[str, Any] = {
+        "clients": clients, "partitions": partitions, "p3_subjects": p3_subjects, "p3_repeats": repeats,
+        "naive_cap": naive_cap or {"tiny": 3_000, "small": 30_000, "full": 100_000}[size],
+        "p4_seconds": p4_seconds or {"tiny": 3.0, "small": 15.0, "full": 30.0}[size],
+    }
+    report = Report(size=size, params={"sizes": {f: sizes[f] for f in wanted}, **options})
+    scratch = work_dir or Path(tempfile.mkdtemp(prefix="meterline-bench-"))
+    infra = Infra(scratch)
+    progress = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console,
+    )
+    try:
+        with progress:
+            infra.start()
+            ctx = BenchContext(infra, progress, console, options)
+            overall = progress.add_task("bench", total=sum(len(sizes[f]) for f in wanted))
+            for figure in wanted:
+                for n in sizes[figure]:
+                    progress.update(overall, description=f"bench: {figure} at {n:,}")
+                    try:
+                        report.figures.extend(_runner(figure)(ctx, n))
+                    except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
+                        report.errors[f"{figure}@{n}"] = f"{type(exc).__name__}: {exc}"
+                        console.print(f"[red]{figure} at {n:,} failed[/red]\n{traceback.format_exc()}")
+                        if not keep_going:
+                            raise
+                    progress.advance(overall)
+    finally:
+        infra.close()
+        if work_dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    report.print(console)
+    path = report.save(results_dir)
+    console.print(f"results: {path}")
+    if report.errors:
+        raise typer.Exit(1)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,127 @@
+"""P1 ingest: events/s through `POST /api/v1/events` vs. a raw confluent-kafka producer.
+
+The baseline sends the same event bytes to the same broker, one event per message keyed by subject,
+with the ingest producer's own librdkafka settings (`ingest.producer.producer_config`: acks=all,
+idempotence, lz4, linger 5 ms), timed from the first `produce` to the end of `flush`. Ingest is
+driven by several concurrent httpx async clients posting pre-encoded bodies (batches of 1000, of
+100, and single events); a request counts once it returned 204, i.e. once the broker acked it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+import orjson
+from confluent_kafka import Producer
+
+from bench.context import BenchContext
+from bench.report import Figure
+from bench.workload import events, requests, write_config
+from ingest.producer import producer_config
+from meterline.settings import Settings
+
+TARGET_BATCH_RATIO = 0.30
+BATCH = "application/cloudevents-batch+json"
+SINGLE = "application/cloudevents+json"
+
+
+def raw_producer_rate(bootstrap: str, topic: str, evs: list[dict[str, Any]], ctx: BenchContext) -> float:
+    """Messages/s of a bare librdkafka producer, one event per message."""
+    config = producer_config(Settings(kafka_bootstrap=bootstrap))
+    config["client.id"] = "meterline-bench-raw"
+    producer = Producer(config)
+    payloads = [(e["subject"].encode(), orjson.dumps(e)) for e in evs]
+    failed = 0
+
+    def on_delivery(err: Any, _msg: Any) -> None:
+        nonlocal failed
+        failed += err is not None
+
+    task = ctx.task(f"P1 raw producer ({len(evs):,} msgs)", len(payloads))
+    t0 = time.perf_counter()
+    for i, (key, value) in enumerate(payloads):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if i % 1000 == 999:
+            producer.poll(0)
+            ctx.progress.advance(task, 1000)
+    remaining = producer.flush(60)
+    elapsed = time.perf_counter() - t0
+    ctx.done(task)
+    if remaining or failed:
+        raise RuntimeError(f"raw producer: {remaining} undelivered, {failed} failed")
+    return len(payloads) / elapsed
+
+
+async def _post_all(url: str, bodies: list[bytes], content_type: str, clients: int, on_done: Any) -> float:
+    """POST every body with `clients` concurrent connections; return elapsed seconds."""
+    queue: asyncio.Queue[bytes] = asyncio.Queue()
+    for body in bodies:
+        queue.put_nowait(body)
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def worker(client: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            response = await client.post("/api/v1/events", content=body, headers={"content-type": content_type})
+            if response.status_code != 204:
+                errors.append(f"{response.status_code} {response.text[:200]}")
+                return
+            on_done()
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"ingest answered {errors[0]} ({len(errors)} failed requests)")
+    return elapsed
+
+
+def ingest_rate(url: str, evs: list[dict[str, Any]], batch: int, clients: int, ctx: BenchContext) -> float:
+    if batch == 1:
+        bodies = [orjson.dumps(e) for e in evs]
+        content_type = SINGLE
+    else:
+        bodies = [orjson.dumps(body) for body in requests(evs, batch)]
+        content_type = BATCH
+    task = ctx.task(f"P1 ingest batch={batch} ({len(evs):,} events)", len(bodies))
+    elapsed = asyncio.run(_post_all(url, bodies, content_type, clients, lambda: ctx.progress.advance(task)))
+    ctx.done(task)
+    return len(evs) / elapsed
+
+
+def run(ctx: BenchContext, size: int) -> list[Figure]:
+    clients = int(ctx.options.get("clients", 8))
+    single_cap = int(ctx.options.get("p1_single_cap", 5000))
+    config = write_config(ctx.work_dir)
+    stack = ctx.infra.stack(config, processors=0, partitions=int(ctx.options.get("partitions", 4)))
+    try:
+        task = ctx.task("P1 starting HTTP server", None)
+        stack.start()
+        ctx.done(task)
+        evs = events(size, subjects=100)
+        raw = raw_producer_rate(str(stack.kafka_bootstrap), str(stack.topic), evs, ctx)
+        figures = []
+        for batch in (1000, 100, 1):
+            sample = evs if batch > 1 else evs[:single_cap]
+            rate = ingest_rate(stack.url, sample, batch, clients, ctx)
+            target = batch > 1
+            figures.append(Figure(
+                "P1", f"ingest batch={batch}" if batch > 1 else "ingest single events", len(sample),
+                rate, "ev/s", raw, "raw confluent-kafka producer, 1 msg/event",
+                target=f">= {TARGET_BATCH_RATIO:.2f}x" if target else "(no target)",
+                passed=(rate / raw >= TARGET_BATCH_RATIO) if target else None,
+                details={"clients": clients, "raw_msgs_per_s": raw, "events": len(sample)},
+            ))
+        return figures
+    finally:
+        stack.stop()
