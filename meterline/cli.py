@@ -113,6 +113,63 @@ def run(
         console.print("stopped.")
 
 
+dead_letters = typer.Typer(help="Inspect dead letters, or re-meter them after a config fix.", no_args_is_help=True)
+app.add_typer(dead_letters, name="dead-letters")
+
+
+@dead_letters.command("list")
+def dead_letters_list(
+    meter: Annotated[str | None, typer.Option(help="only this meter's dead letters")] = None,
+    reason: Annotated[str | None, typer.Option(help="only this reason_code, e.g. value_missing")] = None,
+    limit: int = 100,
+    include_replayed: Annotated[bool, typer.Option("--all", help="also those a replay metered")] = False,
+) -> None:
+    """Newest first: position, meter, reason and event of each dead letter (see meterline/deadletters.py)."""
+    from rich.table import Table
+
+    from meterline.clickhouse import connect
+    from meterline.deadletters import list_dead_letters
+
+    settings = _settings()
+    client = connect(str(settings.clickhouse_url), database=settings.clickhouse_database)
+    try:
+        found = list_dead_letters(client, settings.clickhouse_database, meter=meter, reason=reason, limit=limit,
+                                  include_replayed=include_replayed)
+    finally:
+        client.close()
+    table = Table("position", "meter", "reason_code", "reason", "subject", "id", "time", "replay")
+    for d, outcome in found:
+        table.add_row(f"{d.partition}:{d.offset}:{d.index}", d.meter or "*", d.reason_code, d.reason, d.subject,
+                      d.id, d.time.isoformat(), outcome)
+    Console(soft_wrap=True).print(table)
+
+
+@dead_letters.command("replay")
+def dead_letters_replay(
+    meter: Annotated[str | None, typer.Option(help="only this meter's dead letters")] = None,
+    reason: Annotated[str | None, typer.Option(help="only this reason_code")] = None,
+) -> None:
+    """Re-meter dead letters under the current config.yaml (idempotent; see meterline/deadletters.py)."""
+    from meterline.clickhouse import connect
+    from meterline.deadletters import replay
+    from meterline.meters import MeterSet
+    from processor.rows import RowOptions
+
+    settings = _settings()
+    meters = MeterSet(settings.meters())
+    client = connect(str(settings.clickhouse_url), database=settings.clickhouse_database)
+    try:
+        report = replay(client, settings.clickhouse_database, meters, RowOptions.from_settings(settings),
+                        meter=meter, reason=reason)
+    finally:
+        client.close()
+    Console(soft_wrap=True).print(
+        f"metered {report.metered}, still rejected {report.still_rejected} {report.rejected_reasons or ''}, "
+        f"superseded {report.superseded}, not replayable {report.not_replayable}; "
+        f"{report.window_rows} window rows written, {report.stale_rows_deleted} stale rows deleted"
+    )
+
+
 def main() -> None:
     try:
         app()

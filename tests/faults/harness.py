@@ -15,7 +15,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ METERS: dict[str, OracleMeter] = {
 #: One COUNT meter per event type: their totals say whether every accepted event has been processed.
 PROGRESS_METERS = ("prompt_count", "activity_count", "storage_count")
 
-START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START = datetime(2024, 1, 1, tzinfo=UTC)
 SPAN = timedelta(hours=6)
 #: The query range covers late events days before START and the whole generated span.
 RANGE_FROM = START - timedelta(days=10)
@@ -207,13 +207,14 @@ def query(stack: LocalStack, slug: str, params: dict[str, Any]) -> dict[str, Any
     return resp.json()
 
 
-def totals(stack: LocalStack, slugs: Sequence[str] = PROGRESS_METERS) -> tuple[Decimal, ...] | None:
+def totals(stack: LocalStack, slugs: Sequence[str] = PROGRESS_METERS, *, start: datetime = RANGE_FROM,
+           end: datetime = RANGE_TO) -> tuple[Decimal, ...] | None:
     """Whole-range totals of the progress meters, or None while the query side cannot answer."""
     out = []
     try:
         for slug in slugs:
             resp = httpx.get(f"{stack.url}/api/v1/meters/{slug}/query",
-                             params={"from": RANGE_FROM.isoformat(), "to": RANGE_TO.isoformat()}, timeout=30)
+                             params={"from": start.isoformat(), "to": end.isoformat()}, timeout=30)
             if resp.status_code != 200:
                 return None
             out.append(sum((Decimal(str(r["value"])) for r in resp.json()["data"]), Decimal(0)))
@@ -222,33 +223,35 @@ def totals(stack: LocalStack, slugs: Sequence[str] = PROGRESS_METERS) -> tuple[D
     return tuple(out)
 
 
-def expected_totals(counted: Sequence[dict[str, Any]], slugs: Sequence[str] = PROGRESS_METERS) -> tuple[Decimal, ...]:
+def expected_totals(counted: Sequence[dict[str, Any]], slugs: Sequence[str] = PROGRESS_METERS, *,
+                    start: datetime = RANGE_FROM, end: datetime = RANGE_TO) -> tuple[Decimal, ...]:
     return tuple(
-        sum(expected(counted, METERS[s], start=RANGE_FROM, end=RANGE_TO, window=None, by_subject=False).values(),
+        sum(expected(counted, METERS[s], start=start, end=end, window=None, by_subject=False).values(),
             Decimal(0))
         for s in slugs
     )
 
 
 def wait_caught_up(stack: LocalStack, counted: Sequence[dict[str, Any]], *, timeout: float | None = None,
-                   stable_seconds: float = 60.0) -> tuple[Decimal, ...] | None:
+                   stable_seconds: float = 60.0, start: datetime = RANGE_FROM,
+                   end: datetime = RANGE_TO) -> tuple[Decimal, ...] | None:
     """Poll until the progress totals equal the oracle's, or have not changed for `stable_seconds`
     (then the comparison reports what differs), or the liveness bound passes. Returns the last totals.
 
     After a match it waits a little longer and requires the same totals again, so a late double
     count (a replay after the match) still shows up in the comparison.
     """
-    want = expected_totals(counted)
+    want = expected_totals(counted, start=start, end=end)
     deadline = time.monotonic() + (timeout or liveness_timeout())
     last: tuple[Decimal, ...] | None = None
     changed = time.monotonic()
     while time.monotonic() < deadline:
-        got = totals(stack)
+        got = totals(stack, start=start, end=end)
         if got != last:
             last, changed = got, time.monotonic()
         if got == want:
             time.sleep(3.0)
-            if totals(stack) == want:
+            if totals(stack, start=start, end=end) == want:
                 return got
         elif got is not None and time.monotonic() - changed > stable_seconds:
             return got
@@ -344,3 +347,11 @@ def finish(row: ScenarioRow, stack: LocalStack, sender: Sender, counted: Sequenc
         + f"\nprocessor logs ({stack.data_dir}/logs):\n{log_excerpt(stack)}"
     )
     assert len(counted) > 0
+
+
+def dead_letters_api(stack: LocalStack, **params: Any) -> list[dict[str, Any]]:
+    """GET /api/v1/dead-letters (params: meter, reasonCode, from, to, limit <= 1000)."""
+    params.setdefault("limit", 1000)
+    resp = httpx.get(f"{stack.url}/api/v1/dead-letters", params=params, timeout=30)
+    assert resp.status_code == 200, resp.text[:500]
+    return list(resp.json())

@@ -17,8 +17,8 @@ import pytest
 
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
-    START,
     SPAN,
+    START,
     Background,
     ScenarioRow,
     Sender,
@@ -90,5 +90,5 @@ def test_two_workers_one_killed(make_stack: Callable[..., LocalStack],
     counted = first_sightings(sender.accepted)
     wait_caught_up(stack, counted)
     finish(row, stack, sender, counted, compare(stack, counted), started)
-    assert stack.workers[1].alive()
+    assert stack.workers[1].running
     sender.close()

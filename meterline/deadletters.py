@@ -1,0 +1,314 @@
+"""Dead letters: list what could not be metered, and re-meter it after the configuration was fixed.
+
+Why replay does NOT re-publish to Kafka: a dead-lettered event was accepted as the first sighting of
+its (source, id) -- it is in `events`, and every worker's dedupe state remembers its position -- so a
+re-published copy sits at a later position and is dropped as a duplicate (docs/design.md,
+"Exactly-once effect" 2). Giving it a new id would break that very rule and double count on a second
+replay. Instead replay writes the windows the event would have produced, next to the processor's:
+
+* Rows are built by the processor's own row builder (`processor.rows.message_rows`, with
+  `always_accept` as in recompute) from the event rebuilt out of the dead_letters row, at its ORIGINAL
+  position: same partition, offset and index, so LATEST's tie-break rank is the original one.
+* Their identity is `log_epoch = "replay:<reason_code>:<meter or *>:<original epoch>"` plus the original
+  partition and offset. That never collides with a processor row (whose log_epoch is a cluster id), so
+  the processor's windows of the same message are untouched, and it is deterministic: replaying the
+  same dead letters twice writes byte-identical rows that ReplacingMergeTree collapses.
+* One replay group = all dead letters of one (message, reason_code, meter). A group is always rebuilt
+  from ALL its dead letters (already replayed or not), so a rewrite replaces the previous rows of that
+  group completely; rows of the group that the new config no longer produces (e.g. groupBy changed)
+  are deleted, so replaying under a later config converges instead of adding up.
+* Per-meter dead letters (`value_missing`, `value_not_numeric`, ...) only contribute windows of that
+  meter -- the other meters already metered the event. Whole-event ones (`too_late`, `unknown_type`)
+  contribute to every meter of the event type, judged against the late horizon at the original
+  `received_at`, so the outcome does not depend on when replay runs.
+* Guard against double counting: a dead letter is replayed only while the `events` row of its
+  (source, id) still has this position and still records this meter's failure. If the processor itself
+  re-processed the message under the new config (a crash before its ack), it already metered the event
+  and the dead letter is reported as `superseded` instead.
+* `invalid_event` dead letters are never replayed: there is no valid event to rebuild (fix the producer).
+
+Outcomes are recorded in `dead_letter_replays` (created here on first use; it belongs in
+`meterline.schema` next to `dead_letters`, which has no `replayed` column yet): `metered`,
+`still_rejected` (the config still cannot meter it) or `superseded`. `list` hides metered ones unless
+asked. Run replay after the processor runs with the fixed config and has caught up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from clickhouse_connect.driver.client import Client
+
+from meterline.clickhouse import storage_errors
+from meterline.meters import MeterSet
+from meterline.schema import (
+    DEAD_LETTER_COLUMNS,
+    DEAD_LETTERS,
+    EVENTS,
+    METER_WINDOWS,
+    WINDOW_COLUMNS,
+    quote_identifier,
+)
+from meterline.windows import format_time
+
+logger = logging.getLogger(__name__)
+
+REPLAYS = "dead_letter_replays"
+REPLAY_EPOCH_PREFIX = "replay:"
+NOT_REPLAYABLE = frozenset({"invalid_event"})
+WHOLE_EVENT = "*"
+
+
+def replays_ddl(database: str) -> str:
+    return f"""
+        CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{REPLAYS} (
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            batch_index UInt32,
+            meter LowCardinality(String),
+            outcome LowCardinality(String),
+            detail String,
+            replayed_at DateTime64(3, 'UTC')
+        )
+        ENGINE = ReplacingMergeTree(replayed_at)
+        ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead_letters row (DEAD_LETTER_COLUMNS order)."""
+
+    log_epoch: str
+    partition: int
+    offset: int
+    index: int
+    meter: str
+    id: str
+    source: str
+    type: str
+    subject: str
+    time: datetime
+    data: str
+    reason_code: str
+    reason: str
+    received_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> DeadLetter:
+        (epoch, part, off, idx, meter, id_, source, type_, subject, t, data, code, reason, received) = row
+        return cls(str(epoch), int(part), int(off), int(idx), str(meter), str(id_), str(source), str(type_),
+                   str(subject), _utc(t), str(data), str(code), str(reason), _utc(received))
+
+    @property
+    def identity(self) -> tuple[str, int, int, int, str]:
+        return (self.log_epoch, self.partition, self.offset, self.index, self.meter)
+
+    def event(self) -> dict[str, Any]:
+        """The CloudEvent as ingest normalised it ("" data = the event had no data)."""
+        event: dict[str, Any] = {
+            "specversion": "1.0", "id": self.id, "source": self.source, "type": self.type,
+            "subject": self.subject, "time": format_time(self.time),
+        }
+        if self.data != "":
+            event["data"] = orjson.loads(self.data)
+        return event
+
+
+@dataclass
+class ReplayReport:
+    metered: int = 0
+    still_rejected: int = 0
+    superseded: int = 0
+    not_replayable: int = 0
+    window_rows: int = 0
+    stale_rows_deleted: int = 0
+    groups: int = 0
+    rejected_reasons: dict[str, int] = field(default_factory=dict)
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def _table(database: str, table: str) -> str:
+    return f"{quote_identifier(database)}.{table}"
+
+
+def ensure_replays_table(client: Client, database: str) -> None:
+    with storage_errors():
+        client.command(replays_ddl(database))
+
+
+def replay_epoch(reason_code: str, meter: str, log_epoch: str) -> str:
+    """The log_epoch of a replay group's window rows: distinct from any cluster id, deterministic."""
+    return f"{REPLAY_EPOCH_PREFIX}{reason_code}:{meter or WHOLE_EVENT}:{log_epoch}"
+
+
+def list_dead_letters(client: Client, database: str, *, meter: str | None = None, reason: str | None = None,
+                      limit: int | None = 100, include_replayed: bool = False) -> list[tuple[DeadLetter, str]]:
+    """Newest first: (dead letter, replay outcome or ""); metered ones only with `include_replayed`."""
+    ensure_replays_table(client, database)
+    where, params = _filters(meter, reason)
+    identity = "(log_epoch, kafka_partition, kafka_offset, batch_index, meter)"
+    sql = (
+        f"SELECT {', '.join('d.' + c for c in DEAD_LETTER_COLUMNS)}, r.outcome "
+        f"FROM {_table(database, DEAD_LETTERS)} AS d FINAL "
+        f"LEFT JOIN (SELECT {identity.strip('()')}, outcome FROM {_table(database, REPLAYS)} FINAL) AS r "
+        "USING (log_epoch, kafka_partition, kafka_offset, batch_index, meter) "
+    )
+    conds = [f"d.{w}" for w in where]
+    if not include_replayed:
+        conds.append("r.outcome != 'metered'")
+    if conds:
+        sql += "WHERE " + " AND ".join(conds) + " "
+    sql += "ORDER BY d.received_at DESC, d.log_epoch, d.kafka_partition, d.kafka_offset, d.batch_index, d.meter"
+    if limit is not None:
+        sql += " LIMIT {limit:UInt32}"
+        params["limit"] = int(limit)
+    with storage_errors():
+        rows = client.query(sql, parameters=params).result_rows
+    return [(DeadLetter.from_row(r[:-1]), str(r[-1] or "")) for r in rows]
+
+
+def _filters(meter: str | None, reason: str | None) -> tuple[list[str], dict[str, Any]]:
+    where: list[str] = []
+    params: dict[str, Any] = {}
+    if meter is not None:
+        where.append("meter = {meter:String}")
+        params["meter"] = meter
+    if reason is not None:
+        where.append("reason_code = {reason:String}")
+        params["reason"] = reason
+    return where, params
+
+
+def _load(client: Client, database: str, meter: str | None, reason: str | None) -> list[DeadLetter]:
+    where, params = _filters(meter, reason)
+    sql = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM {_table(database, DEAD_LETTERS)} FINAL"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    with storage_errors():
+        return [DeadLetter.from_row(r) for r in client.query(sql, parameters=params).result_rows]
+
+
+def _first_sightings(client: Client, database: str, letters: Iterable[DeadLetter]) -> dict[tuple[str, str], tuple[Any, ...]]:
+    """(source, id) -> (log_epoch, partition, offset, index, validation_errors) from `events` FINAL."""
+    letters = list(letters)
+    if not letters:
+        return {}
+    sql = (
+        "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, validation_errors "
+        f"FROM {_table(database, EVENTS)} FINAL "
+        "WHERE subject IN {subjects:Array(String)} AND id IN {ids:Array(String)}"
+    )
+    params = {"subjects": sorted({d.subject for d in letters}), "ids": sorted({d.id for d in letters})}
+    with storage_errors():
+        rows = client.query(sql, parameters=params).result_rows
+    return {(str(r[0]), str(r[1])): (str(r[2]), int(r[3]), int(r[4]), int(r[5]), list(r[6])) for r in rows}
+
+
+def _still_failing(letter: DeadLetter, sighting: tuple[Any, ...] | None) -> bool:
+    """The processor's latest word on this event still says this meter (or the whole event) failed."""
+    if sighting is None or tuple(sighting[:4]) != letter.identity[:4]:
+        return False
+    prefix = f"{letter.meter or WHOLE_EVENT}: "
+    return any(str(e).startswith(prefix) for e in sighting[4])
+
+
+def replay(client: Client, database: str, meters: MeterSet, options: Any, *, meter: str | None = None,
+           reason: str | None = None) -> ReplayReport:
+    """Re-meter dead letters under the current config (see the module docstring); idempotent.
+
+    `options` is a `processor.rows.RowOptions` (window size, late horizon, strict types).
+    """
+    from processor.rows import MessagePosition, always_accept, message_rows
+
+    report = ReplayReport()
+    ensure_replays_table(client, database)
+    letters = _load(client, database, meter, reason)
+    sightings = _first_sightings(client, database, letters)
+    groups: dict[tuple[str, int, int, str, str], list[DeadLetter]] = defaultdict(list)
+    outcomes: list[list[Any]] = []
+    now = datetime.now(UTC)
+    for d in letters:
+        if d.reason_code in NOT_REPLAYABLE:
+            report.not_replayable += 1
+            continue
+        if not _still_failing(d, sightings.get((d.source, d.id))):
+            report.superseded += 1
+            outcomes.append([*d.identity, "superseded", "the processor metered or dropped it since", now])
+            continue
+        groups[(d.log_epoch, d.partition, d.offset, d.reason_code, d.meter)].append(d)
+
+    new_rows: list[list[Any]] = []
+    for (epoch, partition, offset, code, slug), members in sorted(groups.items()):
+        report.groups += 1
+        members.sort(key=lambda d: d.index)
+        # The row builder numbers events by list position: pad so every event keeps its original index
+        # (the padding is invalid and only yields dead-letter rows, which are discarded).
+        events: list[Any] = [{} for _ in range(members[-1].index + 1)]
+        for d in members:
+            events[d.index] = d.event()
+        received = min(d.received_at for d in members)
+        rows = message_rows(events, MessagePosition(replay_epoch(code, slug, epoch), partition, offset), meters,
+                            options, always_accept, now=received)
+        windows = [r for r in rows.windows if not slug or r[0] == slug]
+        new_rows.extend(windows)
+        rejected = {(int(r[3]), str(r[4])): str(r[11]) for r in rows.dead_letters}
+        for d in members:
+            again = rejected.get((d.index, d.meter))
+            if again is None:
+                report.metered += 1
+                outcomes.append([*d.identity, "metered", "", now])
+            else:
+                report.still_rejected += 1
+                report.rejected_reasons[again] = report.rejected_reasons.get(again, 0) + 1
+                outcomes.append([*d.identity, "still_rejected", again, now])
+
+    with storage_errors():
+        if new_rows:
+            client.insert(_table(database, METER_WINDOWS), new_rows, column_names=list(WINDOW_COLUMNS),
+                          settings={"async_insert": 0})
+        report.window_rows = len(new_rows)
+        report.stale_rows_deleted = _delete_stale(client, database, groups, new_rows)
+        if outcomes:
+            client.insert(_table(database, REPLAYS), outcomes,
+                          column_names=["log_epoch", "kafka_partition", "kafka_offset", "batch_index", "meter",
+                                        "outcome", "detail", "replayed_at"])
+    logger.info("dead-letter replay done", extra={"report": report})
+    return report
+
+
+def _delete_stale(client: Client, database: str, groups: Any, new_rows: Sequence[Sequence[Any]]) -> int:
+    """Delete earlier replay rows of the replayed groups that the current config no longer produces."""
+    if not groups:
+        return 0
+    tags = sorted({(replay_epoch(code, slug, epoch), p, o) for (epoch, p, o, code, slug) in groups})
+    keep = {(str(r[0]), str(r[1]), _utc(r[2]), str(r[3]), str(r[5]), int(r[6]), int(r[7])) for r in new_rows}
+    table = _table(database, METER_WINDOWS)
+    existing = client.query(
+        f"SELECT DISTINCT meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset "
+        f"FROM {table} WHERE log_epoch IN {{tags:Array(String)}}",
+        parameters={"tags": sorted({t[0] for t in tags})},
+    ).result_rows
+    wanted_tags = set(tags)
+    stale = [r for r in existing
+             if (str(r[4]), int(r[5]), int(r[6])) in wanted_tags
+             and (str(r[0]), str(r[1]), _utc(r[2]), str(r[3]), str(r[4]), int(r[5]), int(r[6])) not in keep]
+    for r in stale:
+        client.command(
+            f"DELETE FROM {table} WHERE meter = {{m:String}} AND subject = {{s:String}} "
+            "AND window_start = {w:DateTime('UTC')} AND group_key = {g:String} AND log_epoch = {e:String} "
+            "AND kafka_partition = {p:UInt32} AND kafka_offset = {o:UInt64}",
+            parameters={"m": r[0], "s": r[1], "w": _utc(r[2]).strftime("%Y-%m-%d %H:%M:%S"), "g": r[3],
+                        "e": r[4], "p": int(r[5]), "o": int(r[6])},
+        )
+    return len(stale)
