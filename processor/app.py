@@ -15,6 +15,7 @@ Processor-only knobs that are not part of the shared `Settings` are read from th
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import shutil
@@ -176,6 +177,11 @@ def main(argv: list[str] | None = None) -> None:
     from faust.worker import Worker
 
     processor: BatchProcessor = app.meterline  # type: ignore[attr-defined]
+    # The hot loop allocates ~10 dicts per event, none cyclic; CPython's default gen-0 threshold (700)
+    # then runs the cyclic GC thousands of times per batch, which measured at 2-3x the cost of
+    # metering. Freeze startup objects and collect rarely.
+    gc.freeze()
+    gc.set_threshold(100_000, 50, 100)
     worker = Worker(app, loglevel=options.log_level, redirect_stdouts=False)
     try:
         worker.execute_from_commandline()
