@@ -96,6 +96,12 @@ class LocalStack:
     ) -> None:
         self.stop()
 
+    def assert_running(self) -> None:
+        """Raise with the log tail of any meterline process that has exited, so waits fail fast."""
+        for proc in [self.server, *self.workers]:
+            if proc is not None and not proc.is_alive():
+                raise RuntimeError(f"{proc.name} exited (rc {proc.returncode}):\n{proc.log_tail()}")
+
     # -- pieces ----------------------------------------------------------------------------------
 
     @property

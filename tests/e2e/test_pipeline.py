@@ -69,6 +69,7 @@ def wait_until_counted(stack: LocalStack, events: list[dict[str, Any]], timeout:
     deadline = time.monotonic() + timeout
     got: Any = None
     while time.monotonic() < deadline:
+        stack.assert_running()
         resp = httpx.get(
             f"{stack.url}/api/v1/meters/prompt_count/query",
             params={"from": START.isoformat(), "to": END.isoformat()},
