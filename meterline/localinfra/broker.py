@@ -4,9 +4,16 @@ Why a fresh random cluster id per start: the design uses the cluster id as the *
 event position. A memory broker loses its log on restart and hands out offsets from 0 again; a new
 epoch guarantees those new positions never collide with positions recorded before the restart.
 
-Measured on tansu 0.6.0: ``create_topics`` honours ``num_partitions``; producing to an unknown topic
-auto-creates it with 4 partitions (so create topics explicitly); a consumer-group join takes about half
-of the client's ``session.timeout.ms`` (45 s default -> ~23 s; 6000 -> ~3 s).
+Measured on tansu 0.6.0:
+- ``create_topics`` honours ``num_partitions`` and answers TOPIC_ALREADY_EXISTS on a repeat.
+- Any metadata request for an unknown topic auto-creates it with 4 partitions. Faust creates only its
+  internal topics (changelogs, leader topic) with the right counts, never its source topics, so call
+  `ensure_topic` before the first worker or producer starts, or the topic silently gets 4 partitions.
+- A consumer-group join takes about half the client's session timeout: librdkafka's 45 s default
+  -> ~23 s, Faust's 60 s default -> ~30 s; ``session.timeout.ms=6000`` / ``broker_session_timeout=6``
+  -> ~3 s.
+- SIGTERM is ignored while clients are connected, so `stop` falls back to SIGKILL (memory storage:
+  nothing is lost that a restart would keep anyway).
 """
 
 from __future__ import annotations

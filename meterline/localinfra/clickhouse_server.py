@@ -4,6 +4,11 @@ Why: there is no Docker and no ClickHouse binary here, but ``chdb-core`` embeds 
 subprocess (`meterline.localinfra._chdb_serve`) opens its HTTP listener, so the rest of meterline talks
 to it with clickhouse-connect exactly as it would to a production server. The data directory persists
 across stop/kill and restart, which the fault tests rely on.
+
+Measured with chdb-core 26.9: ~0.5 s to ``/ping``; servers over different data dirs run side by side;
+a second server over the same data dir exits with "Cannot lock file <data_dir>/status" (an flock, so a
+kill -9 releases it and a restart reopens the directory with every acknowledged insert); idle CPU <1%.
+`url` has no database path; append ``/meterline`` (or a test database) for `Settings.clickhouse_url`.
 """
 
 from __future__ import annotations
