@@ -1,0 +1,116 @@
+"""The processor's pure row builder: shapes follow meterline.schema, and rows are deterministic."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from meterline.meters import Meter, MeterSet
+from meterline.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
+from processor.dedupe import Position, dedupe_key
+from processor.rows import (
+    MessagePosition,
+    RowOptions,
+    always_accept,
+    message_rows,
+    undecodable_rows,
+)
+
+NOW = datetime(2024, 5, 1, 13, 0, tzinfo=UTC)
+POS = MessagePosition("cluster-1", 3, 42)
+METERS = MeterSet([
+    Meter(slug="tokens", eventType="prompt", aggregation="SUM", valueProperty="$.tokens", groupBy={"model": "$.model"}),
+    Meter(slug="calls", eventType="prompt", aggregation="COUNT"),
+])
+
+
+def ev(i: int, tokens: Any = 5, *, t: str = "2024-05-01T12:00:30.000000Z", etype: str = "prompt", **data: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": f"e{i}", "source": "src", "type": etype, "subject": "cust",
+            "time": t, "data": {"tokens": tokens, "model": "a", **data}}
+
+
+def col(row: list[Any], columns: tuple[str, ...], name: str) -> Any:
+    return row[columns.index(name)]
+
+
+def test_shapes_follow_schema_columns() -> None:
+    rows = message_rows([ev(1), ev(2, tokens="x")], POS, METERS, RowOptions(), always_accept, now=NOW)
+    assert all(len(r) == len(EVENT_COLUMNS) for r in rows.events)
+    assert all(len(r) == len(DEAD_LETTER_COLUMNS) for r in rows.dead_letters)
+    assert all(len(r) == len(WINDOW_COLUMNS) for r in rows.windows)
+    first = rows.events[0]
+    assert col(first, EVENT_COLUMNS, "dedupe_key") == dedupe_key("src", "e1")
+    assert col(first, EVENT_COLUMNS, "time") == datetime(2024, 5, 1, 12, 0, 30, tzinfo=UTC)
+    assert col(first, EVENT_COLUMNS, "kafka_offset") == 42 and col(first, EVENT_COLUMNS, "batch_index") == 0
+    assert col(first, EVENT_COLUMNS, "data") == '{"tokens":5,"model":"a"}'
+
+
+def test_one_window_row_per_meter_group_and_minute_with_message_position() -> None:
+    events = [ev(1, 2), ev(2, 3), ev(3, 4, t="2024-05-01T12:01:00.000000Z")]
+    rows = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW)
+    by_key = {(r[0], r[2].minute): r for r in rows.windows}
+    tokens0 = by_key[("tokens", 0)]
+    assert col(tokens0, WINDOW_COLUMNS, "sum") == Decimal("5") and col(tokens0, WINDOW_COLUMNS, "count") == 2
+    assert col(tokens0, WINDOW_COLUMNS, "group") == {"model": "a"}
+    assert col(tokens0, WINDOW_COLUMNS, "kafka_partition") == 3 and col(tokens0, WINDOW_COLUMNS, "kafka_offset") == 42
+    assert col(by_key[("calls", 1)], WINDOW_COLUMNS, "count") == 1
+    # LATEST tie-break rank = offset * 100000 + index
+    assert col(by_key[("tokens", 1)], WINDOW_COLUMNS, "latest_rank") == 42 * 100_000 + 2
+
+
+def test_duplicates_produce_no_rows() -> None:
+    seen: set[bytes] = set()
+
+    def decide(key: bytes, position: Position) -> bool:
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    rows = message_rows([ev(1), ev(1), ev(2)], POS, METERS, RowOptions(), decide, now=NOW)
+    assert [col(r, EVENT_COLUMNS, "batch_index") for r in rows.events] == [0, 2]
+    assert rows.duplicates == 1 and rows.accepted == 2
+    assert sum(r[WINDOW_COLUMNS.index("count")] for r in rows.windows if r[0] == "calls") == 2
+
+
+def test_rejection_is_dead_lettered_and_recorded_on_the_event() -> None:
+    rows = message_rows([ev(1, tokens="lots")], POS, METERS, RowOptions(), always_accept, now=NOW)
+    [dead] = rows.dead_letters
+    assert col(dead, DEAD_LETTER_COLUMNS, "meter") == "tokens"
+    assert col(dead, DEAD_LETTER_COLUMNS, "reason_code") == "value_not_numeric"
+    [errors] = [col(r, EVENT_COLUMNS, "validation_errors") for r in rows.events]
+    assert errors and errors[0].startswith("tokens: ")
+    assert [r[0] for r in rows.windows] == ["calls"]  # COUNT still meters it
+
+
+def test_too_late_events_are_dead_lettered_not_metered() -> None:
+    old = (NOW - timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    rows = message_rows([ev(1, t=old), ev(2)], POS, METERS, RowOptions(late_horizon=timedelta(days=2)),
+                        always_accept, now=NOW)
+    assert [col(r, DEAD_LETTER_COLUMNS, "reason_code") for r in rows.dead_letters] == ["too_late"]
+    assert rows.late == 1
+    assert sum(r[WINDOW_COLUMNS.index("count")] for r in rows.windows if r[0] == "calls") == 1
+
+
+def test_strict_event_types_dead_letters_unknown_types() -> None:
+    events = [ev(1, etype="other")]
+    assert not message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW).dead_letters
+    rows = message_rows(events, POS, METERS, RowOptions(strict_event_types=True), always_accept, now=NOW)
+    assert [col(r, DEAD_LETTER_COLUMNS, "reason_code") for r in rows.dead_letters] == ["unknown_type"]
+    assert len(rows.events) == 1 and not rows.windows
+
+
+def test_invalid_events_and_payloads_become_dead_letters() -> None:
+    rows = message_rows([{"id": "x"}, ev(2)], POS, METERS, RowOptions(), always_accept, now=NOW)
+    assert [col(r, DEAD_LETTER_COLUMNS, "reason_code") for r in rows.dead_letters] == ["invalid_event"]
+    assert len(rows.events) == 1
+    bad = undecodable_rows(POS, b"not json", "not JSON", NOW, message_rows([], POS, METERS, RowOptions(), always_accept))
+    assert col(bad.dead_letters[0], DEAD_LETTER_COLUMNS, "data") == "not json"
+
+
+def test_rows_are_deterministic_for_replays() -> None:
+    events = [ev(i, i, t=f"2024-05-01T12:0{i % 3}:00.000000Z") for i in range(20)]
+    a = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW)
+    b = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW + timedelta(hours=1))
+    assert a.windows == b.windows
