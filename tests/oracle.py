@@ -12,7 +12,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -108,7 +108,8 @@ def expected(
             if value is None:
                 continue
         groups = tuple(_group_text(data.get(g)) for g in group_by)
-        key = (bucket(t, window, tz, start), ev["subject"] if by_subject else None, groups)
+        # Edge windows are clipped to the range: a window starting before `start` reports `start`.
+        key = (max(bucket(t, window, tz, start), start), ev["subject"] if by_subject else None, groups)
         acc[key].append((t, rank, value))
     return {key: _aggregate(meter.aggregation, items) for key, items in acc.items()}
 
@@ -129,8 +130,8 @@ def _aggregate(aggregation: str, items: list[tuple[datetime, int, Any]]) -> Deci
         return Decimal(len(values))
     if aggregation == "SUM":
         return sum(values, Decimal(0))
-    if aggregation == "AVG":
-        return sum(values, Decimal(0)) / len(values)
+    if aggregation == "AVG":  # documented precision: 9 fractional digits, half-even
+        return (sum(values, Decimal(0)) / len(values)).quantize(Decimal("1e-9"), rounding=ROUND_HALF_EVEN)
     if aggregation == "MIN":
         return min(values)
     if aggregation == "MAX":
