@@ -63,7 +63,7 @@ def kafka(log_dir: Path) -> Iterator[tuple[str, LocalBroker | None]]:
             _fail(f"Kafka at {external}", KAFKA_ENV, "host:9092", exc)
         yield external, None
     elif docker_available():
-        from testcontainers.kafka import KafkaContainer
+        from testcontainers.community.kafka import KafkaContainer
 
         with KafkaContainer(KAFKA_IMAGE) as container:
             yield container.get_bootstrap_server(), None
@@ -92,7 +92,7 @@ def clickhouse(data_dir: Path) -> Iterator[tuple[str, LocalClickHouse | None]]:
             _fail(f"ClickHouse at {external}", CLICKHOUSE_ENV, "http://host:8123", exc)
         yield base, None
     elif docker_available():
-        from testcontainers.clickhouse import ClickHouseContainer
+        from testcontainers.community.clickhouse import ClickHouseContainer
 
         with ClickHouseContainer(CLICKHOUSE_IMAGE) as container:
             host, port = container.get_container_host_ip(), container.get_exposed_port(8123)
