@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from meterline.errors import ConfigError
+from meterline.errors import ConfigError, MeterlineError
 from meterline.settings import Settings
 
 app = typer.Typer(help="meterline: exact usage metering.", no_args_is_help=True, add_completion=False)
@@ -170,10 +170,47 @@ def dead_letters_replay(
     )
 
 
+@app.command()
+def recompute(
+    meter: Annotated[str, typer.Argument(help="slug of the meter to rebuild")],
+    config: Annotated[Optional[Path], typer.Option(help="config.yaml with the new definition")] = None,
+) -> None:
+    """Rebuild a meter's windows from stored raw events (after adding it or changing its definition)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from meterline.clickhouse import connect
+    from meterline.meters import MeterSet
+    from processor.recompute import count_query, recompute as rebuild
+
+    settings = _settings(config)
+    definition = MeterSet(settings.meters()).get(meter)
+    if not settings.clickhouse_url:
+        console.print("[red]CLICKHOUSE_URL is not set: recompute works on a running ClickHouse[/red]")
+        raise typer.Exit(2)
+    client = connect(settings.clickhouse_url)
+    try:
+        sql, params = count_query(settings.clickhouse_database, definition)
+        total = int(client.query(sql, parameters=params).result_rows[0][0])
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task(f"recomputing {meter}", total=total)
+            result = rebuild(
+                client, settings.clickhouse_database, definition,
+                window_seconds=settings.window_size_seconds,
+                on_progress=lambda n: progress.advance(task, n),
+            )
+    finally:
+        client.close()
+    console.print(
+        f"[green]{meter}[/green]: {result.events} events -> {result.windows} window rows, "
+        f"{result.dead_letters} dead letters"
+    )
+
+
 def main() -> None:
     try:
         app()
-    except ConfigError as exc:
+    except MeterlineError as exc:
         console.print(f"[red]{exc}[/red]")
         sys.exit(1)
 

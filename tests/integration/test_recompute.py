@@ -1,0 +1,118 @@
+"""`meterline recompute` after a groupBy change, on real ClickHouse, against the oracle.
+
+History is written the way the worker writes it (processor.rows.message_rows) under the OLD meter
+definition; after recompute, every group of the NEW definition must equal the oracle and no row of the
+old grouping may remain.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from typer.testing import CliRunner
+
+from meterline.cli import app
+from meterline.clickhouse import connect, create_schema
+from meterline.meters import Meter, MeterSet
+from meterline.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS, WINDOW_COLUMNS
+from processor.dedupe import Position
+from processor.recompute import recompute
+from processor.rows import MessagePosition, RowOptions, message_rows
+from tests.oracle import EventFactory, OracleMeter, expected
+
+OLD = Meter(slug="tokens_total", eventType="prompt", aggregation="SUM", valueProperty="$.tokens",
+            groupBy={"model": "$.model"})
+NEW = Meter(slug="tokens_total", eventType="prompt", aggregation="SUM", valueProperty="$.tokens",
+            groupBy={"type": "$.type"})
+
+
+@pytest.fixture()
+def database(clickhouse_url: str) -> Iterator[tuple[Client, str]]:
+    name = f"recompute_{uuid.uuid4().hex[:8]}"
+    client = connect(clickhouse_url)
+    create_schema(client, name)
+    try:
+        yield client, name
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {name}")
+        client.close()
+
+
+def write_history(client: Client, database: str, events: list[dict]) -> None:
+    """Store events in 100-event messages exactly as a worker would, with the OLD definition."""
+    seen: set[bytes] = set()
+
+    def first_sighting(key: bytes, position: Position) -> bool:
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    meters = MeterSet([OLD])
+    for offset, start in enumerate(range(0, len(events), 100)):
+        rows = message_rows(events[start : start + 100], MessagePosition("epoch-1", 0, offset), meters,
+                            RowOptions(), first_sighting)
+        client.insert(EVENTS, rows.events, column_names=list(EVENT_COLUMNS), database=database)
+        client.insert(METER_WINDOWS, rows.windows, column_names=list(WINDOW_COLUMNS), database=database)
+
+
+def totals_by(client: Client, database: str, key: str) -> dict[tuple, Decimal]:
+    result = client.query(
+        f"SELECT if(mapContains(group, {{k:String}}), group[{{k:String}}], NULL) AS g, sum(sum)"
+        f" FROM {database}.{METER_WINDOWS} FINAL WHERE meter = 'tokens_total' GROUP BY g",
+        parameters={"k": key},
+    )
+    return {(g,): Decimal(v) for g, v in result.result_rows if Decimal(v) != 0 or g is not None}
+
+
+def test_recompute_regroups_history(database: tuple[Client, str]) -> None:
+    client, name = database
+    factory = EventFactory(seed=3, span=timedelta(hours=3))
+    events = [factory.event(invalid_rate=0.05) for _ in range(1500)]
+    events += events[:100]  # duplicates must stay excluded after recompute
+    write_history(client, name, events)
+    oracle_events = events[:1500]
+    meter = OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("type",))
+    start = factory.start
+    want = {
+        k[2]: v
+        for k, v in expected(oracle_events, meter, start=start, end=start + timedelta(days=1), window=None,
+                             group_by=("type",), by_subject=False).items()
+    }
+    assert totals_by(client, name, "type") != want  # the old grouping cannot answer the new question
+
+    result = recompute(client, name, NEW)
+
+    assert result.events == sum(1 for e in oracle_events if e["type"] == "prompt")
+    assert totals_by(client, name, "type") == want
+    left = client.query(f"SELECT count() FROM {name}.{METER_WINDOWS} FINAL WHERE mapContains(group, 'model')")
+    assert left.result_rows[0][0] == 0
+
+
+def test_cli_recompute(database: tuple[Client, str], clickhouse_url: str, tmp_path: Path,
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    client, name = database
+    factory = EventFactory(seed=5, span=timedelta(hours=1))
+    events = [factory.event() for _ in range(300)]
+    write_history(client, name, events)
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "meters:\n  - slug: tokens_total\n    eventType: prompt\n    aggregation: SUM\n"
+        "    valueProperty: $.tokens\n    groupBy: {type: $.type}\n"
+    )
+    monkeypatch.setenv("CLICKHOUSE_URL", f"{clickhouse_url.rstrip('/')}/{name}")
+    result = CliRunner().invoke(app, ["recompute", "tokens_total", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    meter = OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("type",))
+    want = {
+        k[2]: v
+        for k, v in expected(events, meter, start=factory.start, end=factory.start + timedelta(days=1),
+                             window=None, group_by=("type",), by_subject=False).items()
+    }
+    assert totals_by(client, name, "type") == want
