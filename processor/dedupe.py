@@ -173,9 +173,7 @@ class DedupeState:
             write_chunk()
         self._db.write(wb)
         marker = self.marker(partition)
-        if marker is None or marker[0] != current_no:
-            self._set_marker(partition, current_no, max_next)
-        elif max_next > marker[1]:
+        if marker is None or marker[0] != current_no or max_next > marker[1]:
             self._set_marker(partition, current_no, max_next)
         self._loaded.add(partition)
         return n

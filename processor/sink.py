@@ -13,6 +13,7 @@ fetching) alive while ClickHouse is slow.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import threading
@@ -85,10 +86,8 @@ class ClickHouseSink:
     def _reset(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            try:
+            with contextlib.suppress(Exception):  # closing a broken client must not mask the real error
                 client.close()
-            except Exception:  # noqa: BLE001 - closing a broken client must not mask the real error
-                pass
 
     def ensure_schema(self) -> None:
         """Create database and tables (idempotent), retrying like writes: startup waits for ClickHouse."""

@@ -128,8 +128,8 @@ def run(log: dict[int, list[list[bytes]]], tmp: Path, seed: int, crash_rate: flo
             state.discard_batch()
             state.close()
             # committed offsets may lag what was written: replay from a random earlier committed point
-            for p in committed:
-                committed[p] = rnd.randint(max(0, committed[p] - 3), committed[p])
+            for p, c in list(committed.items()):
+                committed[p] = rnd.randint(max(0, c - 3), c)
             if rnd.random() < 0.5:
                 generation += 1
                 path = tmp / f"state{generation}"  # the local cache is lost

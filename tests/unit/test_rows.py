@@ -51,7 +51,7 @@ def test_one_window_row_per_meter_group_and_minute_with_message_position() -> No
     rows = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW)
     by_key = {(r[0], r[2].minute): r for r in rows.windows}
     tokens0 = by_key[("tokens", 0)]
-    assert col(tokens0, WINDOW_COLUMNS, "sum") == Decimal("5") and col(tokens0, WINDOW_COLUMNS, "count") == 2
+    assert col(tokens0, WINDOW_COLUMNS, "sum") == Decimal(5) and col(tokens0, WINDOW_COLUMNS, "count") == 2
     assert col(tokens0, WINDOW_COLUMNS, "group") == {"model": "a"}
     assert col(tokens0, WINDOW_COLUMNS, "kafka_partition") == 3 and col(tokens0, WINDOW_COLUMNS, "kafka_offset") == 42
     assert col(by_key[("calls", 1)], WINDOW_COLUMNS, "count") == 1
