@@ -1,0 +1,113 @@
+"""Dead-letter replay on the real stack: a meter with a wrong valueProperty dead-letters every event
+it should meter; the config is fixed (new config.yaml, processor restarted), `meterline dead-letters
+replay` re-meters them, and every window equals the oracle -- also after replaying a second time.
+
+Values that are invalid under any config stay dead letters (`still_rejected`); the oracle never counts
+them either.
+"""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import pytest
+
+from meterline.clickhouse import connect
+from meterline.deadletters import list_dead_letters
+from meterline.localinfra.stack import LocalStack
+from tests.faults.harness import (
+    FAULT_CONFIG,
+    SPAN,
+    START,
+    ScenarioRow,
+    Sender,
+    batches,
+    compare,
+    dead_letter_count,
+    fault_events,
+    fault_seed,
+    finish,
+    stream_with_retries,
+    wait_caught_up,
+)
+from tests.oracle import EventFactory, first_sightings
+
+pytestmark = pytest.mark.faults
+
+BROKEN = "valueProperty: $.tokens\n    groupBy: {model: $.model, type: $.type}"
+assert BROKEN in FAULT_CONFIG
+BROKEN_CONFIG = FAULT_CONFIG.replace(BROKEN, "valueProperty: $.token\n    groupBy: {model: $.model, type: $.type}", 1)
+
+
+def cli(stack: LocalStack, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-m", "meterline.cli", "dead-letters", *args], env=stack.env(),
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, f"meterline dead-letters {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+def wait_dead_letters_stable(stack: LocalStack, seconds: float = 5.0, timeout: float = 120.0) -> int:
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        n = dead_letter_count(stack)
+        if n != last:
+            last, since = n, time.monotonic()
+        elif time.monotonic() - since > seconds:
+            return n
+        time.sleep(1)
+    return last
+
+
+def test_replay_after_config_fix(make_stack: Callable[..., LocalStack],
+                                 summary: Callable[[str], ScenarioRow]) -> None:
+    started = time.monotonic()
+    row = summary("dead-letter replay after fix")
+    seed = fault_seed() + 7
+    rng = random.Random(seed)
+    stack = make_stack(processors=1, config=BROKEN_CONFIG)
+    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 5, rng,
+                                 invalid_rate=0.05)
+    sender = Sender(stack.url)
+    sender.send_all(batches(stream, rng))
+    counted = first_sightings(sender.accepted)
+    wait_caught_up(stack, counted)
+    dead = wait_dead_letters_stable(stack)
+    broken = compare(stack, counted, slugs=["tokens_total"])
+    assert broken.mismatches, "the broken meter should have metered nothing"
+    prompts = sum(1 for e in counted if e["type"] == "prompt")
+    assert dead_letter_count(stack, "value_missing") >= prompts * 0.9
+
+    # Fix the config, restart the processor on it, then replay (twice: it must be idempotent).
+    stack.config_file.write_text(FAULT_CONFIG)
+    stack.restart_processor(0)
+    first = cli(stack, "replay", "--meter", "tokens_total")
+    after_first = compare(stack, counted)
+    second = cli(stack, "replay", "--meter", "tokens_total")
+    comparison = compare(stack, counted)
+    assert not after_first.mismatches, "after the first replay:\n" + "\n".join(after_first.mismatches[:20])
+    cli(stack, "list", "--meter", "tokens_total", "--limit", "5")
+
+    client = connect(str(stack.clickhouse_url), database=str(stack.database))
+    try:
+        left = list_dead_letters(client, str(stack.database), meter="tokens_total", limit=None)
+    finally:
+        client.close()
+    assert left, "invalid token values must stay dead letters"
+    assert {outcome for _, outcome in left} == {"still_rejected"}, {outcome for _, outcome in left}
+
+    # New events after the fix are metered by the processor itself, next to the replayed windows.
+    later = EventFactory(seed=seed + 1, start=START, span=SPAN)
+    more = [later.event() for _ in range(500)]
+    sender.send_all(batches(more, rng))
+    counted = first_sightings(sender.accepted)
+    wait_caught_up(stack, counted)
+    comparison = compare(stack, counted)
+    row.note = f"{dead} dead letters; replay: {first.strip()[:60]}"
+    assert first.split(",")[0] == second.split(",")[0], (first, second)
+    finish(row, stack, sender, counted, comparison, started)
+    sender.close()
