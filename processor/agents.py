@@ -47,6 +47,9 @@ logger = logging.getLogger(__name__)
 
 _NO_KEY = b"\x00" * 16
 
+#: (partition, offset, value, broker timestamp in epoch seconds or None): what a batch is made of.
+Message = tuple[int, int, bytes, float | None]
+
 
 def install_ack_guard(consumer: Any, approved: set[int]) -> None:
     """Let `consumer.ack` through only for messages whose `id()` is in `approved` (see module doc)."""
@@ -102,39 +105,46 @@ class BatchProcessor:
             logger.info("dedupe state loaded", extra={"partition": p, "keys": n, "since": since,
                                                      "seconds": round(time.perf_counter() - started, 3)})
 
-    def build(self, messages: list[tuple[int, int, bytes]], now: datetime | None = None) -> Rows:
-        """Rows of a batch of (partition, offset, value) messages, deciding dedupe in log order."""
-        now = datetime.now(UTC) if now is None else now
-        decoded: list[tuple[int, int, Any, list[bytes] | None]] = []
+    def build(self, messages: list[Message], now: datetime | None = None) -> Rows:
+        """Rows of a batch of messages, deciding dedupe in log order.
+
+        "Now" for the late horizon and `ingested_at` is each message's broker timestamp, not the clock:
+        a replay after a crash must decide "too late" exactly as the first pass did, or an event near
+        the horizon could be both metered (first pass) and dead-lettered (replay). `now` overrides it
+        (tests, benchmarks) and stands in for messages without a timestamp.
+        """
+        fallback = datetime.now(UTC) if now is None else now
+        decoded: list[tuple[int, int, Any, list[bytes] | None, datetime]] = []
         all_keys: list[bytes] = []
         rows = Rows()
-        for partition, offset, value in messages:
+        for partition, offset, value, timestamp in messages:
+            received = fallback if now is not None or not timestamp else datetime.fromtimestamp(timestamp, UTC)
             try:
                 events = decode_batch(value)
             except InvalidEventError as exc:
                 undecodable_rows(MessagePosition(self.log_epoch, partition, offset), value,
-                                 exc.errors[0]["message"] if exc.errors else str(exc), now, rows)
+                                 exc.errors[0]["message"] if exc.errors else str(exc), received, rows)
                 continue
             keys = [_key(e) for e in events]
             all_keys.extend(keys)
-            decoded.append((partition, offset, events, keys))
+            decoded.append((partition, offset, events, keys, received))
         self.state.prefetch(all_keys)
         n_events = 0
-        for partition, offset, events, keys in decoded:
+        for partition, offset, events, keys, received in decoded:
             n_events += len(events)
             message_rows(events, MessagePosition(self.log_epoch, partition, offset), self.meters,
-                         self.options, self.state.decide, now=now, keys=keys, rows=rows)
+                         self.options, self.state.decide, now=received, keys=keys, rows=rows)
         metrics.EVENTS.inc(n_events)
         return rows
 
-    async def process(self, messages: list[tuple[int, int, bytes]]) -> Rows:
+    async def process(self, messages: list[Message]) -> Rows:
         """Load, decide, persist decisions locally, write to ClickHouse; the caller acks afterwards."""
-        await self.ensure_loaded({p for p, _, _ in messages})
+        await self.ensure_loaded({m[0] for m in messages})
         rows = self.build(messages)
         self.state.flush()
         await self.sink.write(rows)
         last: dict[int, int] = {}
-        for p, off, _ in messages:
+        for p, off, _, _ in messages:
             if off >= last.get(p, -1):
                 last[p] = off
         for p, off in last.items():
@@ -171,7 +181,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
             del events
             if not live:
                 continue
-            batch = [(e.message.partition, e.message.offset, e.value) for e in live]
+            batch = [(e.message.partition, e.message.offset, e.value, e.message.timestamp) for e in live]
             try:
                 await processor.process(batch)
             except Exception as exc:
