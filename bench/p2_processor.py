@@ -34,8 +34,8 @@ CHUNK = 20_000  # events generated and produced at a time, so 10M never sit in m
 
 def produce(bootstrap: str, topic: str, n: int, *, wire: bool, ctx: BenchContext, label: str) -> int:
     """Produce n events (wire format or one per message); return the expected tokens sum."""
-    # No compression: aiokafka (under Faust) decodes lz4 only when `cramjam` is installed.
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20,
+    # lz4 like ingest's producer, so the worker decodes what it would decode in production.
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
                          "partitioner": "murmur2_random", "queue.buffering.max.messages": 1_000_000})
     run = uuid.uuid4().hex[:8]
     tokens = 0

@@ -95,7 +95,7 @@ class Report:
                 f"{f.size:,}",
                 f"{_num(f.value)} {f.unit}",
                 f"{_num(f.baseline)} {f.unit}",
-                f"{f.ratio:.2f}x",
+                f"{f.ratio:.3g}x",
                 f.target,
                 mark,
             )
