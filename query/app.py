@@ -20,6 +20,7 @@ from meterline.errors import ConfigError
 from meterline.health import ReadinessCheck, health_router
 from meterline.meters import MeterSet
 from meterline.settings import Settings
+from query.openapi import drop_unreachable_422
 from query.routes import install_query_problem_handlers, router
 from query.store import WindowStore
 
@@ -66,6 +67,8 @@ def install_query(app: FastAPI) -> None:
     """Router, query error mappings and the latency histogram, for this app or a combined one."""
     install_query_problem_handlers(app)
     app.include_router(router)
+    generate = app.openapi
+    app.openapi = lambda: drop_unreachable_422(generate())  # type: ignore[method-assign]
 
     @app.middleware("http")
     async def _latency(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

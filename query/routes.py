@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse, Response
 from ingest.problems import ProblemResponse, problem
 from meterline.errors import InvalidQueryError, MeterNotFoundError, StorageError
 from meterline.meters import Meter, MeterSet
+from query import openapi
 from query.store import WindowStore
 from query.windowing import (
     WINDOW_SIZES,
@@ -157,12 +158,15 @@ def list_meters(request: Request) -> list[dict[str, Any]]:
     return [meter_json(m) for m in _meters(request).meters]
 
 
-@router.get("/api/v1/meters/{meterIdOrSlug}", summary="Get meter")
+@router.get("/api/v1/meters/{meterIdOrSlug}", summary="Get meter", responses=openapi.NOT_FOUND)
 def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
     return meter_json(_meters(request).get(meterIdOrSlug))
 
 
-@router.get("/api/v1/meters/{meterIdOrSlug}/query", summary="Query meter", response_model=None)
+@router.get(
+    "/api/v1/meters/{meterIdOrSlug}/query", summary="Query meter", response_model=None,
+    responses={**openapi.ERRORS, **openapi.NOT_FOUND}, openapi_extra=openapi.METER_QUERY,
+)
 def query_meter(request: Request, meterIdOrSlug: str) -> Response:
     meter = _meters(request).get(meterIdOrSlug)
     params = request.query_params
@@ -254,7 +258,10 @@ def _csv(data: list[dict[str, Any]], exact: list[Decimal], group_by: list[str]) 
     return Response(out.getvalue(), media_type="text/csv")
 
 
-@router.get("/api/v1/meters/{meterIdOrSlug}/subjects", summary="List meter subjects")
+@router.get(
+    "/api/v1/meters/{meterIdOrSlug}/subjects", summary="List meter subjects",
+    responses={**openapi.ERRORS, **openapi.NOT_FOUND}, openapi_extra=openapi.SUBJECTS,
+)
 def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
     meter = _meters(request).get(meterIdOrSlug)
     start, end = _instant(request, "from"), _instant(request, "to")
@@ -263,7 +270,9 @@ def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
     return _store(request).subjects(meter.slug, start=start, end=end)
 
 
-@router.get("/api/v1/events", summary="List ingested events")
+@router.get(
+    "/api/v1/events", summary="List ingested events", responses=openapi.ERRORS, openapi_extra=openapi.EVENTS
+)
 def list_events(request: Request) -> list[dict[str, Any]]:
     """Newest first; `from`/`to` are inclusive event times and need not be minute-aligned."""
     start, end = _instant(request, "from"), _instant(request, "to")
@@ -272,7 +281,10 @@ def list_events(request: Request) -> list[dict[str, Any]]:
     return _store(request).events(start=start, end=end, subject=_one(request, "subject"), limit=_limit(request))
 
 
-@router.get("/api/v1/dead-letters", summary="List dead-lettered events")
+@router.get(
+    "/api/v1/dead-letters", summary="List dead-lettered events", responses=openapi.ERRORS,
+    openapi_extra=openapi.DEAD_LETTERS,
+)
 def list_dead_letters(request: Request) -> list[dict[str, Any]]:
     """Events (or event x meter pairs) that could not be metered; `from`/`to` bound `receivedAt`."""
     start, end = _instant(request, "from"), _instant(request, "to")
