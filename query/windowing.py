@@ -15,6 +15,7 @@ from enum import Enum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meterline.errors import InvalidQueryError
+from meterline.events import MAX_TIME, MIN_TIME
 
 MINUTE = timedelta(minutes=1)
 _QUARTER = timedelta(minutes=15)
@@ -40,7 +41,14 @@ def parse_instant(value: str, field: str) -> datetime:
         raise InvalidQueryError(field, f"not an RFC 3339 date-time: {value!r}") from None
     if parsed.tzinfo is None:
         raise InvalidQueryError(field, f"date-time needs a time-zone offset (e.g. 'Z'): {value!r}")
-    return parsed.astimezone(UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC representation
+        parsed = MIN_TIME - timedelta(days=1)
+    if not MIN_TIME <= parsed <= MAX_TIME:
+        # The span ingest accepts and ClickHouse's DateTime stores; outside it ClickHouse would fail.
+        raise InvalidQueryError(field, f"must be between {MIN_TIME:%Y-%m-%d} and {MAX_TIME:%Y-%m-%d}: {value!r}")
+    return parsed
 
 
 def parse_zone(name: str | None) -> ZoneInfo:

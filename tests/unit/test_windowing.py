@@ -117,3 +117,13 @@ def test_clip_and_format() -> None:
     assert (format_instant(start), format_instant(end)) == ("2024-01-01T10:07:00Z", "2024-01-01T11:00:00Z")
     start, end = clip(datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 2, tzinfo=UTC), TimeRange(None, bounds.end))
     assert (start, end) == (datetime(2024, 1, 1, tzinfo=UTC), bounds.end)
+
+
+@pytest.mark.parametrize(
+    "text", ["0999-01-01T00:00:00Z", "0001-01-01T00:00:00+01:00", "1969-12-31T23:59:00Z", "2106-01-01T00:01:00Z"]
+)
+def test_instants_outside_the_storable_span_are_a_400(text: str) -> None:
+    """Found by schemathesis: such bounds reached ClickHouse and came back as a 503."""
+    with pytest.raises(InvalidQueryError) as info:
+        parse_instant(text, "from")
+    assert info.value.field == "from"
