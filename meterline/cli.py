@@ -89,7 +89,10 @@ def run(
         partitions=settings.topic_partitions,
     )
     stopped = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    # Explicit handlers: a shell that starts `make run` in the background leaves SIGINT ignored, and
+    # Python keeps an inherited SIG_IGN, so Ctrl-C forwarded to the group would otherwise do nothing.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stopped.set())
     with console.status("starting broker, ClickHouse, processor and API..."):
         stack.start()
     console.print(
