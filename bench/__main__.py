@@ -12,16 +12,23 @@ curve). Options also read `BENCH_<OPTION>` from the environment.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from bench.context import BenchContext
 from bench.infra import Infra
@@ -109,7 +116,7 @@ def main(
                     progress.update(overall, description=f"bench: {figure} at {n:,}")
                     try:
                         report.figures.extend(_runner(figure)(ctx, n))
-                    except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
+                    except Exception as exc:
                         report.errors[f"{figure}@{n}"] = f"{type(exc).__name__}: {exc}"
                         console.print(f"[red]{figure} at {n:,} failed[/red]\n{traceback.format_exc()}")
                         if not keep_going:

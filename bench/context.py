@@ -18,6 +18,8 @@ class BenchContext:
     progress: Progress
     console: Console
     options: dict[str, Any] = field(default_factory=dict)
+    #: Measurements one figure shares with another, e.g. P5 reads the memory of P2's worker run.
+    shared: dict[Any, Any] = field(default_factory=dict)
 
     @property
     def work_dir(self) -> Path:

@@ -8,8 +8,8 @@ broker and ClickHouse, so the ratio is what carries over between machines.
 from __future__ import annotations
 
 import json
-import platform
 import os
+import platform
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path

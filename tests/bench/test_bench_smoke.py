@@ -1,0 +1,73 @@
+"""`make bench` once at the tiny size: every figure is measured, with a baseline, and is correct.
+
+Only what was measured is checked (every event counted, P3's two answers equal, positive numbers),
+never a timing threshold: benchmarks are not timed tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("bench-results")
+    env = dict(os.environ, BENCH_SIZE="tiny", BENCH_RESULTS_DIR=str(out), BENCH_REPEATS="3", BENCH_P4_SECONDS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench"], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    files = sorted(out.glob("*.json"))
+    assert files, f"no results written; rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    data = json.loads(files[-1].read_text())
+    assert proc.returncode == 0, f"bench failed: {data['errors']}\n{proc.stdout[-3000:]}"
+    return data
+
+
+def by_figure(results: dict, figure: str) -> list[dict]:
+    return [f for f in results["figures"] if f["figure"] == figure]
+
+
+def test_every_figure_has_positive_value_baseline_and_ratio(results: dict) -> None:
+    assert results["errors"] == {}
+    assert {f["figure"] for f in results["figures"]} == {"P1", "P2", "P3", "P4", "P5"}
+    for f in results["figures"]:
+        assert f["value"] > 0 and f["baseline"] >= 0 and f["ratio"] >= 0, f
+        assert f["size"] > 0 and f["baseline_name"], f
+
+
+def test_p1_measures_batches_and_single_events(results: dict) -> None:
+    names = {f["name"] for f in by_figure(results, "P1")}
+    assert names == {"ingest batch=1000", "ingest batch=100", "ingest single events"}
+    assert all(f["baseline"] > 0 and f["ratio"] > 0 for f in by_figure(results, "P1"))
+
+
+def test_p2_and_p5_counted_every_event(results: dict) -> None:
+    (p2,) = by_figure(results, "P2")
+    assert p2["details"]["meterline"]["all_counted"] is True
+    assert p2["details"]["meterline"]["events"] == p2["size"]
+    assert p2["details"]["naive"]["events"] > 0
+    (p5,) = by_figure(results, "P5")
+    assert p5["details"]["all_counted"] is True and p5["details"]["naive_set_rss_bytes"] > 0
+
+
+def test_p3_answers_were_equal(results: dict) -> None:
+    p3 = by_figure(results, "P3")
+    assert len(p3) == 4
+    for f in p3:
+        assert f["details"]["answers_equal"] is True
+        assert f["details"]["events_rows"] == f["size"]
+        assert f["details"]["answer_rows"] > 0 and f["baseline"] > 0
+
+
+def test_p4_every_request_became_visible(results: dict) -> None:
+    p4 = by_figure(results, "P4")
+    assert {f["name"].split()[1] for f in p4} == {"p50", "p99"}
+    assert all(f["details"]["all_visible"] for f in p4)
