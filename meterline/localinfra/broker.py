@@ -22,15 +22,14 @@ import logging
 import tempfile
 import uuid
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from meterline.localinfra.fetch_tansu import tansu_path
-from meterline.localinfra.ports import HOST, NotReadyError, free_port, wait_for
+from meterline.localinfra.ports import HOST, free_port
 from meterline.localinfra.process import ManagedProcess
+from meterline.localinfra.server import LocalServer
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +75,15 @@ def ensure_topic(bootstrap: str, name: str, partitions: int, timeout: float = 10
         raise TopicMismatchError(f"topic {name} has {actual} partitions, expected {partitions}")
 
 
-class LocalBroker:
+class LocalBroker(LocalServer):
     """One tansu broker subprocess; ``with LocalBroker() as b: b.bootstrap``.
 
-    Every `start` is a new, empty broker with a new port and cluster id (memory storage only).
+    Every `start` is a new, empty broker with a new port and cluster id (memory storage only), so after
+    `stop` or `kill` all topics and offsets are gone.
     """
+
+    label = "local broker"
+    log_kind = "broker log"
 
     def __init__(
         self,
@@ -90,13 +93,12 @@ class LocalBroker:
         start_timeout: float = 30.0,
         stop_timeout: float = 2.0,
     ) -> None:
+        super().__init__(start_timeout=start_timeout, stop_timeout=stop_timeout)
         self.log_dir = Path(log_dir) if log_dir is not None else Path(tempfile.gettempdir())
         self.binary = Path(binary) if binary is not None else None
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
         self.port: int | None = None
         self.cluster_id: str | None = None
-        self._proc: ManagedProcess | None = None
+        self._binary: Path | None = None
 
     @property
     def bootstrap(self) -> str:
@@ -105,80 +107,28 @@ class LocalBroker:
         return f"{HOST}:{self.port}"
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    @property
     def log_path(self) -> Path | None:
         return self._proc.log_path if self._proc is not None else None
 
-    def start(self, attempts: int = 3) -> Self:
-        """Start on a free port and wait until metadata requests succeed; retry if the port was taken."""
-        if self.running:
-            raise RuntimeError(f"LocalBroker already running (pid {self.pid})")
-        binary = self.binary if self.binary is not None else tansu_path()
-        for attempt in range(1, attempts + 1):
-            self.port, self.cluster_id = free_port(), new_cluster_id()
-            url = f"tcp://{HOST}:{self.port}"
-            proc = ManagedProcess(
-                [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                 "--storage-engine", "memory://tansu/", "--cluster-id", self.cluster_id],
-                name=f"tansu[{self.port}]",
-                log_path=self.log_dir / f"tansu-{self.port}.log",
-                stop_timeout=self.stop_timeout,
-            )
-            self._proc = proc
-            proc.start()
-            try:
-                wait_for(
-                    lambda: broker_answers(self.bootstrap),
-                    self.start_timeout,
-                    f"local broker (tansu) at {self.bootstrap}, log {proc.log_path}",
-                    alive=proc.is_alive,
-                )
-            except NotReadyError as exc:
-                proc.kill()
-                if attempt == attempts:
-                    raise NotReadyError(f"{exc}; broker log tail:\n{proc.log_tail(2000)}") from exc
-                log.warning("local broker did not come up (attempt %d), retrying", attempt)
-                continue
-            log.info("local broker ready at %s (pid %d, cluster id %s)", self.bootstrap, proc.pid,
-                     self.cluster_id)
-            return self
-        raise AssertionError("unreachable")
+    def _prepare(self) -> None:
+        self._binary = self.binary if self.binary is not None else tansu_path()
 
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL after ``stop_timeout``. All topics and offsets are gone afterwards."""
-        if self._proc is not None:
-            self._proc.stop()
+    def _new_process(self) -> ManagedProcess:
+        self.port, self.cluster_id = free_port(), new_cluster_id()
+        url = f"tcp://{HOST}:{self.port}"
+        return ManagedProcess(
+            [str(self._binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/", "--cluster-id", self.cluster_id],
+            name=f"tansu[{self.port}]",
+            log_path=self.log_dir / f"tansu-{self.port}.log",
+            stop_timeout=self.stop_timeout,
+        )
 
-    def kill(self) -> None:
-        """Crash the broker (SIGKILL) for fault tests."""
-        if self._proc is not None:
-            self._proc.kill()
+    def _answers(self) -> bool:
+        return broker_answers(self.bootstrap)
 
-    def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): clients see timeouts, not refused connections."""
-        if self._proc is None:
-            raise RuntimeError("LocalBroker is not started")
-        self._proc.pause()
+    def _describe(self) -> str:
+        return f"local broker (tansu) at {self.bootstrap}, log {self.log_path}"
 
-    def resume(self) -> None:
-        if self._proc is None:
-            raise RuntimeError("LocalBroker is not started")
-        self._proc.resume()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _log_ready(self, proc: ManagedProcess) -> None:
+        log.info("local broker ready at %s (pid %d, cluster id %s)", self.bootstrap, proc.pid, self.cluster_id)

@@ -18,11 +18,10 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
-from meterline.localinfra.ports import HOST, NotReadyError, free_port, wait_for
+from meterline.localinfra.ports import HOST, free_port
 from meterline.localinfra.process import ManagedProcess
+from meterline.localinfra.server import LocalServer
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +39,16 @@ def ping(url: str, timeout: float = 1.0) -> bool:
         return bool(resp.read().strip() == b"Ok.")
 
 
-class LocalClickHouse:
+class LocalClickHouse(LocalServer):
     """One chdb-backed ClickHouse server over ``data_dir``; start again after stop/kill to reopen it.
 
     ``run_dir`` holds ``config.xml`` (read from the server's working directory) and ``server.log``;
     it defaults to a sibling of ``data_dir`` so two servers with different data dirs never share one.
+    Data stays in ``data_dir`` across `stop` and `kill`; a later `start` reopens it.
     """
+
+    label = "local ClickHouse"
+    log_kind = "server log"
 
     def __init__(
         self,
@@ -55,17 +58,15 @@ class LocalClickHouse:
         start_timeout: float = 60.0,
         stop_timeout: float = 10.0,
     ) -> None:
+        super().__init__(start_timeout=start_timeout, stop_timeout=stop_timeout)
         self.data_dir = Path(data_dir).resolve()
         self.run_dir = (
             Path(run_dir).resolve()
             if run_dir is not None
             else self.data_dir.with_name(self.data_dir.name + "-server")
         )
-        self.start_timeout = start_timeout
-        self.stop_timeout = stop_timeout
         self.http_port: int | None = None
         self.tcp_port: int | None = None
-        self._proc: ManagedProcess | None = None
 
     @property
     def url(self) -> str:
@@ -74,85 +75,33 @@ class LocalClickHouse:
         return f"http://{HOST}:{self.http_port}"
 
     @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.running
-
-    @property
     def log_path(self) -> Path:
         return self.run_dir / "server.log"
 
-    def start(self, attempts: int = 3) -> Self:
-        """Start on fresh free ports and wait for ``/ping``; retry if a port was taken meanwhile."""
-        if self.running:
-            raise RuntimeError(f"LocalClickHouse already running (pid {self.pid})")
+    def _prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for attempt in range(1, attempts + 1):
-            self.http_port, self.tcp_port = free_port(), free_port()
-            while self.tcp_port == self.http_port:
-                self.tcp_port = free_port()
-            (self.run_dir / "config.xml").write_text(
-                CONFIG_TEMPLATE.format(http_port=self.http_port, tcp_port=self.tcp_port, host=HOST)
-            )
-            proc = ManagedProcess(
-                [sys.executable, "-m", "meterline.localinfra._chdb_serve", str(self.data_dir)],
-                name=f"clickhouse[{self.data_dir}]",
-                log_path=self.log_path,
-                cwd=self.run_dir,
-                stop_timeout=self.stop_timeout,
-            )
-            self._proc = proc
-            proc.start()
-            try:
-                wait_for(
-                    lambda: ping(self.url),
-                    self.start_timeout,
-                    f"local ClickHouse at {self.url} (data {self.data_dir}, log {self.log_path})",
-                    alive=proc.is_alive,
-                )
-            except NotReadyError as exc:
-                proc.kill()
-                if attempt == attempts:
-                    # The log says why, e.g. "Cannot lock file .../status": another server owns data_dir.
-                    raise NotReadyError(f"{exc}; server log tail:\n{proc.log_tail(2000)}") from exc
-                log.warning("local ClickHouse did not come up (attempt %d), retrying", attempt)
-                continue
-            log.info("local ClickHouse ready at %s (pid %d, data %s)", self.url, proc.pid, self.data_dir)
-            return self
-        raise AssertionError("unreachable")
 
-    def stop(self) -> None:
-        """Graceful stop (SIGTERM, SIGKILL after ``stop_timeout``). Data stays in ``data_dir``."""
-        if self._proc is not None:
-            self._proc.stop()
+    def _new_process(self) -> ManagedProcess:
+        self.http_port, self.tcp_port = free_port(), free_port()
+        while self.tcp_port == self.http_port:
+            self.tcp_port = free_port()
+        (self.run_dir / "config.xml").write_text(
+            CONFIG_TEMPLATE.format(http_port=self.http_port, tcp_port=self.tcp_port, host=HOST)
+        )
+        return ManagedProcess(
+            [sys.executable, "-m", "meterline.localinfra._chdb_serve", str(self.data_dir)],
+            name=f"clickhouse[{self.data_dir}]",
+            log_path=self.log_path,
+            cwd=self.run_dir,
+            stop_timeout=self.stop_timeout,
+        )
 
-    def kill(self) -> None:
-        """Crash the server (SIGKILL) for fault tests; a later `start` reopens the same data dir."""
-        if self._proc is not None:
-            self._proc.kill()
+    def _answers(self) -> bool:
+        return ping(self.url)
 
-    def pause(self) -> None:
-        """Freeze the server (SIGSTOP): connections hang instead of failing, like a stuck ClickHouse."""
-        if self._proc is None:
-            raise RuntimeError("LocalClickHouse is not started")
-        self._proc.pause()
+    def _describe(self) -> str:
+        return f"local ClickHouse at {self.url} (data {self.data_dir}, log {self.log_path})"
 
-    def resume(self) -> None:
-        if self._proc is None:
-            raise RuntimeError("LocalClickHouse is not started")
-        self._proc.resume()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+    def _log_ready(self, proc: ManagedProcess) -> None:
+        log.info("local ClickHouse ready at %s (pid %d, data %s)", self.url, proc.pid, self.data_dir)
