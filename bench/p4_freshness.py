@@ -169,6 +169,15 @@ def kafka_latencies(ctx: BenchContext, rate: float, seconds: float) -> list[floa
     thread = threading.Thread(target=consume, daemon=True)
     thread.start()
     task = ctx.task(f"P4 baseline: Kafka ack -> consumer at {rate:,.0f} ev/s", len(bodies))
+    sending = threading.Event()
+    sending.set()
+
+    def poll_acks() -> None:  # as ingest does: delivery reports are taken the moment they arrive
+        while sending.is_set():
+            producer.poll(0.001)
+
+    acks = threading.Thread(target=poll_acks, daemon=True)
+    acks.start()
     t0 = time.monotonic()
     for k, (subject, body) in enumerate(bodies):
         delay = t0 + k * BATCH / rate - time.monotonic()
@@ -176,8 +185,11 @@ def kafka_latencies(ctx: BenchContext, rate: float, seconds: float) -> list[floa
             time.sleep(delay)
         producer.produce(topic, key=subject.encode(), value=body,
                          on_delivery=lambda err, msg: err or acked.setdefault(msg.key().decode(), time.monotonic()))
-        producer.poll(0)
         ctx.progress.advance(task)
+    while len(acked) < len(bodies) and time.monotonic() < t0 + seconds + 30:
+        time.sleep(0.01)
+    sending.clear()
+    acks.join()
     producer.flush(30)
     thread.join(timeout=60)
     stop.set()
