@@ -27,8 +27,7 @@ replay. Instead replay writes the windows the event would have produced, next to
   and the dead letter is reported as `superseded` instead.
 * `invalid_event` dead letters are never replayed: there is no valid event to rebuild (fix the producer).
 
-Outcomes are recorded in `dead_letter_replays` (created here on first use; it belongs in
-`meterline.schema` next to `dead_letters`, which has no `replayed` column yet): `metered`,
+Outcomes are recorded in `dead_letter_replays` (meterline.schema): `metered`,
 `still_rejected` (the config still cannot meter it) or `superseded`. `list` hides metered ones unless
 asked. Run replay after the processor runs with the fixed config and has caught up.
 """
@@ -45,10 +44,11 @@ from typing import Any
 import orjson
 from clickhouse_connect.driver.client import Client
 
-from meterline.clickhouse import storage_errors
+from meterline.clickhouse import create_schema, storage_errors
 from meterline.meters import MeterSet
 from meterline.schema import (
     DEAD_LETTER_COLUMNS,
+    DEAD_LETTER_REPLAYS,
     DEAD_LETTERS,
     EVENTS,
     METER_WINDOWS,
@@ -59,27 +59,9 @@ from meterline.windows import format_time
 
 logger = logging.getLogger(__name__)
 
-REPLAYS = "dead_letter_replays"
 REPLAY_EPOCH_PREFIX = "replay:"
 NOT_REPLAYABLE = frozenset({"invalid_event"})
 WHOLE_EVENT = "*"
-
-
-def replays_ddl(database: str) -> str:
-    return f"""
-        CREATE TABLE IF NOT EXISTS {quote_identifier(database)}.{REPLAYS} (
-            log_epoch LowCardinality(String),
-            kafka_partition UInt32,
-            kafka_offset UInt64,
-            batch_index UInt32,
-            meter LowCardinality(String),
-            outcome LowCardinality(String),
-            detail String,
-            replayed_at DateTime64(3, 'UTC')
-        )
-        ENGINE = ReplacingMergeTree(replayed_at)
-        ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
-    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,8 +125,8 @@ def _table(database: str, table: str) -> str:
 
 
 def ensure_replays_table(client: Client, database: str) -> None:
-    with storage_errors():
-        client.command(replays_ddl(database))
+    """Databases created before the replays table existed get it on first use (idempotent DDL)."""
+    create_schema(client, database)
 
 
 def replay_epoch(reason_code: str, meter: str, log_epoch: str) -> str:
@@ -161,7 +143,7 @@ def list_dead_letters(client: Client, database: str, *, meter: str | None = None
     sql = (
         f"SELECT {', '.join('d.' + c for c in DEAD_LETTER_COLUMNS)}, r.outcome "
         f"FROM {_table(database, DEAD_LETTERS)} AS d FINAL "
-        f"LEFT JOIN (SELECT {identity.strip('()')}, outcome FROM {_table(database, REPLAYS)} FINAL) AS r "
+        f"LEFT JOIN (SELECT {identity.strip('()')}, outcome FROM {_table(database, DEAD_LETTER_REPLAYS)} FINAL) AS r "
         "USING (log_epoch, kafka_partition, kafka_offset, batch_index, meter) "
     )
     conds = [f"d.{w}" for w in where]
@@ -280,7 +262,7 @@ def replay(client: Client, database: str, meters: MeterSet, options: Any, *, met
         report.window_rows = len(new_rows)
         report.stale_rows_deleted = _delete_stale(client, database, groups, new_rows)
         if outcomes:
-            client.insert(_table(database, REPLAYS), outcomes,
+            client.insert(_table(database, DEAD_LETTER_REPLAYS), outcomes,
                           column_names=["log_epoch", "kafka_partition", "kafka_offset", "batch_index", "meter",
                                         "outcome", "detail", "replayed_at"])
     logger.info("dead-letter replay done", extra={"report": report})

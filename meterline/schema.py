@@ -11,6 +11,7 @@ from __future__ import annotations
 EVENTS = "events"
 METER_WINDOWS = "meter_windows"
 DEAD_LETTERS = "dead_letters"
+DEAD_LETTER_REPLAYS = "dead_letter_replays"
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "dedupe_key", "id", "source", "type", "subject", "time", "data", "ingested_at",
@@ -98,6 +99,21 @@ def ddl(database: str) -> list[str]:
             received_at DateTime64(3, 'UTC')
         )
         ENGINE = ReplacingMergeTree
+        ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
+        """,
+        # What `meterline dead-letters replay` did with each dead letter; the newest outcome wins.
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{DEAD_LETTER_REPLAYS} (
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            batch_index UInt32,
+            meter LowCardinality(String),
+            outcome LowCardinality(String),
+            detail String,
+            replayed_at DateTime64(3, 'UTC')
+        )
+        ENGINE = ReplacingMergeTree(replayed_at)
         ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
         """,
     ]
