@@ -25,6 +25,7 @@ are redelivered; stale-generation events in our own buffer are dropped unacked f
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -99,7 +100,7 @@ class BatchProcessor:
                 since = (self.log_epoch, marker[1])
             n = await asyncio.to_thread(
                 self.sink.load_dedupe, p, self.settings.dedupe_horizon_days, since,
-                lambda rows, p=p: self.state.load_rows(self.log_epoch, p, rows),
+                functools.partial(self.state.load_rows, self.log_epoch, p),
             )
             metrics.DEDUPE_LOADED.inc(n)
             logger.info("dedupe state loaded", extra={"partition": p, "keys": n, "since": since,
@@ -114,7 +115,7 @@ class BatchProcessor:
         (tests, benchmarks) and stands in for messages without a timestamp.
         """
         fallback = datetime.now(UTC) if now is None else now
-        decoded: list[tuple[int, int, Any, list[bytes] | None, datetime]] = []
+        decoded: list[tuple[int, int, Any, list[bytes], datetime]] = []
         all_keys: list[bytes] = []
         rows = Rows()
         for partition, offset, value, timestamp in messages:
@@ -164,7 +165,9 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
     topic = events_topic(app, settings)
     approved: set[int] = set()
 
-    @app.on_partitions_revoked.connect
+    # mode types signal receivers as (sender, *args, signal=..., **kwargs); faust sends `revoked` as the one
+    # positional argument, which is the receiver shape faust documents.
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         # Another worker may write first sightings for these partitions while we do not own them.
         processor.state.forget_partitions({tp.partition for tp in revoked if tp.topic == topic.get_topic_name()})
@@ -172,7 +175,8 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
     @app.agent(topic, name="meterline-processor", concurrency=1)
     async def process(stream: faust.StreamT) -> None:
         install_ack_guard(app.consumer, approved)
-        async for events in stream.noack_take(settings.processor_batch_messages,
+        # The agent gets a faust.Stream; faust's StreamT protocol lacks noack_take (see module docstring).
+        async for events in stream.noack_take(settings.processor_batch_messages,  # type: ignore[attr-defined]
                                               within=settings.processor_batch_seconds):
             generation = app.consumer_generation_id
             live = [e for e in events if e.message.generation_id == generation]

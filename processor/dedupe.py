@@ -59,7 +59,7 @@ class Position(NamedTuple):
     log_epoch: str
     partition: int
     offset: int
-    index: int
+    index: int  # type: ignore[assignment]  # the design's name; shadows tuple.index, never called here
 
 
 def dedupe_key(source: str, event_id: str) -> bytes:
