@@ -221,6 +221,29 @@ def subjects_query(database: str, meter: str, *, start: datetime | None = None, 
     return Query(sql, params)
 
 
+def _inclusive_range(
+    params: dict[str, Any], where: list[str], column: str, start: datetime | None, end: datetime | None
+) -> None:
+    """Bind `from <= column <= to` on a DateTime64(6, 'UTC') column, each side only when given."""
+    if start is not None:
+        params["from"] = _ts6(start)
+        where.append(f"{column} >= {{from:DateTime64(6, 'UTC')}}")
+    if end is not None:
+        params["to"] = _ts6(end)
+        where.append(f"{column} <= {{to:DateTime64(6, 'UTC')}}")
+
+
+def _listing(
+    database: str, table: str, columns: Sequence[str], where: list[str], order_by: str, params: dict[str, Any]
+) -> Query:
+    """A newest-first list read: `SELECT columns FROM table FINAL [WHERE ...] ORDER BY ... LIMIT {limit}`."""
+    sql = f"SELECT {', '.join(columns)}\nFROM {_table(database, table)} FINAL\n"
+    if where:
+        sql += f"WHERE {' AND '.join(where)}\n"
+    sql += f"ORDER BY {order_by}\nLIMIT {{limit:UInt32}}"
+    return Query(sql, params)
+
+
 def events_query(
     database: str,
     *,
@@ -232,20 +255,11 @@ def events_query(
     """Newest accepted events first; `from` and `to` are inclusive event times (OpenMeter's listEvents)."""
     params: dict[str, Any] = {"limit": int(limit)}
     where: list[str] = []
-    if start is not None:
-        params["from"] = _ts6(start)
-        where.append("time >= {from:DateTime64(6, 'UTC')}")
-    if end is not None:
-        params["to"] = _ts6(end)
-        where.append("time <= {to:DateTime64(6, 'UTC')}")
+    _inclusive_range(params, where, "time", start, end)
     if subject is not None:
         params["subject"] = subject
         where.append("subject = {subject:String}")
-    sql = f"SELECT {', '.join(EVENT_LIST_COLUMNS)}\nFROM {_table(database, EVENTS)} FINAL\n"
-    if where:
-        sql += f"WHERE {' AND '.join(where)}\n"
-    sql += "ORDER BY time DESC, ingested_at DESC, id DESC\nLIMIT {limit:UInt32}"
-    return Query(sql, params)
+    return _listing(database, EVENTS, EVENT_LIST_COLUMNS, where, "time DESC, ingested_at DESC, id DESC", params)
 
 
 def dead_letters_query(
@@ -266,17 +280,17 @@ def dead_letters_query(
     if reason_code is not None:
         params["reason_code"] = reason_code
         where.append("reason_code = {reason_code:String}")
-    if start is not None:
-        params["from"] = _ts6(start)
-        where.append("received_at >= {from:DateTime64(6, 'UTC')}")
-    if end is not None:
-        params["to"] = _ts6(end)
-        where.append("received_at <= {to:DateTime64(6, 'UTC')}")
-    sql = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)}\nFROM {_table(database, DEAD_LETTERS)} FINAL\n"
-    if where:
-        sql += f"WHERE {' AND '.join(where)}\n"
-    sql += "ORDER BY received_at DESC, log_epoch, kafka_partition, kafka_offset, batch_index, meter\nLIMIT {limit:UInt32}"
-    return Query(sql, params)
+    _inclusive_range(params, where, "received_at", start, end)
+    order_by = "received_at DESC, log_epoch, kafka_partition, kafka_offset, batch_index, meter"
+    return _listing(database, DEAD_LETTERS, DEAD_LETTER_COLUMNS, where, order_by, params)
+
+
+def _json_or_text(data: str) -> Any:
+    """Stored `data` is JSON text; text that does not parse is returned as it is."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
 
 
 def _utc(value: datetime) -> datetime:
@@ -298,12 +312,8 @@ def ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
         "subject": row["subject"],
         "time": format_event_time(row["time"]),
     }
-    data = row["data"]
-    if data:
-        try:
-            event["data"] = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            event["data"] = data
+    if row["data"]:
+        event["data"] = _json_or_text(row["data"])
     out: dict[str, Any] = {"event": event}
     if row["validation_errors"]:
         out["validationError"] = "; ".join(row["validation_errors"])
@@ -313,13 +323,7 @@ def ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
 
 def dead_letter(row: Mapping[str, Any]) -> dict[str, Any]:
     """A `dead_letters` row as JSON: the event, why it failed, and its log position (for replay)."""
-    data = row["data"]
-    parsed: Any = None
-    if data:
-        try:
-            parsed = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            parsed = data
+    parsed = _json_or_text(row["data"]) if row["data"] else None
     return {
         "event": {
             "id": row["id"], "source": row["source"], "type": row["type"], "subject": row["subject"],
