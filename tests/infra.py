@@ -17,15 +17,18 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import pytest
 
 from meterline.localinfra.broker import LocalBroker, broker_answers
 from meterline.localinfra.clickhouse_server import LocalClickHouse, ping
 from meterline.localinfra.ports import wait_for
+from meterline.localinfra.server import LocalServer
 
 log = logging.getLogger(__name__)
+
+ServerT = TypeVar("ServerT", bound=LocalServer)
 
 KAFKA_ENV = "KAFKA_BOOTSTRAP"
 CLICKHOUSE_ENV = "CLICKHOUSE_URL"
@@ -53,6 +56,20 @@ def _fail(what: str, env: str, example: str, exc: BaseException) -> NoReturn:
 
 
 @contextlib.contextmanager
+def _started(server: ServerT, what: str, env: str, example: str) -> Iterator[ServerT]:
+    """Start a local server for the session and stop it afterwards; a failed start fails naming ``env``."""
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - reported as a test failure naming the variable
+        server.stop()
+        _fail(what, env, example, exc)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
 def kafka(log_dir: Path) -> Iterator[tuple[str, LocalBroker | None]]:
     """Yield ``(bootstrap, LocalBroker or None)``; the broker object only when we started tansu."""
     external = os.environ.get(KAFKA_ENV)
@@ -68,16 +85,8 @@ def kafka(log_dir: Path) -> Iterator[tuple[str, LocalBroker | None]]:
         with KafkaContainer(KAFKA_IMAGE) as container:
             yield container.get_bootstrap_server(), None
     else:
-        broker = LocalBroker(log_dir)
-        try:
-            broker.start()
-        except Exception as exc:  # noqa: BLE001 - reported as a test failure naming the variable
-            broker.stop()
-            _fail("the local tansu broker", KAFKA_ENV, "host:9092", exc)
-        try:
+        with _started(LocalBroker(log_dir), "the local tansu broker", KAFKA_ENV, "host:9092") as broker:
             yield broker.bootstrap, broker
-        finally:
-            broker.stop()
 
 
 @contextlib.contextmanager
@@ -100,13 +109,6 @@ def clickhouse(data_dir: Path) -> Iterator[tuple[str, LocalClickHouse | None]]:
             wait_for(lambda: ping(f"http://{host}:{port}"), 60, f"ClickHouse container at {host}:{port}")
             yield url, None
     else:
-        server = LocalClickHouse(data_dir)
-        try:
-            server.start()
-        except Exception as exc:  # noqa: BLE001 - reported as a test failure naming the variable
-            server.stop()
-            _fail("the local chdb ClickHouse", CLICKHOUSE_ENV, "http://host:8123", exc)
-        try:
+        local = LocalClickHouse(data_dir)
+        with _started(local, "the local chdb ClickHouse", CLICKHOUSE_ENV, "http://host:8123") as server:
             yield server.url, server
-        finally:
-            server.stop()
