@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import httpx
 
@@ -62,7 +63,7 @@ class LocalStack:
 
     # -- lifecycle -------------------------------------------------------------------------------
 
-    def start(self) -> LocalStack:
+    def start(self) -> Self:
         try:
             self._start_infra()
             for index in range(self.processors):
@@ -88,7 +89,7 @@ class LocalStack:
                 except Exception:  # pragma: no cover
                     logger.exception("could not stop %r", infra)
 
-    def __enter__(self) -> LocalStack:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -30,7 +30,7 @@ METERS = {
     "active_users": OracleMeter("active_users", "activity", "UNIQUE_COUNT", "user_id"),
     "storage_latest": OracleMeter("storage_latest", "storage", "LATEST", "bytes", ("tier",)),
 }
-START = datetime(2024, 1, 1, tzinfo=timezone.utc)
+START = datetime(2024, 1, 1, tzinfo=UTC)
 END = START + timedelta(days=1)
 CONTENT_TYPES = ("application/cloudevents-batch+json", "application/json")
 
