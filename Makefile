@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TANSU  := .local/bin/tansu
 
-.PHONY: install run test test-faults bench lint clean
+.PHONY: install run test test-faults bench lint check clean
 
 install: $(STAMP) $(TANSU)
 
@@ -33,6 +33,9 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check meterline ingest processor query tests bench
+	$(VENV)/bin/mypy meterline ingest processor query
+
+check: lint
 
 clean:
 	rm -rf .data .local $(VENV)
