@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -31,7 +31,7 @@ def _settings(config: Path | None = None) -> Settings:
 
 
 @app.command("validate-config")
-def validate_config(config: Annotated[Optional[Path], typer.Argument(help="config.yaml to check")] = None) -> None:
+def validate_config(config: Annotated[Path | None, typer.Argument(help="config.yaml to check")] = None) -> None:
     """Validate meters and settings; exit 1 listing every problem (file, meter slug, field)."""
     from meterline.settings import config_path
 
@@ -176,14 +176,15 @@ def dead_letters_replay(
 @app.command()
 def recompute(
     meter: Annotated[str, typer.Argument(help="slug of the meter to rebuild")],
-    config: Annotated[Optional[Path], typer.Option(help="config.yaml with the new definition")] = None,
+    config: Annotated[Path | None, typer.Option(help="config.yaml with the new definition")] = None,
 ) -> None:
     """Rebuild a meter's windows from stored raw events (after adding it or changing its definition)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from meterline.clickhouse import connect
     from meterline.meters import MeterSet
-    from processor.recompute import count_query, recompute as rebuild
+    from processor.recompute import count_query
+    from processor.recompute import recompute as rebuild
 
     settings = _settings(config)
     definition = MeterSet(settings.meters()).get(meter)
