@@ -41,10 +41,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from clickhouse_connect.driver.client import Client
 
 from meterline.clickhouse import create_schema, storage_errors
+from meterline.events import stored_event
 from meterline.meters import MeterSet
 from meterline.schema import (
     DEAD_LETTER_COLUMNS,
@@ -53,9 +53,8 @@ from meterline.schema import (
     EVENTS,
     METER_WINDOWS,
     WINDOW_COLUMNS,
-    quote_identifier,
+    qualified,
 )
-from meterline.windows import format_time
 
 logger = logging.getLogger(__name__)
 
@@ -95,13 +94,7 @@ class DeadLetter:
 
     def event(self) -> dict[str, Any]:
         """The CloudEvent as ingest normalised it ("" data = the event had no data)."""
-        event: dict[str, Any] = {
-            "specversion": "1.0", "id": self.id, "source": self.source, "type": self.type,
-            "subject": self.subject, "time": format_time(self.time),
-        }
-        if self.data != "":
-            event["data"] = orjson.loads(self.data)
-        return event
+        return stored_event(self.id, self.source, self.type, self.subject, self.time, self.data)
 
 
 @dataclass
@@ -119,9 +112,6 @@ class ReplayReport:
 def _utc(t: datetime) -> datetime:
     return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
-
-def _table(database: str, table: str) -> str:
-    return f"{quote_identifier(database)}.{table}"
 
 
 def ensure_replays_table(client: Client, database: str) -> None:
@@ -142,8 +132,8 @@ def list_dead_letters(client: Client, database: str, *, meter: str | None = None
     identity = "(log_epoch, kafka_partition, kafka_offset, batch_index, meter)"
     sql = (
         f"SELECT {', '.join('d.' + c for c in DEAD_LETTER_COLUMNS)}, r.outcome "
-        f"FROM {_table(database, DEAD_LETTERS)} AS d FINAL "
-        f"LEFT JOIN (SELECT {identity.strip('()')}, outcome FROM {_table(database, DEAD_LETTER_REPLAYS)} FINAL) AS r "
+        f"FROM {qualified(database, DEAD_LETTERS)} AS d FINAL "
+        f"LEFT JOIN (SELECT {identity.strip('()')}, outcome FROM {qualified(database, DEAD_LETTER_REPLAYS)} FINAL) AS r "
         "USING (log_epoch, kafka_partition, kafka_offset, batch_index, meter) "
     )
     conds = [f"d.{w}" for w in where]
@@ -174,7 +164,7 @@ def _filters(meter: str | None, reason: str | None) -> tuple[list[str], dict[str
 
 def _load(client: Client, database: str, meter: str | None, reason: str | None) -> list[DeadLetter]:
     where, params = _filters(meter, reason)
-    sql = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM {_table(database, DEAD_LETTERS)} FINAL"
+    sql = f"SELECT {', '.join(DEAD_LETTER_COLUMNS)} FROM {qualified(database, DEAD_LETTERS)} FINAL"
     if where:
         sql += " WHERE " + " AND ".join(where)
     with storage_errors():
@@ -188,7 +178,7 @@ def _first_sightings(client: Client, database: str, letters: Iterable[DeadLetter
         return {}
     sql = (
         "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, validation_errors "
-        f"FROM {_table(database, EVENTS)} FINAL "
+        f"FROM {qualified(database, EVENTS)} FINAL "
         "WHERE subject IN {subjects:Array(String)} AND id IN {ids:Array(String)}"
     )
     params = {"subjects": sorted({d.subject for d in letters}), "ids": sorted({d.id for d in letters})}
@@ -257,12 +247,12 @@ def replay(client: Client, database: str, meters: MeterSet, options: Any, *, met
 
     with storage_errors():
         if new_rows:
-            client.insert(_table(database, METER_WINDOWS), new_rows, column_names=list(WINDOW_COLUMNS),
+            client.insert(qualified(database, METER_WINDOWS), new_rows, column_names=list(WINDOW_COLUMNS),
                           settings={"async_insert": 0})
         report.window_rows = len(new_rows)
         report.stale_rows_deleted = _delete_stale(client, database, groups, new_rows)
         if outcomes:
-            client.insert(_table(database, DEAD_LETTER_REPLAYS), outcomes,
+            client.insert(qualified(database, DEAD_LETTER_REPLAYS), outcomes,
                           column_names=["log_epoch", "kafka_partition", "kafka_offset", "batch_index", "meter",
                                         "outcome", "detail", "replayed_at"])
     logger.info("dead-letter replay done", extra={"report": report})
@@ -275,7 +265,7 @@ def _delete_stale(client: Client, database: str, groups: Any, new_rows: Sequence
         return 0
     tags = sorted({(replay_epoch(code, slug, epoch), p, o) for (epoch, p, o, code, slug) in groups})
     keep = {(str(r[0]), str(r[1]), _utc(r[2]), str(r[3]), str(r[5]), int(r[6]), int(r[7])) for r in new_rows}
-    table = _table(database, METER_WINDOWS)
+    table = qualified(database, METER_WINDOWS)
     existing = client.query(
         f"SELECT DISTINCT meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset "
         f"FROM {table} WHERE log_epoch IN {{tags:Array(String)}}",

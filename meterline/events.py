@@ -229,6 +229,21 @@ def validate_events(
 
 
 # --------------------------------------------------------------------------------------------- codec
+def stored_event(event_id: str, source: str, event_type: str, subject: str, time: datetime, data: str) -> dict[str, Any]:
+    """The event as ingest normalised it, rebuilt from a stored row ("" data = the event had no data).
+
+    Recompute and dead-letter replay feed stored events back through the processor's row builder;
+    both must rebuild exactly what the worker decoded from Kafka, or rows would not match.
+    """
+    event: dict[str, Any] = {
+        "specversion": SPECVERSION, "id": event_id, "source": source, "type": event_type,
+        "subject": subject, "time": format_time(time if time.tzinfo else time.replace(tzinfo=UTC)),
+    }
+    if data != "":
+        event["data"] = orjson.loads(data)
+    return event
+
+
 def encode_batch(events: Sequence[dict[str, Any]]) -> bytes:
     """Encode one Kafka message value: a JSON array of events (all of one subject, by contract)."""
     return orjson.dumps(list(events))

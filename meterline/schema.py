@@ -119,6 +119,11 @@ def ddl(database: str) -> list[str]:
     ]
 
 
+def qualified(database: str, table: str) -> str:
+    """`database`.table for SQL text; both names come from config and this module, never from requests."""
+    return f"{quote_identifier(database)}.{table}"
+
+
 def quote_identifier(name: str) -> str:
     """Backquote a database/table identifier; names come from config, never from requests."""
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"

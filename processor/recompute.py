@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 from clickhouse_connect.driver.client import Client
 
 from meterline.clickhouse import storage_errors
+from meterline.events import stored_event
 from meterline.meters import Meter, MeterSet
 from meterline.schema import (
     DEAD_LETTER_COLUMNS,
@@ -33,9 +33,8 @@ from meterline.schema import (
     EVENTS,
     METER_WINDOWS,
     WINDOW_COLUMNS,
-    quote_identifier,
+    qualified,
 )
-from meterline.windows import format_time
 from processor.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows
 
 logger = logging.getLogger(__name__)
@@ -53,13 +52,10 @@ class RecomputeResult:
     dead_letters: int = 0
 
 
-def _table(database: str, name: str) -> str:
-    return f"{quote_identifier(database)}.{name}"
-
 
 def count_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
     """How many stored events feed the meter: the progress bar's total."""
-    return f"SELECT count() FROM {_table(database, EVENTS)} FINAL WHERE type = {{type:String}}", {
+    return f"SELECT count() FROM {qualified(database, EVENTS)} FINAL WHERE type = {{type:String}}", {
         "type": meter.event_type
     }
 
@@ -69,25 +65,10 @@ def events_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
     sql = (
         "SELECT log_epoch, kafka_partition, kafka_offset, batch_index, id, source, type, subject, time, data,"
         " validation_errors"
-        f" FROM {_table(database, EVENTS)} FINAL WHERE type = {{type:String}}"
+        f" FROM {qualified(database, EVENTS)} FINAL WHERE type = {{type:String}}"
         " ORDER BY log_epoch, kafka_partition, kafka_offset, batch_index"
     )
     return sql, {"type": meter.event_type}
-
-
-def stored_event(row: Sequence[Any]) -> dict[str, Any]:
-    """The CloudEvent fields the row builder reads, rebuilt from an `events` row."""
-    _, _, _, _, event_id, source, etype, subject, t, data, _ = row
-    event: dict[str, Any] = {
-        "id": event_id,
-        "source": source,
-        "type": etype,
-        "subject": subject,
-        "time": format_time(t if t.tzinfo else t.replace(tzinfo=UTC)),
-    }
-    if data != "":
-        event["data"] = orjson.loads(data)
-    return event
 
 
 def messages(rows: Iterator[Sequence[Any]]) -> Iterator[tuple[MessagePosition, list[dict[str, Any]]]]:
@@ -102,7 +83,7 @@ def messages(rows: Iterator[Sequence[Any]]) -> Iterator[tuple[MessagePosition, l
             if current is not None:
                 yield current, batch
             current, batch = pos, []
-        batch.append(stored_event(row))
+        batch.append(stored_event(*row[4:10]))
     if current is not None:
         yield current, batch
 
@@ -123,7 +104,7 @@ def recompute(
     with storage_errors():
         for table in (METER_WINDOWS, DEAD_LETTERS):
             client.command(
-                f"DELETE FROM {_table(database, table)} WHERE meter = {{meter:String}}",
+                f"DELETE FROM {qualified(database, table)} WHERE meter = {{meter:String}}",
                 parameters={"meter": meter.slug},
                 settings={"mutations_sync": 2},
             )

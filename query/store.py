@@ -26,7 +26,7 @@ import orjson
 from clickhouse_connect.driver.client import Client
 
 from meterline.clickhouse import storage_errors
-from meterline.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, quote_identifier
+from meterline.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, qualified
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ def _ts6(t: datetime) -> str:
     """Microsecond UTC text for a DateTime64(6, 'UTC') parameter."""
     return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
-
-def _table(database: str, table: str) -> str:
-    return f"{quote_identifier(database)}.{table}"
 
 
 # -------------------------------------------------------------------------------------------------
@@ -168,7 +165,7 @@ def meter_query(
 
     sql = (
         f"SELECT {', '.join(select)}\n"
-        f"FROM {_table(database, METER_WINDOWS)} FINAL\n"
+        f"FROM {qualified(database, METER_WINDOWS)} FINAL\n"
         f"WHERE {' AND '.join(where)}\n"
         f"GROUP BY {', '.join(keys)}\n"
         f"ORDER BY {', '.join(keys)}"
@@ -215,7 +212,7 @@ def subjects_query(database: str, meter: str, *, start: datetime | None = None, 
         params["to"] = _ts(end)
         where.append("window_start < {to:DateTime('UTC')}")
     sql = (
-        f"SELECT DISTINCT subject\nFROM {_table(database, METER_WINDOWS)}\n"
+        f"SELECT DISTINCT subject\nFROM {qualified(database, METER_WINDOWS)}\n"
         f"WHERE {' AND '.join(where)}\nORDER BY subject"
     )
     return Query(sql, params)
@@ -237,7 +234,7 @@ def _listing(
     database: str, table: str, columns: Sequence[str], where: list[str], order_by: str, params: dict[str, Any]
 ) -> Query:
     """A newest-first list read: `SELECT columns FROM table FINAL [WHERE ...] ORDER BY ... LIMIT {limit}`."""
-    sql = f"SELECT {', '.join(columns)}\nFROM {_table(database, table)} FINAL\n"
+    sql = f"SELECT {', '.join(columns)}\nFROM {qualified(database, table)} FINAL\n"
     if where:
         sql += f"WHERE {' AND '.join(where)}\n"
     sql += f"ORDER BY {order_by}\nLIMIT {{limit:UInt32}}"
