@@ -31,6 +31,18 @@ class OracleMeter:
     group_fields: tuple[str, ...] = ()
 
 
+def config_yaml(meters: Iterable[OracleMeter]) -> str:
+    """The config.yaml that means exactly what these oracle meters mean, so the two cannot drift apart."""
+    lines = ["meters:"]
+    for m in meters:
+        lines += [f"  - slug: {m.slug}", f"    eventType: {m.event_type}", f"    aggregation: {m.aggregation}"]
+        if m.value_field:
+            lines.append(f"    valueProperty: $.{m.value_field}")
+        if m.group_fields:
+            lines.append("    groupBy: {" + ", ".join(f"{g}: $.{g}" for g in m.group_fields) + "}")
+    return "\n".join(lines) + "\n"
+
+
 def numeric(value: Any) -> Decimal | None:
     """The metered number, or None when the value must not be metered."""
     if isinstance(value, bool) or value is None:

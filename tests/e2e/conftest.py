@@ -9,47 +9,27 @@ from pathlib import Path
 import pytest
 
 from meterline.localinfra.stack import LocalStack
+from tests.oracle import OracleMeter, config_yaml
 
-E2E_CONFIG = """
-meters:
-  - slug: tokens_total
-    eventType: prompt
-    aggregation: SUM
-    valueProperty: $.tokens
-    groupBy: {model: $.model, type: $.type}
-  - slug: prompt_count
-    eventType: prompt
-    aggregation: COUNT
-    groupBy: {model: $.model}
-  - slug: tokens_avg
-    eventType: prompt
-    aggregation: AVG
-    valueProperty: $.tokens
-  - slug: tokens_min
-    eventType: prompt
-    aggregation: MIN
-    valueProperty: $.tokens
-  - slug: tokens_max
-    eventType: prompt
-    aggregation: MAX
-    valueProperty: $.tokens
-  - slug: active_users
-    eventType: activity
-    aggregation: UNIQUE_COUNT
-    valueProperty: $.user_id
-  - slug: storage_latest
-    eventType: storage
-    aggregation: LATEST
-    valueProperty: $.bytes
-    groupBy: {tier: $.tier}
-"""
+METERS = {
+    m.slug: m
+    for m in (
+        OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
+        OracleMeter("prompt_count", "prompt", "COUNT", None, ("model",)),
+        OracleMeter("tokens_avg", "prompt", "AVG", "tokens"),
+        OracleMeter("tokens_min", "prompt", "MIN", "tokens"),
+        OracleMeter("tokens_max", "prompt", "MAX", "tokens"),
+        OracleMeter("active_users", "activity", "UNIQUE_COUNT", "user_id"),
+        OracleMeter("storage_latest", "storage", "LATEST", "bytes", ("tier",)),
+    )
+}
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, clickhouse_url: str) -> Iterator[LocalStack]:
     root: Path = tmp_path_factory.mktemp("stack")
     config = root / "config.yaml"
-    config.write_text(E2E_CONFIG)
+    config.write_text(config_yaml(METERS.values()))
     with LocalStack(
         data_dir=root,
         config_file=config,

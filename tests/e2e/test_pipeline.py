@@ -17,19 +17,11 @@ import httpx
 import pytest
 
 from meterline.localinfra.stack import LocalStack
-from tests.oracle import EventFactory, OracleMeter, expected, first_sightings, response_windows
+from tests.e2e.conftest import METERS
+from tests.oracle import EventFactory, expected, first_sightings, response_windows
 
 pytestmark = pytest.mark.e2e
 
-METERS = {
-    "tokens_total": OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
-    "prompt_count": OracleMeter("prompt_count", "prompt", "COUNT", None, ("model",)),
-    "tokens_avg": OracleMeter("tokens_avg", "prompt", "AVG", "tokens"),
-    "tokens_min": OracleMeter("tokens_min", "prompt", "MIN", "tokens"),
-    "tokens_max": OracleMeter("tokens_max", "prompt", "MAX", "tokens"),
-    "active_users": OracleMeter("active_users", "activity", "UNIQUE_COUNT", "user_id"),
-    "storage_latest": OracleMeter("storage_latest", "storage", "LATEST", "bytes", ("tier",)),
-}
 START = datetime(2024, 1, 1, tzinfo=UTC)
 END = START + timedelta(days=1)
 CONTENT_TYPES = ("application/cloudevents-batch+json", "application/json")

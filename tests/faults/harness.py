@@ -24,40 +24,7 @@ import httpx
 
 from meterline.clickhouse import connect
 from meterline.localinfra.stack import LocalStack
-from tests.oracle import EventFactory, OracleMeter, expected, first_sightings, response_windows
-
-FAULT_CONFIG = """
-meters:
-  - slug: tokens_total
-    eventType: prompt
-    aggregation: SUM
-    valueProperty: $.tokens
-    groupBy: {model: $.model, type: $.type}
-  - slug: prompt_count
-    eventType: prompt
-    aggregation: COUNT
-    groupBy: {model: $.model}
-  - slug: tokens_max
-    eventType: prompt
-    aggregation: MAX
-    valueProperty: $.tokens
-  - slug: active_users
-    eventType: activity
-    aggregation: UNIQUE_COUNT
-    valueProperty: $.user_id
-  - slug: activity_count
-    eventType: activity
-    aggregation: COUNT
-  - slug: storage_latest
-    eventType: storage
-    aggregation: LATEST
-    valueProperty: $.bytes
-    groupBy: {tier: $.tier}
-  - slug: storage_count
-    eventType: storage
-    aggregation: COUNT
-    groupBy: {tier: $.tier}
-"""
+from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
 
 METERS: dict[str, OracleMeter] = {
     "tokens_total": OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
@@ -69,6 +36,7 @@ METERS: dict[str, OracleMeter] = {
     "storage_count": OracleMeter("storage_count", "storage", "COUNT", None, ("tier",)),
 }
 #: One COUNT meter per event type: their totals say whether every accepted event has been processed.
+FAULT_CONFIG = config_yaml(METERS.values())
 PROGRESS_METERS = ("prompt_count", "activity_count", "storage_count")
 
 START = datetime(2024, 1, 1, tzinfo=UTC)
