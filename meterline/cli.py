@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 import threading
@@ -20,6 +19,7 @@ import typer
 from rich.console import Console
 
 from meterline.errors import ConfigError, MeterlineError
+from meterline.logs import configure_logging, logging_config
 from meterline.settings import Settings
 
 app = typer.Typer(help="meterline: exact usage metering.", no_args_is_help=True, add_completion=False)
@@ -63,8 +63,11 @@ def serve(
     from meterline.server import build_app
 
     settings = _settings()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(build_app(which, settings), host=host, port=port, log_level="warning", access_log=False)
+    configure_logging("info")
+    uvicorn.run(
+        build_app(which, settings), host=host, port=port, log_level="warning", access_log=False,
+        log_config=logging_config("info"),
+    )
 
 
 @app.command()

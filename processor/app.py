@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meterline.errors import ConfigError
+from meterline.logs import configure_logging, logging_config
 from meterline.meters import MeterSet
 from meterline.settings import Settings
 from processor import metrics  # noqa: F401  (registers the collectors served at /metrics)
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--web-port", type=int, default=None, help="web port for /healthz /readyz /metrics (0 = free)")
     args = parser.parse_args(argv)
     options = WorkerOptions.from_env(args.web_port)
-    logging.basicConfig(level=options.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    configure_logging(options.log_level)
     settings = Settings()
     app = create_app(settings, options)
     from faust.worker import Worker
@@ -182,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     # metering. Freeze startup objects and collect rarely.
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-    worker = Worker(app, loglevel=options.log_level, redirect_stdouts=False)
+    worker = Worker(app, loglevel=options.log_level, redirect_stdouts=False,
+                    logging_config=logging_config(options.log_level))
     try:
         worker.execute_from_commandline()
     finally:
