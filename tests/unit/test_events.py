@@ -8,11 +8,14 @@ from typing import Any
 import orjson
 import pytest
 from hypothesis import given, settings
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
 from meterline.errors import InvalidEventError
 from meterline.events import (
     CHUNK_MAX_BYTES,
+    _fast_event,
+    _validate_one,
     chunk_by_subject,
     decode_batch,
     encode_batch,
@@ -176,3 +179,62 @@ def test_default_chunk_limits() -> None:
     chunks = chunk_by_subject(events)
     assert all(len(c) <= 500 and len(orjson.dumps(c)) <= CHUNK_MAX_BYTES for _, c in chunks)
     assert sum(len(c) for _, c in chunks) == 1200
+
+
+# ------------------------------------------------------------------------- fast path == full path
+_text = st.one_of(st.sampled_from(["", "a", "svc-1", "é", "\x00", "x" * 300]), st.text(max_size=12))
+_maybe = st.one_of(_text, st.none(), st.integers(), st.booleans(), st.just({"a": 1}))
+_times = st.one_of(
+    st.none(),
+    st.sampled_from([
+        "2024-01-01T00:00:00Z", "2024-01-01T00:00:00.001Z", "2024-01-01T00:00:00.123456789Z",
+        "2024-01-01T05:30:00+05:30", "2024-01-01T00:00:00-00:00", "2024-01-01 00:00:00Z",
+        "2024-01-01T00:00:00", "1969-12-31T23:59:59Z", "2106-01-01T00:00:00Z", "2024-02-30T00:00:00Z",
+        "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "2024-01-01T24:00:00Z", "20240101T000000Z",
+    ]),
+    st.integers(),
+)
+_data = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), st.text(max_size=5)),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+    max_leaves=12,
+)
+
+
+@st.composite
+def near_valid_events(draw: st.DrawFn) -> dict:
+    event: dict = {
+        "specversion": draw(st.sampled_from(["1.0"] * 8 + ["0.3", 1])),
+        "id": draw(_maybe), "source": draw(_maybe), "type": draw(_maybe), "subject": draw(_maybe),
+    }
+    for name in ("id", "source", "type", "subject"):
+        if draw(st.integers(0, 19)) < 18:
+            event[name] = draw(st.sampled_from(["evt-1", "svc", "prompt", "customer-1"]))
+        elif draw(st.booleans()):
+            del event[name]
+    if draw(st.booleans()):
+        event["time"] = draw(_times)
+    if draw(st.booleans()):
+        event["data"] = draw(_data)
+    for optional in ("datacontenttype", "dataschema", "ext", "Bad-Ext", "data_base64"):
+        if draw(st.integers(0, 9)) == 0:
+            event[optional] = draw(_maybe)
+    return event
+
+
+@given(near_valid_events(), st.integers(1, 4))
+@hsettings(max_examples=600, deadline=None)
+def test_fast_path_accepts_a_subset_with_identical_output(item: dict, depth: int) -> None:
+    """The fast path may decline anything, but what it accepts the full path accepts identically."""
+    fast = _fast_event(item, "2024-06-01T00:00:00.000000Z", 64 * 1024, depth)
+    errors: list = []
+    full = _validate_one(0, item, "2024-06-01T00:00:00.000000Z", 64 * 1024, depth, errors)
+    if fast is not None:
+        assert errors == [] and full == fast
+
+
+def test_fast_path_takes_the_common_event() -> None:
+    """Guard against the fast path silently declining everything (the property above would still pass)."""
+    event = {"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "c",
+             "time": "2024-01-01T00:00:00.001Z", "data": {"tokens": "12", "model": "m"}}
+    assert _fast_event(event, "unused", 64 * 1024, 32) == {**event, "time": "2024-01-01T00:00:00.001000Z"}
