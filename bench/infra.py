@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+from confluent_kafka import Producer
 
 from meterline.clickhouse import connect, create_schema
 from meterline.localinfra.broker import LocalBroker, ensure_topic
@@ -84,3 +86,15 @@ class Infra:
         )
         self._stacks.append(stack)
         return stack
+
+
+def produce_all(producer: Producer, topic: str, messages: Iterable[tuple[bytes, bytes]], **kwargs: Any) -> None:
+    """Queue every `(key, value)`, waiting for room whenever librdkafka's local queue is full."""
+    for key, value in messages:
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.01)
+    producer.poll(0)  # serve delivery reports once per call, not per message: keeps the loop cheap

@@ -18,6 +18,7 @@ import orjson
 from confluent_kafka import Producer
 
 from bench.context import BenchContext
+from bench.infra import produce_all
 from bench.report import Figure
 from bench.workload import events, requests, write_config
 from ingest.producer import producer_config
@@ -45,16 +46,9 @@ def raw_producer_rate(bootstrap: str, topic: str, evs: list[dict[str, Any]], ctx
     producer.produce(topic, value=payloads[0][1], key=payloads[0][0])
     producer.flush(30)
     t0 = time.perf_counter()
-    for i, (key, value) in enumerate(payloads):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
-            except BufferError:
-                producer.poll(0.01)
-        if i % 1000 == 999:
-            producer.poll(0)
-            ctx.progress.advance(task, 1000)
+    for start in range(0, len(payloads), 10_000):
+        produce_all(producer, topic, payloads[start : start + 10_000], on_delivery=on_delivery)
+        ctx.progress.advance(task, min(10_000, len(payloads) - start))
     remaining = producer.flush(60)
     elapsed = time.perf_counter() - t0
     ctx.done(task)

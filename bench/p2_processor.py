@@ -23,6 +23,7 @@ import orjson
 from confluent_kafka import Producer
 
 from bench.context import BenchContext
+from bench.infra import produce_all
 from bench.report import Figure
 from bench.workload import events, wire_messages, write_config
 from meterline.clickhouse import connect
@@ -46,14 +47,7 @@ def produce(bootstrap: str, topic: str, n: int, *, wire: bool, ctx: BenchContext
         evs = events(min(CHUNK, n - start), subjects=100, run=run, start=start)
         tokens += sum(e["data"]["tokens"] for e in evs)
         messages = wire_messages(evs) if wire else [(e["subject"].encode(), orjson.dumps(e)) for e in evs]
-        for key, value in messages:
-            while True:
-                try:
-                    producer.produce(topic, value=value, key=key)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        producer.poll(0)
+        produce_all(producer, topic, messages)
         ctx.progress.advance(task, len(evs))
     if producer.flush(120):
         raise RuntimeError(f"{label}: could not produce every message")
