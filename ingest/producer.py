@@ -179,19 +179,24 @@ class EventProducer:
         pending = len(messages)
 
         def settle(err: KafkaError | None) -> None:  # runs on the event loop
-            nonlocal pending
             if done.done():
                 return
             if err is not None:
                 self._replace_if_fatal(err, producer)
                 done.set_exception(BrokerUnavailableError(f"delivery failed: {err.str()}"))
                 return
-            pending -= 1
-            if pending == 0:
-                done.set_result(None)
+            done.set_result(None)
 
         def on_delivery(err: KafkaError | None, _msg: Message) -> None:  # runs on the poll thread
-            loop.call_soon_threadsafe(settle, err)
+            # Reports of one producer arrive on its single poll thread, so counting here needs no lock;
+            # the event loop is woken once per request (success) or at the first failure, not per message.
+            nonlocal pending
+            if err is not None:
+                loop.call_soon_threadsafe(settle, err)
+                return
+            pending -= 1
+            if pending == 0:
+                loop.call_soon_threadsafe(settle, None)
 
         try:
             for key, value in messages:
