@@ -56,7 +56,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "client.id": "meterline-ingest",
         "enable.idempotence": True,
         "acks": "all",
-        "linger.ms": 5,
+        "linger.ms": 1,  # requests wait for acks: latency caps throughput per client
         "compression.type": "lz4",
         "partitioner": "murmur2_random",
         "message.timeout.ms": timeout_ms,
