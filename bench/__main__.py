@@ -77,6 +77,7 @@ def main(
     p5: Annotated[str | None, typer.Option(envvar="BENCH_P5", help="P5 sizes (distinct ids)")] = None,
     clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 8,
     partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
+    http_workers: Annotated[int, typer.Option(envvar="BENCH_HTTP_WORKERS", help="ingest processes for P1")] = 1,
     p3_subjects: Annotated[int, typer.Option(envvar="BENCH_P3_SUBJECTS")] = 100,
     repeats: Annotated[int, typer.Option(envvar="BENCH_REPEATS", help="P3 runs per query")] = 20,
     naive_cap: Annotated[int, typer.Option(envvar="BENCH_NAIVE_CAP", help="max events for the naive Faust baseline")] = 0,
@@ -95,7 +96,7 @@ def main(
         sizes[name] = _sizes(override) or sizes[name]
     wanted = [f.strip().upper() for f in only.split(",") if f.strip()]
     options: dict[str, Any] = {
-        "clients": clients, "partitions": partitions, "p3_subjects": p3_subjects, "p3_repeats": repeats,
+        "clients": clients, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_repeats": repeats,
         "naive_cap": naive_cap or {"tiny": 3_000, "small": 30_000, "full": 100_000}[size],
         "p4_seconds": p4_seconds or {"tiny": 3.0, "small": 15.0, "full": 30.0}[size],
     }

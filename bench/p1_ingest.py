@@ -107,7 +107,8 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
     clients = int(ctx.options.get("clients", 8))
     single_cap = int(ctx.options.get("p1_single_cap", 5000))
     config = write_config(ctx.work_dir)
-    stack = ctx.infra.stack(config, processors=0, partitions=int(ctx.options.get("partitions", 4)))
+    stack = ctx.infra.stack(config, processors=0, partitions=int(ctx.options.get("partitions", 4)),
+                            http_workers=int(ctx.options.get("http_workers", 1)))
     try:
         task = ctx.task("P1 starting HTTP server", None)
         stack.start()

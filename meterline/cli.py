@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -56,18 +56,24 @@ def serve(
     which: Annotated[str, typer.Argument(help="ingest | query | all")] = "all",
     host: str = "127.0.0.1",
     port: int = 8888,
+    workers: Annotated[int, typer.Option(help="processes sharing the port (ingest is CPU-bound per process)")] = 1,
 ) -> None:
-    """Serve one HTTP process with uvicorn."""
+    """Serve the HTTP API with uvicorn."""
+    import os
+
     import uvicorn
 
-    from meterline.server import build_app
+    from meterline.server import APP_ENV, build_app
 
-    settings = _settings()
     configure_logging("info")
-    uvicorn.run(
-        build_app(which, settings), host=host, port=port, log_level="warning", access_log=False,
-        log_config=logging_config("info"),
-    )
+    options: dict[str, Any] = {
+        "host": host, "port": port, "log_level": "warning", "access_log": False, "log_config": logging_config("info"),
+    }
+    if workers > 1:
+        os.environ[APP_ENV] = which
+        uvicorn.run("meterline.server:app_from_env", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(build_app(which, _settings()), **options)
 
 
 @app.command()

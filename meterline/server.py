@@ -12,6 +12,15 @@ from fastapi import FastAPI
 
 from meterline.settings import Settings
 
+APP_ENV = "METERLINE_SERVE_APP"
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for multi-process serving: each worker process builds its own app (and producer)."""
+    import os
+
+    return build_app(os.environ.get(APP_ENV, "all"), Settings())
+
 
 def build_app(which: str, settings: Settings) -> FastAPI:
     """`ingest`, `query`, or `all`: one app with both routers, one OpenAPI document and both lifespans."""

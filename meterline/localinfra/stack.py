@@ -41,6 +41,7 @@ class LocalStack:
     config_file: Path
     processors: int = 1
     http_port: int | None = None
+    http_workers: int = 1
     topic: str | None = None
     database: str | None = None
     partitions: int = 4
@@ -178,7 +179,7 @@ class LocalStack:
         self.server = ManagedProcess(
             [
                 sys.executable, "-m", "meterline.cli", "serve", "all",
-                "--host", "127.0.0.1", "--port", str(self.http_port),
+                "--host", "127.0.0.1", "--port", str(self.http_port), "--workers", str(self.http_workers),
             ],
             name="http",
             env=self.env(),
