@@ -9,11 +9,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -22,12 +24,30 @@ from meterline.errors import ConfigError, MeterlineError
 from meterline.logs import configure_logging, logging_config
 from meterline.settings import Settings
 
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
 app = typer.Typer(help="meterline: exact usage metering.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True, soft_wrap=True)
 
 
 def _settings(config: Path | None = None) -> Settings:
     return Settings(config_file=str(config)) if config else Settings()
+
+
+@contextlib.contextmanager
+def _clickhouse(settings: Settings, what: str) -> Iterator[Client]:
+    """A client for the configured database, closed afterwards; exit 2 naming the variable if unset."""
+    from meterline.clickhouse import connect
+
+    if not settings.clickhouse_url:
+        console.print(f"[red]CLICKHOUSE_URL is not set: {what} works on a running ClickHouse[/red]")
+        raise typer.Exit(2)
+    client = connect(settings.clickhouse_url, database=settings.clickhouse_database)
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @app.command("validate-config")
@@ -139,16 +159,12 @@ def dead_letters_list(
     """Newest first: position, meter, reason and event of each dead letter (see meterline/deadletters.py)."""
     from rich.table import Table
 
-    from meterline.clickhouse import connect
     from meterline.deadletters import list_dead_letters
 
     settings = _settings()
-    client = connect(str(settings.clickhouse_url), database=settings.clickhouse_database)
-    try:
+    with _clickhouse(settings, "dead-letters list") as client:
         found = list_dead_letters(client, settings.clickhouse_database, meter=meter, reason=reason, limit=limit,
                                   include_replayed=include_replayed)
-    finally:
-        client.close()
     table = Table("position", "meter", "reason_code", "reason", "subject", "id", "time", "replay")
     for d, outcome in found:
         table.add_row(f"{d.partition}:{d.offset}:{d.index}", d.meter or "*", d.reason_code, d.reason, d.subject,
@@ -162,19 +178,15 @@ def dead_letters_replay(
     reason: Annotated[str | None, typer.Option(help="only this reason_code")] = None,
 ) -> None:
     """Re-meter dead letters under the current config.yaml (idempotent; see meterline/deadletters.py)."""
-    from meterline.clickhouse import connect
     from meterline.deadletters import replay
     from meterline.meters import MeterSet
     from processor.rows import RowOptions
 
     settings = _settings()
     meters = MeterSet(settings.meters())
-    client = connect(str(settings.clickhouse_url), database=settings.clickhouse_database)
-    try:
+    with _clickhouse(settings, "dead-letters replay") as client:
         report = replay(client, settings.clickhouse_database, meters, RowOptions.from_settings(settings),
                         meter=meter, reason=reason)
-    finally:
-        client.close()
     Console(soft_wrap=True).print(
         f"metered {report.metered}, still rejected {report.still_rejected} {report.rejected_reasons or ''}, "
         f"superseded {report.superseded}, not replayable {report.not_replayable}; "
@@ -190,18 +202,13 @@ def recompute(
     """Rebuild a meter's windows from stored raw events (after adding it or changing its definition)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from meterline.clickhouse import connect
     from meterline.meters import MeterSet
     from processor.recompute import count_query
     from processor.recompute import recompute as rebuild
 
     settings = _settings(config)
     definition = MeterSet(settings.meters()).get(meter)
-    if not settings.clickhouse_url:
-        console.print("[red]CLICKHOUSE_URL is not set: recompute works on a running ClickHouse[/red]")
-        raise typer.Exit(2)
-    client = connect(settings.clickhouse_url)
-    try:
+    with _clickhouse(settings, "recompute") as client:
         sql, params = count_query(settings.clickhouse_database, definition)
         total = int(client.query(sql, parameters=params).result_rows[0][0])
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -212,8 +219,6 @@ def recompute(
                 window_seconds=settings.window_size_seconds,
                 on_progress=lambda n: progress.advance(task, n),
             )
-    finally:
-        client.close()
     console.print(
         f"[green]{meter}[/green]: {result.events} events -> {result.windows} window rows, "
         f"{result.dead_letters} dead letters"
