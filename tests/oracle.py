@@ -10,7 +10,7 @@ import math
 import random
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -164,6 +164,20 @@ def first_sightings(sent: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             seen.add(key)
             out.append(ev)
     return out
+
+
+def first_sighting_decider() -> Callable[[bytes, Any], bool]:
+    """An in-memory `decide(key, position)` for the processor's row builder: a key's first call
+    accepts, every later call is a duplicate (no replays, unlike processor/dedupe.py)."""
+    seen: set[bytes] = set()
+
+    def decide(key: bytes, position: Any) -> bool:
+        if key in seen:
+            return False
+        seen.add(key)
+        return True
+
+    return decide
 
 
 def response_windows(body: dict[str, Any], group_by: Sequence[str]) -> dict[Key, Decimal]:

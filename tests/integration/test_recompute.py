@@ -21,10 +21,9 @@ from meterline.cli import app
 from meterline.clickhouse import connect, create_schema
 from meterline.meters import Meter, MeterSet
 from meterline.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS, WINDOW_COLUMNS
-from processor.dedupe import Position
 from processor.recompute import recompute
 from processor.rows import MessagePosition, RowOptions, message_rows
-from tests.oracle import EventFactory, OracleMeter, expected
+from tests.oracle import EventFactory, OracleMeter, expected, first_sighting_decider
 
 OLD = Meter(slug="tokens_total", eventType="prompt", aggregation="SUM", valueProperty="$.tokens",
             groupBy={"model": "$.model"})
@@ -46,14 +45,7 @@ def database(clickhouse_url: str) -> Iterator[tuple[Client, str]]:
 
 def write_history(client: Client, database: str, events: list[dict]) -> None:
     """Store events in 100-event messages exactly as a worker would, with the OLD definition."""
-    seen: set[bytes] = set()
-
-    def first_sighting(key: bytes, position: Position) -> bool:
-        if key in seen:
-            return False
-        seen.add(key)
-        return True
-
+    first_sighting = first_sighting_decider()
     meters = MeterSet([OLD])
     for offset, start in enumerate(range(0, len(events), 100)):
         rows = message_rows(events[start : start + 100], MessagePosition("epoch-1", 0, offset), meters,

@@ -8,7 +8,7 @@ from typing import Any
 
 from meterline.meters import Meter, MeterSet
 from meterline.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
-from processor.dedupe import Position, dedupe_key
+from processor.dedupe import dedupe_key
 from processor.rows import (
     MessagePosition,
     RowOptions,
@@ -16,6 +16,7 @@ from processor.rows import (
     message_rows,
     undecodable_rows,
 )
+from tests.oracle import first_sighting_decider
 
 NOW = datetime(2024, 5, 1, 13, 0, tzinfo=UTC)
 POS = MessagePosition("cluster-1", 3, 42)
@@ -60,15 +61,7 @@ def test_one_window_row_per_meter_group_and_minute_with_message_position() -> No
 
 
 def test_duplicates_produce_no_rows() -> None:
-    seen: set[bytes] = set()
-
-    def decide(key: bytes, position: Position) -> bool:
-        if key in seen:
-            return False
-        seen.add(key)
-        return True
-
-    rows = message_rows([ev(1), ev(1), ev(2)], POS, METERS, RowOptions(), decide, now=NOW)
+    rows = message_rows([ev(1), ev(1), ev(2)], POS, METERS, RowOptions(), first_sighting_decider(), now=NOW)
     assert [col(r, EVENT_COLUMNS, "batch_index") for r in rows.events] == [0, 2]
     assert rows.duplicates == 1 and rows.accepted == 2
     assert sum(r[WINDOW_COLUMNS.index("count")] for r in rows.windows if r[0] == "calls") == 2
