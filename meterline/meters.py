@@ -484,30 +484,36 @@ class _CompiledMeter:
         if self.value_getter is None:
             group, key = self.group(data, cache)
             return Measurement(self.meter, group, key, None)
+        # Like groups, a value is read and parsed once per event for every meter sharing its path
+        # (SUM, AVG and MAX of $.tokens are one parse, not three).
+        value_key = ("value", self.value_path, self.agg is Aggregation.UNIQUE_COUNT)
+        outcome: Decimal | str | tuple[str, str] | None = cache.get(value_key)
+        if outcome is None:
+            outcome = cache[value_key] = self._value(data)
+        if isinstance(outcome, tuple):
+            return Rejection(self.slug, *outcome)
+        group, key = self.group(data, cache)
+        return Measurement(self.meter, group, key, outcome)
+
+    def _value(self, data: Any) -> Decimal | str | tuple[str, str]:
+        """The metered value, or (rejection code, reason); independent of the meter's slug."""
+        assert self.value_getter is not None
         raw = self.value_getter(data)
         path = self.value_path
         if raw is MISSING:
-            return Rejection(self.slug, "value_missing", f"valueProperty {path}: no value")
+            return "value_missing", f"valueProperty {path}: no value"
         if raw is None:
-            return Rejection(self.slug, "value_null", f"valueProperty {path}: value is null")
+            return "value_null", f"valueProperty {path}: value is null"
         if type(raw) is _Many:
-            return Rejection(self.slug, "value_ambiguous", f"valueProperty {path}: matched {len(raw)} values")
-        value: Decimal | str
+            return "value_ambiguous", f"valueProperty {path}: matched {len(raw)} values"
         try:
             if self.agg is Aggregation.UNIQUE_COUNT:
                 if isinstance(raw, (dict, list, tuple)):
-                    return Rejection(
-                        self.slug,
-                        "value_not_scalar",
-                        f"valueProperty {path}: {type(raw).__name__} is not a scalar",
-                    )
-                value = _canonical_unique(raw)
-            else:
-                value = parse_numeric(raw)
+                    return "value_not_scalar", f"valueProperty {path}: {type(raw).__name__} is not a scalar"
+                return _canonical_unique(raw)
+            return parse_numeric(raw)
         except NumericValueError as exc:
-            return Rejection(self.slug, exc.code, f"valueProperty {path}: {exc}")
-        group, key = self.group(data, cache)
-        return Measurement(self.meter, group, key, value)
+            return exc.code, f"valueProperty {path}: {exc}"
 
 
 class MeterSet:
