@@ -18,6 +18,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Self
 
 from meterline.localinfra.ports import HOST, free_port
 from meterline.localinfra.process import ManagedProcess
@@ -67,6 +68,19 @@ class LocalClickHouse(LocalServer):
         )
         self.http_port: int | None = None
         self.tcp_port: int | None = None
+        self._reuse_ports = False
+
+    def restart(self) -> Self:
+        """Start again after `stop`/`kill` on the same data dir AND the same ports, as a restarted
+        server comes back: processes configured with the old URL reconnect on their own. One attempt,
+        since a different port would defeat the purpose."""
+        if self.http_port is None:
+            raise RuntimeError("LocalClickHouse was never started; use start()")
+        self._reuse_ports = True
+        try:
+            return self.start(attempts=1)
+        finally:
+            self._reuse_ports = False
 
     @property
     def url(self) -> str:
@@ -83,9 +97,10 @@ class LocalClickHouse(LocalServer):
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _new_process(self) -> ManagedProcess:
-        self.http_port, self.tcp_port = free_port(), free_port()
-        while self.tcp_port == self.http_port:
-            self.tcp_port = free_port()
+        if not self._reuse_ports:
+            self.http_port, self.tcp_port = free_port(), free_port()
+            while self.tcp_port == self.http_port:
+                self.tcp_port = free_port()
         (self.run_dir / "config.xml").write_text(
             CONFIG_TEMPLATE.format(http_port=self.http_port, tcp_port=self.tcp_port, host=HOST)
         )

@@ -235,6 +235,17 @@ def test_clickhouse_keeps_data_across_stop_and_kill(fresh_clickhouse: LocalClick
     assert read_rows(fresh_clickhouse) == ROWS
 
 
+def test_clickhouse_restarts_on_its_old_ports(fresh_clickhouse: LocalClickHouse) -> None:
+    """Fault tests kill ClickHouse under running processes; only the same URL lets them reconnect."""
+    create_and_fill(fresh_clickhouse, ROWS)
+    url, pid = fresh_clickhouse.url, fresh_clickhouse.pid
+    fresh_clickhouse.kill()
+    assert pid_gone(pid)
+    fresh_clickhouse.restart()
+    assert fresh_clickhouse.url == url and fresh_clickhouse.pid != pid
+    assert read_rows(fresh_clickhouse) == ROWS
+
+
 def test_two_servers_need_two_data_dirs(tmp_path: Path, fresh_clickhouse: LocalClickHouse) -> None:
     create_and_fill(fresh_clickhouse, ROWS[:1])
     with LocalClickHouse(tmp_path / "other") as other:
