@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meterline.localinfra.stack import LocalStack
-from tests.faults.harness import FAULT_CONFIG, ScenarioRow, fault_seed
+from tests.faults.harness import FAULT_CONFIG, ScenarioRow, Sender, fault_seed
 
 _ROWS = pytest.StashKey[list[ScenarioRow]]()
 
@@ -78,3 +78,20 @@ def make_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
     finally:
         for stack in reversed(stacks):
             stack.stop()
+
+
+@pytest.fixture
+def make_sender() -> Iterator[Callable[..., Sender]]:
+    """`make_sender(url, **options)`: a retrying HTTP client, closed at the end even when the test fails."""
+    senders: list[Sender] = []
+
+    def new(url: str, **options: Any) -> Sender:
+        sender = Sender(url, **options)
+        senders.append(sender)
+        return sender
+
+    try:
+        yield new
+    finally:
+        for sender in senders:
+            sender.close()

@@ -167,6 +167,15 @@ class Background(threading.Thread):
             raise self.error
 
 
+def feed_in_background(sender: Sender, chunks: list[list[dict[str, Any]]], over_seconds: float) -> Background:
+    """Send every chunk from a thread, spread over about `over_seconds` (at most 0.2 s apart), so the
+    faults a test injects meanwhile land while messages are being produced and processed."""
+    pace = max(0.0, min(0.2, over_seconds / len(chunks)))
+    feeder = Background(lambda: sender.send_all(chunks, pace=pace))
+    feeder.start()
+    return feeder
+
+
 # -- reading back --------------------------------------------------------------------------------
 
 def query(stack: LocalStack, slug: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -323,3 +332,11 @@ def dead_letters_api(stack: LocalStack, **params: Any) -> list[dict[str, Any]]:
     resp = httpx.get(f"{stack.url}/api/v1/dead-letters", params=params, timeout=30)
     assert resp.status_code == 200, resp.text[:500]
     return list(resp.json())
+
+
+def settle(row: ScenarioRow, stack: LocalStack, sender: Sender, started: float) -> None:
+    """Wait until the processor has caught up with every accepted event, then compare every window
+    with the oracle and fill the summary row (fails with a diagnosis on any mismatch)."""
+    counted = first_sightings(sender.accepted)
+    wait_caught_up(stack, counted)
+    finish(row, stack, sender, counted, compare(stack, counted), started)

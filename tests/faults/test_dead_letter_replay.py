@@ -63,7 +63,7 @@ def wait_dead_letters_stable(stack: LocalStack, seconds: float = 5.0, timeout: f
     return last
 
 
-def test_replay_after_config_fix(make_stack: Callable[..., LocalStack],
+def test_replay_after_config_fix(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                  summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     row = summary("dead-letter replay after fix")
@@ -72,7 +72,7 @@ def test_replay_after_config_fix(make_stack: Callable[..., LocalStack],
     stack = make_stack(processors=1, config=BROKEN_CONFIG)
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 5, rng,
                                  invalid_rate=0.05)
-    sender = Sender(stack.url)
+    sender = make_sender(stack.url)
     sender.send_all(batches(stream, rng))
     counted = first_sightings(sender.accepted)
     wait_caught_up(stack, counted)
@@ -110,4 +110,3 @@ def test_replay_after_config_fix(make_stack: Callable[..., LocalStack],
     row.note = f"{dead} dead letters; replay: {first.strip()[:60]}"
     assert first.split(",")[0] == second.split(",")[0], (first, second)
     finish(row, stack, sender, counted, comparison, started)
-    sender.close()

@@ -28,6 +28,7 @@ from tests.faults.harness import (
     fault_events,
     fault_seed,
     finish,
+    settle,
     stream_with_retries,
     wait_caught_up,
 )
@@ -36,7 +37,7 @@ from tests.oracle import EventFactory, first_sightings, parse_time
 pytestmark = pytest.mark.faults
 
 
-def test_resent_and_late_events(make_stack: Callable[..., LocalStack],
+def test_resent_and_late_events(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                 summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     row = summary("5 resend 10% + hours/days late")
@@ -45,7 +46,7 @@ def test_resent_and_late_events(make_stack: Callable[..., LocalStack],
     stack = make_stack(processors=1)
     factory = EventFactory(seed=seed, start=START, span=SPAN)
     n = fault_events() // 3
-    sender = Sender(stack.url)
+    sender = make_sender(stack.url)
     sender.send_all(batches(stream_with_retries(factory, n, rng, dup_rate=0.0), rng))
     wait_caught_up(stack, first_sightings(sender.accepted))  # every window of the span is written
 
@@ -57,15 +58,12 @@ def test_resent_and_late_events(make_stack: Callable[..., LocalStack],
     second = resent + late + [dict(e) for e in rng.sample(late, len(late) // 10)]
     rng.shuffle(second)
     sender.send_all(batches(second, rng))
-    counted = first_sightings(sender.accepted)
-    wait_caught_up(stack, counted)
     row.late = len(late)
     row.note = f"{len(resent)} resent after the fact"
-    finish(row, stack, sender, counted, compare(stack, counted), started)
-    sender.close()
+    settle(row, stack, sender, started)
 
 
-def test_late_horizon_dead_letters(make_stack: Callable[..., LocalStack],
+def test_late_horizon_dead_letters(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                    summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     row = summary("5b late horizon 1 day")
@@ -82,7 +80,7 @@ def test_late_horizon_dead_letters(make_stack: Callable[..., LocalStack],
     stream = fresh + late
     rng.shuffle(stream)
     stream += [dict(e) for e in rng.sample(stream, len(stream) // 10)]  # retries, including of late ones
-    sender = Sender(stack.url)
+    sender = make_sender(stack.url)
     sender.send_all(batches(stream, rng))
     window_from, window_to = now - timedelta(days=10), now + timedelta(days=1)
     horizon = now - timedelta(days=1)
@@ -103,4 +101,3 @@ def test_late_horizon_dead_letters(make_stack: Callable[..., LocalStack],
     row.late = len(too_late)
     comparison = compare(stack, counted, start=window_from, end=window_to)
     finish(row, stack, sender, counted, comparison, started)
-    sender.close()

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from meterline.localinfra import clickhouse_server
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     SPAN,
@@ -34,8 +33,10 @@ from tests.faults.harness import (
     env_int,
     fault_events,
     fault_seed,
+    feed_in_background,
     finish,
     log_excerpt,
+    settle,
     stream_with_retries,
     wait_caught_up,
 )
@@ -44,21 +45,7 @@ from tests.oracle import EventFactory, first_sightings
 pytestmark = pytest.mark.faults
 
 
-def restart_clickhouse_on_same_ports(stack: LocalStack, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Start the stack's ClickHouse again on its data dir with its old ports, so every running
-    process (configured with the old URL) reconnects to it as it would to a restarted server."""
-    ch = stack.clickhouse
-    assert ch is not None
-    old_url = ch.url
-    ports: Iterator[int] = iter([int(ch.http_port or 0), int(ch.tcp_port or 0)])
-    real_free_port = clickhouse_server.free_port
-    monkeypatch.setattr(clickhouse_server, "free_port", lambda *a: next(ports, None) or real_free_port(*a))
-    ch.start()
-    monkeypatch.setattr(clickhouse_server, "free_port", real_free_port)
-    assert ch.url == old_url, f"ClickHouse came back on {ch.url}, not {old_url}; processes cannot follow"
-
-
-def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], monkeypatch: pytest.MonkeyPatch,
+def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                          summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     outage = env_int("METERLINE_FAULT_CH_OUTAGE_SECONDS", 20)
@@ -67,27 +54,26 @@ def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], 
     rng = random.Random(seed)
     stack = make_stack(processors=1)
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 3, rng)
-    chunks = batches(stream, rng)
-    sender = Sender(stack.url)
-    pace = max(0.0, min(0.2, 30.0 / len(chunks)))
-    feeder = Background(lambda: sender.send_all(chunks, pace=pace))
-    feeder.start()
+    sender = make_sender(stack.url)
+    feeder = feed_in_background(sender, batches(stream, rng), over_seconds=30.0)
     time.sleep(10)
     assert stack.clickhouse is not None
     stack.clickhouse.kill()
     time.sleep(outage)
     assert stack.workers[0].running, f"processor died while ClickHouse was down:\n{log_excerpt(stack)}"
-    restart_clickhouse_on_same_ports(stack, monkeypatch)
+    old_url = stack.clickhouse.url
+    stack.clickhouse.restart()  # same ports: every running process reconnects to the old URL
+    assert stack.clickhouse.url == old_url
     feeder.join_checked(timeout=600)
     counted = first_sightings(sender.accepted)
     wait_caught_up(stack, counted)
     assert stack.workers[0].running, f"processor died after the ClickHouse outage:\n{log_excerpt(stack)}"
     row.note = "processor survived, not restarted"
     finish(row, stack, sender, counted, compare(stack, counted), started)
-    sender.close()
 
 
-def test_broker_paused(make_stack: Callable[..., LocalStack], summary: Callable[[str], ScenarioRow]) -> None:
+def test_broker_paused(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
+                       summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     produce_timeout = 2.0
     pause_seconds = env_int("METERLINE_FAULT_PAUSE_SECONDS", 15)
@@ -97,7 +83,7 @@ def test_broker_paused(make_stack: Callable[..., LocalStack], summary: Callable[
     stack = make_stack(processors=1, extra_env={"METERLINE_PRODUCE_TIMEOUT_SECONDS": str(produce_timeout)})
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 3, rng)
     chunks = batches(stream, rng, 1, 60)
-    sender = Sender(stack.url, retry_delay=0.2)
+    sender = make_sender(stack.url, retry_delay=0.2)
     refused: list[list[dict[str, Any]]] = []
 
     def first_pass() -> None:
@@ -129,9 +115,6 @@ def test_broker_paused(make_stack: Callable[..., LocalStack], summary: Callable[
     bound = produce_timeout + 1.0 + 5.0  # message.timeout.ms + the producer's slack + HTTP/scheduling
     slow = [(s, round(t, 1)) for s, t in during if t > bound]
     assert not slow, f"answers slower than {bound}s while paused: {slow[:10]}"
-    counted = first_sightings(sender.accepted)
-    wait_caught_up(stack, counted)
     row.note = f"503 x{sender.statuses[503]}, {len(refused)} batches retried"
-    finish(row, stack, sender, counted, compare(stack, counted), started)
+    settle(row, stack, sender, started)
     assert stack.workers[0].running, f"processor died after the broker pause:\n{log_excerpt(stack)}"
-    sender.close()

@@ -19,24 +19,22 @@ from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     SPAN,
     START,
-    Background,
     ScenarioRow,
     Sender,
     batches,
-    compare,
     env_int,
     fault_events,
     fault_seed,
-    finish,
+    feed_in_background,
+    settle,
     stream_with_retries,
-    wait_caught_up,
 )
-from tests.oracle import EventFactory, first_sightings
+from tests.oracle import EventFactory
 
 pytestmark = pytest.mark.faults
 
 
-def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack],
+def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                      summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     kills = env_int("METERLINE_FAULT_KILLS", 10)
@@ -45,12 +43,8 @@ def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack],
     rng = random.Random(seed)
     stack = make_stack(processors=1)
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events(), rng)
-    chunks = batches(stream, rng)
-    sender = Sender(stack.url)
-    # Spread the sends over the kill period so kills land while messages are being processed.
-    pace = max(0.0, min(0.2, 45.0 / len(chunks)))
-    feeder = Background(lambda: sender.send_all(chunks, pace=pace))
-    feeder.start()
+    sender = make_sender(stack.url)
+    feeder = feed_in_background(sender, batches(stream, rng), over_seconds=45.0)  # the kill period
     done = 0
     while done < kills:
         time.sleep(rng.uniform(0.5, 6.0))  # sometimes during startup/partition load, sometimes mid-batch
@@ -60,13 +54,10 @@ def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack],
         stack.restart_processor(0)
     feeder.join_checked(timeout=600)
     row.note = f"{done} kills"
-    counted = first_sightings(sender.accepted)
-    wait_caught_up(stack, counted)
-    finish(row, stack, sender, counted, compare(stack, counted), started)
-    sender.close()
+    settle(row, stack, sender, started)
 
 
-def test_two_workers_one_killed(make_stack: Callable[..., LocalStack],
+def test_two_workers_one_killed(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                 summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     row = summary("2 two workers, kill one")
@@ -74,11 +65,8 @@ def test_two_workers_one_killed(make_stack: Callable[..., LocalStack],
     rng = random.Random(seed)
     stack = make_stack(processors=2, partitions=4)
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 2, rng)
-    chunks = batches(stream, rng)
-    sender = Sender(stack.url)
-    pace = max(0.0, min(0.2, 40.0 / len(chunks)))
-    feeder = Background(lambda: sender.send_all(chunks, pace=pace))
-    feeder.start()
+    sender = make_sender(stack.url)
+    feeder = feed_in_background(sender, batches(stream, rng), over_seconds=40.0)
     time.sleep(12)
     stack.workers[1].kill()  # its partitions move to worker 0
     time.sleep(12)
@@ -87,8 +75,5 @@ def test_two_workers_one_killed(make_stack: Callable[..., LocalStack],
     stack.workers[0].kill()  # worker 1 takes everything, including what worker 0 wrote meanwhile
     feeder.join_checked(timeout=600)
     row.note = "kill w1, restart w1, kill w0"
-    counted = first_sightings(sender.accepted)
-    wait_caught_up(stack, counted)
-    finish(row, stack, sender, counted, compare(stack, counted), started)
+    settle(row, stack, sender, started)
     assert stack.workers[1].running
-    sender.close()
