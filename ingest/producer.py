@@ -25,9 +25,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from meterline.errors import BrokerUnavailableError
+from meterline.kafka import create_topic_if_missing
 from meterline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -71,17 +71,8 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 1
     Why best effort: in deployments topics are usually provisioned by operators with their own
     replication settings; locally and in tests ingest must work on a fresh broker without extra steps.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
-        futures = admin.create_topics([NewTopic(topic, num_partitions=partitions)], operation_timeout=timeout)
-        futures[topic].result(timeout=timeout)
-        logger.info("created topic %s with %d partitions", topic, partitions)
-    except KafkaException as exc:
-        err = exc.args[0] if exc.args else None
-        if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-            logger.debug("topic %s already exists", topic)
-        else:
-            logger.warning("could not ensure topic %s: %s", topic, exc)
+        create_topic_if_missing(bootstrap, topic, partitions, timeout)
     except Exception as exc:  # noqa: BLE001 - best effort by design; publish reports real failures
         logger.warning("could not ensure topic %s: %s", topic, exc)
 

@@ -5,7 +5,7 @@ Values stay raw bytes (`value_serializer="raw"`): the processor decodes the JSON
 instead of paying Faust's codec layer per message.
 
 Faust only creates its *internal* topics, so the events topic is created here with confluent-kafka's
-AdminClient (idempotent: "already exists" is success).
+AdminClient (`meterline.kafka.create_topic_if_missing`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ import logging
 import time
 
 import faust
-from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from meterline.errors import BrokerUnavailableError
+from meterline.kafka import create_topic_if_missing
 from meterline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -42,25 +41,14 @@ def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout:
     offsets of a reset log can never be mistaken for positions already recorded (design.md).
     Retries until `timeout` so a worker may start before the broker is ready.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
     deadline = time.monotonic() + timeout
     while True:
         try:
-            md = admin.list_topics(timeout=5)
-            if topic not in md.topics or md.topics[topic].error is not None:
-                futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
-                for fut in futures.values():
-                    try:
-                        fut.result(timeout=10)
-                    except KafkaException as exc:
-                        if "TOPIC_ALREADY_EXISTS" not in str(exc) and "already exists" not in str(exc):
-                            raise
-                md = admin.list_topics(timeout=5)
-            cluster_id = md.cluster_id
+            cluster_id = create_topic_if_missing(bootstrap, topic, partitions).cluster_id
             if not cluster_id:
                 raise BrokerUnavailableError(f"broker {bootstrap} reported no cluster id")
             return str(cluster_id)
-        except (KafkaException, BrokerUnavailableError) as exc:
+        except BrokerUnavailableError as exc:
             if time.monotonic() > deadline:
                 raise BrokerUnavailableError(f"cannot prepare topic {topic} on {bootstrap}: {exc}") from exc
             logger.warning("broker not ready; retrying", extra={"bootstrap": bootstrap, "error": str(exc)})

@@ -23,9 +23,9 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
+from meterline.kafka import create_topic_if_missing
 from meterline.localinfra.fetch_tansu import tansu_path
 from meterline.localinfra.ports import HOST, free_port
 from meterline.localinfra.process import ManagedProcess
@@ -59,17 +59,7 @@ def ensure_topic(bootstrap: str, name: str, partitions: int, timeout: float = 10
     Idempotent so every process may call it at startup. A different existing count is an error rather
     than silently accepted: subject-keyed partitioning (one owner per window row) depends on it.
     """
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=1)], operation_timeout=timeout
-    )
-    try:
-        futures[name].result(timeout)
-        log.info("created topic %s with %d partitions", name, partitions)
-    except KafkaException as exc:
-        if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-            raise
-    metadata = admin.list_topics(topic=name, timeout=timeout).topics.get(name)
+    metadata = create_topic_if_missing(bootstrap, name, partitions, timeout).topics.get(name)
     actual = len(metadata.partitions) if metadata is not None and metadata.error is None else None
     if actual != partitions:
         raise TopicMismatchError(f"topic {name} has {actual} partitions, expected {partitions}")

@@ -1,0 +1,40 @@
+"""Kafka admin shared by every process: create the events topic when it is missing.
+
+One place decides what "already exists" means, so ingest (best effort), the processor (retries until
+the broker is up, then reads the cluster id) and the local stack (strict partition check) differ only in
+policy. confluent-kafka errors surface as `BrokerUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
+
+from meterline.errors import BrokerUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+def create_topic_if_missing(bootstrap: str, topic: str, partitions: int, timeout: float = 10.0) -> ClusterMetadata:
+    """Create `topic` with `partitions` partitions unless it exists; return the cluster's metadata.
+
+    An existing topic is left as it is (operators may provision their own partition count); callers
+    that need an exact count check `metadata.topics[topic].partitions` themselves.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        futures = admin.create_topics(
+            [NewTopic(topic, num_partitions=partitions, replication_factor=1)], operation_timeout=timeout
+        )
+        try:
+            futures[topic].result(timeout)
+            log.info("created topic %s with %d partitions", topic, partitions)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise
+        return admin.list_topics(topic=topic, timeout=timeout)
+    except KafkaException as exc:
+        raise BrokerUnavailableError(f"cannot prepare topic {topic} on {bootstrap}: {exc}") from exc
