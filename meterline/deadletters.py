@@ -224,14 +224,10 @@ def replay(client: Client, database: str, meters: MeterSet, options: Any, *, met
     for (epoch, partition, offset, code, slug), members in sorted(groups.items()):
         report.groups += 1
         members.sort(key=lambda d: d.index)
-        # The row builder numbers events by list position: pad so every event keeps its original index
-        # (the padding is invalid and only yields dead-letter rows, which are discarded).
-        events: list[Any] = [{} for _ in range(members[-1].index + 1)]
-        for d in members:
-            events[d.index] = d.event()
         received = min(d.received_at for d in members)
-        rows = message_rows(events, MessagePosition(replay_epoch(code, slug, epoch), partition, offset), meters,
-                            options, always_accept, now=received)
+        rows = message_rows([d.event() for d in members],
+                            MessagePosition(replay_epoch(code, slug, epoch), partition, offset), meters,
+                            options, always_accept, now=received, indexes=[d.index for d in members])
         windows = [r for r in rows.windows if not slug or r[0] == slug]
         new_rows.extend(windows)
         rejected = {(int(r[3]), str(r[4])): str(r[11]) for r in rows.dead_letters}

@@ -71,21 +71,24 @@ def events_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
     return sql, {"type": meter.event_type}
 
 
-def messages(rows: Iterator[Sequence[Any]]) -> Iterator[tuple[MessagePosition, list[dict[str, Any]]]]:
-    """Group position-ordered rows into (message position, events); skips events that were too late."""
+def messages(rows: Iterator[Sequence[Any]]) -> Iterator[tuple[MessagePosition, list[dict[str, Any]], list[int]]]:
+    """Group position-ordered rows into (message position, events, their original indexes); skips
+    events that were too late."""
     current: MessagePosition | None = None
     batch: list[dict[str, Any]] = []
+    indexes: list[int] = []
     for row in rows:
         if any(err.startswith(TOO_LATE_PREFIX) for err in row[10]):
             continue
         pos = MessagePosition(row[0], int(row[1]), int(row[2]))
         if pos != current:
             if current is not None:
-                yield current, batch
-            current, batch = pos, []
+                yield current, batch, indexes
+            current, batch, indexes = pos, [], []
         batch.append(stored_event(*row[4:10]))
+        indexes.append(int(row[3]))
     if current is not None:
-        yield current, batch
+        yield current, batch, indexes
 
 
 def recompute(
@@ -111,8 +114,8 @@ def recompute(
         sql, params = events_query(database, meter)
         pending = Rows()
         with client.query_rows_stream(sql, parameters=params) as stream:
-            for pos, events in messages(iter(stream)):
-                message_rows(events, pos, only, options, always_accept, now=now, rows=pending)
+            for pos, events, indexes in messages(iter(stream)):
+                message_rows(events, pos, only, options, always_accept, now=now, rows=pending, indexes=indexes)
                 result.events += len(events)
                 on_progress(len(events))
                 if len(pending.windows) + len(pending.dead_letters) >= INSERT_CHUNK:

@@ -125,6 +125,7 @@ def message_rows(
     now: datetime | None = None,
     keys: Sequence[bytes] | None = None,
     rows: Rows | None = None,
+    indexes: Sequence[int] | None = None,
 ) -> Rows:
     """Rows for one message: `events` rows for accepted first sightings, `dead_letters` for what could
     not be metered (invalid, too late, unknown type in strict mode, per-meter rejections), and one
@@ -132,7 +133,12 @@ def message_rows(
 
     `keys` may carry precomputed dedupe keys (the worker hashes them once for its RocksDB multi-get).
     `rows` accumulates several messages into one set of lists (one ClickHouse insert per batch).
+    `indexes` gives each event's original index in its message when `events` is a subset of it
+    (recompute and dead-letter replay rebuild from stored rows), so positions and LATEST ranks are
+    the ones the worker produced.
     """
+    if keys is not None and indexes is not None:
+        raise ValueError("keys are positional: pass them only with the whole message")
     out = Rows() if rows is None else rows
     now = datetime.now(UTC) if now is None else now
     late_floor = None if options.late_horizon is None else now - options.late_horizon
@@ -143,7 +149,7 @@ def message_rows(
     measure = meters.measure
     add = acc.add
     ev_append = out.events.append
-    for index, event in enumerate(events):
+    for index, event in (enumerate(events) if indexes is None else zip(indexes, events, strict=True)):
         try:
             source = event["source"]
             event_id = event["id"]

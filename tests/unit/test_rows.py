@@ -6,6 +6,8 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
+
 from meterline.meters import Meter, MeterSet
 from meterline.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
 from processor.dedupe import dedupe_key
@@ -107,3 +109,17 @@ def test_rows_are_deterministic_for_replays() -> None:
     a = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW)
     b = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW + timedelta(hours=1))
     assert a.windows == b.windows
+
+
+def test_a_subset_keeps_its_original_positions_and_ranks() -> None:
+    """Recompute and replay rebuild from stored subsets of a message; rows must match the worker's."""
+    whole = [ev(0), ev(1, tokens="x"), ev(2, tokens=7), ev(3, tokens=9)]
+    worker = message_rows(whole, POS, METERS, RowOptions(), always_accept, now=NOW)
+    subset = message_rows([whole[2], whole[3]], POS, METERS, RowOptions(), always_accept, now=NOW, indexes=[2, 3])
+    assert [col(r, EVENT_COLUMNS, "batch_index") for r in subset.events] == [2, 3]
+    tokens = [r for r in subset.windows if r[0] == "tokens"]
+    assert col(tokens[0], WINDOW_COLUMNS, "latest_rank") == 42 * 100_000 + 3
+    worker_latest = {col(r, WINDOW_COLUMNS, "latest_rank") for r in worker.windows if r[0] == "tokens"}
+    assert worker_latest == {42 * 100_000 + 3}
+    with pytest.raises(ValueError):
+        message_rows(whole[:1], POS, METERS, RowOptions(), always_accept, now=NOW, keys=[b"k" * 16], indexes=[0])
