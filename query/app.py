@@ -7,12 +7,10 @@ the combined `make run` app, OpenAPI generation) needs no server.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
-from prometheus_client import Histogram
+from fastapi import FastAPI
 
 from ingest.problems import install_problem_handlers
 from meterline.clickhouse import connect
@@ -20,19 +18,12 @@ from meterline.errors import ConfigError
 from meterline.health import ReadinessCheck, health_router
 from meterline.meters import MeterSet
 from meterline.settings import Settings
+from query.latency import RequestLatencyMiddleware
 from query.openapi import drop_unreachable_422
 from query.routes import install_query_problem_handlers, router
 from query.store import WindowStore
 
 __all__ = ["clickhouse_check", "create_app", "install_query", "query_lifespan", "router"]
-
-REQUEST_SECONDS = Histogram(
-    "meterline_query_request_seconds",
-    "Query API request latency by route template",
-    ["method", "route", "status"],
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
-
 
 @asynccontextmanager
 async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
@@ -69,18 +60,7 @@ def install_query(app: FastAPI) -> None:
     app.include_router(router)
     generate = app.openapi
     app.openapi = lambda: drop_unreachable_422(generate())  # type: ignore[method-assign]
-
-    @app.middleware("http")
-    async def _latency(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        if path.startswith("/api/v1/meters") or path in ("/api/v1/events", "/api/v1/dead-letters"):
-            REQUEST_SECONDS.labels(request.method, path, str(response.status_code)).observe(
-                time.perf_counter() - started
-            )
-        return response
+    app.add_middleware(RequestLatencyMiddleware)
 
 
 def create_app(settings: Settings) -> FastAPI:

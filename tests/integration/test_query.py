@@ -332,5 +332,15 @@ def test_health_and_metrics(app_client: Any) -> None:
     http = app_client[0]
     assert http.get("/healthz").status_code == 200
     assert http.get("/readyz").status_code == 200
-    http.get("/api/v1/meters")
-    assert "meterline_query_request_seconds" in http.get("/metrics").text
+    metric = 'meterline_query_request_seconds_count{method="GET",route="/api/v1/meters",status="200"}'
+
+    def served() -> float:
+        line = next((x for x in http.get("/metrics").text.splitlines() if x.startswith(metric)), None)
+        return float(line.split()[-1]) if line else 0.0
+
+    before = served()
+    for _ in range(3):
+        assert http.get("/api/v1/meters").status_code == 200
+    http.get("/healthz")  # not an API route: no series
+    assert served() == before + 3
+    assert 'route="/healthz"' not in http.get("/metrics").text
