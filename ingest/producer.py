@@ -218,12 +218,18 @@ class EventProducer:
         except KafkaException as exc:
             self._fail(done, BrokerUnavailableError(f"produce failed: {exc}"))
         self._poll_soon(loop)
-        try:
-            await asyncio.wait_for(asyncio.shield(done), timeout=self._timeout + DEADLINE_SLACK_SECONDS)
-        except TimeoutError:
-            raise BrokerUnavailableError(
+
+        def give_up() -> None:
+            self._fail(done, BrokerUnavailableError(
                 f"broker did not acknowledge {pending} message(s) within {self._timeout:g}s"
-            ) from None
+            ))
+
+        # A timer, not asyncio.wait_for: no extra task per request on the hot path.
+        deadline = loop.call_later(self._timeout + DEADLINE_SLACK_SECONDS, give_up)
+        try:
+            await done
+        finally:
+            deadline.cancel()
 
     @staticmethod
     def _fail(done: asyncio.Future[None], exc: BrokerUnavailableError) -> None:

@@ -191,7 +191,18 @@ _times = st.one_of(
         "2024-01-01T05:30:00+05:30", "2024-01-01T00:00:00-00:00", "2024-01-01 00:00:00Z",
         "2024-01-01T00:00:00", "1969-12-31T23:59:59Z", "2106-01-01T00:00:00Z", "2024-02-30T00:00:00Z",
         "0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00", "2024-01-01T24:00:00Z", "20240101T000000Z",
+        "2024-01-01T00:00:00.000000Z", "2024-01-01T00:00:00.1Z", "2024-01-01T00:00:00.12345Z",
+        "2024-01-01T00:00:00.1234567Z", "2024-01-01T23:59:60Z", "2024-13-01T00:00:00Z", "2105-12-31T23:59:59.999999Z",
     ]),
+    # Every shape the fast path handles by text (Z with 0-6 fraction digits) and by conversion (offsets).
+    st.builds(
+        lambda t, digits, offset: (
+            t.strftime("%Y-%m-%dT%H:%M:%S") + (("." + t.strftime("%f")[:digits]) if digits else "") + offset
+        ),
+        st.datetimes(min_value=datetime(1960, 1, 1), max_value=datetime(2110, 1, 1)),
+        st.integers(0, 6),
+        st.sampled_from(["Z", "Z", "+00:00", "+05:45", "-09:30"]),
+    ),
     st.integers(),
 )
 _data = st.recursive(
@@ -238,3 +249,15 @@ def test_fast_path_takes_the_common_event() -> None:
     event = {"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "c",
              "time": "2024-01-01T00:00:00.001Z", "data": {"tokens": "12", "model": "m"}}
     assert _fast_event(event, "unused", 64 * 1024, 32) == {**event, "time": "2024-01-01T00:00:00.001000Z"}
+
+
+@pytest.mark.parametrize(
+    "raw", ["2024-01-01T00:00:00Z", "2024-01-01T00:00:00.1Z", "2024-01-01T00:00:00.123456Z", "2024-01-01T05:45:00+05:45"]
+)
+def test_fast_path_takes_common_time_shapes(raw: str) -> None:
+    """Each shape the fast path normalises by itself is taken, and equals the full path's answer."""
+    event = {"specversion": "1.0", "id": "1", "source": "s", "type": "t", "subject": "c", "time": raw}
+    errors: list = []
+    full = _validate_one(0, event, "unused", 64 * 1024, 32, errors)
+    assert errors == [] and full is not None
+    assert _fast_event(event, "unused", 64 * 1024, 32) == full
