@@ -75,7 +75,7 @@ def main(
     p3: Annotated[str | None, typer.Option(envvar="BENCH_P3", help="P3 sizes (raw events in ClickHouse)")] = None,
     p4: Annotated[str | None, typer.Option(envvar="BENCH_P4", help="P4 rates (events/s)")] = None,
     p5: Annotated[str | None, typer.Option(envvar="BENCH_P5", help="P5 sizes (distinct ids)")] = None,
-    clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 8,
+    clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 16,
     partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
     http_workers: Annotated[int, typer.Option(envvar="BENCH_HTTP_WORKERS", help="ingest processes for P1")] = 1,
     p3_subjects: Annotated[int, typer.Option(envvar="BENCH_P3_SUBJECTS")] = 100,
@@ -97,6 +97,7 @@ def main(
     wanted = [f.strip().upper() for f in only.split(",") if f.strip()]
     options: dict[str, Any] = {
         "clients": clients, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_repeats": repeats,
+        "p1_rounds": 1 if size == "tiny" else 3,
         "naive_cap": naive_cap or {"tiny": 3_000, "small": 30_000, "full": 100_000}[size],
         "p4_seconds": p4_seconds or {"tiny": 3.0, "small": 15.0, "full": 30.0}[size],
     }
