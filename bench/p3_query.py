@@ -1,5 +1,12 @@
 """P3 query: hourly answers over 30 days from pre-aggregated minute windows vs. from raw events.
 
+Subjects are heavy-tailed, as customers' usage is: each 100-event message picks subject k with a share
+~ ln((k+2)/(k+1)) (Zipf, s=1), so with 100 subjects the heaviest has ~15% of the events and the median
+~0.4%. The one-subject query runs for both: the heaviest is where query cost matters (a raw scan
+grows with the subject's events, windows stay bounded by minutes); at the median both paths cost about
+ClickHouse's fixed per-query work (~4 ms for any MergeTree read on the embedded server), which bounds
+that ratio, so it is reported against the latency target only.
+
 ClickHouse is filled directly (`INSERT ... SELECT FROM numbers(N)`), both tables from the same
 expressions, so the `events` rows and the `meter_windows` delta rows describe the same usage:
 one `meter_windows` row per (subject, minute, model, source message), a message being 100 events of
@@ -31,6 +38,12 @@ TARGET_RATIO = 20.0
 TARGET_P95_MS = 100.0
 
 
+def _zipf_rank(message: str, subjects: int) -> str:
+    """SQL for a subject rank in [0, subjects) drawn per message: P(rank <= r) = ln(r + 2) / ln(subjects + 1)."""
+    u = f"(intHash64({message}) % 1000000) / 1000000"
+    return f"least({subjects - 1}, toUInt32(floor(exp({u} * log({subjects + 1}))) - 1))"
+
+
 def _generator(n: int, subjects: int) -> str:
     """One row per event `n`: the expressions both tables are filled from."""
     span_ms = DAYS * 86_400_000
@@ -38,7 +51,7 @@ def _generator(n: int, subjects: int) -> str:
     return f"""
         SELECT
             number AS n,
-            concat('customer-', toString(intDiv(number, {SUBJECT_RUN}) % {subjects})) AS subject,
+            concat('customer-', toString({_zipf_rank(f"intDiv(number, {SUBJECT_RUN})", subjects)})) AS subject,
             addMilliseconds(toDateTime64('{START:%Y-%m-%d %H:%M:%S}', 6, 'UTC'), intDiv(number * {span_ms}, {n})) AS t,
             intHash32(number) % 1000 + 1 AS tokens,
             arrayElement({models}, intHash64(number) % {len(MODELS)} + 1) AS model,
@@ -124,10 +137,14 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
         task = ctx.task(f"P3 fill {size:,} events", None)
         info = fill(client, size, subjects)
         ctx.done(task)
+        volumes = client.query(f"SELECT subject, count() AS n FROM {EVENTS} GROUP BY subject ORDER BY n DESC, subject").result_rows
+        heaviest, median = volumes[0], volumes[len(volumes) // 2]
+        info["subject_events"] = {"heaviest": heaviest[1], "median": median[1], "subjects_seen": len(volumes)}
         figures: list[Figure] = []
-        for label, subject, by_model in (
-            ("hourly 30d, one subject", "customer-7", False),
-            ("hourly 30d, all subjects by model", None, True),
+        for label, subject, by_model, ratio_target in (
+            ("hourly 30d, heaviest subject", heaviest[0], False, True),
+            ("hourly 30d, median subject", median[0], False, False),
+            ("hourly 30d, all subjects by model", None, True, True),
         ):
             windows = _normalise(window_answer(store, subject=subject, group_by_model=by_model), by_model)
             raw = sorted(raw_answer(client, subject=subject, group_by_model=by_model), key=lambda x: (x[0], x[1] or ""))
@@ -147,16 +164,16 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
                 slow.append((time.perf_counter() - t0) * 1000)
                 ctx.progress.advance(task)
             ctx.done(task)
-            details = {**info, "answer_rows": len(raw), "answer_total": str(total), "answers_equal": True,
+            details = {**info, "subject": subject, "answer_rows": len(raw), "answer_total": str(total), "answers_equal": True,
                        "repeats": repeats, "windows_ms": [round(x, 2) for x in fast], "raw_ms": [round(x, 2) for x in slow]}
             for q in (50, 95):
                 value, baseline = percentile(fast, q), percentile(slow, q)
-                ok = baseline / value >= TARGET_RATIO and (q != 95 or value < TARGET_P95_MS)
+                targets = ([f">= {TARGET_RATIO:g}x"] if ratio_target else []) + ([f"< {TARGET_P95_MS:g} ms"] if q == 95 else [])
+                ok = (not ratio_target or baseline / value >= TARGET_RATIO) and (q != 95 or value < TARGET_P95_MS)
                 figures.append(Figure(
                     "P3", f"{label} p{q}", size, value, "ms", baseline, "raw events + JSONExtract per row",
-                    higher_is_better=False,
-                    target=f">= {TARGET_RATIO:g}x" + (f", < {TARGET_P95_MS:g} ms" if q == 95 else ""),
-                    passed=ok, details=details,
+                    higher_is_better=False, target=", ".join(targets) or "(no target)",
+                    passed=ok if targets else None, details=details,
                 ))
         return figures
     finally:

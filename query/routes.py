@@ -219,7 +219,9 @@ def query_meter(request: Request, meterIdOrSlug: str) -> Response:
     exact: list[Decimal] = []
     for row in rows:
         if row.bucket is None:
-            start, end = bounds.start or row.first_window, bounds.end
+            first = bounds.start or row.first_window
+            assert first is not None, "the store returns first_window when no window size was asked"
+            start, end = first, bounds.end
         else:
             start, end = clip(row.bucket, bucket_end(row.bucket, size or "MINUTE", zone), bounds)
         data.append({

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_EVEN, Decimal
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 from clickhouse_connect.driver.client import Client
@@ -96,12 +96,15 @@ _NOT_NULL: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True, slots=True)
-class MeterRow:
-    """One aggregated bucket: `bucket` is the UTC bucket start (None when no window size was asked)."""
+class MeterRow(NamedTuple):
+    """One aggregated bucket: `bucket` is the UTC bucket start (None when no window size was asked);
+    `first_window` is the earliest minute aggregated, only when no window size was asked.
+
+    A NamedTuple rather than a frozen dataclass: built ~6x faster, which shows on 720-row answers.
+    """
 
     bucket: datetime | None
-    first_window: datetime
+    first_window: datetime | None
     subject: str | None
     group: dict[str, str | None]
     value: Decimal
@@ -137,7 +140,9 @@ def meter_query(
     if size in ("HOUR", "DAY", "MONTH"):
         params["tz"] = tz
 
-    select = [f"{_BUCKETS[size]} AS bucket", "toUnixTimestamp(min(window_start)) AS first_window"]
+    select = [f"{_BUCKETS[size]} AS bucket"]
+    if size is None:  # the answer's windowStart when the request gave no `from`
+        select.append("toUnixTimestamp(min(window_start)) AS first_window")
     keys = ["bucket"]
     if group_by_subject:
         select.append("subject AS subject_key")
@@ -173,27 +178,26 @@ def meter_query(
     return Query(sql, params)
 
 
-def meter_value(aggregation: str | Enum, row: Mapping[str, Any]) -> Decimal:
-    """The exact value of one result row (AVG divided here in Decimal, not in ClickHouse floats)."""
+_VALUE_COLUMN: dict[str, str] = {
+    "COUNT": "total_count", "SUM": "total_sum", "MIN": "total_min", "MAX": "total_max",
+    "UNIQUE_COUNT": "total_unique", "LATEST": "total_latest",
+}
+
+
+def meter_values(aggregation: str | Enum, columns: Mapping[str, Sequence[Any]]) -> list[Decimal]:
+    """The exact value of each result row, column-wise (AVG divided here in Decimal, not in ClickHouse floats).
+
+    Column-wise because a 30-day hourly answer is 720+ rows: per-row dicts cost more than the query.
+    """
     agg = _agg_name(aggregation)
-    if agg == "COUNT":
-        return Decimal(int(row["total_count"]))
-    if agg == "SUM":
-        return Decimal(row["total_sum"])
     if agg == "AVG":
-        count = int(row["total_count"])
-        if count == 0:
-            return Decimal(0)
-        return (Decimal(row["total_sum"]) / Decimal(count)).quantize(AVG_QUANTUM, rounding=ROUND_HALF_EVEN)
-    if agg == "MIN":
-        return Decimal(row["total_min"])
-    if agg == "MAX":
-        return Decimal(row["total_max"])
-    if agg == "UNIQUE_COUNT":
-        return Decimal(int(row["total_unique"]))
-    if agg == "LATEST":
-        return Decimal(row["total_latest"])
-    raise ValueError(f"unknown aggregation {agg!r}")
+        return [
+            (Decimal(total) / count).quantize(AVG_QUANTUM, rounding=ROUND_HALF_EVEN) if count else Decimal(0)
+            for total, count in zip(columns["total_sum"], columns["total_count"], strict=True)
+        ]
+    if agg not in _VALUE_COLUMN:
+        raise ValueError(f"unknown aggregation {agg!r}")
+    return [Decimal(v) for v in columns[_VALUE_COLUMN[agg]]]
 
 
 # -------------------------------------------------------------------------------------------------
@@ -374,18 +378,25 @@ class WindowStore:
             subjects=subjects, group_by=group_by, group_by_subject=group_by_subject,
             filter_group_by=filter_group_by,
         )
-        out: list[MeterRow] = []
-        for row in self._rows(query):
-            out.append(
-                MeterRow(
-                    bucket=None if window_size is None else datetime.fromtimestamp(int(row["bucket"]), UTC),
-                    first_window=datetime.fromtimestamp(int(row["first_window"]), UTC),
-                    subject=row.get("subject_key") if group_by_subject else None,
-                    group={key: row[f"group_{i}"] for i, key in enumerate(group_by)},
-                    value=meter_value(aggregation, row),
-                )
-            )
-        return out
+        with storage_errors():
+            result = self.client.query(query.sql, parameters=query.parameters)
+        columns = dict(zip(result.column_names, result.result_columns, strict=True))
+        n = result.row_count
+        values = meter_values(aggregation, columns)
+        if window_size is None:
+            buckets: list[datetime | None] = [None] * n
+            firsts: list[datetime | None] = [datetime.fromtimestamp(t, UTC) for t in columns["first_window"]]
+        else:
+            buckets = [datetime.fromtimestamp(t, UTC) for t in columns["bucket"]]
+            firsts = [None] * n
+        subjects_out = columns["subject_key"] if group_by_subject else [None] * n
+        keys = tuple(group_by)
+        group_columns = [columns[f"group_{i}"] for i in range(len(keys))]
+        groups = [dict(zip(keys, g, strict=True)) for g in zip(*group_columns)] if keys else [{} for _ in range(n)]
+        return [
+            MeterRow(b, f, s, g, v)
+            for b, f, s, g, v in zip(buckets, firsts, subjects_out, groups, values, strict=True)
+        ]
 
     def subjects(self, meter: str, *, start: datetime | None = None, end: datetime | None = None) -> list[str]:
         return [r["subject"] for r in self._rows(subjects_query(self.database, meter, start=start, end=end))]

@@ -12,7 +12,7 @@ from query.store import (
     events_query,
     ingested_event,
     meter_query,
-    meter_value,
+    meter_values,
     subjects_query,
 )
 
@@ -82,11 +82,14 @@ def test_meter_query_rejects_unknowns() -> None:
         meter_query("db", "m", "SUM", start=None, end=T1, window_size="WEEK")
 
 
-def test_meter_value_avg_is_exact_decimal() -> None:
-    row = {"total_sum": Decimal("10.000000000"), "total_count": 3}
-    assert meter_value("AVG", row) == Decimal("3.333333333")
-    assert meter_value("COUNT", {"total_count": 7}) == 7
-    assert meter_value("UNIQUE_COUNT", {"total_unique": 2}) == 2
+def test_meter_values_avg_is_exact_decimal() -> None:
+    columns = {"total_sum": [Decimal("10.000000000"), Decimal("2"), Decimal(0)], "total_count": [3, 3, 0]}
+    assert meter_values("AVG", columns) == [Decimal("3.333333333"), Decimal("0.666666667"), Decimal(0)]
+    assert meter_values("COUNT", {"total_count": [7, 0]}) == [7, 0]
+    assert meter_values("UNIQUE_COUNT", {"total_unique": [2]}) == [2]
+    assert all(type(v) is Decimal for v in meter_values("MAX", {"total_max": [Decimal("1.5"), 3]}))
+    with pytest.raises(ValueError):
+        meter_values("MEDIAN", {})
 
 
 def test_subjects_query() -> None:
