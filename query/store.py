@@ -380,8 +380,10 @@ class WindowStore:
         )
         with storage_errors():
             result = self.client.query(query.sql, parameters=query.parameters)
-        columns = dict(zip(result.column_names, result.result_columns, strict=True))
         n = result.row_count
+        if not n:
+            return []  # the driver gives no columns at all for an empty answer
+        columns = dict(zip(result.column_names, result.result_columns, strict=True))
         values = meter_values(aggregation, columns)
         if window_size is None:
             buckets: list[datetime | None] = [None] * n

@@ -237,6 +237,18 @@ def test_every_window_matches_oracle(app_client: Any, agg: str, zone: str) -> No
                 assert Decimal(r["value"]) == expected[key], key
 
 
+@pytest.mark.parametrize("size", SIZES)
+def test_no_matching_windows_is_an_empty_answer(app_client: Any, size: str | None) -> None:
+    """A subject or group value with no usage gives `data: []` (the driver returns no columns then)."""
+    http, events, _, _ = app_client
+    assert not any(e["subject"] == "nobody" for e in events)
+    for extra in ([("subject", "nobody")], [("groupBy", "subject"), ("filterGroupBy[region]", "nowhere")]):
+        params = [("from", _fmt(FROM)), ("to", _fmt(TO)), *extra] + ([("windowSize", size)] if size else [])
+        res = http.get("/api/v1/meters/m_sum/query", params=params)
+        assert res.status_code == 200, res.text
+        assert res.json()["data"] == []
+
+
 def test_meters_list_get_and_subjects(app_client: Any) -> None:
     http, events, _, _ = app_client
     meters = http.get("/api/v1/meters").json()
