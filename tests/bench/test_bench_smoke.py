@@ -60,7 +60,11 @@ def test_p2_and_p5_counted_every_event(results: dict) -> None:
 
 def test_p3_answers_were_equal(results: dict) -> None:
     p3 = by_figure(results, "P3")
-    assert len(p3) == 4
+    assert len(p3) == 6  # heaviest subject, median subject, all subjects; p50 and p95 each
+    heavy = next(f for f in p3 if "heaviest" in f["name"])["details"]
+    median = next(f for f in p3 if "median" in f["name"])["details"]
+    assert heavy["subject"] != median["subject"]
+    assert heavy["subject_events"]["heaviest"] > heavy["subject_events"]["median"] > 0
     for f in p3:
         assert f["details"]["answers_equal"] is True
         assert f["details"]["events_rows"] == f["size"]
