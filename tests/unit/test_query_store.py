@@ -83,7 +83,7 @@ def test_meter_query_rejects_unknowns() -> None:
 
 
 def test_meter_values_avg_is_exact_decimal() -> None:
-    columns = {"total_sum": [Decimal("10.000000000"), Decimal("2"), Decimal(0)], "total_count": [3, 3, 0]}
+    columns = {"total_sum": [Decimal("10.000000000"), Decimal(2), Decimal(0)], "total_count": [3, 3, 0]}
     assert meter_values("AVG", columns) == [Decimal("3.333333333"), Decimal("0.666666667"), Decimal(0)]
     assert meter_values("COUNT", {"total_count": [7, 0]}) == [7, 0]
     assert meter_values("UNIQUE_COUNT", {"total_unique": [2]}) == [2]
