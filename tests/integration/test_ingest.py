@@ -3,6 +3,7 @@ request is checked by consuming the topic (the oracle is what we sent, normalise
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.app import create_app
+from ingest.producer import EventProducer
 from meterline.events import decode_batch
 from meterline.localinfra.ports import free_port
 from meterline.settings import Settings
@@ -352,6 +354,32 @@ def test_schemathesis_no_server_errors(server: Server) -> None:
             case.validate_response(response, checks=[not_a_server_error])
 
         check()
+
+
+# -------------------------------------------------------------------------------------- the producer
+async def test_close_settles_every_publish_in_flight(app_settings: Settings, consumer: Consumer) -> None:
+    """Shutdown flushes from a worker thread (as the lifespan does): every request still waiting for
+    its ack settles, through the loop, and what they published is in the log."""
+    settings = app_settings.model_copy(update={"events_topic": unique("test-close")})
+    producer = EventProducer(settings)
+    await asyncio.to_thread(producer.start)
+    closed = False
+    try:
+        warm = make_event(-1)
+        await producer.publish([(b"cust-1", orjson.dumps([warm]))])  # the loop's poll timer is running
+        sent = [make_event(i, subject=f"cust-{i % 7}") for i in range(300)]
+        tasks = [asyncio.create_task(producer.publish([(e["subject"].encode(), orjson.dumps([e]))])) for e in sent]
+        await asyncio.sleep(0)  # each task produced and now awaits its ack
+        await asyncio.to_thread(producer.close)
+        closed = True
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=10)
+        assert results == [None] * len(sent)
+    finally:
+        if not closed:
+            producer.close()
+    ids = {e["id"] for e in sent}
+    got = [e["id"] for _, evs in mine(read_until(consumer, settings.events_topic, ids), ids) for e in evs]
+    assert sorted(got) == sorted(ids)  # each exactly once
 
 
 # ------------------------------------------------------------------------------------- broker faults
