@@ -236,6 +236,27 @@ def test_invalid_batch_lists_every_problem_and_publishes_nothing(
     assert not seen & {batch[0]["id"], batch[2]["id"]}
 
 
+def test_numbers_beyond_exactness_are_refused_and_the_largest_exact_ones_kept(
+    client: httpx.Client, consumer: Consumer, app_settings: Settings
+) -> None:
+    """orjson would round 2^64 to a float without a word; ingest refuses it instead, naming the field."""
+    subject = f"sub-{uuid.uuid4().hex}"
+    kept, refused = make_event(0, subject), make_event(1, subject)
+    kept["data"] = {"tokens": 2**64 - 1, "ratio": 0.1}
+    refused["data"] = {"usage": {"tokens": "PLACEHOLDER"}}
+    body = orjson.dumps(kept)  # orjson writes ints of up to 64 bits exactly
+    refused_body = orjson.dumps(refused).replace(b'"PLACEHOLDER"', str(2**64).encode())
+    batch = b"[" + body + b"," + refused_body + b"]"
+    problem = assert_problem(client.post("/api/v1/events", content=batch, headers={"content-type": BATCH}), 400)
+    assert [(e["index"], e["field"]) for e in problem["errors"]] == [(1, "data.usage.tokens")]
+    assert "18446744073709551616" in problem["errors"][0]["message"]
+    # Alone, the exact event is accepted and reaches Kafka with its value intact.
+    assert client.post("/api/v1/events", content=body, headers={"content-type": SINGLE}).status_code == 204
+    got = [e for _, evs in mine(read_until(consumer, app_settings.events_topic, {kept["id"]}), {kept["id"]}) for e in evs]
+    assert [e["data"] for e in got] == [{"tokens": 18446744073709551615, "ratio": 0.1}]
+    assert refused["id"] not in {e["id"] for e in got}
+
+
 @pytest.mark.parametrize(
     ("content", "content_type", "status"),
     [
