@@ -17,7 +17,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Producer
 
-from meterline.clickhouse import connect, create_schema
+from meterline.adapters.clickhouse import connect, create_schema
 from meterline.localinfra.broker import LocalBroker, ensure_topic
 from meterline.localinfra.clickhouse_server import LocalClickHouse
 from meterline.localinfra.stack import LocalStack

@@ -1,7 +1,7 @@
 """P2 processor: events/s one meterline worker turns into ClickHouse windows vs. a naive Faust agent.
 
 N events are produced beforehand in ingest's wire format (1000-event requests cut by
-`meterline.events.encode_messages`, ~100 events per message) into a fresh topic; then one worker
+`meterline.core.events.encode_messages`, ~100 events per message) into a fresh topic; then one worker
 starts and ClickHouse is polled until every event is in `events` and counted in the `prompt_count`
 windows. The rate runs from the first written batch to the last (polls every 20 ms; worker start-up
 excluded, see `meterline_run`), and the run must account for every event exactly (tokens sum
@@ -26,7 +26,7 @@ from bench.context import BenchContext
 from bench.infra import produce_all
 from bench.report import Figure
 from bench.workload import events, wire_messages, write_config
-from meterline.clickhouse import connect
+from meterline.adapters.clickhouse import connect
 from meterline.localinfra.ports import free_port
 from meterline.localinfra.process import ManagedProcess
 

@@ -28,7 +28,7 @@ from clickhouse_connect.driver.client import Client
 from bench.context import BenchContext
 from bench.report import Figure
 from bench.workload import MODELS, SUBJECT_RUN, percentile
-from meterline.schema import EVENTS, METER_WINDOWS
+from meterline.core.schema import EVENTS, METER_WINDOWS
 from query.store import MeterRow, WindowStore
 
 METER = "tokens_total"

@@ -27,7 +27,7 @@ from bench.context import BenchContext
 from bench.report import Figure
 from bench.workload import event, percentile, write_config
 from ingest.producer import producer_config
-from meterline.clickhouse import connect
+from meterline.adapters.clickhouse import connect
 from meterline.settings import Settings
 from query.store import WindowStore
 

@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from meterline.events import encode_messages
+from meterline.core.events import encode_messages
 
 EVENT_TYPE = "prompt"
 #: Consecutive events share a subject in runs of this length, so a 1000-event request becomes ten

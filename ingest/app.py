@@ -13,10 +13,10 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from ingest.problems import install_problem_handlers
 from ingest.producer import EventProducer
 from ingest.routes import router
-from meterline.health import ReadinessCheck, health_router
+from meterline.adapters.health import ReadinessCheck, health_router
+from meterline.adapters.problems import install_problem_handlers
 from meterline.settings import Settings
 
 __all__ = ["broker_check", "create_app", "ingest_lifespan", "router"]

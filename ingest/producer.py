@@ -28,8 +28,8 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from meterline.errors import BrokerUnavailableError
-from meterline.kafka import create_topic_if_missing
+from meterline.adapters.kafka import create_topic_if_missing
+from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ Content types (OpenMeter v1 semantics):
 
 The body is read raw and bounded while streaming (a lying or absent Content-Length cannot make us
 buffer more than `max_body_bytes`), parsed with orjson, validated all-or-nothing by
-`meterline.events`, grouped by subject into Kafka messages and published. Errors are raised, never
-turned into responses here: `ingest.problems` owns every status code.
+`meterline.core.events`, grouped by subject into Kafka messages and published. Errors are raised, never
+turned into responses here: `meterline.adapters.problems` owns every status code.
 
 The router reads `request.app.state.settings` (`Settings`) and `request.app.state.producer`
 (`EventProducer`), which `ingest.app.ingest_lifespan` sets, so a combined app can include it as is.
@@ -28,15 +28,15 @@ import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import Counter, Histogram
 
-from ingest.problems import (
+from meterline.adapters.problems import (
     PROBLEM_MEDIA_TYPE,
     BodyTooLargeError,
     MalformedBodyError,
     UnsupportedContentTypeError,
 )
-from meterline.errors import BrokerUnavailableError, InvalidEventError
-from meterline.events import encode_messages, validate_events
-from meterline.json_numbers import inexact_numbers
+from meterline.core.errors import BrokerUnavailableError, InvalidEventError
+from meterline.core.events import encode_messages, validate_events
+from meterline.core.json_numbers import inexact_numbers
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
-from meterline.errors import ConfigError, MeterlineError
-from meterline.logs import configure_logging, logging_config
+from meterline.adapters.logs import configure_logging, logging_config
+from meterline.core.errors import ConfigError, MeterlineError
 from meterline.settings import Settings
 
 if TYPE_CHECKING:
@@ -38,7 +38,7 @@ def _settings(config: Path | None = None) -> Settings:
 @contextlib.contextmanager
 def _clickhouse(settings: Settings, what: str) -> Iterator[Client]:
     """A client for the configured database, closed afterwards; exit 2 naming the variable if unset."""
-    from meterline.clickhouse import connect
+    from meterline.adapters.clickhouse import connect
 
     if not settings.clickhouse_url:
         console.print(f"[red]CLICKHOUSE_URL is not set: {what} works on a running ClickHouse[/red]")
@@ -103,7 +103,13 @@ def run(
     data_dir: Annotated[Path, typer.Option(help="ClickHouse data, worker state and logs")] = Path(".data"),
 ) -> None:
     """Start broker, ClickHouse, processor and HTTP API locally; Ctrl-C stops all of it."""
-    from meterline.localinfra.stack import LocalStack
+    try:
+        from meterline.localinfra.stack import LocalStack
+    except ImportError as exc:  # the production wheel leaves the dev stack out (pyproject.toml)
+        raise typer.BadParameter(
+            "the local stack needs a source checkout with the `local` extra (make run); a deployed process "
+            "gets KAFKA_BOOTSTRAP and CLICKHOUSE_URL and runs `meterline serve` / `python -m processor`"
+        ) from exc
     from meterline.settings import config_path
 
     settings = _settings()
@@ -156,10 +162,10 @@ def dead_letters_list(
     limit: int = 100,
     include_replayed: Annotated[bool, typer.Option("--all", help="also those a replay metered")] = False,
 ) -> None:
-    """Newest first: position, meter, reason and event of each dead letter (see meterline/deadletters.py)."""
+    """Newest first: position, meter, reason and event of each dead letter (see meterline/jobs/deadletters.py)."""
     from rich.table import Table
 
-    from meterline.deadletters import list_dead_letters
+    from meterline.jobs.deadletters import list_dead_letters
 
     settings = _settings()
     with _clickhouse(settings, "dead-letters list") as client:
@@ -177,10 +183,10 @@ def dead_letters_replay(
     meter: Annotated[str | None, typer.Option(help="only this meter's dead letters")] = None,
     reason: Annotated[str | None, typer.Option(help="only this reason_code")] = None,
 ) -> None:
-    """Re-meter dead letters under the current config.yaml (idempotent; see meterline/deadletters.py)."""
-    from meterline.deadletters import replay
-    from meterline.meters import MeterSet
-    from processor.rows import RowOptions
+    """Re-meter dead letters under the current config.yaml (idempotent; see meterline/jobs/deadletters.py)."""
+    from meterline.core.meters import MeterSet
+    from meterline.core.rows import RowOptions
+    from meterline.jobs.deadletters import replay
 
     settings = _settings()
     meters = MeterSet(settings.meters())
@@ -202,9 +208,9 @@ def recompute(
     """Rebuild a meter's windows from stored raw events (after adding it or changing its definition)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from meterline.meters import MeterSet
-    from processor.recompute import count_query
-    from processor.recompute import recompute as rebuild
+    from meterline.core.meters import MeterSet
+    from meterline.jobs.recompute import count_query
+    from meterline.jobs.recompute import recompute as rebuild
 
     settings = _settings(config)
     definition = MeterSet(settings.meters()).get(meter)

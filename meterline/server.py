@@ -39,9 +39,9 @@ def build_app(which: str, settings: Settings) -> FastAPI:
 
 def _combined_app(settings: Settings) -> FastAPI:
     from ingest.app import broker_check, ingest_lifespan
-    from ingest.problems import install_problem_handlers
     from ingest.routes import router as ingest_router
-    from meterline.health import health_router
+    from meterline.adapters.health import health_router
+    from meterline.adapters.problems import install_problem_handlers
     from query.app import clickhouse_check, install_query, query_lifespan
 
     @asynccontextmanager

@@ -21,6 +21,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from meterline.core.meters import Meter, validate_meters
+
 DEFAULT_CONFIG = "config.yaml"
 
 
@@ -30,7 +32,7 @@ def config_path() -> Path:
 
 
 class Settings(BaseSettings):
-    """Typed service settings. Meter definitions are validated separately by `meterline.meters`."""
+    """Typed service settings. Meter definitions are validated separately by `meterline.core.meters`."""
 
     model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="ignore", populate_by_name=True)
 
@@ -82,10 +84,8 @@ class Settings(BaseSettings):
         path = urlsplit(self.clickhouse_url or "").path.strip("/")
         return path or "meterline"
 
-    def meters(self) -> list[Any]:
-        """The validated meters of config.yaml (imported lazily: settings must not depend on meter logic)."""
-        from meterline.meters import validate_meters
-
+    def meters(self) -> list[Meter]:
+        """The validated meters of config.yaml."""
         return validate_meters({"meters": self.meters_raw}, self.config_file)
 
 

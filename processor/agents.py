@@ -34,13 +34,14 @@ from typing import Any
 
 import faust
 
-from meterline.errors import InvalidEventError
-from meterline.events import decode_batch
-from meterline.meters import MeterSet
+from meterline.core.errors import InvalidEventError
+from meterline.core.events import decode_batch
+from meterline.core.meters import MeterSet
+from meterline.core.positions import dedupe_key
+from meterline.core.rows import MessagePosition, RowOptions, Rows, message_rows, undecodable_rows
 from meterline.settings import Settings
 from processor import metrics
-from processor.dedupe import DedupeState, dedupe_key
-from processor.rows import MessagePosition, RowOptions, Rows, message_rows, undecodable_rows
+from processor.dedupe import DedupeState
 from processor.sink import ClickHouseSink
 from processor.topics import events_topic
 

@@ -1,6 +1,6 @@
 """Wire the processor worker: Settings -> Faust app with the agent, sink, dedupe state and web views.
 
-Only wiring lives here (see processor/agents.py for the loop and processor/rows.py for the rules).
+Only wiring lives here (see processor/agents.py for the loop and meterline/core/rows.py for the rules).
 Processor-only knobs that are not part of the shared `Settings` are read from the environment:
 
     METERLINE_PROCESSOR_SESSION_TIMEOUT    broker session timeout, s (10; Faust's default 60 makes
@@ -27,9 +27,9 @@ from typing import Any
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from meterline.errors import ConfigError
-from meterline.logs import configure_logging, logging_config
-from meterline.meters import MeterSet
+from meterline.adapters.logs import configure_logging, logging_config
+from meterline.core.errors import ConfigError
+from meterline.core.meters import MeterSet
 from meterline.settings import Settings
 from processor import metrics  # noqa: F401  (registers the collectors served at /metrics)
 from processor.agents import BatchProcessor, register_agent

@@ -29,15 +29,16 @@ keys by subject, and CloudEvents producers retry with the same subject, so this 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import struct
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 from rocksdict import Options, Rdict, WriteBatch
+
+from meterline.core.positions import Position
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +52,6 @@ _KEY_PREFIX = b"k"
 _EPOCH_PREFIX = b"e"
 _MARKER_PREFIX = b"p"
 _DAY = 86_400
-
-
-class Position(NamedTuple):
-    """Where an event sits in the log; unique per event for the life of a broker log (epoch)."""
-
-    log_epoch: str
-    partition: int
-    offset: int
-    index: int  # type: ignore[assignment]  # the design's name; shadows tuple.index, never called here
-
-
-def dedupe_key(source: str, event_id: str) -> bytes:
-    """blake2b-128 of `source NUL id`: CloudEvents identity is (source, id), NUL cannot occur in either."""
-    return hashlib.blake2b(f"{source}\x00{event_id}".encode(), digest_size=16).digest()
 
 
 class DedupeState:

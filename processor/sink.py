@@ -23,9 +23,10 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from meterline.clickhouse import connect, create_schema, storage_errors
-from meterline.errors import StorageError
-from meterline.schema import (
+from meterline.adapters.clickhouse import connect, create_schema, storage_errors
+from meterline.core.errors import StorageError
+from meterline.core.rows import Rows
+from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,
     EVENT_COLUMNS,
@@ -35,7 +36,6 @@ from meterline.schema import (
     quote_identifier,
 )
 from processor import metrics
-from processor.rows import Rows
 
 logger = logging.getLogger(__name__)
 

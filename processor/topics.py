@@ -1,11 +1,11 @@
 """The events topic, declared once, and the broker facts the processor needs before it starts.
 
 Values stay raw bytes (`value_serializer="raw"`): the processor decodes the JSON array itself with
-`meterline.events.decode_batch` -- one orjson call per message, the same codec ingest encodes with --
+`meterline.core.events.decode_batch` -- one orjson call per message, the same codec ingest encodes with --
 instead of paying Faust's codec layer per message.
 
 Faust only creates its *internal* topics, so the events topic is created here with confluent-kafka's
-AdminClient (`meterline.kafka.create_topic_if_missing`).
+AdminClient (`meterline.adapters.kafka.create_topic_if_missing`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import time
 
 import faust
 
-from meterline.errors import BrokerUnavailableError
-from meterline.kafka import create_topic_if_missing
+from meterline.adapters.kafka import create_topic_if_missing
+from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 
 logger = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from ingest.problems import install_problem_handlers
-from meterline.clickhouse import connect
-from meterline.errors import ConfigError
-from meterline.health import ReadinessCheck, health_router
-from meterline.meters import MeterSet
+from meterline.adapters.clickhouse import connect
+from meterline.adapters.health import ReadinessCheck, health_router
+from meterline.adapters.problems import install_problem_handlers
+from meterline.core.errors import ConfigError
+from meterline.core.meters import MeterSet
 from meterline.settings import Settings
 from query.latency import RequestLatencyMiddleware
 from query.openapi import drop_unreachable_422

@@ -8,7 +8,7 @@ Values are exact Decimals internally. JSON carries them as numbers (OpenMeter's 
 integer when integral (exact at any size), otherwise the float parsed from the exact decimal text
 (shortest repr, so 0.1 stays 0.1). `Accept: text/csv` returns the exact decimal strings.
 
-This module (with `ingest.problems`) is where query errors map to HTTP statuses.
+This module (with `meterline.adapters.problems`) is where query errors map to HTTP statuses.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from ingest.problems import ProblemResponse, problem
-from meterline.errors import InvalidQueryError, MeterNotFoundError, StorageError
-from meterline.meters import Meter, MeterSet
+from meterline.adapters.problems import ProblemResponse, problem
+from meterline.core.errors import InvalidQueryError, MeterNotFoundError, StorageError
+from meterline.core.meters import Meter, MeterSet
 from query import openapi
 from query.store import WindowStore
 from query.windowing import (
@@ -74,7 +74,7 @@ async def _storage(request: Request, exc: Exception) -> ProblemResponse:
 
 
 def install_query_problem_handlers(app: FastAPI) -> None:
-    """Query-specific mappings; install after `ingest.problems.install_problem_handlers` (400/404/503)."""
+    """Query-specific mappings; install after `meterline.adapters.problems.install_problem_handlers` (400/404/503)."""
     app.add_exception_handler(InvalidQueryError, _invalid_query)
     app.add_exception_handler(MeterNotFoundError, _meter_not_found)
     app.add_exception_handler(StorageError, _storage)

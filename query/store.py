@@ -1,7 +1,7 @@
 """ClickHouse reads of the query API: one function per query, plus `WindowStore` that runs them.
 
 Each `*_query` function only builds SQL text and server-side bound parameters (`{name:Type}`) from the
-names in `meterline.schema`, so it is unit-tested without a server (as OpenMeter tests its
+names in `meterline.core.schema`, so it is unit-tested without a server (as OpenMeter tests its
 `meter_query.go`). Values that come from requests are *always* bound parameters, never interpolated;
 only config-defined identifiers (database name) are quoted into the text.
 
@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 import orjson
 from clickhouse_connect.driver.client import Client
 
-from meterline.clickhouse import storage_errors
-from meterline.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, qualified
+from meterline.adapters.clickhouse import storage_errors
+from meterline.core.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, qualified
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +299,7 @@ def _utc(value: datetime) -> datetime:
 
 
 def format_event_time(t: datetime) -> str:
-    """Event times keep microseconds, matching `meterline.windows.format_time`."""
+    """Event times keep microseconds, matching `meterline.core.windows.format_time`."""
     return _utc(t).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
-from meterline.kafka import create_topic_if_missing
+from meterline.adapters.kafka import create_topic_if_missing
 from meterline.localinfra.fetch_tansu import tansu_path
 from meterline.localinfra.ports import HOST, free_port
 from meterline.localinfra.process import ManagedProcess

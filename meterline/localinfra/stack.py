@@ -142,7 +142,7 @@ class LocalStack:
             self.clickhouse.start()
             self.clickhouse_url = self.clickhouse.url
         ensure_topic(self.kafka_bootstrap, str(self.topic), self.partitions)
-        from meterline.clickhouse import connect, create_schema
+        from meterline.adapters.clickhouse import connect, create_schema
 
         client = connect(self.clickhouse_url)
         try:

@@ -22,7 +22,7 @@ from typing import Any
 
 import httpx
 
-from meterline.clickhouse import connect
+from meterline.adapters.clickhouse import connect
 from meterline.localinfra.stack import LocalStack
 from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import pytest
 
-from meterline.clickhouse import connect
-from meterline.deadletters import list_dead_letters
+from meterline.adapters.clickhouse import connect
+from meterline.jobs.deadletters import list_dead_letters
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     FAULT_CONFIG,

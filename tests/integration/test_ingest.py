@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from ingest.app import create_app
 from ingest.producer import EventProducer
-from meterline.events import decode_batch
+from meterline.core.events import decode_batch
 from meterline.localinfra.ports import free_port
 from meterline.settings import Settings
 from tests.infra import unique

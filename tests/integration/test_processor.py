@@ -24,7 +24,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from meterline.clickhouse import connect
+from meterline.adapters.clickhouse import connect
 from processor.topics import ensure_events_topic
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -20,8 +20,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from fastapi.testclient import TestClient
 
-from meterline.clickhouse import connect, create_schema
-from meterline.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
+from meterline.adapters.clickhouse import connect, create_schema
+from meterline.core.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
 from meterline.settings import Settings
 from query.app import create_app
 

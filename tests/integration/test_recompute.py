@@ -1,6 +1,6 @@
 """`meterline recompute` after a groupBy change, on real ClickHouse, against the oracle.
 
-History is written the way the worker writes it (processor.rows.message_rows) under the OLD meter
+History is written the way the worker writes it (meterline.core.rows.message_rows) under the OLD meter
 definition; after recompute, every group of the NEW definition must equal the oracle and no row of the
 old grouping may remain.
 """
@@ -17,12 +17,12 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from typer.testing import CliRunner
 
+from meterline.adapters.clickhouse import connect, create_schema
 from meterline.cli import app
-from meterline.clickhouse import connect, create_schema
-from meterline.meters import Meter, MeterSet
-from meterline.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS, WINDOW_COLUMNS
-from processor.recompute import recompute
-from processor.rows import MessagePosition, RowOptions, message_rows
+from meterline.core.meters import Meter, MeterSet
+from meterline.core.rows import MessagePosition, RowOptions, message_rows
+from meterline.core.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS, WINDOW_COLUMNS
+from meterline.jobs.recompute import recompute
 from tests.oracle import EventFactory, OracleMeter, expected, first_sighting_decider
 
 OLD = Meter(slug="tokens_total", eventType="prompt", aggregation="SUM", valueProperty="$.tokens",

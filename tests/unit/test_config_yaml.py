@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from meterline.meters import Aggregation, Measurement, MeterSet, load_meters
-from meterline.windows import parse_time, window_start
+from meterline.core.meters import Aggregation, Measurement, MeterSet, load_meters
+from meterline.core.windows import parse_time, window_start
 
 CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from processor.dedupe import DedupeState, Position, dedupe_key
+from meterline.core.positions import Position, dedupe_key
+from processor.dedupe import DedupeState
 
 EPOCH = "cluster-a"
 

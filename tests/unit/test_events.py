@@ -1,4 +1,4 @@
-"""meterline.events: validation rules, per-field errors by index, codec round-trip, chunking."""
+"""meterline.core.events: validation rules, per-field errors by index, codec round-trip, chunking."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from meterline.errors import InvalidEventError
-from meterline.events import (
+from meterline.core.errors import InvalidEventError
+from meterline.core.events import (
     CHUNK_MAX_BYTES,
     _fast_event,
     _validate_one,

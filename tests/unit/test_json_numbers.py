@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 import pytest
 
-from meterline.json_numbers import inexact_numbers
+from meterline.core.json_numbers import inexact_numbers
 
 
 def _check(body: bytes) -> list[dict[str, Any]]:

@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from meterline.logs import json_formatter
+from meterline.adapters.logs import json_formatter
 
 
 def test_extra_fields_become_json_keys() -> None:

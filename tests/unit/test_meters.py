@@ -1,4 +1,4 @@
-"""meterline.meters: value rules, JSONPath extraction (fast path == jsonpath-ng), validation."""
+"""meterline.core.meters: value rules, JSONPath extraction (fast path == jsonpath-ng), validation."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.errors import ConfigError, MeterNotFoundError
-from meterline.meters import (
+from meterline.core.errors import ConfigError, MeterNotFoundError
+from meterline.core.meters import (
     MISSING,
     Aggregation,
     Measurement,

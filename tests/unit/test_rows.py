@@ -1,4 +1,4 @@
-"""The processor's pure row builder: shapes follow meterline.schema, and rows are deterministic."""
+"""The processor's pure row builder: shapes follow meterline.core.schema, and rows are deterministic."""
 
 from __future__ import annotations
 
@@ -8,16 +8,16 @@ from typing import Any
 
 import pytest
 
-from meterline.meters import Meter, MeterSet
-from meterline.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
-from processor.dedupe import dedupe_key
-from processor.rows import (
+from meterline.core.meters import Meter, MeterSet
+from meterline.core.positions import dedupe_key
+from meterline.core.rows import (
     MessagePosition,
     RowOptions,
     always_accept,
     message_rows,
     undecodable_rows,
 )
+from meterline.core.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
 from tests.oracle import first_sighting_decider
 
 NOW = datetime(2024, 5, 1, 13, 0, tzinfo=UTC)

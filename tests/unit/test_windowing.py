@@ -7,7 +7,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from meterline.errors import InvalidQueryError
+from meterline.core.errors import InvalidQueryError
 from query.windowing import (
     TimeRange,
     bucket_end,

@@ -1,4 +1,4 @@
-"""meterline.windows: RFC 3339 parsing, minute windows, exact per-message accumulation."""
+"""meterline.core.windows: RFC 3339 parsing, minute windows, exact per-message accumulation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meterline.meters import Meter, MeterSet
-from meterline.windows import WindowAccumulator, format_time, parse_time, window_start
+from meterline.core.meters import Meter, MeterSet
+from meterline.core.windows import WindowAccumulator, format_time, parse_time, window_start
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@
 
 Why this is exact: `events` holds every accepted first sighting (duplicates never reach it) with its
 original position (log_epoch, partition, offset, index). Recompute feeds each stored message's events of
-the meter's type through the processor's own row builder (`processor.rows.message_rows`, with
+the meter's type through the processor's own row builder (`meterline.core.rows.message_rows`, with
 `always_accept`), so the rows carry the same identities and ranks the live worker would have produced
 under the new definition. The meter's old rows and dead letters are deleted first, because a changed
 groupBy produces different row keys that would otherwise stay beside the new ones.
@@ -24,10 +24,11 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from meterline.clickhouse import storage_errors
-from meterline.events import stored_event
-from meterline.meters import Meter, MeterSet
-from meterline.schema import (
+from meterline.adapters.clickhouse import storage_errors
+from meterline.core.events import stored_event
+from meterline.core.meters import Meter, MeterSet
+from meterline.core.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows
+from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,
     EVENTS,
@@ -35,7 +36,6 @@ from meterline.schema import (
     WINDOW_COLUMNS,
     qualified,
 )
-from processor.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows
 
 logger = logging.getLogger(__name__)
 

@@ -36,10 +36,10 @@ import orjson
 import yaml
 from jsonpath_ng import jsonpath as _jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
-from jsonpath_ng.ext import parse as _jsonpath_parse
+from jsonpath_ng.ext.parser import parse as _jsonpath_parse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
-from meterline.errors import ConfigError, MeterNotFoundError
+from meterline.core.errors import ConfigError, MeterNotFoundError
 
 __all__ = [
     "DECIMAL_CONTEXT",

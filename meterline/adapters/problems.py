@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meterline.errors import BrokerUnavailableError, InvalidEventError
+from meterline.core.errors import BrokerUnavailableError, InvalidEventError
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
-from meterline.errors import StorageError
-from meterline.schema import ddl
+from meterline.core.errors import StorageError
+from meterline.core.schema import ddl
 
 
 def connect(url: str, *, database: str | None = None, **settings: object) -> Client:

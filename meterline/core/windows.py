@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
-from meterline.meters import DECIMAL_CONTEXT, Measurement
+from meterline.core.meters import DECIMAL_CONTEXT, Measurement
 
 __all__ = [
     "WindowAccumulator",

@@ -6,7 +6,7 @@ re-published copy sits at a later position and is dropped as a duplicate (docs/d
 "Exactly-once effect" 2). Giving it a new id would break that very rule and double count on a second
 replay. Instead replay writes the windows the event would have produced, next to the processor's:
 
-* Rows are built by the processor's own row builder (`processor.rows.message_rows`, with
+* Rows are built by the processor's own row builder (`meterline.core.rows.message_rows`, with
   `always_accept` as in recompute) from the event rebuilt out of the dead_letters row, at its ORIGINAL
   position: same partition, offset and index, so LATEST's tie-break rank is the original one.
 * Their identity is `log_epoch = "replay:<reason_code>:<meter or *>:<original epoch>"` plus the original
@@ -27,7 +27,7 @@ replay. Instead replay writes the windows the event would have produced, next to
   and the dead letter is reported as `superseded` instead.
 * `invalid_event` dead letters are never replayed: there is no valid event to rebuild (fix the producer).
 
-Outcomes are recorded in `dead_letter_replays` (meterline.schema): `metered`,
+Outcomes are recorded in `dead_letter_replays` (meterline.core.schema): `metered`,
 `still_rejected` (the config still cannot meter it) or `superseded`. `list` hides metered ones unless
 asked. Run replay after the processor runs with the fixed config and has caught up.
 """
@@ -36,17 +36,18 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from meterline.clickhouse import create_schema, storage_errors
-from meterline.events import stored_event
-from meterline.meters import MeterSet
-from meterline.schema import (
+from meterline.adapters.clickhouse import create_schema, storage_errors
+from meterline.core.events import stored_event
+from meterline.core.meters import MeterSet
+from meterline.core.rows import MessagePosition, RowOptions, always_accept, message_rows
+from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTER_REPLAYS,
     DEAD_LETTERS,
@@ -57,6 +58,9 @@ from meterline.schema import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: (log_epoch, partition, offset, reason_code, meter) of the dead letters replayed as one message.
+ReplayGroup = tuple[str, int, int, str, str]
 
 REPLAY_EPOCH_PREFIX = "replay:"
 NOT_REPLAYABLE = frozenset({"invalid_event"})
@@ -195,19 +199,14 @@ def _still_failing(letter: DeadLetter, sighting: tuple[Any, ...] | None) -> bool
     return any(str(e).startswith(prefix) for e in sighting[4])
 
 
-def replay(client: Client, database: str, meters: MeterSet, options: Any, *, meter: str | None = None,
+def replay(client: Client, database: str, meters: MeterSet, options: RowOptions, *, meter: str | None = None,
            reason: str | None = None) -> ReplayReport:
-    """Re-meter dead letters under the current config (see the module docstring); idempotent.
-
-    `options` is a `processor.rows.RowOptions` (window size, late horizon, strict types).
-    """
-    from processor.rows import MessagePosition, always_accept, message_rows
-
+    """Re-meter dead letters under the current config (see the module docstring); idempotent."""
     report = ReplayReport()
     ensure_replays_table(client, database)
     letters = _load(client, database, meter, reason)
     sightings = _first_sightings(client, database, letters)
-    groups: dict[tuple[str, int, int, str, str], list[DeadLetter]] = defaultdict(list)
+    groups: dict[ReplayGroup, list[DeadLetter]] = defaultdict(list)
     outcomes: list[list[Any]] = []
     now = datetime.now(UTC)
     for d in letters:
@@ -255,7 +254,7 @@ def replay(client: Client, database: str, meters: MeterSet, options: Any, *, met
     return report
 
 
-def _delete_stale(client: Client, database: str, groups: Any, new_rows: Sequence[Sequence[Any]]) -> int:
+def _delete_stale(client: Client, database: str, groups: Mapping[ReplayGroup, Sequence[DeadLetter]], new_rows: Sequence[Sequence[Any]]) -> int:
     """Delete earlier replay rows of the replayed groups that the current config no longer produces."""
     if not groups:
         return 0

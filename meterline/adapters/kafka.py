@@ -12,7 +12,7 @@ import logging
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
-from meterline.errors import BrokerUnavailableError
+from meterline.core.errors import BrokerUnavailableError
 
 log = logging.getLogger(__name__)
 

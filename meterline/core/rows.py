@@ -4,7 +4,7 @@ Pure on purpose: the worker and `meterline recompute` (which rebuilds a meter's 
 `events` table with `decide=always_accept`) must produce byte-identical rows for the same message, or
 replays would not collapse in ReplacingMergeTree. Nothing here does I/O; dedupe is injected as `decide`.
 
-Row shapes follow `meterline.schema` column orders exactly (EVENT_COLUMNS, DEAD_LETTER_COLUMNS,
+Row shapes follow `meterline.core.schema` column orders exactly (EVENT_COLUMNS, DEAD_LETTER_COLUMNS,
 WINDOW_COLUMNS).
 """
 
@@ -14,13 +14,13 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from meterline.meters import MeterSet
-from meterline.windows import WindowAccumulator, parse_time
-from processor.dedupe import Position, dedupe_key
+from meterline.core.meters import MeterSet
+from meterline.core.positions import Position, dedupe_key
+from meterline.core.windows import WindowAccumulator, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,14 @@ class MessagePosition(NamedTuple):
     offset: int
 
 
+class RowSettings(Protocol):
+    """The fields of `meterline.settings.Settings` that change rows (the core cannot import settings)."""
+
+    late_horizon_days: int | None
+    window_size_seconds: int
+    strict_event_types: bool
+
+
 @dataclass(frozen=True, slots=True)
 class RowOptions:
     """The settings that change rows; built once from `Settings` so the hot loop reads attributes."""
@@ -53,7 +61,7 @@ class RowOptions:
     strict_event_types: bool = False
 
     @classmethod
-    def from_settings(cls, settings: Any) -> RowOptions:
+    def from_settings(cls, settings: RowSettings) -> RowOptions:
         days = settings.late_horizon_days
         return cls(
             window_seconds=settings.window_size_seconds,

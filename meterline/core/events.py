@@ -36,8 +36,8 @@ from cloudevents.core.exceptions import (
 )
 from cloudevents.core.v1.event import CloudEvent
 
-from meterline.errors import InvalidEventError
-from meterline.windows import format_time, parse_time
+from meterline.core.errors import InvalidEventError
+from meterline.core.windows import format_time, parse_time
 
 logger = logging.getLogger(__name__)
 
