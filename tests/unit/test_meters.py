@@ -11,6 +11,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jsonpath_ng.ext.parser import parse as jsonpath_parse
 
 from meterline.core.errors import ConfigError, MeterNotFoundError
 from meterline.core.meters import (
@@ -20,14 +21,12 @@ from meterline.core.meters import (
     Meter,
     MeterSet,
     Rejection,
-    _jsonpath_ng_getter,
-    _jsonpath_parse,
-    _simple_steps,
     compile_path,
     load_meters,
     parse_numeric,
     validate_meters,
 )
+from meterline.core.meters.jsonpath import jsonpath_ng_getter, simple_steps
 
 WIDE = Context(prec=2000, Emax=10**6, Emin=-(10**6))
 
@@ -197,9 +196,9 @@ simple_paths = st.lists(st.one_of(st.sampled_from(KEYS), st.integers(-3, 3)), mi
 @given(simple_paths, json_data)
 @settings(max_examples=600)
 def test_fast_path_agrees_with_jsonpath_ng(path: str, data: Any) -> None:
-    assert _simple_steps(_jsonpath_parse(path)) is not None, path  # really the fast path
+    assert simple_steps(jsonpath_parse(path)) is not None, path  # really the fast path
     fast = compile_path(path)(data)
-    slow = _jsonpath_ng_getter(path)(data)
+    slow = jsonpath_ng_getter(path)(data)
     if slow is MISSING:
         assert fast is MISSING
     else:
@@ -208,7 +207,7 @@ def test_fast_path_agrees_with_jsonpath_ng(path: str, data: Any) -> None:
 
 @pytest.mark.parametrize("path", ["$.items[*].x", "$..x", "$.a[0:2]", "$['a','b']", "$.items[?(@.x > 1)].x"])
 def test_complex_paths_use_jsonpath_ng(path: str) -> None:
-    assert _simple_steps(_jsonpath_parse(path)) is None
+    assert simple_steps(jsonpath_parse(path)) is None
     compile_path(path)  # compiles
 
 

@@ -1,0 +1,194 @@
+"""Measuring: every meter of an event's type reads the event into a Measurement or a Rejection.
+
+Extraction rules (decided here, relied on by windows and the sink):
+
+* JSONPath is evaluated against the event's ``data``. An absent ``data`` means every path is
+  *missing*; a non-object ``data`` (e.g. a string) is still evaluated, so ``$.x`` is missing
+  while the root path ``$`` yields the value itself.
+* A ``valueProperty`` that matches several values is rejected (``value_ambiguous``): silently
+  taking one of them would meter a number nobody chose.
+* A ``groupBy`` path that matches several values groups by the compact JSON array of all the
+  matches (document order): grouping never drops usage and never silently picks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+import orjson
+
+from meterline.core.errors import ConfigError, MeterNotFoundError
+from meterline.core.meters.aggregation import Aggregation
+from meterline.core.meters.jsonpath import MISSING, Many, compile_path
+from meterline.core.meters.model import Meter
+from meterline.core.meters.values import NumericValueError, canonical_unique, group_text, parse_numeric
+
+__all__ = ["Measurement", "MeterSet", "Rejection"]
+
+
+class Rejection(NamedTuple):
+    """Why one meter could not meter one event; ``code`` is a dead_letters reason_code."""
+
+    meter: str
+    code: str
+    reason: str
+
+
+class Measurement(NamedTuple):
+    """One meter's reading of one event.
+
+    ``value`` is None for COUNT, the distinct-value string for UNIQUE_COUNT and a
+    9-fractional-digit Decimal otherwise. ``group`` holds only present keys; ``group_key`` is
+    its canonical JSON (sorted keys) so equal groups always land in the same row.
+    """
+
+    meter: Meter
+    group: dict[str, str]
+    group_key: str
+    value: Decimal | str | None
+
+
+_EMPTY_GROUP_KEY = "{}"
+
+
+class _CompiledMeter:
+    """A meter with its JSONPaths compiled, so measuring an event does no parsing."""
+
+    __slots__ = ("agg", "group_getters", "group_spec", "meter", "slug", "value_getter", "value_path")
+
+    def __init__(self, meter: Meter) -> None:
+        self.meter = meter
+        self.slug = meter.slug
+        self.agg = meter.aggregation
+        self.value_path = meter.value_property
+        self.value_getter = compile_path(meter.value_property) if meter.value_property else None
+        self.group_getters = tuple((key, compile_path(path)) for key, path in sorted(meter.group_by.items()))
+        # Meters fed by one event often share a groupBy (OpenMeter's "one request moves three
+        # meters" pattern), so measure() computes each distinct groupBy once per event.
+        self.group_spec = tuple(sorted(meter.group_by.items()))
+
+    def group(self, data: Any, cache: dict[Any, Any]) -> tuple[dict[str, str], str]:
+        """Group values and canonical key; ``cache`` lives for one event (results are read-only)."""
+        if not self.group_getters:
+            return {}, _EMPTY_GROUP_KEY
+        hit = cache.get(self.group_spec)
+        if hit is not None:
+            return hit  # type: ignore[no-any-return]
+        group: dict[str, str] = {}
+        for key, getter in self.group_getters:
+            v = getter(data)
+            if v is MISSING or v is None:
+                continue
+            if type(v) is Many:
+                group[key] = group_text(list(v))
+            else:
+                group[key] = group_text(v)
+        # keys are inserted sorted, so a plain dump is canonical.
+        result = (group, orjson.dumps(group).decode())
+        cache[self.group_spec] = result
+        return result
+
+    def measure_absent(self) -> Measurement | Rejection:
+        """Events without ``data``: COUNT still counts (no groups), valued meters are missing."""
+        if self.value_getter is None:
+            return Measurement(self.meter, {}, _EMPTY_GROUP_KEY, None)
+        return Rejection(self.slug, "value_missing", f"valueProperty {self.value_path}: event has no data")
+
+    def measure(self, data: Any, cache: dict[Any, Any]) -> Measurement | Rejection:
+        if self.value_getter is None:
+            group, key = self.group(data, cache)
+            return Measurement(self.meter, group, key, None)
+        # Like groups, a value is read and parsed once per event for every meter sharing its path
+        # (SUM, AVG and MAX of $.tokens are one parse, not three).
+        value_key = ("value", self.value_path, self.agg is Aggregation.UNIQUE_COUNT)
+        outcome: Decimal | str | tuple[str, str] | None = cache.get(value_key)
+        if outcome is None:
+            outcome = cache[value_key] = self._value(data)
+        if isinstance(outcome, tuple):
+            return Rejection(self.slug, *outcome)
+        group, key = self.group(data, cache)
+        return Measurement(self.meter, group, key, outcome)
+
+    def _value(self, data: Any) -> Decimal | str | tuple[str, str]:
+        """The metered value, or (rejection code, reason); independent of the meter's slug."""
+        assert self.value_getter is not None
+        raw = self.value_getter(data)
+        path = self.value_path
+        if raw is MISSING:
+            return "value_missing", f"valueProperty {path}: no value"
+        if raw is None:
+            return "value_null", f"valueProperty {path}: value is null"
+        if type(raw) is Many:
+            return "value_ambiguous", f"valueProperty {path}: matched {len(raw)} values"
+        try:
+            if self.agg is Aggregation.UNIQUE_COUNT:
+                if isinstance(raw, (dict, list, tuple)):
+                    return "value_not_scalar", f"valueProperty {path}: {type(raw).__name__} is not a scalar"
+                return canonical_unique(raw)
+            return parse_numeric(raw)
+        except NumericValueError as exc:
+            return exc.code, f"valueProperty {path}: {exc}"
+
+
+class MeterSet:
+    """All configured meters, indexed by slug and event type; immutable, built once."""
+
+    __slots__ = ("_by_slug", "_by_type", "_compiled_by_type", "_meters")
+
+    def __init__(self, meters: Sequence[Meter]) -> None:
+        by_slug: dict[str, Meter] = {}
+        for m in meters:
+            if m.slug in by_slug:
+                raise ConfigError(f"duplicate meter slug {m.slug!r}")
+            by_slug[m.slug] = m
+        self._meters = tuple(meters)
+        self._by_slug = by_slug
+        by_type: dict[str, list[Meter]] = {}
+        for m in meters:
+            by_type.setdefault(m.event_type, []).append(m)
+        self._by_type = {t: tuple(ms) for t, ms in by_type.items()}
+        self._compiled_by_type = {t: tuple(_CompiledMeter(m) for m in ms) for t, ms in by_type.items()}
+
+    def __iter__(self) -> Any:
+        return iter(self._meters)
+
+    def __len__(self) -> int:
+        return len(self._meters)
+
+    @property
+    def meters(self) -> tuple[Meter, ...]:
+        return self._meters
+
+    def for_type(self, event_type: str) -> Sequence[Meter]:
+        """Meters fed by events of this type (empty when none)."""
+        return self._by_type.get(event_type, ())
+
+    def get(self, slug: str) -> Meter:
+        """The meter with this slug; raises MeterNotFoundError so callers can map it to 404."""
+        try:
+            return self._by_slug[slug]
+        except KeyError:
+            raise MeterNotFoundError(slug) from None
+
+    def measure(self, event: Mapping[str, Any]) -> tuple[list[Measurement], list[Rejection]]:
+        """Evaluate every meter whose eventType == event["type"] against event["data"].
+
+        An event with no matching meter yields ([], []); deciding whether that is an error
+        (strict_event_types) is the processor's business.
+        """
+        compiled = self._compiled_by_type.get(event.get("type"))  # type: ignore[arg-type]
+        if not compiled:
+            return [], []
+        data = event.get("data", MISSING)
+        measurements: list[Measurement] = []
+        rejections: list[Rejection] = []
+        cache: dict[Any, Any] = {}
+        for cm in compiled:
+            r = cm.measure(data, cache) if data is not MISSING else cm.measure_absent()
+            if type(r) is Measurement:
+                measurements.append(r)
+            else:
+                rejections.append(r)  # type: ignore[arg-type]
+        return measurements, rejections
