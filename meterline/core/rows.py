@@ -1,4 +1,4 @@
-"""Turn one Kafka message (a batch of CloudEvents) into ClickHouse rows: the processor's pure core.
+"""Turn one Kafka message (a batch of CloudEvents) into ClickHouse rows, and stored rows back into events.
 
 Pure on purpose: the worker and `meterline recompute` (which rebuilds a meter's windows from the stored
 `events` table with `decide=always_accept`) must produce byte-identical rows for the same message, or
@@ -18,9 +18,10 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
+from meterline.core.events.wire import SPECVERSION
 from meterline.core.meters import MeterSet
 from meterline.core.positions import Position, dedupe_key
-from meterline.core.windows import WindowAccumulator, parse_time
+from meterline.core.windows import WindowAccumulator, format_time, parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +100,25 @@ def parse_event_time(value: Any) -> datetime:
 
 
 def _data_text(event: Mapping[str, Any]) -> str:
+    """The `events.data` column: JSON text, "" when the event had no data (`stored_event` inverts it)."""
     if "data" not in event:
         return ""
     return orjson.dumps(event["data"]).decode()
+
+
+def stored_event(event_id: str, source: str, event_type: str, subject: str, time: datetime, data: str) -> dict[str, Any]:
+    """The event as ingest normalised it, rebuilt from a stored `events` row ("" data = the event had no data).
+
+    Recompute and dead-letter replay feed stored events back through `message_rows`; both must rebuild
+    exactly what the worker decoded from Kafka, or rows would not match.
+    """
+    event: dict[str, Any] = {
+        "specversion": SPECVERSION, "id": event_id, "source": source, "type": event_type,
+        "subject": subject, "time": format_time(time if time.tzinfo else time.replace(tzinfo=UTC)),
+    }
+    if data != "":
+        event["data"] = orjson.loads(data)
+    return event
 
 
 def _dead(

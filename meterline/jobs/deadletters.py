@@ -44,9 +44,8 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import create_schema, storage_errors
-from meterline.core.events import stored_event
 from meterline.core.meters import MeterSet
-from meterline.core.rows import MessagePosition, RowOptions, always_accept, message_rows
+from meterline.core.rows import MessagePosition, RowOptions, always_accept, message_rows, stored_event
 from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTER_REPLAYS,

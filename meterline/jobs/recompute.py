@@ -25,9 +25,8 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import storage_errors
-from meterline.core.events import stored_event
 from meterline.core.meters import Meter, MeterSet
-from meterline.core.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows
+from meterline.core.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows, stored_event
 from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,

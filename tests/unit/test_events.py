@@ -14,14 +14,11 @@ from hypothesis import strategies as st
 from meterline.core.errors import InvalidEventError
 from meterline.core.events import (
     CHUNK_MAX_BYTES,
-    _fast_event,
-    _validate_one,
-    chunk_by_subject,
     decode_batch,
-    encode_batch,
     encode_messages,
     validate_events,
 )
+from meterline.core.events.validation import _fast_event, _validate_one
 
 NOW = datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -129,7 +126,8 @@ def test_any_json_data_is_kept() -> None:
 
 def test_codec_round_trip() -> None:
     events = validate_events([ev(id=str(i), data={"v": i, "s": "é"}) for i in range(3)], NOW)
-    assert decode_batch(encode_batch(events)) == events
+    [(key, blob)] = encode_messages(events)
+    assert key == b"cust-1" and decode_batch(blob) == events
 
 
 @pytest.mark.parametrize("payload", [b"not json", b"{}", b"[1]", b'"x"'])
@@ -153,12 +151,13 @@ event_lists = st.lists(
 
 @settings(max_examples=200, deadline=None)
 @given(events=event_lists, max_events=st.integers(1, 10), max_bytes=st.integers(400, 3000))
-def test_chunk_by_subject_preserves_every_event_in_order(
+def test_encode_messages_chunks_by_subject_preserving_every_event_in_order(
     events: list[dict[str, Any]], max_events: int, max_bytes: int
 ) -> None:
     # tag each event with its position so equal-looking events stay distinguishable
     events = [dict(e, pos=i) for i, e in enumerate(events)]
-    chunks = chunk_by_subject(events, max_events=max_events, max_bytes=max_bytes)
+    messages = encode_messages(events, max_events, max_bytes)
+    chunks = [(key.decode(), decode_batch(blob)) for key, blob in messages]
     flat = [e for _, chunk in chunks for e in chunk]
     assert sorted(e["pos"] for e in flat) == list(range(len(events)))  # exactly once
     for subject in {e["subject"] for e in events}:
@@ -167,18 +166,16 @@ def test_chunk_by_subject_preserves_every_event_in_order(
     for subject, chunk in chunks:
         assert chunk and all(e["subject"] == subject for e in chunk)
         assert len(chunk) <= max_events
-        assert len(encode_batch(chunk)) <= max_bytes or len(chunk) == 1
-    # the one-pass encoder produces the same messages
-    assert encode_messages(events, max_events, max_bytes) == [
-        (s.encode(), encode_batch(c)) for s, c in chunks
-    ]
+        assert len(orjson.dumps(chunk)) <= max_bytes or len(chunk) == 1
+    # each message is byte for byte what orjson writes for its events
+    assert [blob for _, blob in messages] == [orjson.dumps(c) for _, c in chunks]
 
 
 def test_default_chunk_limits() -> None:
     events = validate_events([ev(id=str(i), data={"p": "x" * 2000}) for i in range(1200)], NOW)
-    chunks = chunk_by_subject(events)
-    assert all(len(c) <= 500 and len(orjson.dumps(c)) <= CHUNK_MAX_BYTES for _, c in chunks)
-    assert sum(len(c) for _, c in chunks) == 1200
+    chunks = [decode_batch(blob) for _, blob in encode_messages(events)]
+    assert all(len(c) <= 500 and len(orjson.dumps(c)) <= CHUNK_MAX_BYTES for c in chunks)
+    assert sum(len(c) for c in chunks) == 1200
 
 
 # ------------------------------------------------------------------------- fast path == full path
