@@ -52,30 +52,39 @@ def _clickhouse(settings: Settings, what: str) -> Iterator[Client]:
 
 @app.command("validate-config")
 def validate_config(config: Annotated[Path | None, typer.Argument(help="config.yaml to check")] = None) -> None:
-    """Validate meters and settings; exit 1 listing every problem (file, meter slug, field)."""
+    """Validate settings and meters; exit 1 listing every problem (file and key, or meter slug and field).
+
+    The environment counts too (it overrides the file), so this checks what a process started in the same
+    shell would run with.
+    """
+    from meterline.core.meters import load_meters
     from meterline.settings import config_path
 
     path = config or config_path()
     if not path.exists():
         console.print(f"[red]{path}: file not found[/red]")
         raise typer.Exit(1)
+    problems: list[str] = []
+    settings: Settings | None = None
     try:
         settings = _settings(path)
-        meters = settings.meters()
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from exc
-    except ValueError as exc:  # pydantic ValidationError of the service settings
-        console.print(f"[red]{path}: settings: {exc}[/red]")
-        raise typer.Exit(1) from exc
+        problems.append(str(exc))
+    try:  # meters are checked even when a setting is wrong, so one run lists every problem
+        meters = settings.meters() if settings is not None else load_meters(path)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if problems:
+        console.print("\n".join(problems), markup=False, style="red")
+        raise typer.Exit(1)
     console.print(f"[green]{path}: OK[/green] ({len(meters)} meters)")
 
 
 @app.command()
 def serve(
     which: Annotated[str, typer.Argument(help="ingest | query | all")] = "all",
-    host: str = "127.0.0.1",
-    port: int = 8888,
+    host: Annotated[str | None, typer.Option(help="bind address (default: settings http_host)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default: settings http_port)")] = None,
     workers: Annotated[int, typer.Option(help="processes sharing the port (ingest is CPU-bound per process)")] = 1,
 ) -> None:
     """Serve the HTTP API with uvicorn."""
@@ -85,20 +94,22 @@ def serve(
 
     from meterline.server import APP_ENV, build_app
 
-    configure_logging("info")
+    settings = _settings()
+    configure_logging(settings.log_level)
     options: dict[str, Any] = {
-        "host": host, "port": port, "log_level": "warning", "access_log": False, "log_config": logging_config("info"),
+        "host": host or settings.http_host, "port": settings.http_port if port is None else port,
+        "log_level": "warning", "access_log": False, "log_config": logging_config(settings.log_level),
     }
     if workers > 1:
         os.environ[APP_ENV] = which
         uvicorn.run("meterline.server:app_from_env", factory=True, workers=workers, **options)
     else:
-        uvicorn.run(build_app(which, _settings()), **options)
+        uvicorn.run(build_app(which, settings), **options)
 
 
 @app.command()
 def run(
-    port: int = 8888,
+    port: Annotated[int | None, typer.Option(help="HTTP port (default: settings http_port)")] = None,
     processors: int = 1,
     data_dir: Annotated[Path, typer.Option(help="ClickHouse data, worker state and logs")] = Path(".data"),
 ) -> None:
@@ -118,7 +129,7 @@ def run(
         data_dir=data_dir.resolve(),
         config_file=config_path().resolve(),
         processors=processors,
-        http_port=port,
+        http_port=settings.http_port if port is None else port,
         topic=settings.events_topic,
         database=settings.clickhouse_database,
         partitions=settings.topic_partitions,

@@ -1,71 +1,112 @@
 """Settings for every meterline process, read once in each entrypoint and passed down.
 
-Sources, highest priority first: keyword arguments (tests), environment (`METERLINE_*`, plus the
+Sources, highest priority first: keyword arguments (tests), environment (`METERLINE_<FIELD>`, plus the
 unprefixed `KAFKA_BOOTSTRAP` / `CLICKHOUSE_URL` that deploy tooling conventionally sets), then the
-top-level keys of config.yaml. Meters come from config.yaml's `meters:` list.
+top-level keys of config.yaml (pydantic-settings' own `YamlConfigSettingsSource`). Meters come from
+config.yaml's `meters:` list and are validated by `meterline.core.meters`.
+
+Why unknown keys are errors: a misspelt key (`late_horizon_day: 1`) that is silently ignored leaves the
+default in force while `meterline validate-config` says OK, so an operator believes a rule is active
+that is not. Every problem is raised as one `ConfigError` naming where it came from (file and key, or
+the environment variable), which `validate-config` prints and every process refuses to start with.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
-    InitSettingsSource,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    YamlConfigSettingsSource,
 )
 
+from meterline.core.errors import ConfigError
 from meterline.core.meters import Meter, validate_meters
 
 DEFAULT_CONFIG = "config.yaml"
+ENV_PREFIX = "METERLINE_"
+CONFIG_ENV = "METERLINE_CONFIG"
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
 
 
 def config_path() -> Path:
     """Where config.yaml lives: `METERLINE_CONFIG`, else ./config.yaml."""
-    return Path(os.environ.get("METERLINE_CONFIG", DEFAULT_CONFIG))
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
 
 
 class Settings(BaseSettings):
-    """Typed service settings. Meter definitions are validated separately by `meterline.core.meters`."""
+    """Typed service settings: every knob of every process, with its environment name `METERLINE_<FIELD>`.
 
-    model_config = SettingsConfigDict(env_prefix="METERLINE_", extra="ignore", populate_by_name=True)
+    Building one raises `ConfigError` listing every unknown key and every invalid value with its origin.
+    """
 
-    config_file: str = Field(default=DEFAULT_CONFIG, validation_alias=AliasChoices("METERLINE_CONFIG", "config_file"))
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", populate_by_name=True)
+
+    config_file: str = Field(default=DEFAULT_CONFIG, validation_alias=AliasChoices(CONFIG_ENV, "config_file"))
     kafka_bootstrap: str | None = Field(
         default=None, validation_alias=AliasChoices("KAFKA_BOOTSTRAP", "METERLINE_KAFKA_BOOTSTRAP", "kafka_bootstrap")
     )
     clickhouse_url: str | None = Field(
         default=None, validation_alias=AliasChoices("CLICKHOUSE_URL", "METERLINE_CLICKHOUSE_URL", "clickhouse_url")
     )
-    events_topic: str = "meterline-events"
-    topic_partitions: int = 8
-    consumer_group: str = "meterline-processor"
+    events_topic: str = Field(default="meterline-events", min_length=1)
+    topic_partitions: int = Field(default=8, ge=1)
+    consumer_group: str = Field(default="meterline-processor", min_length=1)
 
-    dedupe_horizon_days: int = 32
-    late_horizon_days: int | None = None
-    window_size_seconds: int = 60
+    dedupe_horizon_days: int = Field(default=32, ge=1)
+    late_horizon_days: int | None = Field(default=None, ge=1)
+    window_size_seconds: int = Field(default=60, ge=1)
     strict_event_types: bool = False
 
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_batch_events: int = 10_000
-    max_data_bytes: int = 64 * 1024
-    max_data_depth: int = 32
-    produce_timeout_seconds: float = 5.0
+    # ingest
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_batch_events: int = Field(default=10_000, ge=1)
+    max_data_bytes: int = Field(default=64 * 1024, ge=1)
+    max_data_depth: int = Field(default=32, ge=1)
+    produce_timeout_seconds: float = Field(default=5.0, gt=0)
 
+    # HTTP server (`meterline serve` / `meterline run` defaults)
     http_host: str = "127.0.0.1"
-    http_port: int = 8888
+    http_port: int = Field(default=8888, ge=0, le=65535)
+    log_level: LogLevel = "info"
+
+    # processor worker
     data_dir: str = ".data"
     state_dir: str | None = None  # processor's local RocksDB cache; default <data_dir>/processor-<worker>
-    processor_batch_messages: int = 200
-    processor_batch_seconds: float = 0.2
+    processor_batch_messages: int = Field(default=200, ge=1)
+    processor_batch_seconds: float = Field(default=0.2, gt=0)
+    #: Broker session and rebalance timeouts: Faust's default 60 s makes every group join wait ~30 s.
+    processor_session_timeout: float = Field(default=10.0, gt=0)
+    processor_rebalance_timeout: float = Field(default=10.0, gt=0)
+    processor_heartbeat: float = Field(default=2.0, gt=0)
+    #: /healthz /readyz /metrics of a worker; port 0 = a free port.
+    processor_web_port: int = Field(default=0, ge=0, le=65535)
+    processor_web_host: str = "127.0.0.1"
+    #: Names the worker's local state dir; unset = one per run (host + web port), removed on exit.
+    processor_worker_id: str | None = None
 
     meters_raw: list[Any] = Field(default_factory=list, validation_alias=AliasChoices("meters", "meters_raw"))
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ConfigError("\n".join(_problems(type(self), exc, values))) from None
 
     @classmethod
     def settings_customise_sources(
@@ -76,7 +117,9 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlSource(settings_cls, init_settings))
+        given = getattr(init_settings, "init_kwargs", {})
+        path = given.get("config_file") or given.get(CONFIG_ENV) or config_path()
+        return (init_settings, env_settings, ConfigFileSource(settings_cls, Path(path)))
 
     @property
     def clickhouse_database(self) -> str:
@@ -89,16 +132,48 @@ class Settings(BaseSettings):
         return validate_meters({"meters": self.meters_raw}, self.config_file)
 
 
-class _YamlSource(InitSettingsSource):
-    """config.yaml's top-level keys as the lowest-priority source, so one file holds meters and settings."""
+class ConfigFileSource(YamlConfigSettingsSource):
+    """config.yaml's top-level keys, the lowest-priority source, so one file holds meters and settings.
 
-    def __init__(self, settings_cls: type[BaseSettings], init: PydanticBaseSettingsSource) -> None:
-        given = getattr(init, "init_kwargs", {})
-        path = Path(given.get("config_file") or given.get("METERLINE_CONFIG") or config_path())
-        data: dict[str, Any] = {}
-        if path.exists():
-            loaded = yaml.safe_load(path.read_text()) or {}
-            if isinstance(loaded, dict):
-                data = dict(loaded)
-        data.setdefault("config_file", str(path))
-        super().__init__(settings_cls, data)
+    Refuses a file that is not YAML or not a mapping with `ConfigError` naming the file (pydantic-settings
+    would raise a bare parser or `TypeError`).
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        self.path = path
+        super().__init__(settings_cls, yaml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            data = super()._read_file(file_path)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{file_path}: invalid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{file_path}: top level must be a mapping, got {type(data).__name__}")
+        return data
+
+
+def _problems(cls: type[Settings], exc: ValidationError, given: dict[str, Any]) -> list[str]:
+    """One line per error, prefixed with where the offending key came from (file, environment, argument)."""
+    path = Path(given.get("config_file") or given.get(CONFIG_ENV) or config_path())
+    from_file = ConfigFileSource(cls, path).yaml_data
+    from_env = EnvSettingsSource(cls)()
+    names = sorted({*cls.model_fields, "meters"})
+    problems = []
+    for error in exc.errors():
+        key = str(error["loc"][0]) if error["loc"] else ""
+        if error["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, names, n=1)
+            message = "unknown setting" + (f" (did you mean {close[0]}?)" if close else "")
+        else:
+            message = error["msg"]
+        if key in given:
+            where = f"argument {key}"
+        elif key in from_env:
+            where = f"environment {key if key.isupper() else ENV_PREFIX + key.upper()}"
+        elif key in from_file:
+            where = f"{path}: {key}"
+        else:
+            where = key
+        problems.append(f"{where}: {message}")
+    return problems

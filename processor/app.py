@@ -1,15 +1,8 @@
 """Wire the processor worker: Settings -> Faust app with the agent, sink, dedupe state and web views.
 
 Only wiring lives here (see processor/agents.py for the loop and meterline/core/rows.py for the rules).
-Processor-only knobs that are not part of the shared `Settings` are read from the environment:
-
-    METERLINE_PROCESSOR_SESSION_TIMEOUT    broker session timeout, s (10; Faust's default 60 makes
-    METERLINE_PROCESSOR_REBALANCE_TIMEOUT  rebalance timeout, s (10)   every join wait ~30 s)
-    METERLINE_PROCESSOR_HEARTBEAT          heartbeat interval, s (2)
-    METERLINE_PROCESSOR_WEB_PORT           /healthz /readyz /metrics port (0 = a free port)
-    METERLINE_PROCESSOR_WEB_HOST           bind address (127.0.0.1)
-    METERLINE_PROCESSOR_WORKER_ID          names the local state dir; default per run (host + port)
-    METERLINE_LOG_LEVEL                    info
+Every knob, the worker's own included (`processor_session_timeout`, `processor_web_port`,
+`processor_worker_id`, `log_level`, ...), is a `Settings` field (env `METERLINE_<FIELD>`).
 """
 
 from __future__ import annotations
@@ -17,10 +10,9 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import shutil
 import socket
-from dataclasses import dataclass
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +34,6 @@ logger = logging.getLogger(__name__)
 PURGE_INTERVAL_SECONDS = 6 * 3600.0
 
 
-def _env_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    return default if raw in (None, "") else float(raw)
-
-
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (bind port 0); good enough for a local worker's web server."""
     with socket.socket() as s:
@@ -54,49 +41,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerOptions:
-    """Per-worker process options (see module docstring for the environment names)."""
-
-    session_timeout: float = 10.0
-    rebalance_timeout: float = 10.0
-    heartbeat: float = 2.0
-    web_port: int = 0
-    web_host: str = "127.0.0.1"
-    worker_id: str | None = None
-    log_level: str = "info"
-
-    @classmethod
-    def from_env(cls, web_port: int | None = None) -> WorkerOptions:
-        return cls(
-            session_timeout=_env_float("METERLINE_PROCESSOR_SESSION_TIMEOUT", 10.0),
-            rebalance_timeout=_env_float("METERLINE_PROCESSOR_REBALANCE_TIMEOUT", 10.0),
-            heartbeat=_env_float("METERLINE_PROCESSOR_HEARTBEAT", 2.0),
-            web_port=web_port if web_port is not None else int(_env_float("METERLINE_PROCESSOR_WEB_PORT", 0)),
-            web_host=os.environ.get("METERLINE_PROCESSOR_WEB_HOST", "127.0.0.1"),
-            worker_id=os.environ.get("METERLINE_PROCESSOR_WORKER_ID") or None,
-            log_level=os.environ.get("METERLINE_LOG_LEVEL", "info"),
-        )
-
-
 def state_dir_for(settings: Settings, worker_id: str) -> Path:
     """`settings.state_dir`, else `<data_dir>/processor-<worker_id>`."""
     return Path(settings.state_dir) if settings.state_dir else Path(settings.data_dir) / f"processor-{worker_id}"
 
 
-def create_app(settings: Settings, options: WorkerOptions | None = None) -> faust.App:
+def create_app(settings: Settings) -> faust.App:
     """Build the Faust app: broker and ClickHouse must be reachable (both are retried for a while).
 
     Blocking work (topic creation, cluster id, schema) happens here, before the worker's event loop
     starts, so the agent only ever sees a ready world.
     """
-    options = options or WorkerOptions.from_env()
     if not settings.kafka_bootstrap:
         raise ConfigError("KAFKA_BOOTSTRAP (or METERLINE_KAFKA_BOOTSTRAP) is not set")
     if not settings.clickhouse_url:
         raise ConfigError("CLICKHOUSE_URL (or METERLINE_CLICKHOUSE_URL) is not set")
-    web_port = options.web_port or free_port(options.web_host)
-    worker_id = options.worker_id or f"{socket.gethostname()}-{web_port}"
+    web_host = settings.processor_web_host
+    web_port = settings.processor_web_port or free_port(web_host)
+    worker_id = settings.processor_worker_id or f"{socket.gethostname()}-{web_port}"
     state_dir = state_dir_for(settings, worker_id)
 
     log_epoch = ensure_events_topic(settings.kafka_bootstrap, settings.events_topic, settings.topic_partitions)
@@ -115,19 +77,19 @@ def create_app(settings: Settings, options: WorkerOptions | None = None) -> faus
         datadir=str(state_dir / "faust"),
         topic_partitions=settings.topic_partitions,
         consumer_auto_offset_reset="earliest",
-        broker_session_timeout=options.session_timeout,
-        broker_rebalance_timeout=options.rebalance_timeout,
-        broker_heartbeat_interval=options.heartbeat,
+        broker_session_timeout=settings.processor_session_timeout,
+        broker_rebalance_timeout=settings.processor_rebalance_timeout,
+        broker_heartbeat_interval=settings.processor_heartbeat,
         web_enabled=True,
         web_port=web_port,
-        web_bind=options.web_host,
-        web_host=options.web_host,
+        web_bind=web_host,
+        web_host=web_host,
         # The default 4096 per partition lets a slow ClickHouse pile up minutes of events in memory.
         stream_buffer_maxsize=max(2 * settings.processor_batch_messages, 64),
     )
     app.meterline = processor  # type: ignore[attr-defined]
     app.meterline_state_dir = state_dir  # type: ignore[attr-defined]
-    app.meterline_ephemeral_state = options.worker_id is None and not settings.state_dir  # type: ignore[attr-defined]
+    app.meterline_ephemeral_state = settings.processor_worker_id is None and not settings.state_dir  # type: ignore[attr-defined]
     register_agent(app, settings, processor)
     _register_views(app, processor)
 
@@ -169,10 +131,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m processor", description="meterline processor worker")
     parser.add_argument("--web-port", type=int, default=None, help="web port for /healthz /readyz /metrics (0 = free)")
     args = parser.parse_args(argv)
-    options = WorkerOptions.from_env(args.web_port)
-    configure_logging(options.log_level)
-    settings = Settings()
-    app = create_app(settings, options)
+    try:
+        settings = Settings() if args.web_port is None else Settings(processor_web_port=args.web_port)
+        settings.meters()
+    except ConfigError as exc:
+        sys.exit(f"meterline processor: invalid configuration\n{exc}")
+    configure_logging(settings.log_level)
+    app = create_app(settings)
     from faust.worker import Worker
 
     processor: BatchProcessor = app.meterline  # type: ignore[attr-defined]
@@ -181,8 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     # metering. Freeze startup objects and collect rarely.
     gc.freeze()
     gc.set_threshold(100_000, 50, 100)
-    worker = Worker(app, loglevel=options.log_level, redirect_stdouts=False,
-                    logging_config=logging_config(options.log_level))
+    worker = Worker(app, loglevel=settings.log_level, redirect_stdouts=False,
+                    logging_config=logging_config(settings.log_level))
     try:
         worker.execute_from_commandline()
     finally:
