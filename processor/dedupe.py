@@ -17,6 +17,12 @@ Layout (raw bytes):
     b"k" + dedupe_key(16)           -> position(20) + seen_at(4)   position = >IIQI (epoch_no, partition, offset, index)
     b"e" + log_epoch (utf-8)         -> >I epoch_no                 small int per Kafka cluster id
     b"p" + >I partition              -> >IQ (epoch_no, next_offset) the "loaded up to" marker
+    b"v"                             -> >I KEY_VERSION              the dedupe_key encoding the keys use
+
+Key version: `meterline.core.positions.dedupe_key` changed encoding once (length prefixes, v2). A cache
+written with another version is deleted on open, so every partition reloads from ClickHouse, whose
+loader recomputes keys from the stored `(source, id)` (processor/sink.py) rather than trusting the
+stored `dedupe_key` column: state built after an upgrade never mixes key versions.
 
 Marker semantics: for partition p, marker (E, M) means the cache holds every key that ClickHouse holds for
 partition p in epoch E below offset M, and every key of older epochs (within the horizon). A restart then
@@ -38,7 +44,7 @@ from typing import Any
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from meterline.core.positions import Position
+from meterline.core.positions import KEY_VERSION, Position
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +57,7 @@ _PARTITION = struct.Struct(">I")
 _KEY_PREFIX = b"k"
 _EPOCH_PREFIX = b"e"
 _MARKER_PREFIX = b"p"
+_VERSION_KEY = b"v"
 _DAY = 86_400
 
 
@@ -68,6 +75,14 @@ class DedupeState:
         opts.create_if_missing(True)
         opts.set_write_buffer_size(32 * 1024 * 1024)
         self._db = Rdict(path, opts)
+        version = _EPOCH_NO.pack(KEY_VERSION)
+        if self._db.get(_VERSION_KEY) != version:
+            if any(True for _ in self._db):  # a cache of another key encoding: rebuild from ClickHouse
+                logger.warning("dedupe cache uses another key version; rebuilding it", extra={"path": path})
+                self._db.close()
+                Rdict.destroy(path, opts)
+                self._db = Rdict(path, opts)
+            self._db.put(_VERSION_KEY, version)
         self.path = path
         self.horizon_seconds = horizon_days * _DAY
         self._epochs: dict[str, int] = {}

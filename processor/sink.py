@@ -25,6 +25,7 @@ from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import connect, create_schema, storage_errors
 from meterline.core.errors import StorageError
+from meterline.core.positions import dedupe_key
 from meterline.core.rows import Rows
 from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
@@ -47,10 +48,12 @@ def dedupe_load_query(database: str, partition: int, horizon_days: int,
     """SQL + parameters loading one partition's first sightings within the horizon.
 
     `since=(log_epoch, offset)` restricts to what was written after the local marker; no FINAL needed:
-    duplicate rows of one key carry the same position.
+    duplicate rows of one key carry the same position. It reads `(source, id)`, not the stored
+    `dedupe_key`: rows written before a change of the key encoding carry the old key, and the loader
+    recomputes every key with the current `dedupe_key` (see `positions.KEY_VERSION`).
     """
     sql = (
-        "SELECT dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, "
+        "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, "
         "toUnixTimestamp(ingested_at) "
         f"FROM {quote_identifier(database)}.{EVENTS} "
         "WHERE kafka_partition = {partition:UInt32} "
@@ -165,8 +168,10 @@ class ClickHouseSink:
         sql, params = dedupe_load_query(self.database, partition, horizon_days, since)
 
         def rows(stream: Any) -> Iterator[Sequence[Any]]:
+            key = dedupe_key
             for block in stream:
-                yield from block
+                for source, event_id, *position in block:
+                    yield (key(source, event_id), *position)
 
         def op() -> int:
             with storage_errors(), self._connected().query_row_block_stream(sql, parameters=params) as stream:

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from meterline.core.attributes import MAX_TIME, MIN_TIME
 from meterline.core.errors import InvalidQueryError
-from meterline.core.events import MAX_TIME, MIN_TIME
 
 MINUTE = timedelta(minutes=1)
 _QUARTER = timedelta(minutes=15)

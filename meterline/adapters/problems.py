@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 #: Seconds a client should wait before retrying a 503 (roughly one produce timeout).
 RETRY_AFTER_SECONDS = 5
+#: At most this many `errors` entries in one 400; `errorsNotListed` counts the rest.
+MAX_LISTED_ERRORS = 100
 
 
 class ProblemResponse(JSONResponse):
@@ -59,8 +61,9 @@ def problem(
     instance: str | None = None,
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> ProblemResponse:
-    """Build one problem+json response `{type, title, status, detail, instance?, errors?}`."""
+    """Build one problem+json response `{type, title, status, detail, instance?, errors?, **extra}`."""
     body: dict[str, Any] = {"type": type_, "title": title, "status": status}
     if detail is not None:
         body["detail"] = detail
@@ -68,6 +71,8 @@ def problem(
         body["instance"] = instance
     if errors is not None:
         body["errors"] = errors
+    if extra:
+        body.update(extra)
     return ProblemResponse(body, status_code=status, headers=headers)
 
 
@@ -76,15 +81,22 @@ def _instance(request: Request) -> str:
 
 
 async def _invalid_event(request: Request, exc: Exception) -> ProblemResponse:
+    """400 listing the first MAX_LISTED_ERRORS problems and how many more there are: a 1 MB body can hold
+    50k bad numbers, and listing each made a 13 MB answer that helps nobody fix the request."""
     assert isinstance(exc, InvalidEventError)
-    return problem(
+    listed = exc.errors[:MAX_LISTED_ERRORS]
+    rest = len(exc.errors) - len(listed)
+    detail = str(exc) if not rest else f"{exc}; the first {len(listed)} problems are listed, {rest} more are not"
+    response = problem(
         400,
         "Invalid events",
-        str(exc),
+        detail,
         instance=_instance(request),
-        errors=exc.errors,
+        errors=listed,
         type_="https://meterline.dev/problems/invalid-event",
+        extra={"errorsNotListed": rest} if rest else None,
     )
+    return response
 
 
 async def _broker_unavailable(request: Request, exc: Exception) -> ProblemResponse:

@@ -7,7 +7,13 @@ offline jobs all decide first sightings by these two values, so they must comput
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from typing import Final, NamedTuple
+
+#: Version of `dedupe_key`'s input encoding. Keys of different versions never match, so anything that
+#: caches keys (the processor's RocksDB state) records the version it was built with and rebuilds from
+#: ClickHouse's stored `(source, id)` when it differs (processor/dedupe.py). Version 1 hashed
+#: `source NUL id`, which let `("a\0b", "c")` and `("a", "b\0c")` collide; version 2 length-prefixes.
+KEY_VERSION: Final = 2
 
 
 class Position(NamedTuple):
@@ -20,5 +26,14 @@ class Position(NamedTuple):
 
 
 def dedupe_key(source: str, event_id: str) -> bytes:
-    """blake2b-128 of `source NUL id`: CloudEvents identity is (source, id), NUL cannot occur in either."""
-    return hashlib.blake2b(f"{source}\x00{event_id}".encode(), digest_size=16).digest()
+    """blake2b-128 of the length-prefixed UTF-8 of `source` then `id`: CloudEvents identity is (source, id).
+
+    Why length prefixes: any separator byte can occur inside a string a foreign producer puts on the
+    topic, and then two different pairs hash the same input. With each part preceded by its byte length
+    the encoding is injective whatever the strings hold (ingest also refuses control characters).
+    """
+    s = source.encode()
+    i = event_id.encode()
+    return hashlib.blake2b(
+        len(s).to_bytes(4, "big") + s + len(i).to_bytes(4, "big") + i, digest_size=16
+    ).digest()

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
+from meterline.core.attributes import storage_problem
 from meterline.core.events.wire import SPECVERSION
 from meterline.core.meters import MeterSet
 from meterline.core.positions import Position, dedupe_key
@@ -97,6 +98,20 @@ def parse_event_time(value: Any) -> datetime:
         except ValueError:
             pass
     return parse_time(value)
+
+
+def _printable(event: Any) -> Mapping[str, Any]:
+    """The identity attributes of an invalid event as dead-letter strings (anything else shows as '')."""
+    if not isinstance(event, Mapping):
+        return {}
+    return {k: v for k in ("id", "source", "type", "subject") if type(v := event.get(k)) is str}
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()[:65536]
+    except TypeError:
+        return repr(value)[:65536]
 
 
 def _data_text(event: Mapping[str, Any]) -> str:
@@ -181,12 +196,14 @@ def message_rows(
             subject = event["subject"]
             etype = event["type"]
             t = parse_event_time(event["time"])
-            if type(source) is not str or type(event_id) is not str or type(subject) is not str:
-                raise TypeError("id, source and subject must be strings")
-        except (KeyError, TypeError, ValueError) as exc:
-            # Ingest validates every event, so this is a foreign producer: keep it visible, never crash.
-            _dead(out, pos, index, "", event if isinstance(event, Mapping) else {}, EPOCH_START,
-                  orjson.dumps(event).decode(), "invalid_event", f"invalid event: {exc}", now)
+            problem = storage_problem(event, t)
+            if problem is not None:
+                raise ValueError(f"{problem[0]} {problem[1]}")
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            # Ingest validates every event, so this is a foreign producer: keep it visible, never crash,
+            # and never hand ClickHouse a row it must refuse (that batch would be retried for ever).
+            _dead(out, pos, index, "", _printable(event), EPOCH_START,
+                  _json_text(event), "invalid_event", f"invalid event: {exc}", now)
             continue
         key = keys[index] if keys is not None else dedupe_key(source, event_id)
         if not decide(key, Position(epoch, partition, offset, index)):

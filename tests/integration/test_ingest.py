@@ -236,6 +236,33 @@ def test_invalid_batch_lists_every_problem_and_publishes_nothing(
     assert not seen & {batch[0]["id"], batch[2]["id"]}
 
 
+@pytest.mark.parametrize("field", ["id", "source", "subject", "type"])
+def test_control_characters_are_a_400_naming_the_field(client: httpx.Client, field: str) -> None:
+    batch = [make_event(0), make_event(1, **{field: "a\u0000b"})]
+    body = assert_problem(
+        client.post("/api/v1/events", content=orjson.dumps(batch), headers={"content-type": BATCH}), 400
+    )
+    assert [(e["index"], e["field"]) for e in body["errors"]] == [(1, field)]
+
+
+def test_a_400_lists_a_bounded_number_of_problems_and_counts_the_rest(client: httpx.Client) -> None:
+    """Each event carries an inexact number and a bad id; the answer lists the first problems only."""
+    n = 900
+    batch = [make_event(i, id=f"x\n{i}", data={"v": 0.12345678901234567890}) for i in range(n)]
+    body_bytes = orjson.dumps(batch)
+    # orjson writes the float shortest; put the inexact literal back the way a client would send it.
+    body_bytes = body_bytes.replace(b'"v":0.12345678901234568', b'"v":0.12345678901234567890')
+    r = client.post("/api/v1/events", content=body_bytes, headers={"content-type": BATCH})
+    body = assert_problem(r, 400)
+    want_problems = n  # the inexact numbers are refused first, one problem per number
+    assert len(body["errors"]) == 100
+    assert body["errorsNotListed"] == want_problems - 100
+    assert len(r.content) < 64 * 1024
+    few = assert_problem(client.post("/api/v1/events", content=orjson.dumps(batch[:3]),
+                                     headers={"content-type": BATCH}), 400)
+    assert len(few["errors"]) == 3 and "errorsNotListed" not in few
+
+
 def test_numbers_beyond_exactness_are_refused_and_the_largest_exact_ones_kept(
     client: httpx.Client, consumer: Consumer, app_settings: Settings
 ) -> None:

@@ -212,3 +212,25 @@ def test_load_respects_horizon_and_keeps_cached_records(tmp_path: Path) -> None:
     state.forget_partitions([0])
     assert not state.is_loaded(0)
     state.close()
+
+
+def test_a_cache_of_another_key_version_is_rebuilt(tmp_path: Path) -> None:
+    """Keys cached under an older dedupe_key encoding would never match new keys: the cache (keys and
+    markers) is dropped so every partition reloads from ClickHouse under the current encoding."""
+    from rocksdict import Options, Rdict
+
+    state = DedupeState(str(tmp_path / "s"))
+    k = dedupe_key("s", "1")
+    state.decide(k, Position(EPOCH, 0, 3, 0))
+    state.flush()
+    state.mark_written(EPOCH, 0, 4)
+    state.close()
+    reopened = DedupeState(str(tmp_path / "s"))  # same version: kept
+    assert reopened.lookup(k) == Position(EPOCH, 0, 3, 0) and reopened.marker(0) is not None
+    reopened.close()
+    raw = Rdict(str(tmp_path / "s"), Options(raw_mode=True))
+    raw.put(b"v", (1).to_bytes(4, "big"))  # as if written by the version-1 encoding
+    raw.close()
+    rebuilt = DedupeState(str(tmp_path / "s"))
+    assert rebuilt.lookup(k) is None and rebuilt.marker(0) is None
+    rebuilt.close()

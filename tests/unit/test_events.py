@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from meterline.core.attributes import MAX_LENGTHS
 from meterline.core.errors import InvalidEventError
 from meterline.core.events import (
     CHUNK_MAX_BYTES,
@@ -178,8 +179,34 @@ def test_default_chunk_limits() -> None:
     assert sum(len(c) for c in chunks) == 1200
 
 
+# ------------------------------------------------------------------------- identity attributes
+@pytest.mark.parametrize("field", ["id", "source", "subject", "type"])
+@pytest.mark.parametrize("char", ["\x00", "\x1f", "\n", "\x7f", "\x9b"])
+def test_control_characters_in_identity_attributes_are_refused_naming_the_field(field: str, char: str) -> None:
+    with pytest.raises(InvalidEventError) as info:
+        validate_events([ev(), ev(**{field: f"a{char}b"})], NOW)
+    assert [(e["index"], e["field"]) for e in info.value.errors] == [(1, field)]
+    assert f"U+{ord(char):04X}" in info.value.errors[0]["message"]
+
+
+@pytest.mark.parametrize("field", ["id", "source", "subject", "type"])
+def test_identity_attribute_lengths_are_bounded(field: str) -> None:
+    limit = MAX_LENGTHS[field]
+    assert validate_events([ev(**{field: "x" * limit})], NOW)[0][field] == "x" * limit
+    with pytest.raises(InvalidEventError) as info:
+        validate_events([ev(**{field: "é" * (limit + 1)})], NOW)
+    assert [e["field"] for e in info.value.errors] == [field]
+    assert str(limit) in info.value.errors[0]["message"]
+
+
+def test_printable_unicode_is_kept() -> None:
+    event = ev(subject="klant 1 ✓ \u00a0 😀", id="a b\u200bc")
+    assert validate_events([event], NOW)[0]["subject"] == event["subject"]
+
+
 # ------------------------------------------------------------------------- fast path == full path
-_text = st.one_of(st.sampled_from(["", "a", "svc-1", "é", "\x00", "x" * 300]), st.text(max_size=12))
+_text = st.one_of(st.sampled_from(["", "a", "svc-1", "é", "\x00", "a\x85b", "x" * 300, "x" * 1100]),
+                  st.text(max_size=12))
 _maybe = st.one_of(_text, st.none(), st.integers(), st.booleans(), st.just({"a": 1}))
 _times = st.one_of(
     st.none(),

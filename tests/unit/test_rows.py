@@ -123,3 +123,27 @@ def test_a_subset_keeps_its_original_positions_and_ranks() -> None:
     assert worker_latest == {42 * 100_000 + 3}
     with pytest.raises(ValueError):
         message_rows(whole[:1], POS, METERS, RowOptions(), always_accept, now=NOW, keys=[b"k" * 16], indexes=[0])
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("time", "9999-12-31T23:59:59Z"), ("time", "1969-12-31T23:59:59Z"), ("source", ""), ("id", 7),
+    ("type", None), ("subject", ["x"]),
+])
+def test_an_event_clickhouse_cannot_store_is_dead_lettered_not_written(field: str, value: Any) -> None:
+    """A foreign producer's unstorable event must not reach ClickHouse (its batch would retry for ever)."""
+    events = [ev(1), {**ev(2), field: value}, ev(3)]
+    rows = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW)
+    assert [col(r, EVENT_COLUMNS, "id") for r in rows.events] == ["e1", "e3"]
+    [dead] = rows.dead_letters
+    assert col(dead, DEAD_LETTER_COLUMNS, "reason_code") == "invalid_event"
+    assert col(dead, DEAD_LETTER_COLUMNS, "batch_index") == 1
+    assert field in col(dead, DEAD_LETTER_COLUMNS, "reason")
+    assert col(dead, DEAD_LETTER_COLUMNS, "time") == datetime(1970, 1, 1, tzinfo=UTC)
+    assert {r[WINDOW_COLUMNS.index("window_start")].year for r in rows.windows} == {2024}
+
+
+def test_control_characters_from_the_topic_are_stored_under_distinct_keys() -> None:
+    """Ingest refuses them, but the processor keeps what it can store: the key tells the pairs apart."""
+    events = [{**ev(1), "source": "a\x00b", "id": "c"}, {**ev(2), "source": "a", "id": "b\x00c"}]
+    rows = message_rows(events, POS, METERS, RowOptions(), first_sighting_decider(), now=NOW)
+    assert rows.accepted == 2 and not rows.dead_letters

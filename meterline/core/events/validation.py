@@ -2,7 +2,8 @@
 
 Attribute rules come from the CloudEvents SDK (`cloudevents.core.v1.event.CloudEvent`, which reports
 every problem per attribute). meterline adds what metering needs: `subject` is required, `time` must be
-RFC 3339 inside the range ClickHouse can store, and `data` is bounded in size and depth.
+RFC 3339 inside the range ClickHouse can store, `id`, `source`, `subject` and `type` are bounded in length
+and free of control characters (`meterline.core.attributes`), and `data` is bounded in size and depth.
 
 Ingest normalises `time` (defaulting to the receive time) so the processor never re-validates.
 This module does no I/O.
@@ -26,6 +27,15 @@ from cloudevents.core.exceptions import (
 )
 from cloudevents.core.v1.event import CloudEvent
 
+from meterline.core.attributes import (
+    IDENTITY,
+    MAX_TIME,
+    MIN_TIME,
+    TIME_RANGE_MESSAGE,
+    attribute_problem,
+    identity_ok,
+    time_in_range,
+)
 from meterline.core.errors import InvalidEventError
 from meterline.core.events.wire import CHUNK_MAX_BYTES, SPECVERSION
 from meterline.core.windows import format_time, parse_time
@@ -48,10 +58,6 @@ OPTIONAL_STRINGS: Final = ("datacontenttype", "dataschema")
 DEFAULT_MAX_DATA_BYTES: Final = 64 * 1024
 DEFAULT_MAX_DATA_DEPTH: Final = 32
 
-# Event times must fit every ClickHouse column they end up in: `meter_windows.window_start` is a
-# `DateTime` (seconds since 1970, up to 2106), so anything outside would be clamped silently.
-MIN_TIME: Final = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_TIME: Final = datetime(2106, 1, 1, tzinfo=UTC)
 
 
 # --------------------------------------------------------------------------------------- validation
@@ -113,6 +119,8 @@ def _fast_event(item: Any, received_time: str, max_data_bytes: int, max_data_dep
     if not (type(event_id) is str and event_id and type(source) is str and source
             and type(event_type) is str and event_type and type(subject) is str and subject):
         return None
+    if not identity_ok(event_id, source, event_type, subject):
+        return None
     text_chars = len(event_id) + len(source) + len(event_type) + len(subject)
     for name in OPTIONAL_STRINGS:
         if name in item:
@@ -130,7 +138,7 @@ def _fast_event(item: Any, received_time: str, max_data_bytes: int, max_data_dep
             t = datetime.fromisoformat(raw_time)  # also rejects impossible dates and hours
         except (ValueError, OverflowError):
             return None
-        if not MIN_TIME <= t < MAX_TIME:
+        if not time_in_range(t):
             return None
         n = len(raw_time)
         if raw_time[-1] != "Z":  # an offset: convert, in format_time's shape via the C isoformat
@@ -204,8 +212,8 @@ def _validate_one(
             except ValueError as exc:
                 bad("time", str(exc))
             else:
-                if not MIN_TIME <= t < MAX_TIME:
-                    bad("time", "must be between 1970-01-01T00:00:00Z and 2106-01-01T00:00:00Z")
+                if not time_in_range(t):
+                    bad("time", TIME_RANGE_MESSAGE)
                 else:
                     time_text = format_time(t)
 
@@ -234,6 +242,14 @@ def _validate_one(
         for field, problems in exc.errors.items():
             if problems:  # first problem per field is the most specific (missing > empty > type)
                 bad(field, _sdk_message(problems[0]))
+
+    # Lengths and control characters of the identity attributes (meterline.core.attributes).
+    for name in IDENTITY:
+        value = event.get(name)
+        if isinstance(value, str):
+            problem = attribute_problem(name, value)
+            if problem is not None:
+                bad(name, problem)
 
     if data_present and data is not None:
         if _depth_exceeds(data, max_data_depth):
