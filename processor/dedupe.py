@@ -77,7 +77,8 @@ class DedupeState:
         self._db = Rdict(path, opts)
         version = _EPOCH_NO.pack(KEY_VERSION)
         if self._db.get(_VERSION_KEY) != version:
-            if any(True for _ in self._db):  # a cache of another key encoding: rebuild from ClickHouse
+            # A cache of another key encoding: rebuild it from ClickHouse. (Rdict iterates items.)
+            if any(True for _ in self._db.keys()):  # noqa: SIM118
                 logger.warning("dedupe cache uses another key version; rebuilding it", extra={"path": path})
                 self._db.close()
                 Rdict.destroy(path, opts)
