@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from ingest.producer import EventProducer
 from ingest.routes import router
+from meterline.adapters.auth import install_auth
 from meterline.adapters.health import ReadinessCheck, health_router
 from meterline.adapters.problems import install_problem_handlers
 from meterline.settings import Settings
@@ -57,10 +58,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with ingest_lifespan(app, settings):
+        async with auth.running(), ingest_lifespan(app, settings):
             yield
 
     app = FastAPI(title="meterline ingest", version="0.1.0", lifespan=lifespan)
+    auth = install_auth(app, settings)
     install_problem_handlers(app)
     app.include_router(router)
     app.include_router(health_router({"broker": broker_check(app)}))

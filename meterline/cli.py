@@ -92,10 +92,12 @@ def serve(
 
     import uvicorn
 
+    from meterline.adapters.auth import check_exposure
     from meterline.server import APP_ENV, build_app
 
     settings = _settings()
     configure_logging(settings.log_level)
+    check_exposure(settings, host or settings.http_host)  # before binding: keyless or unverifiable serving stays on loopback
     options: dict[str, Any] = {
         "host": host or settings.http_host, "port": settings.http_port if port is None else port,
         "log_level": "warning", "access_log": False, "log_config": logging_config(settings.log_level),
@@ -146,6 +148,10 @@ def run(
         f"  broker     {stack.kafka_bootstrap}  topic {stack.topic}\n"
         f"  clickhouse {stack.clickhouse_db_url}\n"
         f"  logs       {data_dir / 'logs'}\n"
+        "[bold yellow]  LOCAL MODE[/bold yellow]: requests without a key act in namespace "
+        f"{settings.auth_local_namespace!r} with every scope (loopback only). A key for another namespace:\n"
+        f"  CLICKHOUSE_URL={stack.clickhouse_db_url} METERLINE_AUTH_SECRET_FILE={stack.auth_secret_file} \\\n"
+        "    .venv/bin/meterline keys create --namespace acme --scopes ingest,read\n"
         "Ctrl-C stops everything."
     )
     try:
@@ -240,6 +246,82 @@ def recompute(
         f"[green]{meter}[/green]: {result.events} events -> {result.windows} window rows, "
         f"{result.dead_letters} dead letters"
     )
+
+
+keys = typer.Typer(help="API keys: create (printed once), list, revoke.", no_args_is_help=True)
+app.add_typer(keys, name="keys")
+
+
+@contextlib.contextmanager
+def _key_store(settings: Settings, what: str) -> Iterator[tuple[Any, bytes]]:
+    secret = settings.auth_secret_bytes()
+    if secret is None:
+        console.print(f"[red]METERLINE_AUTH_SECRET_FILE is not set: {what} needs the servers' secret[/red]")
+        raise typer.Exit(2)
+    from meterline.adapters.keystore import KeyStore
+
+    with _clickhouse(settings, what) as client:
+        yield KeyStore(client, settings.clickhouse_database), secret
+
+
+@keys.command("create")
+def keys_create(
+    namespace: Annotated[str, typer.Option(help="the tenant the key acts in")],
+    scopes: Annotated[str, typer.Option(help="comma-separated: ingest, read, admin")],
+    expires: Annotated[str | None, typer.Option(help="30d, 12h, 90m, 2w or an RFC 3339 time; default never")] = None,
+    name: Annotated[str, typer.Option(help="a label for listings")] = "",
+) -> None:
+    """Create a key and print it once on stdout (only its HMAC is stored; it cannot be shown again)."""
+    from datetime import UTC, datetime
+
+    from meterline.core.access import check_namespace, parse_scopes
+    from meterline.core.keys import ApiKey, generate_key, key_hash, parse_expiry
+
+    now = datetime.now(UTC)
+    try:
+        parsed = parse_scopes(scopes)
+        check_namespace(namespace)
+        expires_at = parse_expiry(expires, now) if expires else None
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    with _key_store(_settings(), "keys create") as (store, secret):
+        key_id, key = generate_key()
+        store.add(ApiKey(key_id, namespace, parsed, key_hash(secret, key), name, now, expires_at))
+    console.print(f"created key {key_id} in namespace {namespace!r} with scopes {scopes}"
+                  + (f", expires {expires_at.isoformat()}" if expires_at else "") + "; it is shown only once:")
+    print(key)
+
+
+@keys.command("list")
+def keys_list(namespace: Annotated[str | None, typer.Option(help="only this namespace")] = None) -> None:
+    """Every key's id, namespace, scopes and status (never the key itself)."""
+    from datetime import UTC, datetime
+
+    from rich.table import Table
+
+    now = datetime.now(UTC)
+    with _key_store(_settings(), "keys list") as (store, _):
+        found = sorted(store.all().values(), key=lambda k: k.created_at)
+    table = Table("key id", "namespace", "scopes", "name", "created", "expires", "status")
+    for k in found:
+        if namespace is None or k.namespace == namespace:
+            table.add_row(k.key_id, k.namespace, ",".join(sorted(s.value for s in k.scopes)), k.name,
+                          k.created_at.isoformat(), k.expires_at.isoformat() if k.expires_at else "never",
+                          k.status(now))
+    Console(soft_wrap=True, width=200).print(table)  # ids and times whole, even when piped
+
+
+@keys.command("revoke")
+def keys_revoke(key_id: Annotated[str, typer.Argument(help="the key id `keys list` shows")]) -> None:
+    """Revoke a key; every server refuses it within auth_refresh_seconds (2 s by default)."""
+    from datetime import UTC, datetime
+
+    with _key_store(_settings(), "keys revoke") as (store, _):
+        key = store.revoke(key_id, datetime.now(UTC))
+    if key is None:
+        console.print(f"[red]no key {key_id!r}[/red]")
+        raise typer.Exit(1)
+    console.print(f"revoked {key_id} (namespace {key.namespace!r})")
 
 
 def main() -> None:

@@ -40,6 +40,7 @@ def build_app(which: str, settings: Settings) -> FastAPI:
 def _combined_app(settings: Settings) -> FastAPI:
     from ingest.app import broker_check, ingest_lifespan
     from ingest.routes import router as ingest_router
+    from meterline.adapters.auth import install_auth
     from meterline.adapters.health import health_router
     from meterline.adapters.problems import install_problem_handlers
     from query.app import clickhouse_check, install_query, query_lifespan
@@ -47,6 +48,7 @@ def _combined_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
+            await stack.enter_async_context(auth.running())
             await stack.enter_async_context(ingest_lifespan(app, settings))
             await stack.enter_async_context(query_lifespan(app, settings))
             yield
@@ -55,5 +57,6 @@ def _combined_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     app.include_router(ingest_router)
     install_query(app)
+    auth = install_auth(app, settings)  # added last: outermost, so every route is behind it
     app.include_router(health_router({"broker": broker_check(app), "clickhouse": clickhouse_check(app)}))
     return app

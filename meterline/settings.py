@@ -20,7 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -95,6 +95,16 @@ class Settings(BaseSettings):
     #: Names the worker's local state dir; unset = one per run (host + web port), removed on exit.
     processor_worker_id: str | None = None
 
+    # Access (meterline/adapters/auth.py). Keys are verified with an HMAC under this server secret, which
+    # every process (ingest, query, the `keys` CLI) must share; give it inline or as a file (a secret).
+    auth_secret: SecretStr | None = None
+    auth_secret_file: str | None = None
+    # Local mode: requests WITHOUT a key act in `auth_local_namespace` with every scope. Only for a
+    # server bound to loopback (`meterline serve` refuses otherwise); a presented key is always checked.
+    auth_local_mode: bool = False
+    auth_local_namespace: str = "default"
+    auth_refresh_seconds: float = Field(default=2.0, gt=0)  # how stale a process's view of keys and invalidations may get
+
     meters_raw: list[Any] = Field(default_factory=list, validation_alias=AliasChoices("meters", "meters_raw"))
 
     @field_validator("log_level", mode="before")
@@ -126,6 +136,18 @@ class Settings(BaseSettings):
         """The database named by the URL path (`http://host:8123/db`), `meterline` by default."""
         path = urlsplit(self.clickhouse_url or "").path.strip("/")
         return path or "meterline"
+
+    def auth_secret_bytes(self) -> bytes | None:
+        """The server secret for key hashes and portal token signatures, or None if not configured."""
+        if self.auth_secret is not None:
+            value = self.auth_secret.get_secret_value()
+        elif self.auth_secret_file:
+            value = Path(self.auth_secret_file).read_text().strip()
+        else:
+            return None
+        if len(value) < 32:
+            raise ConfigError("auth_secret must be at least 32 characters (e.g. `openssl rand -base64 32`)")
+        return value.encode()
 
     def meters(self) -> list[Meter]:
         """The validated meters of config.yaml."""

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from meterline.adapters.auth import install_auth
 from meterline.adapters.clickhouse import connect
 from meterline.adapters.health import ReadinessCheck, health_router
 from meterline.adapters.problems import install_problem_handlers
@@ -68,11 +69,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with query_lifespan(app, settings):
+        async with auth.running(), query_lifespan(app, settings):
             yield
 
     app = FastAPI(title="meterline query", version="0.1.0", lifespan=lifespan)
     install_problem_handlers(app)
     install_query(app)
+    auth = install_auth(app, settings)  # added last: outermost, before latency and every route
     app.include_router(health_router({"clickhouse": clickhouse_check(app)}))
     return app

@@ -5,6 +5,7 @@ Tests get a fresh topic/database name from ``unique_name`` so they never see eac
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -12,6 +13,10 @@ import pytest
 from meterline.localinfra.broker import LocalBroker
 from meterline.localinfra.clickhouse_server import LocalClickHouse
 from tests import infra
+
+# Apps the tests build in process (TestClient) serve keyless requests in the default namespace, as
+# `make run` does; tests of keys (tests/integration/test_auth.py) turn local mode off explicitly.
+os.environ.setdefault("METERLINE_AUTH_LOCAL_MODE", "true")
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,16 @@ EVENTS = "events"
 METER_WINDOWS = "meter_windows"
 DEAD_LETTERS = "dead_letters"
 DEAD_LETTER_REPLAYS = "dead_letter_replays"
+API_KEYS = "api_keys"
+PORTAL_TOKENS = "portal_tokens"
+
+API_KEY_COLUMNS: tuple[str, ...] = (
+    "key_id", "namespace", "scopes", "key_hash", "name", "created_at", "expires_at", "revoked_at", "updated_at",
+)
+
+PORTAL_TOKEN_COLUMNS: tuple[str, ...] = (
+    "id", "namespace", "subject", "allowed_meters", "created_at", "expires_at", "invalidated_at", "updated_at",
+)
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "dedupe_key", "id", "source", "type", "subject", "time", "data", "ingested_at",
@@ -115,6 +125,38 @@ def ddl(database: str) -> list[str]:
         )
         ENGINE = ReplacingMergeTree(replayed_at)
         ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
+        """,
+        # API keys: only an HMAC of each key is stored (meterline/core/keys.py). Revoking writes a newer
+        # version of the row; every process reloads the table every few seconds.
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{API_KEYS} (
+            key_id String,
+            namespace String,
+            scopes Array(LowCardinality(String)),
+            key_hash String,
+            name String,
+            created_at DateTime64(3, 'UTC'),
+            expires_at Nullable(DateTime64(3, 'UTC')),
+            revoked_at Nullable(DateTime64(3, 'UTC')),
+            updated_at DateTime64(3, 'UTC')
+        )
+        ENGINE = ReplacingMergeTree(updated_at)
+        ORDER BY key_id
+        """,
+        # Portal tokens are signed JWTs; this table lists them and records invalidations (newest wins).
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{PORTAL_TOKENS} (
+            id String,
+            namespace String,
+            subject String,
+            allowed_meters Array(String),
+            created_at DateTime64(3, 'UTC'),
+            expires_at DateTime64(3, 'UTC'),
+            invalidated_at Nullable(DateTime64(3, 'UTC')),
+            updated_at DateTime64(3, 'UTC')
+        )
+        ENGINE = ReplacingMergeTree(updated_at)
+        ORDER BY (namespace, id)
         """,
     ]
 

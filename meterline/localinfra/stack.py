@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -61,6 +62,13 @@ class LocalStack:
         suffix = uuid.uuid4().hex[:8]
         self.topic = self.topic or f"meterline-events-{suffix}"
         self.database = self.database or f"meterline_{suffix}"
+        if not self.auth_secret_file.exists():  # the servers' HMAC secret for API keys, kept with the data
+            self.auth_secret_file.touch(mode=0o600)
+            self.auth_secret_file.write_text(secrets.token_urlsafe(32) + "\n")
+
+    @property
+    def auth_secret_file(self) -> Path:
+        return self.data_dir / "auth-secret"
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -126,6 +134,10 @@ class LocalStack:
             METERLINE_TOPIC_PARTITIONS=str(self.partitions),
             METERLINE_DATA_DIR=str(self.data_dir),
             PYTHONUNBUFFERED="1",
+            # The dev stack serves on 127.0.0.1 in local mode: keyless requests act in the default
+            # namespace, presented keys are checked. extra_env may turn it off to test keys alone.
+            METERLINE_AUTH_LOCAL_MODE="true",
+            METERLINE_AUTH_SECRET_FILE=str(self.auth_secret_file),
         )
         env.update(self.extra_env)
         return env
