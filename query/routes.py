@@ -26,13 +26,13 @@ from fastapi.responses import JSONResponse, Response
 from meterline.adapters.problems import ProblemResponse, problem
 from meterline.core.errors import InvalidQueryError, MeterNotFoundError, StorageError
 from meterline.core.meters import Meter, MeterSet
+from meterline.core.times import format_instant
 from query import openapi
 from query.store import WindowStore
 from query.windowing import (
     WINDOW_SIZES,
     bucket_end,
     clip,
-    format_instant,
     parse_instant,
     parse_zone,
     resolve_range,

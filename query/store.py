@@ -27,6 +27,7 @@ from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import storage_errors
 from meterline.core.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, qualified
+from meterline.core.times import as_utc, format_sql_time, format_time
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +49,6 @@ class Query:
 
 def _agg_name(aggregation: str | Enum) -> str:
     return str(aggregation.value if isinstance(aggregation, Enum) else aggregation)
-
-
-def _ts(t: datetime) -> str:
-    """Whole-second UTC text for a DateTime('UTC') parameter."""
-    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _ts6(t: datetime) -> str:
-    """Microsecond UTC text for a DateTime64(6, 'UTC') parameter."""
-    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 
@@ -136,7 +127,7 @@ def meter_query(
         raise ValueError(f"unknown aggregation {agg!r}")
     if size not in _BUCKETS:
         raise ValueError(f"unknown window size {size!r}")
-    params: dict[str, Any] = {"meter": meter, "to": _ts(end)}
+    params: dict[str, Any] = {"meter": meter, "to": format_sql_time(end)}
     if size in ("HOUR", "DAY", "MONTH"):
         params["tz"] = tz
 
@@ -155,7 +146,7 @@ def meter_query(
 
     where = ["meter = {meter:String}"]
     if start is not None:
-        params["from"] = _ts(start)
+        params["from"] = format_sql_time(start)
         where.append("window_start >= {from:DateTime('UTC')}")
     where.append("window_start < {to:DateTime('UTC')}")
     if subjects:
@@ -210,10 +201,10 @@ def subjects_query(database: str, meter: str, *, start: datetime | None = None, 
     params: dict[str, Any] = {"meter": meter}
     where = ["meter = {meter:String}"]
     if start is not None:
-        params["from"] = _ts(start)
+        params["from"] = format_sql_time(start)
         where.append("window_start >= {from:DateTime('UTC')}")
     if end is not None:
-        params["to"] = _ts(end)
+        params["to"] = format_sql_time(end)
         where.append("window_start < {to:DateTime('UTC')}")
     sql = (
         f"SELECT DISTINCT subject\nFROM {qualified(database, METER_WINDOWS)}\n"
@@ -227,10 +218,10 @@ def _inclusive_range(
 ) -> None:
     """Bind `from <= column <= to` on a DateTime64(6, 'UTC') column, each side only when given."""
     if start is not None:
-        params["from"] = _ts6(start)
+        params["from"] = format_sql_time(start, micro=True)
         where.append(f"{column} >= {{from:DateTime64(6, 'UTC')}}")
     if end is not None:
-        params["to"] = _ts6(end)
+        params["to"] = format_sql_time(end, micro=True)
         where.append(f"{column} <= {{to:DateTime64(6, 'UTC')}}")
 
 
@@ -294,15 +285,6 @@ def _json_or_text(data: str) -> Any:
         return data
 
 
-def _utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def format_event_time(t: datetime) -> str:
-    """Event times keep microseconds, matching `meterline.core.windows.format_time`."""
-    return _utc(t).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
 def ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
     """An `events` row in OpenMeter's IngestedEvent shape: `{event, validationError?, ingestedAt}`."""
     event: dict[str, Any] = {
@@ -311,14 +293,14 @@ def ingested_event(row: Mapping[str, Any]) -> dict[str, Any]:
         "source": row["source"],
         "type": row["type"],
         "subject": row["subject"],
-        "time": format_event_time(row["time"]),
+        "time": format_time(as_utc(row["time"])),
     }
     if row["data"]:
         event["data"] = _json_or_text(row["data"])
     out: dict[str, Any] = {"event": event}
     if row["validation_errors"]:
         out["validationError"] = "; ".join(row["validation_errors"])
-    out["ingestedAt"] = format_event_time(row["ingested_at"])
+    out["ingestedAt"] = format_time(as_utc(row["ingested_at"]))
     return out
 
 
@@ -328,12 +310,12 @@ def dead_letter(row: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "event": {
             "id": row["id"], "source": row["source"], "type": row["type"], "subject": row["subject"],
-            "time": format_event_time(row["time"]), "data": parsed,
+            "time": format_time(as_utc(row["time"])), "data": parsed,
         },
         "meter": row["meter"] or None,
         "reasonCode": row["reason_code"],
         "reason": row["reason"],
-        "receivedAt": format_event_time(row["received_at"]),
+        "receivedAt": format_time(as_utc(row["received_at"])),
         "position": {
             "logEpoch": row["log_epoch"], "partition": int(row["kafka_partition"]),
             "offset": int(row["kafka_offset"]), "index": int(row["batch_index"]),

@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from meterline.core.attributes import MAX_TIME, MIN_TIME
 from meterline.core.errors import InvalidQueryError
+from meterline.core.times import MAX_TIME, MIN_TIME, parse_time
 
 MINUTE = timedelta(minutes=1)
 _QUARTER = timedelta(minutes=15)
@@ -32,19 +32,10 @@ def size_name(size: str | Enum | None) -> str | None:
 
 def parse_instant(value: str, field: str) -> datetime:
     """RFC 3339 text -> aware UTC datetime; a missing offset is ambiguous, so it is a 400, not a guess."""
-    text = value.strip()
-    if text.endswith(("z", "Z")):
-        text = text[:-1] + "+00:00"
     try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidQueryError(field, f"not an RFC 3339 date-time: {value!r}") from None
-    if parsed.tzinfo is None:
-        raise InvalidQueryError(field, f"date-time needs a time-zone offset (e.g. 'Z'): {value!r}")
-    try:
-        parsed = parsed.astimezone(UTC)
-    except OverflowError:  # e.g. 0001-01-01T00:00:00+01:00 has no UTC representation
-        parsed = MIN_TIME - timedelta(days=1)
+        parsed = parse_time(value.strip())  # the one RFC 3339 parser: ingest and queries agree
+    except ValueError as exc:
+        raise InvalidQueryError(field, str(exc)) from None
     if not MIN_TIME <= parsed <= MAX_TIME:
         # The span ingest accepts and ClickHouse's DateTime stores; outside it ClickHouse would fail.
         raise InvalidQueryError(field, f"must be between {MIN_TIME:%Y-%m-%d} and {MAX_TIME:%Y-%m-%d}: {value!r}")
@@ -127,10 +118,3 @@ def clip(start: datetime, end: datetime, bounds: TimeRange) -> tuple[datetime, d
         start = bounds.start
     return start, min(end, bounds.end)
 
-
-def format_instant(t: datetime) -> str:
-    """Window bounds are whole seconds, so `2024-01-01T00:00:00Z` (OpenMeter's shape) is exact."""
-    t = t.astimezone(UTC)
-    if t.microsecond:
-        return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    return t.strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
+
+from meterline.core.times import MAX_TIME, MIN_TIME
 
 #: Characters allowed in each identity attribute (after JSON decoding).
 MAX_LENGTHS: Final[Mapping[str, int]] = {"id": 512, "source": 1024, "subject": 1024, "type": 256}
@@ -27,10 +29,6 @@ _SHORTEST_LIMIT: Final = min(MAX_LENGTHS.values())
 #: C0 controls, DEL and C1 controls.
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-# Event times must fit every ClickHouse column they end up in: `meter_windows.window_start` is a
-# `DateTime` (seconds since 1970, up to 2106), so anything outside would be clamped or refused.
-MIN_TIME: Final = datetime(1970, 1, 1, tzinfo=UTC)
-MAX_TIME: Final = datetime(2106, 1, 1, tzinfo=UTC)
 TIME_RANGE_MESSAGE: Final = "must be between 1970-01-01T00:00:00Z and 2106-01-01T00:00:00Z"
 
 

@@ -22,7 +22,8 @@ from meterline.core.attributes import storage_problem
 from meterline.core.events.wire import SPECVERSION
 from meterline.core.meters import MeterSet
 from meterline.core.positions import Position, dedupe_key
-from meterline.core.windows import WindowAccumulator, format_time, parse_time
+from meterline.core.times import as_utc, format_time, parse_canonical_time
+from meterline.core.windows import WindowAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -88,18 +89,6 @@ class Rows:
         return len(self.events) + len(self.dead_letters) + len(self.windows)
 
 
-def parse_event_time(value: Any) -> datetime:
-    """Event time as aware UTC. Fast path for ingest's normalised `YYYY-MM-DDTHH:MM:SS.ffffffZ`:
-    `datetime.fromisoformat` is C and gives the same answer for exactly that shape; anything else
-    takes the strict RFC 3339 parser of the core."""
-    if type(value) is str and len(value) == 27 and value[26] == "Z" and value[10] == "T":
-        try:
-            return datetime.fromisoformat(value)
-        except ValueError:
-            pass
-    return parse_time(value)
-
-
 def _printable(event: Any) -> Mapping[str, Any]:
     """The identity attributes of an invalid event as dead-letter strings (anything else shows as '')."""
     if not isinstance(event, Mapping):
@@ -129,7 +118,7 @@ def stored_event(event_id: str, source: str, event_type: str, subject: str, time
     """
     event: dict[str, Any] = {
         "specversion": SPECVERSION, "id": event_id, "source": source, "type": event_type,
-        "subject": subject, "time": format_time(time if time.tzinfo else time.replace(tzinfo=UTC)),
+        "subject": subject, "time": format_time(as_utc(time)),
     }
     if data != "":
         event["data"] = orjson.loads(data)
@@ -195,7 +184,7 @@ def message_rows(
             event_id = event["id"]
             subject = event["subject"]
             etype = event["type"]
-            t = parse_event_time(event["time"])
+            t = parse_canonical_time(event["time"])
             problem = storage_problem(event, t)
             if problem is not None:
                 raise ValueError(f"{problem[0]} {problem[1]}")

@@ -1,4 +1,4 @@
-"""Pure windowing: event times, minute windows and per-message aggregation into delta rows.
+"""Pure windowing: per-message aggregation of measurements into minute-window delta rows.
 
 Windows follow **event time**, not arrival: a usage report that arrives late (or is
 replayed) must land in the minute it happened, otherwise totals would depend on broker lag.
@@ -12,91 +12,15 @@ rewrites byte-identical rows that ReplacingMergeTree collapses (exactly-once eff
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from meterline.core.meters import DECIMAL_CONTEXT, Measurement
 
-__all__ = [
-    "WindowAccumulator",
-    "WindowDelta",
-    "format_time",
-    "parse_time",
-    "window_start",
-]
+__all__ = ["WindowAccumulator", "WindowDelta"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_RFC3339_RE = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
-    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))",
-    re.ASCII,
-)
-_ZERO_DELTA = timedelta(0)
-
-
-def parse_time(value: str) -> datetime:
-    """Parse an RFC 3339 timestamp into an aware UTC datetime.
-
-    Offsets are applied, fractional seconds of up to 9 digits are truncated (not rounded) to
-    microseconds so a nanosecond timestamp never moves into the next window. Naive times are
-    rejected: guessing a zone would put usage into the wrong window.
-    Raises ValueError with a human reason.
-    """
-    if not isinstance(value, str):
-        raise ValueError(f"time must be a string, got {type(value).__name__}")  # noqa: TRY004 - callers catch ValueError
-    m = _RFC3339_RE.fullmatch(value)
-    if m is None:
-        if re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?", value, re.ASCII):
-            raise ValueError(f"time {value!r} has no time zone offset (use 'Z' or ±HH:MM)")
-        raise ValueError(f"time {value!r} is not RFC 3339 (e.g. 2024-01-01T00:00:00.001Z)")
-    year, month, day, hour, minute, second, frac, z, sign, oh, om = m.groups()
-    micro = int((frac + "00000")[:6]) if frac else 0
-    if z:
-        tz: timezone = UTC
-    else:
-        oh_i, om_i = int(oh), int(om)
-        if oh_i > 23 or om_i > 59:
-            raise ValueError(f"time {value!r} has an invalid offset")
-        offset = timedelta(hours=oh_i, minutes=om_i)
-        tz = UTC if offset == _ZERO_DELTA else timezone(-offset if sign == "-" else offset)
-    try:
-        t = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=tz)
-    except ValueError as exc:
-        raise ValueError(f"time {value!r} is invalid: {exc}") from None
-    if tz is not UTC:
-        try:
-            t = t.astimezone(UTC)
-        except OverflowError as exc:
-            raise ValueError(f"time {value!r} is out of range") from exc
-    return t
-
-
-def format_time(t: datetime) -> str:
-    """Aware datetime -> ``2024-01-01T00:00:00.001000Z`` (UTC, always microseconds).
-
-    One fixed shape so times compare as strings and round-trip through parse_time.
-    """
-    if t.tzinfo is None or t.utcoffset() is None:
-        raise ValueError("format_time needs an aware datetime")
-    u = t.astimezone(UTC)
-    return (
-        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:"
-        f"{u.second:02d}.{u.microsecond:06d}Z"
-    )
-
-
-def window_start(t: datetime, seconds: int = 60) -> datetime:
-    """Start (aware UTC) of the ``seconds``-long window containing ``t``, aligned to the epoch."""
-    if t.tzinfo is None or t.utcoffset() is None:
-        raise ValueError("window_start needs an aware datetime")
-    if seconds <= 0:
-        raise ValueError("window size must be positive")
-    step = timedelta(seconds=seconds)
-    return _EPOCH + ((t - _EPOCH) // step) * step
-
-
 @dataclass(slots=True)
 class WindowDelta:
     """One meter_windows row minus the position columns (the sink adds those).

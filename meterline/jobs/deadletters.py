@@ -55,6 +55,7 @@ from meterline.core.schema import (
     WINDOW_COLUMNS,
     qualified,
 )
+from meterline.core.times import as_utc, format_sql_time
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class DeadLetter:
     def from_row(cls, row: Sequence[Any]) -> DeadLetter:
         (epoch, part, off, idx, meter, id_, source, type_, subject, t, data, code, reason, received) = row
         return cls(str(epoch), int(part), int(off), int(idx), str(meter), str(id_), str(source), str(type_),
-                   str(subject), _utc(t), str(data), str(code), str(reason), _utc(received))
+                   str(subject), as_utc(t), str(data), str(code), str(reason), as_utc(received))
 
     @property
     def identity(self) -> tuple[str, int, int, int, str]:
@@ -110,10 +111,6 @@ class ReplayReport:
     stale_rows_deleted: int = 0
     groups: int = 0
     rejected_reasons: dict[str, int] = field(default_factory=dict)
-
-
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
 
 
 
@@ -258,7 +255,7 @@ def _delete_stale(client: Client, database: str, groups: Mapping[ReplayGroup, Se
     if not groups:
         return 0
     tags = sorted({(replay_epoch(code, slug, epoch), p, o) for (epoch, p, o, code, slug) in groups})
-    keep = {(str(r[0]), str(r[1]), _utc(r[2]), str(r[3]), str(r[5]), int(r[6]), int(r[7])) for r in new_rows}
+    keep = {(str(r[0]), str(r[1]), as_utc(r[2]), str(r[3]), str(r[5]), int(r[6]), int(r[7])) for r in new_rows}
     table = qualified(database, METER_WINDOWS)
     existing = client.query(
         f"SELECT DISTINCT meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset "
@@ -268,13 +265,13 @@ def _delete_stale(client: Client, database: str, groups: Mapping[ReplayGroup, Se
     wanted_tags = set(tags)
     stale = [r for r in existing
              if (str(r[4]), int(r[5]), int(r[6])) in wanted_tags
-             and (str(r[0]), str(r[1]), _utc(r[2]), str(r[3]), str(r[4]), int(r[5]), int(r[6])) not in keep]
+             and (str(r[0]), str(r[1]), as_utc(r[2]), str(r[3]), str(r[4]), int(r[5]), int(r[6])) not in keep]
     for r in stale:
         client.command(
             f"DELETE FROM {table} WHERE meter = {{m:String}} AND subject = {{s:String}} "
             "AND window_start = {w:DateTime('UTC')} AND group_key = {g:String} AND log_epoch = {e:String} "
             "AND kafka_partition = {p:UInt32} AND kafka_offset = {o:UInt64}",
-            parameters={"m": r[0], "s": r[1], "w": _utc(r[2]).strftime("%Y-%m-%d %H:%M:%S"), "g": r[3],
+            parameters={"m": r[0], "s": r[1], "w": format_sql_time(r[2]), "g": r[3],
                         "e": r[4], "p": int(r[5]), "o": int(r[6])},
         )
     return len(stale)

@@ -5,6 +5,7 @@ Expected values are computed here from the raw example strings, not through mete
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 
 from meterline.core.meters import Aggregation, Measurement, MeterSet, load_meters
-from meterline.core.windows import parse_time, window_start
+from meterline.core.times import parse_time
+from meterline.core.windows import WindowAccumulator
 
 CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"
 
@@ -145,7 +147,9 @@ def test_translate(meter_set: MeterSet) -> None:
     assert got["translate_tokens_total"].value == Decimal(10200)
     assert got["translate_tokens_total"].group == {"model": "gpt-4"}
     t = parse_time("2025-02-18T16:37:44Z")
-    assert window_start(t).isoformat() == "2025-02-18T16:37:00+00:00"
+    acc = WindowAccumulator()
+    acc.add("customer-123", t, got["pages_total"], 0)
+    assert [d.window_start for d in acc.deltas()] == [datetime(2025, 2, 18, 16, 37, tzinfo=UTC)]
 
 
 def test_extra_aggregation_meters(meter_set: MeterSet) -> None:

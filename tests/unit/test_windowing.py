@@ -8,11 +8,11 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from meterline.core.errors import InvalidQueryError
+from meterline.core.times import format_instant
 from query.windowing import (
     TimeRange,
     bucket_end,
     clip,
-    format_instant,
     parse_instant,
     parse_zone,
     resolve_range,

@@ -10,8 +10,6 @@ from __future__ import annotations
 from meterline.core.events.validation import (
     DEFAULT_MAX_DATA_BYTES,
     DEFAULT_MAX_DATA_DEPTH,
-    MAX_TIME,
-    MIN_TIME,
     OPTIONAL_STRINGS,
     REQUIRED,
     validate_events,
@@ -29,8 +27,6 @@ __all__ = [
     "CHUNK_MAX_EVENTS",
     "DEFAULT_MAX_DATA_BYTES",
     "DEFAULT_MAX_DATA_DEPTH",
-    "MAX_TIME",
-    "MIN_TIME",
     "OPTIONAL_STRINGS",
     "REQUIRED",
     "SPECVERSION",

@@ -12,9 +12,8 @@ This module does no I/O.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
@@ -29,8 +28,6 @@ from cloudevents.core.v1.event import CloudEvent
 
 from meterline.core.attributes import (
     IDENTITY,
-    MAX_TIME,
-    MIN_TIME,
     TIME_RANGE_MESSAGE,
     attribute_problem,
     identity_ok,
@@ -38,13 +35,11 @@ from meterline.core.attributes import (
 )
 from meterline.core.errors import InvalidEventError
 from meterline.core.events.wire import CHUNK_MAX_BYTES, SPECVERSION
-from meterline.core.windows import format_time, parse_time
+from meterline.core.times import format_time, normalize_time_text, parse_time
 
 __all__ = [
     "DEFAULT_MAX_DATA_BYTES",
     "DEFAULT_MAX_DATA_DEPTH",
-    "MAX_TIME",
-    "MIN_TIME",
     "OPTIONAL_STRINGS",
     "REQUIRED",
     "validate_events",
@@ -94,11 +89,6 @@ def _depth_exceeds(value: Any, limit: int) -> bool:
 
 #: Attributes the fast path understands; anything else (extensions, data_base64) takes the full path.
 _FAST_KEYS: Final = frozenset({*REQUIRED, *OPTIONAL_STRINGS, "time", "data"})
-#: RFC 3339 with 'Z' or an offset and at most microseconds: `datetime.fromisoformat` parses exactly this
-#: shape the way `parse_time` does (it accepts much more, hence the pattern first).
-_FAST_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)\Z")
-_CANONICAL_TIME_LEN: Final = len("2024-01-01T00:00:00.000000Z")
-_NO_FRACTION_TIME_LEN: Final = len("2024-01-01T00:00:00Z")
 #: An encoded JSON string takes at most 6 bytes per character (`\u00XX` escapes), plus framing.
 _ESCAPE_FACTOR: Final = 6
 _FRAMING_BYTES: Final = 512
@@ -132,23 +122,12 @@ def _fast_event(item: Any, received_time: str, max_data_bytes: int, max_data_dep
     if raw_time is None:
         time_text = received_time
     else:
-        if type(raw_time) is not str or not _FAST_TIME.match(raw_time):
+        if type(raw_time) is not str:
             return None
-        try:
-            t = datetime.fromisoformat(raw_time)  # also rejects impossible dates and hours
-        except (ValueError, OverflowError):
+        normalized = normalize_time_text(raw_time)
+        if normalized is None:
             return None
-        if not time_in_range(t):
-            return None
-        n = len(raw_time)
-        if raw_time[-1] != "Z":  # an offset: convert, in format_time's shape via the C isoformat
-            time_text = t.astimezone(UTC).isoformat(timespec="microseconds")[:-6] + "Z"
-        elif n == _CANONICAL_TIME_LEN:  # already format_time's shape (~1 us an event cheaper than isoformat)
-            time_text = raw_time
-        elif n == _NO_FRACTION_TIME_LEN:
-            time_text = raw_time[:-1] + ".000000Z"
-        else:  # 1-5 fraction digits: pad to microseconds
-            time_text = raw_time[:-1] + "0" * (_CANONICAL_TIME_LEN - n) + "Z"
+        time_text = normalized
     event = item.copy()  # keeps the sender's key order; time and data are normalised below
     event["time"] = time_text
     data = get("data")
