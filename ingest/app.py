@@ -10,26 +10,43 @@ import asyncio
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Protocol
 
 from fastapi import FastAPI
 
 from ingest.producer import EventProducer
-from ingest.routes import router
+from ingest.routes import Publisher, router
 from meterline.adapters.auth import install_auth
 from meterline.adapters.health import ReadinessCheck, health_router
 from meterline.adapters.problems import install_problem_handlers
 from meterline.settings import Settings
 
-__all__ = ["broker_check", "create_app", "ingest_lifespan", "router"]
+__all__ = ["ManagedPublisher", "broker_check", "create_app", "ingest_lifespan", "router"]
+
+
+class ManagedPublisher(Publisher, Protocol):
+    """A `Publisher` with the lifecycle the app drives (`ingest.producer.EventProducer`)."""
+
+    def start(self) -> None:
+        """Connect (blocking; run in a thread); called once before the first request."""
+
+    def close(self) -> None:
+        """Deliver or fail what is in flight (blocking); called once on shutdown."""
+
+    def check_ready(self, timeout: float = 2.0) -> bool:
+        """Whether the broker answers within `timeout` (blocking)."""
 
 
 @asynccontextmanager
-async def ingest_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None]:
+async def ingest_lifespan(
+    app: FastAPI, settings: Settings, producer: ManagedPublisher | None = None
+) -> AsyncIterator[None]:
     """Start the producer and publish `settings`/`producer` on `app.state` for `ingest.routes`.
 
-    A combined app enters this inside its own lifespan (e.g. with an AsyncExitStack).
+    A combined app enters this inside its own lifespan (e.g. with an AsyncExitStack). `producer`
+    defaults to an `EventProducer` on `settings`' broker.
     """
-    producer = EventProducer(settings)
+    producer = producer if producer is not None else EventProducer(settings)
     await asyncio.to_thread(producer.start)
     app.state.settings = settings
     app.state.producer = producer
@@ -47,18 +64,18 @@ def broker_check(app: FastAPI, timeout: float = 2.0) -> ReadinessCheck:
     """Readiness probe: broker metadata for the events topic is reachable within `timeout`."""
 
     async def check() -> bool:
-        producer: EventProducer | None = getattr(app.state, "producer", None)
+        producer: ManagedPublisher | None = getattr(app.state, "producer", None)
         return producer is not None and await asyncio.to_thread(producer.check_ready, timeout)
 
     return check
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, producer: ManagedPublisher | None = None) -> FastAPI:
     """Ingest-only app (deploy/): POST /api/v1/events, /healthz, /readyz, /metrics."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with auth.running(), ingest_lifespan(app, settings):
+        async with auth.running(), ingest_lifespan(app, settings, producer):
             yield
 
     app = FastAPI(title="meterline ingest", version="0.1.0", lifespan=lifespan)

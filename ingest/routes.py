@@ -11,8 +11,9 @@ buffer more than `max_body_bytes`), parsed with orjson, validated all-or-nothing
 `meterline.core.events`, grouped by subject into Kafka messages and published. Errors are raised, never
 turned into responses here: `meterline.adapters.problems` owns every status code.
 
-The router reads `request.app.state.settings` (`Settings`) and `request.app.state.producer`
-(`EventProducer`), which `ingest.app.ingest_lifespan` sets, so a combined app can include it as is.
+The router reads `request.app.state.settings` (`Settings`) and `request.app.state.producer` (a
+`Publisher`: `ingest.producer.EventProducer` in a process, an in-memory fake in unit tests), which
+`ingest.app.ingest_lifespan` sets, so a combined app can include it as is.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import asyncio
 import functools
 import logging
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, Request, Response
@@ -94,6 +96,17 @@ _OPENAPI_EXTRA: dict[str, Any] = {
 }
 
 router = APIRouter(tags=["Events"])
+
+
+class Publisher(Protocol):
+    """Where a request's Kafka messages go."""
+
+    async def publish(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        """Send `(key, value)` messages; return once the broker acknowledged every one.
+
+        Raises `BrokerUnavailableError` (HTTP 503) when it did not within the produce timeout; the
+        request then answers 503 and the client resends (dedupe absorbs what did arrive).
+        """
 
 
 def media_type(header: str | None) -> str:
@@ -209,7 +222,8 @@ async def ingest_events(request: Request) -> Response:
         messages = encode_messages(events)
         started = time.perf_counter()
         try:
-            await request.app.state.producer.publish(messages)
+            producer: Publisher = request.app.state.producer
+            await producer.publish(messages)
         except BrokerUnavailableError:
             EVENTS_REJECTED.labels("broker_unavailable").inc(len(events))
             raise

@@ -1,10 +1,11 @@
-"""The processor agent: Kafka batch -> dedupe -> meters -> one ClickHouse write -> ack.
+"""The processor's Faust agent: a short loop handing each batch to `processor.batch.BatchProcessor`.
 
 Offset safety (what was checked in faust-streaming 0.15.3, faust/streams.py + faust/transport/consumer.py):
 
 * `Stream.noack_take(max, within)` buffers *events* and never acks them; `take_events` acks the whole
   buffer in a `finally`, i.e. also when the loop body raised, so we use `noack_take` and ack by hand
-  only after `ClickHouseSink.write` returned.
+  only after `Sink.write` returned
+  (processor/batch.py).
 * `Consumer.ack` appends the offset to `_acked[tp]`; the commit loop (`_new_offset`) commits only the
   first run of *consecutive* acked offsets, so an unacked offset stops the commit at itself. Our acks per
   partition are in offset order anyway (one agent, concurrency 1, batches processed sequentially).
@@ -24,33 +25,17 @@ are redelivered; stale-generation events in our own buffer are dropped unacked f
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import faust
 
-from meterline.core.errors import InvalidEventError
-from meterline.core.events import decode_batch
-from meterline.core.meters import MeterSet
-from meterline.core.positions import dedupe_key
-from meterline.core.rows import MessagePosition, RowOptions, Rows, message_rows, undecodable_rows
 from meterline.settings import Settings
-from processor import metrics
-from processor.dedupe import DedupeState
-from processor.sink import ClickHouseSink
+from processor.batch import BatchProcessor, StreamEvent
 from processor.topics import events_topic
 
 logger = logging.getLogger(__name__)
-
-_NO_KEY = b"\x00" * 16
-
-#: (partition, offset, value, broker timestamp in epoch seconds or None): what a batch is made of.
-Message = tuple[int, int, bytes, float | None]
 
 
 def install_ack_guard(consumer: Any, approved: set[int]) -> None:
@@ -70,97 +55,6 @@ def install_ack_guard(consumer: Any, approved: set[int]) -> None:
     consumer._meterline_guarded = True
 
 
-def _key(event: Any) -> bytes:
-    try:
-        return dedupe_key(event["source"], event["id"])
-    except (KeyError, TypeError):
-        return _NO_KEY  # invalid event: rows.message_rows dead-letters it before using the key
-
-
-class BatchProcessor:
-    """Everything one batch needs, without Faust: the agent and the benchmark both drive it."""
-
-    def __init__(self, settings: Settings, meters: MeterSet, state: DedupeState, sink: ClickHouseSink,
-                 log_epoch: str) -> None:
-        self.settings = settings
-        self.meters = meters
-        self.state = state
-        self.sink = sink
-        self.log_epoch = log_epoch
-        self.options = RowOptions.from_settings(settings)
-
-    async def ensure_loaded(self, partitions: set[int]) -> None:
-        """Merge ClickHouse's first sightings of newly assigned partitions before deciding anything."""
-        for p in sorted(partitions):
-            if self.state.is_loaded(p):
-                continue
-            started = time.perf_counter()
-            marker = self.state.marker(p)
-            since = None
-            if marker is not None and marker[0] == self.state.epoch_no(self.log_epoch):
-                since = (self.log_epoch, marker[1])
-            n = await asyncio.to_thread(
-                self.sink.load_dedupe, p, self.settings.dedupe_horizon_days, since,
-                functools.partial(self.state.load_rows, self.log_epoch, p),
-            )
-            metrics.DEDUPE_LOADED.inc(n)
-            logger.info("dedupe state loaded", extra={"partition": p, "keys": n, "since": since,
-                                                     "seconds": round(time.perf_counter() - started, 3)})
-
-    def build(self, messages: list[Message], now: datetime | None = None) -> Rows:
-        """Rows of a batch of messages, deciding dedupe in log order.
-
-        "Now" for the late horizon and `ingested_at` is each message's broker timestamp, not the clock:
-        a replay after a crash must decide "too late" exactly as the first pass did, or an event near
-        the horizon could be both metered (first pass) and dead-lettered (replay). `now` overrides it
-        (tests, benchmarks) and stands in for messages without a timestamp.
-        """
-        fallback = datetime.now(UTC) if now is None else now
-        decoded: list[tuple[int, int, Any, list[bytes], datetime]] = []
-        all_keys: list[bytes] = []
-        rows = Rows()
-        for partition, offset, value, timestamp in messages:
-            received = fallback if now is not None or not timestamp else datetime.fromtimestamp(timestamp, UTC)
-            try:
-                events = decode_batch(value)
-            except InvalidEventError as exc:
-                undecodable_rows(MessagePosition(self.log_epoch, partition, offset), value,
-                                 exc.errors[0]["message"] if exc.errors else str(exc), received, rows)
-                continue
-            keys = [_key(e) for e in events]
-            all_keys.extend(keys)
-            decoded.append((partition, offset, events, keys, received))
-        self.state.prefetch(all_keys)
-        n_events = 0
-        for partition, offset, events, keys, received in decoded:
-            n_events += len(events)
-            message_rows(events, MessagePosition(self.log_epoch, partition, offset), self.meters,
-                         self.options, self.state.decide, now=received, keys=keys, rows=rows)
-        metrics.EVENTS.inc(n_events)
-        return rows
-
-    async def process(self, messages: list[Message]) -> Rows:
-        """Load, decide, persist decisions locally, write to ClickHouse; the caller acks afterwards."""
-        await self.ensure_loaded({m[0] for m in messages})
-        rows = self.build(messages)
-        self.state.flush()
-        await self.sink.write(rows)
-        last: dict[int, int] = {}
-        for p, off, _, _ in messages:
-            if off >= last.get(p, -1):
-                last[p] = off
-        for p, off in last.items():
-            self.state.mark_written(self.log_epoch, p, off + 1)
-        metrics.MESSAGES.inc(len(messages))
-        metrics.ACCEPTED.inc(rows.accepted)
-        metrics.DUPLICATES.inc(rows.duplicates)
-        metrics.LATE.inc(rows.late)
-        for code, n in rows.dead_by_reason.items():
-            metrics.DEAD_LETTERS.labels(reason_code=code).inc(n)
-        metrics.BATCHES.inc()
-        return rows
-
-
 def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor) -> None:
     """Declare the agent (and the revoke hook) on `app`."""
     topic = events_topic(app, settings)
@@ -176,26 +70,20 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
     @app.agent(topic, name="meterline-processor", concurrency=1)
     async def process(stream: faust.StreamT) -> None:
         install_ack_guard(app.consumer, approved)
+
+        async def ack(event: StreamEvent) -> None:
+            approved.add(id(event.message))
+            await stream.ack(event)  # type: ignore[arg-type]
+
         # The agent gets a faust.Stream; faust's StreamT protocol lacks noack_take (see module docstring).
         async for events in stream.noack_take(settings.processor_batch_messages,  # type: ignore[attr-defined]
                                               within=settings.processor_batch_seconds):
-            generation = app.consumer_generation_id
-            live = [e for e in events if e.message.generation_id == generation]
-            if len(live) != len(events):
-                metrics.STALE.inc(len(events) - len(live))
-            del events
-            if not live:
-                continue
-            batch = [(e.message.partition, e.message.offset, e.value, e.message.timestamp) for e in live]
             try:
-                await processor.process(batch)
+                await processor.handle(events, app.consumer_generation_id, ack)
             except Exception as exc:
                 # Nothing of this batch is acked, so crashing loses nothing: the supervisor (or the next
                 # worker) replays it. Continuing would stall the partition behind the unacked offsets.
                 logger.exception("batch failed; stopping the worker so the batch is replayed",
-                                 extra={"messages": len(batch)})
+                                 extra={"messages": len(events)})
                 await app.crash(exc)
                 raise
-            for e in live:
-                approved.add(id(e.message))
-                await stream.ack(e)

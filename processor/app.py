@@ -24,7 +24,8 @@ from meterline.core.errors import ConfigError
 from meterline.core.meters import MeterSet
 from meterline.settings import Settings
 from processor import metrics  # noqa: F401  (registers the collectors served at /metrics)
-from processor.agents import BatchProcessor, register_agent
+from processor.agents import register_agent
+from processor.batch import BatchProcessor
 from processor.dedupe import DedupeState
 from processor.sink import ClickHouseSink
 from processor.topics import ensure_events_topic

@@ -67,13 +67,20 @@ def dedupe_load_query(database: str, partition: int, horizon_days: int,
 
 
 class ClickHouseSink:
-    """Writes a batch's rows (events, then dead letters, then windows) and loads dedupe state."""
+    """Writes a batch's rows (events, then dead letters, then windows) and loads dedupe state.
 
-    def __init__(self, url: str, database: str, *, backoff_initial: float = 0.2, backoff_max: float = 10.0) -> None:
+    The `processor.batch.Sink` of the live worker. `connect` and `sleep` are parameters so the retry
+    rules have unit tests (tests/unit/test_sink.py); the worker uses clickhouse-connect and real time.
+    """
+
+    def __init__(self, url: str, database: str, *, backoff_initial: float = 0.2, backoff_max: float = 10.0,
+                 connect: Callable[..., Client] = connect, sleep: Callable[[float], None] = time.sleep) -> None:
         self.url = url
         self.database = database
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
+        self._connect = connect
+        self._sleep = sleep
         self._client: Client | None = None
         self._lock = threading.Lock()
         self._stopping = False
@@ -83,7 +90,7 @@ class ClickHouseSink:
     # ------------------------------------------------------------------ connection
     def _connected(self) -> Client:
         if self._client is None:
-            self._client = connect(self.url, database=self.database)
+            self._client = self._connect(self.url, database=self.database)
         return self._client
 
     def _reset(self) -> None:
@@ -95,12 +102,12 @@ class ClickHouseSink:
     def ensure_schema(self) -> None:
         """Create database and tables (idempotent), retrying like writes: startup waits for ClickHouse."""
         def op() -> None:
-            client = connect(self.url, database="default")
+            client = self._connect(self.url, database="default")
             try:
                 create_schema(client, self.database)
             finally:
                 client.close()
-        self._retry("create_schema", op, rows=0)
+        self.retry("create_schema", op, rows=0)
 
     def stop(self) -> None:
         """Make a retry loop give up (on shutdown); the batch stays unacked and is replayed later."""
@@ -112,14 +119,14 @@ class ClickHouseSink:
         with self._lock:
             started = time.perf_counter()
             if rows.events:
-                self._retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS),
+                self.retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS),
                             rows=len(rows.events))
             if rows.dead_letters:
-                self._retry("insert dead_letters",
+                self.retry("insert dead_letters",
                             lambda: self._insert(DEAD_LETTERS, rows.dead_letters, DEAD_LETTER_COLUMNS),
                             rows=len(rows.dead_letters))
             if rows.windows:
-                self._retry("insert meter_windows",
+                self.retry("insert meter_windows",
                             lambda: self._insert(METER_WINDOWS, rows.windows, WINDOW_COLUMNS),
                             rows=len(rows.windows))
             metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
@@ -133,8 +140,10 @@ class ClickHouseSink:
         with storage_errors():
             self._connected().insert(table, rows, column_names=list(columns), settings=INSERT_SETTINGS)
 
-    def _retry(self, what: str, op: Any, *, rows: int) -> Any:
-        """Run `op` until it succeeds: exponential backoff with full jitter, capped at `backoff_max`."""
+    def retry(self, what: str, op: Callable[[], Any], *, rows: int) -> Any:
+        """Run `op` until it succeeds: exponential backoff with jitter (a wait in [d/2, d], d doubling
+        from `backoff_initial` up to `backoff_max`). Only storage and socket errors are retried;
+        after `stop()` the next failure is raised instead."""
         attempt = 0
         delay = self.backoff_initial
         while True:
@@ -155,7 +164,7 @@ class ClickHouseSink:
                     extra={"operation": what, "attempt": attempt, "rows": rows,
                            "retry_in_seconds": round(sleep, 3), "error": str(exc)[:500]},
                 )
-                time.sleep(sleep)
+                self._sleep(sleep)
                 delay = min(delay * 2, self.backoff_max)
 
     # ------------------------------------------------------------------ dedupe loading
@@ -178,4 +187,4 @@ class ClickHouseSink:
                 return merge(rows(stream))
 
         with self._lock:
-            return int(self._retry(f"load dedupe partition {partition}", op, rows=0))
+            return int(self.retry(f"load dedupe partition {partition}", op, rows=0))

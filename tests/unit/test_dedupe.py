@@ -3,7 +3,7 @@
 The processor's exactly-once effect rests on one property: whatever crashes happen and whatever local
 cache survives, the set of positions whose rows reach ClickHouse equals "the first occurrence of each
 key in the log". This test replays a generated log with duplicates through `DedupeState` using the same
-protocol as processor.agents (prefetch -> decide -> flush -> write -> mark_written -> commit), crashing at
+protocol as processor.batch (prefetch -> decide -> flush -> write -> mark_written -> commit), crashing at
 random points, sometimes losing the RocksDB cache, and compares what was written with the oracle.
 """
 

@@ -1,0 +1,195 @@
+"""One processor batch without Faust: Kafka messages -> dedupe -> meters -> one sink write -> acks.
+
+The rules that make the processor exactly-once live here, behind two small Protocols, so they have
+fast unit tests with in-memory fakes (tests/fakes.py) besides the real-infrastructure ones:
+
+* `Sink` is where rows go and where first sightings come back from (`processor.sink.ClickHouseSink`).
+* `StreamEvent` is what a Faust stream yields (`faust.EventT`): a value and its Kafka message.
+
+Order per batch (docs/design.md, "Exactly-once effect"): load the dedupe state of newly assigned
+partitions, decide every event in log order, persist the decisions locally, write the rows, and only
+then ack the messages, in offset order. Events of a stale consumer generation (a rebalance happened
+since they were fetched) are dropped *unacked*: another worker may own their partition now, and an ack
+could commit an offset past rows nobody wrote (see processor/agents.py for Faust's holes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from meterline.core.errors import InvalidEventError
+from meterline.core.events import decode_batch
+from meterline.core.meters import MeterSet
+from meterline.core.positions import dedupe_key
+from meterline.core.rows import MessagePosition, RowOptions, Rows, message_rows, undecodable_rows
+from meterline.settings import Settings
+from processor import metrics
+from processor.dedupe import DedupeState
+
+logger = logging.getLogger(__name__)
+
+_NO_KEY = b"\x00" * 16
+
+#: (partition, offset, value, broker timestamp in epoch seconds or None): what a batch is made of.
+Message = tuple[int, int, bytes, float | None]
+
+
+class Sink(Protocol):
+    """Durable storage of a batch's rows and of the first sightings they record."""
+
+    #: True while the last storage operation failed (drives the worker's /readyz).
+    failing: bool
+
+    async def write(self, rows: Rows) -> None:
+        """Store events, then dead letters, then windows; return only once all are stored.
+
+        Retries storage errors itself until it succeeds or `stop()` was called (then it raises):
+        the batch stays unacked either way, so nothing is lost.
+        """
+
+    def load_dedupe(self, partition: int, horizon_days: int, since: tuple[str, int] | None,
+                    merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
+        """Feed the stored first sightings of `partition` (within the horizon, after `since`) to `merge`
+        as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking."""
+
+    def stop(self) -> None:
+        """Make pending retries give up (shutdown)."""
+
+
+class KafkaMessage(Protocol):
+    """The parts of `faust.types.tuples.Message` a batch reads."""
+
+    @property
+    def partition(self) -> int: ...
+    @property
+    def offset(self) -> int: ...
+    @property
+    def timestamp(self) -> float | None: ...
+    @property
+    def generation_id(self) -> int | None: ...
+
+
+class StreamEvent(Protocol):
+    """The parts of `faust.EventT` a batch reads."""
+
+    @property
+    def value(self) -> Any: ...
+    @property
+    def message(self) -> KafkaMessage: ...
+
+
+Ack = Callable[[StreamEvent], Awaitable[Any]]
+
+
+def _key(event: Any) -> bytes:
+    try:
+        return dedupe_key(event["source"], event["id"])
+    except (KeyError, TypeError):
+        return _NO_KEY  # invalid event: rows.message_rows dead-letters it before using the key
+
+
+class BatchProcessor:
+    """Everything one batch needs, without Faust: the agent drives it, unit tests drive it with fakes."""
+
+    def __init__(self, settings: Settings, meters: MeterSet, state: DedupeState, sink: Sink,
+                 log_epoch: str) -> None:
+        self.settings = settings
+        self.meters = meters
+        self.state = state
+        self.sink = sink
+        self.log_epoch = log_epoch
+        self.options = RowOptions.from_settings(settings)
+
+    async def handle(self, events: Sequence[StreamEvent], generation: int | None, ack: Ack) -> Rows | None:
+        """Process the events of the current consumer `generation`, then `ack` each of them in order.
+
+        Stale-generation events are neither processed nor acked (they are redelivered to whoever owns
+        the partition now). If processing raises, nothing is acked and the error propagates.
+        """
+        live = [e for e in events if e.message.generation_id == generation]
+        if len(live) != len(events):
+            metrics.STALE.inc(len(events) - len(live))
+        if not live:
+            return None
+        rows = await self.process([(e.message.partition, e.message.offset, e.value, e.message.timestamp)
+                                   for e in live])
+        for e in live:
+            await ack(e)
+        return rows
+
+    async def ensure_loaded(self, partitions: set[int]) -> None:
+        """Merge the sink's first sightings of newly assigned partitions before deciding anything."""
+        for p in sorted(partitions):
+            if self.state.is_loaded(p):
+                continue
+            started = time.perf_counter()
+            marker = self.state.marker(p)
+            since = None
+            if marker is not None and marker[0] == self.state.epoch_no(self.log_epoch):
+                since = (self.log_epoch, marker[1])
+            n = await asyncio.to_thread(
+                self.sink.load_dedupe, p, self.settings.dedupe_horizon_days, since,
+                functools.partial(self.state.load_rows, self.log_epoch, p),
+            )
+            metrics.DEDUPE_LOADED.inc(n)
+            logger.info("dedupe state loaded", extra={"partition": p, "keys": n, "since": since,
+                                                     "seconds": round(time.perf_counter() - started, 3)})
+
+    def build(self, messages: list[Message], now: datetime | None = None) -> Rows:
+        """Rows of a batch of messages, deciding dedupe in log order.
+
+        "Now" for the late horizon and `ingested_at` is each message's broker timestamp, not the clock:
+        a replay after a crash must decide "too late" exactly as the first pass did, or an event near
+        the horizon could be both metered (first pass) and dead-lettered (replay). `now` overrides it
+        (tests, benchmarks) and stands in for messages without a timestamp.
+        """
+        fallback = datetime.now(UTC) if now is None else now
+        decoded: list[tuple[int, int, Any, list[bytes], datetime]] = []
+        all_keys: list[bytes] = []
+        rows = Rows()
+        for partition, offset, value, timestamp in messages:
+            received = fallback if now is not None or not timestamp else datetime.fromtimestamp(timestamp, UTC)
+            try:
+                events = decode_batch(value)
+            except InvalidEventError as exc:
+                undecodable_rows(MessagePosition(self.log_epoch, partition, offset), value,
+                                 exc.errors[0]["message"] if exc.errors else str(exc), received, rows)
+                continue
+            keys = [_key(e) for e in events]
+            all_keys.extend(keys)
+            decoded.append((partition, offset, events, keys, received))
+        self.state.prefetch(all_keys)
+        n_events = 0
+        for partition, offset, events, keys, received in decoded:
+            n_events += len(events)
+            message_rows(events, MessagePosition(self.log_epoch, partition, offset), self.meters,
+                         self.options, self.state.decide, now=received, keys=keys, rows=rows)
+        metrics.EVENTS.inc(n_events)
+        return rows
+
+    async def process(self, messages: list[Message]) -> Rows:
+        """Load, decide, persist decisions locally, write to the sink; the caller acks afterwards."""
+        await self.ensure_loaded({m[0] for m in messages})
+        rows = self.build(messages)
+        self.state.flush()
+        await self.sink.write(rows)
+        last: dict[int, int] = {}
+        for p, off, _, _ in messages:
+            if off >= last.get(p, -1):
+                last[p] = off
+        for p, off in last.items():
+            self.state.mark_written(self.log_epoch, p, off + 1)
+        metrics.MESSAGES.inc(len(messages))
+        metrics.ACCEPTED.inc(rows.accepted)
+        metrics.DUPLICATES.inc(rows.duplicates)
+        metrics.LATE.inc(rows.late)
+        for code, n in rows.dead_by_reason.items():
+            metrics.DEAD_LETTERS.labels(reason_code=code).inc(n)
+        metrics.BATCHES.inc()
+        return rows

@@ -1,0 +1,138 @@
+"""In-memory stand-ins for the processor's `Sink`, the ingest `Publisher` and Faust stream events.
+
+They let unit tests drive the real batch and publish logic without a broker or ClickHouse; the
+integration, e2e and fault tests run the same logic on the real infrastructure. Each fake keeps a
+`journal` of what happened, in order, so tests can assert orderings such as "acked after written".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from meterline.core.errors import BrokerUnavailableError, StorageError
+from meterline.core.rows import Rows
+from meterline.core.schema import EVENT_COLUMNS
+
+_COL = {name: i for i, name in enumerate(EVENT_COLUMNS)}
+
+
+class FakeSink:
+    """`processor.batch.Sink` keeping rows in lists; the `events` rows double as the dedupe store.
+
+    `fail_writes = n` makes the next n writes raise `StorageError` (as `ClickHouseSink.write` does once
+    stopped mid-outage) without storing anything. Stored rows are keyed by their table identity, as the
+    ReplacingMergeTree tables collapse them, so rewriting a replayed batch changes nothing.
+    """
+
+    def __init__(self, journal: list[str] | None = None) -> None:
+        self.journal = journal if journal is not None else []
+        self.failing = False
+        self.stopped = False
+        self.fail_writes = 0
+        self.writes = 0
+        #: dedupe_key -> events row
+        self.events: dict[bytes, list[Any]] = {}
+        #: (epoch, partition, offset, index, meter) -> dead_letters row
+        self.dead_letters: dict[tuple[Any, ...], list[Any]] = {}
+        #: (meter, subject, window_start, group_key, epoch, partition, offset) -> meter_windows row
+        self.windows: dict[tuple[Any, ...], list[Any]] = {}
+
+    async def write(self, rows: Rows) -> None:
+        if self.fail_writes:
+            self.fail_writes -= 1
+            self.failing = True
+            self.journal.append("write failed")
+            raise StorageError("fake storage outage")
+        for row in rows.events:
+            self.events[row[_COL["dedupe_key"]]] = row
+        for row in rows.dead_letters:
+            self.dead_letters[tuple(row[:5])] = row
+        for row in rows.windows:
+            self.windows[(*row[:4], *row[5:8])] = row
+        self.failing = False
+        self.writes += 1
+        self.journal.append(f"write {len(rows.events)} events")
+
+    def load_dedupe(self, partition: int, horizon_days: int, since: tuple[str, int] | None,
+                    merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
+        floor = time.time() - horizon_days * 86_400
+        found = []
+        for row in self.events.values():
+            epoch, part, offset = row[_COL["log_epoch"]], row[_COL["kafka_partition"]], row[_COL["kafka_offset"]]
+            seen = row[_COL["ingested_at"]].timestamp()
+            if part != partition or seen < floor:
+                continue
+            if since is not None and (epoch != since[0] or offset < since[1]):
+                continue
+            found.append((row[_COL["dedupe_key"]], epoch, part, offset, row[_COL["batch_index"]], seen))
+        self.journal.append(f"load partition {partition}")
+        return merge(found)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+@dataclass
+class FakeMessage:
+    """The Kafka message of a Faust stream event."""
+
+    partition: int
+    offset: int
+    timestamp: float | None = None
+    generation_id: int | None = 1
+
+
+@dataclass
+class FakeStreamEvent:
+    """What `stream.noack_take` yields: the raw value and its message."""
+
+    value: bytes
+    message: FakeMessage
+
+
+@dataclass
+class Acks:
+    """Records acks (by partition and offset) into a shared journal."""
+
+    journal: list[str]
+    acked: list[tuple[int, int]] = field(default_factory=list)
+
+    async def __call__(self, event: Any) -> None:
+        self.acked.append((event.message.partition, event.message.offset))
+        self.journal.append(f"ack {event.message.partition}:{event.message.offset}")
+
+
+class FakePublisher:
+    """`ingest.app.ManagedPublisher` that keeps published `(key, value)` messages in memory.
+
+    `fail_with` makes publish raise that error (a broker that does not acknowledge); `started`/`closed`
+    record the lifecycle; `ready` is what `check_ready` answers.
+    """
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[bytes, bytes]] = []
+        self.fail_with: BrokerUnavailableError | None = None
+        self.started = False
+        self.closed = False
+        self.ready = True
+        self.calls = 0
+
+    def start(self) -> None:
+        self.started = True
+
+    def close(self) -> None:
+        self.closed = True
+
+    def check_ready(self, timeout: float = 2.0) -> bool:
+        return self.ready
+
+    async def publish(self, messages: Sequence[tuple[bytes, bytes]]) -> None:
+        self.calls += 1
+        await asyncio.sleep(0)  # a real publish always yields to the loop while it waits for acks
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.messages.extend(messages)

@@ -1,0 +1,254 @@
+"""The processor's batch logic (processor/batch.py) on an in-memory sink: dedupe, ack order, crashes.
+
+The real RocksDB dedupe cache runs in a temp dir; storage and the Faust stream are fakes
+(tests/fakes.py). The oracle is computed here from the generated log: each (source, id) counts once,
+at its first occurrence in log order, whatever crashes, replays, lost caches and rebalances happen.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from meterline.core.errors import StorageError
+from meterline.core.meters import Aggregation, Meter, MeterSet
+from meterline.settings import Settings
+from processor import metrics
+from processor.batch import BatchProcessor
+from processor.dedupe import DedupeState
+from tests.fakes import Acks, FakeMessage, FakeSink, FakeStreamEvent
+
+EPOCH = "cluster-1"
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+METERS = MeterSet([
+    Meter(slug="tokens", event_type="prompt", aggregation=Aggregation.SUM, value_property="$.tokens"),
+    Meter(slug="prompts", event_type="prompt", aggregation=Aggregation.COUNT),
+])
+
+
+def settings(tmp_path: Path) -> Settings:
+    return Settings(config_file=str(tmp_path / "absent.yaml"), dedupe_horizon_days=32, late_horizon_days=None,
+                    window_size_seconds=60, strict_event_types=False)
+
+
+def event(n: int, subject: str, tokens: int, minute: int) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": f"id-{n}", "source": "src", "type": "prompt", "subject": subject,
+            "time": (T0 + timedelta(minutes=minute, seconds=n % 60)).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "data": {"tokens": tokens}}
+
+
+class Worker:
+    """One processor process: a BatchProcessor on a (possibly surviving) RocksDB cache dir."""
+
+    def __init__(self, tmp_path: Path, sink: FakeSink, state_dir: Path) -> None:
+        self.state = DedupeState(str(state_dir), 32)
+        self.processor = BatchProcessor(settings(tmp_path), METERS, self.state, sink, EPOCH)
+
+    def stop(self) -> None:
+        self.state.close()
+
+
+def stream_events(messages: list[tuple[int, int, bytes]], generation: int = 1) -> list[FakeStreamEvent]:
+    now = time.time()
+    return [FakeStreamEvent(v, FakeMessage(p, o, now, generation)) for p, o, v in messages]
+
+
+def oracle(log: dict[int, list[list[dict[str, Any]]]]) -> tuple[set[str], Counter[tuple[str, str, datetime]]]:
+    """First occurrence of each id per partition order, and per (meter, subject, minute) the windows."""
+    first: set[str] = set()
+    windows: Counter[tuple[str, str, datetime]] = Counter()
+    for msgs in log.values():
+        for msg in msgs:
+            for e in msg:
+                if e["id"] in first:
+                    continue
+                first.add(e["id"])
+                minute = datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC, second=0,
+                                                                                        microsecond=0)
+                windows[("tokens", e["subject"], minute)] += e["data"]["tokens"]
+                windows[("prompts", e["subject"], minute)] += 1
+    return first, windows
+
+
+def stored_windows(sink: FakeSink) -> Counter[tuple[str, str, datetime]]:
+    out: Counter[tuple[str, str, datetime]] = Counter()
+    for row in sink.windows.values():
+        meter, subject, start = row[0], row[1], row[2]
+        out[(meter, subject, start)] += row[8] if meter == "prompts" else row[9]
+    return {k: Decimal(v) for k, v in out.items()}  # type: ignore[return-value]
+
+
+def make_log(rnd: random.Random, partitions: int, messages: int) -> dict[int, list[list[dict[str, Any]]]]:
+    """Each partition holds one subject's messages; ~30% of events resend an earlier id of that subject."""
+    log: dict[int, list[list[dict[str, Any]]]] = {}
+    n = 0
+    for p in range(partitions):
+        sent: list[dict[str, Any]] = []
+        msgs = []
+        for _ in range(messages):
+            msg = []
+            for _ in range(rnd.randint(1, 6)):
+                if sent and rnd.random() < 0.3:
+                    msg.append(rnd.choice(sent))
+                else:
+                    n += 1
+                    e = event(n, f"subject-{p}", rnd.randint(0, 10**6), rnd.randint(0, 5))
+                    sent.append(e)
+                    msg.append(e)
+            msgs.append(msg)
+        log[p] = msgs
+    return log
+
+
+class Crash(Exception):
+    """The process died between two acks."""
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_rows_match_first_occurrences_through_crashes_and_rebalances(tmp_path: Path, seed: int) -> None:
+    rnd = random.Random(seed)
+    log = make_log(rnd, partitions=3, messages=25)
+    encoded = {p: [orjson.dumps(m) for m in msgs] for p, msgs in log.items()}
+    sink = FakeSink()
+    committed = dict.fromkeys(log, 0)  # Kafka's committed offset per partition
+    dirs = 0
+    worker = Worker(tmp_path, sink, tmp_path / f"state-{dirs}")
+    generation = 1
+    for _ in range(10_000):
+        pending = [p for p in log if committed[p] < len(log[p])]
+        if not pending:
+            break
+        batch = []
+        for p in rnd.sample(pending, rnd.randint(1, len(pending))):
+            start = committed[p]
+            batch += [(p, o, encoded[p][o]) for o in range(start, min(start + rnd.randint(1, 4), len(log[p])))]
+        events = stream_events(batch, generation)
+        fault = rnd.random()
+        if fault < 0.1:  # a rebalance happened after the fetch: the whole buffer is stale
+            generation += 1
+            worker.processor.state.forget_partitions(log)
+        elif fault < 0.2:
+            sink.fail_writes = 1
+        crash_after = rnd.randrange(len(events)) if 0.2 <= fault < 0.3 else None
+        acks = Acks([])
+
+        async def ack(e: Any, acks: Acks = acks, crash_after: int | None = crash_after) -> None:
+            if crash_after is not None and len(acks.acked) == crash_after:
+                raise Crash
+            await acks(e)
+
+        try:
+            await worker.processor.handle(events, generation, ack)
+        except (StorageError, Crash):
+            worker.stop()  # the worker dies; its successor keeps the cache dir or (sometimes) starts empty
+            if rnd.random() < 0.5:
+                dirs += 1
+            worker = Worker(tmp_path, sink, tmp_path / f"state-{dirs}")
+        for p, o in acks.acked:  # acks arrive in offset order, so each one extends the committed run
+            assert o == committed[p]
+            committed[p] = o + 1
+    else:
+        pytest.fail("the log was never consumed")
+    worker.stop()
+
+    first, windows = oracle(log)
+    assert {row[1] for row in sink.events.values()} == first
+    assert stored_windows(sink) == windows
+
+
+async def test_acks_follow_the_write_in_offset_order(tmp_path: Path) -> None:
+    journal: list[str] = []
+    sink = FakeSink(journal)
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    msgs = [(0, 5, orjson.dumps([event(1, "a", 3, 0)])), (1, 2, orjson.dumps([event(2, "b", 4, 0)])),
+            (0, 6, orjson.dumps([event(3, "a", 5, 0)]))]
+    await worker.processor.handle(stream_events(msgs), 1, Acks(journal))
+    assert journal == ["load partition 0", "load partition 1", "write 3 events", "ack 0:5", "ack 1:2", "ack 0:6"]
+    assert worker.state.marker(0) == (worker.state.epoch_no(EPOCH), 7)
+    assert worker.state.marker(1) == (worker.state.epoch_no(EPOCH), 3)
+    worker.stop()
+
+
+async def test_failed_write_acks_nothing_and_keeps_markers(tmp_path: Path) -> None:
+    journal: list[str] = []
+    sink = FakeSink(journal)
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    await worker.processor.handle(stream_events([(0, 0, orjson.dumps([event(1, "a", 3, 0)]))]), 1, Acks(journal))
+    before = worker.state.marker(0)
+    sink.fail_writes = 1
+    acks = Acks(journal)
+    with pytest.raises(StorageError):
+        await worker.processor.handle(stream_events([(0, 1, orjson.dumps([event(2, "a", 4, 0)]))]), 1, acks)
+    assert acks.acked == [] and journal[-1] == "write failed" and sink.failing
+    assert worker.state.marker(0) == before
+    # The replay of the unacked message is accepted again (same position) and then acked.
+    rows = await worker.processor.handle(stream_events([(0, 1, orjson.dumps([event(2, "a", 4, 0)]))]), 1, acks)
+    assert rows is not None and (rows.accepted, rows.duplicates) == (1, 0)
+    assert acks.acked == [(0, 1)] and not sink.failing
+    worker.stop()
+
+
+async def test_stale_generation_is_neither_processed_nor_acked(tmp_path: Path) -> None:
+    journal: list[str] = []
+    sink = FakeSink(journal)
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    stale_before = metrics.STALE._value.get()
+    old = stream_events([(0, 0, orjson.dumps([event(1, "a", 3, 0)]))], generation=4)
+    live = stream_events([(1, 0, orjson.dumps([event(2, "b", 4, 0)]))], generation=5)
+    acks = Acks(journal)
+    assert await worker.processor.handle(old, 5, acks) is None
+    assert journal == [] and sink.writes == 0
+    rows = await worker.processor.handle([*old, *live], 5, acks)
+    assert rows is not None and rows.accepted == 1
+    assert acks.acked == [(1, 0)] and [row[1] for row in sink.events.values()] == ["id-2"]
+    assert metrics.STALE._value.get() - stale_before == 2
+    worker.stop()
+
+
+async def test_duplicates_are_decided_in_log_order(tmp_path: Path) -> None:
+    sink = FakeSink()
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    e1, e2 = event(1, "a", 10, 0), event(2, "a", 20, 0)
+    msgs = [(0, 0, orjson.dumps([e1, e1, e2])), (0, 1, orjson.dumps([e2, event(3, "a", 30, 0)]))]
+    rows = await worker.processor.handle(stream_events(msgs), 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (3, 2)
+    positions = {row[1]: (row[10], row[11]) for row in sink.events.values()}
+    assert positions == {"id-1": (0, 0), "id-2": (0, 2), "id-3": (1, 1)}
+    assert sum(row[9] for row in sink.windows.values() if row[0] == "tokens") == 60
+    worker.stop()
+
+
+async def test_takeover_worker_loads_first_sightings_from_the_sink(tmp_path: Path) -> None:
+    """A worker with an empty cache must still drop a resend whose original another worker wrote."""
+    journal: list[str] = []
+    sink = FakeSink(journal)
+    first = Worker(tmp_path, sink, tmp_path / "a")
+    await first.processor.handle(stream_events([(0, 0, orjson.dumps([event(1, "a", 3, 0)]))]), 1, Acks([]))
+    first.stop()
+    second = Worker(tmp_path, sink, tmp_path / "b")
+    rows = await second.processor.handle(stream_events([(0, 1, orjson.dumps([event(1, "a", 3, 0)]))]), 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (0, 1)
+    # Loaded once per assignment; a revoke makes the next batch load again.
+    await second.processor.handle(stream_events([(0, 2, orjson.dumps([event(2, "a", 3, 0)]))]), 1, Acks([]))
+    second.state.forget_partitions({0})
+    await second.processor.handle(stream_events([(0, 3, orjson.dumps([event(3, "a", 3, 0)]))]), 1, Acks([]))
+    assert [j for j in journal if j.startswith("load")] == ["load partition 0"] * 3
+    second.stop()
+
+
+async def test_undecodable_message_is_a_dead_letter_and_acked(tmp_path: Path) -> None:
+    sink = FakeSink()
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    acks = Acks([])
+    await worker.processor.handle(stream_events([(0, 0, b"not json")]), 1, acks)
+    assert acks.acked == [(0, 0)]
+    assert [row[11] for row in sink.dead_letters.values()] == ["invalid_event"]
+    worker.stop()

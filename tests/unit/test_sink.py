@@ -1,0 +1,109 @@
+"""ClickHouseSink's retry rules, with a scripted client standing in for clickhouse-connect.
+
+Writing to a real ClickHouse (and surviving a real outage) is covered by tests/integration and
+tests/faults/test_outages.py; this pins the rules those rely on: design order of the three inserts,
+synchronous inserts, retry of storage and socket errors with bounded jittered backoff, a fresh
+connection after a failure, and giving up only once stopped.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from meterline.core.errors import StorageError
+from meterline.core.rows import Rows
+from processor.sink import ClickHouseSink
+
+
+class ScriptedClient:
+    """Fails the next `failures[table]` inserts of a table with the given error, records the rest."""
+
+    def __init__(self, log: list[tuple[str, Any]], failures: dict[str, list[Exception]]) -> None:
+        self.log = log
+        self.failures = failures
+        self.closed = False
+
+    def insert(self, table: str, rows: Any, column_names: list[str], settings: dict[str, Any]) -> None:
+        pending = self.failures.get(table)
+        if pending:
+            self.log.append(("failed", table))
+            raise pending.pop(0)
+        self.log.append(("insert", table, len(rows), settings.get("async_insert")))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_sink(failures: dict[str, list[Exception]], **kwargs: Any) -> tuple[ClickHouseSink, list[Any], list[float],
+                                                                           list[ScriptedClient]]:
+    log: list[Any] = []
+    sleeps: list[float] = []
+    clients: list[ScriptedClient] = []
+
+    def connect(url: str, *, database: str | None = None) -> ScriptedClient:
+        clients.append(ScriptedClient(log, failures))
+        return clients[-1]
+
+    sink = ClickHouseSink("http://nowhere:1/db", "db", connect=connect, sleep=sleeps.append, **kwargs)  # type: ignore[arg-type]
+    return sink, log, sleeps, clients
+
+
+def rows() -> Rows:
+    now = datetime(2024, 1, 1, tzinfo=UTC)
+    return Rows(events=[[b"k" * 16, "id", "src", "t", "s", now, "", now, "e", 0, 0, 0, []]],
+                dead_letters=[["e", 0, 0, 1, "m", "id", "src", "t", "s", now, "", "value_missing", "r", now]],
+                windows=[["m", "s", now, "[]", {}, "e", 0, 0, 1, 0, None, None, [], now, None, 0]])
+
+
+def test_inserts_in_design_order_synchronously() -> None:
+    sink, log, sleeps, _ = make_sink({})
+    sink.write_sync(rows())
+    assert log == [("insert", "events", 1, 0), ("insert", "dead_letters", 1, 0), ("insert", "meter_windows", 1, 0)]
+    assert sleeps == [] and not sink.failing
+
+
+def test_each_insert_is_retried_until_it_succeeds_on_a_fresh_connection() -> None:
+    failures: dict[str, list[Exception]] = {"events": [StorageError("down"), OSError("reset")],
+                                            "meter_windows": [StorageError("down")]}
+    sink, log, sleeps, clients = make_sink(failures, backoff_initial=0.4, backoff_max=0.6)
+    sink.write_sync(rows())
+    assert log == [("failed", "events"), ("failed", "events"), ("insert", "events", 1, 0),
+                   ("insert", "dead_letters", 1, 0), ("failed", "meter_windows"), ("insert", "meter_windows", 1, 0)]
+    # One wait per failure, jittered in [d/2, d] with d doubling from 0.4 and capped at 0.6, reset per insert.
+    bounds = [(0.2, 0.4), (0.3, 0.6), (0.2, 0.4)]
+    assert len(sleeps) == 3 and all(lo <= s <= hi for s, (lo, hi) in zip(sleeps, bounds, strict=True))
+    assert len(clients) == 4 and all(c.closed for c in clients[:3]) and not clients[3].closed
+    assert not sink.failing
+
+
+def test_failing_flag_is_up_while_retrying() -> None:
+    seen: list[bool] = []
+    sink, _, _, _ = make_sink({"events": [StorageError("down")]})
+    sink._sleep = lambda _s: seen.append(sink.failing)  # type: ignore[method-assign]
+    sink.write_sync(rows())
+    assert seen == [True] and not sink.failing
+
+
+def test_other_errors_are_not_retried() -> None:
+    sink, log, sleeps, _ = make_sink({"events": [ValueError("a bug, not an outage")]})
+    with pytest.raises(ValueError):
+        sink.write_sync(rows())
+    assert log == [("failed", "events")] and sleeps == []
+
+
+def test_stopped_sink_gives_up_and_writes_nothing_after() -> None:
+    sink, log, sleeps, _ = make_sink({"events": [StorageError("down")]})
+    sink.stop()
+    with pytest.raises(StorageError):
+        sink.write_sync(rows())
+    assert log == [("failed", "events")] and sleeps == [] and sink.failing
+
+
+async def test_async_write_retries_off_the_loop() -> None:
+    sink, log, _, _ = make_sink({"dead_letters": [StorageError("down")]})
+    await sink.write(rows())
+    assert [entry[:2] for entry in log] == [("insert", "events"), ("failed", "dead_letters"),
+                                             ("insert", "dead_letters"), ("insert", "meter_windows")]
