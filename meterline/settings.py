@@ -103,6 +103,7 @@ class Settings(BaseSettings):
     # server bound to loopback (`meterline serve` refuses otherwise); a presented key is always checked.
     auth_local_mode: bool = False
     auth_local_namespace: str = "default"
+    portal_token_ttl_seconds: int = Field(default=3600, gt=0, le=31 * 86400)  # portal tokens are short-lived
     auth_refresh_seconds: float = Field(default=2.0, gt=0)  # how stale a process's view of keys and invalidations may get
 
     meters_raw: list[Any] = Field(default_factory=list, validation_alias=AliasChoices("meters", "meters_raw"))

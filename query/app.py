@@ -21,6 +21,7 @@ from meterline.core.meters import MeterSet
 from meterline.settings import Settings
 from query.latency import RequestLatencyMiddleware
 from query.openapi import drop_unreachable_422
+from query.portal import router as portal_router
 from query.routes import install_query_problem_handlers, router
 from query.store import WindowStore
 
@@ -59,6 +60,7 @@ def install_query(app: FastAPI) -> None:
     """Router, query error mappings and the latency histogram, for this app or a combined one."""
     install_query_problem_handlers(app)
     app.include_router(router)
+    app.include_router(portal_router)
     generate = app.openapi
     app.openapi = lambda: drop_unreachable_422(generate())  # type: ignore[method-assign]
     app.add_middleware(RequestLatencyMiddleware)

@@ -28,11 +28,16 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meterline.adapters.clickhouse import connect
 from meterline.adapters.keystore import KeyStore
+from meterline.adapters.portalstore import PortalTokenStore
 from meterline.adapters.problems import problem
 from meterline.adapters.reloading import ReloadingView
 from meterline.core.access import KEY_SCOPES, Principal, check_namespace, required_scope
+from meterline.core.access import Scope as AccessScope
 from meterline.core.errors import ConfigError
 from meterline.core.keys import ApiKey, hash_matches, key_id_of
+from meterline.core.portal import PREFIX as PORTAL_PREFIX
+from meterline.core.portal import InvalidPortalToken, signing_key
+from meterline.core.portal import verify as verify_portal
 from meterline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,6 +93,9 @@ class Authenticator:
             namespace = check_namespace(settings.auth_local_namespace)
             self.local_principal = Principal(namespace, KEY_SCOPES)
         self.keys: ReloadingView[dict[str, ApiKey]] | None = None
+        self.invalidated: ReloadingView[frozenset[str]] | None = None
+        self.portal_store: PortalTokenStore | None = None
+        self.portal_key = signing_key(self.secret) if self.secret is not None else None
         self._client: Client | None = None
 
     @contextlib.asynccontextmanager
@@ -107,10 +115,15 @@ class Authenticator:
         self._client = await asyncio.to_thread(
             connect, self.settings.clickhouse_url, database=self.settings.clickhouse_database
         )
-        store = KeyStore(self._client, self.settings.clickhouse_database)
-        self.keys = ReloadingView(store.all, interval=self.settings.auth_refresh_seconds, name="api keys")
+        database = self.settings.clickhouse_database
+        interval = self.settings.auth_refresh_seconds
+        store = KeyStore(self._client, database)
+        self.portal_store = PortalTokenStore(self._client, database)
+        self.keys = ReloadingView(store.all, interval=interval, name="api keys")
+        self.invalidated = ReloadingView(self.portal_store.invalidated_ids, interval=interval,
+                                         name="invalidated portal tokens")
         try:
-            async with self.keys.running():
+            async with self.keys.running(), self.invalidated.running():
                 yield self
         finally:
             await asyncio.to_thread(self._client.close)
@@ -124,6 +137,8 @@ class Authenticator:
         if authorization[:7].lower() != _BEARER:
             raise AuthError(401, "use `Authorization: Bearer <key>`")
         token = authorization[7:].strip()
+        if token.startswith(PORTAL_PREFIX):
+            return self._portal(token)
         key_id = key_id_of(token)
         if key_id is None or self.secret is None or self.keys is None:
             raise AuthError(401, "invalid API key")
@@ -137,6 +152,20 @@ class Authenticator:
         if not key.usable(now):
             raise AuthError(401, f"API key {key_id} is {key.status(now)}")
         return Principal(key.namespace, key.scopes, key_id=key.key_id)
+
+
+    def _portal(self, token: str) -> Principal:
+        """A portal token's principal: its namespace, only the portal scope, one subject, its meters."""
+        if self.portal_key is None or self.invalidated is None:
+            raise AuthError(401, "invalid portal token")
+        try:
+            claims = verify_portal(token, self.portal_key)
+        except InvalidPortalToken as exc:
+            raise AuthError(401, str(exc)) from None
+        if claims.id in (self.invalidated.value or frozenset()):
+            raise AuthError(401, "portal token invalidated")
+        return Principal(claims.namespace, frozenset({AccessScope.PORTAL}), key_id=f"portal:{claims.id}",
+                         subject=claims.subject, meters=frozenset(claims.meters))
 
 
 class AuthMiddleware:

@@ -29,6 +29,8 @@ PUBLIC_PATHS: frozenset[str] = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"}
 )
 PORTAL_QUERY = re.compile(r"^/api/v1/portal/meters/[^/]+/query$")
+#: OpenMeter's queryMeterPost: a read that carries its parameters in a JSON body.
+METER_QUERY_POST = re.compile(r"^/api/v1/meters/[^/]+/query$")
 PORTAL_TOKENS_PREFIX = "/api/v1/portal/tokens"
 NAMESPACE_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,62})$")
 _READ_METHODS = frozenset({"GET", "HEAD"})
@@ -49,6 +51,8 @@ def required_scope(method: str, path: str) -> Scope | None:
         return Scope.PORTAL
     if path.startswith(PORTAL_TOKENS_PREFIX):
         return Scope.ADMIN
+    if method == "POST" and METER_QUERY_POST.match(path):
+        return Scope.READ
     return Scope.READ if method in _READ_METHODS else Scope.ADMIN
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,6 +24,8 @@ NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
     ("HEAD", "/api/v1/meters", Scope.READ),
     ("GET", "/api/v1/dead-letters", Scope.READ),
     ("POST", "/api/v1/meters", Scope.ADMIN),
+    ("POST", "/api/v1/meters/tokens/query", Scope.READ),
+    ("POST", "/api/v1/meters/tokens/query/x", Scope.ADMIN),
     ("DELETE", "/api/v1/meters/tokens", Scope.ADMIN),
     ("GET", "/api/v1/portal/meters/tokens/query", Scope.PORTAL),
     ("POST", "/api/v1/portal/tokens", Scope.ADMIN),
@@ -42,6 +45,8 @@ def test_required_scope(method: str, path: str, scope: Scope | None) -> None:
 def test_every_write_but_ingest_needs_admin(method: str, tail: str) -> None:
     path = "/api/v1/" + tail
     expected = Scope.INGEST if (method, path) == ("POST", "/api/v1/events") else Scope.ADMIN
+    if method == "POST" and re.fullmatch(r"/api/v1/meters/[^/]+/query", path):
+        expected = Scope.READ
     assert required_scope(method, path) is expected
 
 
