@@ -10,7 +10,15 @@ from datetime import UTC, datetime, timedelta
 import jwt
 import pytest
 
-from meterline.core.portal import PREFIX, InvalidPortalToken, PortalClaims, new_token_id, sign, signing_key, verify
+from meterline.core.portal import (
+    PREFIX,
+    InvalidPortalToken,
+    PortalClaims,
+    new_token_id,
+    sign,
+    signing_key,
+    verify,
+)
 
 KEY = signing_key(b"k" * 32)
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
