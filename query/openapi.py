@@ -1,8 +1,9 @@
-"""OpenAPI descriptions of the query parameters that routes.py parses by hand.
+"""OpenAPI descriptions of what routes.py parses by hand, and the real schemas of every answer.
 
-routes.py reads `request.query_params` itself (for deepObject `filterGroupBy[key]` and 400-not-422
-errors), so FastAPI cannot infer these parameters; they are declared here so `/openapi.json` still
-describes every endpoint completely, in the shape of OpenMeter's v1 spec.
+routes.py reads `request.query_params` and bodies itself (for deepObject `filterGroupBy[key]`, JSON
+query parameters and 400-not-422 errors), so FastAPI cannot infer parameters or response shapes; they
+are declared here, in the shape of OpenMeter's v1 spec, so `/openapi.json` describes every endpoint
+completely and schemathesis checks every response against a real schema.
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ from __future__ import annotations
 from typing import Any
 
 _TIME = {"type": "string", "format": "date-time"}
+_STRINGS = {"type": "array", "items": {"type": "string"}}
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
 
 
 def _param(name: str, schema: dict[str, Any], description: str, *, explode: bool = False) -> dict[str, Any]:
@@ -20,49 +26,186 @@ def _param(name: str, schema: dict[str, Any], description: str, *, explode: bool
     return spec
 
 
-FROM = _param("from", _TIME, "Start of the range, inclusive (RFC 3339, whole minutes).")
-TO = _param("to", _TIME, "End of the range, exclusive (RFC 3339, whole minutes); defaults to now.")
-LIMIT = _param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Most rows returned.")
+def _json_param(name: str, schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "content": {"application/json": {"schema": schema}}}
 
-PROBLEM = {"content": {"application/problem+json": {"schema": {"type": "object"}}}}
+
+def ok(schema: dict[str, Any], media: str = "application/json", description: str = "OK") -> dict[str, Any]:
+    return {"200": {"description": description, "content": {media: {"schema": schema}}}}
+
+
+FROM = _param("from", _TIME, "Start, inclusive (RFC 3339).")
+TO = _param("to", _TIME, "End, inclusive (RFC 3339).")
+LIMIT = _param("limit", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Most rows returned.")
+CLIENT_ID = _param("clientId", {"type": "string", "minLength": 1, "maxLength": 36},
+                   "Client ID, logged with the query (meterline has no query-progress endpoint).")
+
+PROBLEM = {"content": {"application/problem+json": {"schema": ref("Problem")}}}
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "Invalid parameter (the problem names the field)", **PROBLEM},
     503: {"description": "ClickHouse unavailable", **PROBLEM},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown meter", **PROBLEM}}
 
-METER_QUERY = {
-    "parameters": [
-        FROM,
-        TO,
-        _param("windowSize", {"type": "string", "enum": ["MINUTE", "HOUR", "DAY", "MONTH"]},
-               "Window size; omitted = one total per group over the range."),
-        _param("windowTimeZone", {"type": "string", "default": "UTC"}, "IANA time zone windows align to."),
-        _param("subject", {"type": "array", "items": {"type": "string"}}, "Only these subjects.", explode=True),
-        _param("groupBy", {"type": "array", "items": {"type": "string"}},
-               "Group by these groupBy keys of the meter, or `subject`.", explode=True),
-        {
-            "name": "filterGroupBy", "in": "query", "required": False, "style": "deepObject", "explode": True,
-            "schema": {"type": "object", "additionalProperties": {"type": "string"}},
-            "description": "filterGroupBy[key]=value keeps only rows whose group value equals value.",
-        },
-    ],
-    "responses": {"200": {"description": "Windows", "content": {"text/csv": {"schema": {"type": "string"}}}}},
+_METER_QUERY_PARAMS = [
+    CLIENT_ID,
+    _param("from", _TIME, "Start, inclusive; any RFC 3339 instant, cut to the second."),
+    _param("to", _TIME, "End, exclusive; any RFC 3339 instant, cut to the second. Omitted: no upper bound."),
+    _param("windowSize", {"type": "string", "enum": ["MINUTE", "HOUR", "DAY", "MONTH"]},
+           "Window size; omitted = one total per group over the range."),
+    _param("windowTimeZone", {"type": "string", "default": "UTC"}, "IANA time zone windows align to."),
+    _param("subject", {**_STRINGS, "maxItems": 100}, "Only these subjects; also groups by subject.", explode=True),
+    _param("filterCustomerId", {**_STRINGS, "maxItems": 100},
+           "Not supported: meterline has no customers (400 naming the reason).", explode=True),
+    {
+        "name": "filterGroupBy", "in": "query", "required": False, "style": "deepObject", "explode": True,
+        "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+        "description": "filterGroupBy[key]=value keeps rows whose group value equals value (repeat for any of several).",
+    },
+    _json_param("advancedMeterGroupByFilters", {"type": "object", "additionalProperties": ref("FilterString")},
+                "JSON object groupBy key -> FilterString; or deepObject advancedMeterGroupByFilters[key][$op]=value."),
+    _param("groupBy", {**_STRINGS, "maxItems": 100}, "Group by these groupBy keys of the meter, or `subject`.",
+           explode=True),
+]
+_METER_QUERY_OK = {"200": {"description": "Windows", "content": {
+    "application/json": {"schema": ref("MeterQueryResult")},
+    "text/csv": {"schema": {"type": "string"}},
+}}}
+METER_QUERY = {"parameters": _METER_QUERY_PARAMS, "responses": _METER_QUERY_OK}
+METER_QUERY_POST = {
+    "requestBody": {"required": False, "content": {"application/json": {"schema": ref("MeterQueryRequest")}}},
+    "responses": _METER_QUERY_OK,
 }
-SUBJECTS = {"parameters": [FROM, TO]}
-EVENTS = {"parameters": [FROM, TO, _param("subject", {"type": "string"}, "Only this subject."), LIMIT]}
+SUBJECTS = {"parameters": [FROM, TO], "responses": ok(_STRINGS)}
+GROUP_BY_VALUES = {
+    "parameters": [
+        _param("from", _TIME, "Start, inclusive; defaults to 24 hours ago when neither bound is given."),
+        _param("to", _TIME, "End, inclusive."),
+    ],
+    "responses": ok(_STRINGS),
+}
+EVENTS = {
+    "parameters": [FROM, TO, _param("subject", {"type": "string"}, "Only this subject."), LIMIT],
+    "responses": ok({"type": "array", "items": ref("IngestedEvent")}),
+}
 DEAD_LETTERS = {
     "parameters": [
         FROM, TO, LIMIT,
         _param("meter", {"type": "string"}, "Only dead letters of this meter."),
         _param("reasonCode", {"type": "string"}, "e.g. value_not_numeric, too_late, unknown_type."),
-    ]
+    ],
+    "responses": ok({"type": "array", "items": ref("DeadLetter")}),
+}
+METERS = {"responses": ok({"type": "array", "items": ref("Meter")})}
+METER = {"responses": ok(ref("Meter"))}
+
+_NULLABLE_STRING = {"type": "string", "nullable": True}
+_FILTER_OPS = {op: _NULLABLE_STRING for op in (
+    "$eq", "$ne", "$like", "$nlike", "$ilike", "$nilike", "$contains", "$ncontains", "$gt", "$gte", "$lt", "$lte"
+)}
+COMPONENTS: dict[str, Any] = {
+    "Problem": {
+        "type": "object", "required": ["type", "title", "status"],
+        "properties": {
+            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+            "detail": {"type": "string"}, "instance": {"type": "string"},
+            "extensions": {"type": "object", "properties": {
+                "validationErrors": {"type": "array", "items": {"type": "object"}}}},
+            "errors": {"type": "array", "items": {"type": "object", "properties": {
+                "field": {"type": "string"}, "message": {"type": "string"}, "index": {"type": "integer"}}}},
+        },
+    },
+    "FilterString": {
+        "type": "object",
+        "properties": {
+            **_FILTER_OPS,
+            "$in": {**_STRINGS, "nullable": True}, "$nin": {**_STRINGS, "nullable": True},
+            "$exists": {"type": "boolean", "nullable": True},
+            "$and": {"type": "array", "items": ref("FilterString"), "nullable": True},
+            "$or": {"type": "array", "items": ref("FilterString"), "nullable": True},
+        },
+        "description": "Exactly one operator per object (OpenMeter's FilterString).",
+    },
+    "MeterQueryRequest": {
+        "type": "object",
+        "properties": {
+            "clientId": {"type": "string", "minLength": 1, "maxLength": 36},
+            "from": _TIME, "to": _TIME,
+            "windowSize": {"type": "string", "enum": ["MINUTE", "HOUR", "DAY", "MONTH"]},
+            "windowTimeZone": {"type": "string", "default": "UTC"},
+            "subject": {**_STRINGS, "maxItems": 100},
+            "filterCustomerId": {**_STRINGS, "maxItems": 100},
+            "filterGroupBy": {"type": "object", "additionalProperties": _STRINGS},
+            "advancedMeterGroupByFilters": {"type": "object", "additionalProperties": ref("FilterString")},
+            "groupBy": {**_STRINGS, "maxItems": 100},
+        },
+        "additionalProperties": False,
+    },
+    "MeterQueryRow": {
+        "type": "object", "required": ["value", "windowStart", "windowEnd", "subject", "groupBy"],
+        "properties": {
+            "value": {"type": "number"}, "windowStart": _TIME, "windowEnd": _TIME,
+            "subject": _NULLABLE_STRING,
+            "groupBy": {"type": "object", "additionalProperties": _NULLABLE_STRING},
+        },
+    },
+    "MeterQueryResult": {
+        "type": "object", "required": ["data"],
+        "properties": {
+            "from": _TIME, "to": _TIME,
+            "windowSize": {"type": "string", "enum": ["MINUTE", "HOUR", "DAY", "MONTH"]},
+            "windowTimeZone": {"type": "string"},
+            "data": {"type": "array", "items": ref("MeterQueryRow")},
+        },
+    },
+    "Event": {
+        "type": "object", "required": ["id", "source", "specversion", "type", "subject"],
+        "properties": {
+            "id": {"type": "string"}, "source": {"type": "string"}, "specversion": {"type": "string"},
+            "type": {"type": "string"}, "subject": {"type": "string"}, "time": _TIME,
+            "datacontenttype": _NULLABLE_STRING, "dataschema": _NULLABLE_STRING, "data": {"nullable": True},
+        },
+    },
+    "IngestedEvent": {
+        "type": "object", "required": ["event", "ingestedAt", "storedAt"],
+        "properties": {
+            "event": ref("Event"), "validationError": {"type": "string"},
+            "ingestedAt": _TIME, "storedAt": _TIME,
+        },
+    },
+    "DeadLetter": {
+        "type": "object", "required": ["event", "reasonCode", "reason", "receivedAt", "position"],
+        "properties": {
+            "event": {"type": "object"}, "meter": _NULLABLE_STRING, "reasonCode": {"type": "string"},
+            "reason": {"type": "string"}, "receivedAt": _TIME,
+            "position": {"type": "object", "required": ["logEpoch", "partition", "offset", "index"], "properties": {
+                "logEpoch": {"type": "string"}, "partition": {"type": "integer"},
+                "offset": {"type": "integer"}, "index": {"type": "integer"}}},
+        },
+    },
+    "Meter": {
+        "type": "object", "required": ["id", "slug", "aggregation", "eventType"],
+        "properties": {
+            "id": {"type": "string"}, "slug": {"type": "string"}, "description": {"type": "string"},
+            "eventType": {"type": "string"},
+            "aggregation": {"type": "string", "enum": ["SUM", "COUNT", "UNIQUE_COUNT", "AVG", "MIN", "MAX", "LATEST"]},
+            "valueProperty": _NULLABLE_STRING,
+            "groupBy": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
 }
 
 
-def drop_unreachable_422(schema: dict[str, Any]) -> dict[str, Any]:
-    """FastAPI documents 422 for every validated parameter, but meterline maps validation errors to 400."""
+def customise(schema: dict[str, Any]) -> dict[str, Any]:
+    """Add the component schemas; drop the 422 FastAPI documents (meterline maps validation errors to 400)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, value in COMPONENTS.items():
+        components.setdefault(name, value)
     for path in schema.get("paths", {}).values():
         for operation in path.values():
             operation.get("responses", {}).pop("422", None)
     return schema
+
+
+drop_unreachable_422 = customise

@@ -3,40 +3,32 @@
 Query parameters are read from `request.query_params` by hand rather than declared as typed FastAPI
 parameters: `filterGroupBy[key]=value` is OpenAPI deepObject style, which FastAPI cannot declare, and
 hand parsing lets every bad parameter become a 400 problem naming the field (never FastAPI's 422).
-
-Values are exact Decimals internally. JSON carries them as numbers (OpenMeter's float64 field): an
-integer when integral (exact at any size), otherwise the float parsed from the exact decimal text
-(shortest repr, so 0.1 stays 0.1). `Accept: text/csv` returns the exact decimal strings.
+The OpenAPI document still describes every parameter and response (`query.openapi`).
 
 This module (with `meterline.adapters.problems`) is where query errors map to HTTP statuses.
 """
 
 from __future__ import annotations
 
-import csv
-import io
+import asyncio
 import logging
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from meterline.adapters.problems import ProblemResponse, problem
+from meterline.adapters.problems import ProblemResponse, UnsupportedContentTypeError, problem
 from meterline.core.errors import InvalidQueryError, MeterNotFoundError, StorageError
 from meterline.core.meters import Meter, MeterSet
-from meterline.core.times import format_instant
 from query import openapi
+from query.export import csv_text
+from query.request import MeterQuery, from_body, from_query_params
+from query.shapes import decimal_text, meter_json, number
 from query.store import WindowStore
-from query.windowing import (
-    WINDOW_SIZES,
-    bucket_end,
-    clip,
-    parse_instant,
-    parse_zone,
-    resolve_range,
-)
+from query.windowing import MINUTE, bucket_end, format_instant, parse_instant
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +36,7 @@ router = APIRouter(tags=["Query"])
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
-_FILTER_PREFIX = "filterGroupBy["
+JSON_TYPES = ("application/json",)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -120,110 +112,83 @@ def _limit(request: Request) -> int:
     return limit
 
 
-def number(value: Decimal) -> int | float:
-    """JSON number for an exact Decimal: int when integral, else the float of its exact decimal text."""
-    if value == value.to_integral_value():
-        return int(value)
-    return float(decimal_text(value))
-
-
-def decimal_text(value: Decimal) -> str:
-    """Plain exact decimal text without trailing zeros or exponent: 1.500000000 -> '1.5', 1E+2 -> '100'."""
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
-
-
-def meter_json(meter: Meter) -> dict[str, Any]:
-    """OpenMeter's meter shape; `id` is the slug (meters live in config.yaml, not a database)."""
-    return {
-        "id": meter.slug,
-        "slug": meter.slug,
-        "description": meter.description,
-        "eventType": meter.event_type,
-        "aggregation": meter.aggregation.value,
-        "valueProperty": meter.value_property,
-        "groupBy": dict(meter.group_by),
-        "windowSize": "MINUTE",
-    }
-
-
 # -------------------------------------------------------------------------------------------------
 # Routes
 # -------------------------------------------------------------------------------------------------
 
 
-@router.get("/api/v1/meters", summary="List meters")
+@router.get("/api/v1/meters", summary="List meters", response_model=None, openapi_extra=openapi.METERS)
 def list_meters(request: Request) -> list[dict[str, Any]]:
     return [meter_json(m) for m in _meters(request).meters]
 
 
-@router.get("/api/v1/meters/{meterIdOrSlug}", summary="Get meter", responses=openapi.NOT_FOUND)
+@router.get(
+    "/api/v1/meters/{meterIdOrSlug}", summary="Get meter", response_model=None, responses=openapi.NOT_FOUND,
+    openapi_extra=openapi.METER,
+)
 def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
     return meter_json(_meters(request).get(meterIdOrSlug))
 
 
 @router.get(
     "/api/v1/meters/{meterIdOrSlug}/query", summary="Query meter", response_model=None,
-    responses={**openapi.ERRORS, **openapi.NOT_FOUND}, openapi_extra=openapi.METER_QUERY,
+    operation_id="queryMeter", responses={**openapi.ERRORS, **openapi.NOT_FOUND}, openapi_extra=openapi.METER_QUERY,
 )
 def query_meter(request: Request, meterIdOrSlug: str) -> Response:
     meter = _meters(request).get(meterIdOrSlug)
-    params = request.query_params
+    return _answer(request, meter, from_query_params(meter, request.query_params))
 
-    size = _one(request, "windowSize")
-    if size is not None and size not in WINDOW_SIZES:
-        raise InvalidQueryError("windowSize", f"must be one of {', '.join(WINDOW_SIZES)}, got {size!r}")
-    zone_name = _one(request, "windowTimeZone") or "UTC"
-    zone = parse_zone(zone_name)
-    bounds = resolve_range(_instant(request, "from"), _instant(request, "to"))
 
-    subjects = list(dict.fromkeys(params.getlist("subject")))
-    group_by_subject = False
-    group_by: list[str] = []
-    for key in dict.fromkeys(params.getlist("groupBy")):
-        if key == "subject":
-            group_by_subject = True
-        elif key in meter.group_by:
-            group_by.append(key)
-        else:
-            raise InvalidQueryError("groupBy", f"meter {meter.slug!r} has no groupBy key {key!r}")
+@router.post(
+    "/api/v1/meters/{meterIdOrSlug}/query", summary="Query meter (POST)", response_model=None,
+    operation_id="queryMeterPost", responses={**openapi.ERRORS, **openapi.NOT_FOUND},
+    openapi_extra=openapi.METER_QUERY_POST,
+)
+async def query_meter_post(request: Request, meterIdOrSlug: str) -> Response:
+    """The same query with a JSON body (`MeterQueryRequest`), for filters too long for a URL.
 
-    filters: dict[str, str] = {}
-    no_match = False
-    for name in params:
-        if name.startswith("filterGroupBy"):
-            if not (name.startswith(_FILTER_PREFIX) and name.endswith("]")):
-                raise InvalidQueryError(name, "use filterGroupBy[key]=value")
-            key = name[len(_FILTER_PREFIX):-1]
-            values = params.getlist(name)
-            if len(values) > 1:
-                raise InvalidQueryError(name, "must be given at most once")
-            if key == "subject":
-                # Same meaning as subject=value, intersected with any subject= filter given.
-                subjects = [values[0]] if not subjects or values[0] in subjects else []
-                no_match = no_match or not subjects
-            elif key in meter.group_by:
-                filters[key] = values[0]
-            else:
-                raise InvalidQueryError(name, f"meter {meter.slug!r} has no groupBy key {key!r}")
-        elif name not in _QUERY_PARAMS:
-            raise InvalidQueryError(name, "unknown query parameter")
+    An empty body is an empty request (all defaults): the Python SDK's `query_csv_post` sends none.
+    """
+    meter = _meters(request).get(meterIdOrSlug)
+    for name in request.query_params:
+        raise InvalidQueryError(name, "unknown query parameter (POST takes the query in the JSON body)")
+    raw = await request.body()
+    body: Any = {}
+    if raw.strip():
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if media not in JSON_TYPES and not media.endswith("+json"):
+            raise UnsupportedContentTypeError(f"Content-Type must be application/json, got {media or 'none'!r}")
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InvalidQueryError("body", f"not valid JSON: {exc}") from None
+    query = from_body(meter, body)
+    return await asyncio.to_thread(_answer, request, meter, query)
 
-    rows = [] if no_match else _store(request).meter(
-        meter.slug, meter.aggregation, start=bounds.start, end=bounds.end, window_size=size,
-        tz=zone.key, subjects=subjects, group_by=group_by, group_by_subject=group_by_subject,
-        filter_group_by=filters,
+
+def _answer(request: Request, meter: Meter, query: MeterQuery) -> Response:
+    """Run one meter query and shape it as OpenMeter does (JSON), or as CSV when the client accepts it.
+
+    Windows carry their bucket's own bounds, as in OpenMeter (a window is identified by its bucket,
+    even when `from`/`to` cut into it); without a window size each row spans `from`..`to` as given,
+    or, when they are not given, the first..last minute with data.
+    """
+    if query.client_id is not None:
+        log.info("meter query", extra={"meter": meter.slug, "client_id": query.client_id})
+    rows = _store(request).meter(
+        meter, meter.aggregation, start=query.start, end=query.end, window_size=query.window_size,
+        tz=query.zone.key, subjects=query.subjects, group_by=query.group_by,
+        group_by_subject=query.group_by_subject, filters=query.filters,
     )
     data: list[dict[str, Any]] = []
     exact: list[Decimal] = []
     for row in rows:
         if row.bucket is None:
-            first = bounds.start or row.first_window
-            assert first is not None, "the store returns first_window when no window size was asked"
-            start, end = first, bounds.end
+            assert row.first_window is not None and row.last_window is not None
+            start = query.start or row.first_window
+            end = query.end or row.last_window + MINUTE
         else:
-            start, end = clip(row.bucket, bucket_end(row.bucket, size or "MINUTE", zone), bounds)
+            start, end = row.bucket, bucket_end(row.bucket, query.window_size or "MINUTE", query.zone)
         data.append({
             "value": number(row.value),
             "windowStart": format_instant(start),
@@ -234,46 +199,82 @@ def query_meter(request: Request, meterIdOrSlug: str) -> Response:
         exact.append(row.value)
 
     if "text/csv" in request.headers.get("accept", ""):
-        return _csv(data, exact, group_by)
+        return _csv(meter, query, data, exact)
     body: dict[str, Any] = {}
-    if bounds.start is not None:
-        body["from"] = format_instant(bounds.start)
-    body["to"] = format_instant(bounds.end)
-    if size is not None:
-        body["windowSize"] = size
-    body["windowTimeZone"] = zone.key
+    if query.start is not None:
+        body["from"] = format_instant(query.start)
+    if query.end is not None:
+        body["to"] = format_instant(query.end)
+    if query.window_size is not None:
+        body["windowSize"] = query.window_size
+    body["windowTimeZone"] = query.zone.key
     body["data"] = data
     return JSONResponse(body)
 
 
-_QUERY_PARAMS = frozenset({"from", "to", "windowSize", "windowTimeZone", "subject", "groupBy"})
-
-
-def _csv(data: list[dict[str, Any]], exact: list[Decimal], group_by: list[str]) -> Response:
-    """CSV with exact decimal values (no float rounding), for spreadsheets and billing exports."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["windowStart", "windowEnd", "subject", *group_by, "value"])
+def _csv(meter: Meter, query: MeterQuery, data: list[dict[str, Any]], exact: list[Decimal]) -> Response:
+    """OpenMeter's CSV layout with exact decimal values (`query.export`)."""
+    header = ["window_start", "window_end"]
+    if query.group_by_subject:
+        header.append("subject")
+    header += [*query.group_by, "value"]
+    lines = []
     for row, value in zip(data, exact, strict=True):
-        groups = [row["groupBy"].get(k) or "" for k in group_by]
-        writer.writerow([row["windowStart"], row["windowEnd"], row["subject"] or "", *groups, decimal_text(value)])
-    return Response(out.getvalue(), media_type="text/csv")
+        texts: list[str | None] = [row["subject"]] if query.group_by_subject else []
+        texts += [row["groupBy"].get(k) for k in query.group_by]
+        lines.append(((row["windowStart"], row["windowEnd"]), texts, decimal_text(value)))
+    return Response(
+        csv_text(header, lines), media_type="text/csv",
+        headers={"Content-Disposition": f"attachment; filename={meter.slug}.csv"},
+    )
 
 
 @router.get(
-    "/api/v1/meters/{meterIdOrSlug}/subjects", summary="List meter subjects",
+    "/api/v1/meters/{meterIdOrSlug}/subjects", summary="List meter subjects", response_model=None,
     responses={**openapi.ERRORS, **openapi.NOT_FOUND}, openapi_extra=openapi.SUBJECTS,
 )
 def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
     meter = _meters(request).get(meterIdOrSlug)
+    _only(request, {"from", "to"})
     start, end = _instant(request, "from"), _instant(request, "to")
-    if start is not None and end is not None and start >= end:
-        raise InvalidQueryError("from", "must be before 'to'")
+    if start is not None and end is not None and start > end:
+        raise InvalidQueryError("from", "must not be after 'to'")
     return _store(request).subjects(meter.slug, start=start, end=end)
 
 
 @router.get(
-    "/api/v1/events", summary="List ingested events", responses=openapi.ERRORS, openapi_extra=openapi.EVENTS
+    "/api/v1/meters/{meterIdOrSlug}/group-by/{groupByKey}/values", summary="List meter group by values",
+    response_model=None,
+    operation_id="listMeterGroupByValues", responses={**openapi.ERRORS, **openapi.NOT_FOUND},
+    openapi_extra=openapi.GROUP_BY_VALUES,
+)
+def list_group_by_values(request: Request, meterIdOrSlug: str, groupByKey: str) -> list[str]:
+    """Distinct values of one groupBy key; `from` defaults to 24 hours ago when neither bound is given
+    (OpenMeter's default). `subject` lists the meter's subjects."""
+    meter = _meters(request).get(meterIdOrSlug)
+    _only(request, {"from", "to"})
+    start, end = _instant(request, "from"), _instant(request, "to")
+    if start is not None and end is not None and start > end:
+        raise InvalidQueryError("from", "must not be after 'to'")
+    if start is None and end is None:
+        start = datetime.now(UTC) - timedelta(hours=24)
+    if groupByKey == "subject":
+        return _store(request).subjects(meter.slug, start=start, end=end)
+    if groupByKey not in meter.group_by:
+        raise InvalidQueryError("groupByKey", f"meter {meter.slug!r} has no groupBy key {groupByKey!r}")
+    return _store(request).group_values(meter.slug, groupByKey, start=start, end=end)
+
+
+def _only(request: Request, allowed: set[str]) -> None:
+    """Unknown query parameters are a 400, never ignored."""
+    for name in request.query_params:
+        if name not in allowed:
+            raise InvalidQueryError(name, "unknown query parameter")
+
+
+@router.get(
+    "/api/v1/events", summary="List ingested events", response_model=None, responses=openapi.ERRORS,
+    openapi_extra=openapi.EVENTS,
 )
 def list_events(request: Request) -> list[dict[str, Any]]:
     """Newest first; `from`/`to` are inclusive event times and need not be minute-aligned."""
@@ -284,11 +285,12 @@ def list_events(request: Request) -> list[dict[str, Any]]:
 
 
 @router.get(
-    "/api/v1/dead-letters", summary="List dead-lettered events", responses=openapi.ERRORS,
+    "/api/v1/dead-letters", summary="List dead-lettered events", response_model=None, responses=openapi.ERRORS,
     openapi_extra=openapi.DEAD_LETTERS,
 )
 def list_dead_letters(request: Request) -> list[dict[str, Any]]:
     """Events (or event x meter pairs) that could not be metered; `from`/`to` bound `receivedAt`."""
+    _only(request, {"from", "to", "limit", "meter", "reasonCode", "reason_code"})
     start, end = _instant(request, "from"), _instant(request, "to")
     if start is not None and end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")

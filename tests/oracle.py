@@ -90,17 +90,20 @@ def expected(
     tz: str = "UTC",
     group_by: Sequence[str] = (),
     by_subject: bool = True,
+    where: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[Key, Decimal]:
     """Expected value per (window start, subject, groupBy values) over [start, end).
 
-    `events` must already be deduplicated (first sighting of each (source, id) only).
+    `events` must already be deduplicated (first sighting of each (source, id) only). `where(event)`
+    keeps only the events it accepts (filters). Windows keep their bucket's own start even when
+    `start` cuts into the bucket (OpenMeter's shape); without a window the key is `start`.
     """
     acc: dict[Key, list[tuple[datetime, int, Any]]] = defaultdict(list)
     for rank, ev in enumerate(events):
         if ev["type"] != meter.event_type:
             continue
         t = parse_time(ev["time"])
-        if not (start <= t < end):
+        if not (start <= t < end) or (where is not None and not where(ev)):
             continue
         data = ev.get("data")
         data = data if isinstance(data, dict) else {}
@@ -119,8 +122,7 @@ def expected(
             if value is None:
                 continue
         groups = tuple(_group_text(data.get(g)) for g in group_by)
-        # Edge windows are clipped to the range: a window starting before `start` reports `start`.
-        key = (max(bucket(t, window, tz, start), start), ev["subject"] if by_subject else None, groups)
+        key = (bucket(t, window, tz, start), ev["subject"] if by_subject else None, groups)
         acc[key].append((t, rank, value))
     return {key: _aggregate(meter.aggregation, items) for key, items in acc.items()}
 

@@ -63,13 +63,19 @@ def problem(
     headers: dict[str, str] | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ProblemResponse:
-    """Build one problem+json response `{type, title, status, detail, instance?, errors?, **extra}`."""
+    """Build one problem+json response `{type, title, status, detail, instance?, extensions?, errors?, **extra}`.
+
+    Per-field errors go into `extensions.validationErrors` (where OpenMeter's problem details carry
+    them) and, for clients of earlier meterline versions, also into the top-level `errors`. `detail`
+    always names the problem, since it is what both OpenMeter SDKs show as the error message.
+    """
     body: dict[str, Any] = {"type": type_, "title": title, "status": status}
     if detail is not None:
         body["detail"] = detail
     if instance is not None:
         body["instance"] = instance
     if errors is not None:
+        body["extensions"] = {"validationErrors": [{"code": "validation_error", **e} for e in errors]}
         body["errors"] = errors
     if extra:
         body.update(extra)

@@ -7,7 +7,9 @@ caught up, every window the query API returns is compared with the oracle in tes
 
 from __future__ import annotations
 
+import json
 import random
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -18,7 +20,7 @@ import pytest
 
 from meterline.localinfra.stack import LocalStack
 from tests.e2e.conftest import METERS
-from tests.oracle import EventFactory, expected, first_sightings, response_windows
+from tests.oracle import EventFactory, expected, first_sightings, parse_time, response_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -123,3 +125,126 @@ def test_duplicates_were_sent_and_dropped(stack: LocalStack, sent: list[dict[str
     naive = sum(1 for e in sent if e["type"] == "prompt")
     deduped = sum(expected(first_sightings(sent), meter, start=START, end=END, window=None, by_subject=False).values())
     assert naive > deduped
+
+
+def _second(t: datetime) -> datetime:
+    return t.replace(microsecond=0)
+
+
+EDGE_CASES = [
+    # (from, to) offsets from START: sub-second edges on both sides, both inside one minute, whole minutes
+    (timedelta(minutes=7, seconds=15, microseconds=250_000), timedelta(hours=2, minutes=3, seconds=41, microseconds=999_999)),
+    (timedelta(hours=1, minutes=30, seconds=5), timedelta(hours=1, minutes=30, seconds=55, microseconds=1)),
+    (timedelta(minutes=59, seconds=59, microseconds=999_999), timedelta(hours=3, minutes=1)),
+    (timedelta(hours=4), timedelta(hours=4, minutes=10, seconds=0, microseconds=500_000)),
+]
+
+
+@pytest.mark.parametrize("slug", sorted(METERS))
+@pytest.mark.parametrize(("lo", "hi"), EDGE_CASES)
+def test_any_second_is_exact(stack: LocalStack, sent: list[dict[str, Any]], slug: str, lo: timedelta, hi: timedelta) -> None:
+    """from/to at any instant: cut to the second, edge minutes from raw events, whole minutes from windows."""
+    meter = METERS[slug]
+    group_by = list(meter.group_fields)
+    start, end = START + lo, START + hi
+    for window in (None, "MINUTE", "HOUR"):
+        params: dict[str, Any] = {"from": start.isoformat(), "to": end.isoformat(), "groupBy": ["subject", *group_by]}
+        if window:
+            params["windowSize"] = window
+        body = query(stack, slug, **params)
+        got = response_windows(body, group_by)
+        want = expected(first_sightings(sent), meter, start=_second(start), end=_second(end), window=window,
+                        group_by=group_by)
+        if window is None:  # the total's window is from..to as given
+            want = {(start, *k[1:]): v for k, v in want.items()}
+        assert got == want, (window, start, end)
+    if meter.event_type == "prompt":  # ~5 prompts a minute: every case selects some, so it can fail
+        assert want
+
+
+def test_query_without_to_includes_the_current_minute(stack: LocalStack, sent: list[dict[str, Any]]) -> None:
+    """An event timed now is counted by a query without `to` (OpenMeter has no upper bound then)."""
+    now = datetime.now(UTC)
+    event = {"specversion": "1.0", "id": f"now-{now.timestamp()}", "source": "e2e", "type": "prompt",
+             "subject": "now-subject", "time": now.isoformat(), "data": {"tokens": 7, "model": "m", "type": "input"}}
+    resp = httpx.post(f"{stack.url}/api/v1/events", json=event, headers={"content-type": "application/cloudevents+json"})
+    assert resp.status_code == 204, resp.text
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        body = query(stack, "tokens_total", subject=["now-subject"], **{"from": (now - timedelta(seconds=1)).isoformat()})
+        if body["data"]:
+            break
+        time.sleep(0.5)
+    assert [(r["subject"], r["value"]) for r in body["data"]] == [("now-subject", 7)]
+    assert "to" not in body
+    row = body["data"][0]
+    assert parse_time(row["windowEnd"]) == now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+
+
+def _matches_filter(value: str | None, f: dict[str, Any]) -> bool:
+    """An independent reading of FilterString: missing (None) matches only negative operators."""
+    (op, arg), = f.items()
+    if op == "$or":
+        return any(_matches_filter(value, g) for g in arg)
+    if op == "$and":
+        return all(_matches_filter(value, g) for g in arg)
+    if value is None:
+        return op in ("$ne", "$nin", "$nlike", "$ncontains")
+    return {
+        "$eq": lambda: value == arg, "$ne": lambda: value != arg, "$in": lambda: value in arg,
+        "$nin": lambda: value not in arg, "$like": lambda: re.fullmatch(arg.replace("%", ".*"), value) is not None,
+        "$contains": lambda: arg.lower() in value.lower(), "$ncontains": lambda: arg.lower() not in value.lower(),
+        "$gt": lambda: value > arg,
+    }[op]()
+
+
+FILTERS = [
+    {"model": {"$eq": "gpt-4"}},
+    {"model": {"$ne": "gpt-4"}},
+    {"model": {"$in": ["gpt-4", "claude"]}, "type": {"$eq": "input"}},
+    {"model": {"$nin": ["gpt-4"]}},
+    {"model": {"$like": "gpt%"}},
+    {"model": {"$contains": "PT"}},
+    {"model": {"$or": [{"$eq": "claude"}, {"$and": [{"$gt": "gpt-3"}, {"$ncontains": "4"}]}]}},
+]
+
+
+@pytest.mark.parametrize("filters", FILTERS)
+def test_post_query_with_advanced_filters(stack: LocalStack, sent: list[dict[str, Any]], filters: dict[str, Any]) -> None:
+    """POST /query (queryMeterPost) with advancedMeterGroupByFilters; GET with the same JSON agrees."""
+    meter = METERS["tokens_total"]
+    body = {"from": START.isoformat(), "to": END.isoformat(), "windowSize": "HOUR", "groupBy": ["model", "type"],
+            "subject": ["customer-1", "customer-3"], "advancedMeterGroupByFilters": filters}
+    resp = httpx.post(f"{stack.url}/api/v1/meters/tokens_total/query", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    got = response_windows(resp.json(), ["model", "type"])
+
+    def where(ev: dict[str, Any]) -> bool:
+        data = ev.get("data") or {}
+        return ev["subject"] in ("customer-1", "customer-3") and all(
+            _matches_filter(data.get(k), f) for k, f in filters.items())
+
+    want = expected(first_sightings(sent), meter, start=START, end=END, window="HOUR", group_by=["model", "type"],
+                    where=where)
+    assert want and got == want
+    params = {"from": START.isoformat(), "to": END.isoformat(), "windowSize": "HOUR", "groupBy": ["model", "type"],
+              "subject": ["customer-1", "customer-3"], "advancedMeterGroupByFilters": json.dumps(filters)}
+    assert response_windows(query(stack, "tokens_total", **params), ["model", "type"]) == want
+
+
+def test_post_query_multi_value_filter_group_by_and_csv(stack: LocalStack, sent: list[dict[str, Any]]) -> None:
+    meter = METERS["tokens_total"]
+    body = {"from": START.isoformat(), "to": END.isoformat(), "groupBy": ["subject", "model"],
+            "filterGroupBy": {"model": ["gpt-4", "claude"]}}
+    resp = httpx.post(f"{stack.url}/api/v1/meters/tokens_total/query", json=body, headers={"accept": "text/csv"})
+    assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/csv"), resp.text
+    lines = resp.text.split("\r\n")
+    assert lines[0] == "window_start,window_end,subject,model,value" and lines[-1] == ""
+    want = expected(first_sightings(sent), meter, start=START, end=END, window=None, group_by=["model"],
+                    where=lambda ev: (ev.get("data") or {}).get("model") in ("gpt-4", "claude"))
+    got = {}
+    for line in lines[1:-1]:
+        ws, we, subject, model, value = line.split(",")
+        assert (parse_time(ws), parse_time(we)) == (START, END)
+        got[(START, subject, (model,))] = Decimal(value)
+    assert want and got == want

@@ -1,0 +1,82 @@
+"""The partial minutes at a query's edges, metered from the stored raw events.
+
+Windows are stored per minute, so `from=12:00:15` cannot be answered from them alone. The events of
+the edge seconds are read from `events` (every accepted first sighting, with its log position) and fed
+through the processor's own row builder (`meterline.core.rows.message_rows`, as `meterline recompute`
+does), so the edge deltas are exactly the deltas the worker wrote for those events, restricted to the
+edge seconds; the SQL then aggregates them together with the whole-minute windows (`query.sql`).
+
+Events the worker did not meter stay unmetered: too-late events (marked `*: ...` in
+`validation_errors`) are skipped, per-meter rejections are rejected again by the same rules. Edges use
+the meter definitions the query service runs with, like `recompute`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from meterline.core.meters import Meter, MeterSet
+from meterline.core.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows, stored_event
+
+UNMETERED_PREFIX = "*: "
+"""validation_errors entries for the whole event (too late, unknown type): the worker metered nothing."""
+
+
+def messages(rows: Iterable[Sequence[Any]]) -> Iterator[tuple[MessagePosition, list[dict[str, Any]], list[int]]]:
+    """Group position-ordered `query.sql.EDGE_EVENT_COLUMNS` rows into (message, events, indexes)."""
+    current: MessagePosition | None = None
+    batch: list[dict[str, Any]] = []
+    indexes: list[int] = []
+    for row in rows:
+        if any(err.startswith(UNMETERED_PREFIX) for err in row[10]):
+            continue
+        pos = MessagePosition(row[0], int(row[1]), int(row[2]))
+        if pos != current:
+            if current is not None:
+                yield current, batch, indexes
+            current, batch, indexes = pos, [], []
+        batch.append(stored_event(*row[4:10]))
+        indexes.append(int(row[3]))
+    if current is not None:
+        yield current, batch, indexes
+
+
+def edge_deltas(meter: Meter, rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
+    """`meter_windows` delta rows (WINDOW_COLUMNS order) of the given raw event rows."""
+    only = MeterSet([meter])
+    out = Rows()
+    options = RowOptions()
+    for pos, events, indexes in messages(rows):
+        message_rows(events, pos, only, options, always_accept, rows=out, indexes=indexes)
+    return out.windows
+
+
+def _text(value: Decimal | None) -> str | None:
+    return None if value is None else format(value, "f")
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def edge_json(deltas: Sequence[Sequence[Any]]) -> str:
+    """JSONEachRow text in `query.sql.EDGE_STRUCTURE` order; decimals as exact text, never floats."""
+    lines = []
+    for d in deltas:
+        (_meter, subject, window_start, _key, group, _e, _p, _o,
+         count, total, low, high, uniques, latest_time, latest_value, latest_rank) = d
+        lines.append(orjson.dumps({
+            "subject": subject, "window_start": int(_utc(window_start).timestamp()), "group": group,
+            "count": count, "sum": _text(total), "min": _text(low), "max": _text(high), "uniques": list(uniques),
+            "latest_time": _utc(latest_time).strftime("%Y-%m-%d %H:%M:%S.%f"), "latest_value": _text(latest_value),
+            "latest_rank": latest_rank,
+        }))
+    return b"\n".join(lines).decode()
+
+
+__all__ = ["edge_deltas", "edge_json", "messages"]

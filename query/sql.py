@@ -1,0 +1,332 @@
+"""SQL text and bound parameters of every read of the query API: one function per query, no I/O.
+
+Each function builds SQL from the names in `meterline.core.schema` and server-side bound parameters
+(`{name:Type}`), so it is unit-tested without a server (as OpenMeter tests `meter_query.go`). Values
+that come from requests are *always* bound parameters, never interpolated; only config-defined
+identifiers (the database name) and constants of this module are text.
+
+Reads use FINAL: the tables are ReplacingMergeTree, and a replayed Kafka message writes rows identical
+to rows already stored; FINAL collapses them so each delta counts once (docs/design.md).
+
+Instants are bound as UTC text ("YYYY-MM-DD HH:MM:SS[.ffffff]") with a `DateTime('UTC')`-typed
+parameter, so the result never depends on the server's or the driver's time zone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from meterline.core.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, qualified
+from meterline.core.times import format_sql_time
+from query.filters import FilterString, filter_sql
+from query.windowing import RangeSplit
+
+EVENT_LIST_COLUMNS: tuple[str, ...] = (
+    "id", "source", "type", "subject", "time", "data", "ingested_at", "validation_errors",
+)
+EDGE_EVENT_COLUMNS: tuple[str, ...] = (
+    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "id", "source", "type", "subject", "time",
+    "data", "validation_errors",
+)
+DT = "DateTime('UTC')"
+DT64 = "DateTime64(6, 'UTC')"
+DELTA_COLUMNS = "subject, window_start, group, count, sum, min, max, uniques, latest_time, latest_value, latest_rank"
+EDGE_STRUCTURE = (
+    "subject String, window_start UInt32, group Map(String, String), count UInt64, sum Decimal128(9), "
+    "min Nullable(Decimal128(9)), max Nullable(Decimal128(9)), uniques Array(String), "
+    "latest_time DateTime64(6, \\'UTC\\'), latest_value Nullable(Decimal128(9)), latest_rank UInt64"
+)
+"""Column types of the edge delta rows passed as JSONEachRow text (the `meter_windows` delta columns)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """SQL text with `{name:Type}` placeholders and the values bound to them."""
+
+    sql: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+class Params:
+    """Collects bound parameters under generated names: `bind(value, "String")` -> `{p0:String}`."""
+
+    def __init__(self, initial: Mapping[str, Any] | None = None) -> None:
+        self.values: dict[str, Any] = dict(initial or {})
+        self._n = 0
+
+    def bind(self, value: Any, type_: str) -> str:
+        name = f"p{self._n}"
+        self._n += 1
+        self.values[name] = value
+        return f"{{{name}:{type_}}}"
+
+
+def agg_name(aggregation: str | Enum) -> str:
+    return str(aggregation.value if isinstance(aggregation, Enum) else aggregation)
+
+
+def ts(t: datetime) -> str:
+    """Whole-second UTC text for a DateTime('UTC') parameter."""
+    return format_sql_time(t)
+
+
+def ts6(t: datetime) -> str:
+    """Microsecond UTC text for a DateTime64(6, 'UTC') parameter."""
+    return format_sql_time(t, micro=True)
+
+
+# -------------------------------------------------------------------------------------------------
+# Meter query
+# -------------------------------------------------------------------------------------------------
+
+BUCKETS: dict[str | None, str] = {
+    # Every bucket is returned as a UTC unix timestamp: unambiguous, whatever the zone.
+    # toStartOfHour/Day in a zone give *local* starts (verified for :30/:45 zones and DST folds).
+    None: "toUInt32(0)",
+    "MINUTE": "toUnixTimestamp(window_start)",
+    "HOUR": "toUnixTimestamp(toStartOfHour(window_start, {tz:String}))",
+    "DAY": "toUnixTimestamp(toStartOfDay(window_start, {tz:String}))",
+    # toStartOfMonth returns a Date; toDateTime(date, tz) is that date's local midnight.
+    "MONTH": "toUnixTimestamp(toDateTime(toStartOfMonth(window_start, {tz:String}), {tz:String}))",
+}
+
+VALUES: dict[str, tuple[str, ...]] = {
+    # Each stored column rolls up exactly (design.md "Rollups are exact").
+    "COUNT": ("sum(count) AS total_count",),
+    "SUM": ("sum(sum) AS total_sum",),
+    "AVG": ("sum(sum) AS total_sum", "sum(count) AS total_count"),
+    "MIN": ("min(min) AS total_min",),
+    "MAX": ("max(max) AS total_max",),
+    "UNIQUE_COUNT": ("uniqExactArray(uniques) AS total_unique",),
+    "LATEST": ("argMax(latest_value, (latest_time, latest_rank)) AS total_latest",),
+}
+
+NOT_NULL: dict[str, str] = {
+    # Rows that cannot contribute are dropped before aggregation, so a bucket of such rows vanishes
+    # instead of reporting a NULL value (OpenMeter skips rows whose value is NULL too).
+    "MIN": "min IS NOT NULL",
+    "MAX": "max IS NOT NULL",
+    "LATEST": "latest_value IS NOT NULL",
+}
+
+
+def group_column(key: str, params: Params) -> str:
+    """A group value: the map entry, or NULL when the event had no value for the key (its own bucket)."""
+    if key == "subject":
+        return "subject"
+    k = params.bind(key, "String")
+    return f"if(mapContains(group, {k}), group[{k}], NULL)"
+
+
+def meter_query(
+    database: str,
+    meter: str,
+    aggregation: str | Enum,
+    *,
+    split: RangeSplit,
+    window_size: str | Enum | None = None,
+    tz: str = "UTC",
+    subjects: Sequence[str] = (),
+    group_by: Sequence[str] = (),
+    group_by_subject: bool = False,
+    filters: Mapping[str, FilterString] | None = None,
+    edges: str | None = None,
+) -> Query:
+    """Aggregate one meter's minute deltas, plus the edge minutes' deltas built from raw events
+    (`edges`: JSONEachRow text in EDGE_STRUCTURE), into buckets of `window_size` local to `tz`.
+
+    `group_by` holds meter groupBy keys (not `subject`); a key missing from a row's map is NULL, its
+    own bucket. `filters` maps groupBy keys (or `subject`) to FilterStrings.
+    """
+    agg = agg_name(aggregation)
+    size = window_size.value if isinstance(window_size, Enum) else window_size
+    if agg not in VALUES:
+        raise ValueError(f"unknown aggregation {agg!r}")
+    if size not in BUCKETS:
+        raise ValueError(f"unknown window size {size!r}")
+    params = Params({"meter": meter})
+    if size in ("HOUR", "DAY", "MONTH"):
+        params.values["tz"] = tz
+
+    select = [f"{BUCKETS[size]} AS bucket"]
+    if size is None:  # the answer's windowStart/windowEnd when the request gave no from/to
+        select.append("toUnixTimestamp(min(window_start)) AS first_window")
+        select.append("toUnixTimestamp(max(window_start)) AS last_window")
+    keys = ["bucket"]
+    if group_by_subject:
+        select.append("subject AS subject_key")
+        keys.append("subject_key")
+    for i, key in enumerate(group_by):
+        select.append(f"{group_column(key, params)} AS group_{i}")
+        keys.append(f"group_{i}")
+    select.extend(VALUES[agg])
+
+    windows_where = ["meter = {meter:String}"]
+    if split.whole_start is not None:
+        params.values["from"] = ts(split.whole_start)
+        windows_where.append("window_start >= {from:DateTime('UTC')}")
+    if split.whole_end is not None:
+        params.values["to"] = ts(split.whole_end)
+        windows_where.append("window_start < {to:DateTime('UTC')}")
+    if subjects:
+        params.values["subjects"] = list(subjects)
+        windows_where.append("subject IN {subjects:Array(String)}")
+
+    outer_where: list[str] = []
+    for key, f in sorted((filters or {}).items()):
+        outer_where.append(filter_sql(group_column(key, params), f, params.bind))
+    if agg in NOT_NULL:
+        outer_where.append(NOT_NULL[agg])
+
+    windows = f"{qualified(database, METER_WINDOWS)} FINAL"
+    if edges is None:
+        source = windows
+        where = windows_where + outer_where
+    else:
+        params.values["edges"] = edges
+        parts = [] if split.whole_empty else [
+            f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {' AND '.join(windows_where)}"
+        ]
+        parts.append(
+            f"SELECT subject, toDateTime(window_start, 'UTC') AS window_start, group, count, sum, min, max, uniques,"
+            f" latest_time, latest_value, latest_rank FROM format(JSONEachRow, '{EDGE_STRUCTURE}', {{edges:String}})"
+        )
+        source = "(\n  " + "\n  UNION ALL\n  ".join(parts) + "\n)"
+        where = outer_where
+    sql = f"SELECT {', '.join(select)}\nFROM {source}\n"
+    if where:
+        sql += f"WHERE {' AND '.join(where)}\n"
+    sql += f"GROUP BY {', '.join(keys)}\nORDER BY {', '.join(keys)}"
+    return Query(sql, params.values)
+
+
+def edge_events_query(
+    database: str, event_type: str, ranges: Sequence[tuple[datetime, datetime]], subjects: Sequence[str] = ()
+) -> Query:
+    """Stored raw events of one type inside the partial edge minutes, in log order, so each message's
+    events arrive together for `meterline.core.rows.message_rows` (as `meterline recompute` reads them)."""
+    params = Params({"type": event_type})
+    spans = [
+        f"(time >= {params.bind(ts6(a), DT64)} AND time < {params.bind(ts6(b), DT64)})"
+        for a, b in ranges
+    ]
+    where = ["type = {type:String}", "(" + " OR ".join(spans) + ")"]
+    if subjects:
+        where.append(f"subject IN {params.bind(list(subjects), 'Array(String)')}")
+    sql = (
+        f"SELECT {', '.join(EDGE_EVENT_COLUMNS)}\nFROM {qualified(database, EVENTS)} FINAL\n"
+        f"WHERE {' AND '.join(where)}\nORDER BY log_epoch, kafka_partition, kafka_offset, batch_index"
+    )
+    return Query(sql, params.values)
+
+
+# -------------------------------------------------------------------------------------------------
+# Subjects and group-by values of a meter
+# -------------------------------------------------------------------------------------------------
+
+
+def _window_range(params: Params, where: list[str], start: datetime | None, end: datetime | None) -> None:
+    """`from`/`to` over minute windows: every minute that overlaps [from, to]."""
+    if start is not None:
+        where.append(f"window_start >= {params.bind(ts(start.replace(second=0, microsecond=0)), DT)}")
+    if end is not None:
+        where.append(f"window_start <= {params.bind(ts(end), DT)}")
+
+
+def subjects_query(database: str, meter: str, *, start: datetime | None = None, end: datetime | None = None) -> Query:
+    """Distinct subjects with data for a meter. No FINAL: duplicates cannot change a DISTINCT set."""
+    params = Params({"meter": meter})
+    where = ["meter = {meter:String}"]
+    _window_range(params, where, start, end)
+    sql = (
+        f"SELECT DISTINCT subject\nFROM {qualified(database, METER_WINDOWS)}\n"
+        f"WHERE {' AND '.join(where)}\nORDER BY subject"
+    )
+    return Query(sql, params.values)
+
+
+def group_values_query(
+    database: str, meter: str, key: str, *, start: datetime | None = None, end: datetime | None = None
+) -> Query:
+    """Distinct values of one groupBy key (rows without the key have no value to list)."""
+    params = Params({"meter": meter, "key": key})
+    where = ["meter = {meter:String}", "mapContains(group, {key:String})"]
+    _window_range(params, where, start, end)
+    sql = (
+        f"SELECT DISTINCT group[{{key:String}}] AS value\nFROM {qualified(database, METER_WINDOWS)}\n"
+        f"WHERE {' AND '.join(where)}\nORDER BY value"
+    )
+    return Query(sql, params.values)
+
+
+# -------------------------------------------------------------------------------------------------
+# Events and dead letters
+# -------------------------------------------------------------------------------------------------
+
+
+def _inclusive_range(
+    params: dict[str, Any], where: list[str], column: str, start: datetime | None, end: datetime | None
+) -> None:
+    """Bind `from <= column <= to` on a DateTime64(6, 'UTC') column, each side only when given."""
+    if start is not None:
+        params["from"] = ts6(start)
+        where.append(f"{column} >= {{from:DateTime64(6, 'UTC')}}")
+    if end is not None:
+        params["to"] = ts6(end)
+        where.append(f"{column} <= {{to:DateTime64(6, 'UTC')}}")
+
+
+def _listing(
+    database: str, table: str, columns: Sequence[str], where: list[str], order_by: str, params: dict[str, Any]
+) -> Query:
+    """A newest-first list read: `SELECT columns FROM table FINAL [WHERE ...] ORDER BY ... LIMIT {limit}`."""
+    sql = f"SELECT {', '.join(columns)}\nFROM {qualified(database, table)} FINAL\n"
+    if where:
+        sql += f"WHERE {' AND '.join(where)}\n"
+    sql += f"ORDER BY {order_by}\nLIMIT {{limit:UInt32}}"
+    return Query(sql, params)
+
+
+def events_query(
+    database: str,
+    *,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    subject: str | None = None,
+    limit: int = 100,
+) -> Query:
+    """Newest accepted events first; `from` and `to` are inclusive event times (OpenMeter's listEvents)."""
+    params: dict[str, Any] = {"limit": int(limit)}
+    where: list[str] = []
+    _inclusive_range(params, where, "time", start, end)
+    if subject is not None:
+        params["subject"] = subject
+        where.append("subject = {subject:String}")
+    return _listing(database, EVENTS, EVENT_LIST_COLUMNS, where, "time DESC, ingested_at DESC, id DESC", params)
+
+
+def dead_letters_query(
+    database: str,
+    *,
+    meter: str | None = None,
+    reason_code: str | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    limit: int = 100,
+) -> Query:
+    """Newest dead letters first; `from`/`to` bound `received_at` (when metering failed), inclusive."""
+    params: dict[str, Any] = {"limit": int(limit)}
+    where: list[str] = []
+    if meter is not None:
+        params["meter"] = meter
+        where.append("meter = {meter:String}")
+    if reason_code is not None:
+        params["reason_code"] = reason_code
+        where.append("reason_code = {reason_code:String}")
+    _inclusive_range(params, where, "received_at", start, end)
+    order_by = "received_at DESC, log_epoch, kafka_partition, kafka_offset, batch_index, meter"
+    return _listing(database, DEAD_LETTERS, DEAD_LETTER_COLUMNS, where, order_by, params)
