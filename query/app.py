@@ -19,6 +19,7 @@ from meterline.adapters.problems import install_problem_handlers
 from meterline.core.errors import ConfigError
 from meterline.core.meters import MeterSet
 from meterline.settings import Settings
+from query.event_routes import router as events_router
 from query.latency import RequestLatencyMiddleware
 from query.openapi import drop_unreachable_422
 from query.portal import router as portal_router
@@ -60,6 +61,7 @@ def install_query(app: FastAPI) -> None:
     """Router, query error mappings and the latency histogram, for this app or a combined one."""
     install_query_problem_handlers(app)
     app.include_router(router)
+    app.include_router(events_router)
     app.include_router(portal_router)
     generate = app.openapi
     app.openapi = lambda: drop_unreachable_422(generate())  # type: ignore[method-assign]

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterline.core.errors import InvalidQueryError
+from query.windowing import parse_instant
 
 MAX_DEPTH = 8
 MAX_VALUES = 1000
@@ -108,4 +109,60 @@ def _positive_sql(column: str, f: FilterString, bind: Bind) -> str:
     return f"({column} {sql_op} {bind(v, 'String')})"
 
 
-__all__ = ["MAX_DEPTH", "OPERATORS", "FilterString", "filter_sql", "like_escape", "parse_filter"]
+_DT64 = "DateTime64(6, 'UTC')"
+_TIME_OPS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+
+
+@dataclass(frozen=True, slots=True)
+class FilterTime:
+    """OpenMeter's FilterTime: one of $gt $gte $lt $lte (a datetime) or $and/$or (FilterTimes)."""
+
+    op: str
+    operand: Any
+
+
+def parse_time_filter(value: Any, field: str, depth: int = 0) -> FilterTime:
+    """A FilterTime from decoded JSON (RFC 3339 instants); problems are a 400 naming `field`."""
+    allowed = (*_TIME_OPS, *_GROUP_OPS)
+    if not isinstance(value, Mapping):
+        raise InvalidQueryError(field, f"must be an object with one operator ({', '.join(allowed)})")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise InvalidQueryError(f"{field}.{unknown[0]}", f"unknown operator; use one of {', '.join(allowed)}")
+    ops = [k for k, v in value.items() if v is not None]
+    if len(ops) != 1:
+        raise InvalidQueryError(field, f"must set exactly one operator, got {len(ops)}")
+    op = ops[0]
+    operand = value[op]
+    where = f"{field}.{op}"
+    if op in _TIME_OPS:
+        if not isinstance(operand, str):
+            raise InvalidQueryError(where, "must be an RFC 3339 date-time string")
+        return FilterTime(op, parse_instant(operand, where))
+    if not isinstance(operand, list) or not operand:
+        raise InvalidQueryError(where, "must be a non-empty array of filters")
+    if depth + 1 > MAX_DEPTH:
+        raise InvalidQueryError(where, f"filters nest at most {MAX_DEPTH} levels deep")
+    return FilterTime(op, tuple(parse_time_filter(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(operand)))
+
+
+def time_filter_sql(column: str, f: FilterTime, bind: Bind) -> str:
+    """A boolean expression on a DateTime64 column; instants are bound with microseconds."""
+    if f.op in _GROUP_OPS:
+        parts = [time_filter_sql(column, child, bind) for child in f.operand]
+        return "(" + (" AND " if f.op == "$and" else " OR ").join(parts) + ")"
+    placeholder = bind(f.operand.strftime("%Y-%m-%d %H:%M:%S.%f"), _DT64)
+    return f"({column} {_TIME_OPS[f.op]} {placeholder})"
+
+
+__all__ = [
+    "MAX_DEPTH",
+    "OPERATORS",
+    "FilterString",
+    "FilterTime",
+    "filter_sql",
+    "like_escape",
+    "parse_filter",
+    "parse_time_filter",
+    "time_filter_sql",
+]

@@ -85,9 +85,31 @@ GROUP_BY_VALUES = {
     ],
     "responses": ok(_STRINGS),
 }
+_EVENT_LIMIT = _param("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 100}, "Most events returned.")
 EVENTS = {
-    "parameters": [FROM, TO, _param("subject", {"type": "string"}, "Only this subject."), LIMIT],
+    "parameters": [
+        CLIENT_ID,
+        _param("ingestedAtFrom", _TIME, "Ingested at or after, inclusive."),
+        _param("ingestedAtTo", _TIME, "Ingested at or before, inclusive."),
+        _param("id", {"type": "string", "minLength": 1}, "Event id; partial match."),
+        _param("subject", {"type": "string", "minLength": 1}, "Subject; partial match."),
+        _param("customerId", _STRINGS, "Not supported: meterline has no customers (400 naming the reason).",
+               explode=True),
+        _param("from", _TIME, "Event time, inclusive; defaults to 72 hours ago."),
+        _param("to", _TIME, "Event time, inclusive."),
+        _EVENT_LIMIT,
+    ],
     "responses": ok({"type": "array", "items": ref("IngestedEvent")}),
+}
+EVENTS_V2 = {
+    "parameters": [
+        _param("cursor", {"type": "string"}, "nextCursor of the previous page."),
+        _EVENT_LIMIT,
+        CLIENT_ID,
+        _json_param("filter", ref("EventFilter"), "JSON object of filters on id, source, subject, type, time, "
+                                                   "ingestedAt."),
+    ],
+    "responses": ok(ref("IngestedEventCursorPaginatedResponse")),
 }
 DEAD_LETTERS = {
     "parameters": [
@@ -166,6 +188,7 @@ COMPONENTS: dict[str, Any] = {
             "type": {"type": "string"}, "subject": {"type": "string"}, "time": _TIME,
             "datacontenttype": _NULLABLE_STRING, "dataschema": _NULLABLE_STRING, "data": {"nullable": True},
         },
+        "additionalProperties": True,
     },
     "IngestedEvent": {
         "type": "object", "required": ["event", "ingestedAt", "storedAt"],
@@ -173,6 +196,26 @@ COMPONENTS: dict[str, Any] = {
             "event": ref("Event"), "validationError": {"type": "string"},
             "ingestedAt": _TIME, "storedAt": _TIME,
         },
+    },
+    "FilterTime": {
+        "type": "object",
+        "properties": {
+            "$gt": {**_TIME, "nullable": True}, "$gte": {**_TIME, "nullable": True},
+            "$lt": {**_TIME, "nullable": True}, "$lte": {**_TIME, "nullable": True},
+            "$and": {"type": "array", "items": ref("FilterTime"), "nullable": True},
+            "$or": {"type": "array", "items": ref("FilterTime"), "nullable": True},
+        },
+    },
+    "EventFilter": {
+        "type": "object", "additionalProperties": False,
+        "properties": {
+            "id": ref("FilterString"), "source": ref("FilterString"), "subject": ref("FilterString"),
+            "type": ref("FilterString"), "time": ref("FilterTime"), "ingestedAt": ref("FilterTime"),
+        },
+    },
+    "IngestedEventCursorPaginatedResponse": {
+        "type": "object", "required": ["items"],
+        "properties": {"items": {"type": "array", "items": ref("IngestedEvent")}, "nextCursor": {"type": "string"}},
     },
     "DeadLetter": {
         "type": "object", "required": ["event", "reasonCode", "reason", "receivedAt", "position"],

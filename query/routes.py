@@ -273,18 +273,6 @@ def _only(request: Request, allowed: set[str]) -> None:
 
 
 @router.get(
-    "/api/v1/events", summary="List ingested events", response_model=None, responses=openapi.ERRORS,
-    openapi_extra=openapi.EVENTS,
-)
-def list_events(request: Request) -> list[dict[str, Any]]:
-    """Newest first; `from`/`to` are inclusive event times and need not be minute-aligned."""
-    start, end = _instant(request, "from"), _instant(request, "to")
-    if start is not None and end is not None and start > end:
-        raise InvalidQueryError("from", "must not be after 'to'")
-    return _store(request).events(start=start, end=end, subject=_one(request, "subject"), limit=_limit(request))
-
-
-@router.get(
     "/api/v1/dead-letters", summary="List dead-lettered events", response_model=None, responses=openapi.ERRORS,
     openapi_extra=openapi.DEAD_LETTERS,
 )

@@ -22,11 +22,12 @@ from typing import Any
 
 from meterline.core.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, qualified
 from meterline.core.times import format_sql_time
-from query.filters import FilterString, filter_sql
+from query.filters import FilterString, FilterTime, filter_sql, time_filter_sql
 from query.windowing import RangeSplit
 
 EVENT_LIST_COLUMNS: tuple[str, ...] = (
-    "id", "source", "type", "subject", "time", "data", "ingested_at", "validation_errors",
+    "id", "source", "type", "subject", "time", "data", "ingested_at", "validation_errors", "attributes",
+    "stored_at", "dedupe_key",
 )
 EDGE_EVENT_COLUMNS: tuple[str, ...] = (
     "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "id", "source", "type", "subject", "time",
@@ -298,15 +299,62 @@ def events_query(
     end: datetime | None = None,
     subject: str | None = None,
     limit: int = 100,
+    ingested_from: datetime | None = None,
+    ingested_to: datetime | None = None,
+    id_contains: str | None = None,
+    subject_contains: str | None = None,
 ) -> Query:
-    """Newest accepted events first; `from` and `to` are inclusive event times (OpenMeter's listEvents)."""
+    """Newest accepted events first (OpenMeter's listEvents): `from`/`to` and `ingestedAtFrom`/`To` are
+    inclusive; `id` and `subject` match partially (the spec: "Accepts partial ID/subject"); `subject`
+    here is an exact match for callers that need one."""
     params: dict[str, Any] = {"limit": int(limit)}
     where: list[str] = []
     _inclusive_range(params, where, "time", start, end)
+    if ingested_from is not None:
+        params["ingested_from"] = ts6(ingested_from)
+        where.append("ingested_at >= {ingested_from:DateTime64(6, 'UTC')}")
+    if ingested_to is not None:
+        params["ingested_to"] = ts6(ingested_to)
+        where.append("ingested_at <= {ingested_to:DateTime64(6, 'UTC')}")
     if subject is not None:
         params["subject"] = subject
         where.append("subject = {subject:String}")
+    if subject_contains is not None:
+        params["subject_part"] = subject_contains
+        where.append("position(subject, {subject_part:String}) > 0")
+    if id_contains is not None:
+        params["id_part"] = id_contains
+        where.append("position(id, {id_part:String}) > 0")
     return _listing(database, EVENTS, EVENT_LIST_COLUMNS, where, "time DESC, ingested_at DESC, id DESC", params)
+
+
+EVENT_FILTER_COLUMNS = {"id": "id", "source": "source", "subject": "subject", "type": "type",
+                        "time": "time", "ingestedAt": "ingested_at"}
+
+
+def events_v2_query(
+    database: str,
+    *,
+    filters: Mapping[str, FilterString | FilterTime],
+    cursor: tuple[datetime, bytes] | None = None,
+    limit: int = 100,
+) -> Query:
+    """`GET /api/v2/events`: filters on id/source/subject/type (FilterString) and time/ingestedAt
+    (FilterTime), newest first, keyset-paginated on (time, dedupe_key) so a page never repeats or
+    skips an event, however many share one time."""
+    params = Params({"limit": int(limit)})
+    where: list[str] = []
+    for name, f in sorted(filters.items()):
+        column = EVENT_FILTER_COLUMNS[name]
+        if isinstance(f, FilterTime):
+            where.append(time_filter_sql(column, f, params.bind))
+        else:
+            where.append(filter_sql(column, f, params.bind))
+    if cursor is not None:
+        t = params.bind(ts6(cursor[0]), DT64)
+        k = params.bind(cursor[1].hex(), "String")
+        where.append(f"(time < {t} OR (time = {t} AND dedupe_key < unhex({k})))")
+    return _listing(database, EVENTS, EVENT_LIST_COLUMNS, where, "time DESC, dedupe_key DESC", params.values)
 
 
 def dead_letters_query(

@@ -22,13 +22,12 @@ from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
 from query.edges import edge_deltas, edge_json
 from query.filters import FilterString
-from query.shapes import dead_letter, ingested_event
+from query.shapes import dead_letter
 from query.sql import (
     Query,
     agg_name,
     dead_letters_query,
     edge_events_query,
-    events_query,
     group_values_query,
     meter_query,
     subjects_query,
@@ -100,7 +99,8 @@ class WindowStore:
                 raise InvalidQueryError("windowTimeZone", "time zone unknown to the ClickHouse server") from None
             raise
 
-    def _rows(self, query: Query) -> list[dict[str, Any]]:
+    def rows(self, query: Query) -> list[dict[str, Any]]:
+        """Run any `query.sql` query; rows as dicts keyed by column name."""
         result = self._run(query)
         names = result.column_names
         return [dict(zip(names, r, strict=True)) for r in result.result_rows]
@@ -159,18 +159,12 @@ class WindowStore:
         ]
 
     def subjects(self, meter: str, *, start: datetime | None = None, end: datetime | None = None) -> list[str]:
-        return [r["subject"] for r in self._rows(subjects_query(self.database, meter, start=start, end=end))]
+        return [r["subject"] for r in self.rows(subjects_query(self.database, meter, start=start, end=end))]
 
     def group_values(
         self, meter: str, key: str, *, start: datetime | None = None, end: datetime | None = None
     ) -> list[str]:
-        return [r["value"] for r in self._rows(group_values_query(self.database, meter, key, start=start, end=end))]
-
-    def events(
-        self, *, start: datetime | None = None, end: datetime | None = None, subject: str | None = None, limit: int = 100
-    ) -> list[dict[str, Any]]:
-        query = events_query(self.database, start=start, end=end, subject=subject, limit=limit)
-        return [ingested_event(r) for r in self._rows(query)]
+        return [r["value"] for r in self.rows(group_values_query(self.database, meter, key, start=start, end=end))]
 
     def dead_letters(
         self,
@@ -184,7 +178,7 @@ class WindowStore:
         query = dead_letters_query(
             self.database, meter=meter, reason_code=reason_code, start=start, end=end, limit=limit
         )
-        return [dead_letter(r) for r in self._rows(query)]
+        return [dead_letter(r) for r in self.rows(query)]
 
     def ping(self) -> bool:
         """Readiness: can we run a trivial query right now?"""

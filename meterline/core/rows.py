@@ -103,6 +103,17 @@ def _json_text(value: Any) -> str:
         return repr(value)[:65536]
 
 
+_CORE_ATTRIBUTES = frozenset({"specversion", "id", "source", "type", "subject", "time", "data"})
+
+
+def _attributes_text(event: Mapping[str, Any]) -> str:
+    """The `events.attributes` column: the event's other CloudEvents attributes (`datacontenttype`,
+    `dataschema`, extensions) as JSON text, "" when there are none, so the event list shows the event
+    as it was sent."""
+    extra = {k: v for k, v in event.items() if k not in _CORE_ATTRIBUTES}
+    return orjson.dumps(extra, option=orjson.OPT_SORT_KEYS).decode() if extra else ""
+
+
 def _data_text(event: Mapping[str, Any]) -> str:
     """The `events.data` column: JSON text, "" when the event had no data (`stored_event` inverts it)."""
     if "data" not in event:
@@ -221,7 +232,7 @@ def message_rows(
                 _dead(out, pos, index, "", event, t, data, "unknown_type", reason, now)
                 errors.append(f"*: {reason}")
         ev_append([key, event_id, source, str(etype), subject, t, data, now,
-                   epoch, partition, offset, index, errors])
+                   epoch, partition, offset, index, errors, _attributes_text(event)])
     win_append = out.windows.append
     for d in acc.deltas():
         win_append([

@@ -25,8 +25,9 @@ PORTAL_TOKEN_COLUMNS: tuple[str, ...] = (
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "dedupe_key", "id", "source", "type", "subject", "time", "data", "ingested_at",
-    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "validation_errors",
+    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "validation_errors", "attributes",
 )
+"""`stored_at` is not written: it defaults to the moment ClickHouse stored the row (OpenMeter's storedAt)."""
 
 WINDOW_COLUMNS: tuple[str, ...] = (
     "meter", "subject", "window_start", "group_key", "group",
@@ -62,12 +63,17 @@ def ddl(database: str) -> list[str]:
             kafka_partition UInt32,
             kafka_offset UInt64,
             batch_index UInt32,
-            validation_errors Array(String)
+            validation_errors Array(String),
+            attributes String DEFAULT '',
+            stored_at DateTime64(3, 'UTC') DEFAULT now64(3)
         )
         ENGINE = ReplacingMergeTree
         PARTITION BY toYYYYMM(time)
         ORDER BY (subject, time, dedupe_key)
         """,
+        # Tables created before these columns existed gain them (the event list shows both).
+        f"ALTER TABLE {db}.{EVENTS} ADD COLUMN IF NOT EXISTS attributes String DEFAULT ''",
+        f"ALTER TABLE {db}.{EVENTS} ADD COLUMN IF NOT EXISTS stored_at DateTime64(3, 'UTC') DEFAULT now64(3)",
         f"""
         CREATE TABLE IF NOT EXISTS {db}.{METER_WINDOWS} (
             meter LowCardinality(String),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import random
 import uuid
 from collections.abc import Iterator
@@ -144,6 +145,10 @@ def _bucket_end(start: datetime, size: str, tz: ZoneInfo) -> datetime:
         return datetime(d.year, d.month, d.day, tzinfo=tz).astimezone(UTC)
     y, m = (local.year + 1, 1) if local.month == 12 else (local.year, local.month + 1)
     return datetime(y, m, 1, tzinfo=tz).astimezone(UTC)
+
+
+def parse_iso(text: str) -> datetime:
+    return datetime.fromisoformat(text)
 
 
 def _fmt(t: datetime) -> str:
@@ -290,7 +295,7 @@ def test_meters_list_get_and_subjects(app_client: Any) -> None:
         ("/api/v1/meters/m_sum/query?groupBy=colour", 400, "groupBy"),
         ("/api/v1/meters/m_sum/query?filterGroupBy[colour]=x", 400, "filterGroupBy[colour]"),
         ("/api/v1/events?limit=0", 400, "limit"),
-        ("/api/v1/events?limit=1001", 400, "limit"),
+        ("/api/v1/events?limit=101", 400, "limit"),
         ("/api/v1/events?limit=ten", 400, "limit"),
         ("/api/v1/dead-letters?from=nope", 400, "from"),
     ],
@@ -311,29 +316,77 @@ def test_errors_are_problem_json(app_client: Any, url: str, status: int, field: 
 def test_events_listing(app_client: Any) -> None:
     http, _, client, database = app_client
     base = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    since = {"from": "2024-05-01T00:00:00Z"}
     rows = []
+    events = []
     for i in range(30):
         row = {
             "dedupe_key": uuid.uuid4().bytes, "id": f"e{i}", "source": "src", "type": "ev",
-            "subject": "s1" if i % 2 else "s2", "time": base + timedelta(minutes=i, microseconds=i),
-            "data": f"{{\"v\": {i}}}", "ingested_at": base + timedelta(hours=1), "log_epoch": "epoch",
+            "subject": "cust-1" if i % 2 else "cust-22", "time": base + timedelta(minutes=i // 2, microseconds=i % 2),
+            "data": f"{{\"v\": {i}}}", "ingested_at": base + timedelta(hours=1, seconds=i), "log_epoch": "epoch",
             "kafka_partition": 0, "kafka_offset": i, "batch_index": 0,
             "validation_errors": ["m_sum: value missing"] if i == 5 else [],
+            "attributes": '{"datacontenttype":"application/json","region":"eu"}' if i == 0 else "",
         }
+        events.append(row)
         rows.append([row[c] for c in EVENT_COLUMNS])
     for _ in range(2):
         client.insert(f"{database}.events", rows, column_names=list(EVENT_COLUMNS))
-    got = http.get("/api/v1/events").json()
-    assert [g["event"]["id"] for g in got] == [f"e{i}" for i in range(29, -1, -1)]
+    newest_first = sorted(events, key=lambda r: (r["time"], r["ingested_at"], r["id"]), reverse=True)
+    got = http.get("/api/v1/events", params=since).json()
+    assert [g["event"]["id"] for g in got] == [r["id"] for r in newest_first]
     first = got[-1]
-    assert first["event"] == {"specversion": "1.0", "id": "e0", "source": "src", "type": "ev", "subject": "s2",
-                              "time": "2024-05-01T12:00:00.000000Z", "data": {"v": 0}}
+    assert first["event"] == {"specversion": "1.0", "id": "e0", "source": "src", "type": "ev", "subject": "cust-22",
+                              "time": "2024-05-01T12:00:00.000000Z", "data": {"v": 0},
+                              "datacontenttype": "application/json", "region": "eu"}
     assert first["ingestedAt"] == "2024-05-01T13:00:00.000000Z" and "validationError" not in first
-    assert got[-6]["validationError"] == "m_sum: value missing"
-    got = http.get("/api/v1/events", params={"subject": "s1", "limit": 3}).json()
-    assert [g["event"]["id"] for g in got] == ["e29", "e27", "e25"]
-    got = http.get("/api/v1/events", params={"from": "2024-05-01T12:10:00.000010Z", "to": "2024-05-01T12:12:00.000012Z"}).json()
-    assert [g["event"]["id"] for g in got] == ["e12", "e11", "e10"]
+    assert parse_iso(first["storedAt"]) > datetime(2025, 1, 1, tzinfo=UTC)  # when ClickHouse stored it
+    assert next(g for g in got if g["event"]["id"] == "e5")["validationError"] == "m_sum: value missing"
+    assert http.get("/api/v1/events").json() == []  # from defaults to 72 hours ago (the spec's default)
+
+    def ids(**params: Any) -> list[str]:
+        res = http.get("/api/v1/events", params={**since, **params})
+        assert res.status_code == 200, res.text
+        return [g["event"]["id"] for g in res.json()]
+
+    assert ids(subject="cust-1", limit=3) == [r["id"] for r in newest_first if r["subject"] == "cust-1"][:3]
+    assert ids(subject="ust-2") == [r["id"] for r in newest_first if "ust-2" in r["subject"]]  # partial
+    assert ids(id="e2") == [r["id"] for r in newest_first if "e2" in r["id"]]  # partial
+    lo, hi = base + timedelta(hours=1, seconds=10), base + timedelta(hours=1, seconds=12)
+    assert ids(ingestedAtFrom=lo.isoformat(), ingestedAtTo=hi.isoformat()) == [
+        r["id"] for r in newest_first if lo <= r["ingested_at"] <= hi]
+    assert ids(**{"from": "2024-05-01T12:05:00.000001Z", "to": "2024-05-01T12:06:00.000001Z"}) == [
+        r["id"] for r in newest_first if base + timedelta(minutes=5, microseconds=1) <= r["time"]
+        <= base + timedelta(minutes=6, microseconds=1)]
+    assert ids(clientId="c-1", limit=100) == [r["id"] for r in newest_first]
+    for bad, field in (({"customerId": "01G65Z755AFWAKHE12NY0CQ9FH"}, "customerId"), ({"limit": 101}, "limit"),
+                       ({"sort": "x"}, "sort"), ({"subject": ""}, "subject")):
+        res = http.get("/api/v1/events", params=bad)
+        assert res.status_code == 400 and res.json()["errors"][0]["field"] == field, res.text
+
+    # v2: filters and cursor pages that neither repeat nor skip, even across equal times.
+    flt = {"$or": [{"$eq": "cust-22"}]}
+    query = {"filter": json.dumps({"subject": flt, "time": {"$gte": "2024-05-01T00:00:00Z"}}), "limit": 4}
+    seen: list[str] = []
+    pages = 0
+    while True:
+        res = http.get("/api/v2/events", params=query)
+        assert res.status_code == 200, res.text
+        body = res.json()
+        seen += [g["event"]["id"] for g in body["items"]]
+        pages += 1
+        if not body["items"]:
+            break
+        query["cursor"] = body["nextCursor"]
+    assert sorted(seen) == sorted(r["id"] for r in events if r["subject"] == "cust-22") and len(seen) == len(set(seen))
+    assert pages == 5  # 15 events, 4 a page, then an empty page
+    res = http.get("/api/v2/events", params={"filter": json.dumps({"$or": []})})
+    assert res.status_code == 400
+    for bad, field in (({"filter": "[object Object]"}, "filter"), ({"filter[subject]": "x"}, "filter[subject]"),
+                       ({"filter": '{"customerId":{"$in":["x"]}}'}, "filter.customerId"),
+                       ({"cursor": "nope"}, "cursor"), ({"limit": 0}, "limit")):
+        res = http.get("/api/v2/events", params=bad)
+        assert res.status_code == 400 and res.json()["errors"][0]["field"] == field, res.text
 
 
 def test_dead_letters_listing(app_client: Any) -> None:

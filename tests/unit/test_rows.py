@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import pytest
 
 from meterline.core.meters import Meter, MeterSet
@@ -147,3 +148,11 @@ def test_control_characters_from_the_topic_are_stored_under_distinct_keys() -> N
     events = [{**ev(1), "source": "a\x00b", "id": "c"}, {**ev(2), "source": "a", "id": "b\x00c"}]
     rows = message_rows(events, POS, METERS, RowOptions(), first_sighting_decider(), now=NOW)
     assert rows.accepted == 2 and not rows.dead_letters
+
+
+def test_optional_and_extension_attributes_are_kept() -> None:
+    """datacontenttype, dataschema and extensions go to `attributes`, so the event list shows them."""
+    extra = {"datacontenttype": "application/json", "dataschema": "https://x/s.json", "traceparent": "00-ab"}
+    rows = message_rows([{**ev(1), **extra}, ev(2)], POS, METERS, RowOptions(), always_accept, now=NOW)
+    assert orjson.loads(col(rows.events[0], EVENT_COLUMNS, "attributes")) == extra
+    assert col(rows.events[1], EVENT_COLUMNS, "attributes") == ""
