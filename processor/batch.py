@@ -23,11 +23,19 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from meterline.core.errors import InvalidEventError
+from meterline.core.errors import InvalidEventError, StorageRejectedError
 from meterline.core.events import decode_batch
 from meterline.core.meters import MeterSet
-from meterline.core.positions import dedupe_key
-from meterline.core.rows import MessagePosition, RowOptions, Rows, message_rows, undecodable_rows
+from meterline.core.positions import Position, dedupe_key
+from meterline.core.rows import (
+    MessagePosition,
+    RowOptions,
+    Rows,
+    message_rows,
+    quarantined_rows,
+    undecodable_rows,
+)
+from meterline.core.schema import EVENTS
 from meterline.settings import Settings
 from processor import metrics
 from processor.dedupe import DedupeState
@@ -50,13 +58,15 @@ class Sink(Protocol):
         """Store events, then dead letters, then windows; return only once all are stored.
 
         Retries storage errors itself until it succeeds or `stop()` was called (then it raises):
-        the batch stays unacked either way, so nothing is lost.
+        the batch stays unacked either way, so nothing is lost. Raises `StorageRejectedError` (with
+        `table` set) at once when storage refuses the rows themselves: retrying cannot help.
         """
 
     def load_dedupe(self, partition: int, horizon_days: int, since: tuple[str, int] | None,
                     merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
         """Feed the stored first sightings of `partition` (within the horizon, after `since`) to `merge`
-        as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking."""
+        as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking. Keys are
+        computed with the current `dedupe_key` from the stored `(source, id)` (see KEY_VERSION)."""
 
     def stop(self) -> None:
         """Make pending retries give up (shutdown)."""
@@ -90,7 +100,7 @@ Ack = Callable[[StreamEvent], Awaitable[Any]]
 def _key(event: Any) -> bytes:
     try:
         return dedupe_key(event["source"], event["id"])
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError, UnicodeError):
         return _NO_KEY  # invalid event: rows.message_rows dead-letters it before using the key
 
 
@@ -178,7 +188,12 @@ class BatchProcessor:
         await self.ensure_loaded({m[0] for m in messages})
         rows = self.build(messages)
         self.state.flush()
-        await self.sink.write(rows)
+        try:
+            await self.sink.write(rows)
+        except StorageRejectedError as exc:
+            logger.error("storage refused a batch; writing its messages one by one",
+                         extra={"messages": len(messages), "error": str(exc)[:500]})
+            await self._write_each(messages)
         last: dict[int, int] = {}
         for p, off, _, _ in messages:
             if off >= last.get(p, -1):
@@ -193,3 +208,41 @@ class BatchProcessor:
             metrics.DEAD_LETTERS.labels(reason_code=code).inc(n)
         metrics.BATCHES.inc()
         return rows
+
+    async def _write_each(self, messages: list[Message]) -> None:
+        """Write each message alone; quarantine the ones storage refuses (never stall the partition).
+
+        Rebuilding a message repeats its decisions exactly (every first sighting of the batch is
+        recorded at the message's own position, and a recorded position is accepted again), so each
+        message yields the rows it had inside the batch.
+        """
+        for message in messages:
+            rows = self.build([message])
+            self.state.flush()  # as in `process`: decisions are persisted before their rows are written
+            try:
+                await self.sink.write(rows)
+            except StorageRejectedError as exc:
+                await self._quarantine(message, exc)
+
+    async def _quarantine(self, message: Message, exc: StorageRejectedError) -> None:
+        """One `invalid_event` dead letter for the whole message, so it is visible and the log moves on.
+
+        When storage refused its `events` rows nothing of the message was stored (events are written
+        first), so its first sightings are forgotten as well: the cache then agrees with ClickHouse, and
+        a later copy of one of its events is accepted on any worker, as a replay of this one would be.
+        """
+        partition, offset, value, timestamp = message
+        table = getattr(exc, "table", "")
+        received = datetime.fromtimestamp(timestamp, UTC) if timestamp else datetime.now(UTC)
+        reason = f"ClickHouse refused this message's {table or 'rows'}: {str(exc)[:2000]}"
+        logger.error("message quarantined as a dead letter", extra={
+            "partition": partition, "offset": offset, "table": table, "error": str(exc)[:500]})
+        if table == EVENTS:
+            try:
+                keys = [_key(e) for e in decode_batch(value)]
+            except InvalidEventError:
+                keys = []
+            self.state.forget_first_sightings(Position(self.log_epoch, partition, offset, 0), keys)
+        metrics.QUARANTINED.inc()
+        await self.sink.write(quarantined_rows(MessagePosition(self.log_epoch, partition, offset), value,
+                                               reason, received))

@@ -224,6 +224,21 @@ class DedupeState:
         self._new.clear()
         self._batch.clear()
 
+    def forget_first_sightings(self, message: Position, keys: Sequence[bytes]) -> int:
+        """Delete the records of `keys` whose first sighting is inside `message` (its epoch, partition
+        and offset; the index is ignored): after ClickHouse refused that message, nothing of it is stored,
+        and the cache must not claim otherwise. Returns how many were deleted."""
+        prefix = _POS.pack(self.epoch_no(message[0]), message[1], message[2], 0)[:16]
+        wb = WriteBatch(raw_mode=True)
+        n = 0
+        for key in set(keys):
+            stored = self._db.get(_KEY_PREFIX + key)
+            if stored is not None and stored[:16] == prefix:
+                wb.delete(_KEY_PREFIX + key)
+                n += 1
+        self._db.write(wb)
+        return n
+
     def discard_batch(self) -> None:
         """Drop unflushed decisions (tests model a crash with this)."""
         self._new.clear()

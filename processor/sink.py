@@ -1,4 +1,9 @@
-"""ClickHouse writes of the processor, retried until they succeed.
+"""ClickHouse writes of the processor, retried until they succeed -- unless ClickHouse refused the data.
+
+Transient failures (network, a server restarting, too many parts, a table an operator must restore)
+are retried with backoff for ever. A refusal of the data itself (`StorageRejectedError`: a value
+ClickHouse cannot parse or hold) would fail identically for ever, so it is raised at once and the
+processor quarantines the message (processor/agents.py) instead of stalling its partition.
 
 Why retry forever instead of failing the batch: the Kafka offsets of a batch are acked only after its
 rows are written (docs/design.md, "Exactly-once effect"). While ClickHouse is down the stream simply
@@ -23,8 +28,8 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from meterline.adapters.clickhouse import connect, create_schema, storage_errors
-from meterline.core.errors import StorageError
+from meterline.adapters.clickhouse import connect, create_schema, insert_errors, storage_errors
+from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.positions import dedupe_key
 from meterline.core.rows import Rows
 from meterline.core.schema import (
@@ -115,7 +120,11 @@ class ClickHouseSink:
 
     # ------------------------------------------------------------------ writes
     def write_sync(self, rows: Rows) -> None:
-        """Insert the rows in design order; returns only once all three inserts succeeded."""
+        """Insert the rows in design order; returns only once all three inserts succeeded.
+
+        Raises `StorageRejectedError` (with `table` set to the refused table) when ClickHouse refuses
+        the data itself: retrying those rows could never succeed (the caller quarantines them).
+        """
         with self._lock:
             started = time.perf_counter()
             if rows.events:
@@ -137,8 +146,12 @@ class ClickHouseSink:
         await asyncio.to_thread(self.write_sync, rows)
 
     def _insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
-        with storage_errors():
-            self._connected().insert(table, rows, column_names=list(columns), settings=INSERT_SETTINGS)
+        try:
+            with insert_errors():
+                self._connected().insert(table, rows, column_names=list(columns), settings=INSERT_SETTINGS)
+        except StorageRejectedError as exc:
+            exc.table = table  # type: ignore[attr-defined]
+            raise
 
     def retry(self, what: str, op: Callable[[], Any], *, rows: int) -> Any:
         """Run `op` until it succeeds: exponential backoff with jitter (a wait in [d/2, d], d doubling
@@ -151,6 +164,9 @@ class ClickHouseSink:
                 result = op()
                 self.failing = False
                 return result
+            except StorageRejectedError:
+                self.failing = False  # ClickHouse answered; the data is at fault, not the connection
+                raise
             except (StorageError, OSError) as exc:
                 attempt += 1
                 self.failing = True

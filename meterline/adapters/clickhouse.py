@@ -7,14 +7,15 @@ clickhouse-connect failure surfaces as `StorageError`, so callers need not know 
 from __future__ import annotations
 
 import contextlib
+import struct
 from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import ClickHouseError
+from clickhouse_connect.driver.exceptions import ClickHouseError, Error
 
-from meterline.core.errors import StorageError
+from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.schema import ddl
 
 
@@ -36,15 +37,39 @@ def connect(url: str, *, database: str | None = None, **settings: object) -> Cli
         raise StorageError(f"cannot reach ClickHouse at {parts.hostname}:{parts.port}: {exc}") from exc
 
 
+#: Server error codes that depend only on the data sent, so retrying the same rows cannot succeed:
+#: CANNOT_PARSE_TEXT, CANNOT_PARSE_INPUT_ASSERTION_FAILED, CANNOT_PARSE_DATE, CANNOT_PARSE_DATETIME,
+#: TYPE_MISMATCH, ARGUMENT_OUT_OF_BOUND, CANNOT_CONVERT_TYPE, CANNOT_PARSE_NUMBER, INCORRECT_DATA,
+#: TOO_LARGE_STRING_SIZE, VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE, DECIMAL_OVERFLOW. Everything else
+#: (network, memory, too many parts, a missing table an operator can restore) is worth retrying.
+REJECTING_CODES = frozenset({6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 407})
+
+
 @contextlib.contextmanager
 def storage_errors() -> Iterator[None]:
-    """Translate driver and network errors raised inside the block into `StorageError`."""
+    """Translate driver and network errors raised inside the block into `StorageError`, or into
+    `StorageRejectedError` when ClickHouse refused the data itself (see REJECTING_CODES)."""
     try:
         yield
     except StorageError:
         raise
+    except Error as exc:
+        if exc.code in REJECTING_CODES:
+            raise StorageRejectedError(str(exc)) from exc
+        raise StorageError(str(exc)) from exc
     except (ClickHouseError, OSError) as exc:
         raise StorageError(str(exc)) from exc
+
+
+@contextlib.contextmanager
+def insert_errors() -> Iterator[None]:
+    """`storage_errors` for inserts, where the driver serialises rows first: a value it cannot encode
+    (a Python error before anything is sent) is a refusal of the data too."""
+    with storage_errors():
+        try:
+            yield
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
+            raise StorageRejectedError(f"rows cannot be encoded: {type(exc).__name__}: {exc}") from exc
 
 
 def create_schema(client: Client, database: str) -> None:

@@ -5,7 +5,8 @@
     ├── InvalidEventError                   an incoming event breaks the CloudEvents or size rules
     ├── MeterNotFoundError                  a query names a meter that config.yaml does not define
     ├── InvalidQueryError                   query parameters are inconsistent (range, window, zone)
-    ├── StorageError                        ClickHouse failed or could not be reached
+    ├── StorageError                        ClickHouse failed or could not be reached (retry)
+    │   └── StorageRejectedError            ClickHouse refused the rows themselves (never retry)
     └── BrokerUnavailableError              Kafka did not acknowledge in time
 
 Adapters translate confluent-kafka and clickhouse-connect exceptions into these, so callers never
@@ -54,6 +55,11 @@ class InvalidQueryError(MeterlineError):
 
 class StorageError(MeterlineError):
     """ClickHouse failed; retrying may help."""
+
+
+class StorageRejectedError(StorageError):
+    """ClickHouse refused the data itself (a value it cannot parse or hold): the same rows fail every
+    time, so the processor quarantines them instead of retrying, which would stall the partition."""
 
 
 class BrokerUnavailableError(MeterlineError):

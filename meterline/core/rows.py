@@ -155,6 +155,21 @@ def undecodable_rows(pos: MessagePosition, payload: bytes, reason: str, now: dat
     return rows
 
 
+#: `batch_index` of a dead letter standing for a whole message (no event of it has this index).
+WHOLE_MESSAGE_INDEX = 2**32 - 1
+
+
+def quarantined_rows(pos: MessagePosition, payload: bytes, reason: str, now: datetime) -> Rows:
+    """The one dead letter (`invalid_event`) of a message whose rows ClickHouse refused.
+
+    Its index is WHOLE_MESSAGE_INDEX so it never replaces a per-event dead letter of the same message.
+    """
+    rows = Rows()
+    text = payload[:65536].decode("utf-8", "replace")
+    _dead(rows, pos, WHOLE_MESSAGE_INDEX, "", {}, EPOCH_START, text, "invalid_event", reason, now)
+    return rows
+
+
 def message_rows(
     events: Sequence[Mapping[str, Any]],
     pos: MessagePosition,

@@ -234,3 +234,19 @@ def test_a_cache_of_another_key_version_is_rebuilt(tmp_path: Path) -> None:
     rebuilt = DedupeState(str(tmp_path / "s"))
     assert rebuilt.lookup(k) is None and rebuilt.marker(0) is None
     rebuilt.close()
+
+
+def test_forget_first_sightings_of_a_refused_message_only(tmp_path: Path) -> None:
+    state = DedupeState(str(tmp_path / "s"))
+    mine, earlier, other = dedupe_key("s", "mine"), dedupe_key("s", "earlier"), dedupe_key("s", "other")
+    state.decide(earlier, Position(EPOCH, 0, 4, 0))
+    state.decide(mine, Position(EPOCH, 0, 5, 1))
+    state.decide(other, Position(EPOCH, 1, 5, 0))  # same offset, another partition
+    state.flush()
+    # the refused message (partition 0, offset 5) carried `mine` first and a copy of `earlier`
+    assert state.forget_first_sightings(Position(EPOCH, 0, 5, 0), [mine, earlier]) == 1
+    assert state.lookup(mine) is None
+    assert state.lookup(earlier) == Position(EPOCH, 0, 4, 0)
+    assert state.lookup(other) == Position(EPOCH, 1, 5, 0)
+    assert state.decide(mine, Position(EPOCH, 0, 9, 0))  # a later copy is now the first sighting
+    state.close()
