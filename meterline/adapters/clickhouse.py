@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
-from clickhouse_connect.driver.exceptions import ClickHouseError, Error
+from clickhouse_connect.driver.exceptions import ClickHouseError, DataError, Error
 
 from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.schema import ddl
@@ -54,7 +54,9 @@ def storage_errors() -> Iterator[None]:
     except StorageError:
         raise
     except Error as exc:
-        if exc.code in REJECTING_CODES:
+        # A DataError without a server code is the driver failing to encode a value (e.g. a year-9999
+        # DateTime): nothing was sent, and the same rows will fail the same way.
+        if exc.code in REJECTING_CODES or (isinstance(exc, DataError) and exc.code is None):
             raise StorageRejectedError(str(exc)) from exc
         raise StorageError(str(exc)) from exc
     except (ClickHouseError, OSError) as exc:

@@ -1,0 +1,96 @@
+"""Messages written straight onto the topic, bypassing ingest (anyone with topic access can):
+
+Scenario 9: an event with `time: 9999-12-31T23:59:59Z`, then 50 valid events of its subject through the
+API. Before the processor validated storage rules, the batch was retried for ever and the partition
+stalled: none of the 50 was counted. Now the poison is an `invalid_event` dead letter and all 50 count.
+
+Scenario 10: two events whose (source, id) differ only around a NUL (`("a\\0b", "c")` and `("a", "b\\0c")`),
+which shared a dedupe key when the key hashed `source NUL id`: both must count.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from confluent_kafka import Producer
+
+from meterline.localinfra.stack import LocalStack
+from tests.faults.harness import (
+    SPAN,
+    START,
+    ScenarioRow,
+    Sender,
+    batches,
+    compare,
+    dead_letter_count,
+    fault_seed,
+    finish,
+    wait_caught_up,
+)
+from tests.oracle import EventFactory, first_sightings
+
+pytestmark = pytest.mark.faults
+
+
+def produce_raw(stack: LocalStack, messages: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Produce messages in ingest's wire format, as a foreign producer would, and wait for the acks."""
+    producer = Producer({"bootstrap.servers": str(stack.kafka_bootstrap)})
+    for subject, events in messages:
+        producer.produce(str(stack.topic), orjson.dumps(events), key=subject.encode())
+    assert producer.flush(30) == 0
+
+
+def prompt(factory: EventFactory, subject: str, **over: Any) -> dict[str, Any]:
+    """A valid event of the prompt meters (the progress meter prompt_count counts it)."""
+    while True:
+        event = factory.event()
+        if event["type"] == "prompt" and isinstance(event["data"]["tokens"], int):
+            return {**event, "subject": subject, **over}
+
+
+def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., LocalStack],
+                                                  make_sender: Callable[..., Sender],
+                                                  summary: Callable[[str], ScenarioRow]) -> None:
+    started = time.monotonic()
+    row = summary("9 poison message (time 9999) on the topic")
+    seed = fault_seed() + 9
+    factory = EventFactory(seed=seed, start=START, span=SPAN)
+    stack = make_stack(processors=1)
+    subject = "customer-1"
+    produce_raw(stack, [(subject, [prompt(factory, subject, id="poison", time="9999-12-31T23:59:59Z")])])
+    sender = make_sender(stack.url)
+    valid = [prompt(factory, subject) for _ in range(50)]
+    sender.send_all(batches(valid, random.Random(seed), 1, 10))
+    counted = first_sightings(sender.accepted)
+    assert len(counted) == 50
+    wait_caught_up(stack, counted, stable_seconds=30)
+    finish(row, stack, sender, counted, compare(stack, counted), started)
+    assert dead_letter_count(stack, "invalid_event") == 1
+    row.note = "poison dead-lettered as invalid_event"
+
+
+def test_nul_separated_pairs_are_distinct_events(make_stack: Callable[..., LocalStack],
+                                                 make_sender: Callable[..., Sender],
+                                                 summary: Callable[[str], ScenarioRow]) -> None:
+    started = time.monotonic()
+    row = summary("10 (a\\0b, c) vs (a, b\\0c) on the topic")
+    seed = fault_seed() + 10
+    factory = EventFactory(seed=seed, start=START, span=SPAN)
+    stack = make_stack(processors=1)
+    subject = "customer-2"
+    pair = [prompt(factory, subject, source="a\u0000b", id="c"), prompt(factory, subject, source="a", id="b\u0000c")]
+    produce_raw(stack, [(subject, pair[:1]), (subject, pair[1:])])
+    sender = make_sender(stack.url)
+    sender.send_all(batches([prompt(factory, subject) for _ in range(20)], random.Random(seed), 1, 10))
+    refused = sender.post_once([prompt(factory, subject, source="a\u0000b", id="d")])
+    assert refused == 400  # ingest refuses control characters; only the topic can carry them
+    sender.unexpected.clear()
+    counted = first_sightings(sender.accepted) + pair
+    wait_caught_up(stack, counted, stable_seconds=30)
+    finish(row, stack, sender, counted, compare(stack, counted), started)
+    row.note = "both counted; ingest answers 400 for NUL"
