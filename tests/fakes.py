@@ -13,11 +13,17 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from meterline.core.errors import BrokerUnavailableError, StorageError
+from meterline.core.errors import BrokerUnavailableError, StorageError, StorageRejectedError
 from meterline.core.rows import Rows
 from meterline.core.schema import EVENT_COLUMNS
 
 _COL = {name: i for i, name in enumerate(EVENT_COLUMNS)}
+
+
+def _rejected(table: str) -> StorageRejectedError:
+    exc = StorageRejectedError(f"fake refusal of {table}")
+    exc.table = table  # type: ignore[attr-defined]
+    return exc
 
 
 class FakeSink:
@@ -33,6 +39,9 @@ class FakeSink:
         self.failing = False
         self.stopped = False
         self.fail_writes = 0
+        #: `reject(rows)` returning a table name makes a write raise `StorageRejectedError` for that table
+        #: (as ClickHouse refusing the data does), storing the tables before it as the real sink would.
+        self.reject: Callable[[Rows], str | None] | None = None
         self.writes = 0
         #: dedupe_key -> events row
         self.events: dict[bytes, list[Any]] = {}
@@ -47,10 +56,17 @@ class FakeSink:
             self.failing = True
             self.journal.append("write failed")
             raise StorageError("fake storage outage")
+        refused = self.reject(rows) if self.reject is not None else None
+        if refused == "events":
+            raise _rejected(refused)
         for row in rows.events:
             self.events[row[_COL["dedupe_key"]]] = row
+        if refused == "dead_letters":
+            raise _rejected(refused)
         for row in rows.dead_letters:
             self.dead_letters[tuple(row[:5])] = row
+        if refused == "meter_windows":
+            raise _rejected(refused)
         for row in rows.windows:
             self.windows[(*row[:4], *row[5:8])] = row
         self.failing = False

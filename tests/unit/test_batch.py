@@ -252,3 +252,28 @@ async def test_undecodable_message_is_a_dead_letter_and_acked(tmp_path: Path) ->
     assert acks.acked == [(0, 0)]
     assert [row[11] for row in sink.dead_letters.values()] == ["invalid_event"]
     worker.stop()
+
+
+@pytest.mark.parametrize("refused_table", ["events", "meter_windows"])
+async def test_a_message_storage_refuses_is_quarantined_and_the_rest_written(tmp_path: Path,
+                                                                             refused_table: str) -> None:
+    """Storage refuses any rows of subject "bad" (as ClickHouse refuses a value it cannot hold): that
+    message becomes one whole-message invalid_event dead letter, the others are written, all are acked."""
+    sink = FakeSink()
+    sink.reject = lambda rows: refused_table if any(r[4] == "bad" for r in rows.events) else None
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    good1, bad, good2 = [event(1, "ok", 5, 0)], [event(2, "bad", 7, 0), event(3, "bad", 1, 0)], [event(4, "ok", 9, 1)]
+    msgs = [(0, 0, orjson.dumps(good1)), (0, 1, orjson.dumps(bad)), (0, 2, orjson.dumps(good2))]
+    acks = Acks([])
+    await worker.processor.handle(stream_events(msgs), 1, acks)
+    assert acks.acked == [(0, 0), (0, 1), (0, 2)]
+    stored_ids = sorted(r[1] for r in sink.events.values())
+    assert stored_ids == (["id-1", "id-4"] if refused_table == "events" else ["id-1", "id-2", "id-3", "id-4"])
+    assert [k[:4] for k, r in sink.dead_letters.items() if r[11] == "invalid_event"] == [(EPOCH, 0, 1, 2**32 - 1)]
+    assert sorted({k[6] for k in sink.windows}) == [0, 2]  # only the written messages' windows
+    # Refused events rows leave the cache too: a later copy of one of them is its first sighting.
+    copy = (0, 3, orjson.dumps([event(2, "ok", 7, 0)]))
+    sink.reject = None
+    await worker.processor.handle(stream_events([copy]), 1, acks)
+    assert ("id-2" in {r[1] for r in sink.events.values() if r[10] == 3}) is (refused_table == "events")
+    worker.stop()

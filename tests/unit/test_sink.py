@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from meterline.core.errors import StorageError
+from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.rows import Rows
 from processor.sink import ClickHouseSink
 
@@ -88,10 +88,21 @@ def test_failing_flag_is_up_while_retrying() -> None:
 
 
 def test_other_errors_are_not_retried() -> None:
-    sink, log, sleeps, _ = make_sink({"events": [ValueError("a bug, not an outage")]})
-    with pytest.raises(ValueError):
+    sink, log, sleeps, _ = make_sink({"events": [KeyError("a bug, not an outage")]})
+    with pytest.raises(KeyError):
         sink.write_sync(rows())
     assert log == [("failed", "events")] and sleeps == []
+
+
+@pytest.mark.parametrize("error", [OverflowError("int too big to convert"), ValueError("bad value"),
+                                   StorageRejectedError("Code: 53. TYPE_MISMATCH")])
+def test_refused_rows_are_not_retried_and_name_their_table(error: Exception) -> None:
+    """Rows storage refuses fail the same way every time: raised at once for the processor to quarantine."""
+    sink, log, sleeps, _ = make_sink({"meter_windows": [error]})
+    with pytest.raises(StorageRejectedError) as info:
+        sink.write_sync(rows())
+    assert info.value.table == "meter_windows"  # type: ignore[attr-defined]
+    assert log[-1] == ("failed", "meter_windows") and sleeps == [] and not sink.failing
 
 
 def test_stopped_sink_gives_up_and_writes_nothing_after() -> None:
