@@ -32,6 +32,7 @@ from typing import Any
 import faust
 
 from meterline.settings import Settings
+from processor import metrics
 from processor.batch import BatchProcessor, StreamEvent
 from processor.topics import events_topic
 
@@ -62,10 +63,20 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
 
     # mode types signal receivers as (sender, *args, signal=..., **kwargs); faust sends `revoked` as the one
     # positional argument, which is the receiver shape faust documents.
+    owned: set[int] = set()
+
     @app.on_partitions_revoked.connect  # type: ignore[arg-type]
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         # Another worker may write first sightings for these partitions while we do not own them.
-        processor.state.forget_partitions({tp.partition for tp in revoked if tp.topic == topic.get_topic_name()})
+        gone = {tp.partition for tp in revoked if tp.topic == topic.get_topic_name()}
+        processor.state.forget_partitions(gone)
+        owned.difference_update(gone)
+        metrics.ASSIGNED.set(len(owned))
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
+        owned.update(tp.partition for tp in assigned if tp.topic == topic.get_topic_name())
+        metrics.ASSIGNED.set(len(owned))
 
     @app.agent(topic, name="meterline-processor", concurrency=1)
     async def process(stream: faust.StreamT) -> None:

@@ -16,6 +16,7 @@ DEAD_LETTERS = Counter("meterline_processor_dead_letters_total", "Dead-letter ro
 LATE = Counter("meterline_processor_late_events_total", "Events older than late_horizon_days (dead-lettered too_late)")
 MESSAGES = Counter("meterline_processor_messages_total", "Kafka messages processed")
 BATCHES = Counter("meterline_processor_batches_total", "Batches written to ClickHouse and acked")
+ASSIGNED = Gauge("meterline_processor_assigned_partitions", "Partitions of the events topic this worker owns now")
 STALE = Counter("meterline_processor_stale_messages_total", "Messages of a revoked generation left unacked")
 WRITE_SECONDS = Histogram(
     "meterline_processor_write_seconds", "Wall time of one batch's ClickHouse writes, retries included",

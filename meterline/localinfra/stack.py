@@ -53,6 +53,8 @@ class LocalStack:
     broker: LocalBroker | None = None
     clickhouse: LocalClickHouse | None = None
     workers: list[ManagedProcess] = field(default_factory=list)
+    #: index -> web port of that processor worker (/healthz /readyz /metrics)
+    worker_ports: dict[int, int] = field(default_factory=dict)
     server: ManagedProcess | None = None
 
     def __post_init__(self) -> None:
@@ -167,8 +169,9 @@ class LocalStack:
         index = len(self.workers) if index is None else index
         env = self.env()
         env["METERLINE_STATE_DIR"] = str(self.data_dir / f"processor-{index}")
+        self.worker_ports[index] = free_port()
         proc = ManagedProcess(
-            [sys.executable, "-m", "processor", "--web-port", str(free_port())],
+            [sys.executable, "-m", "processor", "--web-port", str(self.worker_ports[index])],
             name=f"processor-{index}",
             env=env,
             log_path=self.data_dir / "logs" / f"processor-{index}.log",
@@ -180,6 +183,10 @@ class LocalStack:
         else:
             self.workers.append(proc)
         return proc
+
+    def processor_url(self, index: int) -> str:
+        """Base URL of worker `index`'s web server (`/healthz`, `/readyz`, `/metrics`)."""
+        return f"http://127.0.0.1:{self.worker_ports[index]}"
 
     def restart_processor(self, index: int) -> ManagedProcess:
         """Start worker `index` again on its own state dir (after a kill or stop)."""

@@ -13,7 +13,7 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from meterline.adapters.clickhouse import connect
+from meterline.localinfra.ports import NotReadyError, wait_for
 from meterline.localinfra.stack import LocalStack
 from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
 
@@ -261,6 +263,35 @@ def compare(stack: LocalStack, counted: Sequence[dict[str, Any]], *, slugs: Sequ
                     f"{slug} {key[0].isoformat()} {key[1]} {key[2]}: got {got.get(key)} want {want.get(key)}"
                 )
     return result
+
+
+# -- what a processor worker reports (observable state to wait on instead of sleeping) -----------
+
+def worker_metric(stack: LocalStack, index: int, name: str) -> float:
+    """Sum over labels of metric `name` (without `_total`) from worker `index`'s /metrics."""
+    text = httpx.get(stack.processor_url(index) + "/metrics", timeout=5).text
+    return sum(s.value for family in text_string_to_metric_families(text) if family.name == name
+               for s in family.samples if not s.name.endswith("_created"))
+
+
+def assigned(stack: LocalStack, index: int) -> int:
+    return int(worker_metric(stack, index, "meterline_processor_assigned_partitions"))
+
+
+def wait_until(predicate: Callable[[], bool], what: str, stack: LocalStack, timeout: float = 120.0) -> None:
+    """Poll `predicate` (exceptions = not yet) and fail naming `what`, with the processor logs."""
+    try:
+        wait_for(predicate, timeout=timeout, what=what, interval=0.2)
+    except NotReadyError as exc:
+        raise AssertionError(f"{what}: {exc}\nprocessor logs:\n{log_excerpt(stack)}") from exc
+
+
+def wait_owners(stack: LocalStack, owners: Sequence[int], partitions: int) -> None:
+    """Wait until exactly the live workers `owners` share every partition, each owning at least one."""
+    def settled() -> bool:
+        counts = [assigned(stack, i) for i in owners]
+        return sum(counts) == partitions and all(counts)
+    wait_until(settled, f"workers {list(owners)} to own all {partitions} partitions", stack)
 
 
 # -- direct ClickHouse facts (for the summary and diagnosis) ---------------------------------------

@@ -39,6 +39,8 @@ from tests.faults.harness import (
     settle,
     stream_with_retries,
     wait_caught_up,
+    wait_until,
+    worker_metric,
 )
 from tests.oracle import EventFactory, first_sightings
 
@@ -56,10 +58,15 @@ def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], 
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 3, rng)
     sender = make_sender(stack.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=30.0)
-    time.sleep(10)
+    wait_until(lambda: worker_metric(stack, 0, "meterline_processor_batches") > 0, "processor writing", stack)
     assert stack.clickhouse is not None
     stack.clickhouse.kill()
-    time.sleep(outage)
+    killed = time.monotonic()
+    retries = worker_metric(stack, 0, "meterline_processor_write_retries")
+    # The outage has landed once the processor is retrying a write; it then lasts `outage` seconds in all.
+    wait_until(lambda: worker_metric(stack, 0, "meterline_processor_write_retries") > retries,
+               "processor retrying against the dead ClickHouse", stack)
+    time.sleep(max(0.0, outage - (time.monotonic() - killed)))  # the fault's length, not a wait for an effect
     assert stack.workers[0].running, f"processor died while ClickHouse was down:\n{log_excerpt(stack)}"
     old_url = stack.clickhouse.url
     stack.clickhouse.restart()  # same ports: every running process reconnects to the old URL
@@ -96,12 +103,16 @@ def test_broker_paused(make_stack: Callable[..., LocalStack], make_sender: Calla
 
     feeder = Background(first_pass)
     feeder.start()
-    time.sleep(8)
+    wait_until(lambda: sender.statuses[204] >= 5, "ingest accepting batches before the pause", stack)
     assert stack.broker is not None
     stack.broker.pause()
+    paused = time.monotonic()
     paused_at = len(sender.attempts)
     try:
-        time.sleep(pause_seconds)
+        # The pause has landed once ingest refuses a batch; it then lasts `pause_seconds` in all.
+        wait_until(lambda: any(s == 503 for s, _ in sender.attempts[paused_at:]),
+                   "ingest answering 503 while the broker is paused", stack)
+        time.sleep(max(0.0, pause_seconds - (time.monotonic() - paused)))  # the fault's length
     finally:
         stack.broker.resume()
     during = sender.attempts[paused_at:]

@@ -28,6 +28,9 @@ from tests.faults.harness import (
     feed_in_background,
     settle,
     stream_with_retries,
+    wait_owners,
+    wait_until,
+    worker_metric,
 )
 from tests.oracle import EventFactory
 
@@ -67,12 +70,15 @@ def test_two_workers_one_killed(make_stack: Callable[..., LocalStack], make_send
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 2, rng)
     sender = make_sender(stack.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=40.0)
-    time.sleep(12)
+    # Each fault waits until the previous one has visibly landed: the group's assignment moved.
+    wait_owners(stack, [0, 1], 4)
+    wait_until(lambda: worker_metric(stack, 1, "meterline_processor_batches") > 0, "worker 1 writing", stack)
     stack.workers[1].kill()  # its partitions move to worker 0
-    time.sleep(12)
+    wait_owners(stack, [0], 4)
     stack.restart_processor(1)  # a rebalance hands some back to worker 1 (stale local cache)
-    time.sleep(12)
+    wait_owners(stack, [0, 1], 4)
     stack.workers[0].kill()  # worker 1 takes everything, including what worker 0 wrote meanwhile
+    wait_owners(stack, [1], 4)
     feeder.join_checked(timeout=600)
     row.note = "kill w1, restart w1, kill w0"
     settle(row, stack, sender, started)

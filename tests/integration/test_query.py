@@ -99,19 +99,20 @@ def _rows(events: list[dict[str, Any]]) -> list[list[Any]]:
 
 @pytest.fixture(scope="module")
 def app_client(ch_url: str) -> Iterator[tuple[TestClient, list[dict[str, Any]], Any, str]]:
-    database = f"q_{uuid.uuid4().hex[:12]}"
+    # A name that only works quoted: every query must quote the configured database.
+    database = f"q-{uuid.uuid4().hex[:12]}"
     client = connect(ch_url)
     create_schema(client, database)
     events = _events(random.Random(20240310))
     rows = _rows(events)
     for _ in range(2):  # the second insert repeats every identity: FINAL must collapse it
-        client.insert(f"{database}.meter_windows", rows, column_names=list(WINDOW_COLUMNS))
+        client.insert("meter_windows", rows, column_names=list(WINDOW_COLUMNS), database=database)
     settings = Settings(clickhouse_url=f"{ch_url}/{database}", meters=_meters(), config_file="/nonexistent.yaml")
     try:
         with TestClient(create_app(settings)) as http:
             yield http, events, client, database
     finally:
-        client.command(f"DROP DATABASE IF EXISTS {database}")
+        client.command(f"DROP DATABASE IF EXISTS `{database}`")
         client.close()
 
 
@@ -267,6 +268,13 @@ def test_meters_list_get_and_subjects(app_client: Any) -> None:
     assert got["aggregation"] == "SUM" and got["valueProperty"] == "$.v" and got["windowSize"] == "MINUTE"
     assert got["groupBy"] == {"model": "$.model", "region": "$.region"} and got["eventType"] == "ev"
     assert http.get("/api/v1/meters/m_sum/subjects").json() == sorted({e["subject"] for e in events})
+    # A range keeps the subjects with usage in [from, to) (minute windows): here one minute of usage.
+    start = min(e["time"] for e in events).replace(second=0, microsecond=0)
+    end = start + timedelta(minutes=1)
+    in_range = sorted({e["subject"] for e in events if start <= e["time"].replace(second=0, microsecond=0) < end})
+    got = http.get("/api/v1/meters/m_sum/subjects", params={"from": _fmt(start), "to": _fmt(end)}).json()
+    assert got == in_range and len(in_range) < len({e["subject"] for e in events})
+    assert http.get("/api/v1/meters/m_sum/subjects", params={"from": "2030-01-01T00:00:00Z"}).json() == []
 
 
 @pytest.mark.parametrize(
@@ -331,7 +339,7 @@ def test_events_listing(app_client: Any) -> None:
         events.append(row)
         rows.append([row[c] for c in EVENT_COLUMNS])
     for _ in range(2):
-        client.insert(f"{database}.events", rows, column_names=list(EVENT_COLUMNS))
+        client.insert("events", rows, column_names=list(EVENT_COLUMNS), database=database)
     newest_first = sorted(events, key=lambda r: (r["time"], r["ingested_at"], r["id"]), reverse=True)
     got = http.get("/api/v1/events", params=since).json()
     assert [g["event"]["id"] for g in got] == [r["id"] for r in newest_first]
@@ -402,7 +410,7 @@ def test_dead_letters_listing(app_client: Any) -> None:
         }
         rows.append([row[c] for c in DEAD_LETTER_COLUMNS])
     for _ in range(2):
-        client.insert(f"{database}.dead_letters", rows, column_names=list(DEAD_LETTER_COLUMNS))
+        client.insert("dead_letters", rows, column_names=list(DEAD_LETTER_COLUMNS), database=database)
     got = http.get("/api/v1/dead-letters").json()
     assert [g["event"]["id"] for g in got] == [f"d{i}" for i in range(5, -1, -1)]
     assert got[0]["meter"] == "m_sum" and got[0]["reasonCode"] == "value_missing"

@@ -1,28 +1,122 @@
-"""The compose file is what operators run on real clusters; keep it parseable and complete."""
+"""deploy/ agrees with the code it runs: what operators start must be what meterline understands.
+
+Each check reads the deploy files and asks the code (Settings, the CLI parser, pyproject's package
+list) rather than restating values, so a renamed setting, command or package fails here.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
+import re
+import shlex
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import urlsplit
 
+import pytest
+import typer.main
 import yaml
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+from meterline.cli import app
+from meterline.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+COMPOSE = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+#: Services running the meterline image (the others are the infrastructure they use).
+OURS = sorted(name for name, svc in SERVICES.items() if svc.get("image") == "meterline:latest")
 
 
-def test_compose_names_every_service() -> None:
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    services = compose["services"]
-    assert set(services) == {"kafka", "clickhouse", "ingest", "processor", "query"}
-    assert services["kafka"]["image"].startswith("apache/kafka:")
-    assert services["clickhouse"]["image"].startswith("clickhouse/clickhouse-server:")
-    assert services["processor"]["deploy"]["replicas"] == 2
+def env_names() -> set[str]:
+    """Every environment variable Settings reads: METERLINE_<FIELD> plus declared aliases."""
+    names = set()
+    for name, field in Settings.model_fields.items():
+        names.add(f"METERLINE_{name.upper()}")
+        choices = getattr(field.validation_alias, "choices", ())
+        names.update(c for c in choices if isinstance(c, str) and c.isupper())
+    return names
 
 
-def test_services_take_addresses_from_env() -> None:
-    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
-    for name in ("ingest", "processor", "query"):
-        env = compose["services"][name]["environment"]
-        assert env["KAFKA_BOOTSTRAP"] == "kafka:9092"
-        assert env["CLICKHOUSE_URL"].startswith("http://clickhouse:8123/")
+@pytest.fixture
+def compose_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only what compose sets; the config file is the repository's, as the image copies it."""
+    for name in list(os.environ):
+        if name.upper().startswith("METERLINE_") or name.upper() in ("KAFKA_BOOTSTRAP", "CLICKHOUSE_URL"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(ROOT)
 
 
+def test_meterline_services_exist() -> None:
+    assert {"ingest", "processor", "query"} <= set(OURS)
+
+
+@pytest.mark.parametrize("service", OURS)
+def test_every_environment_variable_is_a_setting(service: str) -> None:
+    """An unknown name would be silently ignored by the environment source, unlike a config.yaml key."""
+    unknown = set(SERVICES[service]["environment"]) - env_names()
+    assert not unknown, f"{service} sets variables meterline does not read: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("service", OURS)
+def test_environment_points_at_the_compose_infrastructure(service: str, compose_env: None,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {k: str(v) for k, v in SERVICES[service]["environment"].items()}
+    env["METERLINE_CONFIG"] = str(ROOT / "config.yaml")  # the image's /app/config.yaml is this file
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    settings = Settings()
+    assert settings.meters(), "the shipped config defines meters"
+    kafka_host, kafka_port = str(settings.kafka_bootstrap).split(":")
+    assert kafka_host in SERVICES and f"PLAINTEXT://:{kafka_port}" in SERVICES[kafka_host]["environment"]["KAFKA_LISTENERS"]
+    ch = urlsplit(str(settings.clickhouse_url))
+    assert ch.hostname in SERVICES and f"localhost:{ch.port}" in " ".join(SERVICES[ch.hostname]["healthcheck"]["test"])
+    assert set(SERVICES[service]["depends_on"]) == {kafka_host, ch.hostname}
+    if service == "processor":
+        replicas = SERVICES[service]["deploy"]["replicas"]
+        assert 1 <= replicas <= settings.topic_partitions, "a replica beyond the partition count would idle"
+
+
+@pytest.mark.parametrize("service", OURS)
+def test_command_is_a_real_entrypoint(service: str) -> None:
+    argv = SERVICES[service]["command"]
+    assert argv[:2] == ["python", "-m"]
+    if argv[2] == "processor":
+        from processor.app import main  # noqa: F401 - `python -m processor` runs processor.app.main
+        assert len(argv) == 3
+        return
+    assert argv[2] == "meterline.cli"
+    command = typer.main.get_command(app)
+    ctx = command.make_context("meterline", list(argv[3:]), resilient_parsing=False)
+    sub = command.get_command(ctx, argv[3])  # type: ignore[attr-defined]
+    assert sub is not None, f"no such command: {argv[3]}"
+    params = sub.make_context(argv[3], list(argv[4:])).params
+    published = {int(p.split(":")[1]) for p in SERVICES[service].get("ports", [])}
+    assert published == {params["port"]}, "the published port is the one the server listens on"
+    probe = " ".join(SERVICES[service].get("healthcheck", {}).get("test", []))
+    if probe:
+        assert f"localhost:{params['port']}/healthz" in probe
+
+
+def test_image_contains_every_shipped_package() -> None:
+    """The Dockerfile copies sources by hand: a new top-level package must be copied too."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    shipped = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set()
+    for line in (DEPLOY / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            copied.update(Path(p).name for p in shlex.split(line)[1:-1])
+    assert shipped <= copied, f"Dockerfile does not copy {sorted(shipped - copied)}"
+
+
+def test_image_config_path_is_where_config_is_copied() -> None:
+    final = (DEPLOY / "Dockerfile").read_text().split("\nFROM ")[-1]
+    workdir = re.search(r"^WORKDIR (\S+)", final, re.MULTILINE)
+    copied = re.search(r"^COPY config\.yaml (\S+)", final, re.MULTILINE)
+    env = re.search(r"^ENV METERLINE_CONFIG=(\S+)", final, re.MULTILINE)
+    assert workdir and copied and env
+    assert PurePosixPath(workdir[1], copied[1]) == PurePosixPath(env[1])
+    for service in OURS:  # compose mounts the operator's config.yaml at the same path
+        mounts = SERVICES[service]["volumes"]
+        assert any(m.split(":")[1] == SERVICES[service]["environment"]["METERLINE_CONFIG"] for m in mounts)

@@ -86,6 +86,10 @@ def test_stream_ack_and_app_hooks_the_agent_uses() -> None:
     app = faust.App("contract-check", broker="kafka://127.0.0.1:1", store="memory://")
     assert app.consumer_generation_id == 0, RECHECK
     assert callable(app.on_partitions_revoked.connect), RECHECK
+    assert callable(app.on_partitions_assigned.connect), RECHECK  # feeds the assigned-partitions gauge
+    sends = source(faust.App._on_partitions_revoked) + source(faust.App._on_partitions_assigned)
+    assert "self.on_partitions_revoked.send)(revoked)" in sends, RECHECK
+    assert "self.on_partitions_assigned.send)(assigned)" in sends, RECHECK
     # The aiokafka driver is what moves the generation on a rebalance.
     assert "app.consumer_generation_id = generation" in source(faust_aiokafka), RECHECK
 
