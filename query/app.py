@@ -25,6 +25,7 @@ from query.openapi import drop_unreachable_422
 from query.portal import router as portal_router
 from query.routes import install_query_problem_handlers, router
 from query.store import WindowStore
+from query.subject_routes import router as subjects_router
 
 __all__ = ["clickhouse_check", "create_app", "install_query", "query_lifespan", "router"]
 
@@ -62,6 +63,7 @@ def install_query(app: FastAPI) -> None:
     install_query_problem_handlers(app)
     app.include_router(router)
     app.include_router(events_router)
+    app.include_router(subjects_router)
     app.include_router(portal_router)
     generate = app.openapi
     app.openapi = lambda: drop_unreachable_422(generate())  # type: ignore[method-assign]

@@ -119,6 +119,14 @@ DEAD_LETTERS = {
     ],
     "responses": ok({"type": "array", "items": ref("DeadLetter")}),
 }
+SUBJECT_UPSERT = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "array", "minItems": 1, "maxItems": 100, "items": ref("SubjectUpsert")}}}},
+    "responses": ok({"type": "array", "items": ref("Subject")}),
+}
+SUBJECT_LIST = {"responses": ok({"type": "array", "items": ref("Subject")})}
+SUBJECT_GET = {"responses": ok(ref("Subject"))}
+SUBJECT_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown subject", **PROBLEM}}
 METERS = {"responses": ok({"type": "array", "items": ref("Meter")})}
 METER = {"responses": ok(ref("Meter"))}
 
@@ -216,6 +224,23 @@ COMPONENTS: dict[str, Any] = {
     "IngestedEventCursorPaginatedResponse": {
         "type": "object", "required": ["items"],
         "properties": {"items": {"type": "array", "items": ref("IngestedEvent")}, "nextCursor": {"type": "string"}},
+    },
+    "SubjectUpsert": {
+        "type": "object", "required": ["key"], "additionalProperties": False,
+        "properties": {
+            "key": {"type": "string", "minLength": 1}, "displayName": _NULLABLE_STRING,
+            "metadata": {"type": "object", "nullable": True},
+            "currentPeriodStart": _TIME, "currentPeriodEnd": _TIME, "stripeCustomerId": _NULLABLE_STRING,
+        },
+    },
+    "Subject": {
+        "type": "object", "required": ["id", "key", "createdAt", "updatedAt"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"},
+            "key": {"type": "string"}, "displayName": _NULLABLE_STRING,
+            "metadata": {"type": "object", "nullable": True}, "createdAt": _TIME, "updatedAt": _TIME,
+            "currentPeriodStart": _TIME, "currentPeriodEnd": _TIME, "stripeCustomerId": _NULLABLE_STRING,
+        },
     },
     "DeadLetter": {
         "type": "object", "required": ["event", "reasonCode", "reason", "receivedAt", "position"],

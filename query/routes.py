@@ -20,6 +20,7 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from meterline.adapters.auth import principal_of
 from meterline.adapters.problems import ProblemResponse, UnsupportedContentTypeError, problem
 from meterline.core.errors import InvalidQueryError, MeterNotFoundError, StorageError
 from meterline.core.meters import Meter, MeterSet
@@ -28,6 +29,7 @@ from query.export import csv_text
 from query.request import MeterQuery, from_body, from_query_params
 from query.shapes import decimal_text, meter_json, number
 from query.store import WindowStore
+from query.subject_routes import subjects_by_key
 from query.windowing import MINUTE, bucket_end, format_instant, parse_instant
 
 log = logging.getLogger(__name__)
@@ -199,7 +201,11 @@ def _answer(request: Request, meter: Meter, query: MeterQuery) -> Response:
         exact.append(row.value)
 
     if "text/csv" in request.headers.get("accept", ""):
-        return _csv(meter, query, data, exact)
+        names: dict[str, dict[str, Any]] = {}
+        if query.group_by_subject:
+            keys = sorted({r["subject"] for r in data if r["subject"] is not None})
+            names = subjects_by_key(_store(request), principal_of(request.state).namespace, keys)
+        return _csv(meter, query, data, exact, names)
     body: dict[str, Any] = {}
     if query.start is not None:
         body["from"] = format_instant(query.start)
@@ -212,15 +218,23 @@ def _answer(request: Request, meter: Meter, query: MeterQuery) -> Response:
     return JSONResponse(body)
 
 
-def _csv(meter: Meter, query: MeterQuery, data: list[dict[str, Any]], exact: list[Decimal]) -> Response:
-    """OpenMeter's CSV layout with exact decimal values (`query.export`)."""
+def _csv(
+    meter: Meter, query: MeterQuery, data: list[dict[str, Any]], exact: list[Decimal],
+    subjects: dict[str, dict[str, Any]],
+) -> Response:
+    """OpenMeter's CSV layout with exact decimal values (`query.export`); `subject_display_name` when any
+    subject of the answer is a stored subject entity (as OpenMeter does)."""
     header = ["window_start", "window_end"]
     if query.group_by_subject:
         header.append("subject")
+        if subjects:
+            header.append("subject_display_name")
     header += [*query.group_by, "value"]
     lines = []
     for row, value in zip(data, exact, strict=True):
         texts: list[str | None] = [row["subject"]] if query.group_by_subject else []
+        if subjects:
+            texts.append((subjects.get(row["subject"]) or {}).get("display_name"))
         texts += [row["groupBy"].get(k) for k in query.group_by]
         lines.append(((row["windowStart"], row["windowEnd"]), texts, decimal_text(value)))
     return Response(

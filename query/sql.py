@@ -20,7 +20,15 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from meterline.core.schema import DEAD_LETTER_COLUMNS, DEAD_LETTERS, EVENTS, METER_WINDOWS, qualified
+from meterline.core.schema import (
+    DEAD_LETTER_COLUMNS,
+    DEAD_LETTERS,
+    EVENTS,
+    METER_WINDOWS,
+    SUBJECT_COLUMNS,
+    SUBJECTS,
+    qualified,
+)
 from meterline.core.times import format_sql_time
 from query.filters import FilterString, FilterTime, filter_sql, time_filter_sql
 from query.windowing import RangeSplit
@@ -378,3 +386,35 @@ def dead_letters_query(
     _inclusive_range(params, where, "received_at", start, end)
     order_by = "received_at DESC, log_epoch, kafka_partition, kafka_offset, batch_index, meter"
     return _listing(database, DEAD_LETTERS, DEAD_LETTER_COLUMNS, where, order_by, params)
+
+
+# -------------------------------------------------------------------------------------------------
+# Subjects (OpenMeter's subject entities) and debug counts
+# -------------------------------------------------------------------------------------------------
+
+
+def subject_entities_query(
+    database: str, namespace: str, *, keys: Sequence[str] | None = None, id_or_key: str | None = None
+) -> Query:
+    """Live (not deleted) subjects of a namespace, newest version of each key, ordered by key."""
+    params = Params({"namespace": namespace})
+    where = ["namespace = {namespace:String}", "deleted_at IS NULL"]
+    if keys is not None:
+        where.append(f"key IN {params.bind(list(keys), 'Array(String)')}")
+    if id_or_key is not None:
+        value = params.bind(id_or_key, "String")
+        where.append(f"(key = {value} OR id = {value})")
+    sql = (
+        f"SELECT {', '.join(SUBJECT_COLUMNS)}\nFROM {qualified(database, SUBJECTS)} FINAL\n"
+        f"WHERE {' AND '.join(where)}\nORDER BY key"
+    )
+    return Query(sql, params.values)
+
+
+def ingested_counts_query(database: str, since: datetime) -> Query:
+    """Events ingested since `since`, per subject (`GET /api/v1/debug/metrics`)."""
+    sql = (
+        f"SELECT subject, count() AS events\nFROM {qualified(database, EVENTS)} FINAL\n"
+        "WHERE ingested_at >= {since:DateTime64(6, 'UTC')}\nGROUP BY subject\nORDER BY subject"
+    )
+    return Query(sql, {"since": ts6(since)})

@@ -13,6 +13,7 @@ METER_WINDOWS = "meter_windows"
 DEAD_LETTERS = "dead_letters"
 DEAD_LETTER_REPLAYS = "dead_letter_replays"
 API_KEYS = "api_keys"
+SUBJECTS = "subjects"
 PORTAL_TOKENS = "portal_tokens"
 
 API_KEY_COLUMNS: tuple[str, ...] = (
@@ -21,6 +22,11 @@ API_KEY_COLUMNS: tuple[str, ...] = (
 
 PORTAL_TOKEN_COLUMNS: tuple[str, ...] = (
     "id", "namespace", "subject", "allowed_meters", "created_at", "expires_at", "invalidated_at", "updated_at",
+)
+
+SUBJECT_COLUMNS: tuple[str, ...] = (
+    "namespace", "key", "id", "display_name", "metadata", "current_period_start", "current_period_end",
+    "stripe_customer_id", "created_at", "updated_at", "deleted_at",
 )
 
 EVENT_COLUMNS: tuple[str, ...] = (
@@ -148,6 +154,24 @@ def ddl(database: str) -> list[str]:
         )
         ENGINE = ReplacingMergeTree(updated_at)
         ORDER BY key_id
+        """,
+        # OpenMeter's subjects (display name, metadata) per namespace; the newest version of a key wins.
+        f"""
+        CREATE TABLE IF NOT EXISTS {db}.{SUBJECTS} (
+            namespace String,
+            key String,
+            id String,
+            display_name Nullable(String),
+            metadata String,
+            current_period_start Nullable(DateTime64(3, 'UTC')),
+            current_period_end Nullable(DateTime64(3, 'UTC')),
+            stripe_customer_id Nullable(String),
+            created_at DateTime64(3, 'UTC'),
+            updated_at DateTime64(3, 'UTC'),
+            deleted_at Nullable(DateTime64(3, 'UTC'))
+        )
+        ENGINE = ReplacingMergeTree(updated_at)
+        ORDER BY (namespace, key)
         """,
         # Portal tokens are signed JWTs; this table lists them and records invalidations (newest wins).
         f"""

@@ -436,3 +436,76 @@ def test_health_and_metrics(app_client: Any) -> None:
     http.get("/healthz")  # not an API route: no series
     assert served() == before + 3
     assert 'route="/healthz"' not in http.get("/metrics").text
+
+
+def test_subjects_api_and_csv_display_names(app_client: Any) -> None:
+    http, events, _, _ = app_client
+    res = http.post("/api/v1/subjects", json=[
+        {"key": "s1", "displayName": "=Acme, Inc.", "metadata": {"tier": "gold"}},
+        {"key": "s3", "displayName": ""},
+    ])
+    assert res.status_code == 200, res.text
+    created = {s["key"]: s for s in res.json()}
+    assert created["s1"]["displayName"] == "=Acme, Inc." and created["s1"]["metadata"] == {"tier": "gold"}
+    assert len(created["s1"]["id"]) == 26 and created["s1"]["createdAt"] == created["s1"]["updatedAt"]
+    # A partial update keeps what the body leaves out and keeps id and createdAt.
+    res = http.post("/api/v1/subjects", json=[{"key": "s1", "metadata": None}])
+    updated = res.json()[0]
+    assert updated["displayName"] == "=Acme, Inc." and updated["metadata"] is None
+    assert updated["id"] == created["s1"]["id"] and updated["createdAt"] == created["s1"]["createdAt"]
+    assert http.get(f"/api/v1/subjects/{updated['id']}").json()["key"] == "s1"
+    assert [s["key"] for s in http.get("/api/v1/subjects").json()] == ["s1", "s3"]
+
+    # CSV: subject_display_name appears, formula-like names are defused, "" stays "" and a subject without
+    # an entity (s2) has an empty cell.
+    params = [("from", _fmt(FROM)), ("to", _fmt(TO)), ("groupBy", "subject")]
+    res = http.get("/api/v1/meters/m_count/query", params=params, headers={"Accept": "text/csv"})
+    lines = res.text.split("\r\n")
+    assert lines[0] == "window_start,window_end,subject,subject_display_name,value"
+    cells = {line.split(",")[2]: line for line in lines[1:-1]}
+    assert cells["s1"].split(",", 3)[3].startswith("\"'=Acme, Inc.\",")
+    assert cells["s3"].split(",")[3] == '""' and cells["s2"].split(",")[3] == ""
+    counts = {s: sum(1 for e in events if e["subject"] == s and FROM <= e["time"].replace(second=0, microsecond=0) < TO)
+              for s in ("s1", "s2", "s3")}
+    assert {s: int(line.rsplit(",", 1)[1]) for s, line in cells.items()} == counts
+
+    assert http.delete("/api/v1/subjects/s3").status_code == 204
+    assert http.get("/api/v1/subjects/s3").status_code == 404
+    assert http.delete("/api/v1/subjects/s3").status_code == 404
+    assert [s["key"] for s in http.get("/api/v1/subjects").json()] == ["s1"]
+    for body, field in (([{"displayName": "x"}], "[0].key"), ([{"key": "k", "colour": 1}], "[0].colour"), ({}, "body")):
+        res = http.post("/api/v1/subjects", json=body)
+        assert res.status_code == 400 and res.json()["errors"][0]["field"] == field, res.text
+
+
+def test_group_by_values(app_client: Any) -> None:
+    http, events, _, _ = app_client
+    lo, hi = datetime(2024, 3, 8, tzinfo=UTC), datetime(2024, 3, 31, 23, 59, tzinfo=UTC)
+    params = {"from": _fmt(lo), "to": _fmt(hi)}
+    inside = [e for e in events if lo <= e["time"] <= hi]
+    got = http.get("/api/v1/meters/m_sum/group-by/model/values", params=params)
+    assert got.status_code == 200, got.text
+    assert got.json() == sorted({e["group"]["model"] for e in inside if "model" in e["group"]})
+    assert http.get("/api/v1/meters/m_sum/group-by/subject/values", params=params).json() == sorted(
+        {e["subject"] for e in inside})
+    assert http.get("/api/v1/meters/m_sum/group-by/model/values").json() == []  # default: the last 24 hours
+    assert http.get("/api/v1/meters/m_sum/group-by/colour/values").status_code == 400
+    assert http.get("/api/v1/meters/nope/group-by/model/values").status_code == 404
+
+
+def test_debug_metrics_count_todays_ingested_events(app_client: Any) -> None:
+    http, _, client, database = app_client
+    now = datetime.now(UTC)
+    rows = []
+    for i, (subject, ingested) in enumerate([("a", now), ("a", now), ("b\"x", now), ("c", now - timedelta(days=2))]):
+        row = {"dedupe_key": uuid.uuid4().bytes, "id": f"dm{i}", "source": "src", "type": "ev", "subject": subject,
+               "time": now, "data": "", "ingested_at": ingested, "log_epoch": "epoch", "kafka_partition": 0,
+               "kafka_offset": 1000 + i, "batch_index": 0, "validation_errors": [], "attributes": ""}
+        rows.append([row[c] for c in EVENT_COLUMNS])
+    client.insert(f"{database}.events", rows, column_names=list(EVENT_COLUMNS))
+    res = http.get("/api/v1/debug/metrics")
+    assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
+    lines = res.text.splitlines()
+    assert 'openmeter_events_total{subject="a"} 2.0' in lines
+    assert 'openmeter_events_total{subject="b\\"x"} 1.0' in lines
+    assert not any('subject="c"' in line for line in lines) and lines[-1] == "# EOF"
