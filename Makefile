@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 TANSU  := .local/bin/tansu
 
-.PHONY: install run test test-faults bench lint check clean
+.PHONY: install sdks run test test-faults bench lint check clean
 
 install: $(STAMP) $(TANSU)
 
@@ -22,7 +22,12 @@ $(TANSU): | $(STAMP)
 run: install
 	$(PY) -m meterline.cli run
 
-test: install
+# The published OpenMeter SDKs (pinned in tests/conformance/sdks.py) in throwaway environments under
+# .local/sdk, for the conformance tests; installed once, reused while the pins are unchanged.
+sdks: install
+	$(PY) -m tests.conformance.sdks
+
+test: install sdks
 	$(PY) -m pytest -q
 
 test-faults: install

@@ -156,6 +156,33 @@ def _aggregate(aggregation: str, items: list[tuple[datetime, int, Any]]) -> Deci
     raise ValueError(aggregation)
 
 
+def filter_matches(value: str | None, f: dict[str, Any]) -> bool:
+    """An independent reading of OpenMeter's FilterString for the oracle: a missing value (None) matches
+    only the negative operators ($ne $nin $nlike $nilike $ncontains); LIKE with `%` and `_`."""
+    (op, arg), = ((k, v) for k, v in f.items() if v is not None)
+    if op == "$or":
+        return any(filter_matches(value, g) for g in arg)
+    if op == "$and":
+        return all(filter_matches(value, g) for g in arg)
+    if op == "$exists":
+        return (value is not None) == arg
+    if value is None:
+        return op in ("$ne", "$nin", "$nlike", "$nilike", "$ncontains")
+
+    def like(pattern: str, fold: bool) -> bool:
+        regex = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+        return re.fullmatch(regex, value, re.DOTALL | (re.IGNORECASE if fold else 0)) is not None
+
+    checks: dict[str, Callable[[], bool]] = {
+        "$eq": lambda: value == arg, "$ne": lambda: value != arg, "$in": lambda: value in arg,
+        "$nin": lambda: value not in arg, "$like": lambda: like(arg, False), "$nlike": lambda: not like(arg, False),
+        "$ilike": lambda: like(arg, True), "$nilike": lambda: not like(arg, True),
+        "$contains": lambda: arg.lower() in value.lower(), "$ncontains": lambda: arg.lower() not in value.lower(),
+        "$gt": lambda: value > arg, "$gte": lambda: value >= arg, "$lt": lambda: value < arg, "$lte": lambda: value <= arg,
+    }
+    return checks[op]()
+
+
 def first_sightings(sent: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """The events that count: the first of each (source, id), in sending order."""
     seen: set[tuple[str, str]] = set()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,7 +19,7 @@ import pytest
 
 from meterline.localinfra.stack import LocalStack
 from tests.e2e.conftest import METERS
-from tests.oracle import EventFactory, expected, first_sightings, parse_time, response_windows
+from tests.oracle import EventFactory, expected, filter_matches, first_sightings, parse_time, response_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -181,23 +180,6 @@ def test_query_without_to_includes_the_current_minute(stack: LocalStack, sent: l
     assert parse_time(row["windowEnd"]) == now.replace(second=0, microsecond=0) + timedelta(minutes=1)
 
 
-def _matches_filter(value: str | None, f: dict[str, Any]) -> bool:
-    """An independent reading of FilterString: missing (None) matches only negative operators."""
-    (op, arg), = f.items()
-    if op == "$or":
-        return any(_matches_filter(value, g) for g in arg)
-    if op == "$and":
-        return all(_matches_filter(value, g) for g in arg)
-    if value is None:
-        return op in ("$ne", "$nin", "$nlike", "$ncontains")
-    return {
-        "$eq": lambda: value == arg, "$ne": lambda: value != arg, "$in": lambda: value in arg,
-        "$nin": lambda: value not in arg, "$like": lambda: re.fullmatch(arg.replace("%", ".*"), value) is not None,
-        "$contains": lambda: arg.lower() in value.lower(), "$ncontains": lambda: arg.lower() not in value.lower(),
-        "$gt": lambda: value > arg,
-    }[op]()
-
-
 FILTERS = [
     {"model": {"$eq": "gpt-4"}},
     {"model": {"$ne": "gpt-4"}},
@@ -222,7 +204,7 @@ def test_post_query_with_advanced_filters(stack: LocalStack, sent: list[dict[str
     def where(ev: dict[str, Any]) -> bool:
         data = ev.get("data") or {}
         return ev["subject"] in ("customer-1", "customer-3") and all(
-            _matches_filter(data.get(k), f) for k, f in filters.items())
+            filter_matches(data.get(k), f) for k, f in filters.items())
 
     want = expected(first_sightings(sent), meter, start=START, end=END, window="HOUR", group_by=["model", "type"],
                     where=where)
