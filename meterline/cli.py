@@ -43,7 +43,8 @@ def _clickhouse(settings: Settings, what: str) -> Iterator[Client]:
     if not settings.clickhouse_url:
         console.print(f"[red]CLICKHOUSE_URL is not set: {what} works on a running ClickHouse[/red]")
         raise typer.Exit(2)
-    client = connect(settings.clickhouse_url, database=settings.clickhouse_database)
+    client = connect(settings.clickhouse_url, database=settings.clickhouse_database,
+                     topology=settings.clickhouse_topology)
     try:
         yield client
     finally:
@@ -187,7 +188,7 @@ def dead_letters_list(
     settings = _settings()
     with _clickhouse(settings, "dead-letters list") as client:
         found = list_dead_letters(client, settings.clickhouse_database, meter=meter, reason=reason, limit=limit,
-                                  include_replayed=include_replayed)
+                                  include_replayed=include_replayed, topology=settings.clickhouse_topology)
     table = Table("position", "meter", "reason_code", "reason", "subject", "id", "time", "replay")
     for d, outcome in found:
         table.add_row(f"{d.partition}:{d.offset}:{d.index}", d.meter or "*", d.reason_code, d.reason, d.subject,
@@ -209,7 +210,7 @@ def dead_letters_replay(
     meters = MeterSet(settings.meters())
     with _clickhouse(settings, "dead-letters replay") as client:
         report = replay(client, settings.clickhouse_database, meters, RowOptions.from_settings(settings),
-                        meter=meter, reason=reason)
+                        meter=meter, reason=reason, topology=settings.clickhouse_topology)
     Console(soft_wrap=True).print(
         f"metered {report.metered}, still rejected {report.still_rejected} {report.rejected_reasons or ''}, "
         f"superseded {report.superseded}, not replayable {report.not_replayable}; "
@@ -241,6 +242,7 @@ def recompute(
                 client, settings.clickhouse_database, definition,
                 window_seconds=settings.window_size_seconds,
                 on_progress=lambda n: progress.advance(task, n),
+                topology=settings.clickhouse_topology,
             )
     console.print(
         f"[green]{meter}[/green]: {result.events} events -> {result.windows} window rows, "

@@ -31,6 +31,7 @@ from pydantic_settings import (
 
 from meterline.core.errors import ConfigError
 from meterline.core.meters import Meter, validate_meters
+from meterline.core.schema import Topology
 
 DEFAULT_CONFIG = "config.yaml"
 ENV_PREFIX = "METERLINE_"
@@ -59,6 +60,12 @@ class Settings(BaseSettings):
     clickhouse_url: str | None = Field(
         default=None, validation_alias=AliasChoices("CLICKHOUSE_URL", "METERLINE_CLICKHOUSE_URL", "clickhouse_url")
     )
+    #: A ClickHouse cluster (a `<remote_servers>` name): tables become `<name>_local` on every node plus a
+    #: Distributed table sharded by subject, created ON CLUSTER (docs/design.md, "ClickHouse cluster mode").
+    clickhouse_cluster: str | None = Field(default=None, min_length=1)
+    #: With a cluster: ReplicatedReplacingMergeTree under the nodes' {shard}/{replica} macros (needs a keeper);
+    #: false = shards without replicas (plain ReplacingMergeTree).
+    clickhouse_replicated: bool = True
     events_topic: str = Field(default="meterline-events", min_length=1)
     topic_partitions: int = Field(default=8, ge=1)
     consumer_group: str = Field(default="meterline-processor", min_length=1)
@@ -131,6 +138,11 @@ class Settings(BaseSettings):
         given = getattr(init_settings, "init_kwargs", {})
         path = given.get("config_file") or given.get(CONFIG_ENV) or config_path()
         return (init_settings, env_settings, ConfigFileSource(settings_cls, Path(path)))
+
+    @property
+    def clickhouse_topology(self) -> Topology:
+        """Where the tables live: one server, or every node of `clickhouse_cluster`."""
+        return Topology(cluster=self.clickhouse_cluster, replicated=self.clickhouse_replicated)
 
     @property
     def clickhouse_database(self) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
+import json
 import logging
 import shutil
 import socket
@@ -47,6 +49,17 @@ def state_dir_for(settings: Settings, worker_id: str) -> Path:
     return Path(settings.state_dir) if settings.state_dir else Path(settings.data_dir) / f"processor-{worker_id}"
 
 
+def rows_digest(settings: Settings) -> str:
+    """A digest of every setting that shapes a message's rows besides its position: the salt of insert
+    tokens, so a replay under a changed config is never dropped as a duplicate of the old rows."""
+    shape = {
+        "meters": [m.model_dump(mode="json", by_alias=True) for m in settings.meters()],
+        "window": settings.window_size_seconds, "late": settings.late_horizon_days,
+        "strict": settings.strict_event_types, "dedupe": settings.dedupe_horizon_days,
+    }
+    return hashlib.blake2b(json.dumps(shape, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app: broker and ClickHouse must be reachable (both are retried for a while).
 
@@ -63,7 +76,8 @@ def create_app(settings: Settings) -> faust.App:
     state_dir = state_dir_for(settings, worker_id)
 
     log_epoch = ensure_events_topic(settings.kafka_bootstrap, settings.events_topic, settings.topic_partitions)
-    sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database)
+    sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database,
+                          topology=settings.clickhouse_topology, token_salt=rows_digest(settings))
     sink.ensure_schema()
     meters = MeterSet(settings.meters())
     state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days)

@@ -29,6 +29,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import connect, create_schema, insert_errors, storage_errors
+from meterline.core.cluster import MessagePosition, exact_read_settings, insert_settings, insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.positions import dedupe_key
 from meterline.core.rows import Rows
@@ -38,14 +39,19 @@ from meterline.core.schema import (
     EVENT_COLUMNS,
     EVENTS,
     METER_WINDOWS,
+    SINGLE_NODE,
     WINDOW_COLUMNS,
+    Topology,
     quote_identifier,
 )
 from processor import metrics
 
 logger = logging.getLogger(__name__)
 
-INSERT_SETTINGS = {"async_insert": 0, "wait_for_async_insert": 1}
+INSERT_SETTINGS: dict[str, object] = {"async_insert": 0, "wait_for_async_insert": 1}
+# Where (log_epoch, kafka_partition, kafka_offset) start in an events row and a dead-letter row.
+EVENT_EPOCH = EVENT_COLUMNS.index("log_epoch")
+DEAD_EPOCH = DEAD_LETTER_COLUMNS.index("log_epoch")
 
 
 def dedupe_load_query(database: str, partition: int, horizon_days: int,
@@ -79,9 +85,13 @@ class ClickHouseSink:
     """
 
     def __init__(self, url: str, database: str, *, backoff_initial: float = 0.2, backoff_max: float = 10.0,
-                 connect: Callable[..., Client] = connect, sleep: Callable[[float], None] = time.sleep) -> None:
+                 connect: Callable[..., Client] = connect, sleep: Callable[[float], None] = time.sleep,
+                 topology: Topology = SINGLE_NODE, token_salt: str = "") -> None:
         self.url = url
         self.database = database
+        self.topology = topology
+        #: Digest of what shapes rows besides their positions (meters, row options): see `insert_token`.
+        self.token_salt = token_salt
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._connect = connect
@@ -95,7 +105,7 @@ class ClickHouseSink:
     # ------------------------------------------------------------------ connection
     def _connected(self) -> Client:
         if self._client is None:
-            self._client = self._connect(self.url, database=self.database)
+            self._client = self._connect(self.url, database=self.database, topology=self.topology)
         return self._client
 
     def _reset(self) -> None:
@@ -107,9 +117,9 @@ class ClickHouseSink:
     def ensure_schema(self) -> None:
         """Create database and tables (idempotent), retrying like writes: startup waits for ClickHouse."""
         def op() -> None:
-            client = self._connect(self.url, database="default")
+            client = self._connect(self.url, database="default", topology=self.topology)
             try:
-                create_schema(client, self.database)
+                create_schema(client, self.database, self.topology)
             finally:
                 client.close()
         self.retry("create_schema", op, rows=0)
@@ -127,16 +137,17 @@ class ClickHouseSink:
         """
         with self._lock:
             started = time.perf_counter()
+            positions = self._batch_positions(rows)
             if rows.events:
-                self.retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS),
+                self.retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS, positions),
                             rows=len(rows.events))
             if rows.dead_letters:
                 self.retry("insert dead_letters",
-                            lambda: self._insert(DEAD_LETTERS, rows.dead_letters, DEAD_LETTER_COLUMNS),
+                            lambda: self._insert(DEAD_LETTERS, rows.dead_letters, DEAD_LETTER_COLUMNS, positions),
                             rows=len(rows.dead_letters))
             if rows.windows:
                 self.retry("insert meter_windows",
-                            lambda: self._insert(METER_WINDOWS, rows.windows, WINDOW_COLUMNS),
+                            lambda: self._insert(METER_WINDOWS, rows.windows, WINDOW_COLUMNS, positions),
                             rows=len(rows.windows))
             metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
             metrics.LAST_WRITE.set(time.time())
@@ -145,10 +156,21 @@ class ClickHouseSink:
         """`write_sync` off the event loop."""
         await asyncio.to_thread(self.write_sync, rows)
 
-    def _insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str]) -> None:
+    def _batch_positions(self, rows: Rows) -> list[MessagePosition] | None:
+        """The batch's message positions, for insert tokens; only on a cluster (a single server has no use
+        for them). Events and dead-letter rows cover every message with rows: windows come from events."""
+        if self.topology.cluster is None:
+            return None
+        return [(r[EVENT_EPOCH], r[EVENT_EPOCH + 1], r[EVENT_EPOCH + 2]) for r in rows.events] + [
+            (r[DEAD_EPOCH], r[DEAD_EPOCH + 1], r[DEAD_EPOCH + 2]) for r in rows.dead_letters]
+
+    def _insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str],
+                positions: list[MessagePosition] | None = None) -> None:
+        token = None if positions is None else insert_token(table, positions, self.token_salt)
+        settings = {**INSERT_SETTINGS, **insert_settings(self.topology, token)}
         try:
             with insert_errors():
-                self._connected().insert(table, rows, column_names=list(columns), settings=INSERT_SETTINGS)
+                self._connected().insert(table, rows, column_names=list(columns), settings=settings)
         except StorageRejectedError as exc:
             exc.table = table  # type: ignore[attr-defined]
             raise
@@ -199,7 +221,8 @@ class ClickHouseSink:
                     yield (key(source, event_id), *position)
 
         def op() -> int:
-            with storage_errors(), self._connected().query_row_block_stream(sql, parameters=params) as stream:
+            with storage_errors(), self._connected().query_row_block_stream(
+                    sql, parameters=params, settings=exact_read_settings(self.topology) or None) as stream:
                 return merge(rows(stream))
 
         with self._lock:

@@ -40,7 +40,7 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
         raise ConfigError("clickhouse_url (CLICKHOUSE_URL) is required by the query API")
     if getattr(app.state, "meters", None) is None:
         app.state.meters = MeterSet(settings.meters())
-    client = await asyncio.to_thread(connect, settings.clickhouse_url)
+    client = await asyncio.to_thread(connect, settings.clickhouse_url, topology=settings.clickhouse_topology)
     app.state.query_store = WindowStore(client, settings.clickhouse_database)
     try:
         yield

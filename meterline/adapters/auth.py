@@ -113,7 +113,8 @@ class Authenticator:
             yield self  # local mode without a key store: any presented key is refused
             return
         self._client = await asyncio.to_thread(
-            connect, self.settings.clickhouse_url, database=self.settings.clickhouse_database
+            connect, self.settings.clickhouse_url, database=self.settings.clickhouse_database,
+            topology=self.settings.clickhouse_topology,
         )
         database = self.settings.clickhouse_database
         interval = self.settings.auth_refresh_seconds

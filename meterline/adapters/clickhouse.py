@@ -16,12 +16,20 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DataError, Error
 
 from meterline.core.errors import StorageError, StorageRejectedError
-from meterline.core.schema import ddl
+from meterline.core.schema import SINGLE_NODE, TABLES, Topology, ddl, storage_name
+
+# On a cluster an INSERT into a Distributed table must return only once every shard has the rows: the
+# default (a local spool sent later) would let the processor ack Kafka offsets for rows that exist only
+# in one node's queue.
+CLUSTER_CLIENT_SETTINGS: dict[str, object] = {"distributed_foreground_insert": 1}
 
 
-def connect(url: str, *, database: str | None = None, **settings: object) -> Client:
+def connect(url: str, *, database: str | None = None, topology: Topology = SINGLE_NODE,
+            **settings: object) -> Client:
     """A client for `http://user:password@host:port/database`; the database defaults to the URL path."""
     parts = urlsplit(url)
+    if topology.cluster is not None:
+        settings = {**CLUSTER_CLIENT_SETTINGS, **settings}
     try:
         return clickhouse_connect.get_client(
             host=parts.hostname or "127.0.0.1",
@@ -74,8 +82,26 @@ def insert_errors() -> Iterator[None]:
             raise StorageRejectedError(f"rows cannot be encoded: {type(exc).__name__}: {exc}") from exc
 
 
-def create_schema(client: Client, database: str) -> None:
-    """Create the database and tables if missing (every statement is idempotent)."""
+def create_schema(client: Client, database: str, topology: Topology = SINGLE_NODE) -> None:
+    """Create the database and tables if missing and add missing columns (every statement is idempotent).
+
+    On a cluster nothing is sent when the connected node already has every table and column: each
+    ON CLUSTER statement is a task every node executes through the keeper, too much for every worker start.
+    """
     with storage_errors():
-        for statement in ddl(database):
+        if topology.cluster is not None and not missing_columns(client, database, topology):
+            return
+        for statement in ddl(database, topology):
             client.command(statement)
+
+
+def missing_columns(client: Client, database: str, topology: Topology = SINGLE_NODE) -> list[str]:
+    """`table.column` that `ddl` creates and the connected node lacks, sorted (a missing table lists all)."""
+    names = {name for table in TABLES for name in {table.name, storage_name(table.name, topology)}}
+    wanted = {f"{name}.{column}" for table in TABLES for name in {table.name, storage_name(table.name, topology)}
+              for column in table.column_names()}
+    present = client.query(
+        "SELECT table, name FROM system.columns WHERE database = {db:String} AND table IN {names:Array(String)}",
+        parameters={"db": database, "names": sorted(names)},
+    ).result_rows
+    return sorted(wanted - {f"{row[0]}.{row[1]}" for row in present})

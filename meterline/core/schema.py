@@ -4,9 +4,17 @@ Every table is a ReplacingMergeTree whose sorting key ends in the row's determin
 read with FINAL. That is what turns at-least-once delivery into exactly-once effect: a processor that
 crashes after writing but before acking replays the same messages, produces byte-identical rows with
 identical keys, and the engine collapses them (see docs/design.md, "Exactly-once effect").
+
+Each table is declared once, as a `Table`, and rendered for a `Topology`: one server, or a ClickHouse
+cluster where each table becomes a `<name>_local` table on every node (ReplicatedReplacingMergeTree, or
+ReplacingMergeTree when not replicated) plus a Distributed table under the plain name, sharded by the
+table's `shard_by`. Readers and writers keep using the plain names; only mutations must name the local
+tables (`mutation_target`), since ClickHouse cannot DELETE through a Distributed table.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 EVENTS = "events"
 METER_WINDOWS = "meter_windows"
@@ -50,13 +58,101 @@ DEAD_LETTER_COLUMNS: tuple[str, ...] = (
 DECIMAL = "Decimal128(9)"
 
 
-def ddl(database: str) -> list[str]:
-    """Statements that create the database and every table; idempotent (IF NOT EXISTS)."""
-    db = quote_identifier(database)
-    return [
-        f"CREATE DATABASE IF NOT EXISTS {db}",
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.{EVENTS} (
+
+@dataclass(frozen=True, slots=True)
+class Topology:
+    """Where the tables live: one server (`cluster` None) or every node of a named ClickHouse cluster.
+
+    `replicated`: local tables are ReplicatedReplacingMergeTree under the `{shard}`/`{replica}` macros of
+    each node's config (False: plain ReplacingMergeTree shards, no replicas). `on_cluster`: DDL and
+    mutations carry `ON CLUSTER` so one statement reaches every node through the cluster's keeper; False
+    renders per-node statements for a caller that runs them on each node itself (a server without
+    distributed DDL, such as the embedded test cluster).
+    """
+
+    cluster: str | None = None
+    replicated: bool = True
+    on_cluster: bool = True
+
+    def __post_init__(self) -> None:
+        if self.cluster is not None and not self.cluster:
+            raise ValueError("cluster name must not be empty")
+
+
+SINGLE_NODE = Topology()
+
+LOCAL_SUFFIX = "_local"
+
+# ClickHouse expands these macros from each node's <macros> (and the table's own database and name).
+REPLICA_PATH = "/clickhouse/tables/{shard}/{database}/{table}"
+REPLICA_NAME = "{replica}"
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """One table's shape, independent of where it lives.
+
+    `shard_by` is the Distributed sharding expression. It must be a function of the row's identity
+    (the end of `order_by`): FINAL collapses duplicates only within one shard, so every row that can
+    share an identity must land on the same shard. `version` is ReplacingMergeTree's version column.
+    `added_columns` are column definitions added after the table first shipped: created with the
+    table, and added by `ALTER ... ADD COLUMN IF NOT EXISTS` to tables created before them.
+    """
+
+    name: str
+    columns: str
+    order_by: str
+    shard_by: str
+    partition_by: str | None = None
+    version: str | None = None
+    added_columns: tuple[str, ...] = ()
+
+    def column_names(self) -> list[str]:
+        """Every column's name, in table order."""
+        lines = [line.strip() for line in self.columns.strip().splitlines()]
+        return [definition.split()[0] for definition in (*lines, *self.added_columns) if definition]
+
+    def engine(self, topology: Topology) -> str:
+        """The storage engine of the table that holds the rows (the local table on a cluster)."""
+        if topology.cluster is not None and topology.replicated:
+            args = [quote_string(REPLICA_PATH), quote_string(REPLICA_NAME)]
+            if self.version:
+                args.append(self.version)
+            return f"ReplicatedReplacingMergeTree({', '.join(args)})"
+        return f"ReplacingMergeTree({self.version})" if self.version else "ReplacingMergeTree"
+
+    def create(self, database: str, topology: Topology = SINGLE_NODE) -> list[str]:
+        """CREATE statements for this table: one on a single server, local + Distributed on a cluster."""
+        db = quote_identifier(database)
+        storage = f"{db}.{storage_name(self.name, topology)}{on_cluster(topology)}"
+        partition = f"PARTITION BY {self.partition_by}\n" if self.partition_by else ""
+        columns = self.columns.rstrip()
+        if self.added_columns:
+            columns += "," + ",".join(f"\n            {c}" for c in self.added_columns)
+        create = (
+            f"CREATE TABLE IF NOT EXISTS {storage} ({columns}\n)\n"
+            f"ENGINE = {self.engine(topology)}\n{partition}ORDER BY {self.order_by}"
+        )
+        statements = [create]
+        statements += [f"ALTER TABLE {storage} ADD COLUMN IF NOT EXISTS {c}" for c in self.added_columns]
+        if topology.cluster is not None:
+            distributed = ", ".join([
+                quote_string(topology.cluster), quote_string(database),
+                quote_string(storage_name(self.name, topology)), self.shard_by,
+            ])
+            statements.append(
+                f"CREATE TABLE IF NOT EXISTS {db}.{self.name}{on_cluster(topology)} "
+                f"AS {db}.{storage_name(self.name, topology)}\nENGINE = Distributed({distributed})"
+            )
+            statements += [f"ALTER TABLE {db}.{self.name}{on_cluster(topology)} ADD COLUMN IF NOT EXISTS {c}"
+                           for c in self.added_columns]
+        return statements
+
+
+TABLES: tuple[Table, ...] = (
+    Table(
+        name=EVENTS,
+        columns="""
             dedupe_key FixedString(16),
             id String,
             source String,
@@ -69,19 +165,20 @@ def ddl(database: str) -> list[str]:
             kafka_partition UInt32,
             kafka_offset UInt64,
             batch_index UInt32,
-            validation_errors Array(String),
-            attributes String DEFAULT '',
-            stored_at DateTime64(3, 'UTC') DEFAULT now64(3)
-        )
-        ENGINE = ReplacingMergeTree
-        PARTITION BY toYYYYMM(time)
-        ORDER BY (subject, time, dedupe_key)
+            validation_errors Array(String)
         """,
-        # Tables created before these columns existed gain them (the event list shows both).
-        f"ALTER TABLE {db}.{EVENTS} ADD COLUMN IF NOT EXISTS attributes String DEFAULT ''",
-        f"ALTER TABLE {db}.{EVENTS} ADD COLUMN IF NOT EXISTS stored_at DateTime64(3, 'UTC') DEFAULT now64(3)",
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.{METER_WINDOWS} (
+        order_by="(subject, time, dedupe_key)",
+        shard_by="cityHash64(subject)",
+        partition_by="toYYYYMM(time)",
+        # The event list shows both; tables created before they existed gain them.
+        added_columns=(
+            "attributes String DEFAULT ''",
+            "stored_at DateTime64(3, 'UTC') DEFAULT now64(3)",
+        ),
+    ),
+    Table(
+        name=METER_WINDOWS,
+        columns=f"""
             meter LowCardinality(String),
             subject String,
             window_start DateTime('UTC'),
@@ -98,13 +195,14 @@ def ddl(database: str) -> list[str]:
             latest_time DateTime64(6, 'UTC'),
             latest_value Nullable({DECIMAL}),
             latest_rank UInt64
-        )
-        ENGINE = ReplacingMergeTree
-        PARTITION BY toYYYYMM(window_start)
-        ORDER BY (meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset)
         """,
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.{DEAD_LETTERS} (
+        order_by="(meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset)",
+        shard_by="cityHash64(subject)",
+        partition_by="toYYYYMM(window_start)",
+    ),
+    Table(
+        name=DEAD_LETTERS,
+        columns="""
             log_epoch LowCardinality(String),
             kafka_partition UInt32,
             kafka_offset UInt64,
@@ -119,13 +217,14 @@ def ddl(database: str) -> list[str]:
             reason_code LowCardinality(String),
             reason String,
             received_at DateTime64(3, 'UTC')
-        )
-        ENGINE = ReplacingMergeTree
-        ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
         """,
-        # What `meterline dead-letters replay` did with each dead letter; the newest outcome wins.
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.{DEAD_LETTER_REPLAYS} (
+        order_by="(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+        shard_by="cityHash64(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+    ),
+    # What `meterline dead-letters replay` did with each dead letter; the newest outcome wins.
+    Table(
+        name=DEAD_LETTER_REPLAYS,
+        columns="""
             log_epoch LowCardinality(String),
             kafka_partition UInt32,
             kafka_offset UInt64,
@@ -134,14 +233,16 @@ def ddl(database: str) -> list[str]:
             outcome LowCardinality(String),
             detail String,
             replayed_at DateTime64(3, 'UTC')
-        )
-        ENGINE = ReplacingMergeTree(replayed_at)
-        ORDER BY (log_epoch, kafka_partition, kafka_offset, batch_index, meter)
         """,
-        # API keys: only an HMAC of each key is stored (meterline/core/keys.py). Revoking writes a newer
-        # version of the row; every process reloads the table every few seconds.
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.{API_KEYS} (
+        order_by="(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+        shard_by="cityHash64(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+        version="replayed_at",
+    ),
+    # API keys: only an HMAC of each key is stored (meterline/core/keys.py). Revoking writes a newer
+    # version of the row; every process reloads the table every few seconds.
+    Table(
+        name=API_KEYS,
+        columns="""
             key_id String,
             namespace String,
             scopes Array(LowCardinality(String)),
@@ -151,13 +252,15 @@ def ddl(database: str) -> list[str]:
             expires_at Nullable(DateTime64(3, 'UTC')),
             revoked_at Nullable(DateTime64(3, 'UTC')),
             updated_at DateTime64(3, 'UTC')
-        )
-        ENGINE = ReplacingMergeTree(updated_at)
-        ORDER BY key_id
         """,
-        # OpenMeter's subjects (display name, metadata) per namespace; the newest version of a key wins.
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.{SUBJECTS} (
+        order_by="key_id",
+        shard_by="cityHash64(key_id)",
+        version="updated_at",
+    ),
+    # OpenMeter's subjects (display name, metadata) per namespace; the newest version of a key wins.
+    Table(
+        name=SUBJECTS,
+        columns="""
             namespace String,
             key String,
             id String,
@@ -169,13 +272,15 @@ def ddl(database: str) -> list[str]:
             created_at DateTime64(3, 'UTC'),
             updated_at DateTime64(3, 'UTC'),
             deleted_at Nullable(DateTime64(3, 'UTC'))
-        )
-        ENGINE = ReplacingMergeTree(updated_at)
-        ORDER BY (namespace, key)
         """,
-        # Portal tokens are signed JWTs; this table lists them and records invalidations (newest wins).
-        f"""
-        CREATE TABLE IF NOT EXISTS {db}.{PORTAL_TOKENS} (
+        order_by="(namespace, key)",
+        shard_by="cityHash64(namespace, key)",
+        version="updated_at",
+    ),
+    # Portal tokens are signed JWTs; this table lists them and records invalidations (newest wins).
+    Table(
+        name=PORTAL_TOKENS,
+        columns="""
             id String,
             namespace String,
             subject String,
@@ -184,11 +289,41 @@ def ddl(database: str) -> list[str]:
             expires_at DateTime64(3, 'UTC'),
             invalidated_at Nullable(DateTime64(3, 'UTC')),
             updated_at DateTime64(3, 'UTC')
-        )
-        ENGINE = ReplacingMergeTree(updated_at)
-        ORDER BY (namespace, id)
         """,
-    ]
+        order_by="(namespace, id)",
+        shard_by="cityHash64(namespace, id)",
+        version="updated_at",
+    ),
+)
+
+
+def ddl(database: str, topology: Topology = SINGLE_NODE) -> list[str]:
+    """Statements that create the database and every table; idempotent (IF NOT EXISTS)."""
+    statements = [f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}{on_cluster(topology)}"]
+    for table in TABLES:
+        statements += table.create(database, topology)
+    return statements
+
+
+def storage_name(table: str, topology: Topology = SINGLE_NODE) -> str:
+    """The table that stores the rows: `table` itself, or `table_local` on every node of a cluster."""
+    return table + LOCAL_SUFFIX if topology.cluster is not None else table
+
+
+def on_cluster(topology: Topology) -> str:
+    """` ON CLUSTER 'name'` for statements that must reach every node, else ''."""
+    if topology.cluster is None or not topology.on_cluster:
+        return ""
+    return f" ON CLUSTER {quote_identifier(topology.cluster)}"
+
+
+def mutation_target(database: str, table: str, topology: Topology = SINGLE_NODE) -> str:
+    """What `DELETE FROM` / `ALTER TABLE` must name: the stored rows, on every node of a cluster.
+
+    A Distributed table holds no rows and refuses mutations, so on a cluster this is the local table
+    `ON CLUSTER`. With `on_cluster` False the caller must run the statement on every node itself.
+    """
+    return qualified(database, storage_name(table, topology)) + on_cluster(topology)
 
 
 def qualified(database: str, table: str) -> str:
@@ -199,3 +334,8 @@ def qualified(database: str, table: str) -> str:
 def quote_identifier(name: str) -> str:
     """Backquote a database/table identifier; names come from config, never from requests."""
     return "`" + name.replace("\\", "\\\\").replace("`", "\\`") + "`"
+
+
+def quote_string(value: str) -> str:
+    """A single-quoted SQL string literal (engine arguments take literals, not identifiers)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -52,7 +52,10 @@ from meterline.core.schema import (
     DEAD_LETTERS,
     EVENTS,
     METER_WINDOWS,
+    SINGLE_NODE,
     WINDOW_COLUMNS,
+    Topology,
+    mutation_target,
     qualified,
 )
 from meterline.core.times import as_utc, format_sql_time
@@ -114,9 +117,9 @@ class ReplayReport:
 
 
 
-def ensure_replays_table(client: Client, database: str) -> None:
+def ensure_replays_table(client: Client, database: str, topology: Topology = SINGLE_NODE) -> None:
     """Databases created before the replays table existed get it on first use (idempotent DDL)."""
-    create_schema(client, database)
+    create_schema(client, database, topology)
 
 
 def replay_epoch(reason_code: str, meter: str, log_epoch: str) -> str:
@@ -125,15 +128,19 @@ def replay_epoch(reason_code: str, meter: str, log_epoch: str) -> str:
 
 
 def list_dead_letters(client: Client, database: str, *, meter: str | None = None, reason: str | None = None,
-                      limit: int | None = 100, include_replayed: bool = False) -> list[tuple[DeadLetter, str]]:
-    """Newest first: (dead letter, replay outcome or ""); metered ones only with `include_replayed`."""
-    ensure_replays_table(client, database)
+                      limit: int | None = 100, include_replayed: bool = False,
+                      topology: Topology = SINGLE_NODE) -> list[tuple[DeadLetter, str]]:
+    """Newest first: (dead letter, replay outcome or ""); metered ones only with `include_replayed`.
+
+    GLOBAL JOIN: on a cluster both sides are Distributed tables; the replays side is read once and sent
+    to every shard (ClickHouse refuses a plain JOIN of two Distributed tables)."""
+    ensure_replays_table(client, database, topology)
     where, params = _filters(meter, reason)
     identity = "(log_epoch, kafka_partition, kafka_offset, batch_index, meter)"
     sql = (
         f"SELECT {', '.join('d.' + c for c in DEAD_LETTER_COLUMNS)}, r.outcome "
         f"FROM {qualified(database, DEAD_LETTERS)} AS d FINAL "
-        f"LEFT JOIN (SELECT {identity.strip('()')}, outcome FROM {qualified(database, DEAD_LETTER_REPLAYS)} FINAL) AS r "
+        f"GLOBAL LEFT JOIN (SELECT {identity.strip('()')}, outcome FROM {qualified(database, DEAD_LETTER_REPLAYS)} FINAL) AS r "
         "USING (log_epoch, kafka_partition, kafka_offset, batch_index, meter) "
     )
     conds = [f"d.{w}" for w in where]
@@ -196,10 +203,10 @@ def _still_failing(letter: DeadLetter, sighting: tuple[Any, ...] | None) -> bool
 
 
 def replay(client: Client, database: str, meters: MeterSet, options: RowOptions, *, meter: str | None = None,
-           reason: str | None = None) -> ReplayReport:
+           reason: str | None = None, topology: Topology = SINGLE_NODE) -> ReplayReport:
     """Re-meter dead letters under the current config (see the module docstring); idempotent."""
     report = ReplayReport()
-    ensure_replays_table(client, database)
+    ensure_replays_table(client, database, topology)
     letters = _load(client, database, meter, reason)
     sightings = _first_sightings(client, database, letters)
     groups: dict[ReplayGroup, list[DeadLetter]] = defaultdict(list)
@@ -241,7 +248,7 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
             client.insert(qualified(database, METER_WINDOWS), new_rows, column_names=list(WINDOW_COLUMNS),
                           settings={"async_insert": 0})
         report.window_rows = len(new_rows)
-        report.stale_rows_deleted = _delete_stale(client, database, groups, new_rows)
+        report.stale_rows_deleted = _delete_stale(client, database, groups, new_rows, topology)
         if outcomes:
             client.insert(qualified(database, DEAD_LETTER_REPLAYS), outcomes,
                           column_names=["log_epoch", "kafka_partition", "kafka_offset", "batch_index", "meter",
@@ -250,7 +257,8 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
     return report
 
 
-def _delete_stale(client: Client, database: str, groups: Mapping[ReplayGroup, Sequence[DeadLetter]], new_rows: Sequence[Sequence[Any]]) -> int:
+def _delete_stale(client: Client, database: str, groups: Mapping[ReplayGroup, Sequence[DeadLetter]],
+                  new_rows: Sequence[Sequence[Any]], topology: Topology = SINGLE_NODE) -> int:
     """Delete earlier replay rows of the replayed groups that the current config no longer produces."""
     if not groups:
         return 0
@@ -268,7 +276,7 @@ def _delete_stale(client: Client, database: str, groups: Mapping[ReplayGroup, Se
              and (str(r[0]), str(r[1]), as_utc(r[2]), str(r[3]), str(r[4]), int(r[5]), int(r[6])) not in keep]
     for r in stale:
         client.command(
-            f"DELETE FROM {table} WHERE meter = {{m:String}} AND subject = {{s:String}} "
+            f"DELETE FROM {mutation_target(database, METER_WINDOWS, topology)} WHERE meter = {{m:String}} AND subject = {{s:String}} "
             "AND window_start = {w:DateTime('UTC')} AND group_key = {g:String} AND log_epoch = {e:String} "
             "AND kafka_partition = {p:UInt32} AND kafka_offset = {o:UInt64}",
             parameters={"m": r[0], "s": r[1], "w": format_sql_time(r[2]), "g": r[3],

@@ -32,7 +32,10 @@ from meterline.core.schema import (
     DEAD_LETTERS,
     EVENTS,
     METER_WINDOWS,
+    SINGLE_NODE,
     WINDOW_COLUMNS,
+    Topology,
+    mutation_target,
     qualified,
 )
 
@@ -97,6 +100,7 @@ def recompute(
     *,
     window_seconds: int = 60,
     on_progress: Callable[[int], None] = lambda n: None,
+    topology: Topology = SINGLE_NODE,
 ) -> RecomputeResult:
     """Delete the meter's windows and dead letters, then rebuild them from `events`."""
     only = MeterSet([meter])
@@ -106,7 +110,7 @@ def recompute(
     with storage_errors():
         for table in (METER_WINDOWS, DEAD_LETTERS):
             client.command(
-                f"DELETE FROM {qualified(database, table)} WHERE meter = {{meter:String}}",
+                f"DELETE FROM {mutation_target(database, table, topology)} WHERE meter = {{meter:String}}",
                 parameters={"meter": meter.slug},
                 settings={"mutations_sync": 2},
             )

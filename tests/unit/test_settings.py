@@ -191,3 +191,14 @@ def test_processes_refuse_to_start_naming_the_key(tmp_path: Path, argv: list[str
                           timeout=120, check=False)
     assert done.returncode != 0
     assert f"{path}: late_horizon_day: unknown setting" in done.stdout + done.stderr
+
+
+def test_cluster_settings_become_a_topology(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from meterline.core.schema import SINGLE_NODE, Topology
+
+    empty = tmp_path / "config.yaml"
+    empty.write_text("meters: []\n")
+    assert Settings(config_file=str(empty)).clickhouse_topology == SINGLE_NODE
+    monkeypatch.setenv("METERLINE_CLICKHOUSE_CLUSTER", "prod")
+    monkeypatch.setenv("METERLINE_CLICKHOUSE_REPLICATED", "false")
+    assert Settings(config_file=str(empty)).clickhouse_topology == Topology(cluster="prod", replicated=False)

@@ -13,8 +13,10 @@ from typing import Any
 
 import pytest
 
+from meterline.core.cluster import insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.rows import Rows
+from meterline.core.schema import SINGLE_NODE, Topology
 from processor.sink import ClickHouseSink
 
 
@@ -25,6 +27,7 @@ class ScriptedClient:
         self.log = log
         self.failures = failures
         self.closed = False
+        self.settings: list[tuple[str, dict[str, Any]]] = []
 
     def insert(self, table: str, rows: Any, column_names: list[str], settings: dict[str, Any]) -> None:
         pending = self.failures.get(table)
@@ -32,6 +35,7 @@ class ScriptedClient:
             self.log.append(("failed", table))
             raise pending.pop(0)
         self.log.append(("insert", table, len(rows), settings.get("async_insert")))
+        self.settings.append((table, settings))
 
     def close(self) -> None:
         self.closed = True
@@ -43,7 +47,8 @@ def make_sink(failures: dict[str, list[Exception]], **kwargs: Any) -> tuple[Clic
     sleeps: list[float] = []
     clients: list[ScriptedClient] = []
 
-    def connect(url: str, *, database: str | None = None) -> ScriptedClient:
+    def connect(url: str, *, database: str | None = None, **options: Any) -> ScriptedClient:
+        assert options.get("topology", SINGLE_NODE) == kwargs.get("topology", SINGLE_NODE)
         clients.append(ScriptedClient(log, failures))
         return clients[-1]
 
@@ -118,3 +123,26 @@ async def test_async_write_retries_off_the_loop() -> None:
     await sink.write(rows())
     assert [entry[:2] for entry in log] == [("insert", "events"), ("failed", "dead_letters"),
                                              ("insert", "dead_letters"), ("insert", "meter_windows")]
+
+
+def test_cluster_inserts_carry_the_same_token_on_every_retry() -> None:
+    """A retried insert must be recognisable by every replica: same token, derived from positions + salt."""
+    topology = Topology(cluster="c")
+    sink, log, _, clients = make_sink({"meter_windows": [StorageError("timeout")]}, topology=topology,
+                                      token_salt="cfg")
+    batch = rows()
+    batch.events.append([b"j" * 16, "id2", "src", "t", "s", batch.events[0][5], "", batch.events[0][5], "e", 3, 7, 0, []])
+    sink.write_sync(batch)
+    sent = [entry for client in clients for entry in client.settings]
+    assert [table for table, _ in sent] == ["events", "dead_letters", "meter_windows"]
+    expected = {("e", 0, 0), ("e", 3, 7)}
+    for table, settings in sent:
+        assert settings["insert_deduplication_token"] == insert_token(table, expected, "cfg")
+        assert settings["insert_quorum"] == "auto" and settings["async_insert"] == 0
+    assert log[-2] == ("failed", "meter_windows")
+
+
+def test_single_node_inserts_carry_no_token() -> None:
+    sink, _, _, clients = make_sink({})
+    sink.write_sync(rows())
+    assert all("insert_deduplication_token" not in s for _, s in clients[0].settings)
