@@ -106,3 +106,11 @@ def test_readme_follow_one_event_names_real_files_in_a_few_steps() -> None:
     assert 4 <= len(steps) <= 10 and paths
     absent = [p for p in paths if not (ROOT / p).exists()]
     assert not absent, f"README's 'Follow one event' names files that do not exist: {absent}"
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/design.md"])
+def test_every_file_a_doc_names_exists(doc: str) -> None:
+    text = (ROOT / doc).read_text()
+    named = set(re.findall(r"\b(?:meterline|ingest|processor|query|tests|bench|deploy)/[\w/.-]+\.(?:py|yaml|md)\b", text))
+    absent = sorted(p for p in named if not (ROOT / p).exists())
+    assert not absent, f"{doc} names files that do not exist: {absent}"
