@@ -32,6 +32,7 @@ from prometheus_client import Counter, Histogram
 
 from meterline.adapters.problems import (
     PROBLEM_MEDIA_TYPE,
+    PROBLEM_SCHEMA,
     BodyTooLargeError,
     MalformedBodyError,
     UnsupportedContentTypeError,
@@ -77,7 +78,7 @@ _EVENT_SCHEMA: dict[str, Any] = {
     },
     "additionalProperties": True,
 }
-_PROBLEM = {"content": {PROBLEM_MEDIA_TYPE: {"schema": {"type": "object"}}}}
+_PROBLEM = {"content": {PROBLEM_MEDIA_TYPE: {"schema": PROBLEM_SCHEMA}}}
 _OPENAPI_EXTRA: dict[str, Any] = {
     "requestBody": {
         "required": True,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from meterline.adapters.problems import PROBLEM_SCHEMA
+
 _TIME = {"type": "string", "format": "date-time"}
 _STRINGS = {"type": "array", "items": {"type": "string"}}
 
@@ -127,6 +129,20 @@ SUBJECT_UPSERT = {
 SUBJECT_LIST = {"responses": ok({"type": "array", "items": ref("Subject")})}
 SUBJECT_GET = {"responses": ok(ref("Subject"))}
 SUBJECT_NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown subject", **PROBLEM}}
+PORTAL_TOKEN_CREATE = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "required": ["subject"],
+        "properties": {"subject": {"type": "string", "minLength": 1}, "allowedMeterSlugs": _STRINGS}}}}},
+    "responses": ok(ref("PortalToken")),
+}
+PORTAL_TOKEN_LIST = {
+    "parameters": [_param("limit", {"type": "integer", "minimum": 1, "maximum": 100, "default": 25}, "Most tokens.")],
+    "responses": ok({"type": "array", "items": ref("PortalToken")}),
+}
+PORTAL_TOKEN_INVALIDATE = {
+    "requestBody": {"required": True, "content": {"application/json": {"schema": {
+        "type": "object", "properties": {"id": {"type": "string"}, "subject": {"type": "string"}}}}}},
+}
 METERS = {"responses": ok({"type": "array", "items": ref("Meter")})}
 METER = {"responses": ok(ref("Meter"))}
 
@@ -135,17 +151,7 @@ _FILTER_OPS = {op: _NULLABLE_STRING for op in (
     "$eq", "$ne", "$like", "$nlike", "$ilike", "$nilike", "$contains", "$ncontains", "$gt", "$gte", "$lt", "$lte"
 )}
 COMPONENTS: dict[str, Any] = {
-    "Problem": {
-        "type": "object", "required": ["type", "title", "status"],
-        "properties": {
-            "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
-            "detail": {"type": "string"}, "instance": {"type": "string"},
-            "extensions": {"type": "object", "properties": {
-                "validationErrors": {"type": "array", "items": {"type": "object"}}}},
-            "errors": {"type": "array", "items": {"type": "object", "properties": {
-                "field": {"type": "string"}, "message": {"type": "string"}, "index": {"type": "integer"}}}},
-        },
-    },
+    "Problem": PROBLEM_SCHEMA,
     "FilterString": {
         "type": "object",
         "properties": {
@@ -240,6 +246,13 @@ COMPONENTS: dict[str, Any] = {
             "key": {"type": "string"}, "displayName": _NULLABLE_STRING,
             "metadata": {"type": "object", "nullable": True}, "createdAt": _TIME, "updatedAt": _TIME,
             "currentPeriodStart": _TIME, "currentPeriodEnd": _TIME, "stripeCustomerId": _NULLABLE_STRING,
+        },
+    },
+    "PortalToken": {
+        "type": "object", "required": ["subject", "id", "expiresAt", "expired", "createdAt"],
+        "properties": {
+            "id": {"type": "string"}, "subject": {"type": "string"}, "expiresAt": _TIME, "expired": {"type": "boolean"},
+            "createdAt": _TIME, "allowedMeterSlugs": _STRINGS, "token": {"type": "string"},
         },
     },
     "DeadLetter": {

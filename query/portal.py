@@ -69,7 +69,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 
 @router.post("/api/v1/portal/tokens", summary="Create consumer portal token", operation_id="createPortalToken",
-             responses=openapi.ERRORS, response_model=None)
+             responses=openapi.ERRORS, response_model=None, openapi_extra=openapi.PORTAL_TOKEN_CREATE)
 async def create_portal_token(request: Request) -> Response:
     store = _portal_store(request)
     if isinstance(store, ProblemResponse):
@@ -106,7 +106,7 @@ async def create_portal_token(request: Request) -> Response:
 
 
 @router.get("/api/v1/portal/tokens", summary="List consumer portal tokens", operation_id="listPortalTokens",
-            responses=openapi.ERRORS, response_model=None)
+            responses=openapi.ERRORS, response_model=None, openapi_extra=openapi.PORTAL_TOKEN_LIST)
 def list_portal_tokens(request: Request) -> Response:
     store = _portal_store(request)
     if isinstance(store, ProblemResponse):
@@ -129,7 +129,8 @@ def list_portal_tokens(request: Request) -> Response:
 
 
 @router.post("/api/v1/portal/tokens/invalidate", summary="Invalidate portal tokens", status_code=204,
-             operation_id="invalidatePortalTokens", responses=openapi.ERRORS, response_class=Response)
+             operation_id="invalidatePortalTokens", responses=openapi.ERRORS, response_class=Response,
+             openapi_extra=openapi.PORTAL_TOKEN_INVALIDATE)
 async def invalidate_portal_tokens(request: Request) -> Response:
     """By id and/or subject, within the caller's namespace; 204 whether or not anything matched, so the
     answer never tells whether a token id exists (in this namespace or another)."""

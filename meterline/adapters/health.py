@@ -11,14 +11,29 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from meterline.adapters.problems import PROBLEM_MEDIA_TYPE, PROBLEM_SCHEMA
+
 logger = logging.getLogger(__name__)
 
 ReadinessCheck = Callable[[], Awaitable[bool]]
+
+_CHECKS = {"type": "object", "additionalProperties": {"type": "string", "enum": ["ok", "unavailable"]}}
+_HEALTHZ: dict[str, Any] = {"responses": {"200": {"description": "The process serves requests", "content": {
+    "application/json": {"schema": {"type": "object", "required": ["status"],
+                                    "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}}}}
+_READYZ: dict[str, Any] = {"responses": {
+    "200": {"description": "Every dependency answers", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["status", "checks"],
+        "properties": {"status": {"type": "string", "enum": ["ready"]}, "checks": _CHECKS}}}}},
+    "503": {"description": "A dependency is down", "content": {PROBLEM_MEDIA_TYPE: {"schema": {
+        **PROBLEM_SCHEMA, "properties": {**PROBLEM_SCHEMA["properties"], "checks": _CHECKS}}}}},
+}}
 
 
 async def _run_check(name: str, check: ReadinessCheck, timeout: float) -> bool:
@@ -33,11 +48,11 @@ def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0) ->
     """Build the health/metrics router; `checks` maps a dependency name to an async probe."""
     router = APIRouter(tags=["Health"])
 
-    @router.get("/healthz", summary="Liveness")
+    @router.get("/healthz", summary="Liveness", response_model=None, openapi_extra=_HEALTHZ)
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Readiness", responses={503: {"description": "A dependency is down"}})
+    @router.get("/readyz", summary="Readiness", response_model=None, openapi_extra=_READYZ)
     async def readyz() -> JSONResponse:
         names = list(checks)
         results = await asyncio.gather(*(_run_check(n, checks[n], timeout) for n in names))

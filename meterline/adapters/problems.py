@@ -30,6 +30,22 @@ RETRY_AFTER_SECONDS = 5
 MAX_LISTED_ERRORS = 100
 
 
+PROBLEM_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "title", "status"],
+    "properties": {
+        "type": {"type": "string"}, "title": {"type": "string"}, "status": {"type": "integer"},
+        "detail": {"type": "string"}, "instance": {"type": "string"},
+        "extensions": {"type": "object", "properties": {
+            "validationErrors": {"type": "array", "items": {"type": "object"}}}},
+        "errors": {"type": "array", "items": {"type": "object", "properties": {
+            "field": {"type": "string"}, "message": {"type": "string"}, "index": {"type": "integer"}}}},
+    },
+    "description": "RFC 7807 problem details; per-field errors in extensions.validationErrors (and errors).",
+}
+"""The OpenAPI schema of every problem+json body, for each service's document."""
+
+
 class ProblemResponse(JSONResponse):
     """A JSONResponse with the RFC 7807 media type."""
 
