@@ -1,8 +1,9 @@
 """JSON shapes of the query API's answers (OpenMeter v1 field names), built from stored rows.
 
-Values are exact Decimals internally. JSON carries them as numbers (OpenMeter's float64 field): an
-integer when integral (exact at any size), otherwise the float parsed from the exact decimal text
-(shortest repr, so 0.1 stays 0.1). CSV (`query.export`) carries the exact decimal text.
+Values are exact Decimals internally. JSON carries each as a number literal with every digit
+(`meterline.core.decimals.decimal_text`: 12345678901234567890123.123456789, 0.1, 100), which is what
+OpenMeter's float64 `value` field parses; a client keeps as many digits as its number type holds, and one
+that parses JSON numbers as decimals gets the exact value. CSV (`query.export`) carries the same text.
 """
 
 from __future__ import annotations
@@ -14,22 +15,15 @@ from typing import Any
 
 import orjson
 
+from meterline.core.decimals import decimal_text
 from meterline.core.meters import Meter
 from meterline.core.times import as_utc, format_time
 
 
-def number(value: Decimal) -> int | float:
-    """JSON number for an exact Decimal: int when integral, else the float of its exact decimal text."""
-    if value == value.to_integral_value():
-        return int(value)
-    return float(decimal_text(value))
-
-
-def decimal_text(value: Decimal) -> str:
-    """Plain exact decimal text without trailing zeros or exponent: 1.500000000 -> '1.5', 1E+2 -> '100'."""
-    if value == value.to_integral_value():
-        return str(int(value))
-    return format(value.normalize(), "f")
+def number(value: Decimal) -> orjson.Fragment:
+    """The JSON number literal of an exact Decimal, every digit kept (a float keeps ~17); render the
+    answer with orjson."""
+    return orjson.Fragment(decimal_text(value))
 
 
 def meter_json(meter: Meter) -> dict[str, Any]:

@@ -106,8 +106,10 @@ BUCKETS: dict[str | None, str] = {
 VALUES: dict[str, tuple[str, ...]] = {
     # Each stored column rolls up exactly (design.md "Rollups are exact").
     "COUNT": ("sum(count) AS total_count",),
-    "SUM": ("sum(sum) AS total_sum",),
-    "AVG": ("sum(sum) AS total_sum", "sum(count) AS total_count"),
+    # Sums add Decimal128(9) rows as Decimal256(9): ClickHouse's sum keeps the argument's type and
+    # wraps around silently once a total passes 10^29.
+    "SUM": ("sum(toDecimal256(sum, 9)) AS total_sum",),
+    "AVG": ("sum(toDecimal256(sum, 9)) AS total_sum", "sum(count) AS total_count"),
     "MIN": ("min(min) AS total_min",),
     "MAX": ("max(max) AS total_max",),
     "UNIQUE_COUNT": ("uniqExactArray(uniques) AS total_unique",),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import Decimal
 from enum import Enum
 from typing import Any, NamedTuple
 
@@ -18,6 +18,7 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
 
 from meterline.adapters.clickhouse import storage_errors
+from meterline.core.decimals import average
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
 from query.edges import edge_deltas, edge_json
@@ -35,9 +36,6 @@ from query.sql import (
 from query.windowing import RangeSplit, split_range
 
 log = logging.getLogger(__name__)
-
-AVG_QUANTUM = Decimal(1).scaleb(-9)
-"""AVG is an exact Decimal quotient rounded half-even to 9 places, the stored scale."""
 
 _VALUE_COLUMN: dict[str, str] = {
     "COUNT": "total_count", "SUM": "total_sum", "MIN": "total_min", "MAX": "total_max",
@@ -62,14 +60,14 @@ class MeterRow(NamedTuple):
 
 
 def meter_values(aggregation: str | Enum, columns: Mapping[str, Sequence[Any]]) -> list[Decimal]:
-    """The exact value of each result row, column-wise (AVG divided here in Decimal, not in ClickHouse floats).
+    """The exact value of each result row, column-wise (AVG divided here, exactly, not in ClickHouse floats).
 
     Column-wise because a 30-day hourly answer is 720+ rows: per-row dicts cost more than the query.
     """
     agg = agg_name(aggregation)
     if agg == "AVG":
         return [
-            (Decimal(total) / count).quantize(AVG_QUANTUM, rounding=ROUND_HALF_EVEN) if count else Decimal(0)
+            average(Decimal(total), int(count)) if count else Decimal(0)
             for total, count in zip(columns["total_sum"], columns["total_count"], strict=True)
         ]
     if agg not in _VALUE_COLUMN:

@@ -13,11 +13,14 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_EVEN, Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal, localcontext
 from typing import Any
 from zoneinfo import ZoneInfo
 
 NUMERIC = re.compile(r"^[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?$")
+#: Wide enough that no sum, average or normalisation of stored values rounds (Python's default keeps 28
+#: digits; Decimal128(9) values have up to 38 and query totals up to 76).
+WIDE = Context(prec=200)
 
 
 @dataclass(frozen=True)
@@ -116,7 +119,7 @@ def expected(
             value = raw if isinstance(raw, str) else (str(raw).lower() if isinstance(raw, bool) else numeric(raw))
             if value is None:
                 continue
-            value = value if isinstance(value, str) else format(value.normalize(), "f")
+            value = value if isinstance(value, str) else format(value.normalize(WIDE), "f")
         else:
             value = numeric(data.get(meter.value_field or ""))
             if value is None:
@@ -124,7 +127,8 @@ def expected(
         groups = tuple(_group_text(data.get(g)) for g in group_by)
         key = (bucket(t, window, tz, start), ev["subject"] if by_subject else None, groups)
         acc[key].append((t, rank, value))
-    return {key: _aggregate(meter.aggregation, items) for key, items in acc.items()}
+    with localcontext(WIDE):
+        return {key: _aggregate(meter.aggregation, items) for key, items in acc.items()}
 
 
 def _group_text(value: Any) -> str | None:
@@ -220,7 +224,10 @@ def response_windows(body: dict[str, Any], group_by: Sequence[str]) -> dict[Key,
             tuple(groups.get(g) for g in group_by),
         )
         assert key not in out, f"window returned twice: {key}"
-        out[key] = Decimal(str(row["value"]))
+        value = row["value"]
+        # A float has lost digits already: parse bodies with `json.loads(text, parse_float=Decimal)`
+        # to compare large values exactly.
+        out[key] = value if isinstance(value, Decimal) else Decimal(str(value))
     return out
 
 
@@ -238,7 +245,10 @@ class EventFactory:
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
 
-    def event(self, *, when: datetime | None = None, invalid_rate: float = 0.0) -> dict[str, Any]:
+    def event(self, *, when: datetime | None = None, invalid_rate: float = 0.0, large_rate: float = 0.0) -> dict[str, Any]:
+        """One event; `large_rate` of the token counts are 34-digit decimals (sent as strings, the only
+        exact way), beyond the 28 digits of Python's default decimal context yet far enough below
+        Decimal128(9)'s 10^29 that a 500-event message of them cannot overflow a window's sum."""
         rng = self.rng
         self.counter += 1
         offset_ms = rng.randrange(int(self.span.total_seconds() * 1000))
@@ -248,6 +258,9 @@ class EventFactory:
         if kind == "prompt":
             tokens: Any = rng.randrange(1, 5000)
             tokens = rng.choice((tokens, str(tokens), f"{tokens}.25", f"{tokens}e1"))
+            if large_rate and rng.random() < large_rate:
+                large = Decimal(rng.randrange(-(10**34) + 1, 10**34)).scaleb(-9, WIDE)  # |value| < 10^25
+                tokens = rng.choice((format(large, "f"), format(large.normalize(WIDE), "e")))
             if rng.random() < invalid_rate:
                 tokens = rng.choice(("lots", None, True, "NaN", {"n": 1}))
             data = {"tokens": tokens, "model": rng.choice(("gpt-4", "gpt-3.5", "claude")), "type": rng.choice(("input", "output"))}

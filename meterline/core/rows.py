@@ -20,7 +20,7 @@ import orjson
 
 from meterline.core.attributes import storage_problem
 from meterline.core.events.wire import SPECVERSION
-from meterline.core.meters import MeterSet
+from meterline.core.meters import MeterSet, Rejection
 from meterline.core.positions import Position, dedupe_key
 from meterline.core.times import as_utc, format_time, parse_canonical_time
 from meterline.core.windows import WindowAccumulator
@@ -237,7 +237,11 @@ def message_rows(
             if measurements:
                 rank = rank_base + index
                 for m in measurements:
-                    add(subject, t, m, rank)
+                    if not add(subject, t, m, rank):
+                        rejections.append(Rejection(
+                            m.meter.slug, "value_out_of_range",
+                            f"{m.value} would take the sum of its window in this message past ±10^29",
+                        ))
             if rejections:
                 for r in rejections:
                     _dead(out, pos, index, r.meter, event, t, data, r.code, r.reason, now)

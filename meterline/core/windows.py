@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-from meterline.core.meters import DECIMAL_CONTEXT, Measurement
+from meterline.core.decimals import add, fits_storage
+from meterline.core.meters import Measurement
 
 __all__ = ["WindowAccumulator", "WindowDelta"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 @dataclass(slots=True)
 class WindowDelta:
     """One meter_windows row minus the position columns (the sink adds those).
@@ -49,7 +52,7 @@ class WindowAccumulator:
     """Folds the measurements of one Kafka message into one delta per
     (meter, subject, window_start, group_key).
 
-    Sums use a wide Decimal context, so the result is exact (never rounded to 28 digits).
+    Sums are exact (`meterline.core.decimals`, never rounded to 28 digits) and stay storable.
     LATEST keeps the value with the greatest ``(event_time, rank)``; rank is the event's
     position (``kafka_offset*100000 + batch_index``) so equal timestamps resolve the same way
     on every replay.
@@ -66,8 +69,13 @@ class WindowAccumulator:
         self._cache_key: datetime | None = None
         self._cache_start: datetime = _EPOCH
 
-    def add(self, subject: str, event_time: datetime, m: Measurement, rank: int) -> None:
-        """Fold one measurement of one event (at ``event_time``, position ``rank``)."""
+    def add(self, subject: str, event_time: datetime, m: Measurement, rank: int) -> bool:
+        """Fold one measurement of one event (at ``event_time``, position ``rank``).
+
+        Returns False, changing nothing, when the value would take its row's sum out of Decimal128(9)
+        (±10^29): ClickHouse cannot store that row, so the caller dead-letters the measurement instead
+        of stalling the partition on an insert that can never succeed.
+        """
         if event_time is self._cache_key:
             ws = self._cache_start
         else:
@@ -79,14 +87,16 @@ class WindowAccumulator:
         slug = m.meter.slug
         key = (slug, subject, ws, m.group_key)
         row = self._rows.get(key)
+        value = m.value
         if row is None:
             row = WindowDelta(slug, subject, ws, m.group_key, dict(m.group))
             self._rows[key] = row
+        elif isinstance(value, Decimal) and not fits_storage(add(row.sum, value)):
+            return False
         row.count += 1
-        value = m.value
         newer = row.latest_time is None or (event_time, rank) > (row.latest_time, row.latest_rank)
         if isinstance(value, Decimal):
-            row.sum = DECIMAL_CONTEXT.add(row.sum, value)
+            row.sum = add(row.sum, value)
             if row.min is None or value < row.min:
                 row.min = value
             if row.max is None or value > row.max:
@@ -102,6 +112,7 @@ class WindowAccumulator:
         if newer:
             row.latest_time = event_time
             row.latest_rank = rank
+        return True
 
     def deltas(self) -> list[WindowDelta]:
         """Rows in first-seen order (deterministic for a given message)."""

@@ -21,6 +21,13 @@ METERS = {
         OracleMeter("tokens_max", "prompt", "MAX", "tokens"),
         OracleMeter("active_users", "activity", "UNIQUE_COUNT", "user_id"),
         OracleMeter("storage_latest", "storage", "LATEST", "bytes", ("tier",)),
+        # tests/e2e/test_exact_decimals.py: values at the edges of Decimal128(9)
+        OracleMeter("big_count", "big", "COUNT"),
+        OracleMeter("big_sum", "big", "SUM", "v"),
+        OracleMeter("big_avg", "big", "AVG", "v"),
+        OracleMeter("big_min", "big", "MIN", "v"),
+        OracleMeter("big_max", "big", "MAX", "v"),
+        OracleMeter("big_latest", "big", "LATEST", "v"),
     )
 }
 

@@ -156,3 +156,19 @@ def test_optional_and_extension_attributes_are_kept() -> None:
     rows = message_rows([{**ev(1), **extra}, ev(2)], POS, METERS, RowOptions(), always_accept, now=NOW)
     assert orjson.loads(col(rows.events[0], EVENT_COLUMNS, "attributes")) == extra
     assert col(rows.events[1], EVENT_COLUMNS, "attributes") == ""
+
+
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_window_sum_past_decimal128_is_dead_lettered_not_written(sign: int) -> None:
+    """ClickHouse cannot store a sum of 10^29 or more in Decimal128(9): the insert would fail on every
+    retry and stall the partition. The measurement that would overflow is rejected instead, visibly."""
+    big = Decimal(sign * 6 * 10**28)
+    events = [ev(1, str(big)), ev(2, str(big)), ev(3, "1"), ev(4, str(big), t="2024-05-01T12:01:00.000000Z")]
+    rows = message_rows(events, POS, METERS, RowOptions(), always_accept, now=NOW)
+    sums = {r[2].minute: col(r, WINDOW_COLUMNS, "sum") for r in rows.windows if r[0] == "tokens"}
+    assert sums == {0: Decimal(sign * 6 * 10**28 + 1), 1: big}  # event 2 would take minute 0 to 1.2e29
+    assert all(s.copy_abs() < Decimal(10) ** 29 for s in sums.values())
+    [dead] = rows.dead_letters
+    assert (col(dead, DEAD_LETTER_COLUMNS, "batch_index"), col(dead, DEAD_LETTER_COLUMNS, "meter"),
+            col(dead, DEAD_LETTER_COLUMNS, "reason_code")) == (1, "tokens", "value_out_of_range")
+    assert sum(col(r, WINDOW_COLUMNS, "count") for r in rows.windows if r[0] == "calls") == 4  # COUNT unaffected

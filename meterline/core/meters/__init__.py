@@ -18,19 +18,10 @@ from meterline.core.meters.config import load_meters, validate_meters
 from meterline.core.meters.jsonpath import MISSING, compile_path
 from meterline.core.meters.measuring import Measurement, MeterSet, Rejection
 from meterline.core.meters.model import Meter
-from meterline.core.meters.values import (
-    DECIMAL_CONTEXT,
-    MAX_ABS_VALUE,
-    SCALE,
-    NumericValueError,
-    parse_numeric,
-)
+from meterline.core.meters.values import NumericValueError, parse_numeric
 
 __all__ = [
-    "DECIMAL_CONTEXT",
-    "MAX_ABS_VALUE",
     "MISSING",
-    "SCALE",
     "Aggregation",
     "Measurement",
     "Meter",

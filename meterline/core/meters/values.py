@@ -10,15 +10,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from decimal import Context, Decimal, InvalidOperation
+from decimal import Decimal, Inexact
 from typing import Any
 
 import orjson
 
+from meterline.core.decimals import CONTEXT, QUANTUM, SCALE, fits_storage
+
 __all__ = [
-    "DECIMAL_CONTEXT",
-    "MAX_ABS_VALUE",
-    "SCALE",
     "NumericValueError",
     "canonical_unique",
     "group_text",
@@ -26,15 +25,6 @@ __all__ = [
 ]
 
 
-SCALE = 9
-"""Fractional digits of ClickHouse Decimal128(9), where sums are stored."""
-MAX_ABS_VALUE = Decimal(10) ** 29
-"""Decimal128(9) holds 38 digits, 9 of them fractional: |value| must stay below 10**29."""
-DECIMAL_CONTEXT = Context(prec=120, Emax=999_999, Emin=-999_999)
-"""Wide enough that adding thousands of Decimal128(9) values never rounds; the default
-28-digit context would silently round 38-digit values, which is exactly what we must avoid."""
-
-_QUANTUM = Decimal(1).scaleb(-SCALE)
 _NUMERIC_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -84,14 +74,14 @@ def parse_numeric(value: Any) -> Decimal:
     round silently. Raises :class:`NumericValueError` (a ``ValueError``) with a human reason.
     """
     d = _to_decimal(value)
-    if d.copy_abs() >= MAX_ABS_VALUE:  # abs() would round to the 28-digit context
+    if not fits_storage(d):
         raise NumericValueError("value_out_of_range", f"{value!r} is outside ±10^29")
     try:
-        q = d.quantize(_QUANTUM, context=DECIMAL_CONTEXT)
-    except InvalidOperation as exc:  # pragma: no cover - guarded by the range check
-        raise NumericValueError("value_out_of_range", f"{value!r} cannot be stored") from exc
-    if q != d:
-        raise NumericValueError("value_out_of_range", f"{value!r} has more than {SCALE} fractional digits")
+        q = d.quantize(QUANTUM, context=CONTEXT)
+    except Inexact:
+        raise NumericValueError(
+            "value_out_of_range", f"{value!r} has more than {SCALE} fractional digits"
+        ) from None
     return q
 
 
@@ -109,7 +99,7 @@ def canonical_unique(value: Any) -> str:
     d = _to_decimal(value)
     if d.is_zero():
         return "0"
-    return format(d.normalize(DECIMAL_CONTEXT), "f")
+    return format(d.normalize(CONTEXT), "f")
 
 
 def group_text(value: Any) -> str:
