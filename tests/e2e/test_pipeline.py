@@ -200,7 +200,7 @@ def test_post_query_with_advanced_filters(stack: LocalStack, sent: list[dict[str
             "subject": ["customer-1", "customer-3"], "advancedMeterGroupByFilters": filters}
     resp = httpx.post(f"{stack.url}/api/v1/meters/tokens_total/query", json=body, timeout=30)
     assert resp.status_code == 200, resp.text
-    got = response_windows(resp.json(), ["model", "type"])
+    got = response_windows(json.loads(resp.text, parse_float=Decimal), ["model", "type"])
 
     def where(ev: dict[str, Any]) -> bool:
         data = ev.get("data") or {}
