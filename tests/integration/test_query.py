@@ -502,7 +502,7 @@ def test_debug_metrics_count_todays_ingested_events(app_client: Any) -> None:
                "time": now, "data": "", "ingested_at": ingested, "log_epoch": "epoch", "kafka_partition": 0,
                "kafka_offset": 1000 + i, "batch_index": 0, "validation_errors": [], "attributes": ""}
         rows.append([row[c] for c in EVENT_COLUMNS])
-    client.insert(f"{database}.events", rows, column_names=list(EVENT_COLUMNS))
+    client.insert("events", rows, column_names=list(EVENT_COLUMNS), database=database)
     res = http.get("/api/v1/debug/metrics")
     assert res.status_code == 200 and res.headers["content-type"].startswith("text/plain")
     lines = res.text.splitlines()
