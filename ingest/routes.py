@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -28,7 +29,7 @@ from typing import Any, Protocol
 
 import orjson
 from fastapi import APIRouter, Request, Response
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from meterline.adapters.problems import (
     PROBLEM_MEDIA_TYPE,
@@ -55,6 +56,7 @@ EVENTS_REJECTED = Counter(
 )
 BATCHES = Counter("meterline_ingest_batches_total", "Accepted ingest requests")
 MESSAGES = Counter("meterline_ingest_messages_total", "Kafka messages published")
+IN_FLIGHT = Gauge("meterline_ingest_publishes_in_flight", "Requests between the drain check and the broker's answer")
 PUBLISH_SECONDS = Histogram(
     "meterline_ingest_publish_seconds",
     "Time from first produce to the last broker ack of one request",
@@ -222,12 +224,21 @@ async def ingest_events(request: Request) -> Response:
     if events:
         messages = encode_messages(events)
         started = time.perf_counter()
+        # Counted in flight *before* the drain check: a drain that sees the flag set and this gauge at 0
+        # knows no request can still publish (meterline/localinfra/supervisor.py).
+        IN_FLIGHT.inc()
         try:
-            producer: Publisher = request.app.state.producer
-            await producer.publish(messages)
-        except BrokerUnavailableError:
-            EVENTS_REJECTED.labels("broker_unavailable").inc(len(events))
-            raise
+            if settings.drain_file and os.path.exists(settings.drain_file):
+                EVENTS_REJECTED.labels("draining").inc(len(events))
+                raise BrokerUnavailableError("meterline is stopping: nothing of this request was published; retry")
+            try:
+                producer: Publisher = request.app.state.producer
+                await producer.publish(messages)
+            except BrokerUnavailableError:
+                EVENTS_REJECTED.labels("broker_unavailable").inc(len(events))
+                raise
+        finally:
+            IN_FLIGHT.dec()
         PUBLISH_SECONDS.observe(time.perf_counter() - started)
         MESSAGES.inc(len(messages))
         EVENTS_ACCEPTED.inc(len(events))

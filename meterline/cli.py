@@ -113,12 +113,13 @@ def serve(
 @app.command()
 def run(
     port: Annotated[int | None, typer.Option(help="HTTP port (default: settings http_port)")] = None,
-    processors: int = 1,
+    processors: Annotated[int, typer.Option(min=1, help="processor workers (at most topic_partitions share work)")] = 1,
     data_dir: Annotated[Path, typer.Option(help="ClickHouse data, worker state and logs")] = Path(".data"),
 ) -> None:
-    """Start broker, ClickHouse, processor and HTTP API locally; Ctrl-C stops all of it."""
+    """Start broker, ClickHouse, processors and HTTP API locally and keep them up; Ctrl-C drains and stops."""
     try:
         from meterline.localinfra.stack import LocalStack
+        from meterline.localinfra.supervisor import Supervisor, drain
     except ImportError as exc:  # the production wheel leaves the dev stack out (pyproject.toml)
         raise typer.BadParameter(
             "the local stack needs a source checkout with the `local` extra (make run); a deployed process "
@@ -136,12 +137,18 @@ def run(
         topic=settings.events_topic,
         database=settings.clickhouse_database,
         partitions=settings.topic_partitions,
+        consumer_group=settings.consumer_group,
     )
-    stopped = threading.Event()
+    stopped = threading.Event()  # first Ctrl-C / SIGTERM: drain, then stop
+    forced = threading.Event()  # second: stop now
+
+    def on_signal(*_: Any) -> None:
+        (forced if stopped.is_set() else stopped).set()
+
     # Explicit handlers: a shell that starts `make run` in the background leaves SIGINT ignored, and
     # Python keeps an inherited SIG_IGN, so Ctrl-C forwarded to the group would otherwise do nothing.
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stopped.set())
+        signal.signal(sig, on_signal)
     with console.status("starting broker, ClickHouse, processor and API..."):
         stack.start()
     console.print(
@@ -153,14 +160,21 @@ def run(
         f"{settings.auth_local_namespace!r} with every scope (loopback only). A key for another namespace:\n"
         f"  CLICKHOUSE_URL={stack.clickhouse_db_url} METERLINE_AUTH_SECRET_FILE={stack.auth_secret_file} \\\n"
         "    .venv/bin/meterline keys create --namespace acme --scopes ingest,read\n"
-        "Ctrl-C stops everything."
+        "Ctrl-C drains (ingest answers 503 until every acknowledged event is written) and stops; "
+        "a second Ctrl-C stops at once."
     )
+    supervisor = Supervisor(stack, on_event=lambda text: console.print(f"[yellow]{text}[/yellow]"))
     try:
-        while not stopped.wait(1.0):
-            dead = [p.name for p in [stack.server, *stack.workers] if p is not None and not p.is_alive()]
-            if dead:
-                console.print(f"[red]{', '.join(dead)} exited; see {data_dir / 'logs'}[/red]")
-                break
+        while not stopped.wait(0.5):
+            supervisor.poll()  # a worker or the API that exited is restarted with backoff
+        console.print("draining: ingest answers 503; waiting until the processors wrote every acknowledged "
+                      "event (Ctrl-C again to stop now and lose what is not written)")
+        report = drain(stack, supervisor, forced, progress=lambda text: console.print(text))
+        if report.completed:
+            console.print(f"drained in {report.seconds:.1f}s")
+        else:
+            console.print("[red]stopped before the drain finished: events the broker acknowledged but no "
+                          "processor wrote are lost with the local broker's memory[/red]")
     except KeyboardInterrupt:
         pass
     finally:

@@ -41,7 +41,7 @@ def _combined_app(settings: Settings) -> FastAPI:
     from ingest.app import broker_check, ingest_lifespan
     from ingest.routes import router as ingest_router
     from meterline.adapters.auth import install_auth
-    from meterline.adapters.health import health_router
+    from meterline.adapters.health import health_router, supervisor_check
     from meterline.adapters.problems import install_problem_handlers
     from query.app import clickhouse_check, install_query, query_lifespan
 
@@ -58,5 +58,8 @@ def _combined_app(settings: Settings) -> FastAPI:
     app.include_router(ingest_router)
     install_query(app)
     auth = install_auth(app, settings)  # added last: outermost, so every route is behind it
-    app.include_router(health_router({"broker": broker_check(app), "clickhouse": clickhouse_check(app)}))
+    checks = {"broker": broker_check(app), "clickhouse": clickhouse_check(app)}
+    if settings.supervisor_status_file:  # `meterline run`: the processor workers it keeps up, too
+        checks["processors"] = supervisor_check(settings.supervisor_status_file)
+    app.include_router(health_router(checks))
     return app

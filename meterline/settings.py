@@ -81,11 +81,15 @@ class Settings(BaseSettings):
     max_data_bytes: int = Field(default=64 * 1024, ge=1)
     max_data_depth: int = Field(default=32, ge=1)
     produce_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: While this file exists, ingest answers 503 (`meterline run` creates it to drain before stopping).
+    drain_file: str | None = None
 
     # HTTP server (`meterline serve` / `meterline run` defaults)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8888, ge=0, le=65535)
     log_level: LogLevel = "info"
+    #: Written by `meterline run`'s supervisor; when set, /readyz also reports the processes it keeps up.
+    supervisor_status_file: str | None = None
 
     # processor worker
     data_dir: str = ".data"

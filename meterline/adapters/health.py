@@ -9,8 +9,10 @@ dependency is down); `/readyz` says whether requests can succeed right now.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -78,3 +80,22 @@ def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0) ->
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
     return router
+
+
+def supervisor_check(status_file: str) -> ReadinessCheck:
+    """Readiness of the processes `meterline run` supervises (meterline/localinfra/supervisor.py writes
+    `{"processes": {name: {"state": ...}}}`): ready while every one is running, not while one is
+    restarting (a crash loop shows here, and in the run's log, until it stays up)."""
+
+    def read() -> bool:
+        try:
+            status = json.loads(Path(status_file).read_text())
+        except (OSError, ValueError):
+            return True  # no supervisor (or not written yet): nothing to report
+        processes = status.get("processes", {}) if isinstance(status, dict) else {}
+        return all(p.get("state") == "running" for p in processes.values() if isinstance(p, dict))
+
+    async def check() -> bool:
+        return await asyncio.to_thread(read)
+
+    return check

@@ -46,6 +46,7 @@ class LocalStack:
     topic: str | None = None
     database: str | None = None
     partitions: int = 4
+    consumer_group: str = "meterline-processor"
     extra_env: dict[str, str] = field(default_factory=dict)
     kafka_bootstrap: str | None = None
     clickhouse_url: str | None = None
@@ -72,9 +73,21 @@ class LocalStack:
     def auth_secret_file(self) -> Path:
         return self.data_dir / "auth-secret"
 
+    @property
+    def drain_file(self) -> Path:
+        """While it exists, ingest answers 503 (created by `supervisor.drain`, removed on start)."""
+        return self.data_dir / "run" / "draining"
+
+    @property
+    def status_file(self) -> Path:
+        """The supervisor's view of every process (`meterline run`), read by the API's /readyz."""
+        return self.data_dir / "run" / "status.json"
+
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> Self:
+        self.drain_file.unlink(missing_ok=True)  # a drain of an earlier run must not refuse this one's ingest
+        self.status_file.unlink(missing_ok=True)
         try:
             self._start_infra()
             for index in range(self.processors):
@@ -140,6 +153,9 @@ class LocalStack:
             # namespace, presented keys are checked. extra_env may turn it off to test keys alone.
             METERLINE_AUTH_LOCAL_MODE="true",
             METERLINE_AUTH_SECRET_FILE=str(self.auth_secret_file),
+            METERLINE_CONSUMER_GROUP=self.consumer_group,
+            METERLINE_DRAIN_FILE=str(self.drain_file),
+            METERLINE_SUPERVISOR_STATUS_FILE=str(self.status_file),
         )
         env.update(self.extra_env)
         return env
@@ -193,7 +209,15 @@ class LocalStack:
         self.workers[index].stop()
         return self.add_processor(index)
 
-    def _start_server(self) -> None:
+    def restart_server(self) -> ManagedProcess:
+        """Start the HTTP server again on the same port (after it exited); does not wait for it."""
+        if self.server is not None:
+            self.server.stop()
+        self._start_server(wait=False)
+        assert self.server is not None
+        return self.server
+
+    def _start_server(self, *, wait: bool = True) -> None:
         self.http_port = self.http_port or free_port()
         self.server = ManagedProcess(
             [
@@ -205,7 +229,8 @@ class LocalStack:
             log_path=self.data_dir / "logs" / "http.log",
         )
         self.server.start()
-        wait_for(self._healthy, timeout=60, what=f"meterline HTTP server on {self.url} (see {self.server.log_path})")
+        if wait:
+            wait_for(self._healthy, timeout=60, what=f"meterline HTTP server on {self.url} (see {self.server.log_path})")
 
     def _healthy(self) -> bool:
         if self.server is not None and not self.server.is_alive():

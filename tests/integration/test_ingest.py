@@ -460,3 +460,25 @@ def test_broker_paused_gives_bounded_503_then_recovers(
             break
         time.sleep(0.5)
     assert status == 204
+
+
+def test_while_the_drain_file_exists_ingest_answers_503_and_publishes_nothing(
+    app_settings: Settings, consumer: Consumer, tmp_path: Any
+) -> None:
+    """`meterline run` creates the drain file before it waits for the processors (supervisor.drain)."""
+    drain_file = tmp_path / "draining"
+    settings = app_settings.model_copy(update={"drain_file": str(drain_file)})
+    subject = f"sub-{uuid.uuid4().hex}"
+    refused, sentinel = make_event(0, subject), make_event(1, subject)
+    with Server(settings) as running, httpx.Client(base_url=running.base_url, timeout=30) as c:
+        drain_file.touch()
+        r = c.post("/api/v1/events", content=orjson.dumps(refused), headers={"content-type": SINGLE})
+        body = assert_problem(r, 503)
+        assert "stopping" in body["detail"] and r.headers["retry-after"]
+        metrics = c.get("/metrics").text
+        assert "meterline_ingest_publishes_in_flight 0.0" in metrics
+        drain_file.unlink()
+        assert c.post("/api/v1/events", content=orjson.dumps(sentinel),
+                      headers={"content-type": SINGLE}).status_code == 204
+    seen = {e["id"] for _, evs in read_until(consumer, app_settings.events_topic, {sentinel["id"]}) for e in evs}
+    assert sentinel["id"] in seen and refused["id"] not in seen
