@@ -41,6 +41,7 @@ from tests.faults.harness import (
     finish,
     liveness_timeout,
     stream_with_retries,
+    totals,
     wait_caught_up,
 )
 from tests.oracle import EventFactory, first_sightings
@@ -145,7 +146,8 @@ def test_crashed_worker_is_restarted_with_backoff(make_run: Callable[..., Run], 
     stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 4, rng)
     sender = make_sender(run.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=30.0)
-    time.sleep(5)  # let events flow before the crash
+    # crash while events flow: once the first ones are counted
+    wait_for(lambda: sum(totals(run) or ()) > 0, timeout=120, what="the first events counted")  # type: ignore[arg-type]
     victim = "processor-0"
     pid = run.processes()[victim]["pid"]
     os.kill(pid, signal.SIGKILL)
