@@ -128,7 +128,7 @@ class WindowStore:
         if split.edges:
             if not isinstance(meter, Meter):
                 raise ValueError("a range with partial minutes needs the Meter, not only its slug")
-            raw = self._run(edge_events_query(self.database, meter.event_type, split.edges, subjects))
+            raw = self._run(edge_events_query(self.database, meter.event_type, split.edges, subjects, meter=meter.slug))
             edges = edge_json(edge_deltas(meter, raw.result_rows))
         slug = meter.slug if isinstance(meter, Meter) else meter
         query = meter_query(
