@@ -290,17 +290,24 @@ def test_subjects_and_debug_metrics(sent: list[dict[str, Any]], sdk_call: SdkCal
 @pytest.mark.parametrize("sdk", SDKS)
 def test_problems_reach_the_user(sent: list[dict[str, Any]], sdk_call: SdkCall, sdk: str) -> None:
     """Both SDKs show meterline's `detail` (naming the field) in the error they raise."""
+    event = {"id": "never-stored", "source": "conformance", "specversion": "1.0", "type": "prompt",
+             "subject": "nobody", "time": _iso(START), "data": {"tokens": 1}}
     if sdk == "python":
         calls = [{"op": "meters.query_json", "args": ["tokens_total"],
                   "kwargs": {"window_time_zone": "right/UTC", "window_size": "DAY"}},
                  {"op": "meters.get", "args": ["nope"]},
                  {"op": "meters.query", "args": ["tokens_total", {"model": "MeterQueryRequest",
-                                                                  "value": {"filterCustomerId": ["c"]}}]}]
+                                                                  "value": {"filterCustomerId": ["c"]}}]},
+                 {"op": "events.ingest_event", "args": [{"model": "Event", "value": event}],
+                  "kwargs": {"content_type": "text/plain"}}]
     else:
         calls = [{"op": "meters.query", "args": ["tokens_total", {"windowTimeZone": "right/UTC", "windowSize": "DAY"}]},
                  {"op": "meters.get", "args": ["nope"]},
-                 {"op": "meters.queryPost", "args": ["tokens_total", {"filterCustomerId": ["c"]}]}]
-    tz, missing, customer = sdk_call(sdk, calls)
+                 {"op": "meters.queryPost", "args": ["tokens_total", {"filterCustomerId": ["c"]}]},
+                 {"op": "events.ingest", "args": [event, {"headers": {"Content-Type": "text/plain"}}]}]
+    tz, missing, customer, media = sdk_call(sdk, calls)
+    # RFC 9110 §15.5.16: an unsupported Content-Type is a 415 (OpenMeter answers 400); the message still shows.
+    assert media["error"]["status"] == 415 and "Content-Type" in media["error"]["message"], media
     assert tz["error"]["status"] == 400 and "windowTimeZone" in tz["error"]["message"]
     assert tz["error"]["problem"]["extensions"]["validationErrors"][0]["field"] == "windowTimeZone"
     assert missing["error"]["status"] == 404 and "nope" in missing["error"]["message"]
