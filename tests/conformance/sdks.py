@@ -6,7 +6,9 @@ environment is installed once and reused while its pin is unchanged (a stamp fil
 reruns of `make test` are fast. `python -m tests.conformance.sdks` installs what is missing (`make test`
 runs it first).
 
-- Python: PyPI `openmeter` (the SDK generated in OpenMeter's repository, `api/client/python`).
+- Python: PyPI `openmeter` (the SDK generated in OpenMeter's repository, `api/client/python`). Its only
+  final release, 2.0.0 (what `pip install openmeter` picks), is an older package that fails at import
+  (`openmeter.types.entitlement_list_params` is missing), so the pin is a 1.0.0b release.
 - JavaScript: npm `@openmeter/sdk`, run with the machine's Node (the package asks for Node 22 in
   `engines`; it runs on Node 20, which has `fetch`, so npm is told not to enforce engines).
 """
