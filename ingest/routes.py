@@ -38,7 +38,7 @@ from meterline.adapters.problems import (
     MalformedBodyError,
     UnsupportedContentTypeError,
 )
-from meterline.core.errors import BrokerUnavailableError, InvalidEventError
+from meterline.core.errors import BrokerUnavailableError, InvalidEventError, RateLimitedError
 from meterline.core.events import encode_messages, validate_events
 from meterline.core.json_numbers import inexact_numbers
 
@@ -210,6 +210,11 @@ async def ingest_events(request: Request) -> Response:
         raise
     except MalformedBodyError:
         EVENTS_REJECTED.labels("malformed").inc()
+        raise
+    try:  # per-key event rate, counted before validation: validation is the CPU it protects
+        request.app.state.limiter.charge_events(request.state.principal, len(items))
+    except RateLimitedError:
+        EVENTS_REJECTED.labels("rate_limited").inc(len(items))
         raise
     try:
         # Big batches are validated off the event loop (~2 µs an event on the fast path, ~20 on the full

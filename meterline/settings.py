@@ -117,6 +117,15 @@ class Settings(BaseSettings):
     portal_token_ttl_seconds: int = Field(default=3600, gt=0, le=31 * 86400)  # portal tokens are short-lived
     auth_refresh_seconds: float = Field(default=2.0, gt=0)  # how stale a process's view of keys and invalidations may get
 
+    # Limits (meterline/adapters/limits.py, query/cost.py). Rates use `limits` notation ("100/second",
+    # "6000/minute") and count per key and per process.
+    rate_limit_requests: str = "500/second"
+    rate_limit_events: str = "200000/second"
+    max_concurrent_requests: int = Field(default=32, ge=1)  # per key and process, beyond which 429
+    query_max_windows: int = Field(default=1_000_000, ge=1000)  # windows x named series a query may span
+    query_max_rows: int = Field(default=100_000, ge=1000)  # rows (windows x series with data) of an answer
+    query_timeout_seconds: float = Field(default=30.0, gt=0)  # ClickHouse max_execution_time of reads
+
     meters_raw: list[Any] = Field(default_factory=list, validation_alias=AliasChoices("meters", "meters_raw"))
 
     @field_validator("log_level", mode="before")

@@ -7,13 +7,14 @@ the combined `make run` app, OpenAPI generation) needs no server.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from meterline.adapters.auth import install_auth
-from meterline.adapters.clickhouse import connect
+from meterline.adapters.clickhouse import connect, read_guards
 from meterline.adapters.health import ReadinessCheck, health_router
 from meterline.adapters.problems import install_problem_handlers
 from meterline.core.errors import ConfigError
@@ -40,8 +41,11 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
         raise ConfigError("clickhouse_url (CLICKHOUSE_URL) is required by the query API")
     if getattr(app.state, "meters", None) is None:
         app.state.meters = MeterSet(settings.meters())
-    client = await asyncio.to_thread(connect, settings.clickhouse_url, topology=settings.clickhouse_topology)
-    app.state.query_store = WindowStore(client, settings.clickhouse_database)
+    guards = read_guards(settings.query_max_rows, settings.query_timeout_seconds)
+    client = await asyncio.to_thread(
+        functools.partial(connect, settings.clickhouse_url, topology=settings.clickhouse_topology, **guards)
+    )
+    app.state.query_store = WindowStore(client, settings.clickhouse_database, max_windows=settings.query_max_windows)
     try:
         yield
     finally:

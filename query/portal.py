@@ -97,7 +97,7 @@ async def create_portal_token(request: Request) -> Response:
             raise InvalidQueryError(f"allowedMeterSlugs[{i}]", f"no meter {slug!r}") from None
     now = datetime.now(UTC).replace(microsecond=0)
     ttl = request.app.state.authenticator.settings.portal_token_ttl_seconds
-    claims = PortalClaims(new_token_id(now), principal.namespace, subject, tuple(dict.fromkeys(slugs)), now,
+    claims = PortalClaims(new_token_id(datetime.now(UTC)), principal.namespace, subject, tuple(dict.fromkeys(slugs)), now,
                           now + timedelta(seconds=ttl))
     key = request.app.state.authenticator.portal_key
     store.add(claims)

@@ -21,6 +21,7 @@ from meterline.adapters.clickhouse import storage_errors
 from meterline.core.decimals import average
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
+from query.cost import check_cost
 from query.edges import edge_deltas, edge_json
 from query.filters import FilterString
 from query.shapes import dead_letter
@@ -82,9 +83,10 @@ def _stamps(values: Sequence[int]) -> list[datetime | None]:
 class WindowStore:
     """Runs the queries of `query.sql` on one clickhouse-connect client; driver errors become StorageError."""
 
-    def __init__(self, client: Client, database: str) -> None:
+    def __init__(self, client: Client, database: str, *, max_windows: int = 1_000_000) -> None:
         self.client = client
         self.database = database
+        self.max_windows = max_windows  # the query cost ceiling checked before ClickHouse (query/cost.py)
 
     def _run(self, query: Query) -> Any:
         try:
@@ -120,6 +122,8 @@ class WindowStore:
     ) -> list[MeterRow]:
         """Aggregate a meter over [start, end) cut to the second; the partial minutes at the edges are
         metered from raw events (`query.edges`), which needs the `Meter` itself, not only its slug."""
+        check_cost(start, end if end is not None else datetime.now(UTC), window_size, subjects, group_by_subject,
+                   self.max_windows)
         split: RangeSplit = split_range(start, end)
         all_filters = dict(filters or {})
         for key, value in (filter_group_by or {}).items():

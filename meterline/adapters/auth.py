@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meterline.adapters.clickhouse import connect
 from meterline.adapters.keystore import KeyStore
+from meterline.adapters.limits import Limiter, LimitMiddleware
 from meterline.adapters.portalstore import PortalTokenStore
 from meterline.adapters.problems import problem
 from meterline.adapters.reloading import ReloadingView
@@ -209,13 +210,19 @@ async def _refuse(exc: AuthError, scope: Scope, receive: Receive, send: Send) ->
 
 
 def install_auth(app: object, settings: Settings) -> Authenticator:
-    """Add the middleware to a Starlette/FastAPI app; the app's lifespan must enter `auth.running()`."""
+    """Add auth and per-key limits to a Starlette/FastAPI app; its lifespan must enter `auth.running()`.
+
+    Call it after every other middleware is added, so authentication is the outermost layer.
+    """
     from starlette.applications import Starlette
 
     assert isinstance(app, Starlette)
     authenticator = Authenticator(settings)
+    limiter = Limiter(settings)
+    app.add_middleware(LimitMiddleware, limiter=limiter)  # inside auth: limits count per principal
     app.add_middleware(AuthMiddleware, authenticator=authenticator)
     app.state.authenticator = authenticator
+    app.state.limiter = limiter
     return authenticator
 
 

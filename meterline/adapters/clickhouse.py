@@ -9,13 +9,14 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DataError, Error
 
-from meterline.core.errors import StorageError, StorageRejectedError
+from meterline.core.errors import QueryTimeoutError, QueryTooLargeError, StorageError, StorageRejectedError
 from meterline.core.schema import SINGLE_NODE, TABLES, Topology, ddl, storage_name
 
 # On a cluster an INSERT into a Distributed table must return only once every shard has the rows: the
@@ -52,16 +53,52 @@ def connect(url: str, *, database: str | None = None, topology: Topology = SINGL
 #: (network, memory, too many parts, a missing table an operator can restore) is worth retrying.
 REJECTING_CODES = frozenset({6, 27, 38, 41, 53, 69, 70, 72, 117, 131, 321, 407})
 
+#: Server error codes of the query path's guards (see `read_guards`): TOO_MANY_ROWS (GROUP BY keys),
+#: TOO_MANY_ROWS_OR_BYTES (result), TIMEOUT_EXCEEDED.
+_TOO_MANY_ROWS = frozenset({158, 396})
+_TIMEOUT = 159
+
+
+def read_guards(max_rows: int, max_seconds: float) -> dict[str, Any]:
+    """Per-query settings for the query API's client: read-only, bounded rows and time.
+
+    `readonly=2` refuses writes and DDL yet lets these settings travel with each request;
+    `max_rows_to_group_by` stops an aggregation as soon as it holds more than `max_rows` windows x series
+    (e.g. MINUTE windows grouped by subject over years) instead of building it in memory; every limit
+    throws rather than silently truncating an answer.
+    """
+    return {
+        "readonly": 2,
+        "max_execution_time": max_seconds,
+        "max_rows_to_group_by": max_rows,
+        "group_by_overflow_mode": "throw",
+        "max_result_rows": max_rows,
+        "result_overflow_mode": "throw",
+    }
+
 
 @contextlib.contextmanager
 def storage_errors() -> Iterator[None]:
     """Translate driver and network errors raised inside the block into `StorageError`, or into
     `StorageRejectedError` when ClickHouse refused the data itself (see REJECTING_CODES)."""
+
+    """Translate driver and network errors raised inside the block into `StorageError`.
+
+    A guard of `read_guards` that fired becomes `QueryTooLargeError` (400: narrow the query) or
+    `QueryTimeoutError` (503), never a generic storage failure.
+    """
     try:
         yield
     except StorageError:
         raise
     except Error as exc:
+        if exc.code in _TOO_MANY_ROWS:
+            raise QueryTooLargeError(
+                "groupBy", "the answer would exceed the query cost ceiling (windows x series): narrow from/to, "
+                "use a larger windowSize, or group by fewer keys"
+            ) from exc
+        if exc.code == _TIMEOUT:
+            raise QueryTimeoutError("the query ran past max_execution_time") from exc
         # A DataError without a server code is the driver failing to encode a value (e.g. a year-9999
         # DateTime): nothing was sent, and the same rows will fail the same way.
         if exc.code in REJECTING_CODES or (isinstance(exc, DataError) and exc.code is None):

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from meterline.core.errors import BrokerUnavailableError, InvalidEventError
+from meterline.core.errors import BrokerUnavailableError, InvalidEventError, RateLimitedError
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,12 @@ async def _broker_unavailable(request: Request, exc: Exception) -> ProblemRespon
     )
 
 
+async def _rate_limited(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, RateLimitedError)
+    return problem(429, "Too many requests", str(exc), instance=_instance(request),
+                   headers={"Retry-After": str(exc.retry_after)})
+
+
 async def _request_problem(request: Request, exc: Exception) -> ProblemResponse:
     if isinstance(exc, BodyTooLargeError):
         return problem(413, "Payload too large", str(exc), instance=_instance(request))
@@ -179,6 +185,7 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidEventError, _invalid_event)
     app.add_exception_handler(BrokerUnavailableError, _broker_unavailable)
     app.add_exception_handler(RequestProblem, _request_problem)
+    app.add_exception_handler(RateLimitedError, _rate_limited)
     app.add_exception_handler(RequestValidationError, _validation)
     app.add_exception_handler(StarletteHTTPException, _http_exception)
     app.add_exception_handler(Exception, _unexpected)

@@ -5,8 +5,11 @@
     ├── InvalidEventError                   an incoming event breaks the CloudEvents or size rules
     ├── MeterNotFoundError                  a query names a meter that config.yaml does not define
     ├── InvalidQueryError                   query parameters are inconsistent (range, window, zone)
+    │   └── QueryTooLargeError              the answer would exceed the query cost ceiling
+    ├── RateLimitedError                    a key exceeded its request, event or concurrency limit
     ├── StorageError                        ClickHouse failed or could not be reached (retry)
-    │   └── StorageRejectedError            ClickHouse refused the rows themselves (never retry)
+    │   ├── StorageRejectedError            ClickHouse refused the rows themselves (never retry)
+    │   └── QueryTimeoutError               a read ran past ClickHouse's max_execution_time
     └── BrokerUnavailableError              Kafka did not acknowledge in time
 
 Adapters translate confluent-kafka and clickhouse-connect exceptions into these, so callers never
@@ -64,3 +67,19 @@ class StorageRejectedError(StorageError):
 
 class BrokerUnavailableError(MeterlineError):
     """The Kafka broker did not acknowledge every message within the produce timeout."""
+
+
+class QueryTooLargeError(InvalidQueryError):
+    """The answer would have more rows (windows x series) than the ceiling; `field` names what to narrow."""
+
+
+class QueryTimeoutError(StorageError):
+    """ClickHouse stopped a read at max_execution_time (the query path's guard)."""
+
+
+class RateLimitedError(MeterlineError):
+    """A key went over one of its limits; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)

@@ -29,7 +29,8 @@ def keyed_stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str, 
     with LocalStack(
         data_dir=root, config_file=config, processors=1, partitions=2, kafka_bootstrap=kafka_bootstrap,
         clickhouse_url=clickhouse_url,
-        extra_env={"METERLINE_AUTH_LOCAL_MODE": "false", "METERLINE_AUTH_REFRESH_SECONDS": "0.5"},
+        extra_env={"METERLINE_AUTH_LOCAL_MODE": "false", "METERLINE_AUTH_REFRESH_SECONDS": "0.5",
+                   "METERLINE_RATE_LIMIT_EVENTS": "1000/minute"},
     ) as running:
         yield running
 
@@ -87,3 +88,19 @@ def test_cli_keys_scopes_and_revocation(keyed_stack: LocalStack) -> None:
             assert time.monotonic() < deadline, "revoked key still accepted"
             time.sleep(0.1)
         assert "revoked" in keys_cli(keyed_stack, "list").stdout
+
+
+def test_event_rate_limit_per_key(keyed_stack: LocalStack) -> None:
+    noisy, quiet = create_key(keyed_stack, "acme", "ingest"), create_key(keyed_stack, "beta", "ingest")
+    batch = _events(600)
+    with httpx.Client(base_url=keyed_stack.url, timeout=10) as http:
+        def post(key: str) -> httpx.Response:
+            return http.post("/api/v1/events", json=batch, headers={
+                "Content-Type": "application/cloudevents-batch+json", "Authorization": f"Bearer {key}"})
+
+        assert post(noisy).status_code == 204
+        refused = post(noisy)  # 1200 events within a minute: over 1000/minute
+        assert refused.status_code == 429, refused.text
+        assert 1 <= int(refused.headers["retry-after"]) <= 60
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert post(quiet).status_code == 204  # another key is unaffected
