@@ -45,11 +45,15 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
     client = await asyncio.to_thread(
         functools.partial(connect, settings.clickhouse_url, topology=settings.clickhouse_topology, **guards)
     )
-    app.state.query_store = WindowStore(client, settings.clickhouse_database, max_windows=settings.query_max_windows)
+    # The subjects API writes; reads stay on the read-only client.
+    writer = await asyncio.to_thread(connect, settings.clickhouse_url, topology=settings.clickhouse_topology)
+    app.state.query_store = WindowStore(client, settings.clickhouse_database, max_windows=settings.query_max_windows,
+                                        writer=writer)
     try:
         yield
     finally:
         await asyncio.to_thread(client.close)
+        await asyncio.to_thread(writer.close)
 
 
 def clickhouse_check(app: FastAPI) -> ReadinessCheck:

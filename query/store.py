@@ -83,8 +83,12 @@ def _stamps(values: Sequence[int]) -> list[datetime | None]:
 class WindowStore:
     """Runs the queries of `query.sql` on one clickhouse-connect client; driver errors become StorageError."""
 
-    def __init__(self, client: Client, database: str, *, max_windows: int = 1_000_000) -> None:
+    def __init__(
+        self, client: Client, database: str, *, max_windows: int = 1_000_000, writer: Client | None = None
+    ) -> None:
         self.client = client
+        #: Admin writes (subjects): `client` may be read-only (`meterline.adapters.clickhouse.read_guards`).
+        self.writer = writer if writer is not None else client
         self.database = database
         self.max_windows = max_windows  # the query cost ceiling checked before ClickHouse (query/cost.py)
 

@@ -151,7 +151,7 @@ def _upsert(request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any
     now = _now()
     rows = [_row(namespace, item, old.get(key), now) for key, item in merged.items()]
     with storage_errors():
-        store.client.insert(SUBJECTS, rows, column_names=list(SUBJECT_COLUMNS), database=store.database)
+        store.writer.insert(SUBJECTS, rows, column_names=list(SUBJECT_COLUMNS), database=store.database)
     return [subject_json(dict(zip(SUBJECT_COLUMNS, r, strict=True))) for r in rows]
 
 
@@ -202,7 +202,7 @@ def delete_subject(request: Request, subjectIdOrKey: str) -> Response:
     row = {**row, "updated_at": now, "deleted_at": now}
     store = _store(request)
     with storage_errors():
-        store.client.insert(SUBJECTS, [[row[c] for c in SUBJECT_COLUMNS]], column_names=list(SUBJECT_COLUMNS),
+        store.writer.insert(SUBJECTS, [[row[c] for c in SUBJECT_COLUMNS]], column_names=list(SUBJECT_COLUMNS),
                             database=store.database)
     return Response(status_code=204)
 
