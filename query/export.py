@@ -18,6 +18,33 @@ FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _NEEDS_QUOTES = (",", '"', "\n", "\r")
 
 
+def prefers_csv(accept: str | None) -> bool:
+    """Content negotiation (RFC 9110 §12.5.1): CSV when the client ranks `text/csv` above JSON.
+
+    Ties and absent ranks favour JSON, the default answer; `*/*` and `text/*` rank like any other range.
+    """
+    def rank(media: str) -> float:
+        best, best_specificity = 0.0, -1
+        for item in (accept or "").split(","):
+            kind, *params = (p.strip() for p in item.split(";"))
+            q = 1.0
+            for param in params:
+                name, _, value = param.partition("=")
+                if name.strip().lower() == "q":
+                    try:
+                        q = float(value)
+                    except ValueError:
+                        q = 0.0
+            kind = kind.lower()
+            main = media.split("/")[0]
+            specificity = 2 if kind == media else 1 if kind == f"{main}/*" else 0 if kind == "*/*" else -1
+            if specificity > best_specificity:
+                best, best_specificity = q, specificity
+        return best
+
+    return rank("text/csv") > rank("application/json")
+
+
 def text_cell(value: str | None) -> str:
     """A text cell: None -> empty, "" -> `""`, formula-like text -> prefixed with `'` and quoted."""
     if value is None:

@@ -26,7 +26,7 @@ from meterline.core.decimals import decimal_text
 from meterline.core.errors import InvalidQueryError, MeterNotFoundError, StorageError
 from meterline.core.meters import Meter, MeterSet
 from query import openapi
-from query.export import csv_text
+from query.export import csv_text, prefers_csv
 from query.request import MeterQuery, from_body, from_query_params
 from query.shapes import meter_json, number
 from query.store import WindowStore
@@ -201,7 +201,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery) -> Response:
         })
         exact.append(row.value)
 
-    if "text/csv" in request.headers.get("accept", ""):
+    if prefers_csv(request.headers.get("accept")):
         names: dict[str, dict[str, Any]] = {}
         if query.group_by_subject:
             keys = sorted({r["subject"] for r in data if r["subject"] is not None})

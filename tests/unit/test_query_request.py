@@ -10,7 +10,7 @@ from starlette.datastructures import QueryParams
 
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
-from query.export import csv_text, text_cell
+from query.export import csv_text, prefers_csv, text_cell
 from query.filters import MAX_DEPTH, FilterString, parse_filter
 from query.request import from_body, from_query_params
 
@@ -108,3 +108,16 @@ def test_null_and_empty_string_stay_distinguishable() -> None:
     assert out == 'a,b,c,value\r\nx,,"",1.5\r\n'
     assert text_cell('say "hi", ok') == '"say ""hi"", ok"'
     assert text_cell("plain") == "plain" and text_cell("-") == "'-"
+
+
+@pytest.mark.parametrize(
+    ("accept", "csv_wanted"),
+    [
+        ("text/csv", True), ("application/json", False), (None, False), ("*/*", False),
+        ("text/csv, application/json", False), ("application/json;q=0.5, text/csv", True),
+        ("application/json, text/csv;q=0.1", False), ("text/*", True), ("text/csv;q=0", False),
+        ("application/json;q=0, */*;q=0.5", True),
+    ],
+)
+def test_content_negotiation(accept: str | None, csv_wanted: bool) -> None:
+    assert prefers_csv(accept) is csv_wanted
