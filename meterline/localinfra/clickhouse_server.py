@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 CONFIG_TEMPLATE = """<clickhouse>
   <http_port>{http_port}</http_port>
   <tcp_port>{tcp_port}</tcp_port>
-  <listen_host>{host}</listen_host>
+  <listen_host>{host}</listen_host>{extra}
 </clickhouse>
 """
 
@@ -58,6 +58,8 @@ class LocalClickHouse(LocalServer):
         run_dir: str | Path | None = None,
         start_timeout: float = 60.0,
         stop_timeout: float = 10.0,
+        ports: tuple[int, int] | None = None,
+        extra_config: str = "",
     ) -> None:
         super().__init__(start_timeout=start_timeout, stop_timeout=stop_timeout)
         self.data_dir = Path(data_dir).resolve()
@@ -66,8 +68,12 @@ class LocalClickHouse(LocalServer):
             if run_dir is not None
             else self.data_dir.with_name(self.data_dir.name + "-server")
         )
-        self.http_port: int | None = None
-        self.tcp_port: int | None = None
+        #: Fixed (http, tcp) ports, e.g. for a cluster whose every node's config names the others' ports.
+        self.fixed_ports = ports
+        self.http_port: int | None = ports[0] if ports is not None else None
+        self.tcp_port: int | None = ports[1] if ports is not None else None
+        #: XML appended inside <clickhouse> (a cluster's remote_servers and macros).
+        self.extra_config = extra_config
         self._reuse_ports = False
 
     def restart(self) -> Self:
@@ -97,12 +103,13 @@ class LocalClickHouse(LocalServer):
         self.run_dir.mkdir(parents=True, exist_ok=True)
 
     def _new_process(self) -> ManagedProcess:
-        if not self._reuse_ports:
+        if not self._reuse_ports and self.fixed_ports is None:
             self.http_port, self.tcp_port = free_port(), free_port()
             while self.tcp_port == self.http_port:
                 self.tcp_port = free_port()
         (self.run_dir / "config.xml").write_text(
-            CONFIG_TEMPLATE.format(http_port=self.http_port, tcp_port=self.tcp_port, host=HOST)
+            CONFIG_TEMPLATE.format(http_port=self.http_port, tcp_port=self.tcp_port, host=HOST,
+                                   extra=self.extra_config)
         )
         return ManagedProcess(
             [sys.executable, "-m", "meterline.localinfra._chdb_serve", str(self.data_dir)],

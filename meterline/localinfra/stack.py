@@ -22,6 +22,7 @@ from typing import Self
 import httpx
 
 from meterline.localinfra.broker import LocalBroker, ensure_topic
+from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
 from meterline.localinfra.clickhouse_server import LocalClickHouse
 from meterline.localinfra.ports import free_port, wait_for
 from meterline.localinfra.process import ManagedProcess
@@ -50,6 +51,8 @@ class LocalStack:
     extra_env: dict[str, str] = field(default_factory=dict)
     kafka_bootstrap: str | None = None
     clickhouse_url: str | None = None
+    #: A started local cluster to use instead of one server (the caller starts and stops it).
+    clickhouse_cluster: LocalClickHouseCluster | None = None
 
     broker: LocalBroker | None = None
     clickhouse: LocalClickHouse | None = None
@@ -157,11 +160,16 @@ class LocalStack:
             METERLINE_DRAIN_FILE=str(self.drain_file),
             METERLINE_SUPERVISOR_STATUS_FILE=str(self.status_file),
         )
+        if self.clickhouse_cluster is not None:
+            env.update(METERLINE_CLICKHOUSE_CLUSTER=self.clickhouse_cluster.name,
+                       METERLINE_CLICKHOUSE_REPLICATED="false")
         env.update(self.extra_env)
         return env
 
     def _start_infra(self) -> None:
         self.kafka_bootstrap = self.kafka_bootstrap or os.environ.get("KAFKA_BOOTSTRAP")
+        if self.clickhouse_cluster is not None:
+            self.clickhouse_url = self.clickhouse_cluster.url
         self.clickhouse_url = self.clickhouse_url or os.environ.get("CLICKHOUSE_URL")
         if not self.kafka_bootstrap:
             self.broker = LocalBroker(log_dir=self.data_dir / "logs")
@@ -172,6 +180,9 @@ class LocalStack:
             self.clickhouse.start()
             self.clickhouse_url = self.clickhouse.url
         ensure_topic(self.kafka_bootstrap, str(self.topic), self.partitions)
+        if self.clickhouse_cluster is not None:
+            self.clickhouse_cluster.create_schema(str(self.database))
+            return
         from meterline.adapters.clickhouse import connect, create_schema
 
         client = connect(self.clickhouse_url)

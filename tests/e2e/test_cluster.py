@@ -1,0 +1,112 @@
+"""The whole pipeline on a sharded ClickHouse cluster (cluster mode), against the oracle.
+
+Two local chdb servers form cluster `meterline_local` (2 shards × 1 replica: chdb cannot replicate, see
+meterline/localinfra/clickhouse_cluster.py); every meterline process runs with `clickhouse_cluster` set,
+so it writes and reads through the Distributed tables. Events (with resent duplicates) go in over HTTP,
+two processor workers share the partitions (the second one joins mid-stream, so partitions move and
+dedupe state is loaded from `events` across both shards), and every window of every meter is compared
+with tests/oracle.py. Then the rows themselves: both shards hold data, each subject lives on exactly
+one shard, and the Distributed answer equals the sum of the shards' own FINAL answers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from meterline.adapters.clickhouse import connect
+from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
+from meterline.localinfra.stack import LocalStack
+from tests.e2e.conftest import METERS
+from tests.e2e.test_pipeline import END, START, query, wait_until_counted
+from tests.faults.harness import wait_owners, worker_metric
+from tests.oracle import EventFactory, config_yaml, expected, first_sightings, response_windows
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def cluster_stack(tmp_path_factory: pytest.TempPathFactory, kafka_bootstrap: str) -> Iterator[LocalStack]:
+    root: Path = tmp_path_factory.mktemp("cluster")
+    config = root / "config.yaml"
+    config.write_text(config_yaml(METERS.values()))
+    with LocalClickHouseCluster(root / "clickhouse", shards=2) as cluster, LocalStack(
+        data_dir=root, config_file=config, processors=1, partitions=4, kafka_bootstrap=kafka_bootstrap,
+        clickhouse_cluster=cluster,
+    ) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def cluster_sent(cluster_stack: LocalStack) -> list[dict[str, Any]]:
+    """~2000 events (10% resent later), a second worker joining halfway; all that got 204."""
+    factory = EventFactory(seed=23, start=START, span=timedelta(hours=5))
+    fresh = [factory.event(invalid_rate=0.03) for _ in range(1800)]
+    rng = random.Random(5)
+    stream = fresh + [dict(e) for e in rng.sample(fresh, 200)]
+    accepted: list[dict[str, Any]] = []
+    with httpx.Client(base_url=cluster_stack.url, timeout=30) as client:
+        i = 0
+        while i < len(stream):
+            if len(cluster_stack.workers) == 1 and i >= len(stream) // 2:
+                cluster_stack.add_processor()  # rebalance: partitions move, their dedupe keys are reloaded
+            chunk = stream[i : i + rng.randrange(20, 200)]
+            resp = client.post("/api/v1/events", json=chunk, headers={"content-type": "application/json"})
+            assert resp.status_code == 204, resp.text
+            accepted.extend(chunk)
+            i += len(chunk)
+    wait_until_counted(cluster_stack, first_sightings(accepted))
+    return accepted
+
+
+def shard_clients(stack: LocalStack) -> list[Any]:
+    cluster = stack.clickhouse_cluster
+    assert cluster is not None
+    return [connect(node.url, database=str(stack.database)) for node in cluster.nodes]
+
+
+@pytest.mark.parametrize("slug", sorted(METERS))
+@pytest.mark.parametrize("window", ["HOUR", "MINUTE", None])
+def test_every_window_matches_the_oracle_on_a_cluster(cluster_stack: LocalStack, cluster_sent: list[dict[str, Any]],
+                                                      slug: str, window: str | None) -> None:
+    meter = METERS[slug]
+    group_by = list(meter.group_fields)
+    params: dict[str, Any] = {"from": START.isoformat(), "to": END.isoformat(), "groupBy": ["subject", *group_by]}
+    if window:
+        params["windowSize"] = window
+    got = response_windows(query(cluster_stack, slug, **params), group_by)
+    want = expected(first_sightings(cluster_sent), meter, start=START, end=END, window=window, group_by=group_by)
+    assert want and got == want
+
+
+def test_rows_are_sharded_by_subject(cluster_stack: LocalStack, cluster_sent: list[dict[str, Any]]) -> None:
+    """Each shard holds some subjects and no subject is on two shards: FINAL per shard is exact."""
+    clients = shard_clients(cluster_stack)
+    try:
+        for table in ("events", "meter_windows"):
+            subjects = [{r[0] for r in c.query(f"SELECT DISTINCT subject FROM {table}_local").result_rows}
+                        for c in clients]
+            assert all(subjects), (table, subjects)  # both shards hold data
+            assert not subjects[0] & subjects[1], (table, subjects[0] & subjects[1])
+            everywhere = {r[0] for r in clients[0].query(f"SELECT DISTINCT subject FROM {table}").result_rows}
+            assert everywhere == subjects[0] | subjects[1]
+        stored = {(e["source"], e["id"]) for e in first_sightings(cluster_sent)}
+        per_shard = [int(c.query("SELECT count() FROM events_local FINAL").result_rows[0][0]) for c in clients]
+        through = int(clients[0].query("SELECT count() FROM events FINAL").result_rows[0][0])
+        assert through == sum(per_shard) == len(stored)
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_the_second_worker_took_partitions(cluster_stack: LocalStack, cluster_sent: list[dict[str, Any]]) -> None:
+    """The rebalance really happened, so a worker loaded dedupe keys of moved partitions across shards."""
+    assert len(cluster_stack.workers) == 2 and all(w.running for w in cluster_stack.workers)
+    wait_owners(cluster_stack, [0, 1], cluster_stack.partitions)
+    assert worker_metric(cluster_stack, 1, "meterline_processor_batches") > 0
