@@ -1,0 +1,85 @@
+"""Cluster mode: one ClickHouse shard server is killed mid-stream, and the processor with it.
+
+Scenario 11: a 2-shard local cluster (meterline/localinfra/clickhouse_cluster.py: chdb cannot replicate,
+so a node is a whole shard and losing it is the harsh version of losing a replica). While events
+flow, shard 2's server is killed (SIGKILL). Inserts through the Distributed tables now fail part-way:
+shard 1 may already hold a batch's rows while shard 2 refused them, and the processor retries the
+whole insert (FINAL must collapse shard 1's second copy). While the shard is still down the worker is
+killed -9 and started again: it must reload its partitions' dedupe keys from `events` across both
+shards, which cannot succeed until shard 2 is back, and replay its unacked messages. Shard 2 then
+restarts on its data dir and ports. Every window must match the oracle (0 mismatches).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
+from meterline.localinfra.stack import LocalStack
+from tests.faults.harness import (
+    FAULT_CONFIG,
+    SPAN,
+    START,
+    ScenarioRow,
+    Sender,
+    batches,
+    clickhouse_scalar,
+    compare,
+    env_int,
+    fault_events,
+    fault_seed,
+    feed_in_background,
+    finish,
+    log_excerpt,
+    stream_with_retries,
+    wait_caught_up,
+    wait_until,
+    worker_metric,
+)
+from tests.oracle import EventFactory, first_sightings
+
+pytestmark = pytest.mark.faults
+
+
+def test_shard_killed_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 make_sender: Callable[..., Sender], summary: Callable[[str], ScenarioRow]) -> None:
+    monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
+    monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
+    started = time.monotonic()
+    outage = env_int("METERLINE_FAULT_CH_OUTAGE_SECONDS", 20)
+    row = summary(f"11 cluster: shard down {outage}s, worker killed")
+    seed = fault_seed() + 11
+    rng = random.Random(seed)
+    config = tmp_path / "config.yaml"
+    config.write_text(FAULT_CONFIG)
+    with LocalClickHouseCluster(tmp_path / "clickhouse", shards=2) as cluster, LocalStack(
+        data_dir=tmp_path, config_file=config, processors=1, partitions=4, clickhouse_cluster=cluster,
+    ) as stack:
+        stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 4, rng)
+        sender = make_sender(stack.url)
+        feeder = feed_in_background(sender, batches(stream, rng), over_seconds=30.0)
+        wait_until(lambda: worker_metric(stack, 0, "meterline_processor_batches") > 0, "processor writing", stack)
+        shard2 = cluster.nodes[1]
+        shard2.kill()
+        killed = time.monotonic()
+        retries = worker_metric(stack, 0, "meterline_processor_write_retries")
+        wait_until(lambda: worker_metric(stack, 0, "meterline_processor_write_retries") > retries,
+                   "processor retrying against the cluster with a shard down", stack)
+        stack.workers[0].kill()  # a crash while the shard is down: the restart must reload across shards
+        stack.restart_processor(0)
+        time.sleep(max(0.0, outage - (time.monotonic() - killed)))  # the fault's length, not a wait for an effect
+        assert stack.workers[0].running, f"processor died while a shard was down:\n{log_excerpt(stack)}"
+        shard2.restart()
+        feeder.join_checked(timeout=600)
+        counted = first_sightings(sender.accepted)
+        wait_caught_up(stack, counted)
+        assert stack.workers[0].running, f"processor died after the shard came back:\n{log_excerpt(stack)}"
+        raw = clickhouse_scalar(stack, "SELECT count() FROM meter_windows")
+        final = clickhouse_scalar(stack, "SELECT count() FROM meter_windows FINAL")
+        row.note = f"2 shards; {raw - final} window row copies collapsed by FINAL"
+        finish(row, stack, sender, counted, compare(stack, counted), started)
