@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 from confluent_kafka import Producer
 
+from bench.auth import UNLIMITED_ENV, create_key
 from bench.context import BenchContext
 from bench.infra import produce_all
 from bench.report import Figure
@@ -30,6 +31,7 @@ from ingest.producer import producer_config
 from meterline.settings import Settings
 
 TARGET_BATCH_RATIO = 0.30
+AUTH_TARGET = 0.95  # authentication and limits cost under 5% of ingest throughput
 BATCH = "application/cloudevents-batch+json"
 SINGLE = "application/cloudevents+json"
 
@@ -62,13 +64,17 @@ def raw_producer_rate(bootstrap: str, topic: str, evs: list[dict[str, Any]], ctx
     return len(payloads) / elapsed
 
 
-async def _post_all(url: str, bodies: list[bytes], content_type: str, clients: int, on_done: Any) -> float:
-    """POST every body with `clients` concurrent connections; return elapsed seconds."""
+async def _post_all(
+    url: str, bodies: list[bytes], content_type: str, clients: int, on_done: Any, key: str | None = None
+) -> float:
+    """POST every body with `clients` concurrent connections (with an API key if given); return elapsed seconds."""
     queue: asyncio.Queue[bytes] = asyncio.Queue()
     for body in bodies:
         queue.put_nowait(body)
     errors: list[str] = []
     headers = {"content-type": content_type}
+    if key is not None:
+        headers["authorization"] = f"Bearer {key}"
 
     async def post(session: aiohttp.ClientSession, body: bytes) -> str | None:
         """None when ingest answered 204, else the status and the start of the problem body."""
@@ -97,15 +103,17 @@ async def _post_all(url: str, bodies: list[bytes], content_type: str, clients: i
     return elapsed
 
 
-def ingest_rate(url: str, evs: list[dict[str, Any]], batch: int, clients: int, ctx: BenchContext) -> float:
+def ingest_rate(
+    url: str, evs: list[dict[str, Any]], batch: int, clients: int, ctx: BenchContext, key: str | None = None
+) -> float:
     if batch == 1:
         bodies = [orjson.dumps(e) for e in evs]
         content_type = SINGLE
     else:
         bodies = [orjson.dumps(body) for body in requests(evs, batch)]
         content_type = BATCH
-    task = ctx.task(f"P1 ingest batch={batch} ({len(evs):,} events)", len(bodies))
-    elapsed = asyncio.run(_post_all(url, bodies, content_type, clients, lambda: ctx.progress.advance(task)))
+    task = ctx.task(f"P1 ingest batch={batch}{' with key' if key else ''} ({len(evs):,} events)", len(bodies))
+    elapsed = asyncio.run(_post_all(url, bodies, content_type, clients, lambda: ctx.progress.advance(task), key))
     ctx.done(task)
     return len(evs) / elapsed
 
@@ -116,19 +124,25 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
     rounds = int(ctx.options.get("p1_rounds", 3))
     config = write_config(ctx.work_dir)
     workers = int(ctx.options.get("http_workers", 1))
-    stack = ctx.infra.stack(config, processors=0, partitions=int(ctx.options.get("partitions", 4)), http_workers=workers)
+    stack = ctx.infra.stack(config, processors=0, partitions=int(ctx.options.get("partitions", 4)), http_workers=workers,
+                            extra_env=UNLIMITED_ENV)
     try:
         task = ctx.task("P1 starting HTTP server", None)
         stack.start()
         ctx.done(task)
+        key = create_key(str(stack.clickhouse_url), str(stack.database), stack.auth_secret_file)
         evs = events(size, subjects=100)
         # Rounds alternate baseline and ingest so drift on a shared machine hits both; medians are reported.
         raw_rates: list[float] = []
         rates: dict[int, list[float]] = {1000: [], 100: [], 1: []}
+        keyed: dict[int, list[float]] = {100: [], 1: []}  # the same requests with an API key (auth on)
         for _ in range(rounds):
             raw_rates.append(raw_producer_rate(str(stack.kafka_bootstrap), str(stack.topic), evs, ctx))
             for batch, got in rates.items():
                 got.append(ingest_rate(stack.url, evs if batch > 1 else evs[:single_cap], batch, clients, ctx))
+                if batch in keyed:
+                    keyed[batch].append(
+                        ingest_rate(stack.url, evs if batch > 1 else evs[:single_cap], batch, clients, ctx, key))
         raw = statistics.median(raw_rates)
         figures = []
         for batch, got in rates.items():
@@ -142,6 +156,17 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
                 passed=(rate / raw >= TARGET_BATCH_RATIO) if target else None,
                 details={"clients": clients, "http_workers": workers, "rounds": rounds,
                          "raw_msgs_per_s": [round(r) for r in raw_rates], "ingest_ev_per_s": [round(r) for r in got]},
+            ))
+        for batch, got in keyed.items():
+            rate, off = statistics.median(got), statistics.median(rates[batch])
+            figures.append(Figure(
+                "P1", f"auth on: ingest {'batch=100' if batch > 1 else 'single events'} with an API key",
+                len(evs) if batch > 1 else min(single_cap, len(evs)), rate, "ev/s", off,
+                "same requests without a key (local mode: no verification, no limiter)",
+                target=f">= {AUTH_TARGET:.2f}x", passed=rate / off >= AUTH_TARGET,
+                details={"clients": clients, "rounds": rounds, "with_key_ev_per_s": [round(r) for r in got],
+                         "without_key_ev_per_s": [round(r) for r in rates[batch]],
+                         "auth_cost_us_per_request": round((1 / rate - 1 / off) * batch * 1e6, 1)},
             ))
         return figures
     finally:

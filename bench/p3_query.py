@@ -18,6 +18,7 @@ asserted equal before anything is timed.
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,7 +29,7 @@ from clickhouse_connect.driver.client import Client
 from bench.context import BenchContext
 from bench.report import Figure
 from bench.workload import MODELS, SUBJECT_RUN, percentile
-from meterline.core.schema import EVENTS, METER_WINDOWS
+from meterline.core.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS
 from query.store import MeterRow, WindowStore
 
 METER = "tokens_total"
@@ -60,12 +61,16 @@ def _generator(n: int, subjects: int) -> str:
     """
 
 
+#: The events columns the fill writes (those added later, attributes and stored_at, keep their defaults).
+_FILLED_EVENT_COLUMNS = EVENT_COLUMNS[: EVENT_COLUMNS.index("validation_errors") + 1]
+
+
 def fill(client: Client, n: int, subjects: int) -> dict[str, Any]:
     gen = _generator(n, subjects)
     t0 = time.perf_counter()
     client.command(
         f"""
-        INSERT INTO {EVENTS}
+        INSERT INTO {EVENTS} ({", ".join(_FILLED_EVENT_COLUMNS)})
         SELECT MD5(toString(n)), toString(n), 'bench', 'prompt', subject, t,
                concat('{{"tokens":', toString(tokens), ',"model":"', model, '","user":"u', toString(n % 997), '"}}'),
                t, 'bench', 0, message, n % {SUBJECT_RUN}, []
@@ -166,6 +171,8 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
             ctx.done(task)
             details = {**info, "subject": subject, "answer_rows": len(raw), "answer_total": str(total), "answers_equal": True,
                        "repeats": repeats, "windows_ms": [round(x, 2) for x in fast], "raw_ms": [round(x, 2) for x in slow]}
+            if label.startswith("hourly 30d, heaviest"):
+                figures.extend(_auth_figures(ctx, database, subject, size, repeats))
             for q in (50, 95):
                 value, baseline = percentile(fast, q), percentile(slow, q)
                 targets = ([f">= {TARGET_RATIO:g}x"] if ratio_target else []) + ([f"< {TARGET_P95_MS:g} ms"] if q == 95 else [])
@@ -179,3 +186,80 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
     finally:
         client.command(f"DROP DATABASE IF EXISTS {database}")
         client.close()
+
+
+AUTH_TARGET = 0.95  # the same query with a key answers within 5% of the time without one
+
+
+def _auth_figures(ctx: BenchContext, database: str, subject: str, size: int, repeats: int) -> list[Figure]:
+    """The heaviest subject's hourly query through the query API over HTTP, with an API key beside without.
+
+    A `meterline serve query` process on this database in local mode: without a key the request skips
+    verification and limits; with one it pays them. Requests alternate, so drift hits both sides.
+    """
+    import sys
+
+    import httpx
+
+    from bench.auth import UNLIMITED_ENV, create_key
+    from bench.workload import write_config
+    from meterline.localinfra.ports import free_port, wait_for
+    from meterline.localinfra.process import ManagedProcess
+
+    work = ctx.work_dir / f"p3-http-{database}"
+    work.mkdir(parents=True, exist_ok=True)
+    secret = work / "auth-secret"
+    secret.write_text("bench-query-server-secret-0123456789abcdef\n")
+    port = free_port()
+    env = {**os.environ, **UNLIMITED_ENV, "CLICKHOUSE_URL": f"{ctx.infra.clickhouse_url}/{database}",
+           "METERLINE_CONFIG": str(write_config(work)), "METERLINE_AUTH_LOCAL_MODE": "true",
+           "METERLINE_AUTH_SECRET_FILE": str(secret), "METERLINE_DATA_DIR": str(work)}
+    server = ManagedProcess([sys.executable, "-m", "meterline.cli", "serve", "query", "--host", "127.0.0.1",
+                             "--port", str(port)], name="p3-query", env=env, log_path=work / "query.log")
+    server.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: _healthy(url), 60, f"query server for P3 (see {work / 'query.log'})")
+        key = create_key(ctx.infra.clickhouse_url, database, secret)
+        end = START + timedelta(days=DAYS)
+        path = (f"/api/v1/meters/{METER}/query?from={START:%Y-%m-%dT%H:%M:%SZ}&to={end:%Y-%m-%dT%H:%M:%SZ}"
+                f"&windowSize=HOUR&subject={subject}")
+        off: list[float] = []
+        on: list[float] = []
+        task = ctx.task(f"P3 over HTTP, key vs none ({size:,})", 2 * repeats)
+        with httpx.Client(base_url=url, timeout=30) as http:
+            keyed = {"Authorization": f"Bearer {key}"}
+            answers = [http.get(path).json(), http.get(path, headers=keyed).json()]
+            if answers[0] != answers[1] or not answers[0]["data"]:
+                raise AssertionError("P3 over HTTP: the answers with and without a key differ or are empty")
+            for _ in range(repeats):
+                for headers, out in (({}, off), (keyed, on)):
+                    t0 = time.perf_counter()
+                    response = http.get(path, headers=headers)
+                    out.append((time.perf_counter() - t0) * 1000)
+                    if response.status_code != 200:
+                        raise AssertionError(f"P3 over HTTP answered {response.status_code}: {response.text[:200]}")
+                    ctx.progress.advance(task)
+        ctx.done(task)
+    finally:
+        server.stop()
+    figures = []
+    for q in (50, 95):
+        value, baseline = percentile(on, q), percentile(off, q)
+        figures.append(Figure(
+            "P3", f"auth on: hourly 30d over HTTP, heaviest subject, with an API key p{q}", size, value, "ms", baseline,
+            "same request without a key (local mode: no verification, no limiter)", higher_is_better=False,
+            target=f">= {AUTH_TARGET:.2f}x", passed=baseline / value >= AUTH_TARGET,
+            details={"subject": subject, "repeats": repeats, "with_key_ms": [round(x, 2) for x in on],
+                     "without_key_ms": [round(x, 2) for x in off], "answer_rows": len(answers[0]["data"])},
+        ))
+    return figures
+
+
+def _healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url + "/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

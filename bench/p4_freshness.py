@@ -76,7 +76,7 @@ async def _send(url: str, bodies: list[tuple[str, bytes]], rate: float, acked: d
 
 def _poll(store: WindowStore, subjects: list[str], visible: dict[str, float], stop: threading.Event) -> None:
     """Until `stop`, record when each subject's COUNT first reaches BATCH."""
-    now = datetime.now(UTC)
+    now = datetime.now(UTC).replace(second=0, microsecond=0)  # whole minutes: windows only, no raw edges
     while not stop.is_set():
         pending = [s for s in subjects if s not in visible]
         if not pending:

@@ -45,8 +45,24 @@ def test_every_figure_has_positive_value_baseline_and_ratio(results: dict) -> No
 
 def test_p1_measures_batches_and_single_events(results: dict) -> None:
     names = {f["name"] for f in by_figure(results, "P1")}
-    assert names == {"ingest batch=1000", "ingest batch=100", "ingest single events"}
+    assert names == {"ingest batch=1000", "ingest batch=100", "ingest single events",
+                     "auth on: ingest batch=100 with an API key", "auth on: ingest single events with an API key"}
     assert all(f["baseline"] > 0 and f["ratio"] > 0 for f in by_figure(results, "P1"))
+
+
+def test_auth_figures_compare_the_same_requests_with_and_without_a_key(results: dict) -> None:
+    auth = [f for f in results["figures"] if f["name"].startswith("auth on:")]
+    assert {f["figure"] for f in auth} == {"P1", "P3"} and len(auth) == 4
+    p1 = {f["name"]: f for f in by_figure(results, "P1")}
+    for name, plain in (("auth on: ingest batch=100 with an API key", "ingest batch=100"),
+                        ("auth on: ingest single events with an API key", "ingest single events")):
+        # The baseline is the keyless figure's own median, measured in the same rounds.
+        assert p1[name]["baseline"] == p1[plain]["value"]
+        assert len(p1[name]["details"]["with_key_ev_per_s"]) == p1[name]["details"]["rounds"]
+    for f in auth:
+        if f["figure"] == "P3":
+            assert f["details"]["answer_rows"] > 0
+            assert len(f["details"]["with_key_ms"]) == len(f["details"]["without_key_ms"]) == f["details"]["repeats"]
 
 
 def test_p2_and_p5_counted_every_event(results: dict) -> None:
@@ -59,7 +75,7 @@ def test_p2_and_p5_counted_every_event(results: dict) -> None:
 
 
 def test_p3_answers_were_equal(results: dict) -> None:
-    p3 = by_figure(results, "P3")
+    p3 = [f for f in by_figure(results, "P3") if not f["name"].startswith("auth on:")]
     assert len(p3) == 6  # heaviest subject, median subject, all subjects; p50 and p95 each
     heavy = next(f for f in p3 if "heaviest" in f["name"])["details"]
     median = next(f for f in p3 if "median" in f["name"])["details"]
