@@ -27,6 +27,8 @@ from meterline.settings import Settings
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
+    from meterline.adapters.meter_store import MeterCatalog
+
 app = typer.Typer(help="meterline: exact usage metering.", no_args_is_help=True, add_completion=False)
 console = Console(stderr=True, soft_wrap=True)
 
@@ -216,15 +218,15 @@ def dead_letters_replay(
     reason: Annotated[str | None, typer.Option(help="only this reason_code")] = None,
 ) -> None:
     """Re-meter dead letters under the current config.yaml (idempotent; see meterline/jobs/deadletters.py)."""
-    from meterline.core.meters import MeterSet
     from meterline.core.rows import RowOptions
     from meterline.jobs.deadletters import replay
 
     settings = _settings()
-    meters = MeterSet(settings.meters())
-    with _clickhouse(settings, "dead-letters replay") as client:
-        report = replay(client, settings.clickhouse_database, meters, RowOptions.from_settings(settings),
-                        meter=meter, reason=reason, topology=settings.clickhouse_topology)
+    with _catalog(settings, "dead-letters replay") as (client, catalog):
+        # Every live generation of the store's meters (active and building), as the workers write them.
+        report = replay(client, settings.clickhouse_database, catalog.meter_set(),
+                        RowOptions.from_settings(settings), meter=meter, reason=reason,
+                        topology=settings.clickhouse_topology)
     Console(soft_wrap=True).print(
         f"metered {report.metered}, still rejected {report.still_rejected} {report.rejected_reasons or ''}, "
         f"superseded {report.superseded}, not replayable {report.not_replayable}; "
@@ -232,36 +234,132 @@ def dead_letters_replay(
     )
 
 
+@contextlib.contextmanager
+def _catalog(settings: Settings, what: str) -> Iterator[tuple[Client, MeterCatalog]]:
+    """A client plus the meter catalog of the configured database (tables created if missing)."""
+    from meterline.adapters.clickhouse import connect, create_schema
+    from meterline.adapters.meter_store import MeterCatalog, MeterStore
+
+    with _clickhouse(settings, what) as client:
+        admin = connect(str(settings.clickhouse_url), database="default", topology=settings.clickhouse_topology)
+        try:
+            create_schema(admin, settings.clickhouse_database, settings.clickhouse_topology)
+        finally:
+            admin.close()
+        catalog = MeterCatalog(MeterStore(client, settings.clickhouse_database))
+        catalog.refresh(force=True)
+        catalog.refresh_progress()
+        yield client, catalog
+
+
+def _progress_columns() -> tuple[Any, ...]:
+    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+
+    return (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+
+
 @app.command()
 def recompute(
-    meter: Annotated[str, typer.Argument(help="slug of the meter to rebuild")],
-    config: Annotated[Path | None, typer.Option(help="config.yaml with the new definition")] = None,
+    meter: Annotated[str, typer.Argument(help="slug or id of the meter to rebuild")],
+    config: Annotated[Path | None, typer.Option(help="sync this config.yaml's meters to the store first")] = None,
 ) -> None:
-    """Rebuild a meter's windows from stored raw events (after adding it or changing its definition)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    """Rebuild a meter's history from stored raw events in the foreground, with a progress bar.
 
-    from meterline.core.meters import MeterSet
+    A meter whose new definition is still building is built and switched (what the API server's meter
+    controller does in the background); otherwise its active generation is rebuilt in place.
+    """
+    from rich.progress import Progress
+
+    from meterline.jobs.meter_controller import MeterController
     from meterline.jobs.recompute import count_query
     from meterline.jobs.recompute import recompute as rebuild
 
     settings = _settings(config)
-    definition = MeterSet(settings.meters()).get(meter)
-    with _clickhouse(settings, "recompute") as client:
-        sql, params = count_query(settings.clickhouse_database, definition)
-        total = int(client.query(sql, parameters=params).result_rows[0][0])
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=console) as progress:
-            task = progress.add_task(f"recomputing {meter}", total=total)
-            result = rebuild(
-                client, settings.clickhouse_database, definition,
-                window_seconds=settings.window_size_seconds,
-                on_progress=lambda n: progress.advance(task, n),
-                topology=settings.clickhouse_topology,
-            )
-    console.print(
-        f"[green]{meter}[/green]: {result.events} events -> {result.windows} window rows, "
-        f"{result.dead_letters} dead letters"
-    )
+    with _catalog(settings, "recompute") as (client, catalog):
+        if config is not None:
+            for problem in catalog.sync_file(config):
+                console.print(f"[yellow]{problem}[/yellow]")
+        state = catalog.find(meter)
+        controller = MeterController(catalog, client, settings.clickhouse_database, config_file=None,
+                                     worker_ttl_seconds=settings.meter_worker_ttl_seconds,
+                                     window_seconds=settings.window_size_seconds, owner="cli",
+                                     topology=settings.clickhouse_topology)
+        with Progress(*_progress_columns(), console=console) as progress:
+            task = progress.add_task(f"rebuilding {state.slug}", total=None)
+            if state.building is not None:
+                generation = state.latest.generation
+                progress.update(task, description=f"{state.slug}: waiting for processor workers")
+                if not controller.wait_workers(state, generation, timeout=settings.meter_worker_ttl_seconds * 4):
+                    console.print("[red]processor workers did not apply the new definition in time[/red]")
+                    raise typer.Exit(1)
+                progress.update(task, description=f"rebuilding {state.slug}")
+                done = controller.rebuild(state, on_progress=lambda n, total: progress.update(task, completed=n,
+                                                                                              total=total))
+                if not done or not catalog.activate(state.slug, generation, actor="cli"):
+                    console.print(f"[red]{state.slug} changed during the rebuild; not switched[/red]")
+                    raise typer.Exit(1)
+                events = progress.tasks[0].completed
+                progress.update(task, description=f"{state.slug}: dropping the previous generation")
+                if not controller.clean(state.slug, timeout=settings.meter_worker_ttl_seconds * 4):
+                    console.print("[yellow]switched; the previous generation's rows are left to the meter "
+                                  "controller (processor workers did not apply the switch in time)[/yellow]")
+            else:
+                active = state.active
+                assert active is not None
+                sql, params = count_query(settings.clickhouse_database, active.meter)
+                progress.update(task, total=int(client.query(sql, parameters=params).result_rows[0][0]))
+                result = rebuild(client, settings.clickhouse_database, active.meter,
+                                 window_seconds=settings.window_size_seconds,
+                                 generation=state.latest.active_generation, clear=True,
+                                 topology=settings.clickhouse_topology,
+                                 on_progress=lambda n: progress.advance(task, n))
+                events = result.events
+    console.print(f"[green]{state.slug}[/green]: {int(events)} events rebuilt")
+
+
+meters_cli = typer.Typer(help="The meters in the meter store, their state and rebuild progress.",
+                         no_args_is_help=True)
+app.add_typer(meters_cli, name="meters")
+
+
+@meters_cli.command("status")
+def meters_status(
+    watch: Annotated[bool, typer.Option(help="show rebuild progress bars until no meter is building")] = False,
+) -> None:
+    """Every meter with who manages it, its version and state; building meters with their progress."""
+    import time
+
+    from rich.progress import Progress
+    from rich.table import Table
+
+    settings = _settings()
+    with _catalog(settings, "meters status") as (_, catalog):
+        table = Table("slug", "id", "managed by", "version", "state", "generation", "active")
+        for slug, s in sorted(catalog.states.items()):
+            table.add_row(slug, s.latest.id, s.latest.managed_by, str(s.latest.version), s.status,
+                          str(s.latest.generation), str(s.latest.active_generation))
+        Console(soft_wrap=True).print(table)
+        if not watch:
+            return
+        with Progress(*_progress_columns(), console=console) as progress:
+            tasks: dict[str, Any] = {}
+            while True:
+                building = {slug: s for slug, s in catalog.states.items() if s.building is not None}
+                for slug, s in building.items():
+                    p = catalog.progress(slug, s.latest.generation)
+                    if slug not in tasks:
+                        tasks[slug] = progress.add_task(slug, total=None)
+                    if p is not None:
+                        progress.update(tasks[slug], completed=p.done, total=p.total or None,
+                                        description=f"{slug} ({p.state})")
+                for slug, task in tasks.items():
+                    if slug not in building:
+                        progress.update(task, description=f"{slug} (switched)", completed=1, total=1)
+                if not building:
+                    break
+                time.sleep(settings.meter_poll_seconds)
+                catalog.refresh()
+                catalog.refresh_progress()
 
 
 keys = typer.Typer(help="API keys: create (printed once), list, revoke.", no_args_is_help=True)

@@ -31,7 +31,7 @@ def build_app(which: str, settings: Settings) -> FastAPI:
     if which == "query":
         from query.app import create_app as create_query
 
-        return create_query(settings)
+        return with_meter_controller(create_query(settings), settings)
     if which != "all":
         raise ValueError(f"unknown app {which!r}: expected ingest, query or all")
     return _combined_app(settings)
@@ -41,7 +41,7 @@ def _combined_app(settings: Settings) -> FastAPI:
     from ingest.app import broker_check, ingest_lifespan
     from ingest.routes import router as ingest_router
     from meterline.adapters.auth import install_auth
-    from meterline.adapters.health import health_router, supervisor_check
+    from meterline.adapters.health import health_router, state_details, supervisor_check
     from meterline.adapters.problems import install_problem_handlers
     from query.app import clickhouse_check, install_query, query_lifespan
 
@@ -61,5 +61,43 @@ def _combined_app(settings: Settings) -> FastAPI:
     checks = {"broker": broker_check(app), "clickhouse": clickhouse_check(app)}
     if settings.supervisor_status_file:  # `meterline run`: the processor workers it keeps up, too
         checks["processors"] = supervisor_check(settings.supervisor_status_file)
-    app.include_router(health_router(checks))
+    app.include_router(health_router(checks, details=lambda: state_details(app)))
+    return with_meter_controller(app, settings)
+
+
+def with_meter_controller(app: FastAPI, settings: Settings) -> FastAPI:
+    """Run the meter controller (config.yaml reload, background rebuilds, switches) inside `app`'s
+    lifespan, on its own ClickHouse client, once the query lifespan has loaded the catalog."""
+    import asyncio
+
+    from meterline.adapters.clickhouse import connect
+    from meterline.jobs.meter_controller import MeterController
+
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with inner(app):
+            assert settings.clickhouse_url is not None
+            client = await asyncio.to_thread(connect, settings.clickhouse_url, database=settings.clickhouse_database,
+                                             topology=settings.clickhouse_topology)
+            controller = MeterController(
+                app.state.catalog, client, settings.clickhouse_database, config_file=settings.config_file,
+                poll_seconds=settings.meter_poll_seconds, worker_ttl_seconds=settings.meter_worker_ttl_seconds,
+                window_seconds=settings.window_size_seconds, topology=settings.clickhouse_topology,
+            )
+            await asyncio.to_thread(controller.reload_config)
+            controller.start()
+            app.state.meter_controller = controller
+            if controller.config is not None:
+                config = controller.config
+                # /readyz detail: is config.yaml valid (the last good meters keep running when not).
+                app.state.readiness_details = lambda: {"config": config.as_dict()}
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(controller.stop)
+                await asyncio.to_thread(client.close)
+
+    app.router.lifespan_context = lifespan
     return app

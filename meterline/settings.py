@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     state_dir: str | None = None  # processor's local RocksDB cache; default <data_dir>/processor-<worker>
     processor_batch_messages: int = Field(default=200, ge=1)
     processor_batch_seconds: float = Field(default=0.2, gt=0)
+    #: How often every process looks for meter changes, and how long a silent processor worker still
+    #: holds up a rebuild (docs/design.md, "Live meters").
+    meter_poll_seconds: float = Field(default=1.0, gt=0)
+    meter_worker_ttl_seconds: float = Field(default=15.0, gt=0)
     #: Broker session and rebalance timeouts: Faust's default 60 s makes every group join wait ~30 s.
     processor_session_timeout: float = Field(default=10.0, gt=0)
     processor_rebalance_timeout: float = Field(default=10.0, gt=0)

@@ -23,12 +23,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meterline.adapters.logs import configure_logging, logging_config
 from meterline.core.errors import ConfigError
-from meterline.core.meters import MeterSet
 from meterline.settings import Settings
 from processor import metrics  # noqa: F401  (registers the collectors served at /metrics)
 from processor.agents import register_agent
 from processor.batch import BatchProcessor
 from processor.dedupe import DedupeState
+from processor.live_meters import LiveMeters
 from processor.sink import ClickHouseSink
 from processor.topics import ensure_events_topic
 
@@ -79,9 +79,10 @@ def create_app(settings: Settings) -> faust.App:
     sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database,
                           topology=settings.clickhouse_topology, token_salt=rows_digest(settings))
     sink.ensure_schema()
-    meters = MeterSet(settings.meters())
+    live = LiveMeters(settings, worker_id)
+    live.start()
     state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days)
-    processor = BatchProcessor(settings, meters, state, sink, log_epoch)
+    processor = BatchProcessor(settings, live.catalog.meter_set(), state, sink, log_epoch, live=live)
 
     app = faust.App(
         settings.consumer_group,
@@ -107,6 +108,10 @@ def create_app(settings: Settings) -> faust.App:
     app.meterline_ephemeral_state = settings.processor_worker_id is None and not settings.state_dir  # type: ignore[attr-defined]
     register_agent(app, settings, processor)
     _register_views(app, processor)
+
+    @app.timer(interval=settings.meter_poll_seconds)
+    async def poll_meters() -> None:
+        await processor.poll_meters()
 
     @app.timer(interval=PURGE_INTERVAL_SECONDS)
     async def purge_dedupe() -> None:
@@ -166,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         worker.execute_from_commandline()
     finally:
+        if processor.live is not None:
+            processor.live.stop()
         processor.sink.stop()
         processor.state.close()
         if app.meterline_ephemeral_state:  # type: ignore[attr-defined]

@@ -39,6 +39,7 @@ from meterline.core.schema import EVENTS
 from meterline.settings import Settings
 from processor import metrics
 from processor.dedupe import DedupeState
+from processor.live_meters import LiveMeters
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +109,33 @@ class BatchProcessor:
     """Everything one batch needs, without Faust: the agent drives it, unit tests drive it with fakes."""
 
     def __init__(self, settings: Settings, meters: MeterSet, state: DedupeState, sink: Sink,
-                 log_epoch: str) -> None:
+                 log_epoch: str, live: LiveMeters | None = None) -> None:
         self.settings = settings
         self.meters = meters
         self.state = state
         self.sink = sink
         self.log_epoch = log_epoch
         self.options = RowOptions.from_settings(settings)
+        #: The meter store view; None when meters are fixed (benchmarks, unit tests).
+        self.live = live
+        #: Held while a batch is built and written: meters change only between batches.
+        self.batch_lock = asyncio.Lock()
+
+    async def poll_meters(self) -> None:
+        """Swap in changed meters between batches, then report the applied versions (docs/design.md)."""
+        if self.live is None:
+            return
+        try:
+            changed = await asyncio.to_thread(self.live.refresh)
+        except Exception:
+            logger.warning("meter store refresh failed", exc_info=True)
+            return
+        if changed:
+            async with self.batch_lock:
+                self.meters = self.live.catalog.meter_set()
+                self.live.applied = self.live.catalog.applied()
+            logger.info("meters reloaded", extra={"meters": len(self.meters), "applied": self.live.applied})
+        await asyncio.to_thread(self.live.beat)
 
     async def handle(self, events: Sequence[StreamEvent], generation: int | None, ack: Ack) -> Rows | None:
         """Process the events of the current consumer `generation`, then `ack` each of them in order.
@@ -185,6 +206,20 @@ class BatchProcessor:
 
     async def process(self, messages: list[Message]) -> Rows:
         """Load, decide, persist decisions locally, write to the sink; the caller acks afterwards."""
+        if self.live is not None and self.live.stale():
+            # This worker may have been silent past its TTL (paused, starved): a rebuild may have started
+            # without it, so it must not write with what it knew before (docs/design.md).
+            delay = 0.2
+            while True:
+                await self.poll_meters()
+                if not self.live.stale():
+                    break
+                await asyncio.sleep(delay)  # like the sink: stall (nothing acked), never guess
+                delay = min(delay * 2, 5.0)
+        async with self.batch_lock:
+            return await self._process(messages)
+
+    async def _process(self, messages: list[Message]) -> Rows:
         await self.ensure_loaded({m[0] for m in messages})
         rows = self.build(messages)
         self.state.flush()

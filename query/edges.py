@@ -69,7 +69,7 @@ def edge_json(deltas: Sequence[Sequence[Any]]) -> str:
     lines = []
     for d in deltas:
         (_meter, subject, window_start, _key, group, _e, _p, _o,
-         count, total, low, high, uniques, latest_time, latest_value, latest_rank) = d
+         count, total, low, high, uniques, latest_time, latest_value, latest_rank) = d[:16]  # then generation
         lines.append(orjson.dumps({
             "subject": subject, "window_start": int(_utc(window_start).timestamp()), "group": group,
             "count": count, "sum": _text(total), "min": _text(low), "max": _text(high), "uniques": list(uniques),

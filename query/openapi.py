@@ -49,6 +49,45 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     503: {"description": "ClickHouse unavailable", **PROBLEM},
 }
 NOT_FOUND: dict[int | str, dict[str, Any]] = {404: {"description": "Unknown meter", **PROBLEM}}
+CONFLICT: dict[int | str, dict[str, Any]] = {
+    409: {"description": "Slug taken, or the meter is managed by a config file", **PROBLEM}
+}
+
+LIST_METERS: dict[str, Any] = {
+    "parameters": [
+        _param("page", {"type": "integer", "minimum": 1, "default": 1}, "Page index."),
+        _param("pageSize", {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}, "Items per page."),
+        _param("order", {"type": "string", "enum": ["ASC", "DESC"], "default": "ASC"}, "Order direction."),
+        _param("orderBy", {"type": "string", "enum": ["key", "name", "aggregation", "createdAt", "updatedAt"]},
+               "Order by."),
+        _param("includeDeleted", {"type": "boolean", "default": False}, "Include deleted meters."),
+    ]
+}
+_AGGREGATIONS = ["SUM", "COUNT", "AVG", "MIN", "MAX", "UNIQUE_COUNT", "LATEST"]
+_METER_FIELDS: dict[str, Any] = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 256},
+    "description": {"type": "string", "maxLength": 1024},
+    "metadata": {"type": "object", "additionalProperties": {"type": "string"}, "nullable": True},
+    "eventType": {"type": "string", "minLength": 1},
+    "eventFrom": _TIME,
+    "aggregation": {"type": "string", "enum": _AGGREGATIONS},
+    "valueProperty": {"type": "string", "minLength": 1},
+    "groupBy": {"type": "object", "additionalProperties": {"type": "string"}},
+}
+
+
+def _body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+METER_CREATE = _body({
+    "type": "object", "required": ["slug", "eventType", "aggregation"], "additionalProperties": False,
+    "properties": {"slug": {"type": "string", "pattern": "^[a-z0-9]+(?:[_-][a-z0-9]+)*$", "maxLength": 63},
+                   **_METER_FIELDS},
+})
+METER_UPDATE = _body({"type": "object", "additionalProperties": False, "properties": _METER_FIELDS})
+METER_CREATE["responses"] = {"201": {"description": "Created", "content": {"application/json": {"schema": ref("Meter")}}}}
+METER_UPDATE["responses"] = ok(ref("Meter"))
 
 _METER_QUERY_PARAMS = [
     CLIENT_ID,
@@ -144,6 +183,7 @@ PORTAL_TOKEN_INVALIDATE = {
         "type": "object", "properties": {"id": {"type": "string"}, "subject": {"type": "string"}}}}}},
 }
 METERS = {"responses": ok({"type": "array", "items": ref("Meter")})}
+LIST_METERS["responses"] = METERS["responses"]
 METER = {"responses": ok(ref("Meter"))}
 
 _NULLABLE_STRING = {"type": "string", "nullable": True}
@@ -265,14 +305,13 @@ COMPONENTS: dict[str, Any] = {
                 "offset": {"type": "integer"}, "index": {"type": "integer"}}},
         },
     },
-    "Meter": {
-        "type": "object", "required": ["id", "slug", "aggregation", "eventType"],
+    "Meter": {  # OpenMeter's Meter; meterline's state (manager, version, rebuild) is in `annotations`
+        "type": "object", "required": ["id", "slug", "aggregation", "eventType", "createdAt", "updatedAt"],
         "properties": {
-            "id": {"type": "string"}, "slug": {"type": "string"}, "description": {"type": "string"},
-            "eventType": {"type": "string"},
-            "aggregation": {"type": "string", "enum": ["SUM", "COUNT", "UNIQUE_COUNT", "AVG", "MIN", "MAX", "LATEST"]},
-            "valueProperty": _NULLABLE_STRING,
-            "groupBy": {"type": "object", "additionalProperties": {"type": "string"}},
+            "id": {"type": "string", "pattern": "^[0-7][0-9A-HJKMNP-TV-Za-hjkmnp-tv-z]{25}$"},
+            "slug": {"type": "string"}, "createdAt": _TIME, "updatedAt": _TIME, "deletedAt": _TIME,
+            **_METER_FIELDS,
+            "annotations": {"type": "object", "additionalProperties": True, "nullable": True},
         },
     },
 }

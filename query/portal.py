@@ -92,7 +92,7 @@ async def create_portal_token(request: Request) -> Response:
         if not isinstance(slug, str):
             raise InvalidQueryError(f"allowedMeterSlugs[{i}]", "must be a string")
         try:
-            request.app.state.meters.get(slug)
+            request.app.state.catalog.find(slug)
         except MeterNotFoundError:
             raise InvalidQueryError(f"allowedMeterSlugs[{i}]", f"no meter {slug!r}") from None
     now = datetime.now(UTC).replace(microsecond=0)

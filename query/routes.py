@@ -21,14 +21,15 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from meterline.adapters.auth import principal_of
+from meterline.adapters.meter_store import MeterCatalog
 from meterline.adapters.problems import ProblemResponse, UnsupportedContentTypeError, problem
 from meterline.core.decimals import decimal_text
 from meterline.core.errors import InvalidQueryError, MeterNotFoundError, StorageError
-from meterline.core.meters import Meter, MeterSet
+from meterline.core.meters import Meter
 from query import openapi
 from query.export import csv_text, prefers_csv
 from query.request import MeterQuery, from_body, from_query_params
-from query.shapes import meter_json, number
+from query.shapes import number
 from query.store import WindowStore
 from query.subject_routes import subjects_by_key
 from query.windowing import MINUTE, bucket_end, format_instant, parse_instant
@@ -57,7 +58,7 @@ async def _invalid_query(request: Request, exc: Exception) -> ProblemResponse:
 
 async def _meter_not_found(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, MeterNotFoundError)
-    return problem(404, "Meter not found", f"no meter with slug {exc.slug!r}", instance=request.url.path)
+    return problem(404, "Meter not found", f"no meter with id or slug {exc.slug!r}", instance=request.url.path)
 
 
 async def _storage(request: Request, exc: Exception) -> ProblemResponse:
@@ -80,9 +81,10 @@ def install_query_problem_handlers(app: FastAPI) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def _meters(request: Request) -> MeterSet:
-    meters: MeterSet = request.app.state.meters
-    return meters
+def _queryable(request: Request, id_or_slug: str) -> tuple[Meter, int]:
+    """The meter's answering definition and generation (404 unknown/deleted, 503 still building)."""
+    catalog: MeterCatalog = request.app.state.catalog
+    return catalog.queryable(id_or_slug)
 
 
 def _store(request: Request) -> WindowStore:
@@ -116,21 +118,8 @@ def _limit(request: Request) -> int:
 
 
 # -------------------------------------------------------------------------------------------------
-# Routes
+# Routes (list/get/create/update/delete of meters live in query.meter_routes)
 # -------------------------------------------------------------------------------------------------
-
-
-@router.get("/api/v1/meters", summary="List meters", response_model=None, openapi_extra=openapi.METERS)
-def list_meters(request: Request) -> list[dict[str, Any]]:
-    return [meter_json(m) for m in _meters(request).meters]
-
-
-@router.get(
-    "/api/v1/meters/{meterIdOrSlug}", summary="Get meter", response_model=None, responses=openapi.NOT_FOUND,
-    openapi_extra=openapi.METER,
-)
-def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
-    return meter_json(_meters(request).get(meterIdOrSlug))
 
 
 @router.get(
@@ -138,8 +127,8 @@ def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
     operation_id="queryMeter", responses={**openapi.ERRORS, **openapi.NOT_FOUND}, openapi_extra=openapi.METER_QUERY,
 )
 def query_meter(request: Request, meterIdOrSlug: str) -> Response:
-    meter = _meters(request).get(meterIdOrSlug)
-    return _answer(request, meter, from_query_params(meter, request.query_params))
+    meter, generation = _queryable(request, meterIdOrSlug)
+    return _answer(request, meter, from_query_params(meter, request.query_params), generation)
 
 
 @router.post(
@@ -152,7 +141,7 @@ async def query_meter_post(request: Request, meterIdOrSlug: str) -> Response:
 
     An empty body is an empty request (all defaults): the Python SDK's `query_csv_post` sends none.
     """
-    meter = _meters(request).get(meterIdOrSlug)
+    meter, generation = _queryable(request, meterIdOrSlug)
     for name in request.query_params:
         raise InvalidQueryError(name, "unknown query parameter (POST takes the query in the JSON body)")
     raw = await request.body()
@@ -166,10 +155,10 @@ async def query_meter_post(request: Request, meterIdOrSlug: str) -> Response:
         except orjson.JSONDecodeError as exc:
             raise InvalidQueryError("body", f"not valid JSON: {exc}") from None
     query = from_body(meter, body)
-    return await asyncio.to_thread(_answer, request, meter, query)
+    return await asyncio.to_thread(_answer, request, meter, query, generation)
 
 
-def _answer(request: Request, meter: Meter, query: MeterQuery) -> Response:
+def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) -> Response:
     """Run one meter query and shape it as OpenMeter does (JSON), or as CSV when the client accepts it.
 
     Windows carry their bucket's own bounds, as in OpenMeter (a window is identified by its bucket,
@@ -181,7 +170,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery) -> Response:
     rows = _store(request).meter(
         meter, meter.aggregation, start=query.start, end=query.end, window_size=query.window_size,
         tz=query.zone.key, subjects=query.subjects, group_by=query.group_by,
-        group_by_subject=query.group_by_subject, filters=query.filters,
+        group_by_subject=query.group_by_subject, filters=query.filters, generation=generation,
     )
     data: list[dict[str, Any]] = []
     exact: list[Decimal] = []
@@ -249,12 +238,12 @@ def _csv(
     responses={**openapi.ERRORS, **openapi.NOT_FOUND}, openapi_extra=openapi.SUBJECTS,
 )
 def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
-    meter = _meters(request).get(meterIdOrSlug)
+    meter, generation = _queryable(request, meterIdOrSlug)
     _only(request, {"from", "to"})
     start, end = _instant(request, "from"), _instant(request, "to")
     if start is not None and end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")
-    return _store(request).subjects(meter.slug, start=start, end=end)
+    return _store(request).subjects(meter.slug, start=start, end=end, generation=generation)
 
 
 @router.get(
@@ -266,7 +255,7 @@ def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
 def list_group_by_values(request: Request, meterIdOrSlug: str, groupByKey: str) -> list[str]:
     """Distinct values of one groupBy key; `from` defaults to 24 hours ago when neither bound is given
     (OpenMeter's default). `subject` lists the meter's subjects."""
-    meter = _meters(request).get(meterIdOrSlug)
+    meter, generation = _queryable(request, meterIdOrSlug)
     _only(request, {"from", "to"})
     start, end = _instant(request, "from"), _instant(request, "to")
     if start is not None and end is not None and start > end:
@@ -274,10 +263,10 @@ def list_group_by_values(request: Request, meterIdOrSlug: str, groupByKey: str) 
     if start is None and end is None:
         start = datetime.now(UTC) - timedelta(hours=24)
     if groupByKey == "subject":
-        return _store(request).subjects(meter.slug, start=start, end=end)
+        return _store(request).subjects(meter.slug, start=start, end=end, generation=generation)
     if groupByKey not in meter.group_by:
         raise InvalidQueryError("groupByKey", f"meter {meter.slug!r} has no groupBy key {groupByKey!r}")
-    return _store(request).group_values(meter.slug, groupByKey, start=start, end=end)
+    return _store(request).group_values(meter.slug, groupByKey, start=start, end=end, generation=generation)
 
 
 def _only(request: Request, allowed: set[str]) -> None:

@@ -16,7 +16,6 @@ from typing import Any
 import orjson
 
 from meterline.core.decimals import decimal_text
-from meterline.core.meters import Meter
 from meterline.core.times import as_utc, format_time
 
 
@@ -24,20 +23,6 @@ def number(value: Decimal) -> orjson.Fragment:
     """The JSON number literal of an exact Decimal, every digit kept (a float keeps ~17); render the
     answer with orjson."""
     return orjson.Fragment(decimal_text(value))
-
-
-def meter_json(meter: Meter) -> dict[str, Any]:
-    """OpenMeter's meter shape; `id` is the slug (meters live in config.yaml, not a database)."""
-    return {
-        "id": meter.slug,
-        "slug": meter.slug,
-        "description": meter.description,
-        "eventType": meter.event_type,
-        "aggregation": meter.aggregation.value,
-        "valueProperty": meter.value_property,
-        "groupBy": dict(meter.group_by),
-        "windowSize": "MINUTE",
-    }
 
 
 def json_or_text(data: str) -> Any:

@@ -146,6 +146,7 @@ def meter_query(
     group_by_subject: bool = False,
     filters: Mapping[str, FilterString] | None = None,
     edges: str | None = None,
+    generation: int | None = None,
 ) -> Query:
     """Aggregate one meter's minute deltas, plus the edge minutes' deltas built from raw events
     (`edges`: JSONEachRow text in EDGE_STRUCTURE), into buckets of `window_size` local to `tz`.
@@ -177,6 +178,7 @@ def meter_query(
     select.extend(VALUES[agg])
 
     windows_where = ["meter = {meter:String}"]
+    _generation(params, windows_where, generation)
     if split.whole_start is not None:
         params.values["from"] = ts(split.whole_start)
         windows_where.append("window_start >= {from:DateTime('UTC')}")
@@ -259,10 +261,18 @@ def _window_range(params: Params, where: list[str], start: datetime | None, end:
         where.append(f"window_start <= {params.bind(ts(end), DT)}")
 
 
-def subjects_query(database: str, meter: str, *, start: datetime | None = None, end: datetime | None = None) -> Query:
+def _generation(params: Params, where: list[str], generation: int | None) -> None:
+    """Only the meter's active generation answers (docs/design.md, "Live meters")."""
+    if generation is not None:
+        where.append(f"generation = {params.bind(generation, 'UInt64')}")
+
+
+def subjects_query(database: str, meter: str, *, start: datetime | None = None, end: datetime | None = None,
+                   generation: int | None = None) -> Query:
     """Distinct subjects with data for a meter. No FINAL: duplicates cannot change a DISTINCT set."""
     params = Params({"meter": meter})
     where = ["meter = {meter:String}"]
+    _generation(params, where, generation)
     _window_range(params, where, start, end)
     sql = (
         f"SELECT DISTINCT subject\nFROM {qualified(database, METER_WINDOWS)}\n"
@@ -272,11 +282,13 @@ def subjects_query(database: str, meter: str, *, start: datetime | None = None, 
 
 
 def group_values_query(
-    database: str, meter: str, key: str, *, start: datetime | None = None, end: datetime | None = None
+    database: str, meter: str, key: str, *, start: datetime | None = None, end: datetime | None = None,
+    generation: int | None = None,
 ) -> Query:
     """Distinct values of one groupBy key (rows without the key have no value to list)."""
     params = Params({"meter": meter, "key": key})
     where = ["meter = {meter:String}", "mapContains(group, {key:String})"]
+    _generation(params, where, generation)
     _window_range(params, where, start, end)
     sql = (
         f"SELECT DISTINCT group[{{key:String}}] AS value\nFROM {qualified(database, METER_WINDOWS)}\n"

@@ -123,6 +123,7 @@ class WindowStore:
         group_by_subject: bool = False,
         filters: Mapping[str, FilterString] | None = None,
         filter_group_by: Mapping[str, str] | None = None,
+        generation: int | None = None,
     ) -> list[MeterRow]:
         """Aggregate a meter over [start, end) cut to the second; the partial minutes at the edges are
         metered from raw events (`query.edges`), which needs the `Meter` itself, not only its slug."""
@@ -142,7 +143,7 @@ class WindowStore:
         query = meter_query(
             self.database, slug, aggregation, split=split, window_size=window_size, tz=tz,
             subjects=subjects, group_by=group_by, group_by_subject=group_by_subject, filters=all_filters,
-            edges=edges,
+            edges=edges, generation=generation,
         )
         result = self._run(query)
         n = result.row_count
@@ -164,13 +165,17 @@ class WindowStore:
             for b, f, s, g, v, last in zip(buckets, firsts, subjects_out, groups, values, lasts, strict=True)
         ]
 
-    def subjects(self, meter: str, *, start: datetime | None = None, end: datetime | None = None) -> list[str]:
-        return [r["subject"] for r in self.rows(subjects_query(self.database, meter, start=start, end=end))]
+    def subjects(self, meter: str, *, start: datetime | None = None, end: datetime | None = None,
+                 generation: int | None = None) -> list[str]:
+        query = subjects_query(self.database, meter, start=start, end=end, generation=generation)
+        return [r["subject"] for r in self.rows(query)]
 
     def group_values(
-        self, meter: str, key: str, *, start: datetime | None = None, end: datetime | None = None
+        self, meter: str, key: str, *, start: datetime | None = None, end: datetime | None = None,
+        generation: int | None = None,
     ) -> list[str]:
-        return [r["value"] for r in self.rows(group_values_query(self.database, meter, key, start=start, end=end))]
+        query = group_values_query(self.database, meter, key, start=start, end=end, generation=generation)
+        return [r["value"] for r in self.rows(query)]
 
     def dead_letters(
         self,

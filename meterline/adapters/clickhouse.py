@@ -17,7 +17,14 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError, DataError, Error
 
 from meterline.core.errors import QueryTimeoutError, QueryTooLargeError, StorageError, StorageRejectedError
-from meterline.core.schema import SINGLE_NODE, TABLES, Topology, ddl, storage_name
+from meterline.core.schema import (
+    SINGLE_NODE,
+    TABLES,
+    Topology,
+    ddl,
+    generation_migrations,
+    storage_name,
+)
 
 # On a cluster an INSERT into a Distributed table must return only once every shard has the rows: the
 # default (a local spool sent later) would let the processor ack Kafka offsets for rows that exist only
@@ -130,6 +137,14 @@ def create_schema(client: Client, database: str, topology: Topology = SINGLE_NOD
             return
         for statement in ddl(database, topology):
             client.command(statement)
+        for table, statements in generation_migrations(database, topology).items():
+            has = client.query(
+                "SELECT count() FROM system.columns WHERE database = {db:String} AND table = {t:String}"
+                " AND name = 'generation'", parameters={"db": database, "t": storage_name(table, topology)},
+            ).result_rows[0][0]
+            if not has:  # a table from before live meters (docs/design.md)
+                for statement in statements:
+                    client.command(statement)
 
 
 def missing_columns(client: Client, database: str, topology: Topology = SINGLE_NODE) -> list[str]:

@@ -46,8 +46,12 @@ async def _run_check(name: str, check: ReadinessCheck, timeout: float) -> bool:
         return False
 
 
-def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0) -> APIRouter:
-    """Build the health/metrics router; `checks` maps a dependency name to an async probe."""
+def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0,
+                  details: Callable[[], Mapping[str, Any]] | None = None) -> APIRouter:
+    """Build the health/metrics router; `checks` maps a dependency name to an async probe.
+
+    `details` adds informational entries to /readyz (e.g. whether config.yaml is valid) that do not
+    decide readiness: a process serving its last good meters can still answer."""
     router = APIRouter(tags=["Health"])
 
     @router.get("/healthz", summary="Liveness", response_model=None, openapi_extra=_HEALTHZ)
@@ -59,8 +63,9 @@ def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0) ->
         names = list(checks)
         results = await asyncio.gather(*(_run_check(n, checks[n], timeout) for n in names))
         status = {n: ("ok" if ok else "unavailable") for n, ok in zip(names, results, strict=True)}
+        extra = dict(details()) if details is not None else {}
         if all(results):
-            return JSONResponse({"status": "ready", "checks": status})
+            return JSONResponse({"status": "ready", "checks": status, **extra})
         down = ", ".join(n for n, ok in zip(names, results, strict=True) if not ok)
         return JSONResponse(
             {
@@ -69,6 +74,7 @@ def health_router(checks: Mapping[str, ReadinessCheck], timeout: float = 2.0) ->
                 "status": 503,
                 "detail": f"not reachable within {timeout:g}s: {down}",
                 "checks": status,
+                **extra,
             },
             status_code=503,
             media_type="application/problem+json",
@@ -99,3 +105,9 @@ def supervisor_check(status_file: str) -> ReadinessCheck:
         return await asyncio.to_thread(read)
 
     return check
+
+
+def state_details(app: Any) -> Mapping[str, Any]:
+    """`app.state.readiness_details()` if the composition root set one (see `health_router`)."""
+    provider = getattr(app.state, "readiness_details", None)
+    return provider() if provider is not None else {}

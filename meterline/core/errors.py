@@ -4,6 +4,10 @@
     ├── ConfigError (= InvalidMeterError)   config.yaml or settings are wrong
     ├── InvalidEventError                   an incoming event breaks the CloudEvents or size rules
     ├── MeterNotFoundError                  a query names a meter that config.yaml does not define
+    ├── MeterChangeError                    a meter create/update/delete that cannot be applied
+    │   ├── MeterConflictError              the slug exists, or the meter is managed by a file (409)
+    │   └── InvalidMeterChangeError         a field of the request is invalid (400, names the field)
+    ├── MeterBuildingError                  a brand-new meter's history is still being built (503)
     ├── InvalidQueryError                   query parameters are inconsistent (range, window, zone)
     │   └── QueryTooLargeError              the answer would exceed the query cost ceiling
     ├── RateLimitedError                    a key exceeded its request, event or concurrency limit
@@ -46,6 +50,37 @@ class MeterNotFoundError(MeterlineError):
     def __init__(self, slug: str) -> None:
         self.slug = slug
         super().__init__(f"meter not found: {slug}")
+
+
+class MeterChangeError(MeterlineError):
+    """A change to the meter store that cannot be applied."""
+
+
+class MeterConflictError(MeterChangeError):
+    """The slug is taken, or the meter is managed by `managed_by` (a config file) and not by the API."""
+
+    def __init__(self, slug: str, message: str, managed_by: str | None = None) -> None:
+        self.slug = slug
+        self.managed_by = managed_by
+        super().__init__(message)
+
+
+class InvalidMeterChangeError(MeterChangeError):
+    """A meter create/update request is invalid; `errors` holds `{field, message}` per problem."""
+
+    def __init__(self, errors: list[dict[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e['field']}: {e['message']}" for e in errors))
+
+
+class MeterBuildingError(MeterlineError):
+    """A meter has no complete generation yet: answering would be a silently partial number."""
+
+    def __init__(self, slug: str, done: int, total: int) -> None:
+        self.slug = slug
+        self.done = done
+        self.total = total
+        super().__init__(f"meter {slug!r} is still being built from stored events ({done} of {total} events)")
 
 
 class InvalidQueryError(MeterlineError):

@@ -138,12 +138,12 @@ def stored_event(event_id: str, source: str, event_type: str, subject: str, time
 
 def _dead(
     rows: Rows, pos: MessagePosition, index: int, meter: str, event: Mapping[str, Any],
-    t: datetime, data: str, code: str, reason: str, now: datetime,
+    t: datetime, data: str, code: str, reason: str, now: datetime, generation: int = 0,
 ) -> None:
     rows.dead_letters.append([
         pos.log_epoch, pos.partition, pos.offset, index, meter,
         str(event.get("id", "")), str(event.get("source", "")), str(event.get("type", "")),
-        str(event.get("subject", "")), t, data, code, reason, now,
+        str(event.get("subject", "")), t, data, code, reason, now, generation,
     ])
     rows.dead_by_reason[code] = rows.dead_by_reason.get(code, 0) + 1
 
@@ -233,7 +233,7 @@ def message_rows(
             _dead(out, pos, index, "", event, t, data, "too_late", reason, now)
             errors.append(f"*: {reason}")
         else:
-            measurements, rejections = measure(event)
+            measurements, rejections = measure(event, t)
             if measurements:
                 rank = rank_base + index
                 for m in measurements:
@@ -244,8 +244,10 @@ def message_rows(
                         ))
             if rejections:
                 for r in rejections:
-                    _dead(out, pos, index, r.meter, event, t, data, r.code, r.reason, now)
-                    errors.append(f"{r.meter}: {r.reason}")
+                    _dead(out, pos, index, r.meter, event, t, data, r.code, r.reason, now, r.generation)
+                    error = f"{r.meter}: {r.reason}"
+                    if error not in errors:  # a meter's active and building generation may both reject
+                        errors.append(error)
             elif strict and not measurements:
                 reason = f"no meter has eventType {etype!r}"
                 _dead(out, pos, index, "", event, t, data, "unknown_type", reason, now)
@@ -258,6 +260,6 @@ def message_rows(
             d.meter, d.subject, d.window_start, d.group_key, d.group,
             epoch, partition, offset,
             d.count, d.sum, d.min, d.max, sorted(d.uniques),
-            d.latest_time or d.window_start, d.latest_value, d.latest_rank,
+            d.latest_time or d.window_start, d.latest_value, d.latest_rank, d.generation,
         ])
     return out

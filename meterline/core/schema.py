@@ -31,6 +31,9 @@ API_KEY_COLUMNS: tuple[str, ...] = (
 PORTAL_TOKEN_COLUMNS: tuple[str, ...] = (
     "id", "namespace", "subject", "allowed_meters", "created_at", "expires_at", "invalidated_at", "updated_at",
 )
+METER_VERSIONS = "meter_versions"
+METER_REBUILDS = "meter_rebuilds"
+METER_WORKERS = "meter_workers"
 
 SUBJECT_COLUMNS: tuple[str, ...] = (
     "namespace", "key", "id", "display_name", "metadata", "current_period_start", "current_period_end",
@@ -46,13 +49,17 @@ EVENT_COLUMNS: tuple[str, ...] = (
 WINDOW_COLUMNS: tuple[str, ...] = (
     "meter", "subject", "window_start", "group_key", "group",
     "log_epoch", "kafka_partition", "kafka_offset",
-    "count", "sum", "min", "max", "uniques", "latest_time", "latest_value", "latest_rank",
+    "count", "sum", "min", "max", "uniques", "latest_time", "latest_value", "latest_rank", "generation",
 )
 
 DEAD_LETTER_COLUMNS: tuple[str, ...] = (
     "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "meter",
-    "id", "source", "type", "subject", "time", "data", "reason_code", "reason", "received_at",
+    "id", "source", "type", "subject", "time", "data", "reason_code", "reason", "received_at", "generation",
 )
+
+WINDOWS_ORDER_BY = "(meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset, generation)"
+DEAD_LETTERS_ORDER_BY = "(log_epoch, kafka_partition, kafka_offset, batch_index, meter, generation)"
+"""Both identities end in the meter definition's generation (docs/design.md, "Live meters")."""
 
 # Decimal128(9): 29 integer digits and 9 fractional digits, exact for every value meters accept.
 DECIMAL = "Decimal128(9)"
@@ -194,9 +201,10 @@ TABLES: tuple[Table, ...] = (
             uniques Array(String),
             latest_time DateTime64(6, 'UTC'),
             latest_value Nullable({DECIMAL}),
-            latest_rank UInt64
+            latest_rank UInt64,
+            generation UInt64
         """,
-        order_by="(meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset)",
+        order_by=WINDOWS_ORDER_BY,
         shard_by="cityHash64(subject)",
         partition_by="toYYYYMM(window_start)",
     ),
@@ -216,9 +224,10 @@ TABLES: tuple[Table, ...] = (
             data String,
             reason_code LowCardinality(String),
             reason String,
-            received_at DateTime64(3, 'UTC')
+            received_at DateTime64(3, 'UTC'),
+            generation UInt64
         """,
-        order_by="(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+        order_by=DEAD_LETTERS_ORDER_BY,
         shard_by="cityHash64(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
     ),
     # What `meterline dead-letters replay` did with each dead letter; the newest outcome wins.
@@ -294,7 +303,76 @@ TABLES: tuple[Table, ...] = (
         shard_by="cityHash64(namespace, id)",
         version="updated_at",
     ),
+    # Live meters (docs/design.md): one row per change of a meter; the newest version is its state.
+    Table(
+        name=METER_VERSIONS,
+        columns="""
+            namespace LowCardinality(String),
+            slug String,
+            version UInt64,
+            action LowCardinality(String),
+            id String,
+            managed_by String,
+            actor String,
+            changed_at DateTime64(6, 'UTC'),
+            created_at DateTime64(6, 'UTC'),
+            generation UInt64,
+            active_generation UInt64,
+            file_mtime Float64,
+            definition String
+        """,
+        order_by="(namespace, slug, version)",
+        shard_by="cityHash64(namespace, slug)",
+    ),
+    # Progress of a generation's rebuild from stored events; the newest row wins.
+    Table(
+        name=METER_REBUILDS,
+        columns="""
+            namespace LowCardinality(String),
+            slug String,
+            generation UInt64,
+            state LowCardinality(String),
+            events_done UInt64,
+            events_total UInt64,
+            owner String,
+            updated_at DateTime64(6, 'UTC')
+        """,
+        order_by="(namespace, slug, generation)",
+        shard_by="cityHash64(namespace, slug)",
+        version="updated_at",
+    ),
+    # Which meter versions each processor worker applies (its heartbeat); the newest row wins.
+    Table(
+        name=METER_WORKERS,
+        columns="""
+            worker String,
+            applied Map(String, UInt64),
+            seen_at DateTime64(6, 'UTC')
+        """,
+        order_by="worker",
+        shard_by="cityHash64(worker)",
+        version="seen_at",
+    ),
 )
+
+
+def generation_migrations(database: str, topology: Topology = SINGLE_NODE) -> dict[str, list[str]]:
+    """Per table, what brings a `meter_windows` / `dead_letters` created before live meters up to date.
+
+    `generation` joins the sorting key at its end: ClickHouse only lets a column added in the same ALTER
+    be appended to an existing key (so `added_columns` cannot do it). Old rows get generation 0, which no
+    meter definition uses: they are rebuilt into a real generation (docs/design.md, "Live meters").
+    """
+    db = quote_identifier(database)
+    out: dict[str, list[str]] = {}
+    for table, key in ((METER_WINDOWS, WINDOWS_ORDER_BY), (DEAD_LETTERS, DEAD_LETTERS_ORDER_BY)):
+        target = f"{db}.{storage_name(table, topology)}{on_cluster(topology)}"
+        statements = [f"ALTER TABLE {target} ADD COLUMN generation UInt64, MODIFY ORDER BY {key}"]
+        if topology.cluster is not None:
+            distributed = f"{db}.{table}{on_cluster(topology)}"
+            statements.append(f"ALTER TABLE {distributed} ADD COLUMN IF NOT EXISTS generation UInt64")
+        out[table] = statements
+    return out
 
 
 def ddl(database: str, topology: Topology = SINGLE_NODE) -> list[str]:

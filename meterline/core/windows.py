@@ -38,6 +38,7 @@ class WindowDelta:
     window_start: datetime
     group_key: str
     group: dict[str, str]
+    generation: int = 0
     count: int = 0
     sum: Decimal = field(default_factory=Decimal)
     min: Decimal | None = None
@@ -64,7 +65,7 @@ class WindowAccumulator:
         if window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
         self._window = timedelta(seconds=window_seconds)
-        self._rows: dict[tuple[str, str, datetime, str], WindowDelta] = {}
+        self._rows: dict[tuple[str, int, str, datetime, str], WindowDelta] = {}
         # Events of one message usually share a minute: memoise the last window computation.
         self._cache_key: datetime | None = None
         self._cache_start: datetime = _EPOCH
@@ -85,11 +86,11 @@ class WindowAccumulator:
             self._cache_key = event_time
             self._cache_start = ws
         slug = m.meter.slug
-        key = (slug, subject, ws, m.group_key)
+        key = (slug, m.generation, subject, ws, m.group_key)
         row = self._rows.get(key)
         value = m.value
         if row is None:
-            row = WindowDelta(slug, subject, ws, m.group_key, dict(m.group))
+            row = WindowDelta(slug, subject, ws, m.group_key, dict(m.group), m.generation)
             self._rows[key] = row
         elif isinstance(value, Decimal) and not fits_storage(add(row.sum, value)):
             return False

@@ -88,12 +88,14 @@ class DeadLetter:
     reason_code: str
     reason: str
     received_at: datetime
+    generation: int = 0
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> DeadLetter:
-        (epoch, part, off, idx, meter, id_, source, type_, subject, t, data, code, reason, received) = row
+        (epoch, part, off, idx, meter, id_, source, type_, subject, t, data, code, reason, received,
+         generation) = row[:15]
         return cls(str(epoch), int(part), int(off), int(idx), str(meter), str(id_), str(source), str(type_),
-                   str(subject), as_utc(t), str(data), str(code), str(reason), as_utc(received))
+                   str(subject), as_utc(t), str(data), str(code), str(reason), as_utc(received), int(generation))
 
     @property
     def identity(self) -> tuple[str, int, int, int, str]:

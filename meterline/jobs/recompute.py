@@ -7,11 +7,11 @@ the meter's type through the processor's own row builder (`meterline.core.rows.m
 under the new definition. The meter's old rows and dead letters are deleted first, because a changed
 groupBy produces different row keys that would otherwise stay beside the new ones.
 
-When to run it: after adding a meter (history before the worker learnt it is otherwise empty) or
-changing a meter's eventType, valueProperty, aggregation or groupBy. Restart the processor with the new
-config.yaml first, then recompute: messages the live worker processes meanwhile are written with the
-same identities under the same definition, so overlapping work converges instead of adding up. While
-the command runs, queries of that meter see partial history.
+Who runs it: the meter controller (`meterline.jobs.meter_controller`) rebuilds every new generation of
+a meter in the background into that generation (`generation=`, without clearing: other generations keep
+answering until the switch, docs/design.md "Live meters"); `meterline recompute` runs the same in the
+foreground. Messages the live workers process meanwhile are written with the same identities under the
+same generation, so overlapping work converges instead of adding up.
 """
 
 from __future__ import annotations
@@ -55,22 +55,35 @@ class RecomputeResult:
 
 
 
+class Abandoned(Exception):
+    """The rebuild was told to stop (its generation is no longer wanted)."""
+
+
+def _where(meter: Meter) -> tuple[str, dict[str, Any]]:
+    """Events of the meter's type, from eventFrom on (earlier ones never count)."""
+    where, params = "type = {type:String}", {"type": meter.event_type}
+    if meter.event_from is not None:
+        where += " AND time >= {event_from:DateTime64(6, 'UTC')}"
+        params["event_from"] = meter.event_from.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    return where, params
+
+
 def count_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
     """How many stored events feed the meter: the progress bar's total."""
-    return f"SELECT count() FROM {qualified(database, EVENTS)} FINAL WHERE type = {{type:String}}", {
-        "type": meter.event_type
-    }
+    where, params = _where(meter)
+    return f"SELECT count() FROM {qualified(database, EVENTS)} FINAL WHERE {where}", params
 
 
 def events_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
     """Stored events of the meter's type in log order, so each message's events arrive together."""
+    where, params = _where(meter)
     sql = (
         "SELECT log_epoch, kafka_partition, kafka_offset, batch_index, id, source, type, subject, time, data,"
         " validation_errors"
-        f" FROM {qualified(database, EVENTS)} FINAL WHERE type = {{type:String}}"
+        f" FROM {qualified(database, EVENTS)} FINAL WHERE {where}"
         " ORDER BY log_epoch, kafka_partition, kafka_offset, batch_index"
     )
-    return sql, {"type": meter.event_type}
+    return sql, params
 
 
 def messages(rows: Iterator[Sequence[Any]]) -> Iterator[tuple[MessagePosition, list[dict[str, Any]], list[int]]]:
@@ -101,17 +114,24 @@ def recompute(
     window_seconds: int = 60,
     on_progress: Callable[[int], None] = lambda n: None,
     topology: Topology = SINGLE_NODE,
+    generation: int = 0,
+    clear: bool = True,
 ) -> RecomputeResult:
-    """Delete the meter's windows and dead letters, then rebuild them from `events`."""
-    only = MeterSet([meter])
+    """Rebuild the meter's windows and dead letters of `generation` from `events`.
+
+    With `clear`, that generation's rows are deleted first (a repair in place). `on_progress` may raise
+    `Abandoned` to stop early; rows written so far are valid rows of the generation.
+    """
+    only = MeterSet([meter], [generation])
     options = RowOptions(window_seconds=window_seconds)
     result = RecomputeResult(meter.slug)
     now = datetime.now(UTC)
     with storage_errors():
-        for table in (METER_WINDOWS, DEAD_LETTERS):
+        for table in (METER_WINDOWS, DEAD_LETTERS) if clear else ():
             client.command(
-                f"DELETE FROM {mutation_target(database, table, topology)} WHERE meter = {{meter:String}}",
-                parameters={"meter": meter.slug},
+                f"DELETE FROM {mutation_target(database, table, topology)} WHERE meter = {{meter:String}}"
+                " AND generation = {generation:UInt64}",
+                parameters={"meter": meter.slug, "generation": generation},
                 settings={"mutations_sync": 2},
             )
         sql, params = events_query(database, meter)

@@ -38,13 +38,14 @@ def _rows() -> list[list[Any]]:
         subject, value = f"s{i % 3}", Decimal(i + 1)
         for meter in ("calls", "other"):
             rows.append([meter, subject, START + timedelta(minutes=i), "[]", {}, "e", 0, i, 1, value, value, value,
-                         [], START + timedelta(minutes=i), value, i])
+                         [], START + timedelta(minutes=i), value, i, 1])  # a first definition is generation 1
     return rows
 
 
 @pytest.fixture(scope="module")
 def portal(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore, list[list[Any]]]]:
-    from query.app import create_app
+    from meterline.localinfra.ports import wait_for
+    from meterline.server import build_app
     from tests.infra import unique
 
     database = unique("portal")
@@ -55,8 +56,13 @@ def portal(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore, list[lis
     settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", auth_secret=SECRET, auth_local_mode=False,
                         auth_refresh_seconds=0.2, meters=METERS)  # type: ignore[arg-type]
     try:
-        with TestClient(create_app(settings)) as http:
-            yield http, KeyStore(client, database), rows
+        with TestClient(build_app("query", settings)) as http:
+            # The meter controller activates the meters once their (empty) rebuild from `events` is done.
+            admin = KeyStore(client, database)
+            headers = _key(admin, "default", Scope.READ)
+            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
+                                 for m in http.get("/api/v1/meters", headers=headers).json()), 30, "meters ready")
+            yield http, admin, rows
     finally:
         client.command(f"DROP DATABASE IF EXISTS {database}")
         client.close()

@@ -19,13 +19,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+import yaml
 from fastapi.testclient import TestClient
 
 from meterline.adapters.clickhouse import connect, create_schema
 from meterline.core.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
+from meterline.localinfra.ports import wait_for
+from meterline.server import build_app
 from meterline.settings import Settings
-from query.app import create_app
 
+#: A meter's first definition is version 1, so its rows are generation 1 (docs/design.md, "Live meters").
+GENERATION = 1
 AGGS = ("COUNT", "SUM", "AVG", "MIN", "MAX", "UNIQUE_COUNT", "LATEST")
 SIZES = (None, "MINUTE", "HOUR", "DAY", "MONTH")
 ZONES = ("UTC", "Asia/Kolkata", "Asia/Kathmandu", "America/New_York")
@@ -92,13 +96,13 @@ def _rows(events: list[dict[str, Any]]) -> list[list[Any]]:
             rows.append([
                 f"m_{agg.lower()}", e["subject"], wstart, gkey, e["group"], "epoch", 0, e["offset"],
                 1, value or Decimal(0), value, value, [e["u"]] if agg == "UNIQUE_COUNT" else [],
-                e["time"], value, e["offset"] * 100000,
+                e["time"], value, e["offset"] * 100000, GENERATION,
             ])
     return rows
 
 
 @pytest.fixture(scope="module")
-def app_client(ch_url: str) -> Iterator[tuple[TestClient, list[dict[str, Any]], Any, str]]:
+def app_client(ch_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[TestClient, list[dict[str, Any]], Any, str]]:
     # A name that only works quoted: every query must quote the configured database.
     database = f"q-{uuid.uuid4().hex[:12]}"
     client = connect(ch_url)
@@ -107,9 +111,14 @@ def app_client(ch_url: str) -> Iterator[tuple[TestClient, list[dict[str, Any]], 
     rows = _rows(events)
     for _ in range(2):  # the second insert repeats every identity: FINAL must collapse it
         client.insert("meter_windows", rows, column_names=list(WINDOW_COLUMNS), database=database)
-    settings = Settings(clickhouse_url=f"{ch_url}/{database}", meters=_meters(), config_file="/nonexistent.yaml")
+    config = tmp_path_factory.mktemp("query-config") / "config.yaml"
+    config.write_text(yaml.safe_dump({"meters": _meters()}))
+    settings = Settings(clickhouse_url=f"{ch_url}/{database}", config_file=str(config))
     try:
-        with TestClient(create_app(settings)) as http:
+        with TestClient(build_app("query", settings)) as http:
+            # The meter controller activates the file's meters once their (empty) rebuild is done.
+            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
+                                 for m in http.get("/api/v1/meters").json()), 30, "meters ready")
             yield http, events, client, database
     finally:
         client.command(f"DROP DATABASE IF EXISTS `{database}`")
@@ -263,9 +272,9 @@ def test_no_matching_windows_is_an_empty_answer(app_client: Any, size: str | Non
 def test_meters_list_get_and_subjects(app_client: Any) -> None:
     http, events, _, _ = app_client
     meters = http.get("/api/v1/meters").json()
-    assert [m["slug"] for m in meters] == [f"m_{a.lower()}" for a in AGGS]
+    assert [m["slug"] for m in meters] == sorted(f"m_{a.lower()}" for a in AGGS)  # listMeters orders by key
     got = http.get("/api/v1/meters/m_sum").json()
-    assert got["aggregation"] == "SUM" and got["valueProperty"] == "$.v" and got["windowSize"] == "MINUTE"
+    assert got["aggregation"] == "SUM" and got["valueProperty"] == "$.v" and "windowSize" not in got
     assert got["groupBy"] == {"model": "$.model", "region": "$.region"} and got["eventType"] == "ev"
     assert http.get("/api/v1/meters/m_sum/subjects").json() == sorted({e["subject"] for e in events})
     # A range keeps the subjects with usage in [from, to) (minute windows): here one minute of usage.
@@ -406,7 +415,7 @@ def test_dead_letters_listing(app_client: Any) -> None:
             "log_epoch": "epoch", "kafka_partition": 1, "kafka_offset": i, "batch_index": 0,
             "meter": "m_sum" if i % 2 else "", "id": f"d{i}", "source": "src", "type": "ev", "subject": "s",
             "time": base, "data": "{}", "reason_code": "value_missing" if i % 2 else "unknown_type",
-            "reason": "why", "received_at": base + timedelta(seconds=i),
+            "reason": "why", "received_at": base + timedelta(seconds=i), "generation": GENERATION,
         }
         rows.append([row[c] for c in DEAD_LETTER_COLUMNS])
     for _ in range(2):

@@ -249,6 +249,7 @@ def test_meter_aliases_and_dump_shape() -> None:
         "aggregation": "SUM",
         "valueProperty": "$.v",
         "groupBy": {"k": "$.k"},
+        "eventFrom": None,
     }
 
 

@@ -14,6 +14,7 @@ Extraction rules (decided here, relied on by windows and the sink):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from datetime import datetime
 from decimal import Decimal
 from typing import Any, NamedTuple
 
@@ -24,6 +25,7 @@ from meterline.core.meters.aggregation import Aggregation
 from meterline.core.meters.jsonpath import MISSING, Many, compile_path
 from meterline.core.meters.model import Meter
 from meterline.core.meters.values import NumericValueError, canonical_unique, group_text, parse_numeric
+from meterline.core.times import parse_time
 
 __all__ = ["Measurement", "MeterSet", "Rejection"]
 
@@ -34,6 +36,7 @@ class Rejection(NamedTuple):
     meter: str
     code: str
     reason: str
+    generation: int = 0
 
 
 class Measurement(NamedTuple):
@@ -48,6 +51,7 @@ class Measurement(NamedTuple):
     group: dict[str, str]
     group_key: str
     value: Decimal | str | None
+    generation: int = 0
 
 
 _EMPTY_GROUP_KEY = "{}"
@@ -56,10 +60,13 @@ _EMPTY_GROUP_KEY = "{}"
 class _CompiledMeter:
     """A meter with its JSONPaths compiled, so measuring an event does no parsing."""
 
-    __slots__ = ("agg", "group_getters", "group_spec", "meter", "slug", "value_getter", "value_path")
+    __slots__ = ("agg", "event_from", "generation", "group_getters", "group_spec", "meter", "slug",
+                 "value_getter", "value_path")
 
-    def __init__(self, meter: Meter) -> None:
+    def __init__(self, meter: Meter, generation: int = 0) -> None:
         self.meter = meter
+        self.generation = generation
+        self.event_from = meter.event_from
         self.slug = meter.slug
         self.agg = meter.aggregation
         self.value_path = meter.value_property
@@ -93,13 +100,14 @@ class _CompiledMeter:
     def measure_absent(self) -> Measurement | Rejection:
         """Events without ``data``: COUNT still counts (no groups), valued meters are missing."""
         if self.value_getter is None:
-            return Measurement(self.meter, {}, _EMPTY_GROUP_KEY, None)
-        return Rejection(self.slug, "value_missing", f"valueProperty {self.value_path}: event has no data")
+            return Measurement(self.meter, {}, _EMPTY_GROUP_KEY, None, self.generation)
+        return Rejection(self.slug, "value_missing", f"valueProperty {self.value_path}: event has no data",
+                         self.generation)
 
     def measure(self, data: Any, cache: dict[Any, Any]) -> Measurement | Rejection:
         if self.value_getter is None:
             group, key = self.group(data, cache)
-            return Measurement(self.meter, group, key, None)
+            return Measurement(self.meter, group, key, None, self.generation)
         # Like groups, a value is read and parsed once per event for every meter sharing its path
         # (SUM, AVG and MAX of $.tokens are one parse, not three).
         value_key = ("value", self.value_path, self.agg is Aggregation.UNIQUE_COUNT)
@@ -107,9 +115,9 @@ class _CompiledMeter:
         if outcome is None:
             outcome = cache[value_key] = self._value(data)
         if isinstance(outcome, tuple):
-            return Rejection(self.slug, *outcome)
+            return Rejection(self.slug, outcome[0], outcome[1], self.generation)
         group, key = self.group(data, cache)
-        return Measurement(self.meter, group, key, outcome)
+        return Measurement(self.meter, group, key, outcome, self.generation)
 
     def _value(self, data: Any) -> Decimal | str | tuple[str, str]:
         """The metered value, or (rejection code, reason); independent of the meter's slug."""
@@ -133,23 +141,36 @@ class _CompiledMeter:
 
 
 class MeterSet:
-    """All configured meters, indexed by slug and event type; immutable, built once."""
+    """All live meters, indexed by slug and event type; immutable, built once.
 
-    __slots__ = ("_by_slug", "_by_type", "_compiled_by_type", "_meters")
+    ``generations`` (parallel to ``meters``) lets one slug appear once per generation: while a meter's
+    history is rebuilt, the processor meters each event under the active and the building definition
+    (docs/design.md, "Live meters"). Without it every meter is generation 0.
+    """
 
-    def __init__(self, meters: Sequence[Meter]) -> None:
+    __slots__ = ("_by_slug", "_by_type", "_compiled_by_type", "_meters", "_time_bound")
+
+    def __init__(self, meters: Sequence[Meter], generations: Sequence[int] | None = None) -> None:
+        gens = list(generations) if generations is not None else [0] * len(meters)
+        if len(gens) != len(meters):
+            raise ValueError("generations must be parallel to meters")
         by_slug: dict[str, Meter] = {}
-        for m in meters:
-            if m.slug in by_slug:
+        seen: set[tuple[str, int]] = set()
+        for m, g in zip(meters, gens, strict=True):
+            if (m.slug, g) in seen:
                 raise ConfigError(f"duplicate meter slug {m.slug!r}")
-            by_slug[m.slug] = m
+            seen.add((m.slug, g))
+            by_slug.setdefault(m.slug, m)
         self._meters = tuple(meters)
         self._by_slug = by_slug
         by_type: dict[str, list[Meter]] = {}
-        for m in meters:
+        compiled: dict[str, list[_CompiledMeter]] = {}
+        for m, g in zip(meters, gens, strict=True):
             by_type.setdefault(m.event_type, []).append(m)
+            compiled.setdefault(m.event_type, []).append(_CompiledMeter(m, g))
         self._by_type = {t: tuple(ms) for t, ms in by_type.items()}
-        self._compiled_by_type = {t: tuple(_CompiledMeter(m) for m in ms) for t, ms in by_type.items()}
+        self._compiled_by_type = {t: tuple(cs) for t, cs in compiled.items()}
+        self._time_bound = {t for t, cs in compiled.items() if any(c.event_from is not None for c in cs)}
 
     def __iter__(self) -> Any:
         return iter(self._meters)
@@ -172,15 +193,24 @@ class MeterSet:
         except KeyError:
             raise MeterNotFoundError(slug) from None
 
-    def measure(self, event: Mapping[str, Any]) -> tuple[list[Measurement], list[Rejection]]:
+    def measure(
+        self, event: Mapping[str, Any], time: datetime | None = None
+    ) -> tuple[list[Measurement], list[Rejection]]:
         """Evaluate every meter whose eventType == event["type"] against event["data"].
 
         An event with no matching meter yields ([], []); deciding whether that is an error
-        (strict_event_types) is the processor's business.
+        (strict_event_types) is the processor's business. Meters whose ``eventFrom`` is after the
+        event's time (``time``, else parsed from ``event["time"]``) skip it: neither measured nor
+        rejected.
         """
-        compiled = self._compiled_by_type.get(event.get("type"))  # type: ignore[arg-type]
+        etype = event.get("type")
+        compiled = self._compiled_by_type.get(etype)  # type: ignore[arg-type]
         if not compiled:
             return [], []
+        if etype in self._time_bound:
+            if time is None:
+                time = parse_time(event["time"])
+            compiled = tuple(c for c in compiled if c.event_from is None or time >= c.event_from)
         data = event.get("data", MISSING)
         measurements: list[Measurement] = []
         rejections: list[Rejection] = []

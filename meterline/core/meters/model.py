@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -33,6 +34,15 @@ class Meter(BaseModel):
     aggregation: Aggregation
     value_property: str | None = Field(default=None, alias="valueProperty", validate_default=True)
     group_by: dict[str, str] = Field(default_factory=dict, alias="groupBy")
+    event_from: datetime | None = Field(default=None, alias="eventFrom")
+    """Events with an earlier `time` are not metered by this meter (OpenMeter's eventFrom)."""
+
+    @field_validator("event_from")
+    @classmethod
+    def _check_event_from(cls, v: datetime | None) -> datetime | None:
+        if v is not None and (v.tzinfo is None or v.utcoffset() is None):
+            raise ValueError("must carry a UTC offset (RFC 3339)")
+        return v
 
     @field_validator("slug")
     @classmethod

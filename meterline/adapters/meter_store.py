@@ -1,0 +1,285 @@
+"""The durable meter store (ClickHouse `meter_versions`) and the in-memory catalog every process keeps.
+
+`MeterStore` runs the SQL: records, a cheap change fingerprint, rebuild progress and worker heartbeats.
+`MeterCatalog` holds the last loaded states, refreshes them when the fingerprint moves, and applies
+changes (API and config.yaml) through the pure rules of `meterline.core.meter_records`, one at a time per
+process (a lock), so a process always sees its own change at once (docs/design.md, "Live meters").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from ulid import ULID
+
+from meterline.adapters.clickhouse import storage_errors
+from meterline.core import meter_records as mr
+from meterline.core.errors import MeterBuildingError, MeterConflictError, MeterNotFoundError
+from meterline.core.meter_records import API, DEFAULT_NAMESPACE, MeterRecord, MeterState
+from meterline.core.meters import Meter, MeterSet, load_meters
+from meterline.core.schema import METER_REBUILDS, METER_VERSIONS, METER_WORKERS, qualified
+from meterline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+REBUILD_COLUMNS = ("namespace", "slug", "generation", "state", "events_done", "events_total", "owner", "updated_at")
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """How far the rebuild of one generation got (`state`: waiting, running, done, abandoned)."""
+
+    state: str
+    done: int
+    total: int
+    owner: str
+    updated_at: datetime
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class MeterStore:
+    """SQL of the meter tables on one client (guarded by a lock: the client is shared by threads)."""
+
+    def __init__(self, client: Client, database: str, namespace: str = DEFAULT_NAMESPACE) -> None:
+        self.client = client
+        self.database = database
+        self.namespace = namespace
+        self._lock = threading.Lock()
+
+    def _query(self, sql: str, **params: Any) -> Any:
+        with self._lock, storage_errors():
+            return self.client.query(sql, parameters=params)
+
+    def _insert(self, table: str, rows: list[list[Any]], columns: Sequence[str]) -> None:
+        with self._lock, storage_errors():
+            self.client.insert(qualified(self.database, table), rows, column_names=list(columns),
+                               settings={"async_insert": 0})
+
+    def fingerprint(self) -> tuple[int, int]:
+        """Changes whenever a record is added (count and sum of versions of the namespace)."""
+        r = self._query(f"SELECT count(), sum(version) FROM {qualified(self.database, METER_VERSIONS)} FINAL"
+                        " WHERE namespace = {ns:String}", ns=self.namespace)
+        count, total = r.result_rows[0]
+        return int(count), int(total or 0)
+
+    def records(self) -> list[MeterRecord]:
+        r = self._query(f"SELECT {', '.join(mr.RECORD_COLUMNS)} FROM {qualified(self.database, METER_VERSIONS)}"
+                        " FINAL WHERE namespace = {ns:String} ORDER BY slug, version", ns=self.namespace)
+        return [mr.from_row(dict(zip(r.column_names, row, strict=True))) for row in r.result_rows]
+
+    def append(self, record: MeterRecord) -> None:
+        self._insert(METER_VERSIONS, [mr.to_row(record)], mr.RECORD_COLUMNS)
+
+    def progress(self) -> dict[tuple[str, int], Progress]:
+        r = self._query(f"SELECT slug, generation, state, events_done, events_total, owner, updated_at"
+                        f" FROM {qualified(self.database, METER_REBUILDS)} FINAL WHERE namespace = {{ns:String}}",
+                        ns=self.namespace)
+        return {(s, int(g)): Progress(st, int(d), int(t), o, u) for s, g, st, d, t, o, u in r.result_rows}
+
+    def set_progress(self, slug: str, generation: int, state: str, done: int, total: int, owner: str) -> None:
+        self._insert(METER_REBUILDS, [[self.namespace, slug, generation, state, done, total, owner, _now()]],
+                     REBUILD_COLUMNS)
+
+    def heartbeat(self, worker: str, applied: dict[str, int]) -> None:
+        """Record which meter versions `worker` applies (keys are `namespace/slug`)."""
+        self._insert(METER_WORKERS, [[worker, applied, _now()]], ("worker", "applied", "seen_at"))
+
+    def live_workers(self, ttl_seconds: float) -> dict[str, dict[str, int]]:
+        r = self._query(f"SELECT worker, applied FROM {qualified(self.database, METER_WORKERS)} FINAL"
+                        " WHERE seen_at >= now64(6) - toIntervalMillisecond({ms:UInt64})", ms=int(ttl_seconds * 1000))
+        return {w: {k: int(v) for k, v in a.items()} for w, a in r.result_rows}
+
+    def forget_worker(self, worker: str) -> None:
+        """A worker that stops cleanly stops counting at once (instead of after its TTL)."""
+        with self._lock, storage_errors():
+            self.client.command(f"DELETE FROM {qualified(self.database, METER_WORKERS)} WHERE worker = {{w:String}}",
+                                parameters={"w": worker})
+
+
+def applied_key(namespace: str, slug: str) -> str:
+    return f"{namespace}/{slug}"
+
+
+def file_tag(path: str | Path) -> str:
+    """`managed_by` of meters synced from a config file: the file's absolute path."""
+    return f"file:{Path(path).resolve()}"
+
+
+class MeterCatalog:
+    """The meters as this process knows them; `refresh` reloads when the store changed."""
+
+    def __init__(self, store: MeterStore) -> None:
+        self.store = store
+        self._lock = threading.RLock()
+        self._fingerprint: tuple[int, int] | None = None
+        self._states: dict[str, MeterState] = {}
+        self._progress: dict[tuple[str, int], Progress] = {}
+        self.listeners: list[Callable[[], None]] = []
+
+    # -- reading ---------------------------------------------------------------------------------
+    def refresh(self, force: bool = False) -> bool:
+        """Reload the states if the store changed (or `force`); True if they changed."""
+        fingerprint = self.store.fingerprint()
+        with self._lock:
+            if not force and fingerprint == self._fingerprint:
+                return False
+            records = self.store.records()
+            self._states = {slug: s for (_, slug), s in mr.derive_states(records).items()}
+            self._fingerprint = fingerprint
+        for listener in self.listeners:
+            listener()
+        return True
+
+    def refresh_progress(self) -> None:
+        self._progress = self.store.progress()
+
+    @property
+    def states(self) -> dict[str, MeterState]:
+        return self._states
+
+    def applied(self) -> dict[str, int]:
+        """`{namespace/slug: version}` of every meter as loaded: what a worker reports it applies."""
+        return {applied_key(s.latest.namespace, slug): s.latest.version for slug, s in self._states.items()}
+
+    def meter_set(self) -> MeterSet:
+        """Every live generation (active and building) for the processor's row builder."""
+        live = mr.live_meters(self._states.values())
+        return MeterSet([m for m, _ in live], [g for _, g in live])
+
+    def find(self, id_or_slug: str, *, include_deleted: bool = False) -> MeterState:
+        state = self._states.get(id_or_slug)
+        if state is None:
+            state = next((s for s in self._states.values() if s.latest.id == id_or_slug and not s.deleted), None)
+        if state is None or (state.deleted and not include_deleted):
+            raise MeterNotFoundError(id_or_slug)
+        return state
+
+    def queryable(self, id_or_slug: str) -> tuple[Meter, int]:
+        """The definition and generation a query answers from; 503-worthy while a new meter builds."""
+        state = self.find(id_or_slug)
+        if state.active is None:
+            progress = self._progress.get((state.slug, state.latest.generation))
+            raise MeterBuildingError(state.slug, progress.done if progress else 0, progress.total if progress else 0)
+        return state.active.meter, state.latest.active_generation
+
+    def progress(self, slug: str, generation: int) -> Progress | None:
+        return self._progress.get((slug, generation))
+
+    # -- changing --------------------------------------------------------------------------------
+    def _apply(self, record: MeterRecord | None) -> MeterRecord | None:
+        if record is not None:
+            self.store.append(record)
+            self.refresh(force=True)
+        return record
+
+    def create(self, meter: Meter, *, name: str | None, metadata: dict[str, str] | None, actor: str) -> MeterState:
+        with self._lock:
+            self.refresh()
+            prev = self._states.get(meter.slug)
+            record = mr.create(prev, meter, id=str(ULID()), name=name, metadata=metadata, managed_by=API,
+                               actor=actor, now=_now())
+            self._apply(record)
+            return self._states[meter.slug]
+
+    def _writable(self, state: MeterState) -> None:
+        if state.latest.managed_by != API:
+            path = state.latest.managed_by.removeprefix("file:")
+            raise MeterConflictError(state.slug, f"meter {state.slug!r} is managed by the config file {path}: "
+                                     "change it there", state.latest.managed_by)
+
+    def update(self, id_or_slug: str, change: dict[str, Any], *, actor: str) -> MeterState:
+        """Apply a MeterUpdate (`change`: snake_case fields that were given)."""
+        with self._lock:
+            self.refresh()
+            state = self.find(id_or_slug)
+            self._writable(state)
+            last = state.latest
+            fields = last.meter.model_dump()
+            for key in ("description", "group_by", "event_type", "event_from", "aggregation", "value_property"):
+                if key in change:
+                    fields[key] = change[key]
+            if change.get("aggregation") == "COUNT" and "value_property" not in change:
+                fields["value_property"] = None
+            meter = mr.build_meter(fields)
+            metadata = change.get("metadata", last.metadata)
+            self._apply(mr.update(state, meter, name=change.get("name"), metadata=metadata, actor=actor, now=_now()))
+            return self._states[state.slug]
+
+    def delete(self, id_or_slug: str, *, actor: str) -> None:
+        with self._lock:
+            self.refresh()
+            state = self.find(id_or_slug)
+            self._writable(state)
+            self._apply(mr.delete(state, actor=actor, now=_now()))
+
+    def activate(self, slug: str, generation: int, *, actor: str) -> bool:
+        """Switch queries to `generation` if the meter still wants it; True if switched."""
+        with self._lock:
+            self.refresh()
+            state = self._states.get(slug)
+            if state is None:
+                return False
+            return self._apply(mr.activate(state, generation, actor=actor, now=_now())) is not None
+
+    def sync_file(self, path: str | Path, *, only_if_newer: bool = False, actor: str = "") -> list[str]:
+        """Make the meters managed by config file `path` equal its `meters:` list.
+
+        Raises ConfigError (nothing applied) for an invalid file. Returns the problems of meters that
+        could not be applied (a slug owned by the API). With `only_if_newer`, a file whose mtime is not
+        newer than the last one synced from it is left alone, so a stale copy never reverts a change.
+        """
+        mtime = os.stat(path).st_mtime
+        return self.sync_meters(load_meters(path), path, mtime, only_if_newer=only_if_newer, actor=actor)
+
+    def sync_settings(self, settings: Settings, actor: str = "") -> list[str]:
+        """At startup: the meters `settings` carry (config.yaml's, or given in code), as that file's, unless
+        the store already has a newer sync of it. ConfigError for invalid meters."""
+        path = Path(settings.config_file)
+        mtime = path.stat().st_mtime if path.exists() else 0.0
+        return self.sync_meters(settings.meters(), path, mtime, only_if_newer=True, actor=actor)
+
+    def sync_meters(self, meters: Sequence[Meter], path: str | Path, mtime: float, *, only_if_newer: bool = False,
+                    actor: str = "") -> list[str]:
+        """`sync_file` with the meters already read."""
+        tag = file_tag(path)
+        problems: list[str] = []
+        with self._lock:
+            self.refresh()
+            synced = max((s.latest.file_mtime for s in self._states.values() if s.latest.managed_by == tag),
+                         default=None)
+            if only_if_newer and synced is not None and mtime <= synced:
+                return []
+            now = _now()
+            actor = actor or tag
+            wanted = {m.slug: m for m in meters}
+            for slug, meter in wanted.items():
+                prev = self._states.get(slug)
+                if prev is not None and not prev.deleted and prev.latest.managed_by != tag:
+                    problems.append(f"{path}: meter {slug!r} exists, managed by {prev.latest.managed_by}; "
+                                    "not applied")
+                    continue
+                if prev is None or prev.deleted:
+                    version = 1 if prev is None else prev.latest.version + 1
+                    record: MeterRecord | None = mr.create(
+                        prev, meter, id=mr.file_id(DEFAULT_NAMESPACE, slug, version), name=None, metadata=None,
+                        managed_by=tag, actor=actor, now=now, file_mtime=mtime)
+                else:
+                    record = mr.update(prev, meter, name=prev.latest.name, metadata=prev.latest.metadata,
+                                       actor=actor, now=now, file_mtime=mtime)
+                self._apply(record)
+            for slug, state in list(self._states.items()):
+                if state.latest.managed_by == tag and not state.deleted and slug not in wanted:
+                    self._apply(mr.delete(state, actor=actor, now=now))
+        return problems
+
