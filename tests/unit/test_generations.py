@@ -7,7 +7,7 @@ from decimal import Decimal
 
 from meterline.core.meters import Meter, MeterSet
 from meterline.core.rows import MessagePosition, RowOptions, always_accept, message_rows
-from meterline.core.schema import DEAD_LETTER_COLUMNS, WINDOW_COLUMNS
+from meterline.core.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
 
 OLD = Meter(slug="t", eventType="p", aggregation="SUM", valueProperty="$.n", groupBy={"m": "$.m"})
 NEW = Meter(slug="t", eventType="p", aggregation="SUM", valueProperty="$.n", groupBy={"k": "$.k"},
@@ -37,7 +37,7 @@ def test_each_generation_gets_its_own_rows_and_eventfrom_skips_earlier_events() 
     dead = {(col(d, "generation", DEAD_LETTER_COLUMNS), col(d, "batch_index", DEAD_LETTER_COLUMNS))
             for d in out.dead_letters}
     assert dead == {(3, 2), (5, 2)}
-    errors = out.events[2][-1]
+    errors = out.events[2][EVENT_COLUMNS.index("validation_errors")]
     assert len(errors) == 1  # both generations reject the same way: one validation error on the event
 
 
