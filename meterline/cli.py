@@ -224,9 +224,10 @@ def dead_letters_replay(
     settings = _settings()
     with _catalog(settings, "dead-letters replay") as (client, catalog):
         # Every live generation of the store's meters (active and building), as the workers write them.
+        active = {slug: s.latest.active_generation for slug, s in catalog.states.items() if not s.deleted}
         report = replay(client, settings.clickhouse_database, catalog.meter_set(),
                         RowOptions.from_settings(settings), meter=meter, reason=reason,
-                        topology=settings.clickhouse_topology)
+                        topology=settings.clickhouse_topology, active=active)
     Console(soft_wrap=True).print(
         f"metered {report.metered}, still rejected {report.still_rejected} {report.rejected_reasons or ''}, "
         f"superseded {report.superseded}, not replayable {report.not_replayable}; "

@@ -66,6 +66,7 @@ logger = logging.getLogger(__name__)
 ReplayGroup = tuple[str, int, int, str, str]
 
 REPLAY_EPOCH_PREFIX = "replay:"
+WINDOW_GENERATION = WINDOW_COLUMNS.index("generation")
 NOT_REPLAYABLE = frozenset({"invalid_event"})
 WHOLE_EVENT = "*"
 
@@ -205,8 +206,15 @@ def _still_failing(letter: DeadLetter, sighting: tuple[Any, ...] | None) -> bool
 
 
 def replay(client: Client, database: str, meters: MeterSet, options: RowOptions, *, meter: str | None = None,
-           reason: str | None = None, topology: Topology = SINGLE_NODE) -> ReplayReport:
-    """Re-meter dead letters under the current config (see the module docstring); idempotent."""
+           reason: str | None = None, topology: Topology = SINGLE_NODE,
+           active: Mapping[str, int] | None = None) -> ReplayReport:
+    """Re-meter dead letters under the current config (see the module docstring); idempotent.
+
+    `active` maps each meter to the generation queries read (live meters, docs/design.md). A changed
+    definition already rebuilt its history from every stored event, so a meter's dead letter of any
+    other generation, and an `unknown_type` one whose type has a meter now, is `superseded`: replaying
+    it would count the event twice. Replayed windows go to the active generation only.
+    """
     report = ReplayReport()
     ensure_replays_table(client, database, topology)
     letters = _load(client, database, meter, reason)
@@ -222,6 +230,13 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
             report.superseded += 1
             outcomes.append([*d.identity, "superseded", "the processor metered or dropped it since", now])
             continue
+        if active is not None and (
+            (d.meter and active.get(d.meter) != d.generation)
+            or (not d.meter and d.reason_code == "unknown_type" and meters.for_type(d.type))
+        ):
+            report.superseded += 1
+            outcomes.append([*d.identity, "superseded", "rebuilt from stored events under a newer definition", now])
+            continue
         groups[(d.log_epoch, d.partition, d.offset, d.reason_code, d.meter)].append(d)
 
     new_rows: list[list[Any]] = []
@@ -232,7 +247,8 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
         rows = message_rows([d.event() for d in members],
                             MessagePosition(replay_epoch(code, slug, epoch), partition, offset), meters,
                             options, always_accept, now=received, indexes=[d.index for d in members])
-        windows = [r for r in rows.windows if not slug or r[0] == slug]
+        windows = [r for r in rows.windows if (not slug or r[0] == slug)
+                   and (active is None or r[WINDOW_GENERATION] == active.get(str(r[0])))]
         new_rows.extend(windows)
         rejected = {(int(r[3]), str(r[4])): str(r[11]) for r in rows.dead_letters}
         for d in members:

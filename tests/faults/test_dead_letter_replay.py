@@ -1,6 +1,8 @@
 """Dead-letter replay on the real stack: a meter with a wrong valueProperty dead-letters every event
-it should meter; the config is fixed (new config.yaml, processor restarted), `meterline dead-letters
-replay` re-meters them, and every window equals the oracle -- also after replaying a second time.
+it should meter; the config is fixed (new config.yaml, processor restarted). Live meters rebuild the
+meter's history from the stored events on their own, so every window equals the oracle before any replay;
+`meterline dead-letters replay` (twice) then finds the old definition's dead letters superseded and must
+not count anything twice.
 
 Values that are invalid under any config stay dead letters (`still_rejected`); the oracle never counts
 them either.
@@ -14,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from meterline.adapters.clickhouse import connect
@@ -63,6 +66,27 @@ def wait_dead_letters_stable(stack: LocalStack, seconds: float = 5.0, timeout: f
     return last
 
 
+def wait_switched(stack: LocalStack, slug: str, old_generation: int, timeout: float = 180.0) -> None:
+    """Until the meter answers from a newer generation and no row of another generation is left."""
+    deadline = time.monotonic() + timeout
+    client = connect(str(stack.clickhouse_url), database=str(stack.database))
+    try:
+        while time.monotonic() < deadline:
+            stack.assert_running()
+            a = httpx.get(f"{stack.url}/api/v1/meters/{slug}", timeout=10).json()["annotations"]
+            active = a["meterline.activeGeneration"]
+            if a["meterline.state"] == "ready" and active > old_generation:
+                stray = sum(int(client.query(
+                    f"SELECT count() FROM {table} WHERE meter = {{m:String}} AND generation != {{g:UInt64}}",
+                    parameters={"m": slug, "g": active}).result_rows[0][0]) for table in ("meter_windows", "dead_letters"))
+                if stray == 0:
+                    return
+            time.sleep(0.5)
+    finally:
+        client.close()
+    pytest.fail(f"{slug} did not switch to a rebuilt generation in time; logs in {stack.data_dir}/logs")
+
+
 def test_replay_after_config_fix(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                  summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
@@ -82,9 +106,15 @@ def test_replay_after_config_fix(make_stack: Callable[..., LocalStack], make_sen
     prompts = sum(1 for e in counted if e["type"] == "prompt")
     assert dead_letter_count(stack, "value_missing") >= prompts * 0.9
 
-    # Fix the config, restart the processor on it, then replay (twice: it must be idempotent).
+    # Fix the config and restart the processor on it: the new definition is rebuilt from stored events
+    # and switched to, and the old generation's windows and dead letters are dropped.
+    old = httpx.get(f"{stack.url}/api/v1/meters/tokens_total", timeout=10).json()["annotations"]
     stack.config_file.write_text(FAULT_CONFIG)
     stack.restart_processor(0)
+    wait_switched(stack, "tokens_total", old["meterline.activeGeneration"])
+    rebuilt = compare(stack, counted)
+    assert not rebuilt.mismatches, "after the rebuild:\n" + "\n".join(rebuilt.mismatches[:20])
+    # Replaying (twice: it must be idempotent) must not count anything a second time.
     first = cli(stack, "replay", "--meter", "tokens_total")
     after_first = compare(stack, counted)
     second = cli(stack, "replay", "--meter", "tokens_total")
