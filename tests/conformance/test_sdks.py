@@ -271,8 +271,21 @@ def test_group_by_values_and_meter_subjects(sent: list[dict[str, Any]], sdk_call
 
 @pytest.mark.parametrize("sdk", SDKS)
 def test_subjects_and_debug_metrics(sent: list[dict[str, Any]], sdk_call: SdkCall, sdk: str) -> None:
-    key = f"customer-3-{sdk}"
+    key = "customer-3" if sdk == "python" else f"customer-3-{sdk}"
     if sdk == "python":
+        # A subject entity names a metered subject in the CSV export (subject_display_name).
+        named, csv_text = sdk_call(sdk, [
+            {"op": "subjects.upsert", "args": [[{"model": "SubjectUpsert", "value": {"key": key, "displayName": "=Three"}}]]},
+            {"op": "meters.query_csv", "args": ["prompt_count"],
+             "kwargs": {"from_parameter": _iso(START), "to": _iso(END), "group_by": ["subject"]}},
+        ])
+        assert named["ok"][0]["displayName"] == "=Three"
+        rows = list(csv.DictReader(io.StringIO(csv_text["ok"])))
+        assert list(rows[0]) == ["window_start", "window_end", "subject", "subject_display_name", "value"]
+        names = {r["subject"]: r["subject_display_name"] for r in rows}
+        assert names.pop(key) == "'=Three" and set(names.values()) == {""}  # formula-like text is defused
+        counts = Counter(e["subject"] for e in first_sightings(sent) if e["type"] == "prompt")
+        assert {r["subject"]: Decimal(r["value"]) for r in rows} == {s: Decimal(n) for s, n in counts.items()}
         upsert = {"op": "subjects.upsert", "args": [[{"model": "SubjectUpsert", "value": {
             "key": key, "displayName": "Customer Three", "metadata": {"plan": "pro"}}}]]}
         metrics = {"op": "debug.metrics"}
