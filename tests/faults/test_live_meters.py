@@ -1,0 +1,91 @@
+"""Live meters under faults (docs/design.md, "Live meters").
+
+Scenario 12: a meter is created after METERLINE_FAULT_LIVE_EVENTS (default 50k) events were ingested,
+while more events stream in; in the middle of its rebuild the processor worker AND the HTTP server
+(whose meter controller runs the rebuild) are killed with SIGKILL and restarted. The rebuild resumes,
+the meter switches, and every HOUR window of it equals the oracle (as do the other meters').
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from meterline.localinfra.ports import wait_for
+from meterline.localinfra.stack import LocalStack
+from tests.faults.harness import (
+    METERS,
+    SPAN,
+    START,
+    ScenarioRow,
+    Sender,
+    batches,
+    clickhouse_scalar,
+    compare,
+    env_int,
+    fault_seed,
+    feed_in_background,
+    finish,
+    stream_with_retries,
+    wait_caught_up,
+)
+from tests.oracle import EventFactory, config_yaml, first_sightings
+
+pytestmark = pytest.mark.faults
+
+NEW = METERS["tokens_total"]
+CONFIG = config_yaml(m for slug, m in METERS.items() if slug != NEW.slug)
+
+
+def rebuild_running(stack: LocalStack) -> bool:
+    """The controller is replaying stored events into the new meter's generation right now."""
+    state = clickhouse_scalar(stack, f"SELECT argMax(state, updated_at) FROM meter_rebuilds WHERE slug = '{NEW.slug}'")
+    return state == "running"
+
+
+def test_kill_9_mid_rebuild_of_a_new_meter(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
+                                            summary: Callable[[str], ScenarioRow]) -> None:
+    started = time.monotonic()
+    n = env_int("METERLINE_FAULT_LIVE_EVENTS", 50_000)
+    row = summary(f"12 new meter over {n // 1000}k stored events, kill -9 mid-rebuild")
+    seed = fault_seed() + 12
+    rng = random.Random(seed)
+    stack = make_stack(processors=1, config=CONFIG)
+    sender = make_sender(stack.url)
+    sender.send_all(batches(stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), n, rng), rng))
+    wait_caught_up(stack, first_sightings(sender.accepted))
+
+    # More events arrive during the whole rebuild; then create the meter and kill both processes mid-way.
+    more = stream_with_retries(EventFactory(seed=seed + 1, start=START, span=SPAN), n // 10, rng)
+    feeder = feed_in_background(sender, batches(more, rng), over_seconds=30.0)
+    r = httpx.post(f"{stack.url}/api/v1/meters", timeout=10, json={
+        "slug": NEW.slug, "eventType": NEW.event_type, "aggregation": NEW.aggregation,
+        "valueProperty": f"$.{NEW.value_field}", "groupBy": {g: f"$.{g}" for g in NEW.group_fields}})
+    assert r.status_code == 201, r.text
+    wait_for(lambda: rebuild_running(stack), 120, "the rebuild to start")
+    time.sleep(rng.uniform(0.0, 0.3))
+    assert stack.server is not None
+    stack.server.kill()
+    stack.workers[0].kill()
+    killed_while = "running" if rebuild_running(stack) else "finished or not yet switched"
+    stack.restart_processor(0)
+    stack.restart_server()
+    wait_for(stack._healthy, 60, "the restarted HTTP server")
+    feeder.join_checked(timeout=600)
+
+    deadline = time.monotonic() + 300
+    while True:
+        stack.assert_running()
+        resp = httpx.get(f"{stack.url}/api/v1/meters/{NEW.slug}", timeout=10)
+        if resp.status_code == 200 and resp.json()["annotations"]["meterline.state"] == "ready":
+            break
+        assert time.monotonic() < deadline, f"the rebuild did not complete: {resp.text}"
+        time.sleep(0.5)
+    counted = first_sightings(sender.accepted)
+    wait_caught_up(stack, counted)
+    row.note = f"killed while {killed_while}"
+    finish(row, stack, sender, counted, compare(stack, counted), started)
