@@ -68,6 +68,8 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         "message.timeout.ms": timeout_ms,
         "request.timeout.ms": min(timeout_ms, 30_000),
         "socket.keepalive.enable": True,
+        # librdkafka refuses records above its own limit (default 1000000) before the broker sees them.
+        "message.max.bytes": max(1_000_000, settings.max_message_bytes + 1024),
     }
 
 

@@ -38,8 +38,9 @@ from meterline.adapters.problems import (
     MalformedBodyError,
     UnsupportedContentTypeError,
 )
+from meterline.core.attributes import MAX_LENGTHS
 from meterline.core.errors import BrokerUnavailableError, InvalidEventError, RateLimitedError
-from meterline.core.events import encode_messages, validate_events
+from meterline.core.events import CHUNK_MAX_BYTES, encode_messages, validate_events
 from meterline.core.json_numbers import inexact_numbers
 
 logger = logging.getLogger(__name__)
@@ -181,6 +182,27 @@ def _validate(
     return validate_events(items, received_at, max_data_bytes=max_data_bytes, max_data_depth=max_data_depth)
 
 
+#: Bytes a Kafka record adds to its key and value (headers, lengths, timestamps, batch framing), rounded up.
+RECORD_OVERHEAD = 512
+
+
+def _chunk_bytes(max_message_bytes: int) -> int:
+    """The value size ingest cuts messages at: under the broker's record limit with the longest key."""
+    return min(CHUNK_MAX_BYTES, max_message_bytes - RECORD_OVERHEAD - 4 * MAX_LENGTHS["subject"])
+
+
+def _refuse_oversized(messages: Sequence[tuple[bytes, bytes]], max_message_bytes: int) -> None:
+    """413 before anything is produced when an event alone makes a record the broker would refuse."""
+    for key, value in messages:
+        size = len(key) + len(value) + RECORD_OVERHEAD
+        if size > max_message_bytes:
+            EVENTS_REJECTED.labels("too_large").inc()
+            raise BodyTooLargeError(
+                f"an event of subject {key[:100].decode(errors='replace')!r} makes a {size}-byte Kafka record; "
+                f"the broker accepts at most {max_message_bytes} (max_message_bytes): nothing was published"
+            )
+
+
 @router.post(
     "/api/v1/events",
     status_code=204,
@@ -227,7 +249,8 @@ async def ingest_events(request: Request) -> Response:
         EVENTS_REJECTED.labels("invalid").inc(len(items))
         raise
     if events:
-        messages = encode_messages(events)
+        messages = encode_messages(events, max_bytes=_chunk_bytes(settings.max_message_bytes))
+        _refuse_oversized(messages, settings.max_message_bytes)
         started = time.perf_counter()
         # Counted in flight *before* the drain check: a drain that sees the flag set and this gauge at 0
         # knows no request can still publish (meterline/localinfra/supervisor.py).

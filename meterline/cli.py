@@ -104,6 +104,7 @@ def serve(
     options: dict[str, Any] = {
         "host": host or settings.http_host, "port": settings.http_port if port is None else port,
         "log_level": "warning", "access_log": False, "log_config": logging_config(settings.log_level),
+        "limit_concurrency": settings.http_limit_concurrency,
     }
     if workers > 1:
         os.environ[APP_ENV] = which

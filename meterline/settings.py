@@ -81,12 +81,19 @@ class Settings(BaseSettings):
     max_data_bytes: int = Field(default=64 * 1024, ge=1)
     max_data_depth: int = Field(default=32, ge=1)
     produce_timeout_seconds: float = Field(default=5.0, gt=0)
+    #: The largest Kafka record the topic accepts (its `max.message.bytes`; Kafka's default is 1048588).
+    #: Ingest cuts messages below it and answers 413, before producing anything, for an event that alone
+    #: cannot fit -- a broker refusal after part of a request was delivered would be a 503 that never heals.
+    max_message_bytes: int = Field(default=1_000_000, ge=16 * 1024)
     #: While this file exists, ingest answers 503 (`meterline run` creates it to drain before stopping).
     drain_file: str | None = None
 
     # HTTP server (`meterline serve` / `meterline run` defaults)
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8888, ge=0, le=65535)
+    #: uvicorn's `limit_concurrency`: connections plus tasks beyond this get a 503 at once instead of
+    #: queueing without bound (memory) while every client times out.
+    http_limit_concurrency: int = Field(default=1000, ge=1)
     log_level: LogLevel = "info"
     #: Written by `meterline run`'s supervisor; when set, /readyz also reports the processes it keeps up.
     supervisor_status_file: str | None = None

@@ -482,3 +482,28 @@ def test_while_the_drain_file_exists_ingest_answers_503_and_publishes_nothing(
                       headers={"content-type": SINGLE}).status_code == 204
     seen = {e["id"] for _, evs in read_until(consumer, app_settings.events_topic, {sentinel["id"]}) for e in evs}
     assert sentinel["id"] in seen and refused["id"] not in seen
+
+
+def test_messages_stay_under_the_broker_record_limit_and_an_event_that_cannot_fit_is_413(
+    app_settings: Settings, consumer: Consumer
+) -> None:
+    limit = 16 * 1024
+    settings = app_settings.model_copy(update={"max_message_bytes": limit})
+    subject = f"sub-{uuid.uuid4().hex}"
+    many = [make_event(i, subject, data={"tokens": i, "note": "x" * 150}) for i in range(300)]
+    big = make_event(999, subject, data={"note": "y" * limit})
+    small = make_event(1000, subject)
+    sentinel = make_event(1001, subject)
+    with Server(settings) as running, httpx.Client(base_url=running.base_url, timeout=30) as c:
+        assert c.post("/api/v1/events", content=orjson.dumps(many), headers={"content-type": BATCH}).status_code == 204
+        body = assert_problem(c.post("/api/v1/events", content=orjson.dumps([small, big]),
+                                     headers={"content-type": BATCH}), 413)
+        assert "max_message_bytes" in body["detail"]
+        assert c.post("/api/v1/events", content=orjson.dumps(sentinel), headers={"content-type": SINGLE}).status_code == 204
+    ids = {e["id"] for e in many} | {sentinel["id"]}
+    got = read_until(consumer, app_settings.events_topic, ids)
+    mine_ = mine(got, ids | {small["id"], big["id"]})
+    assert sorted(e["id"] for _, evs in mine_ for e in evs) == sorted(ids)  # nothing of the 413 request
+    records = [(key, orjson.dumps(events)) for key, events in got if key == subject.encode()]
+    assert len(records) > 2  # the 300 events were cut into several messages...
+    assert all(len(key) + len(value) + 512 <= limit for key, value in records)  # ...each under the limit

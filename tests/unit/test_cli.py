@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from typer.testing import CliRunner
 
@@ -49,3 +50,16 @@ def test_missing_file_is_reported(tmp_path: Path) -> None:
     result = runner.invoke(app, ["validate-config", str(tmp_path / "nope.yaml")])
     assert result.exit_code == 1
     assert "not found" in result.output
+
+
+def test_serve_bounds_concurrency(monkeypatch: Any, tmp_path: Path) -> None:
+    """uvicorn answers 503 beyond `http_limit_concurrency` instead of queueing without bound."""
+    import uvicorn
+
+    captured: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: captured.update(options))
+    monkeypatch.setenv("METERLINE_CONFIG", str(tmp_path / "absent.yaml"))
+    monkeypatch.setenv("METERLINE_HTTP_LIMIT_CONCURRENCY", "7")
+    result = runner.invoke(app, ["serve", "query"])
+    assert result.exit_code == 0, result.output
+    assert captured["limit_concurrency"] == 7
