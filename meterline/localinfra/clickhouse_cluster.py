@@ -9,7 +9,9 @@ refused ("Replicated DDL queries are disabled"). So the local cluster is `shards
 ReplacingMergeTree (`clickhouse_replicated: false`) with the schema created on each node by this class;
 sharding, Distributed reads and writes, FINAL per shard and dedupe loads across shards run for real.
 
-Every node gets fixed free ports chosen up front, since each node's config lists all nodes.
+Every node gets fixed free ports chosen up front, since each node's config lists all nodes. With
+`replicas` > 1 and a `zookeeper`, the replicated rendering can be created (tests/integration/
+test_cluster_ddl.py checks ClickHouse accepts it and registers each replica in ZooKeeper).
 """
 
 from __future__ import annotations
@@ -27,15 +29,29 @@ log = logging.getLogger(__name__)
 CLUSTER_NAME = "meterline_local"
 
 
-def cluster_config(name: str, shard_tcp_ports: list[int], shard: int) -> str:
-    """The `<remote_servers>` and `<macros>` XML of the node serving shard number `shard` (1-based)."""
+def replica_name(shard: int, replica: int) -> str:
+    return f"s{shard}r{replica}"
+
+
+def cluster_config(name: str, tcp_ports: list[list[int]], shard: int, replica: int,
+                   zookeeper: tuple[str, int] | None = None) -> str:
+    """The `<remote_servers>`, `<macros>` (and `<zookeeper>`) XML of one node; shard and replica 1-based.
+
+    `tcp_ports[s][r]` is the TCP port of replica r+1 of shard s+1.
+    """
     shards = "".join(
-        f"<shard><replica><host>{HOST}</host><port>{port}</port></replica></shard>" for port in shard_tcp_ports
+        "<shard><internal_replication>true</internal_replication>"
+        + "".join(f"<replica><host>{HOST}</host><port>{port}</port></replica>" for port in replicas)
+        + "</shard>"
+        for replicas in tcp_ports
     )
-    return (
+    xml = (
         f"\n  <remote_servers><{name}>{shards}</{name}></remote_servers>"
-        f"\n  <macros><shard>{shard}</shard><replica>r1</replica></macros>"
+        f"\n  <macros><shard>{shard}</shard><replica>{replica_name(shard, replica)}</replica></macros>"
     )
+    if zookeeper is not None:
+        xml += f"\n  <zookeeper><node><host>{zookeeper[0]}</host><port>{zookeeper[1]}</port></node></zookeeper>"
+    return xml
 
 
 class LocalClickHouseCluster:
@@ -45,23 +61,26 @@ class LocalClickHouseCluster:
     restarted one by one (`nodes[i].stop()` / `.restart()`) to take a shard away mid-stream.
     """
 
-    def __init__(self, data_dir: str | Path, *, shards: int = 2, name: str = CLUSTER_NAME) -> None:
-        if shards < 1:
-            raise ValueError("a cluster needs at least one shard")
+    def __init__(self, data_dir: str | Path, *, shards: int = 2, replicas: int = 1, name: str = CLUSTER_NAME,
+                 zookeeper: tuple[str, int] | None = None) -> None:
+        if shards < 1 or replicas < 1:
+            raise ValueError("a cluster needs at least one shard of at least one replica")
         self.data_dir = Path(data_dir)
         self.name = name
+        self.replicas = replicas
         ports: list[tuple[int, int]] = []
         taken: set[int] = set()
-        while len(ports) < shards:
+        while len(ports) < shards * replicas:
             pair = free_port(), free_port()
             if len({*pair} | taken) == len(taken) + 2:
                 ports.append(pair)
                 taken |= set(pair)
-        tcp_ports = [tcp for _, tcp in ports]
+        tcp_ports = [[ports[s * replicas + r][1] for r in range(replicas)] for s in range(shards)]
+        #: Shard-major: nodes[s * replicas + r] is replica r+1 of shard s+1.
         self.nodes = [
-            LocalClickHouse(self.data_dir / f"shard{i + 1}", ports=ports[i],
-                            extra_config=cluster_config(name, tcp_ports, i + 1))
-            for i in range(shards)
+            LocalClickHouse(self.data_dir / replica_name(s + 1, r + 1), ports=ports[s * replicas + r],
+                            extra_config=cluster_config(name, tcp_ports, s + 1, r + 1, zookeeper))
+            for s in range(shards) for r in range(replicas)
         ]
 
     @property
