@@ -17,10 +17,10 @@ import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     clickhouse_url: str | None = Field(
         default=None, validation_alias=AliasChoices("CLICKHOUSE_URL", "METERLINE_CLICKHOUSE_URL", "clickhouse_url")
     )
+    #: The password of clickhouse_url's user, read from a file (a compose/Kubernetes secret) rather than
+    #: written into the URL; the query API's reads may use another (read-only) user: clickhouse_read_url.
+    clickhouse_password_file: str | None = None
+    clickhouse_read_url: str | None = None
+    clickhouse_read_password_file: str | None = None
     #: A ClickHouse cluster (a `<remote_servers>` name): tables become `<name>_local` on every node plus a
     #: Distributed table sharded by subject, created ON CLUSTER (docs/design.md, "ClickHouse cluster mode").
     clickhouse_cluster: str | None = Field(default=None, min_length=1)
@@ -139,6 +144,18 @@ class Settings(BaseSettings):
 
     meters_raw: list[Any] = Field(default_factory=list, validation_alias=AliasChoices("meters", "meters_raw"))
 
+    @model_validator(mode="after")
+    def _passwords_from_files(self) -> Settings:
+        """Put each password file's secret into its URL (the URL names the user, the file its password)."""
+        self.clickhouse_url = _with_password(self.clickhouse_url, self.clickhouse_password_file)
+        self.clickhouse_read_url = _with_password(self.clickhouse_read_url, self.clickhouse_read_password_file)
+        return self
+
+    @property
+    def clickhouse_reader_url(self) -> str | None:
+        """Where the query API reads: clickhouse_read_url (e.g. a read-only user), else clickhouse_url."""
+        return self.clickhouse_read_url or self.clickhouse_url
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, value: Any) -> Any:
@@ -189,6 +206,17 @@ class Settings(BaseSettings):
     def meters(self) -> list[Meter]:
         """The validated meters of config.yaml."""
         return validate_meters({"meters": self.meters_raw}, self.config_file)
+
+
+def _with_password(url: str | None, password_file: str | None) -> str | None:
+    if url is None or password_file is None:
+        return url
+    parts = urlsplit(url)
+    password = quote(Path(password_file).read_text().strip(), safe="")
+    netloc = f"{quote(parts.username or 'default', safe='')}:{password}@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class ConfigFileSource(YamlConfigSettingsSource):

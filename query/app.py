@@ -46,8 +46,9 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
     if settings.clickhouse_url is None:
         raise ConfigError("clickhouse_url (CLICKHOUSE_URL) is required by the query API")
     guards = read_guards(settings.query_max_rows, settings.query_timeout_seconds)
+    reader = settings.clickhouse_reader_url or settings.clickhouse_url
     client = await asyncio.to_thread(
-        functools.partial(connect, settings.clickhouse_url, topology=settings.clickhouse_topology, **guards)
+        functools.partial(connect, reader, topology=settings.clickhouse_topology, **guards)
     )
     # The subjects API writes; reads stay on the read-only client.
     writer = await asyncio.to_thread(connect, settings.clickhouse_url, topology=settings.clickhouse_topology)

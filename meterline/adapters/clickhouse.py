@@ -10,7 +10,7 @@ import contextlib
 import struct
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -42,8 +42,8 @@ def connect(url: str, *, database: str | None = None, topology: Topology = SINGL
         return clickhouse_connect.get_client(
             host=parts.hostname or "127.0.0.1",
             port=parts.port or (8443 if parts.scheme == "https" else 8123),
-            username=parts.username or "default",
-            password=parts.password or "",
+            username=unquote(parts.username or "default"),
+            password=unquote(parts.password or ""),
             secure=parts.scheme == "https",
             database=database if database is not None else "default",
             autogenerate_session_id=False,

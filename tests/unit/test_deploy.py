@@ -61,8 +61,8 @@ def test_every_environment_variable_is_a_setting(service: str) -> None:
 
 @pytest.mark.parametrize("service", OURS)
 def test_environment_points_at_the_compose_infrastructure(service: str, compose_env: None,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {k: str(v) for k, v in SERVICES[service]["environment"].items()}
+                                                          monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env = _with_secret_files(service, tmp_path)
     env["METERLINE_CONFIG"] = str(ROOT / "config.yaml")  # the image's /app/config.yaml is this file
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -76,6 +76,51 @@ def test_environment_points_at_the_compose_infrastructure(service: str, compose_
     if service == "processor":
         replicas = SERVICES[service]["deploy"]["replicas"]
         assert 1 <= replicas <= settings.topic_partitions, "a replica beyond the partition count would idle"
+
+
+def _with_secret_files(service: str, tmp_path: Path) -> dict[str, str]:
+    """The service's environment with each /run/secrets/<name> replaced by a local file of that name."""
+    env = {k: str(v) for k, v in SERVICES[service]["environment"].items()}
+    for k, v in env.items():
+        if v.startswith("/run/secrets/"):
+            name = v.removeprefix("/run/secrets/")
+            assert name in SERVICES[service].get("secrets", []), f"{service}: {k} names secret {name} it is not given"
+            (tmp_path / name).write_text(f"{name}-value-0123456789-0123456789\n")
+            env[k] = str(tmp_path / name)
+    return env
+
+
+@pytest.mark.parametrize("service", OURS)
+def test_secure_by_default(service: str, compose_env: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Served beyond loopback with keys verifiable, never keyless; passwords from secrets, never in the file."""
+    from meterline.adapters.auth import check_exposure
+
+    for k, v in _with_secret_files(service, tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("METERLINE_CONFIG", str(ROOT / "config.yaml"))
+    settings = Settings()
+    assert not settings.auth_local_mode
+    check_exposure(settings, "0.0.0.0")  # what the command binds inside the container
+    from urllib.parse import unquote
+
+    for url, secret in ((settings.clickhouse_url, "clickhouse_password"),
+                        (settings.clickhouse_read_url, "clickhouse_reader_password")):
+        if url is not None:  # the password is the secret file's content
+            assert unquote(urlsplit(url).password or "") == (tmp_path / secret).read_text().strip()
+    assert all(":" not in urlsplit(str(v)).netloc.split("@")[0] for v in SERVICES[service]["environment"].values()
+               if str(v).startswith("http")), "no password written into compose"
+    if service == "query":
+        assert urlsplit(str(settings.clickhouse_reader_url)).username == "meterline_reader"
+
+
+def test_only_the_api_is_published_and_only_on_loopback() -> None:
+    for name, svc in SERVICES.items():
+        for port in svc.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
+        if name not in OURS:
+            assert not svc.get("ports"), f"infrastructure service {name} must not be published"
+    users = (DEPLOY / "clickhouse" / "users.sh").read_text()
+    assert "readonly = 2" in users and "GRANT SELECT ON meterline.* TO meterline_reader" in users
 
 
 @pytest.mark.parametrize("service", OURS)
@@ -120,3 +165,14 @@ def test_image_config_path_is_where_config_is_copied() -> None:
     for service in OURS:  # compose mounts the operator's config.yaml at the same path
         mounts = SERVICES[service]["volumes"]
         assert any(m.split(":")[1] == SERVICES[service]["environment"]["METERLINE_CONFIG"] for m in mounts)
+
+
+def test_password_file_goes_into_the_url_exactly(tmp_path: Path) -> None:
+    from urllib.parse import unquote
+
+    secret = "p@ss:w/rd%?#"
+    (tmp_path / "pw").write_text(secret + "\n")
+    settings = Settings(clickhouse_url="http://meterline@ch:8123/db", clickhouse_password_file=str(tmp_path / "pw"))
+    parts = urlsplit(str(settings.clickhouse_url))
+    assert (parts.username, unquote(parts.password or ""), parts.hostname, parts.port) == ("meterline", secret, "ch", 8123)
+    assert settings.clickhouse_database == "db" and settings.clickhouse_reader_url == settings.clickhouse_url
