@@ -4,6 +4,7 @@ still succeeds; the cost ceiling answers 400 naming the parameter, before (windo
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,6 +21,8 @@ from meterline.core.keys import ApiKey, generate_key, key_hash
 from meterline.core.schema import WINDOW_COLUMNS
 from meterline.settings import Settings
 
+#: A meter's first definition is version 1, so its rows are generation 1 (docs/design.md, "Live meters").
+GENERATION = 1
 SECRET = "limits-test-server-secret-0123456789abcdef"
 METERS = [{"slug": "calls", "eventType": "call", "aggregation": "COUNT"}]
 START = datetime(2024, 5, 1, tzinfo=UTC)
@@ -28,20 +31,29 @@ SUBJECTS = 1200  # more series than the ceiling below allows
 
 @pytest.fixture(scope="module")
 def limited(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore]]:
-    from query.app import create_app
+    from meterline.server import build_app
     from tests.infra import unique
 
     database = unique("limits")
     client = connect(clickhouse_url)
     create_schema(client, database)
     rows = [["calls", f"s{i}", START + timedelta(minutes=i % 7), "[]", {}, "e", 0, i, 1, Decimal(0), None, None,
-             [], START, None, i] for i in range(SUBJECTS)]
+             [], START, None, i, GENERATION] for i in range(SUBJECTS)]
     client.insert(f"{database}.meter_windows", rows, column_names=list(WINDOW_COLUMNS))
     settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", auth_secret=SECRET, auth_local_mode=False,
                         rate_limit_requests="20/minute", query_max_rows=1000, meters=METERS)  # type: ignore[arg-type]
     try:
-        with TestClient(create_app(settings)) as http:
-            yield http, KeyStore(client, database)
+        with TestClient(build_app("query", settings)) as http:
+            store = KeyStore(client, database)
+            # The meter controller activates the meter once its (empty) rebuild is done: 503 until then.
+            deadline = time.monotonic() + 60
+            while True:  # a fresh key per look: this app allows a key only 20 requests a minute
+                meters = http.get("/api/v1/meters", headers=_key(store)).json()
+                if all(m["annotations"]["meterline.state"] == "ready" for m in meters):
+                    break
+                assert time.monotonic() < deadline, f"meter calls never became ready: {meters}"
+                time.sleep(0.05)
+            yield http, store
     finally:
         client.command(f"DROP DATABASE IF EXISTS {database}")
         client.close()
@@ -71,7 +83,7 @@ def test_cost_ceiling(limited: tuple[TestClient, KeyStore]) -> None:
     reader = _key(store)
     decades = http.get("/api/v1/meters/calls/query?from=2000-01-01T00:00:00Z&to=2030-01-01T00:00:00Z"
                        "&windowSize=MINUTE&groupBy=subject", headers=reader)
-    assert decades.status_code == 400 and decades.json()["errors"][0]["field"] == "windowSize"
+    assert decades.status_code == 400 and decades.json()["errors"][0]["field"] == "windowSize", decades.text
     # Windows are few, but series are only known to ClickHouse: its guard stops the aggregation.
     series = http.get("/api/v1/meters/calls/query?from=2024-05-01T00:00:00Z&to=2024-05-02T00:00:00Z"
                       "&groupBy=subject", headers=reader)
