@@ -120,6 +120,7 @@ def test_only_the_api_is_published_and_only_on_loopback() -> None:
         if name not in OURS:
             assert not svc.get("ports"), f"infrastructure service {name} must not be published"
     users = (DEPLOY / "clickhouse" / "users.sh").read_text()
+    assert "./clickhouse/users.sh:/docker-entrypoint-initdb.d/users.sh:ro" in SERVICES["clickhouse"]["volumes"]
     assert "readonly = 2" in users and "GRANT SELECT ON meterline.* TO meterline_reader" in users
 
 

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import re
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -72,7 +74,8 @@ def test_nodes_use_the_keeper_service() -> None:
 
 
 @pytest.mark.parametrize("service", ["ingest", "processor", "query"])
-def test_meterline_services_run_in_cluster_mode(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_meterline_services_run_in_cluster_mode(service: str, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
     env = {k: str(v) for k, v in SERVICES[service]["environment"].items()}
     assert set(env) <= env_names()
     assert set(COMPOSE["services"][service]["environment"]) <= set(env), "the override keeps every base variable"
@@ -80,12 +83,15 @@ def test_meterline_services_run_in_cluster_mode(service: str, monkeypatch: pytes
         if name.startswith("METERLINE_") or name in ("KAFKA_BOOTSTRAP", "CLICKHOUSE_URL"):
             monkeypatch.delenv(name)
     for k, v in env.items():
+        if v.startswith("/run/secrets/"):  # compose mounts the secret there; here a local file stands in
+            (tmp_path / v.removeprefix("/run/secrets/")).write_text("a-secret-0123456789-0123456789-0123\n")
+            v = str(tmp_path / v.removeprefix("/run/secrets/"))
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("METERLINE_CONFIG", str(ROOT / "config.yaml"))
     name, _ = cluster_shards()
     settings = Settings()
     assert settings.clickhouse_topology == Topology(cluster=name, replicated=True)
-    host = str(settings.clickhouse_url).split("//")[1].split(":")[0]
+    host = urlsplit(str(settings.clickhouse_url)).hostname
     assert host in NODES
 
 
