@@ -164,9 +164,11 @@ class BatchProcessor:
             since = None
             if marker is not None and marker[0] == self.state.epoch_no(self.log_epoch):
                 since = (self.log_epoch, marker[1])
+            # Taken on the event loop, before the load: a revoke while it runs voids its "loaded" mark.
+            generation = self.state.generation(p)
             n = await asyncio.to_thread(
                 self.sink.load_dedupe, p, self.settings.dedupe_horizon_days, since,
-                functools.partial(self.state.load_rows, self.log_epoch, p),
+                functools.partial(self.state.load_rows, self.log_epoch, p, generation=generation),
             )
             metrics.DEDUPE_LOADED.inc(n)
             logger.info("dedupe state loaded", extra={"partition": p, "keys": n, "since": since,

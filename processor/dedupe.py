@@ -35,11 +35,13 @@ keys by subject, and CloudEvents producers retry with the same subject, so this 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from rocksdict import Options, Rdict, WriteBatch
@@ -59,6 +61,10 @@ _EPOCH_PREFIX = b"e"
 _MARKER_PREFIX = b"p"
 _VERSION_KEY = b"v"
 _DAY = 86_400
+
+
+class DedupeStateClosedError(RuntimeError):
+    """A load tried to write after `DedupeState.close` (the worker is shutting down)."""
 
 
 class DedupeState:
@@ -90,6 +96,12 @@ class DedupeState:
         self._batch: dict[bytes, bytes | None] = {}
         self._new: dict[bytes, bytes] = {}
         self._loaded: set[int] = set()
+        #: Per partition, how many times it was revoked: a load that started before a revoke must not mark
+        #: the partition loaded (the other owner may have written keys after the load's snapshot).
+        self._generations: dict[int, int] = {}
+        #: Loads run in a worker thread; `close` must not free the database under one of their writes.
+        self._io = threading.Lock()
+        self._closed = False
         self._sync = sync
         next_no = 0
         for k, v in self._db.items(from_key=_EPOCH_PREFIX):
@@ -124,8 +136,17 @@ class DedupeState:
         return partition in self._loaded
 
     def forget_partitions(self, partitions: Iterable[int]) -> None:
-        """On revoke: another worker may write keys for these partitions, so reload on next assignment."""
-        self._loaded.difference_update(partitions)
+        """On revoke: another worker may write keys for these partitions, so reload on next assignment.
+
+        Also invalidates a load of these partitions still in flight (see `generation`)."""
+        for p in partitions:
+            self._loaded.discard(p)
+            self._generations[p] = self._generations.get(p, 0) + 1
+
+    def generation(self, partition: int) -> int:
+        """Pass this to `load_rows`, taken before the load starts: a revoke in between voids the load's
+        "loaded" mark (its keys are still merged: they are true first sightings)."""
+        return self._generations.get(partition, 0)
 
     def mark_written(self, log_epoch: str, partition: int, next_offset: int) -> None:
         """After a successful ClickHouse write of every message of `partition` below `next_offset`."""
@@ -136,7 +157,8 @@ class DedupeState:
 
     # ------------------------------------------------------------------ loading from ClickHouse
     def load_rows(
-        self, log_epoch: str, partition: int, rows: Iterable[Sequence[Any]], *, now: float | None = None
+        self, log_epoch: str, partition: int, rows: Iterable[Sequence[Any]], *, now: float | None = None,
+        generation: int | None = None,
     ) -> int:
         """Merge `events` rows (dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index,
         ingested_at unix seconds) of one partition into the cache and advance its marker.
@@ -144,17 +166,23 @@ class DedupeState:
         A cached record is never overwritten: ClickHouse and the cache agree on the first sighting of
         every key, except for rows the cache has that ClickHouse does not (written locally before a
         failed write), and those are exactly the ones a replay must still accept.
+
+        Runs in a thread: it raises `DedupeStateClosedError` instead of writing once `close` was called,
+        and marks the partition loaded only if it was not revoked since `generation` was taken.
         """
+        generation = self.generation(partition) if generation is None else generation
         now = time.time() if now is None else now
         floor = now - self.horizon_seconds
-        current_no = self.epoch_no(log_epoch)
+        with self._open():
+            current_no = self.epoch_no(log_epoch)
         max_next = 0
         n = 0
         wb = WriteBatch(raw_mode=True)
         chunk: list[tuple[bytes, bytes]] = []
 
         def write_chunk() -> None:
-            existing = self._db[[k for k, _ in chunk]]
+            with self._open():
+                existing = self._db[[k for k, _ in chunk]]
             for (k, v), old in zip(chunk, existing):
                 if old is None:
                     wb.put(k, v)
@@ -163,7 +191,10 @@ class DedupeState:
             seen_s = int(seen)
             if seen_s < floor:
                 continue
-            no = self.epoch_no(epoch)
+            no = self._epochs.get(epoch)
+            if no is None:
+                with self._open():
+                    no = self.epoch_no(epoch)
             if no == current_no and int(part) == partition:
                 max_next = max(max_next, int(offset) + 1)
             k = _KEY_PREFIX + bytes(key)
@@ -174,12 +205,22 @@ class DedupeState:
                 chunk.clear()
         if chunk:
             write_chunk()
-        self._db.write(wb)
-        marker = self.marker(partition)
-        if marker is None or marker[0] != current_no or max_next > marker[1]:
-            self._set_marker(partition, current_no, max_next)
-        self._loaded.add(partition)
+        with self._open():
+            self._db.write(wb)
+            marker = self.marker(partition)
+            if marker is None or marker[0] != current_no or max_next > marker[1]:
+                self._set_marker(partition, current_no, max_next)
+            if self._generations.get(partition, 0) == generation:
+                self._loaded.add(partition)
         return n
+
+    @contextlib.contextmanager
+    def _open(self) -> Iterator[None]:
+        """Hold the database open for one operation of a loading thread (see `close`)."""
+        with self._io:
+            if self._closed:
+                raise DedupeStateClosedError(f"dedupe state {self.path} was closed during a load")
+            yield
 
     # ------------------------------------------------------------------ hot path
     def prefetch(self, keys: Sequence[bytes]) -> None:
@@ -276,8 +317,15 @@ class DedupeState:
         return Position(names.get(no, f"#{no}"), part, offset, index)
 
     def close(self) -> None:
-        """Flush memtables and close the database (the WAL already makes writes crash-safe)."""
-        try:
-            self._db.flush()
-        finally:
-            self._db.close()
+        """Flush memtables and close the database (the WAL already makes writes crash-safe).
+
+        Waits for a loading thread's current database operation; its next one raises instead of touching
+        a closed database. Safe to call twice."""
+        with self._io:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._db.flush()
+            finally:
+                self._db.close()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -250,3 +252,46 @@ def test_forget_first_sightings_of_a_refused_message_only(tmp_path: Path) -> Non
     assert state.lookup(other) == Position(EPOCH, 1, 5, 0)
     assert state.decide(mine, Position(EPOCH, 0, 9, 0))  # a later copy is now the first sighting
     state.close()
+
+
+def test_a_load_overtaken_by_a_revoke_does_not_mark_the_partition_loaded(tmp_path: Path) -> None:
+    """Rebalance race: the partition is revoked while its reload runs in a thread. The load must not
+    re-mark it loaded, or the next assignment skips the reload and misses what the other owner wrote."""
+    state = DedupeState(str(tmp_path / "s"))
+    now = time.time()
+    keys = [dedupe_key("s", str(i)) for i in range(3)]
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        yield (keys[0], EPOCH, 0, 1, 0, now)
+        state.forget_partitions([0])  # on_partitions_revoked, on the event loop, mid-load
+        yield (keys[1], EPOCH, 0, 2, 0, now)
+
+    generation = state.generation(0)
+    assert state.load_rows(EPOCH, 0, rows(), generation=generation) == 2
+    assert not state.is_loaded(0)
+    assert state.lookup(keys[1]) == Position(EPOCH, 0, 2, 0)  # the keys themselves are kept: true firsts
+    assert state.load_rows(EPOCH, 0, [(keys[2], EPOCH, 0, 3, 0, now)], generation=state.generation(0)) == 1
+    assert state.is_loaded(0)  # an undisturbed load marks it
+    state.close()
+
+
+def test_closing_during_a_load_stops_the_load_instead_of_writing_to_a_closed_database(tmp_path: Path) -> None:
+    import threading
+
+    from processor.dedupe import DedupeStateClosedError
+
+    state = DedupeState(str(tmp_path / "s"))
+    now = time.time()
+
+    def rows() -> Iterator[tuple[Any, ...]]:
+        for i in range(25_000):  # more than one 10k chunk on each side of the close
+            if i == 12_000:
+                closer = threading.Thread(target=state.close)
+                closer.start()
+                closer.join(10)
+                assert not closer.is_alive(), "close waited for the whole load"
+            yield (dedupe_key("s", str(i)), EPOCH, 0, i, 0, now)
+
+    with pytest.raises(DedupeStateClosedError):
+        state.load_rows(EPOCH, 0, rows())
+    state.close()  # twice is harmless
