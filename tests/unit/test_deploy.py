@@ -177,3 +177,13 @@ def test_password_file_goes_into_the_url_exactly(tmp_path: Path) -> None:
     parts = urlsplit(str(settings.clickhouse_url))
     assert (parts.username, unquote(parts.password or ""), parts.hostname, parts.port) == ("meterline", secret, "ch", 8123)
     assert settings.clickhouse_database == "db" and settings.clickhouse_reader_url == settings.clickhouse_url
+
+
+def test_kafka_keeps_its_log_and_cluster_id_on_its_volume() -> None:
+    """Re-creating the Kafka container must keep the backlog and offsets (log dir on the volume), and a
+    deployment must not share the image's default cluster id (it is part of the log epoch)."""
+    kafka = SERVICES["kafka"]
+    env = kafka["environment"]
+    mounts = {str(v).split(":", 1)[1] for v in kafka["volumes"] if ":" in str(v)}
+    assert env["KAFKA_LOG_DIRS"] in mounts
+    assert re.fullmatch(r"\$\{KAFKA_CLUSTER_ID:\?.+\}", str(env["CLUSTER_ID"])), "CLUSTER_ID must be required per deployment"
