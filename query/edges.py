@@ -56,6 +56,27 @@ def edge_deltas(meter: Meter, rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
     return out.windows
 
 
+def merge_deltas(deltas: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """One delta per (subject, minute, group) instead of one per Kafka message: what travels to ClickHouse
+    stays small on a busy edge minute. Each column merges exactly as its rollup does (design.md): counts
+    and sums add, min/max compare, uniques unite, LATEST keeps the greatest (time, rank) that has a value."""
+    merged: dict[tuple[Any, ...], list[Any]] = {}
+    for d in deltas:
+        key = (d[1], d[2], d[3])
+        row = merged.get(key)
+        if row is None:
+            merged[key] = [*d[:12], set(d[12]), *d[13:]]
+            continue
+        row[8] += d[8]
+        row[9] += d[9]
+        row[10] = d[10] if row[10] is None else row[10] if d[10] is None else min(row[10], d[10])
+        row[11] = d[11] if row[11] is None else row[11] if d[11] is None else max(row[11], d[11])
+        row[12].update(d[12])
+        if d[14] is not None and (row[14] is None or (d[13], d[15]) > (row[13], row[15])):
+            row[13], row[14], row[15] = d[13], d[14], d[15]
+    return [[*r[:12], sorted(r[12]), *r[13:]] for r in merged.values()]
+
+
 def _text(value: Decimal | None) -> str | None:
     return None if value is None else format(value, "f")
 
@@ -79,4 +100,4 @@ def edge_json(deltas: Sequence[Sequence[Any]]) -> str:
     return b"\n".join(lines).decode()
 
 
-__all__ = ["edge_deltas", "edge_json", "messages"]
+__all__ = ["edge_deltas", "edge_json", "merge_deltas", "messages"]

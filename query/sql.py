@@ -44,20 +44,24 @@ EDGE_EVENT_COLUMNS: tuple[str, ...] = (
 DT = "DateTime('UTC')"
 DT64 = "DateTime64(6, 'UTC')"
 DELTA_COLUMNS = "subject, window_start, group, count, sum, min, max, uniques, latest_time, latest_value, latest_rank"
-EDGE_STRUCTURE = (
-    "subject String, window_start UInt32, group Map(String, String), count UInt64, sum Decimal128(9), "
-    "min Nullable(Decimal128(9)), max Nullable(Decimal128(9)), uniques Array(String), "
-    "latest_time DateTime64(6, \\'UTC\\'), latest_value Nullable(Decimal128(9)), latest_rank UInt64"
+EDGE_TABLE = "meterline_edges"
+EDGE_STRUCTURE: tuple[str, ...] = (
+    "subject String", "window_start UInt32", "group Map(String, String)", "count UInt64", "sum Decimal128(9)",
+    "min Nullable(Decimal128(9))", "max Nullable(Decimal128(9))", "uniques Array(String)",
+    "latest_time DateTime64(6, 'UTC')", "latest_value Nullable(Decimal128(9))", "latest_rank UInt64",
 )
-"""Column types of the edge delta rows passed as JSONEachRow text (the `meter_windows` delta columns)."""
+"""Columns of the edge delta rows, sent as a temporary table (JSONEachRow) with the query: as a bound
+parameter they would hit the HTTP form field limit (~128 KiB) on a busy edge minute."""
 
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """SQL text with `{name:Type}` placeholders and the values bound to them."""
+    """SQL text with `{name:Type}` placeholders and the values bound to them; `tables` are temporary
+    tables sent with the query (name -> JSONEachRow text in EDGE_STRUCTURE), read like any table."""
 
     sql: str
     parameters: dict[str, Any] = field(default_factory=dict)
+    tables: dict[str, str] = field(default_factory=dict)
 
 
 class Params:
@@ -149,7 +153,8 @@ def meter_query(
     generation: int | None = None,
 ) -> Query:
     """Aggregate one meter's minute deltas, plus the edge minutes' deltas built from raw events
-    (`edges`: JSONEachRow text in EDGE_STRUCTURE), into buckets of `window_size` local to `tz`.
+    (`edges`: JSONEachRow text in EDGE_STRUCTURE, sent as the temporary table EDGE_TABLE), into buckets
+    of `window_size` local to `tz`.
 
     `group_by` holds meter groupBy keys (not `subject`); a key missing from a row's map is NULL, its
     own bucket. `filters` maps groupBy keys (or `subject`) to FilterStrings.
@@ -200,13 +205,12 @@ def meter_query(
         source = windows
         where = windows_where + outer_where
     else:
-        params.values["edges"] = edges
         parts = [] if split.whole_empty else [
             f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {' AND '.join(windows_where)}"
         ]
         parts.append(
             f"SELECT subject, toDateTime(window_start, 'UTC') AS window_start, group, count, sum, min, max, uniques,"
-            f" latest_time, latest_value, latest_rank FROM format(JSONEachRow, '{EDGE_STRUCTURE}', {{edges:String}})"
+            f" latest_time, latest_value, latest_rank FROM {EDGE_TABLE}"
         )
         source = "(\n  " + "\n  UNION ALL\n  ".join(parts) + "\n)"
         where = outer_where
@@ -214,7 +218,7 @@ def meter_query(
     if where:
         sql += f"WHERE {' AND '.join(where)}\n"
     sql += f"GROUP BY {', '.join(keys)}\nORDER BY {', '.join(keys)}"
-    return Query(sql, params.values)
+    return Query(sql, params.values, {} if edges is None else {EDGE_TABLE: edges})
 
 
 def edge_events_query(

@@ -16,16 +16,18 @@ from typing import Any, NamedTuple
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import DatabaseError
+from clickhouse_connect.driver.external import ExternalData
 
 from meterline.adapters.clickhouse import storage_errors
 from meterline.core.decimals import average
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
 from query.cost import check_cost
-from query.edges import edge_deltas, edge_json
+from query.edges import edge_deltas, edge_json, merge_deltas
 from query.filters import FilterString
 from query.shapes import dead_letter
 from query.sql import (
+    EDGE_STRUCTURE,
     Query,
     agg_name,
     dead_letters_query,
@@ -95,7 +97,18 @@ class WindowStore:
     def _run(self, query: Query) -> Any:
         try:
             with storage_errors():
-                return self.client.query(query.sql, parameters=query.parameters)
+                if not query.tables:
+                    return self.client.query(query.sql, parameters=query.parameters)
+                # Temporary tables travel as multipart files: no size limit like a bound parameter's.
+                external: ExternalData | None = None
+                for name, text in query.tables.items():
+                    if external is None:
+                        external = ExternalData(data=text.encode(), file_name=name, fmt="JSONEachRow",
+                                                structure=list(EDGE_STRUCTURE))
+                    else:
+                        external.add_file(data=text.encode(), file_name=name, fmt="JSONEachRow",
+                                          structure=list(EDGE_STRUCTURE))
+                return self.client.query(query.sql, parameters=query.parameters, external_data=external)
         except Exception as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             if isinstance(cause, DatabaseError) and "Cannot load time zone" in str(cause):
@@ -138,7 +151,7 @@ class WindowStore:
             if not isinstance(meter, Meter):
                 raise ValueError("a range with partial minutes needs the Meter, not only its slug")
             raw = self._run(edge_events_query(self.database, meter.event_type, split.edges, subjects, meter=meter.slug))
-            edges = edge_json(edge_deltas(meter, raw.result_rows))
+            edges = edge_json(merge_deltas(edge_deltas(meter, raw.result_rows)))
         slug = meter.slug if isinstance(meter, Meter) else meter
         query = meter_query(
             self.database, slug, aggregation, split=split, window_size=window_size, tz=tz,

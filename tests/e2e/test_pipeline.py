@@ -231,3 +231,26 @@ def test_post_query_multi_value_filter_group_by_and_csv(stack: LocalStack, sent:
         assert (parse_time(ws), parse_time(we)) == (START, END)
         got[(START, subject, (model,))] = Decimal(value)
     assert want and got == want
+
+
+def test_a_busy_edge_minute_is_exact(stack: LocalStack, sent: list[dict[str, Any]]) -> None:
+    """3000 subjects in one edge minute: the edge deltas (~0.7 MB) travel as a temporary table; as a bound
+    parameter they hit ClickHouse's HTTP form field limit (~128 KiB) and the query failed with a 503."""
+    base = datetime(2025, 6, 1, tzinfo=UTC)
+    busy = [{"specversion": "1.0", "id": f"busy-{i}", "source": "e2e-busy", "type": "prompt", "subject": f"busy-{i}",
+             "time": (base + timedelta(milliseconds=20 * i)).isoformat(), "data": {"tokens": i % 97, "model": f"m{i % 7}"}}
+            for i in range(3000)]
+    resp = httpx.post(f"{stack.url}/api/v1/events", json=busy, headers={"content-type": "application/json"}, timeout=60)
+    assert resp.status_code == 204, resp.text
+    deadline = time.monotonic() + 180
+    params = {"from": base.isoformat(), "to": (base + timedelta(minutes=2)).isoformat()}
+    while time.monotonic() < deadline:
+        body = query(stack, "prompt_count", **params)
+        if sum(r["value"] for r in body["data"]) == len(busy):
+            break
+        time.sleep(0.5)
+    start, end = base + timedelta(seconds=5, milliseconds=500), base + timedelta(seconds=55)
+    got = response_windows(query(stack, "tokens_total", **{"from": start.isoformat(), "to": end.isoformat(),
+                                                           "groupBy": ["subject", "model"]}), ["model"])
+    want = expected(busy, METERS["tokens_total"], start=_second(start), end=end, window=None, group_by=["model"])
+    assert len(want) > 2000 and got == {(start, *k[1:]): v for k, v in want.items()}
