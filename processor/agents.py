@@ -26,6 +26,7 @@ are redelivered; stale-generation events in our own buffer are dropped unacked f
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,9 @@ from processor.batch import BatchProcessor, StreamEvent
 from processor.topics import events_topic
 
 logger = logging.getLogger(__name__)
+
+#: How often the lag gauges are refreshed from the broker's end offsets.
+LAG_INTERVAL_SECONDS = 5.0
 
 
 def install_ack_guard(consumer: Any, approved: set[int]) -> None:
@@ -70,13 +74,29 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
         # Another worker may write first sightings for these partitions while we do not own them.
         gone = {tp.partition for tp in revoked if tp.topic == topic.get_topic_name()}
         processor.state.forget_partitions(gone)
+        processor.progress.revoked(gone)
         owned.difference_update(gone)
         metrics.ASSIGNED.set(len(owned))
 
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
-        owned.update(tp.partition for tp in assigned if tp.topic == topic.get_topic_name())
+        mine = {tp.partition for tp in assigned if tp.topic == topic.get_topic_name()}
+        owned.update(mine)
+        processor.progress.assigned(mine, time.time())
         metrics.ASSIGNED.set(len(owned))
+
+    @app.timer(interval=LAG_INTERVAL_SECONDS)
+    async def observe_lag() -> None:
+        """Per-partition lag and oldest-unprocessed age from the broker's end offsets (processor/progress.py)."""
+        tps = [tp for tp in app.consumer.assignment() if tp.topic == topic.get_topic_name()]
+        if not tps:
+            return
+        try:
+            ends = await app.consumer.highwaters(*tps)
+        except Exception as exc:  # noqa: BLE001 - a broker hiccup only delays the gauges
+            logger.info("end offsets unavailable", extra={"error": str(exc)[:300]})
+            return
+        processor.progress.observe({tp.partition: int(end) for tp, end in ends.items()}, time.time())
 
     @app.agent(topic, name="meterline-processor", concurrency=1)
     async def process(stream: faust.StreamT) -> None:

@@ -40,6 +40,7 @@ from meterline.settings import Settings
 from processor import metrics
 from processor.dedupe import DedupeState
 from processor.live_meters import LiveMeters
+from processor.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class BatchProcessor:
         self.sink = sink
         self.log_epoch = log_epoch
         self.options = RowOptions.from_settings(settings)
+        self.progress = Progress()
         #: The meter store view; None when meters are fixed (benchmarks, unit tests).
         self.live = live
         #: Held while a batch is built and written: meters change only between batches.
@@ -235,8 +237,11 @@ class BatchProcessor:
         for p, off, _, _ in messages:
             if off >= last.get(p, -1):
                 last[p] = off
+        now = time.time()
         for p, off in last.items():
             self.state.mark_written(self.log_epoch, p, off + 1)
+            broker_time = max((ts for q, o, _, ts in messages if q == p and o == off and ts), default=None)
+            self.progress.written(p, off + 1, broker_time, now)
         metrics.MESSAGES.inc(len(messages))
         metrics.ACCEPTED.inc(rows.accepted)
         metrics.DUPLICATES.inc(rows.duplicates)

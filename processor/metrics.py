@@ -27,3 +27,11 @@ LAST_WRITE = Gauge("meterline_processor_last_write_timestamp_seconds", "Unix tim
 DEDUPE_LOADED = Counter("meterline_processor_dedupe_keys_loaded_total", "Dedupe keys loaded from ClickHouse")
 QUARANTINED = Counter("meterline_processor_quarantined_messages_total",
                       "Messages whose rows ClickHouse refused, dead-lettered whole as invalid_event")
+PROCESSED_OFFSET = Gauge("meterline_processor_processed_offset",
+                         "Per owned partition: every offset below this one is written", ["partition"])
+LAG = Gauge("meterline_processor_lag_messages",
+            "Per owned partition: messages in the log (broker end offset) not yet written", ["partition"])
+OLDEST_UNPROCESSED_AGE = Gauge(
+    "meterline_processor_oldest_unprocessed_age_seconds",
+    "Per owned partition: upper bound of the age of the oldest message not yet written (0 when caught up); "
+    "alert well before it reaches the topic's retention", ["partition"])

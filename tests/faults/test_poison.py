@@ -19,6 +19,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
+from meterline.localinfra.ports import wait_for
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     SPAN,
@@ -31,6 +32,7 @@ from tests.faults.harness import (
     fault_seed,
     finish,
     wait_caught_up,
+    worker_metric,
 )
 from tests.oracle import EventFactory, first_sightings
 
@@ -71,6 +73,10 @@ def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., Loca
     wait_caught_up(stack, counted, stable_seconds=30)
     finish(row, stack, sender, counted, compare(stack, counted), started)
     assert dead_letter_count(stack, "invalid_event") == 1
+    # Completeness gauges (processor/progress.py): the partition moved past the poison and is caught up.
+    assert worker_metric(stack, 0, "meterline_processor_processed_offset") >= 2
+    wait_for(lambda: worker_metric(stack, 0, "meterline_processor_oldest_unprocessed_age_seconds") == 0,
+             timeout=60, what="oldest unprocessed age back to 0")
     row.note = "poison dead-lettered as invalid_event"
 
 
