@@ -6,44 +6,24 @@ through the processor's own row builder (`meterline.core.rows.message_rows`, as 
 does), so the edge deltas are exactly the deltas the worker wrote for those events, restricted to the
 edge seconds; the SQL then aggregates them together with the whole-minute windows (`query.sql`).
 
-Events the worker did not meter stay unmetered: too-late events (marked `*: ...` in
-`validation_errors`) are skipped, per-meter rejections are rejected again by the same rules. Edges use
+Events the worker did not meter stay unmetered: events whose stored `rejections` name the whole
+event (too late, unknown type) are skipped, per-meter rejections are rejected again by the same rules. Edges use
 the meter definitions the query service runs with, like `recompute`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from datetime import UTC, datetime
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
 import orjson
 
+from meterline.core.decimals import add
 from meterline.core.meters import Meter, MeterSet
-from meterline.core.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows, stored_event
-
-UNMETERED_PREFIX = "*: "
-"""validation_errors entries for the whole event (too late, unknown type): the worker metered nothing."""
-
-
-def messages(rows: Iterable[Sequence[Any]]) -> Iterator[tuple[MessagePosition, list[dict[str, Any]], list[int]]]:
-    """Group position-ordered `query.sql.EDGE_EVENT_COLUMNS` rows into (message, events, indexes)."""
-    current: MessagePosition | None = None
-    batch: list[dict[str, Any]] = []
-    indexes: list[int] = []
-    for row in rows:
-        if any(err.startswith(UNMETERED_PREFIX) for err in row[10]):
-            continue
-        pos = MessagePosition(row[0], int(row[1]), int(row[2]))
-        if pos != current:
-            if current is not None:
-                yield current, batch, indexes
-            current, batch, indexes = pos, [], []
-        batch.append(stored_event(*row[4:10]))
-        indexes.append(int(row[3]))
-    if current is not None:
-        yield current, batch, indexes
+from meterline.core.reasons import unmetered
+from meterline.core.rows import RowOptions, Rows, always_accept, message_rows, stored_messages
+from meterline.core.times import as_utc, format_sql_time
 
 
 def edge_deltas(meter: Meter, rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
@@ -51,7 +31,7 @@ def edge_deltas(meter: Meter, rows: Iterable[Sequence[Any]]) -> list[list[Any]]:
     only = MeterSet([meter])
     out = Rows()
     options = RowOptions()
-    for pos, events, indexes in messages(rows):
+    for pos, events, indexes in stored_messages(rows, skip=unmetered):
         message_rows(events, pos, only, options, always_accept, rows=out, indexes=indexes)
     return out.windows
 
@@ -68,7 +48,7 @@ def merge_deltas(deltas: Sequence[Sequence[Any]]) -> list[list[Any]]:
             merged[key] = [*d[:12], set(d[12]), *d[13:]]
             continue
         row[8] += d[8]
-        row[9] += d[9]
+        row[9] = add(row[9], d[9])  # exact: the default context would round past 28 digits
         row[10] = d[10] if row[10] is None else row[10] if d[10] is None else min(row[10], d[10])
         row[11] = d[11] if row[11] is None else row[11] if d[11] is None else max(row[11], d[11])
         row[12].update(d[12])
@@ -81,10 +61,6 @@ def _text(value: Decimal | None) -> str | None:
     return None if value is None else format(value, "f")
 
 
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
 def edge_json(deltas: Sequence[Sequence[Any]]) -> str:
     """JSONEachRow text in `query.sql.EDGE_STRUCTURE` order; decimals as exact text, never floats."""
     lines = []
@@ -92,12 +68,12 @@ def edge_json(deltas: Sequence[Sequence[Any]]) -> str:
         (_meter, subject, window_start, _key, group, _e, _p, _o,
          count, total, low, high, uniques, latest_time, latest_value, latest_rank) = d[:16]  # then generation
         lines.append(orjson.dumps({
-            "subject": subject, "window_start": int(_utc(window_start).timestamp()), "group": group,
+            "subject": subject, "window_start": int(as_utc(window_start).timestamp()), "group": group,
             "count": count, "sum": _text(total), "min": _text(low), "max": _text(high), "uniques": list(uniques),
-            "latest_time": _utc(latest_time).strftime("%Y-%m-%d %H:%M:%S.%f"), "latest_value": _text(latest_value),
+            "latest_time": format_sql_time(latest_time, micro=True), "latest_value": _text(latest_value),
             "latest_rank": latest_rank,
         }))
     return b"\n".join(lines).decode()
 
 
-__all__ = ["edge_deltas", "edge_json", "merge_deltas", "messages"]
+__all__ = ["edge_deltas", "edge_json", "merge_deltas"]

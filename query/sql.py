@@ -25,6 +25,7 @@ from meterline.core.schema import (
     DEAD_LETTERS,
     EVENTS,
     METER_WINDOWS,
+    STORED_EVENT_COLUMNS,
     SUBJECT_COLUMNS,
     SUBJECTS,
     qualified,
@@ -37,16 +38,13 @@ EVENT_LIST_COLUMNS: tuple[str, ...] = (
     "id", "source", "type", "subject", "time", "data", "ingested_at", "validation_errors", "attributes",
     "stored_at", "dedupe_key",
 )
-EDGE_EVENT_COLUMNS: tuple[str, ...] = (
-    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "id", "source", "type", "subject", "time",
-    "data", "validation_errors",
-)
 DT = "DateTime('UTC')"
 DT64 = "DateTime64(6, 'UTC')"
 DELTA_COLUMNS = "subject, window_start, group, count, sum, min, max, uniques, latest_time, latest_value, latest_rank"
 EDGE_TABLE = "meterline_edges"
+#: `sum` is Decimal256(9): merged edge deltas of several messages may pass Decimal128's 10^29.
 EDGE_STRUCTURE: tuple[str, ...] = (
-    "subject String", "window_start UInt32", "group Map(String, String)", "count UInt64", "sum Decimal128(9)",
+    "subject String", "window_start UInt32", "group Map(String, String)", "count UInt64", "sum Decimal256(9)",
     "min Nullable(Decimal128(9))", "max Nullable(Decimal128(9))", "uniques Array(String)",
     "latest_time DateTime64(6, 'UTC')", "latest_value Nullable(Decimal128(9))", "latest_rank UInt64",
 )
@@ -246,7 +244,7 @@ def edge_events_query(
             f" AND window_start IN {params.bind(minutes, 'Array(DateTime(' + repr('UTC') + '))')})"
         )
     sql = (
-        f"SELECT {', '.join(EDGE_EVENT_COLUMNS)}\nFROM {qualified(database, EVENTS)} FINAL\n"
+        f"SELECT {', '.join(STORED_EVENT_COLUMNS)}\nFROM {qualified(database, EVENTS)} FINAL\n"
         f"WHERE {' AND '.join(where)}\nORDER BY log_epoch, kafka_partition, kafka_offset, batch_index"
     )
     return Query(sql, params.values)

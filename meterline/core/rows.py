@@ -11,7 +11,7 @@ WINDOW_COLUMNS).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple, Protocol
@@ -22,6 +22,7 @@ from meterline.core.attributes import storage_problem
 from meterline.core.events.wire import SPECVERSION
 from meterline.core.meters import MeterSet, Rejection
 from meterline.core.positions import Position, dedupe_key
+from meterline.core.reasons import WHOLE_EVENT, ReasonCode, StoredRejection, rejections_of
 from meterline.core.times import as_utc, format_time, parse_canonical_time
 from meterline.core.windows import WindowAccumulator
 
@@ -136,9 +137,35 @@ def stored_event(event_id: str, source: str, event_type: str, subject: str, time
     return event
 
 
+def stored_messages(
+    rows: Iterable[Sequence[Any]], skip: Callable[[list[StoredRejection]], bool],
+) -> Iterator[tuple[MessagePosition, list[dict[str, Any]], list[int]]]:
+    """Group position-ordered `STORED_EVENT_COLUMNS` rows into (message position, events, their original
+    indexes), for `message_rows(..., indexes=...)`; an event whose stored rejections `skip` is left out.
+
+    Recompute, dead-letter replay and the query's edge minutes re-meter stored events this way, so the
+    rows they build carry the identities and ranks the worker's would.
+    """
+    current: MessagePosition | None = None
+    batch: list[dict[str, Any]] = []
+    indexes: list[int] = []
+    for row in rows:
+        if skip(rejections_of(row[10])):
+            continue
+        pos = MessagePosition(str(row[0]), int(row[1]), int(row[2]))
+        if pos != current:
+            if current is not None:
+                yield current, batch, indexes
+            current, batch, indexes = pos, [], []
+        batch.append(stored_event(*row[4:10]))
+        indexes.append(int(row[3]))
+    if current is not None:
+        yield current, batch, indexes
+
+
 def _dead(
     rows: Rows, pos: MessagePosition, index: int, meter: str, event: Mapping[str, Any],
-    t: datetime, data: str, code: str, reason: str, now: datetime, generation: int = 0,
+    t: datetime, data: str, code: ReasonCode, reason: str, now: datetime, generation: int = 0,
 ) -> None:
     rows.dead_letters.append([
         pos.log_epoch, pos.partition, pos.offset, index, meter,
@@ -151,7 +178,7 @@ def _dead(
 def undecodable_rows(pos: MessagePosition, payload: bytes, reason: str, now: datetime, rows: Rows) -> Rows:
     """A message that is not a JSON array of events becomes one dead letter (never a worker crash)."""
     text = payload[:65536].decode("utf-8", "replace")
-    _dead(rows, pos, 0, "", {}, EPOCH_START, text, "invalid_event", reason, now)
+    _dead(rows, pos, 0, WHOLE_EVENT, {}, EPOCH_START, text, ReasonCode.INVALID_EVENT, reason, now)
     return rows
 
 
@@ -166,7 +193,7 @@ def quarantined_rows(pos: MessagePosition, payload: bytes, reason: str, now: dat
     """
     rows = Rows()
     text = payload[:65536].decode("utf-8", "replace")
-    _dead(rows, pos, WHOLE_MESSAGE_INDEX, "", {}, EPOCH_START, text, "invalid_event", reason, now)
+    _dead(rows, pos, WHOLE_MESSAGE_INDEX, WHOLE_EVENT, {}, EPOCH_START, text, ReasonCode.INVALID_EVENT, reason, now)
     return rows
 
 
@@ -217,8 +244,8 @@ def message_rows(
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             # Ingest validates every event, so this is a foreign producer: keep it visible, never crash,
             # and never hand ClickHouse a row it must refuse (that batch would be retried for ever).
-            _dead(out, pos, index, "", _printable(event), EPOCH_START,
-                  _json_text(event), "invalid_event", f"invalid event: {exc}", now)
+            _dead(out, pos, index, WHOLE_EVENT, _printable(event), EPOCH_START,
+                  _json_text(event), ReasonCode.INVALID_EVENT, f"invalid event: {exc}", now)
             continue
         key = keys[index] if keys is not None else dedupe_key(source, event_id)
         if not decide(key, Position(epoch, partition, offset, index)):
@@ -226,12 +253,15 @@ def message_rows(
             continue
         out.accepted += 1
         data = _data_text(event)
+        # Per event, for the `events` row: what people read, and what logic reads (reasons.py).
         errors: list[str] = []
+        rejected: list[StoredRejection] = []
         if late_floor is not None and t < late_floor:
             out.late += 1
             reason = f"event time is older than the late horizon ({options.late_horizon})"
-            _dead(out, pos, index, "", event, t, data, "too_late", reason, now)
+            _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.TOO_LATE, reason, now)
             errors.append(f"*: {reason}")
+            rejected.append(StoredRejection(WHOLE_EVENT, ReasonCode.TOO_LATE))
         else:
             measurements, rejections = measure(event, t)
             if measurements:
@@ -239,8 +269,9 @@ def message_rows(
                 for m in measurements:
                     if not add(subject, t, m, rank):
                         rejections.append(Rejection(
-                            m.meter.slug, "value_out_of_range",
+                            m.meter.slug, ReasonCode.VALUE_OUT_OF_RANGE,
                             f"{m.value} would take the sum of its window in this message past ±10^29",
+                            m.generation,
                         ))
             if rejections:
                 for r in rejections:
@@ -248,12 +279,15 @@ def message_rows(
                     error = f"{r.meter}: {r.reason}"
                     if error not in errors:  # a meter's active and building generation may both reject
                         errors.append(error)
+                    if (r.meter, r.code) not in rejected:
+                        rejected.append(StoredRejection(r.meter, r.code))
             elif strict and not measurements:
                 reason = f"no meter has eventType {etype!r}"
-                _dead(out, pos, index, "", event, t, data, "unknown_type", reason, now)
+                _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.UNKNOWN_TYPE, reason, now)
                 errors.append(f"*: {reason}")
+                rejected.append(StoredRejection(WHOLE_EVENT, ReasonCode.UNKNOWN_TYPE))
         ev_append([key, event_id, source, str(etype), subject, t, data, now,
-                   epoch, partition, offset, index, errors, _attributes_text(event)])
+                   epoch, partition, offset, index, errors, _attributes_text(event), rejected])
     win_append = out.windows.append
     for d in acc.deltas():
         win_append([

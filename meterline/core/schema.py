@@ -42,9 +42,15 @@ SUBJECT_COLUMNS: tuple[str, ...] = (
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "dedupe_key", "id", "source", "type", "subject", "time", "data", "ingested_at",
-    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "validation_errors", "attributes",
+    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "validation_errors", "attributes", "rejections",
 )
 """`stored_at` is not written: it defaults to the moment ClickHouse stored the row (OpenMeter's storedAt)."""
+
+STORED_EVENT_COLUMNS: tuple[str, ...] = (
+    "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "id", "source", "type", "subject", "time",
+    "data", "rejections",
+)
+"""What `meterline.core.rows.stored_messages` reads back from `events` to re-meter stored events."""
 
 WINDOW_COLUMNS: tuple[str, ...] = (
     "meter", "subject", "window_start", "group_key", "group",
@@ -60,6 +66,17 @@ DEAD_LETTER_COLUMNS: tuple[str, ...] = (
 WINDOWS_ORDER_BY = "(meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset, generation)"
 DEAD_LETTERS_ORDER_BY = "(log_epoch, kafka_partition, kafka_offset, batch_index, meter, generation)"
 """Both identities end in the meter definition's generation (docs/design.md, "Live meters")."""
+
+#: `events.rejections`: (meter or '' for the whole event, reason code) per rejection, what logic reads
+#: (`meterline.core.reasons`); `validation_errors` keeps the human text. Rows stored before the column
+#: existed compute it from that text on read, once, here: the whole-event entries ('*: ...') by their two
+#: fixed wordings, per-meter entries by the slug before ': ' (slugs cannot contain it), code ''.
+REJECTIONS_COLUMN = (
+    "rejections Array(Tuple(meter String, code String)) DEFAULT arrayMap(e -> tuple("
+    "if(startsWith(e, '*: '), '', splitByString(': ', e)[1]), "
+    "multiIf(startsWith(e, '*: event time is older than the late horizon'), 'too_late', "
+    "startsWith(e, '*: no meter has eventType'), 'unknown_type', '')), validation_errors)"
+)
 
 # Decimal128(9): 29 integer digits and 9 fractional digits, exact for every value meters accept.
 DECIMAL = "Decimal128(9)"
@@ -181,6 +198,7 @@ TABLES: tuple[Table, ...] = (
         added_columns=(
             "attributes String DEFAULT ''",
             "stored_at DateTime64(3, 'UTC') DEFAULT now64(3)",
+            REJECTIONS_COLUMN,
         ),
     ),
     Table(

@@ -119,6 +119,8 @@ def normalize_time_text(value: str) -> str | None:
     """
     if not _FAST_SHAPE.match(value):
         return None
+    if value[-1] != "Z" and (value[-2:] > "59" or value[-5:-3] > "23"):
+        return None  # fromisoformat reads "+00:60" as an hour; RFC 3339 (and parse_time) refuse it
     try:
         t = datetime.fromisoformat(value)  # also rejects impossible dates and hours
     except (ValueError, OverflowError):

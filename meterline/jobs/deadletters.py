@@ -45,6 +45,7 @@ from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import create_schema, storage_errors
 from meterline.core.meters import MeterSet
+from meterline.core.reasons import ReasonCode, rejections_of
 from meterline.core.rows import MessagePosition, RowOptions, always_accept, message_rows, stored_event
 from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
@@ -67,8 +68,9 @@ ReplayGroup = tuple[str, int, int, str, str]
 
 REPLAY_EPOCH_PREFIX = "replay:"
 WINDOW_GENERATION = WINDOW_COLUMNS.index("generation")
-NOT_REPLAYABLE = frozenset({"invalid_event"})
-WHOLE_EVENT = "*"
+NOT_REPLAYABLE = frozenset({ReasonCode.INVALID_EVENT})
+#: How a whole-event group is spelled in a replay log epoch (part of stored row identities: never change).
+WHOLE_EVENT_TAG = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,7 +129,7 @@ def ensure_replays_table(client: Client, database: str, topology: Topology = SIN
 
 def replay_epoch(reason_code: str, meter: str, log_epoch: str) -> str:
     """The log_epoch of a replay group's window rows: distinct from any cluster id, deterministic."""
-    return f"{REPLAY_EPOCH_PREFIX}{reason_code}:{meter or WHOLE_EVENT}:{log_epoch}"
+    return f"{REPLAY_EPOCH_PREFIX}{reason_code}:{meter or WHOLE_EVENT_TAG}:{log_epoch}"
 
 
 def list_dead_letters(client: Client, database: str, *, meter: str | None = None, reason: str | None = None,
@@ -182,27 +184,26 @@ def _load(client: Client, database: str, meter: str | None, reason: str | None) 
 
 
 def _first_sightings(client: Client, database: str, letters: Iterable[DeadLetter]) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """(source, id) -> (log_epoch, partition, offset, index, validation_errors) from `events` FINAL."""
+    """(source, id) -> (log_epoch, partition, offset, index, rejections) from `events` FINAL."""
     letters = list(letters)
     if not letters:
         return {}
     sql = (
-        "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, validation_errors "
+        "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, rejections "
         f"FROM {qualified(database, EVENTS)} FINAL "
         "WHERE subject IN {subjects:Array(String)} AND id IN {ids:Array(String)}"
     )
     params = {"subjects": sorted({d.subject for d in letters}), "ids": sorted({d.id for d in letters})}
     with storage_errors():
         rows = client.query(sql, parameters=params).result_rows
-    return {(str(r[0]), str(r[1])): (str(r[2]), int(r[3]), int(r[4]), int(r[5]), list(r[6])) for r in rows}
+    return {(str(r[0]), str(r[1])): (str(r[2]), int(r[3]), int(r[4]), int(r[5]), rejections_of(r[6])) for r in rows}
 
 
 def _still_failing(letter: DeadLetter, sighting: tuple[Any, ...] | None) -> bool:
     """The processor's latest word on this event still says this meter (or the whole event) failed."""
     if sighting is None or tuple(sighting[:4]) != letter.identity[:4]:
         return False
-    prefix = f"{letter.meter or WHOLE_EVENT}: "
-    return any(str(e).startswith(prefix) for e in sighting[4])
+    return any(r.meter == letter.meter for r in sighting[4])  # WHOLE_EVENT ("") for whole-event letters
 
 
 def replay(client: Client, database: str, meters: MeterSet, options: RowOptions, *, meter: str | None = None,
@@ -232,7 +233,7 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
             continue
         if active is not None and (
             (d.meter and active.get(d.meter) != d.generation)
-            or (not d.meter and d.reason_code == "unknown_type" and meters.for_type(d.type))
+            or (not d.meter and d.reason_code == ReasonCode.UNKNOWN_TYPE and meters.for_type(d.type))
         ):
             report.superseded += 1
             outcomes.append([*d.identity, "superseded", "rebuilt from stored events under a newer definition", now])

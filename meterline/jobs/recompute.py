@@ -17,7 +17,7 @@ same generation, so overlapping work converges instead of adding up.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -26,13 +26,15 @@ from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import storage_errors
 from meterline.core.meters import Meter, MeterSet
-from meterline.core.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows, stored_event
+from meterline.core.reasons import was_too_late
+from meterline.core.rows import RowOptions, Rows, always_accept, message_rows, stored_messages
 from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,
     EVENTS,
     METER_WINDOWS,
     SINGLE_NODE,
+    STORED_EVENT_COLUMNS,
     WINDOW_COLUMNS,
     Topology,
     mutation_target,
@@ -41,8 +43,6 @@ from meterline.core.schema import (
 
 logger = logging.getLogger(__name__)
 
-#: Events marked too late at ingest time were never metered; recompute keeps that decision.
-TOO_LATE_PREFIX = "*: event time is older than the late horizon"
 INSERT_CHUNK = 50_000
 
 
@@ -78,32 +78,11 @@ def events_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
     """Stored events of the meter's type in log order, so each message's events arrive together."""
     where, params = _where(meter)
     sql = (
-        "SELECT log_epoch, kafka_partition, kafka_offset, batch_index, id, source, type, subject, time, data,"
-        " validation_errors"
+        f"SELECT {', '.join(STORED_EVENT_COLUMNS)}"
         f" FROM {qualified(database, EVENTS)} FINAL WHERE {where}"
         " ORDER BY log_epoch, kafka_partition, kafka_offset, batch_index"
     )
     return sql, params
-
-
-def messages(rows: Iterator[Sequence[Any]]) -> Iterator[tuple[MessagePosition, list[dict[str, Any]], list[int]]]:
-    """Group position-ordered rows into (message position, events, their original indexes); skips
-    events that were too late."""
-    current: MessagePosition | None = None
-    batch: list[dict[str, Any]] = []
-    indexes: list[int] = []
-    for row in rows:
-        if any(err.startswith(TOO_LATE_PREFIX) for err in row[10]):
-            continue
-        pos = MessagePosition(row[0], int(row[1]), int(row[2]))
-        if pos != current:
-            if current is not None:
-                yield current, batch, indexes
-            current, batch, indexes = pos, [], []
-        batch.append(stored_event(*row[4:10]))
-        indexes.append(int(row[3]))
-    if current is not None:
-        yield current, batch, indexes
 
 
 def recompute(
@@ -137,7 +116,8 @@ def recompute(
         sql, params = events_query(database, meter)
         pending = Rows()
         with client.query_rows_stream(sql, parameters=params) as stream:
-            for pos, events, indexes in messages(iter(stream)):
+            # Events the worker refused as too late were never metered; recompute keeps that decision.
+            for pos, events, indexes in stored_messages(stream, skip=was_too_late):
                 message_rows(events, pos, only, options, always_accept, now=now, rows=pending, indexes=indexes)
                 result.events += len(events)
                 on_progress(len(events))

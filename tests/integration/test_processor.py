@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ def oracle(msgs: list[tuple[str, list[dict[str, Any]]]]) -> tuple[dict[Key, tupl
     """Rollups of the first sighting of every (source, id), per meter/subject/minute/group."""
     seen: set[tuple[str, str]] = set()
     out: dict[Key, list[Any]] = defaultdict(lambda: [0, Decimal(0)])
+    with localcontext(Context(prec=100)):  # 29-digit values: the default context would round sums
+        _fold(msgs, seen, out)
+    return {k: (c, s) for k, (c, s) in out.items()}, len(seen)
+
+
+def _fold(msgs: list[tuple[str, list[dict[str, Any]]]], seen: set[tuple[str, str]], out: dict[Key, list[Any]]) -> None:
     for _, evs in msgs:  # duplicates share a subject, so per-subject order is the log order
         for e in evs:
             if (e["source"], e["id"]) in seen:
@@ -87,9 +93,8 @@ def oracle(msgs: list[tuple[str, list[dict[str, Any]]]]) -> tuple[dict[Key, tupl
             minute = datetime.fromisoformat(e["time"]).replace(second=0, microsecond=0)
             tok = out[("tokens", e["subject"], minute, orjson.dumps({"model": e["data"]["model"]}).decode())]
             tok[0] += 1
-            tok[1] += e["data"]["tokens"]
+            tok[1] += Decimal(e["data"]["tokens"])
             out[("calls", e["subject"], minute, "{}")][0] += 1
-    return {k: (c, s) for k, (c, s) in out.items()}, len(seen)
 
 
 def rollups(client: Any, db: str) -> dict[Key, tuple[int, Decimal]]:
@@ -196,22 +201,31 @@ def test_sigkill_mid_run_and_restart_stays_exact(world: dict[str, Any], kafka_bo
 def test_poison_messages_are_dead_lettered_and_never_stall_their_partition(
         world: dict[str, Any], kafka_bootstrap: str) -> None:
     """Messages a foreign producer put on the topic, each followed by valid events of its subject: an
-    event time ClickHouse cannot store (dead-lettered, never retried for ever), and two (source, id)
-    pairs that differ only around a NUL (two events, two keys). Every valid event is counted.
-    (Rows ClickHouse itself refuses are quarantined: tests/unit/test_batch.py and test_sink.py.)"""
+    event time ClickHouse cannot store (dead-lettered, never retried for ever), a message whose window sum
+    would overflow Decimal128(9) (the value that would overflow it is dead-lettered `value_out_of_range`,
+    the rest metered), and two (source, id) pairs that differ only around a NUL (two events, two keys).
+    Every valid event is counted. (Rows ClickHouse itself refuses are quarantined: tests/unit/test_batch.py
+    and test_sink.py.)"""
     rnd = random.Random(5)
     valid = generate(rnd, 600)
     subjects = sorted({e["subject"] for e in valid})
     base = dict(valid[0], data={"tokens": 1, "model": "a"})
     far_future = dict(base, id="poison-time", subject=subjects[0], time="9999-12-31T23:59:59Z")
+    huge = "99900000000000000000000000000"  # 29 digits: each value fits, their sum does not
+    overflow = [dict(base, id=f"poison-sum-{i}", subject=subjects[1], data={"tokens": huge, "model": "a"})
+                for i in range(2)]
     nul = [dict(base, id="c", source="a\u0000b", subject=subjects[2]),
            dict(base, id="b\u0000c", source="a", subject=subjects[2])]
-    produce(kafka_bootstrap, world["topic"], [(subjects[0], [far_future]), (subjects[2], nul)])
+    produce(kafka_bootstrap, world["topic"], [(subjects[0], [far_future]), (subjects[1], overflow), (subjects[2], nul)])
     msgs = messages(valid)
     produce(kafka_bootstrap, world["topic"], msgs)
     world["start"]()
-    expected, unique = oracle([(subjects[2], nul), *msgs])
-    wait_exact(world, expected, unique)
+    # The first huge value fits its window; the second would take the sum past 10^29: only COUNT counts it.
+    expected, unique = oracle([(subjects[1], overflow[:1]), (subjects[2], nul), *msgs])
+    minute = datetime.fromisoformat(base["time"]).replace(second=0, microsecond=0)
+    count, _ = expected[("calls", subjects[1], minute, "{}")]
+    expected[("calls", subjects[1], minute, "{}")] = (count + 1, Decimal(0))
+    wait_exact(world, expected, unique + 1)  # the second overflow event is stored, its tokens not metered
     client, db = world["client"], world["db"]
-    dead = client.query(f"SELECT id, reason_code FROM `{db}`.dead_letters FINAL").result_rows
-    assert dead == [("poison-time", "invalid_event")]
+    dead = client.query(f"SELECT id, meter, reason_code FROM `{db}`.dead_letters FINAL").result_rows
+    assert sorted(dead) == [("poison-sum-1", "tokens", "value_out_of_range"), ("poison-time", "", "invalid_event")]

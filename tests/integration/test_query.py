@@ -344,6 +344,7 @@ def test_events_listing(app_client: Any) -> None:
             "kafka_partition": 0, "kafka_offset": i, "batch_index": 0,
             "validation_errors": ["m_sum: value missing"] if i == 5 else [],
             "attributes": '{"datacontenttype":"application/json","region":"eu"}' if i == 0 else "",
+            "rejections": [("m_sum", "value_missing")] if i == 5 else [],
         }
         events.append(row)
         rows.append([row[c] for c in EVENT_COLUMNS])
@@ -509,7 +510,8 @@ def test_debug_metrics_count_todays_ingested_events(app_client: Any) -> None:
     for i, (subject, ingested) in enumerate([("a", now), ("a", now), ("b\"x", now), ("c", now - timedelta(days=2))]):
         row = {"dedupe_key": uuid.uuid4().bytes, "id": f"dm{i}", "source": "src", "type": "ev", "subject": subject,
                "time": now, "data": "", "ingested_at": ingested, "log_epoch": "epoch", "kafka_partition": 0,
-               "kafka_offset": 1000 + i, "batch_index": 0, "validation_errors": [], "attributes": ""}
+               "kafka_offset": 1000 + i, "batch_index": 0, "validation_errors": [], "attributes": "",
+               "rejections": []}
         rows.append([row[c] for c in EVENT_COLUMNS])
     client.insert("events", rows, column_names=list(EVENT_COLUMNS), database=database)
     res = http.get("/api/v1/debug/metrics")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -108,3 +108,40 @@ def test_cli_recompute(database: tuple[Client, str], clickhouse_url: str, tmp_pa
                              window=None, group_by=("type",), by_subject=False).items()
     }
     assert totals_by(client, name, "type") == want
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["rejections", "legacy-rows"])
+def test_recompute_keeps_too_late_events_unmetered(database: tuple[Client, str], legacy: bool) -> None:
+    """The worker refused the first half of the history as too late; recompute must not meter it.
+
+    It decides from the typed `events.rejections`, never from the human text. `legacy-rows` stores the
+    history the way a version without that column did (the column dropped, rows inserted without it, then
+    the schema re-created), so the rejections come from the column's DEFAULT over `validation_errors`.
+    """
+    client, name = database
+    factory = EventFactory(seed=9, span=timedelta(hours=3))
+    events = [factory.event() for _ in range(400)]
+    floor = factory.start + timedelta(hours=1, minutes=30)
+    horizon = timedelta(days=1)
+    if legacy:
+        client.command(f"ALTER TABLE {name}.{EVENTS} DROP COLUMN rejections")
+    columns = [c for c in EVENT_COLUMNS if not (legacy and c == "rejections")]
+    meters = MeterSet([OLD])
+    for offset, start in enumerate(range(0, len(events), 100)):
+        rows = message_rows(events[start : start + 100], MessagePosition("epoch-1", 0, offset), meters,
+                            RowOptions(late_horizon=horizon), first_sighting_decider(), now=floor + horizon)
+        client.insert(EVENTS, [r[: len(columns)] for r in rows.events], column_names=columns, database=name)
+    if legacy:
+        create_schema(client, name)  # what an upgraded service does at start: ADD COLUMN IF NOT EXISTS
+
+    recompute(client, name, NEW)
+
+    meter = OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("type",))
+
+    def oracle(sent: list[dict]) -> dict[tuple, Decimal]:
+        return {k[2]: v for k, v in expected(sent, meter, start=factory.start, end=factory.start + timedelta(days=1),
+                                              window=None, group_by=("type",), by_subject=False).items()}
+
+    in_time = [e for e in events if datetime.fromisoformat(e["time"]) >= floor]
+    assert 0 < len(in_time) < len(events)
+    assert totals_by(client, name, "type") == oracle(in_time) != oracle(events)

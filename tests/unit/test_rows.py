@@ -11,14 +11,17 @@ import pytest
 
 from meterline.core.meters import Meter, MeterSet
 from meterline.core.positions import dedupe_key
+from meterline.core.reasons import WHOLE_EVENT, ReasonCode, unmetered, was_too_late
 from meterline.core.rows import (
     MessagePosition,
     RowOptions,
+    Rows,
     always_accept,
     message_rows,
+    stored_messages,
     undecodable_rows,
 )
-from meterline.core.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, WINDOW_COLUMNS
+from meterline.core.schema import DEAD_LETTER_COLUMNS, EVENT_COLUMNS, STORED_EVENT_COLUMNS, WINDOW_COLUMNS
 from tests.oracle import first_sighting_decider
 
 NOW = datetime(2024, 5, 1, 13, 0, tzinfo=UTC)
@@ -172,3 +175,34 @@ def test_a_window_sum_past_decimal128_is_dead_lettered_not_written(sign: int) ->
     assert (col(dead, DEAD_LETTER_COLUMNS, "batch_index"), col(dead, DEAD_LETTER_COLUMNS, "meter"),
             col(dead, DEAD_LETTER_COLUMNS, "reason_code")) == (1, "tokens", "value_out_of_range")
     assert sum(col(r, WINDOW_COLUMNS, "count") for r in rows.windows if r[0] == "calls") == 4  # COUNT unaffected
+
+
+def _stored(rows: Rows) -> list[list[Any]]:
+    """What `SELECT STORED_EVENT_COLUMNS FROM events` returns for these rows (named tuples as dicts)."""
+    out = []
+    for r in rows.events:
+        row = {c: col(r, EVENT_COLUMNS, c) for c in EVENT_COLUMNS}
+        row["rejections"] = [{"meter": m, "code": str(c)} for m, c in row["rejections"]]
+        out.append([row[c] for c in STORED_EVENT_COLUMNS])
+    return out
+
+
+def test_events_rows_carry_typed_rejections_and_stored_messages_rebuild_the_worker_rows() -> None:
+    """Logic reads `rejections` (meter or WHOLE_EVENT, code), never `validation_errors` text; re-metering
+    the stored events (recompute, replay, query edges) yields exactly the worker's window rows."""
+    strict = MeterSet([*METERS.meters, Meter(slug="other", eventType="other", aggregation="COUNT")])
+    events = [ev(0, t="2024-04-01T00:00:00.000000Z"), ev(1, tokens="x"), ev(2, tokens=7), ev(3, etype="nobody"),
+              ev(4, tokens=9)]
+    options = RowOptions(late_horizon=timedelta(days=3), strict_event_types=True)
+    worker = message_rows(events, POS, strict, options, always_accept, now=NOW)
+    assert [col(r, EVENT_COLUMNS, "rejections") for r in worker.events] == [
+        [(WHOLE_EVENT, ReasonCode.TOO_LATE)], [("tokens", ReasonCode.VALUE_NOT_NUMERIC)], [],
+        [(WHOLE_EVENT, ReasonCode.UNKNOWN_TYPE)], [],
+    ]
+    rebuilt = Rows()
+    for pos, stored, indexes in stored_messages(_stored(worker), skip=unmetered):
+        assert indexes == [1, 2, 4]
+        message_rows(stored, pos, strict, options, always_accept, now=NOW, rows=rebuilt, indexes=indexes)
+    assert rebuilt.windows == worker.windows
+    kept = [i for _, _, idx in stored_messages(_stored(worker), skip=was_too_late) for i in idx]
+    assert kept == [1, 2, 3, 4]

@@ -25,6 +25,7 @@ from meterline.core.meters.aggregation import Aggregation
 from meterline.core.meters.jsonpath import MISSING, Many, compile_path
 from meterline.core.meters.model import Meter
 from meterline.core.meters.values import NumericValueError, canonical_unique, group_text, parse_numeric
+from meterline.core.reasons import ReasonCode
 from meterline.core.times import parse_time
 
 __all__ = ["Measurement", "MeterSet", "Rejection"]
@@ -34,7 +35,7 @@ class Rejection(NamedTuple):
     """Why one meter could not meter one event; ``code`` is a dead_letters reason_code."""
 
     meter: str
-    code: str
+    code: ReasonCode
     reason: str
     generation: int = 0
 
@@ -101,7 +102,7 @@ class _CompiledMeter:
         """Events without ``data``: COUNT still counts (no groups), valued meters are missing."""
         if self.value_getter is None:
             return Measurement(self.meter, {}, _EMPTY_GROUP_KEY, None, self.generation)
-        return Rejection(self.slug, "value_missing", f"valueProperty {self.value_path}: event has no data",
+        return Rejection(self.slug, ReasonCode.VALUE_MISSING, f"valueProperty {self.value_path}: event has no data",
                          self.generation)
 
     def measure(self, data: Any, cache: dict[Any, Any]) -> Measurement | Rejection:
@@ -111,7 +112,7 @@ class _CompiledMeter:
         # Like groups, a value is read and parsed once per event for every meter sharing its path
         # (SUM, AVG and MAX of $.tokens are one parse, not three).
         value_key = ("value", self.value_path, self.agg is Aggregation.UNIQUE_COUNT)
-        outcome: Decimal | str | tuple[str, str] | None = cache.get(value_key)
+        outcome: Decimal | str | tuple[ReasonCode, str] | None = cache.get(value_key)
         if outcome is None:
             outcome = cache[value_key] = self._value(data)
         if isinstance(outcome, tuple):
@@ -119,21 +120,21 @@ class _CompiledMeter:
         group, key = self.group(data, cache)
         return Measurement(self.meter, group, key, outcome, self.generation)
 
-    def _value(self, data: Any) -> Decimal | str | tuple[str, str]:
+    def _value(self, data: Any) -> Decimal | str | tuple[ReasonCode, str]:
         """The metered value, or (rejection code, reason); independent of the meter's slug."""
         assert self.value_getter is not None
         raw = self.value_getter(data)
         path = self.value_path
         if raw is MISSING:
-            return "value_missing", f"valueProperty {path}: no value"
+            return ReasonCode.VALUE_MISSING, f"valueProperty {path}: no value"
         if raw is None:
-            return "value_null", f"valueProperty {path}: value is null"
+            return ReasonCode.VALUE_NULL, f"valueProperty {path}: value is null"
         if type(raw) is Many:
-            return "value_ambiguous", f"valueProperty {path}: matched {len(raw)} values"
+            return ReasonCode.VALUE_AMBIGUOUS, f"valueProperty {path}: matched {len(raw)} values"
         try:
             if self.agg is Aggregation.UNIQUE_COUNT:
                 if isinstance(raw, (dict, list, tuple)):
-                    return "value_not_scalar", f"valueProperty {path}: {type(raw).__name__} is not a scalar"
+                    return ReasonCode.VALUE_NOT_SCALAR, f"valueProperty {path}: {type(raw).__name__} is not a scalar"
                 return canonical_unique(raw)
             return parse_numeric(raw)
         except NumericValueError as exc:

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 
 from meterline.core.decimals import CONTEXT, QUANTUM, SCALE, fits_storage
+from meterline.core.reasons import ReasonCode
 
 __all__ = [
     "NumericValueError",
@@ -31,7 +32,7 @@ _NUMERIC_RE = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9
 class NumericValueError(ValueError):
     """A value that cannot be metered as a number; ``code`` is the dead-letter reason code."""
 
-    def __init__(self, code: str, reason: str) -> None:
+    def __init__(self, code: ReasonCode, reason: str) -> None:
         super().__init__(reason)
         self.code = code
 
@@ -43,25 +44,25 @@ def _to_decimal(value: Any) -> Decimal:
     0.1000000000000000055511151231257827.
     """
     if isinstance(value, bool):
-        raise NumericValueError("value_not_numeric", "boolean is not numeric")
+        raise NumericValueError(ReasonCode.VALUE_NOT_NUMERIC, "boolean is not numeric")
     if isinstance(value, int):
         return Decimal(value)
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise NumericValueError("value_not_finite", f"{value!r} is not finite")
+            raise NumericValueError(ReasonCode.VALUE_NOT_FINITE, f"{value!r} is not finite")
         return Decimal(repr(value))
     if isinstance(value, str):
         if _NUMERIC_RE.fullmatch(value) is None:
             shown = value if len(value) <= 40 else value[:37] + "..."
-            raise NumericValueError("value_not_numeric", f"string {shown!r} is not numeric")
+            raise NumericValueError(ReasonCode.VALUE_NOT_NUMERIC, f"string {shown!r} is not numeric")
         return Decimal(value)
     if isinstance(value, Decimal):
         if not value.is_finite():
-            raise NumericValueError("value_not_finite", f"{value} is not finite")
+            raise NumericValueError(ReasonCode.VALUE_NOT_FINITE, f"{value} is not finite")
         return value
     if value is None:
-        raise NumericValueError("value_null", "value is null")
-    raise NumericValueError("value_not_numeric", f"{type(value).__name__} is not numeric")
+        raise NumericValueError(ReasonCode.VALUE_NULL, "value is null")
+    raise NumericValueError(ReasonCode.VALUE_NOT_NUMERIC, f"{type(value).__name__} is not numeric")
 
 
 def parse_numeric(value: Any) -> Decimal:
@@ -75,12 +76,12 @@ def parse_numeric(value: Any) -> Decimal:
     """
     d = _to_decimal(value)
     if not fits_storage(d):
-        raise NumericValueError("value_out_of_range", f"{value!r} is outside ±10^29")
+        raise NumericValueError(ReasonCode.VALUE_OUT_OF_RANGE, f"{value!r} is outside ±10^29")
     try:
         q = d.quantize(QUANTUM, context=CONTEXT)
     except Inexact:
         raise NumericValueError(
-            "value_out_of_range", f"{value!r} has more than {SCALE} fractional digits"
+            ReasonCode.VALUE_OUT_OF_RANGE, f"{value!r} has more than {SCALE} fractional digits"
         ) from None
     return q
 
