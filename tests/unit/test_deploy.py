@@ -187,3 +187,14 @@ def test_kafka_keeps_its_log_and_cluster_id_on_its_volume() -> None:
     mounts = {str(v).split(":", 1)[1] for v in kafka["volumes"] if ":" in str(v)}
     assert env["KAFKA_LOG_DIRS"] in mounts
     assert re.fullmatch(r"\$\{KAFKA_CLUSTER_ID:\?.+\}", str(env["CLUSTER_ID"])), "CLUSTER_ID must be required per deployment"
+
+
+def test_processor_health_is_reachable_by_the_orchestrator() -> None:
+    """A worker bound to 127.0.0.1 (the default) cannot be probed from outside its container."""
+    processor = SERVICES["processor"]
+    env = processor["environment"]
+    settings = Settings(processor_web_host=env["METERLINE_PROCESSOR_WEB_HOST"],
+                        processor_web_port=int(env["METERLINE_PROCESSOR_WEB_PORT"]))
+    assert settings.processor_web_host == "0.0.0.0"
+    assert f":{settings.processor_web_port}/readyz" in " ".join(processor["healthcheck"]["test"])
+    assert "ports" not in processor  # the compose network only
