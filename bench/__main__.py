@@ -36,13 +36,14 @@ from bench.report import Figure, Report
 
 #: Sizes per figure and preset: P1/P2/P3/P5 in events (P5: distinct ids), P4 in events/s.
 PRESETS: dict[str, dict[str, list[int]]] = {
-    "tiny": {"P1": [2_000], "P2": [3_000], "P3": [20_000], "P4": [200], "P5": [3_000]},
+    "tiny": {"P1": [2_000], "P2": [3_000], "P3": [20_000], "P4": [200], "P5": [3_000], "P6": [3_000]},
     "small": {"P1": [20_000, 50_000], "P2": [50_000, 200_000], "P3": [1_000_000, 3_000_000],
-              "P4": [1_000, 5_000], "P5": [200_000]},
+              "P4": [1_000, 5_000], "P5": [200_000], "P6": [200_000]},
     "full": {"P1": [50_000, 200_000], "P2": [200_000, 1_000_000], "P3": [1_000_000, 3_000_000, 10_000_000],
-             "P4": [1_000, 5_000], "P5": [1_000_000, 10_000_000]},
+             "P4": [1_000, 5_000], "P5": [1_000_000, 10_000_000], "P6": [1_000_000]},
 }
-FIGURES = ("P1", "P2", "P3", "P4", "P5")
+#: P6 reuses P2's run of the same size (its stored events and live rate): keep a P6 size among P2's.
+FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6")
 DEFAULT_RESULTS = Path(__file__).parent / "results"
 
 app = typer.Typer(add_completion=False)
@@ -61,8 +62,10 @@ def _runner(figure: str) -> Callable[[BenchContext, int], list[Figure]]:
         from bench.p3_query import run
     elif figure == "P4":
         from bench.p4_freshness import run
-    else:
+    elif figure == "P5":
         from bench.p5_memory import run
+    else:
+        from bench.p6_rebuild import run
     return run
 
 
@@ -75,6 +78,7 @@ def main(
     p3: Annotated[str | None, typer.Option(envvar="BENCH_P3", help="P3 sizes (raw events in ClickHouse)")] = None,
     p4: Annotated[str | None, typer.Option(envvar="BENCH_P4", help="P4 rates (events/s)")] = None,
     p5: Annotated[str | None, typer.Option(envvar="BENCH_P5", help="P5 sizes (distinct ids)")] = None,
+    p6: Annotated[str | None, typer.Option(envvar="BENCH_P6", help="P6 sizes (stored events rebuilt)")] = None,
     clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 16,
     partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
     http_workers: Annotated[int, typer.Option(envvar="BENCH_HTTP_WORKERS", help="ingest processes for P1")] = 1,
@@ -92,7 +96,7 @@ def main(
     console = Console(width=max(Console().width, 120))
     logging.basicConfig(level=logging.WARNING)
     sizes = dict(PRESETS[size])
-    for name, override in (("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4), ("P5", p5)):
+    for name, override in (("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4), ("P5", p5), ("P6", p6)):
         sizes[name] = _sizes(override) or sizes[name]
     wanted = [f.strip().upper() for f in only.split(",") if f.strip()]
     options: dict[str, Any] = {

@@ -129,6 +129,7 @@ def _meterline_run(ctx: BenchContext, n: int, label: str) -> dict[str, Any]:
             "all_counted": True, "events": n, "tokens": tokens, "wall_seconds": round(now - started, 2),
             "rss_bytes": rss, "peak_rss_bytes": peak, "idle_rss_bytes": idle_rss,
             "window_rows": int(client.command("SELECT count() FROM meter_windows")),
+            "database": str(stack.database),  # P6 rebuilds a meter from the events stored here
             "timeline": timeline[:: max(1, len(timeline) // 50)],
         }
     finally:

@@ -37,7 +37,7 @@ def by_figure(results: dict, figure: str) -> list[dict]:
 
 def test_every_figure_has_positive_value_baseline_and_ratio(results: dict) -> None:
     assert results["errors"] == {}
-    assert {f["figure"] for f in results["figures"]} == {"P1", "P2", "P3", "P4", "P5"}
+    assert {f["figure"] for f in results["figures"]} == {"P1", "P2", "P3", "P4", "P5", "P6"}
     for f in results["figures"]:
         assert f["value"] > 0 and f["baseline"] >= 0 and f["ratio"] >= 0, f
         assert f["size"] > 0 and f["baseline_name"], f
@@ -72,6 +72,13 @@ def test_p2_and_p5_counted_every_event(results: dict) -> None:
     assert p2["details"]["naive"]["events"] > 0
     (p5,) = by_figure(results, "P5")
     assert p5["details"]["all_counted"] is True and p5["details"]["naive_set_rss_bytes"] > 0
+
+
+def test_p6_rebuilt_every_stored_event_beside_p2(results: dict) -> None:
+    (p6,) = by_figure(results, "P6")
+    (p2,) = by_figure(results, "P2")
+    assert p6["details"]["all_counted"] is True and p6["size"] == p2["size"]
+    assert p6["baseline"] == p2["value"]  # the live rate of the same run is the baseline
 
 
 def test_p3_answers_were_equal(results: dict) -> None:
