@@ -279,3 +279,19 @@ def test_config_reload_and_broken_file(env: tuple[TestClient, Client, str, Path]
     config.write_text(config_yaml([added]))
     wait_for(lambda: http.get("/api/v1/meters/prompt_count").status_code == 404, 30, "prompt_count deleted")
     assert http.get("/readyz").json()["config"]["status"] == "valid"
+
+
+def test_cli_meters_status_lists_state(env: tuple[TestClient, Client, str, Path], clickhouse_url: str,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from meterline.cli import app
+
+    http, _, database, config = env
+    wait_state(http, "prompt_count", "ready")
+    monkeypatch.setenv("CLICKHOUSE_URL", f"{clickhouse_url}/{database}")
+    monkeypatch.setenv("METERLINE_CONFIG", str(config))
+    monkeypatch.setenv("COLUMNS", "250")  # rich would wrap the table's cells at 80
+    result = CliRunner().invoke(app, ["meters", "status", "--watch"])
+    assert result.exit_code == 0, result.output
+    assert "prompt_count" in result.output and "ready" in result.output and "file:" in result.output
