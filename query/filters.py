@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meterline.core.errors import InvalidQueryError
+from meterline.core.times import format_sql_time
 from query.windowing import parse_instant
 
 MAX_DEPTH = 8
@@ -151,7 +152,7 @@ def time_filter_sql(column: str, f: FilterTime, bind: Bind) -> str:
     if f.op in _GROUP_OPS:
         parts = [time_filter_sql(column, child, bind) for child in f.operand]
         return "(" + (" AND " if f.op == "$and" else " OR ").join(parts) + ")"
-    placeholder = bind(f.operand.strftime("%Y-%m-%d %H:%M:%S.%f"), _DT64)
+    placeholder = bind(format_sql_time(f.operand, micro=True), _DT64)
     return f"({column} {_TIME_OPS[f.op]} {placeholder})"
 
 

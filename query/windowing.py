@@ -18,15 +18,16 @@ from importlib import resources
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from meterline.core.errors import InvalidQueryError
+from meterline.core.meters import WindowSize
 from meterline.core.times import MAX_TIME, MIN_TIME, format_instant, parse_time
 
 MINUTE = timedelta(minutes=1)
 _QUARTER = timedelta(minutes=15)
-WINDOW_SIZES = ("MINUTE", "HOUR", "DAY", "MONTH")
+WINDOW_SIZES = tuple(size.value for size in WindowSize)  # the one definition: meterline.core.meters
 
 
 def size_name(size: str | Enum | None) -> str | None:
-    """`WindowSize.HOUR` or `"HOUR"` -> `"HOUR"`; lets this module stay independent of the enum's home."""
+    """`WindowSize.HOUR` or `"HOUR"` -> `"HOUR"`."""
     if size is None:
         return None
     value = size.value if isinstance(size, Enum) else size

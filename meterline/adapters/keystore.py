@@ -7,7 +7,7 @@ Rows are versioned (ReplacingMergeTree(updated_at), read FINAL): revoking writes
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
@@ -16,12 +16,11 @@ from meterline.adapters.clickhouse import storage_errors
 from meterline.core.access import Scope
 from meterline.core.keys import ApiKey
 from meterline.core.schema import API_KEY_COLUMNS, API_KEYS, qualified
+from meterline.core.times import as_utc
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return None if value is None else as_utc(value)
 
 
 def _row(key: ApiKey, updated_at: datetime) -> list[Any]:

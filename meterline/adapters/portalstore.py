@@ -7,7 +7,7 @@ by its signature's `exp` anyway). Rows are versioned (ReplacingMergeTree(updated
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, NamedTuple
 
 from clickhouse_connect.driver.client import Client
@@ -15,6 +15,7 @@ from clickhouse_connect.driver.client import Client
 from meterline.adapters.clickhouse import storage_errors
 from meterline.core.portal import PortalClaims
 from meterline.core.schema import PORTAL_TOKEN_COLUMNS, PORTAL_TOKENS, qualified
+from meterline.core.times import as_utc
 
 
 class PortalRecord(NamedTuple):
@@ -23,9 +24,7 @@ class PortalRecord(NamedTuple):
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return None if value is None else as_utc(value)
 
 
 def _row(c: PortalClaims, invalidated_at: datetime | None, updated_at: datetime) -> list[Any]:

@@ -1,7 +1,7 @@
 """meterline's error tree.
 
     MeterlineError
-    ├── ConfigError (= InvalidMeterError)   config.yaml or settings are wrong
+    ├── ConfigError                         config.yaml or settings are wrong
     ├── InvalidEventError                   an incoming event breaks the CloudEvents or size rules
     ├── MeterNotFoundError                  a query names a meter that config.yaml does not define
     ├── MeterChangeError                    a meter create/update/delete that cannot be applied
@@ -31,9 +31,6 @@ class MeterlineError(Exception):
 
 class ConfigError(MeterlineError):
     """The configuration is invalid; the message lists every problem with file, meter and field."""
-
-
-InvalidMeterError = ConfigError
 
 
 class InvalidEventError(MeterlineError):

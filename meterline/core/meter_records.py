@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from enum import Enum
 from typing import Any
 
@@ -24,7 +24,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from meterline.core.errors import InvalidMeterChangeError, MeterConflictError, MeterNotFoundError
-from meterline.core.meters import Aggregation, Meter
+from meterline.core.meters import Meter
+from meterline.core.times import as_utc
 
 __all__ = [
     "API",
@@ -332,15 +333,7 @@ def from_row(row: Mapping[str, Any]) -> MeterRecord:
     return MeterRecord(
         namespace=row["namespace"], slug=row["slug"], version=int(row["version"]),
         action=MeterAction(row["action"]), id=row["id"], meter=Meter.model_validate(doc), name=name,
-        metadata=metadata, managed_by=row["managed_by"], actor=row["actor"], changed_at=_utc(row["changed_at"]),
-        created_at=_utc(row["created_at"]), generation=int(row["generation"]),
+        metadata=metadata, managed_by=row["managed_by"], actor=row["actor"], changed_at=as_utc(row["changed_at"]),
+        created_at=as_utc(row["created_at"]), generation=int(row["generation"]),
         active_generation=int(row["active_generation"]), file_mtime=float(row["file_mtime"]),
     )
-
-
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
-def aggregation_names() -> str:
-    return ", ".join(a.value for a in Aggregation)

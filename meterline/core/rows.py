@@ -18,13 +18,13 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
+from meterline.core.accumulator import WindowAccumulator
 from meterline.core.attributes import storage_problem
 from meterline.core.events.wire import SPECVERSION
 from meterline.core.meters import MeterSet, Rejection
 from meterline.core.positions import Position, dedupe_key
 from meterline.core.reasons import WHOLE_EVENT, ReasonCode, StoredRejection, rejections_of
 from meterline.core.times import as_utc, format_time, parse_canonical_time
-from meterline.core.windows import WindowAccumulator
 
 logger = logging.getLogger(__name__)
 

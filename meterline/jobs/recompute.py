@@ -40,6 +40,7 @@ from meterline.core.schema import (
     mutation_target,
     qualified,
 )
+from meterline.core.times import format_sql_time
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def _where(meter: Meter) -> tuple[str, dict[str, Any]]:
     where, params = "type = {type:String}", {"type": meter.event_type}
     if meter.event_from is not None:
         where += " AND time >= {event_from:DateTime64(6, 'UTC')}"
-        params["event_from"] = meter.event_from.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        params["event_from"] = format_sql_time(meter.event_from, micro=True)
     return where, params
 
 

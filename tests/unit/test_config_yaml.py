@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
+from meterline.core.accumulator import WindowAccumulator
 from meterline.core.meters import Aggregation, Measurement, MeterSet, load_meters
 from meterline.core.times import parse_time
-from meterline.core.windows import WindowAccumulator
 
 CONFIG = Path(__file__).resolve().parents[2] / "config.yaml"
 

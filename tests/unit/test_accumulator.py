@@ -1,4 +1,4 @@
-"""meterline.core.windows: minute windows, exact per-message accumulation."""
+"""meterline.core.accumulator: minute windows, exact per-message accumulation."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from meterline.core.accumulator import WindowAccumulator
 from meterline.core.meters import Meter, MeterSet
-from meterline.core.windows import WindowAccumulator
 
 # ----------------------------------------------------------------------------- accumulator
 
