@@ -248,7 +248,7 @@ def _catalog(settings: Settings, what: str) -> Iterator[tuple[Client, MeterCatal
             create_schema(admin, settings.clickhouse_database, settings.clickhouse_topology)
         finally:
             admin.close()
-        catalog = MeterCatalog(MeterStore(client, settings.clickhouse_database))
+        catalog = MeterCatalog(MeterStore(client, settings.clickhouse_database, topology=settings.clickhouse_topology))
         catalog.refresh(force=True)
         catalog.refresh_progress()
         yield client, catalog

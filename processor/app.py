@@ -80,7 +80,9 @@ def create_app(settings: Settings) -> faust.App:
                           topology=settings.clickhouse_topology, token_salt=rows_digest(settings))
     sink.ensure_schema()
     live = LiveMeters(settings, worker_id)
-    live.start()
+    # Retried like the schema: a worker started while ClickHouse (or one shard of a cluster) is down
+    # waits for it instead of crashing (tests/faults/test_cluster.py restarts one during a shard outage).
+    sink.retry("start live meters", live.start, rows=0)
     state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days)
     processor = BatchProcessor(settings, live.catalog.meter_set(), state, sink, log_epoch, live=live)
 

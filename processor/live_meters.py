@@ -27,7 +27,8 @@ class LiveMeters:
         self.worker_id = worker_id
         self.client = connect(settings.clickhouse_url, database=settings.clickhouse_database,
                               topology=settings.clickhouse_topology)
-        self.store = MeterStore(self.client, settings.clickhouse_database)
+        self.store = MeterStore(self.client, settings.clickhouse_database,
+                                topology=settings.clickhouse_topology)
         self.catalog = MeterCatalog(self.store)
         self.applied: dict[str, int] = {}
         self._last_ok = 0.0

@@ -76,7 +76,7 @@ def open_catalog(settings: Settings) -> MeterCatalog:
     finally:
         admin.close()
     client = connect(settings.clickhouse_url, database=settings.clickhouse_database, topology=topology)
-    catalog = MeterCatalog(MeterStore(client, settings.clickhouse_database))
+    catalog = MeterCatalog(MeterStore(client, settings.clickhouse_database, topology=settings.clickhouse_topology))
     try:
         for problem in catalog.sync_settings(settings, actor="query"):
             log.warning("config meter not applied: %s", problem)

@@ -239,7 +239,9 @@ def edge_events_query(
     elif meter is not None:
         minutes = sorted({ts(a.replace(second=0, microsecond=0)) for a, _ in ranges})
         where.append(
-            f"subject IN (SELECT subject FROM {qualified(database, METER_WINDOWS)}"
+            # GLOBAL: on a cluster both tables are Distributed, which ClickHouse refuses to nest in a
+            # plain IN; the subject set is read once and sent to every shard.
+            f"subject GLOBAL IN (SELECT subject FROM {qualified(database, METER_WINDOWS)}"
             f" WHERE meter = {params.bind(meter, 'String')}"
             f" AND window_start IN {params.bind(minutes, 'Array(DateTime(' + repr('UTC') + '))')})"
         )

@@ -25,7 +25,15 @@ from meterline.core import meter_records as mr
 from meterline.core.errors import MeterBuildingError, MeterConflictError, MeterNotFoundError
 from meterline.core.meter_records import API, DEFAULT_NAMESPACE, MeterRecord, MeterState
 from meterline.core.meters import Meter, MeterSet, load_meters
-from meterline.core.schema import METER_REBUILDS, METER_VERSIONS, METER_WORKERS, qualified
+from meterline.core.schema import (
+    METER_REBUILDS,
+    METER_VERSIONS,
+    METER_WORKERS,
+    SINGLE_NODE,
+    Topology,
+    mutation_target,
+    qualified,
+)
 from meterline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,10 +59,12 @@ def _now() -> datetime:
 class MeterStore:
     """SQL of the meter tables on one client (guarded by a lock: the client is shared by threads)."""
 
-    def __init__(self, client: Client, database: str, namespace: str = DEFAULT_NAMESPACE) -> None:
+    def __init__(self, client: Client, database: str, namespace: str = DEFAULT_NAMESPACE,
+                 topology: Topology = SINGLE_NODE) -> None:
         self.client = client
         self.database = database
         self.namespace = namespace
+        self.topology = topology
         self._lock = threading.Lock()
 
     def _query(self, sql: str, **params: Any) -> Any:
@@ -103,7 +113,8 @@ class MeterStore:
     def forget_worker(self, worker: str) -> None:
         """A worker that stops cleanly stops counting at once (instead of after its TTL)."""
         with self._lock, storage_errors():
-            self.client.command(f"DELETE FROM {qualified(self.database, METER_WORKERS)} WHERE worker = {{w:String}}",
+            self.client.command(f"DELETE FROM {mutation_target(self.database, METER_WORKERS, self.topology)}"
+                                " WHERE worker = {w:String}",
                                 parameters={"w": worker})
 
 

@@ -110,3 +110,17 @@ def test_the_second_worker_took_partitions(cluster_stack: LocalStack, cluster_se
     assert len(cluster_stack.workers) == 2 and all(w.running for w in cluster_stack.workers)
     wait_owners(cluster_stack, [0, 1], cluster_stack.partitions)
     assert worker_metric(cluster_stack, 1, "meterline_processor_batches") > 0
+
+
+def test_any_second_is_exact_on_a_cluster(cluster_stack: LocalStack, cluster_sent: list[dict[str, Any]]) -> None:
+    """from/to inside a minute: the edge minutes are read from raw events, whose subject filter is a
+    subquery over the windows (two Distributed tables: it must be a GLOBAL IN on a cluster)."""
+    start, end = START + timedelta(minutes=7, seconds=15), START + timedelta(hours=2, minutes=3, seconds=41)
+    for slug in ("tokens_total", "active_users", "storage_latest"):
+        meter = METERS[slug]
+        group_by = list(meter.group_fields)
+        body = query(cluster_stack, slug, **{"from": start.isoformat(), "to": end.isoformat(),
+                                             "windowSize": "MINUTE", "groupBy": ["subject", *group_by]})
+        want = expected(first_sightings(cluster_sent), meter, start=start, end=end, window="MINUTE",
+                        group_by=group_by)
+        assert want and response_windows(body, group_by) == want, slug

@@ -68,8 +68,14 @@ def test_shard_killed_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         shard2.kill()
         killed = time.monotonic()
         retries = worker_metric(stack, 0, "meterline_processor_write_retries")
-        wait_until(lambda: worker_metric(stack, 0, "meterline_processor_write_retries") > retries,
-                   "processor retrying against the cluster with a shard down", stack)
+        log = Path(stack.data_dir, "logs", "processor-0.log")
+
+        def noticed() -> bool:
+            """A write retried, or (live meters) the meter-store poll that gates every batch failed."""
+            return (worker_metric(stack, 0, "meterline_processor_write_retries") > retries
+                    or "meter store refresh failed" in log.read_text(errors="replace"))
+
+        wait_until(noticed, "processor stalled on the cluster with a shard down", stack)
         stack.workers[0].kill()  # a crash while the shard is down: the restart must reload across shards
         stack.restart_processor(0)
         time.sleep(max(0.0, outage - (time.monotonic() - killed)))  # the fault's length, not a wait for an effect

@@ -48,3 +48,21 @@ def test_settings_per_topology() -> None:
     assert insert_settings(shards, "t") == {"insert_deduplicate": 1, "insert_deduplication_token": "t"}
     assert insert_settings(shards, None) == {"insert_deduplicate": 1}
     assert exact_read_settings(shards) == {}
+
+
+def test_meter_store_forgets_a_worker_on_every_shard() -> None:
+    """A Distributed table refuses DELETE: a cluster deletes from the local tables ON CLUSTER."""
+    from meterline.adapters.meter_store import MeterStore
+
+    class Recorder:
+        def __init__(self) -> None:
+            self.sql: list[str] = []
+
+        def command(self, sql: str, parameters: object = None) -> None:
+            self.sql.append(sql)
+
+    single, cluster = Recorder(), Recorder()
+    MeterStore(single, "db").forget_worker("w")  # type: ignore[arg-type]
+    MeterStore(cluster, "db", topology=Topology(cluster="c")).forget_worker("w")  # type: ignore[arg-type]
+    assert single.sql == ["DELETE FROM `db`.meter_workers WHERE worker = {w:String}"]
+    assert cluster.sql == ["DELETE FROM `db`.meter_workers_local ON CLUSTER `c` WHERE worker = {w:String}"]
