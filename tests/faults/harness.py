@@ -8,6 +8,7 @@ pipeline invented counts as a mismatch just like a missing or wrong one.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -16,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from meterline.adapters.clickhouse import connect
 from meterline.localinfra.ports import NotReadyError, wait_for
 from meterline.localinfra.stack import LocalStack
-from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
+from tests.oracle import (
+    WIDE,
+    EventFactory,
+    OracleMeter,
+    config_yaml,
+    expected,
+    first_sightings,
+    response_windows,
+)
 
 METERS: dict[str, OracleMeter] = {
     "tokens_total": OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
@@ -72,10 +81,10 @@ def liveness_timeout() -> float:
 # -- event streams -------------------------------------------------------------------------------
 
 def stream_with_retries(factory: EventFactory, n: int, rng: random.Random, dup_rate: float = 0.1,
-                        invalid_rate: float = 0.0) -> list[dict[str, Any]]:
+                        invalid_rate: float = 0.0, large_rate: float = 0.0) -> list[dict[str, Any]]:
     """`n` fresh events plus `dup_rate * n` exact copies, each placed somewhere after its original
-    (a client retrying an event it believes was lost)."""
-    fresh = [factory.event(invalid_rate=invalid_rate) for _ in range(n)]
+    (a client retrying an event it believes was lost); `large_rate`: see EventFactory.event."""
+    fresh = [factory.event(invalid_rate=invalid_rate, large_rate=large_rate) for _ in range(n)]
     out = list(fresh)
     for i in sorted(rng.sample(range(n), int(n * dup_rate)), reverse=True):
         out.insert(rng.randrange(i + 1, len(out) + 1), dict(fresh[i]))
@@ -183,7 +192,8 @@ def feed_in_background(sender: Sender, chunks: list[list[dict[str, Any]]], over_
 def query(stack: LocalStack, slug: str, params: dict[str, Any]) -> dict[str, Any]:
     resp = httpx.get(f"{stack.url}/api/v1/meters/{slug}/query", params=params, timeout=60)
     assert resp.status_code == 200, f"{slug}: {resp.status_code} {resp.text[:500]}"
-    return resp.json()
+    body: dict[str, Any] = json.loads(resp.text, parse_float=Decimal)  # every digit, not a float's 17
+    return body
 
 
 def totals(stack: LocalStack, slugs: Sequence[str] = PROGRESS_METERS, *, start: datetime = RANGE_FROM,
@@ -196,7 +206,9 @@ def totals(stack: LocalStack, slugs: Sequence[str] = PROGRESS_METERS, *, start: 
                              params={"from": start.isoformat(), "to": end.isoformat()}, timeout=30)
             if resp.status_code != 200:
                 return None
-            out.append(sum((Decimal(str(r["value"])) for r in resp.json()["data"]), Decimal(0)))
+            data = json.loads(resp.text, parse_float=Decimal)["data"]
+            with localcontext(WIDE):  # the default context would round totals past 28 digits
+                out.append(sum((Decimal(r["value"]) for r in data), Decimal(0)))
     except httpx.HTTPError:
         return None
     return tuple(out)
@@ -204,11 +216,12 @@ def totals(stack: LocalStack, slugs: Sequence[str] = PROGRESS_METERS, *, start: 
 
 def expected_totals(counted: Sequence[dict[str, Any]], slugs: Sequence[str] = PROGRESS_METERS, *,
                     start: datetime = RANGE_FROM, end: datetime = RANGE_TO) -> tuple[Decimal, ...]:
-    return tuple(
-        sum(expected(counted, METERS[s], start=start, end=end, window=None, by_subject=False).values(),
-            Decimal(0))
-        for s in slugs
-    )
+    with localcontext(WIDE):
+        return tuple(
+            sum(expected(counted, METERS[s], start=start, end=end, window=None, by_subject=False).values(),
+                Decimal(0))
+            for s in slugs
+        )
 
 
 def wait_caught_up(stack: LocalStack, counted: Sequence[dict[str, Any]], *, timeout: float | None = None,
