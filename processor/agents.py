@@ -91,12 +91,20 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
         tps = [tp for tp in app.consumer.assignment() if tp.topic == topic.get_topic_name()]
         if not tps:
             return
+        asked_at = time.time()
         try:
-            ends = await app.consumer.highwaters(*tps)
+            broker_ends = {tp.partition: int(end) for tp, end in (await app.consumer.highwaters(*tps)).items()}
+            ends = dict(broker_ends)
+            for tp in tps:  # fetched but unwritten counts too (the local broker under-reports end offsets)
+                position = await app.consumer.position(tp)
+                if position is not None:
+                    ends[tp.partition] = max(ends.get(tp.partition, 0), int(position))
         except Exception as exc:  # noqa: BLE001 - a broker hiccup only delays the gauges
             logger.info("end offsets unavailable", extra={"error": str(exc)[:300]})
             return
-        processor.progress.observe({tp.partition: int(end) for tp, end in ends.items()}, time.time())
+        complete = processor.progress.observe(ends, time.time(), asked_at, broker_ends)
+        if complete:
+            await processor.record_progress(settings.events_topic, complete)
 
     @app.agent(topic, name="meterline-processor", concurrency=1)
     async def process(stream: faust.StreamT) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from meterline.core.errors import InvalidEventError, StorageRejectedError
+from meterline.core.errors import InvalidEventError, StorageError, StorageRejectedError
 from meterline.core.events import decode_batch
 from meterline.core.meters import MeterSet
 from meterline.core.positions import Position, dedupe_key
@@ -69,6 +69,9 @@ class Sink(Protocol):
         """Feed the stored first sightings of `partition` (within the horizon, after `since`) to `merge`
         as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking. Keys are
         computed with the current `dedupe_key` from the stored `(source, id)` (see KEY_VERSION)."""
+
+    def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Store `partition_progress` rows once (no retry; blocking). Raises StorageError."""
 
     def stop(self) -> None:
         """Make pending retries give up (shutdown)."""
@@ -250,6 +253,17 @@ class BatchProcessor:
             metrics.DEAD_LETTERS.labels(reason_code=code).inc(n)
         metrics.BATCHES.inc()
         return rows
+
+    async def record_progress(self, topic: str, complete: dict[int, tuple[int, float]]) -> None:
+        """Store each partition's written offset and complete_until (best effort: a failure only delays
+        queries' completeUntil, which then stays at an older, still true, instant)."""
+        now = datetime.now(UTC)
+        rows = [[topic, p, self.log_epoch, next_offset, datetime.fromtimestamp(until, UTC), now]
+                for p, (next_offset, until) in sorted(complete.items())]
+        try:
+            await asyncio.to_thread(self.sink.write_progress, rows)
+        except StorageError as exc:
+            logger.info("partition progress not stored", extra={"error": str(exc)[:300]})
 
     async def _write_each(self, messages: list[Message]) -> None:
         """Write each message alone; quarantine the ones storage refuses (never stall the partition).

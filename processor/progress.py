@@ -8,7 +8,12 @@ partition (one stuck partition hides behind healthy totals).
 The age is an upper bound: the oldest unprocessed message is the one after the last written one, so it
 is at most `now - broker timestamp of the last written message` old; before a partition's first write
 since its assignment it is the time since the assignment. End offsets come from the broker (Faust's
-`highwaters`); the local tansu broker under-reports them for multi-record batches, so locally lag reads 0.
+`highwaters`); the local tansu broker under-reports them for multi-record batches, so the worker also
+counts what it fetched but has not written (its fetch position): locally lag then covers that part only.
+
+The same numbers give each partition's `complete_until`, stored in ClickHouse (`partition_progress`):
+the instant before which every message the broker acknowledged is written. A query answer's
+`completeUntil` is the minimum over all partitions (query/routes.py).
 """
 
 from __future__ import annotations
@@ -67,8 +72,18 @@ class Progress:
                 progress.last_written_time = broker_time
         metrics.PROCESSED_OFFSET.labels(str(partition)).set(progress.next_offset)
 
-    def observe(self, end_offsets: dict[int, int], now: float) -> None:
-        """Update the lag and age gauges from the broker's end offsets of the owned partitions."""
+    def observe(self, end_offsets: dict[int, int], now: float, asked_at: float | None = None,
+                broker_ends: dict[int, int] | None = None) -> dict[int, tuple[int, float]]:
+        """Update the lag and age gauges from the end offsets of the owned partitions (the broker's, raised
+        to the fetch position).
+
+        Returns, per partition with something written, `(next_offset, complete_until)`: the instant before
+        which every message the broker acknowledged is written. Caught up with the broker's end offsets
+        asked for at `asked_at`, that is `asked_at`. Otherwise -- behind, or a broker whose end offset is
+        below what is already written (the local tansu broker) and so cannot say what it acknowledged --
+        it is the broker time of the last written message: true, if conservative for an idle partition.
+        """
+        out: dict[int, tuple[int, float]] = {}
         for p, end in end_offsets.items():
             progress = self.partitions.get(p)
             if progress is None:
@@ -77,3 +92,11 @@ class Progress:
             if lag is not None:
                 metrics.LAG.labels(str(p)).set(lag)
             metrics.OLDEST_UNPROCESSED_AGE.labels(str(p)).set(age)
+            if progress.next_offset is None:
+                continue
+            trusted = broker_ends is None or broker_ends.get(p, 0) >= progress.next_offset
+            if lag == 0 and trusted:
+                out[p] = (progress.next_offset, asked_at if asked_at is not None else now)
+            elif progress.last_written_time is not None:
+                out[p] = (progress.next_offset, progress.last_written_time)
+        return out

@@ -39,6 +39,8 @@ from meterline.core.schema import (
     EVENT_COLUMNS,
     EVENTS,
     METER_WINDOWS,
+    PARTITION_PROGRESS,
+    PARTITION_PROGRESS_COLUMNS,
     SINGLE_NODE,
     WINDOW_COLUMNS,
     Topology,
@@ -151,6 +153,13 @@ class ClickHouseSink:
                             rows=len(rows.windows))
             metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
             metrics.LAST_WRITE.set(time.time())
+
+    def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
+        """One attempt at storing `partition_progress` rows (they are refreshed every few seconds anyway)."""
+        if rows:
+            with self._lock, insert_errors():
+                self._connected().insert(PARTITION_PROGRESS, rows, column_names=list(PARTITION_PROGRESS_COLUMNS),
+                                         settings=INSERT_SETTINGS)
 
     async def write(self, rows: Rows) -> None:
         """`write_sync` off the event loop."""

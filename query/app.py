@@ -56,6 +56,7 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
                                         writer=writer)
     catalog = await asyncio.to_thread(open_catalog, settings)
     app.state.catalog = catalog
+    app.state.events_topic = (settings.events_topic, settings.topic_partitions)  # for completeUntil
     poller = asyncio.create_task(_poll(catalog, settings.meter_poll_seconds))
     try:
         yield

@@ -232,6 +232,9 @@ COMPONENTS: dict[str, Any] = {
             "from": _TIME, "to": _TIME,
             "windowSize": {"type": "string", "enum": ["MINUTE", "HOUR", "DAY", "MONTH"]},
             "windowTimeZone": {"type": "string"},
+            "completeUntil": {**_TIME, "nullable": True, "description": (
+                "meterline: every event the broker acknowledged before this instant is included "
+                "(null while unknown); windows ending before it are complete")},
             "data": {"type": "array", "items": ref("MeterQueryRow")},
         },
     },

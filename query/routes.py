@@ -204,8 +204,18 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
     if query.window_size is not None:
         body["windowSize"] = query.window_size
     body["windowTimeZone"] = query.zone.key
+    body["completeUntil"] = _complete_until(request)
     body["data"] = data
     return Response(orjson.dumps(body), media_type="application/json")  # orjson: number() Fragments
+
+
+def _complete_until(request: Request) -> str | None:
+    """meterline's addition to OpenMeter's answer: the instant before which every event the broker
+    acknowledged is included (processor/progress.py); null while unknown. Windows ending before it are
+    complete, later ones may still fill."""
+    topic, partitions = request.app.state.events_topic
+    until = _store(request).complete_until(topic, partitions)
+    return None if until is None else format_instant(until)
 
 
 def _csv(

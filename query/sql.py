@@ -25,6 +25,7 @@ from meterline.core.schema import (
     DEAD_LETTERS,
     EVENTS,
     METER_WINDOWS,
+    PARTITION_PROGRESS,
     STORED_EVENT_COLUMNS,
     SUBJECT_COLUMNS,
     SUBJECTS,
@@ -447,3 +448,14 @@ def ingested_counts_query(database: str, since: datetime) -> Query:
         "WHERE ingested_at >= {since:DateTime64(6, 'UTC')}\nGROUP BY subject\nORDER BY subject"
     )
     return Query(sql, {"since": ts6(since)})
+
+
+def complete_until_query(database: str, topic: str, partitions: int) -> Query:
+    """How many of the topic's partitions report progress, and the earliest instant before which each
+    has written everything the broker acknowledged (processor/progress.py)."""
+    sql = (
+        "SELECT count(), min(complete_until) "
+        f"FROM {qualified(database, PARTITION_PROGRESS)} FINAL "
+        "WHERE topic = {topic:String} AND kafka_partition < {partitions:UInt32}"
+    )
+    return Query(sql, {"topic": topic, "partitions": partitions})

@@ -30,6 +30,7 @@ from query.sql import (
     EDGE_STRUCTURE,
     Query,
     agg_name,
+    complete_until_query,
     dead_letters_query,
     edge_events_query,
     group_values_query,
@@ -203,6 +204,15 @@ class WindowStore:
             self.database, meter=meter, reason_code=reason_code, start=start, end=end, limit=limit
         )
         return [dead_letter(r) for r in self.rows(query)]
+
+    def complete_until(self, topic: str, partitions: int) -> datetime | None:
+        """The instant before which every acknowledged event is written (None until every partition
+        reported: a partition no worker has written yet could still hold anything)."""
+        result = self._run(complete_until_query(self.database, topic, partitions))
+        reporting, earliest = result.result_rows[0]
+        if int(reporting) < partitions or earliest is None:
+            return None
+        return earliest if earliest.tzinfo else earliest.replace(tzinfo=UTC)
 
     def ping(self) -> bool:
         """Readiness: can we run a trivial query right now?"""

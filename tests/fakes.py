@@ -88,6 +88,9 @@ class FakeSink:
         self.journal.append(f"load partition {partition}")
         return merge(found)
 
+    def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
+        self.journal.append(f"progress {len(rows)} partitions")
+
     def stop(self) -> None:
         self.stopped = True
 

@@ -34,6 +34,10 @@ PORTAL_TOKEN_COLUMNS: tuple[str, ...] = (
 METER_VERSIONS = "meter_versions"
 METER_REBUILDS = "meter_rebuilds"
 METER_WORKERS = "meter_workers"
+PARTITION_PROGRESS = "partition_progress"
+PARTITION_PROGRESS_COLUMNS: tuple[str, ...] = (
+    "topic", "kafka_partition", "log_epoch", "next_offset", "complete_until", "updated_at",
+)
 
 SUBJECT_COLUMNS: tuple[str, ...] = (
     "namespace", "key", "id", "display_name", "metadata", "current_period_start", "current_period_end",
@@ -357,6 +361,22 @@ TABLES: tuple[Table, ...] = (
         """,
         order_by="(namespace, slug, generation)",
         shard_by="cityHash64(namespace, slug)",
+        version="updated_at",
+    ),
+    # How far each partition of the events topic is written (processor/progress.py); the newest row wins.
+    # complete_until: every message the broker acknowledged before it is written (queries' completeUntil).
+    Table(
+        name=PARTITION_PROGRESS,
+        columns="""
+            topic String,
+            kafka_partition UInt32,
+            log_epoch LowCardinality(String),
+            next_offset UInt64,
+            complete_until DateTime64(3, 'UTC'),
+            updated_at DateTime64(6, 'UTC')
+        """,
+        order_by="(topic, kafka_partition)",
+        shard_by="cityHash64(topic, kafka_partition)",
         version="updated_at",
     ),
     # Which meter versions each processor worker applies (its heartbeat); the newest row wins.

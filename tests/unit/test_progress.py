@@ -35,3 +35,19 @@ def test_gauges_follow_writes_and_revokes() -> None:
     assert sample("meterline_processor_lag_messages", 70) is None  # another worker reports it now
     progress.observe({70: 20}, now=1200.0)
     assert sample("meterline_processor_lag_messages", 70) is None
+
+
+def test_complete_until_is_only_ever_a_true_instant() -> None:
+    progress = Progress()
+    progress.assigned({80, 81, 82, 83}, now=1000.0)
+    progress.written(80, 10, broker_time=1050.0, now=1060.0)
+    progress.written(81, 10, broker_time=1055.0, now=1060.0)
+    progress.written(82, 10, broker_time=1040.0, now=1060.0)
+    broker = {80: 10, 81: 12, 82: 1, 83: 4}  # 82: a broker under-reporting its end (tansu); 83: nothing written
+    ends = {80: 10, 81: 12, 82: 10, 83: 4}
+    complete = progress.observe(ends, now=1100.0, asked_at=1099.0, broker_ends=broker)
+    assert complete == {
+        80: (10, 1099.0),  # caught up with the broker's end as of asked_at
+        81: (10, 1055.0),  # behind: only what the last written message's broker time vouches for
+        82: (10, 1040.0),  # the broker's end cannot be trusted: same
+    }  # 83: nothing written yet, no claim
