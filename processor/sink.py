@@ -54,6 +54,9 @@ INSERT_SETTINGS: dict[str, object] = {"async_insert": 0, "wait_for_async_insert"
 # Where (log_epoch, kafka_partition, kafka_offset) start in an events row and a dead-letter row.
 EVENT_EPOCH = EVENT_COLUMNS.index("log_epoch")
 DEAD_EPOCH = DEAD_LETTER_COLUMNS.index("log_epoch")
+# Which meter version built a row: part of the insert tokens' salt.
+WINDOW_METER, WINDOW_GENERATION = WINDOW_COLUMNS.index("meter"), WINDOW_COLUMNS.index("generation")
+DEAD_METER, DEAD_GENERATION = DEAD_LETTER_COLUMNS.index("meter"), DEAD_LETTER_COLUMNS.index("generation")
 
 
 def dedupe_load_query(database: str, partition: int, horizon_days: int,
@@ -139,17 +142,17 @@ class ClickHouseSink:
         """
         with self._lock:
             started = time.perf_counter()
-            positions = self._batch_positions(rows)
+            batch = self._batch_identity(rows)
             if rows.events:
-                self.retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS, positions),
+                self.retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS, batch),
                             rows=len(rows.events))
             if rows.dead_letters:
                 self.retry("insert dead_letters",
-                            lambda: self._insert(DEAD_LETTERS, rows.dead_letters, DEAD_LETTER_COLUMNS, positions),
+                            lambda: self._insert(DEAD_LETTERS, rows.dead_letters, DEAD_LETTER_COLUMNS, batch),
                             rows=len(rows.dead_letters))
             if rows.windows:
                 self.retry("insert meter_windows",
-                            lambda: self._insert(METER_WINDOWS, rows.windows, WINDOW_COLUMNS, positions),
+                            lambda: self._insert(METER_WINDOWS, rows.windows, WINDOW_COLUMNS, batch),
                             rows=len(rows.windows))
             metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
             metrics.LAST_WRITE.set(time.time())
@@ -165,17 +168,23 @@ class ClickHouseSink:
         """`write_sync` off the event loop."""
         await asyncio.to_thread(self.write_sync, rows)
 
-    def _batch_positions(self, rows: Rows) -> list[MessagePosition] | None:
-        """The batch's message positions, for insert tokens; only on a cluster (a single server has no use
-        for them). Events and dead-letter rows cover every message with rows: windows come from events."""
+    def _batch_identity(self, rows: Rows) -> tuple[list[MessagePosition], str] | None:
+        """(message positions, salt) of the batch's insert tokens; only on a cluster (a single server has
+        no use for them). Events and dead-letter rows cover every message with rows (windows come from
+        events). The salt adds the (meter, generation) pairs the rows were built with: live meters change
+        definitions at run time, and a replay under a new generation must not reuse the old token."""
         if self.topology.cluster is None:
             return None
-        return [(r[EVENT_EPOCH], r[EVENT_EPOCH + 1], r[EVENT_EPOCH + 2]) for r in rows.events] + [
+        positions = [(r[EVENT_EPOCH], r[EVENT_EPOCH + 1], r[EVENT_EPOCH + 2]) for r in rows.events] + [
             (r[DEAD_EPOCH], r[DEAD_EPOCH + 1], r[DEAD_EPOCH + 2]) for r in rows.dead_letters]
+        versions = {(r[WINDOW_METER], r[WINDOW_GENERATION]) for r in rows.windows}
+        versions |= {(r[DEAD_METER], r[DEAD_GENERATION]) for r in rows.dead_letters}
+        salt = self.token_salt + "|" + ",".join(f"{m}@{g}" for m, g in sorted(versions))
+        return positions, salt
 
     def _insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str],
-                positions: list[MessagePosition] | None = None) -> None:
-        token = None if positions is None else insert_token(table, positions, self.token_salt)
+                batch: tuple[list[MessagePosition], str] | None = None) -> None:
+        token = None if batch is None else insert_token(table, batch[0], batch[1])
         settings = {**INSERT_SETTINGS, **insert_settings(self.topology, token)}
         try:
             with insert_errors():

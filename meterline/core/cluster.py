@@ -5,7 +5,7 @@ Why each one (docs/design.md, "ClickHouse cluster mode"):
 * `insert_deduplication_token`: a retried batch (the insert timed out after some shards or replicas
   applied it) carries the same token, so every replica drops the blocks it already has instead of
   relying on the data hash. The token is derived from the batch's message positions *and* a digest of
-  everything else that shapes its rows (`salt`: meters and row options), because a token that matches
+  everything else that shapes its rows (`salt`: meters, their generations and row options), because a token that matches
   drops the block whatever its data: after a config change the same positions produce other rows,
   which must not be dropped.
 * `insert_quorum='auto'` (a majority of the shard's replicas): an acked batch is on a majority, so a

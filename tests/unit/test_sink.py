@@ -59,8 +59,8 @@ def make_sink(failures: dict[str, list[Exception]], **kwargs: Any) -> tuple[Clic
 def rows() -> Rows:
     now = datetime(2024, 1, 1, tzinfo=UTC)
     return Rows(events=[[b"k" * 16, "id", "src", "t", "s", now, "", now, "e", 0, 0, 0, []]],
-                dead_letters=[["e", 0, 0, 1, "m", "id", "src", "t", "s", now, "", "value_missing", "r", now]],
-                windows=[["m", "s", now, "[]", {}, "e", 0, 0, 1, 0, None, None, [], now, None, 0]])
+                dead_letters=[["e", 0, 0, 1, "m", "id", "src", "t", "s", now, "", "value_missing", "r", now, 5]],
+                windows=[["m", "s", now, "[]", {}, "e", 0, 0, 1, 0, None, None, [], now, None, 0, 5]])
 
 
 def test_inserts_in_design_order_synchronously() -> None:
@@ -137,7 +137,7 @@ def test_cluster_inserts_carry_the_same_token_on_every_retry() -> None:
     assert [table for table, _ in sent] == ["events", "dead_letters", "meter_windows"]
     expected = {("e", 0, 0), ("e", 3, 7)}
     for table, settings in sent:
-        assert settings["insert_deduplication_token"] == insert_token(table, expected, "cfg")
+        assert settings["insert_deduplication_token"] == insert_token(table, expected, "cfg|m@5")
         assert settings["insert_quorum"] == "auto" and settings["async_insert"] == 0
     assert log[-2] == ("failed", "meter_windows")
 
@@ -146,3 +146,16 @@ def test_single_node_inserts_carry_no_token() -> None:
     sink, _, _, clients = make_sink({})
     sink.write_sync(rows())
     assert all("insert_deduplication_token" not in s for _, s in clients[0].settings)
+
+
+def test_a_new_meter_generation_gets_a_new_token() -> None:
+    """Same positions replayed after a live meter change: other rows, so the token must differ, or every
+    replica would drop them as a duplicate of the old generation's block."""
+    tokens = []
+    for generation in (5, 6):
+        sink, _, _, clients = make_sink({}, topology=Topology(cluster="c"))
+        batch = rows()
+        batch.windows[0][-1] = generation
+        sink.write_sync(batch)
+        tokens.append(dict(clients[0].settings)["meter_windows"]["insert_deduplication_token"])
+    assert tokens[0] != tokens[1]
