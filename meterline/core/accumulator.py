@@ -91,15 +91,18 @@ class WindowAccumulator:
         key = (slug, m.generation, subject, ws, m.group_key)
         row = self._rows.get(key)
         value = m.value
+        total = None
+        if isinstance(value, Decimal) and row is not None:
+            total = add(row.sum, value)
+            if not fits_storage(total):
+                return False
         if row is None:
             row = WindowDelta(slug, subject, ws, m.group_key, dict(m.group), m.generation)
             self._rows[key] = row
-        elif isinstance(value, Decimal) and not fits_storage(add(row.sum, value)):
-            return False
         row.count += 1
         newer = row.latest_time is None or (event_time, rank) > (row.latest_time, row.latest_rank)
         if isinstance(value, Decimal):
-            row.sum = add(row.sum, value)
+            row.sum = add(row.sum, value) if total is None else total
             if row.min is None or value < row.min:
                 row.min = value
             if row.max is None or value > row.max:
