@@ -28,7 +28,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from meterline.adapters.kafka import create_topic_if_missing
+from meterline.adapters.kafka import create_topic_if_missing, events_topic_config
 from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 
@@ -73,16 +73,15 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def ensure_topic(bootstrap: str, topic: str, partitions: int, timeout: float = 10.0) -> None:
-    """Create `topic` if missing (best effort: an existing topic or a refusing cluster is not an error).
-
-    Why best effort: in deployments topics are usually provisioned by operators with their own
-    replication settings; locally and in tests ingest must work on a fresh broker without extra steps.
-    """
+def ensure_topic(settings: Settings, timeout: float = 10.0) -> None:
+    """Create the events topic if missing (best effort: an existing topic or a refusing cluster is not an
+    error). Only with `ingest_creates_topic`: in production the processor or the operator creates it."""
+    replication, config = events_topic_config(settings)
     try:
-        create_topic_if_missing(bootstrap, topic, partitions, timeout)
+        create_topic_if_missing(str(settings.kafka_bootstrap), settings.events_topic, settings.topic_partitions,
+                                timeout, replication_factor=replication, config=config)
     except Exception as exc:  # noqa: BLE001 - best effort by design; publish reports real failures
-        logger.warning("could not ensure topic %s: %s", topic, exc)
+        logger.warning("could not ensure topic %s: %s", settings.events_topic, exc)
 
 
 class EventProducer:
@@ -104,10 +103,11 @@ class EventProducer:
         self._poll_timer: asyncio.TimerHandle | None = None
 
     # ----------------------------------------------------------------------------------- lifecycle
-    def start(self, *, create_topic: bool = True) -> None:
-        """Create the producer; optionally make sure the topic exists. Polling starts with `publish`."""
-        if create_topic:
-            ensure_topic(str(self._settings.kafka_bootstrap), self._topic, self._settings.topic_partitions)
+    def start(self, *, create_topic: bool | None = None) -> None:
+        """Create the producer; make sure the topic exists if asked (default: `ingest_creates_topic`).
+        Polling starts with `publish`."""
+        if self._settings.ingest_creates_topic if create_topic is None else create_topic:
+            ensure_topic(self._settings)
         self._producer = self._new_producer()
 
     def close(self, timeout: float | None = None) -> None:

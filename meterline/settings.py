@@ -74,6 +74,15 @@ class Settings(BaseSettings):
     events_topic: str = Field(default="meterline-events", min_length=1)
     topic_partitions: int = Field(default=8, ge=1)
     consumer_group: str = Field(default="meterline-processor", min_length=1)
+    #: How the processor creates the events topic when it is missing (an existing topic is left alone).
+    #: Safe defaults for a real cluster; the local broker and single-node compose set 1 and 1.
+    topic_replication_factor: int = Field(default=3, ge=1)
+    topic_min_insync_replicas: int = Field(default=2, ge=1)
+    #: Must exceed the longest processing outage you accept: what expires unprocessed is lost.
+    topic_retention_hours: int = Field(default=14 * 24, ge=1)
+    #: Whether ingest creates a missing topic at startup (tests, quick starts). In production the
+    #: processor (or the operator) creates it with the settings above; ingest only publishes.
+    ingest_creates_topic: bool = False
 
     dedupe_horizon_days: int = Field(default=32, ge=1)
     late_horizon_days: int | None = Field(default=None, ge=1)

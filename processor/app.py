@@ -21,6 +21,7 @@ from typing import Any
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meterline.adapters.kafka import events_topic_config
 from meterline.adapters.logs import configure_logging, logging_config
 from meterline.core.errors import ConfigError
 from meterline.settings import Settings
@@ -75,7 +76,9 @@ def create_app(settings: Settings) -> faust.App:
     worker_id = settings.processor_worker_id or f"{socket.gethostname()}-{web_port}"
     state_dir = state_dir_for(settings, worker_id)
 
-    log_epoch = ensure_events_topic(settings.kafka_bootstrap, settings.events_topic, settings.topic_partitions)
+    replication, topic_config = events_topic_config(settings)
+    log_epoch = ensure_events_topic(settings.kafka_bootstrap, settings.events_topic, settings.topic_partitions,
+                                    replication_factor=replication, config=topic_config)
     sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database,
                           topology=settings.clickhouse_topology, token_salt=rows_digest(settings))
     sink.ensure_schema()

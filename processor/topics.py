@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 import faust
 
@@ -34,7 +35,8 @@ def events_topic(app: faust.App, settings: Settings) -> faust.TopicT:
     )
 
 
-def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout: float = 30.0) -> str:
+def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout: float = 30.0,
+                        replication_factor: int = 1, config: Mapping[str, str] | None = None) -> str:
     """Create the topic if missing and return the broker's cluster id (the processor's log epoch).
 
     The cluster id is the log epoch because the local memory broker gets a fresh id per start, so
@@ -44,7 +46,8 @@ def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            cluster_id = create_topic_if_missing(bootstrap, topic, partitions).cluster_id
+            cluster_id = create_topic_if_missing(bootstrap, topic, partitions, replication_factor=replication_factor,
+                                                 config=config).cluster_id
             if not cluster_id:
                 raise BrokerUnavailableError(f"broker {bootstrap} reported no cluster id")
             return str(cluster_id)

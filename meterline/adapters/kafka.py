@@ -8,16 +8,34 @@ policy. confluent-kafka errors surface as `BrokerUnavailableError`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from meterline.core.errors import BrokerUnavailableError
+from meterline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def create_topic_if_missing(bootstrap: str, topic: str, partitions: int, timeout: float = 10.0) -> ClusterMetadata:
+def events_topic_config(settings: Settings) -> tuple[int, dict[str, str]]:
+    """(replication factor, topic configs) the events topic is created with.
+
+    `message.timestamp.type=LogAppendTime`: message timestamps are the broker's, so they never go
+    backwards within a partition and cannot be forged by a producer -- the processor judges "too late"
+    and completeness (`complete_until`) on them.
+    """
+    return settings.topic_replication_factor, {
+        "retention.ms": str(settings.topic_retention_hours * 3_600_000),
+        "min.insync.replicas": str(settings.topic_min_insync_replicas),
+        "message.timestamp.type": "LogAppendTime",
+    }
+
+
+def create_topic_if_missing(bootstrap: str, topic: str, partitions: int, timeout: float = 10.0, *,
+                            replication_factor: int = 1, config: Mapping[str, str] | None = None
+                            ) -> ClusterMetadata:
     """Create `topic` with `partitions` partitions unless it exists; return the cluster's metadata.
 
     An existing topic is left as it is (operators may provision their own partition count); callers
@@ -26,7 +44,9 @@ def create_topic_if_missing(bootstrap: str, topic: str, partitions: int, timeout
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
         futures = admin.create_topics(
-            [NewTopic(topic, num_partitions=partitions, replication_factor=1)], operation_timeout=timeout
+            [NewTopic(topic, num_partitions=partitions, replication_factor=replication_factor,
+                      config=dict(config or {}))],
+            operation_timeout=timeout,
         )
         try:
             futures[topic].result(timeout)

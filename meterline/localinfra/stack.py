@@ -157,6 +157,9 @@ class LocalStack:
             METERLINE_AUTH_LOCAL_MODE="true",
             METERLINE_AUTH_SECRET_FILE=str(self.auth_secret_file),
             METERLINE_CONSUMER_GROUP=self.consumer_group,
+            # One broker: one replica (the stack creates the topic itself; see _start_infra).
+            METERLINE_TOPIC_REPLICATION_FACTOR="1",
+            METERLINE_TOPIC_MIN_INSYNC_REPLICAS="1",
             METERLINE_DRAIN_FILE=str(self.drain_file),
             METERLINE_SUPERVISOR_STATUS_FILE=str(self.status_file),
         )

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from ingest.app import create_app
 from ingest.producer import EventProducer
 from meterline.core.events import decode_batch
+from meterline.localinfra.broker import ensure_topic
 from meterline.localinfra.ports import free_port
 from meterline.settings import Settings
 from tests.infra import unique
@@ -60,7 +61,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def app_settings(kafka_bootstrap: str) -> Settings:
-    return Settings(
+    settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
         events_topic=unique("test-ingest"),
         topic_partitions=PARTITIONS,
@@ -68,6 +69,8 @@ def app_settings(kafka_bootstrap: str) -> Settings:
         max_body_bytes=256 * 1024,
         max_batch_events=1000,
     )
+    ensure_topic(kafka_bootstrap, settings.events_topic, PARTITIONS)  # provisioned, as in production
+    return settings
 
 
 @pytest.fixture(scope="module")
@@ -507,3 +510,19 @@ def test_messages_stay_under_the_broker_record_limit_and_an_event_that_cannot_fi
     records = [(key, orjson.dumps(events)) for key, events in got if key == subject.encode()]
     assert len(records) > 2  # the 300 events were cut into several messages...
     assert all(len(key) + len(value) + 512 <= limit for key, value in records)  # ...each under the limit
+
+
+def test_ingest_creates_the_topic_only_when_told_to(app_settings: Settings, kafka_bootstrap: str) -> None:
+    """In production the processor (or the operator) creates the topic with its replication, retention
+    and min.insync.replicas; an ingest process must not create it with whatever a client would default to."""
+    from confluent_kafka.admin import AdminClient
+
+    def exists(topic: str) -> bool:
+        return topic in AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
+
+    for creates in (False, True):
+        settings = app_settings.model_copy(update={"events_topic": unique("not-provisioned"),
+                                                   "ingest_creates_topic": creates,
+                                                   "topic_replication_factor": 1, "topic_min_insync_replicas": 1})
+        with Server(settings):
+            assert exists(settings.events_topic) is creates
