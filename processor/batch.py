@@ -215,14 +215,9 @@ class BatchProcessor:
         """Load, decide, persist decisions locally, write to the sink; the caller acks afterwards."""
         if self.live is not None and self.live.stale():
             # This worker may have been silent past its TTL (paused, starved): a rebuild may have started
-            # without it, so it must not write with what it knew before (docs/design.md).
-            delay = 0.2
-            while True:
-                await self.poll_meters()
-                if not self.live.stale():
-                    break
-                await asyncio.sleep(delay)  # like the sink: stall (nothing acked), never guess
-                delay = min(delay * 2, 5.0)
+            # without it, so catch up with the store before writing (docs/design.md). When the store is
+            # unreachable the batch goes on to the sink, which stalls on the same ClickHouse anyway.
+            await self.poll_meters()
         async with self.batch_lock:
             return await self._process(messages)
 
