@@ -1,6 +1,6 @@
 """Live meters under faults (docs/design.md, "Live meters").
 
-Scenario 12: a meter is created after METERLINE_FAULT_LIVE_EVENTS (default 50k) events were ingested,
+Scenario 13: a meter is created after METERLINE_FAULT_LIVE_EVENTS (default 50k) events were ingested,
 while more events stream in; in the middle of its rebuild the processor worker AND the HTTP server
 (whose meter controller runs the rebuild) are killed with SIGKILL and restarted. The rebuild resumes,
 the meter switches, and every HOUR window of it equals the oracle (as do the other meters').
@@ -51,8 +51,8 @@ def test_kill_9_mid_rebuild_of_a_new_meter(make_stack: Callable[..., LocalStack]
                                             summary: Callable[[str], ScenarioRow]) -> None:
     started = time.monotonic()
     n = env_int("METERLINE_FAULT_LIVE_EVENTS", 50_000)
-    row = summary(f"12 new meter over {n // 1000}k stored events, kill -9 mid-rebuild")
-    seed = fault_seed() + 12
+    row = summary(f"13 new meter over {n // 1000}k stored events, kill -9 mid-rebuild")
+    seed = fault_seed() + 13
     rng = random.Random(seed)
     stack = make_stack(processors=1, config=CONFIG)
     sender = make_sender(stack.url)
