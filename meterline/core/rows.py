@@ -18,12 +18,13 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from meterline.core.accumulator import WindowAccumulator
+from meterline.core.accumulator import MessageWindows, Overflow
 from meterline.core.attributes import storage_problem
 from meterline.core.events.wire import SPECVERSION
-from meterline.core.meters import MeterSet, Rejection
+from meterline.core.meters import MISSING, MeterSet
 from meterline.core.positions import Position, dedupe_key
 from meterline.core.reasons import WHOLE_EVENT, ReasonCode, StoredRejection, rejections_of
+from meterline.core.schema import EVENT_COLUMNS
 from meterline.core.times import as_utc, format_time, parse_canonical_time
 
 logger = logging.getLogger(__name__)
@@ -175,6 +176,35 @@ def _dead(
     rows.dead_by_reason[code] = rows.dead_by_reason.get(code, 0) + 1
 
 
+def _overflow_dead_letters(out: Rows, pos: MessagePosition, overflows: Sequence[Overflow],
+                           metered: Sequence[tuple[int, int]], now: datetime) -> None:
+    """Dead letters (and event errors) for measurements whose value would have taken their window row's sum
+    past ±10^29: ClickHouse cannot store that row, so they are refused like any unstorable value. Each goes
+    right after its event's other dead letters, as if refused while the event was metered."""
+    errors_at = EVENT_COLUMNS.index("validation_errors")
+    rejected_at = EVENT_COLUMNS.index("rejections")
+    by_event: dict[int, list[Overflow]] = {}
+    for o in overflows:
+        by_event.setdefault(o.event, []).append(o)
+    for number in sorted(by_event, reverse=True):  # inserting from the end keeps earlier places valid
+        row_at, dead_at = metered[number]
+        row = out.events[row_at]
+        identity = {"id": row[1], "source": row[2], "type": row[3], "subject": row[4]}
+        index = row[EVENT_COLUMNS.index("batch_index")]
+        letters = Rows()
+        for o in by_event[number]:
+            reason = f"{o.value} would take the sum of its window in this message past ±10^29"
+            _dead(letters, pos, index, o.meter, identity, row[5], row[6], ReasonCode.VALUE_OUT_OF_RANGE, reason,
+                  now, o.generation)
+            if f"{o.meter}: {reason}" not in row[errors_at]:
+                row[errors_at].append(f"{o.meter}: {reason}")
+            if (o.meter, ReasonCode.VALUE_OUT_OF_RANGE) not in row[rejected_at]:
+                row[rejected_at].append(StoredRejection(o.meter, ReasonCode.VALUE_OUT_OF_RANGE))
+        out.dead_letters[dead_at:dead_at] = letters.dead_letters
+        for code, n in letters.dead_by_reason.items():
+            out.dead_by_reason[code] = out.dead_by_reason.get(code, 0) + n
+
+
 def undecodable_rows(pos: MessagePosition, payload: bytes, reason: str, now: datetime, rows: Rows) -> Rows:
     """A message that is not a JSON array of events becomes one dead letter (never a worker crash)."""
     text = payload[:65536].decode("utf-8", "replace")
@@ -227,10 +257,12 @@ def message_rows(
     strict = options.strict_event_types
     epoch, partition, offset = pos
     rank_base = offset * RANK_SCALE
-    acc = WindowAccumulator(options.window_seconds)
-    measure = meters.measure
+    acc = MessageWindows(options.window_seconds)
+    readers = meters.readers
     add = acc.add
     ev_append = out.events.append
+    #: per event handed to `acc`: (its events row, where its dead letters end), for overflow dead letters
+    metered: list[tuple[int, int]] = []
     for index, event in (enumerate(events) if indexes is None else zip(indexes, events, strict=True)):
         try:
             source = event["source"]
@@ -263,37 +295,28 @@ def message_rows(
             errors.append(f"*: {reason}")
             rejected.append(StoredRejection(WHOLE_EVENT, ReasonCode.TOO_LATE))
         else:
-            measurements, rejections = measure(event, t)
-            if measurements:
-                rank = rank_base + index
-                for m in measurements:
-                    if not add(subject, t, m, rank):
-                        rejections.append(Rejection(
-                            m.meter.slug, ReasonCode.VALUE_OUT_OF_RANGE,
-                            f"{m.value} would take the sum of its window in this message past ±10^29",
-                            m.generation,
-                        ))
-            if rejections:
-                for r in rejections:
-                    _dead(out, pos, index, r.meter, event, t, data, r.code, r.reason, now, r.generation)
-                    error = f"{r.meter}: {r.reason}"
-                    if error not in errors:  # a meter's active and building generation may both reject
-                        errors.append(error)
-                    if (r.meter, r.code) not in rejected:
-                        rejected.append(StoredRejection(r.meter, r.code))
-            elif strict and not measurements:
+            reader = readers.get(etype)
+            if reader is not None and (reader.applies_from is None or t >= reader.applies_from):
+                values, group_keys = reader.read(event.get("data", MISSING))
+                add(reader, subject, t, rank_base + index, values, group_keys)
+                if tuple in map(type, values):
+                    for slug, generation, code, reason in reader.refusals(values, t):
+                        _dead(out, pos, index, slug, event, t, data, code, reason, now, generation)
+                        error = f"{slug}: {reason}"
+                        if error not in errors:  # a meter's active and building generation may both refuse
+                            errors.append(error)
+                        if (slug, code) not in rejected:
+                            rejected.append(StoredRejection(slug, code))
+                metered.append((len(out.events), len(out.dead_letters)))
+            elif strict:
                 reason = f"no meter has eventType {etype!r}"
                 _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.UNKNOWN_TYPE, reason, now)
                 errors.append(f"*: {reason}")
                 rejected.append(StoredRejection(WHOLE_EVENT, ReasonCode.UNKNOWN_TYPE))
         ev_append([key, event_id, source, str(etype), subject, t, data, now,
                    epoch, partition, offset, index, errors, _attributes_text(event), rejected])
-    win_append = out.windows.append
-    for d in acc.deltas():
-        win_append([
-            d.meter, d.subject, d.window_start, d.group_key, d.group,
-            epoch, partition, offset,
-            d.count, d.sum, d.min, d.max, sorted(d.uniques),
-            d.latest_time or d.window_start, d.latest_value, d.latest_rank, d.generation,
-        ])
+    window_rows, overflows = acc.rows(epoch, partition, offset)
+    out.windows.extend(window_rows)
+    if overflows:
+        _overflow_dead_letters(out, pos, overflows, metered, now)
     return out

@@ -15,7 +15,7 @@ from jsonpath_ng import jsonpath as _jp
 from jsonpath_ng.exceptions import JsonPathLexerError, JsonPathParserError
 from jsonpath_ng.ext.parser import parse as _jsonpath_parse
 
-__all__ = ["MISSING", "Getter", "Many", "compile_path"]
+__all__ = ["MISSING", "Getter", "Many", "compile_path", "top_level_key"]
 
 
 class _Missing:
@@ -139,3 +139,16 @@ def compile_path(path: str) -> Getter:
 def jsonpath_ng_getter(path: str) -> Getter:
     """Always the jsonpath-ng evaluation; tests compare the fast path against it."""
     return _slow_getter(_jsonpath_parse(path))
+
+
+@lru_cache(maxsize=4096)
+def top_level_key(path: str) -> str | None:
+    """``"model"`` for ``$.model`` or ``$['model']``: a path that is one dict lookup, else None.
+
+    Most meters read top-level fields; `meterline.core.meters.reading` reads all of an event's with
+    one ``dict.get`` each instead of one getter call per meter.
+    """
+    steps = simple_steps(_jsonpath_parse(path))
+    if steps is not None and len(steps) == 1 and isinstance(steps[0], str):
+        return steps[0]
+    return None
