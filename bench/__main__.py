@@ -86,6 +86,8 @@ def main(
     repeats: Annotated[int, typer.Option(envvar="BENCH_REPEATS", help="P3 runs per query")] = 20,
     naive_cap: Annotated[int, typer.Option(envvar="BENCH_NAIVE_CAP", help="max events for the naive Faust baseline")] = 0,
     p4_seconds: Annotated[float, typer.Option(envvar="BENCH_P4_SECONDS", help="P4 sending time per rate")] = 0,
+    p2_extra: Annotated[int, typer.Option(envvar="BENCH_P2_EXTRA",
+                                          help="events for P2's meter-count and worker-scaling runs")] = 0,
     results_dir: Annotated[Path, typer.Option(envvar="BENCH_RESULTS_DIR")] = DEFAULT_RESULTS,
     work_dir: Annotated[Path | None, typer.Option(envvar="BENCH_WORK_DIR", help="scratch (default: a temp dir)")] = None,
     keep_going: Annotated[bool, typer.Option(help="record a failing figure and continue")] = True,
@@ -104,6 +106,8 @@ def main(
         "p1_rounds": 1 if size == "tiny" else 3,
         "naive_cap": naive_cap or {"tiny": 3_000, "small": 30_000, "full": 100_000}[size],
         "p4_seconds": p4_seconds or {"tiny": 3.0, "small": 15.0, "full": 30.0}[size],
+        "p2_extra": p2_extra or {"tiny": 2_000, "small": 20_000, "full": 200_000}[size],
+        "p2_core_events": {"tiny": 2_000, "small": 20_000, "full": 50_000}[size],
     }
     report = Report(size=size, params={"sizes": {f: sizes[f] for f in wanted}, **options})
     scratch = work_dir or Path(tempfile.mkdtemp(prefix="meterline-bench-"))

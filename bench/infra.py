@@ -76,12 +76,16 @@ class Infra:
         return name, connect(self.clickhouse_url, database=name)
 
     def stack(self, config_file: Path, **kwargs: Any) -> LocalStack:
-        """A LocalStack on this broker and ClickHouse (fresh topic and database), not yet started."""
+        """A LocalStack on this broker and ClickHouse (fresh topic, database and consumer group), not yet
+        started. Its own consumer group: workers a previous figure stopped (or killed) must not hold this
+        figure's first rebalance until their sessions time out."""
+        extra_env = {"METERLINE_CONSUMER_GROUP": f"bench-{uuid.uuid4().hex[:8]}", **kwargs.pop("extra_env", {})}
         stack = LocalStack(
             data_dir=self.data_dir / f"stack-{uuid.uuid4().hex[:8]}",
             config_file=config_file,
             kafka_bootstrap=self.kafka_bootstrap,
             clickhouse_url=self.clickhouse_url,
+            extra_env=extra_env,
             **kwargs,
         )
         self._stacks.append(stack)

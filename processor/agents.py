@@ -115,8 +115,10 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
             await stream.ack(event)  # type: ignore[arg-type]
 
         # The agent gets a faust.Stream; faust's StreamT protocol lacks noack_take (see module docstring).
+        waiting = time.perf_counter()
         async for events in stream.noack_take(settings.processor_batch_messages,  # type: ignore[attr-defined]
                                               within=settings.processor_batch_seconds):
+            metrics.BATCH_WAIT_SECONDS.observe(time.perf_counter() - waiting)
             try:
                 await processor.handle(events, app.consumer_generation_id, ack)
             except Exception as exc:
@@ -126,3 +128,4 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
                                  extra={"messages": len(events)})
                 await app.crash(exc)
                 raise
+            waiting = time.perf_counter()

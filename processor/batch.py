@@ -153,8 +153,12 @@ class BatchProcessor:
             metrics.STALE.inc(len(events) - len(live))
         if not live:
             return None
-        rows = await self.process([(e.message.partition, e.message.offset, e.value, e.message.timestamp)
-                                   for e in live])
+        messages = [(e.message.partition, e.message.offset, e.value, e.message.timestamp) for e in live]
+        wall = time.time()
+        for m in messages:
+            if m[3]:
+                metrics.MESSAGE_AGE_SECONDS.observe(max(0.0, wall - m[3]))
+        rows = await self.process(messages)
         for e in live:
             await ack(e)
         return rows
@@ -223,8 +227,12 @@ class BatchProcessor:
 
     async def _process(self, messages: list[Message]) -> Rows:
         await self.ensure_loaded({m[0] for m in messages})
+        started = time.perf_counter()
         rows = self.build(messages)
+        built = time.perf_counter()
         self.state.flush()
+        metrics.BUILD_SECONDS.observe(built - started)
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - built)
         try:
             await self.sink.write(rows)
         except StorageRejectedError as exc:

@@ -35,3 +35,20 @@ OLDEST_UNPROCESSED_AGE = Gauge(
     "meterline_processor_oldest_unprocessed_age_seconds",
     "Per owned partition: upper bound of the age of the oldest message not yet written (0 when caught up); "
     "alert well before it reaches the topic's retention", ["partition"])
+
+# Where a batch's time goes (P2's throughput and P4's freshness are read from these; README "Performance").
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_WAIT_SECONDS = Histogram(
+    "meterline_processor_batch_wait_seconds",
+    "Time the agent waited for a batch after finishing the previous one (fetch + processor_batch_seconds)",
+    buckets=_STAGE_BUCKETS,
+)
+MESSAGE_AGE_SECONDS = Histogram(
+    "meterline_processor_message_age_seconds",
+    "Age of each message (since its broker timestamp) when its batch starts: ingest linger, broker, fetch, batch wait",
+    buckets=_STAGE_BUCKETS,
+)
+BUILD_SECONDS = Histogram("meterline_processor_build_seconds", "CPU work of one batch: decode, dedupe, meter, rows",
+                          buckets=_STAGE_BUCKETS)
+FLUSH_SECONDS = Histogram("meterline_processor_dedupe_flush_seconds", "Persisting one batch's dedupe decisions",
+                          buckets=_STAGE_BUCKETS)

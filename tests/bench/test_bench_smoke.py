@@ -66,10 +66,12 @@ def test_auth_figures_compare_the_same_requests_with_and_without_a_key(results: 
 
 
 def test_p2_and_p5_counted_every_event(results: dict) -> None:
-    (p2,) = by_figure(results, "P2")
+    (p2,) = [f for f in by_figure(results, "P2") if f["name"] == "processor: events -> ClickHouse windows"]
     assert p2["details"]["meterline"]["all_counted"] is True
     assert p2["details"]["meterline"]["events"] == p2["size"]
     assert p2["details"]["naive"]["events"] > 0
+    stages = p2["details"]["meterline"]["stages"]  # where the worker's time went, from its own metrics
+    assert stages["meterline_processor_build"]["count"] > 0 and stages["meterline_processor_write"]["seconds"] > 0
     (p5,) = by_figure(results, "P5")
     assert p5["details"]["all_counted"] is True and p5["details"]["naive_set_rss_bytes"] > 0
 
@@ -98,3 +100,32 @@ def test_p4_every_request_became_visible(results: dict) -> None:
     p4 = by_figure(results, "P4")
     assert {f["name"].split()[1] for f in p4} == {"p50", "p99"}
     assert all(f["details"]["all_visible"] for f in p4)
+    where = p4[0]["details"]["where"]
+    # every request's messages were aged at their batch's start; the poller timed its queries
+    assert where["worker"]["meterline_processor_message_age"]["count"] >= p4[0]["details"]["requests"]
+    assert where["query_ms"]["count"] > 0 and where["query_ms"]["p50"] > 0
+
+
+def test_p2_meter_counts_in_process_and_through_a_worker(results: dict) -> None:
+    p2 = {f["name"]: f for f in by_figure(results, "P2")}
+    core = {k: p2[f"message_rows in-process, {k} meters"] for k in (1, 3, 10, 20)}
+    for k, f in core.items():
+        assert f["baseline"] == core[3]["value"] and f["details"]["meters"] == k  # ratio to the 3-meter rate
+        assert f["value"] > 0
+    assert core[20]["target"] == ">= 0.5x" and core[20]["passed"] in (True, False)
+    for k in (1, 3, 10, 20):
+        f = p2[f"processor, {k} meters"]
+        run = f["details"]["meterline"]
+        assert run["all_counted"] is True and run["meters"] == k and run["events"] == f["size"]
+        assert f["baseline"] == f["details"]["naive"]["rate"] > 0  # ratio to the naive agent
+        assert f["details"]["ratio_to_3_meters"] == run["rate"] / p2["processor, 3 meters"]["details"]["meterline"]["rate"]
+
+
+def test_p2_scaling_curve_on_eight_partitions(results: dict) -> None:
+    p2 = {f["name"]: f for f in by_figure(results, "P2")}
+    curve = [p2[f"processor, {w} workers, 8 partitions"] for w in (1, 2, 4)]
+    for w, f in zip((1, 2, 4), curve):
+        run = f["details"]["meterline"]
+        assert run["all_counted"] is True and run["workers"] == w and run["partitions"] == 8
+        assert f["value"] > 0 and f["baseline"] > 0
+        assert f["details"]["ratio_to_1_worker"] == f["value"] / curve[0]["value"]
