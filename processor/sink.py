@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from clickhouse_connect.driver import options as driver_options
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import connect, create_schema, insert_errors, storage_errors
@@ -47,6 +48,7 @@ from meterline.core.schema import (
     quote_identifier,
 )
 from processor import metrics
+from processor.columns import to_columns
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ class ClickHouseSink:
         self._client: Client | None = None
         self._lock = threading.Lock()
         self._stopping = False
+        #: table -> (clickhouse-connect column types, DateTime64 column index -> precision), learnt once
+        self._types: dict[str, tuple[list[Any], dict[int, int]]] = {}
         #: True while the last ClickHouse operation failed (drives /readyz).
         self.failing = False
 
@@ -114,6 +118,7 @@ class ClickHouseSink:
         return self._client
 
     def _reset(self) -> None:
+        self._types.clear()
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):  # closing a broken client must not mask the real error
@@ -128,6 +133,9 @@ class ClickHouseSink:
             finally:
                 client.close()
         self.retry("create_schema", op, rows=0)
+        # clickhouse-connect imports pandas (if installed) on the first insert to test for DataFrames:
+        # about a second, which would otherwise delay the first batch after every start or takeover.
+        _ = driver_options.pd
 
     def stop(self) -> None:
         """Make a retry loop give up (on shutdown); the batch stays unacked and is replayed later."""
@@ -188,10 +196,22 @@ class ClickHouseSink:
         settings = {**INSERT_SETTINGS, **insert_settings(self.topology, token)}
         try:
             with insert_errors():
-                self._connected().insert(table, rows, column_names=list(columns), settings=settings)
+                client = self._connected()
+                types, datetime64 = self._column_types(client, table, columns)
+                client.insert(table, to_columns(rows, datetime64), column_names=list(columns), column_types=types,
+                              column_oriented=True, settings=settings)
         except StorageRejectedError as exc:
             exc.table = table  # type: ignore[attr-defined]
             raise
+
+    def _column_types(self, client: Client, table: str, columns: Sequence[str]) -> tuple[list[Any], dict[int, int]]:
+        """The table's column types, asked once per connection instead of once per insert."""
+        if table not in self._types:
+            types = list(client.create_insert_context(table, list(columns)).column_types)
+            datetime64 = {i: int(getattr(t, "scale")) for i, t in enumerate(types)  # noqa: B009 - DateTime64 only
+                          if type(t).__name__ == "DateTime64" and not t.nullable}
+            self._types[table] = (types, datetime64)
+        return self._types[table]
 
     def retry(self, what: str, op: Callable[[], Any], *, rows: int) -> Any:
         """Run `op` until it succeeds: exponential backoff with jitter (a wait in [d/2, d], d doubling
