@@ -9,6 +9,7 @@ connection after a failure, and giving up only once stopped.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -29,12 +30,18 @@ class ScriptedClient:
         self.closed = False
         self.settings: list[tuple[str, dict[str, Any]]] = []
 
-    def insert(self, table: str, rows: Any, column_names: list[str], settings: dict[str, Any]) -> None:
+    def create_insert_context(self, table: str, column_names: list[str]) -> Any:
+        """The sink asks a table's column types once (none here is a DateTime64 the sink converts)."""
+        return SimpleNamespace(column_types=[SimpleNamespace(nullable=False) for _ in column_names])
+
+    def insert(self, table: str, rows: Any, column_names: list[str], settings: dict[str, Any],
+               column_types: Any = None, column_oriented: bool = False) -> None:
         pending = self.failures.get(table)
         if pending:
             self.log.append(("failed", table))
             raise pending.pop(0)
-        self.log.append(("insert", table, len(rows), settings.get("async_insert")))
+        assert column_oriented and len(rows) == len(column_names) == len(column_types)
+        self.log.append(("insert", table, len(rows[0]), settings.get("async_insert")))
         self.settings.append((table, settings))
 
     def close(self) -> None:
@@ -58,7 +65,7 @@ def make_sink(failures: dict[str, list[Exception]], **kwargs: Any) -> tuple[Clic
 
 def rows() -> Rows:
     now = datetime(2024, 1, 1, tzinfo=UTC)
-    return Rows(events=[[b"k" * 16, "id", "src", "t", "s", now, "", now, "e", 0, 0, 0, []]],
+    return Rows(events=[[b"k" * 16, "id", "src", "t", "s", now, "", now, "e", 0, 0, 0, [], "{}", []]],
                 dead_letters=[["e", 0, 0, 1, "m", "id", "src", "t", "s", now, "", "value_missing", "r", now, 5]],
                 windows=[["m", "s", now, "[]", {}, "e", 0, 0, 1, 0, None, None, [], now, None, 0, 5]])
 
@@ -131,7 +138,7 @@ def test_cluster_inserts_carry_the_same_token_on_every_retry() -> None:
     sink, log, _, clients = make_sink({"meter_windows": [StorageError("timeout")]}, topology=topology,
                                       token_salt="cfg")
     batch = rows()
-    batch.events.append([b"j" * 16, "id2", "src", "t", "s", batch.events[0][5], "", batch.events[0][5], "e", 3, 7, 0, []])
+    batch.events.append([b"j" * 16, "id2", "src", "t", "s", batch.events[0][5], "", batch.events[0][5], "e", 3, 7, 0, [], "{}", []])
     sink.write_sync(batch)
     sent = [entry for client in clients for entry in client.settings]
     assert [table for table, _ in sent] == ["events", "dead_letters", "meter_windows"]
