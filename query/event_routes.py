@@ -27,11 +27,10 @@ from meterline.core.errors import InvalidQueryError
 from meterline.core.times import as_utc
 from query import openapi
 from query.filters import FilterString, FilterTime, parse_filter, parse_time_filter
+from query.params import instant, integer, one, query_store
 from query.request import CUSTOMER_REASON
 from query.shapes import ingested_event
 from query.sql import events_query, events_v2_query
-from query.store import WindowStore
-from query.windowing import parse_instant
 
 log = logging.getLogger(__name__)
 
@@ -46,51 +45,21 @@ _STRING_FILTERS = ("id", "source", "subject", "type")
 _TIME_FILTERS = ("time", "ingestedAt")
 
 
-def _store(request: Request) -> WindowStore:
-    store: WindowStore = request.app.state.query_store
-    return store
-
-
-def _one(request: Request, name: str) -> str | None:
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise InvalidQueryError(name, "must be given at most once")
-    return values[0] if values else None
-
-
 def _check(request: Request, allowed: frozenset[str]) -> None:
     for name in request.query_params:
         if name not in allowed:
             raise InvalidQueryError(name, "unknown query parameter")
         if name == "customerId":
             raise InvalidQueryError(name, CUSTOMER_REASON)
-    client_id = _one(request, "clientId")
+    client_id = one(request, "clientId")
     if client_id is not None:
         if not 1 <= len(client_id) <= 36:
             raise InvalidQueryError("clientId", "must be 1 to 36 characters")
         log.info("event list", extra={"client_id": client_id})
 
 
-def _limit(request: Request) -> int:
-    value = _one(request, "limit")
-    if value is None:
-        return MAX_LIMIT
-    try:
-        limit = int(value)
-    except ValueError:
-        raise InvalidQueryError("limit", f"must be an integer, got {value!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidQueryError("limit", f"must be between 1 and {MAX_LIMIT}")
-    return limit
-
-
-def _instant(request: Request, name: str) -> datetime | None:
-    value = _one(request, name)
-    return None if value is None else parse_instant(value, name)
-
-
 def _text(request: Request, name: str) -> str | None:
-    value = _one(request, name)
+    value = one(request, name)
     if value == "":
         raise InvalidQueryError(name, "must not be empty")
     return value
@@ -103,19 +72,19 @@ def _text(request: Request, name: str) -> str | None:
 def list_events(request: Request) -> list[dict[str, Any]]:
     """Newest first; times need not be minute-aligned."""
     _check(request, _V1_PARAMS)
-    start, end = _instant(request, "from"), _instant(request, "to")
+    start, end = instant(request, "from"), instant(request, "to")
     if start is None:
         start = datetime.now(UTC) - DEFAULT_FROM
     if end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")
-    ingested_from, ingested_to = _instant(request, "ingestedAtFrom"), _instant(request, "ingestedAtTo")
+    ingested_from, ingested_to = instant(request, "ingestedAtFrom"), instant(request, "ingestedAtTo")
     if ingested_from is not None and ingested_to is not None and ingested_from > ingested_to:
         raise InvalidQueryError("ingestedAtFrom", "must not be after 'ingestedAtTo'")
     query = events_query(
-        _store(request).database, start=start, end=end, ingested_from=ingested_from, ingested_to=ingested_to,
-        id_contains=_text(request, "id"), subject_contains=_text(request, "subject"), limit=_limit(request),
+        query_store(request).database, start=start, end=end, ingested_from=ingested_from, ingested_to=ingested_to,
+        id_contains=_text(request, "id"), subject_contains=_text(request, "subject"), limit=integer(request, "limit", MAX_LIMIT, 1, MAX_LIMIT),
     )
-    return [ingested_event(r) for r in _store(request).rows(query)]
+    return [ingested_event(r) for r in query_store(request).rows(query)]
 
 
 def encode_cursor(time: datetime, key: bytes) -> str:
@@ -167,12 +136,12 @@ def list_events_v2(request: Request) -> dict[str, Any]:
         if name.startswith("filter["):
             raise InvalidQueryError(name, "send `filter` as one JSON string, e.g. filter={\"subject\":{...}}")
     _check(request, _V2_PARAMS)
-    filter_text = _one(request, "filter")
+    filter_text = one(request, "filter")
     filters = {} if filter_text is None else parse_event_filter(filter_text)
-    cursor_text = _one(request, "cursor")
+    cursor_text = one(request, "cursor")
     cursor = None if cursor_text is None else decode_cursor(cursor_text)
-    query = events_v2_query(_store(request).database, filters=filters, cursor=cursor, limit=_limit(request))
-    rows = _store(request).rows(query)
+    query = events_v2_query(query_store(request).database, filters=filters, cursor=cursor, limit=integer(request, "limit", MAX_LIMIT, 1, MAX_LIMIT))
+    rows = query_store(request).rows(query)
     body: dict[str, Any] = {"items": [ingested_event(r) for r in rows]}
     if rows:
         last = rows[-1]

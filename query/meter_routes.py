@@ -26,6 +26,7 @@ from meterline.core.errors import (
 )
 from meterline.core.meter_records import MeterCreate, MeterState, MeterUpdate
 from query import openapi
+from query.params import integer, one
 
 router = APIRouter(tags=["Meters"])
 
@@ -82,26 +83,6 @@ def meter_json(state: MeterState, cat: MeterCatalog) -> dict[str, Any]:
     return body
 
 
-def _one(request: Request, name: str) -> str | None:
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise InvalidQueryError(name, "must be given at most once")
-    return values[0] if values else None
-
-
-def _int(request: Request, name: str, default: int, low: int, high: int | None) -> int:
-    raw = _one(request, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidQueryError(name, f"must be an integer, got {raw!r}") from None
-    if value < low or (high is not None and value > high):
-        raise InvalidQueryError(name, f"must be between {low} and {high}" if high else f"must be at least {low}")
-    return value
-
-
 _SORT_KEYS = {
     "key": lambda s: s.slug,
     "name": lambda s: s.latest.name,
@@ -118,15 +99,15 @@ def list_meters(request: Request) -> list[dict[str, Any]]:
     for name in request.query_params:
         if name not in _LIST_PARAMS:
             raise InvalidQueryError(name, "unknown query parameter")
-    page = _int(request, "page", 1, 1, None)
-    size = _int(request, "pageSize", 100, 1, MAX_PAGE_SIZE)
-    order = _one(request, "order") or "ASC"
+    page = integer(request, "page", 1, 1, None)
+    size = integer(request, "pageSize", 100, 1, MAX_PAGE_SIZE)
+    order = one(request, "order") or "ASC"
     if order not in ("ASC", "DESC"):
         raise InvalidQueryError("order", f"must be ASC or DESC, got {order!r}")
-    order_by = _one(request, "orderBy") or "key"
+    order_by = one(request, "orderBy") or "key"
     if order_by not in ORDER_BY:
         raise InvalidQueryError("orderBy", f"must be one of {', '.join(ORDER_BY)}, got {order_by!r}")
-    deleted = (_one(request, "includeDeleted") or "false").lower()
+    deleted = (one(request, "includeDeleted") or "false").lower()
     if deleted not in ("true", "false"):
         raise InvalidQueryError("includeDeleted", f"must be true or false, got {deleted!r}")
     cat = catalog(request)

@@ -22,6 +22,7 @@ from meterline.adapters.problems import ProblemResponse, problem
 from meterline.core.errors import InvalidQueryError, MeterNotFoundError
 from meterline.core.portal import PortalClaims, new_token_id, sign
 from query import openapi
+from query.params import integer
 from query.routes import query_meter
 
 router = APIRouter(tags=["Portal"])
@@ -111,18 +112,10 @@ def list_portal_tokens(request: Request) -> Response:
     store = _portal_store(request)
     if isinstance(store, ProblemResponse):
         return store
-    values = request.query_params.getlist("limit")
     for name in request.query_params:
         if name != "limit":
             raise InvalidQueryError(name, "unknown query parameter")
-    if len(values) > 1:
-        raise InvalidQueryError("limit", "must be given at most once")
-    try:
-        limit = int(values[0]) if values else DEFAULT_LIMIT
-    except ValueError:
-        raise InvalidQueryError("limit", f"must be an integer, got {values[0]!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidQueryError("limit", f"must be between 1 and {MAX_LIMIT}")
+    limit = integer(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     now = datetime.now(UTC)
     records = store.recent(principal_of(request.state).namespace, limit)
     return Response(orjson.dumps([token_json(r, now) for r in records]), media_type="application/json")

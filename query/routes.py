@@ -28,11 +28,11 @@ from meterline.core.errors import InvalidQueryError, MeterNotFoundError, Storage
 from meterline.core.meters import Meter
 from query import openapi
 from query.export import csv_text, prefers_csv
+from query.params import instant, integer, one, query_store
 from query.request import MeterQuery, from_body, from_query_params
 from query.shapes import number
-from query.store import WindowStore
 from query.subject_routes import subjects_by_key
-from query.windowing import MINUTE, bucket_end, format_instant, parse_instant
+from query.windowing import MINUTE, bucket_end, format_instant
 
 log = logging.getLogger(__name__)
 
@@ -87,36 +87,6 @@ def _queryable(request: Request, id_or_slug: str) -> tuple[Meter, int]:
     return catalog.queryable(id_or_slug)
 
 
-def _store(request: Request) -> WindowStore:
-    store: WindowStore = request.app.state.query_store
-    return store
-
-
-def _one(request: Request, name: str) -> str | None:
-    values = request.query_params.getlist(name)
-    if len(values) > 1:
-        raise InvalidQueryError(name, "must be given at most once")
-    return values[0] if values else None
-
-
-def _instant(request: Request, name: str) -> datetime | None:
-    value = _one(request, name)
-    return None if value is None else parse_instant(value, name)
-
-
-def _limit(request: Request) -> int:
-    value = _one(request, "limit")
-    if value is None:
-        return DEFAULT_LIMIT
-    try:
-        limit = int(value)
-    except ValueError:
-        raise InvalidQueryError("limit", f"must be an integer, got {value!r}") from None
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidQueryError("limit", f"must be between 1 and {MAX_LIMIT}")
-    return limit
-
-
 # -------------------------------------------------------------------------------------------------
 # Routes (list/get/create/update/delete of meters live in query.meter_routes)
 # -------------------------------------------------------------------------------------------------
@@ -167,7 +137,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
     """
     if query.client_id is not None:
         log.info("meter query", extra={"meter": meter.slug, "client_id": query.client_id})
-    rows = _store(request).meter(
+    rows = query_store(request).meter(
         meter, meter.aggregation, start=query.start, end=query.end, window_size=query.window_size,
         tz=query.zone.key, subjects=query.subjects, group_by=query.group_by,
         group_by_subject=query.group_by_subject, filters=query.filters, generation=generation,
@@ -194,7 +164,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
         names: dict[str, dict[str, Any]] = {}
         if query.group_by_subject:
             keys = sorted({r["subject"] for r in data if r["subject"] is not None})
-            names = subjects_by_key(_store(request), principal_of(request.state).namespace, keys)
+            names = subjects_by_key(query_store(request), principal_of(request.state).namespace, keys)
         return _csv(meter, query, data, exact, names)
     body: dict[str, Any] = {}
     if query.start is not None:
@@ -214,7 +184,7 @@ def _complete_until(request: Request) -> str | None:
     acknowledged is included (processor/progress.py); null while unknown. Windows ending before it are
     complete, later ones may still fill."""
     topic, partitions = request.app.state.events_topic
-    until = _store(request).complete_until(topic, partitions)
+    until = query_store(request).complete_until(topic, partitions)
     return None if until is None else format_instant(until)
 
 
@@ -250,10 +220,10 @@ def _csv(
 def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
     meter, generation = _queryable(request, meterIdOrSlug)
     _only(request, {"from", "to"})
-    start, end = _instant(request, "from"), _instant(request, "to")
+    start, end = instant(request, "from"), instant(request, "to")
     if start is not None and end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")
-    return _store(request).subjects(meter.slug, start=start, end=end, generation=generation)
+    return query_store(request).subjects(meter.slug, start=start, end=end, generation=generation)
 
 
 @router.get(
@@ -267,16 +237,16 @@ def list_group_by_values(request: Request, meterIdOrSlug: str, groupByKey: str) 
     (OpenMeter's default). `subject` lists the meter's subjects."""
     meter, generation = _queryable(request, meterIdOrSlug)
     _only(request, {"from", "to"})
-    start, end = _instant(request, "from"), _instant(request, "to")
+    start, end = instant(request, "from"), instant(request, "to")
     if start is not None and end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")
     if start is None and end is None:
         start = datetime.now(UTC) - timedelta(hours=24)
     if groupByKey == "subject":
-        return _store(request).subjects(meter.slug, start=start, end=end, generation=generation)
+        return query_store(request).subjects(meter.slug, start=start, end=end, generation=generation)
     if groupByKey not in meter.group_by:
         raise InvalidQueryError("groupByKey", f"meter {meter.slug!r} has no groupBy key {groupByKey!r}")
-    return _store(request).group_values(meter.slug, groupByKey, start=start, end=end, generation=generation)
+    return query_store(request).group_values(meter.slug, groupByKey, start=start, end=end, generation=generation)
 
 
 def _only(request: Request, allowed: set[str]) -> None:
@@ -293,12 +263,12 @@ def _only(request: Request, allowed: set[str]) -> None:
 def list_dead_letters(request: Request) -> list[dict[str, Any]]:
     """Events (or event x meter pairs) that could not be metered; `from`/`to` bound `receivedAt`."""
     _only(request, {"from", "to", "limit", "meter", "reasonCode", "reason_code"})
-    start, end = _instant(request, "from"), _instant(request, "to")
+    start, end = instant(request, "from"), instant(request, "to")
     if start is not None and end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")
-    reason = _one(request, "reasonCode") or _one(request, "reason_code")
-    return _store(request).dead_letters(
-        meter=_one(request, "meter"), reason_code=reason, start=start, end=end, limit=_limit(request)
+    reason = one(request, "reasonCode") or one(request, "reason_code")
+    return query_store(request).dead_letters(
+        meter=one(request, "meter"), reason_code=reason, start=start, end=end, limit=integer(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     )
 
 

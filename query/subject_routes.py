@@ -32,6 +32,7 @@ from meterline.core.errors import InvalidQueryError
 from meterline.core.schema import SUBJECT_COLUMNS, SUBJECTS
 from meterline.core.times import as_utc, format_time
 from query import openapi
+from query.params import query_store
 from query.sql import ingested_counts_query, subject_entities_query
 from query.store import WindowStore
 from query.windowing import parse_instant
@@ -40,11 +41,6 @@ router = APIRouter(tags=["Subjects"])
 
 MAX_UPSERT = 100
 _FIELDS = ("key", "displayName", "metadata", "currentPeriodStart", "currentPeriodEnd", "stripeCustomerId")
-
-
-def _store(request: Request) -> WindowStore:
-    store: WindowStore = request.app.state.query_store
-    return store
 
 
 def _namespace(request: Request) -> str:
@@ -143,7 +139,7 @@ async def upsert_subjects(request: Request) -> list[dict[str, Any]]:
 
 
 def _upsert(request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    store, namespace = _store(request), _namespace(request)
+    store, namespace = query_store(request), _namespace(request)
     merged: dict[str, dict[str, Any]] = {}
     for item in items:  # the same key twice in one request: later fields win, like two requests
         merged.setdefault(item["key"], {}).update(item)
@@ -162,15 +158,26 @@ def _upsert(request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any
 def list_subjects(request: Request) -> list[dict[str, Any]]:
     for name in request.query_params:
         raise InvalidQueryError(name, "unknown query parameter")
-    store = _store(request)
+    store = query_store(request)
     return [subject_json(r) for r in store.rows(subject_entities_query(store.database, _namespace(request)))]
 
 
 def _find(request: Request, id_or_key: str) -> dict[str, Any] | None:
-    store = _store(request)
+    store = query_store(request)
     rows = store.rows(subject_entities_query(store.database, _namespace(request), id_or_key=id_or_key))
     exact = [r for r in rows if r["key"] == id_or_key] or rows
     return exact[0] if exact else None
+
+
+def _named(request: Request, id_or_key: str) -> dict[str, Any] | Response:
+    """The subject a get/delete names, or its 404; these routes take no query parameters at all."""
+    for name in request.query_params:
+        raise InvalidQueryError(name, "unknown query parameter")
+    row = _find(request, id_or_key)
+    if row is None:
+        return problem(404, "Subject not found", f"no subject with id or key {id_or_key!r}",
+                       instance=request.url.path)
+    return row
 
 
 @router.get(
@@ -178,12 +185,9 @@ def _find(request: Request, id_or_key: str) -> dict[str, Any] | None:
     responses={**openapi.ERRORS, **openapi.SUBJECT_NOT_FOUND}, openapi_extra=openapi.SUBJECT_GET,
 )
 def get_subject(request: Request, subjectIdOrKey: str) -> Response | dict[str, Any]:
-    for name in request.query_params:
-        raise InvalidQueryError(name, "unknown query parameter")
-    row = _find(request, subjectIdOrKey)
-    if row is None:
-        return problem(404, "Subject not found", f"no subject with id or key {subjectIdOrKey!r}",
-                       instance=request.url.path)
+    row = _named(request, subjectIdOrKey)
+    if isinstance(row, Response):
+        return row
     return subject_json(row)
 
 
@@ -192,15 +196,12 @@ def get_subject(request: Request, subjectIdOrKey: str) -> Response | dict[str, A
     status_code=204, response_model=None, responses={**openapi.ERRORS, **openapi.SUBJECT_NOT_FOUND},
 )
 def delete_subject(request: Request, subjectIdOrKey: str) -> Response:
-    for name in request.query_params:
-        raise InvalidQueryError(name, "unknown query parameter")
-    row = _find(request, subjectIdOrKey)
-    if row is None:
-        return problem(404, "Subject not found", f"no subject with id or key {subjectIdOrKey!r}",
-                       instance=request.url.path)
+    row = _named(request, subjectIdOrKey)
+    if isinstance(row, Response):
+        return row
     now = _now()
     row = {**row, "updated_at": now, "deleted_at": now}
-    store = _store(request)
+    store = query_store(request)
     with storage_errors():
         store.writer.insert(SUBJECTS, [[row[c] for c in SUBJECT_COLUMNS]], column_names=list(SUBJECT_COLUMNS),
                             database=store.database)
@@ -215,7 +216,7 @@ def debug_metrics(request: Request) -> PlainTextResponse:
     """`openmeter_events_total{subject}`: events ingested since midnight UTC (OpenMeter's counters reset daily)."""
     for name in request.query_params:
         raise InvalidQueryError(name, "unknown query parameter")
-    store = _store(request)
+    store = query_store(request)
     midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     family = CounterMetricFamily("openmeter_events", "Number of ingested events", labels=["subject"])
     for row in store.rows(ingested_counts_query(store.database, midnight)):
