@@ -14,7 +14,7 @@ missing value as "" instead, so there `{"$eq": ""}` also matches events without 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,20 +42,31 @@ class FilterString:
     operand: Any
 
 
+def _operator(value: Any, field: str, allowed: Sequence[str]) -> tuple[str, Any, str]:
+    """The one operator a filter object sets, its operand, and the field name problems about it carry."""
+    if not isinstance(value, Mapping):
+        raise InvalidQueryError(field, f"must be an object with one operator ({', '.join(allowed)})")
+    unknown = [k for k in value if k not in allowed]
+    if unknown:
+        raise InvalidQueryError(f"{field}.{unknown[0]}", f"unknown operator; use one of {', '.join(allowed)}")
+    ops = [k for k, v in value.items() if v is not None]
+    if len(ops) != 1:
+        raise InvalidQueryError(field, f"must set exactly one operator, got {len(ops)}")
+    return ops[0], value[ops[0]], f"{field}.{ops[0]}"
+
+
+def _check_nested(operand: Any, where: str, depth: int) -> None:
+    """A group operator ($and/$or) holds a non-empty list of filters, nested at most MAX_DEPTH deep."""
+    if not isinstance(operand, list) or not operand:
+        raise InvalidQueryError(where, "must be a non-empty array of filters")
+    if depth + 1 > MAX_DEPTH:
+        raise InvalidQueryError(where, f"filters nest at most {MAX_DEPTH} levels deep")
+
+
 def parse_filter(value: Any, field: str, depth: int = 0) -> FilterString:
     """A FilterString from decoded JSON; every problem is a 400 naming `field` (e.g.
     `advancedMeterGroupByFilters.model.$in[2]`)."""
-    if not isinstance(value, Mapping):
-        raise InvalidQueryError(field, f"must be an object with one operator ({', '.join(OPERATORS)})")
-    ops = [k for k, v in value.items() if v is not None]
-    unknown = [k for k in value if k not in OPERATORS]
-    if unknown:
-        raise InvalidQueryError(f"{field}.{unknown[0]}", f"unknown operator; use one of {', '.join(OPERATORS)}")
-    if len(ops) != 1:
-        raise InvalidQueryError(field, f"must set exactly one operator, got {len(ops)}")
-    op = ops[0]
-    operand = value[op]
-    where = f"{field}.{op}"
+    op, operand, where = _operator(value, field, OPERATORS)
     if op in _SCALAR_OPS:
         if not isinstance(operand, str):
             raise InvalidQueryError(where, "must be a string")
@@ -70,10 +81,7 @@ def parse_filter(value: Any, field: str, depth: int = 0) -> FilterString:
         if not isinstance(operand, bool):
             raise InvalidQueryError(where, "must be true or false")
         return FilterString(op, operand)
-    if not isinstance(operand, list) or not operand:
-        raise InvalidQueryError(where, "must be a non-empty array of filters")
-    if depth + 1 > MAX_DEPTH:
-        raise InvalidQueryError(where, f"filters nest at most {MAX_DEPTH} levels deep")
+    _check_nested(operand, where, depth)
     return FilterString(op, tuple(parse_filter(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(operand)))
 
 
@@ -124,26 +132,12 @@ class FilterTime:
 
 def parse_time_filter(value: Any, field: str, depth: int = 0) -> FilterTime:
     """A FilterTime from decoded JSON (RFC 3339 instants); problems are a 400 naming `field`."""
-    allowed = (*_TIME_OPS, *_GROUP_OPS)
-    if not isinstance(value, Mapping):
-        raise InvalidQueryError(field, f"must be an object with one operator ({', '.join(allowed)})")
-    unknown = [k for k in value if k not in allowed]
-    if unknown:
-        raise InvalidQueryError(f"{field}.{unknown[0]}", f"unknown operator; use one of {', '.join(allowed)}")
-    ops = [k for k, v in value.items() if v is not None]
-    if len(ops) != 1:
-        raise InvalidQueryError(field, f"must set exactly one operator, got {len(ops)}")
-    op = ops[0]
-    operand = value[op]
-    where = f"{field}.{op}"
+    op, operand, where = _operator(value, field, (*_TIME_OPS, *_GROUP_OPS))
     if op in _TIME_OPS:
         if not isinstance(operand, str):
             raise InvalidQueryError(where, "must be an RFC 3339 date-time string")
         return FilterTime(op, parse_instant(operand, where))
-    if not isinstance(operand, list) or not operand:
-        raise InvalidQueryError(where, "must be a non-empty array of filters")
-    if depth + 1 > MAX_DEPTH:
-        raise InvalidQueryError(where, f"filters nest at most {MAX_DEPTH} levels deep")
+    _check_nested(operand, where, depth)
     return FilterTime(op, tuple(parse_time_filter(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(operand)))
 
 

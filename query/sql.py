@@ -275,15 +275,8 @@ def _generation(params: Params, where: list[str], generation: int | None) -> Non
 def subjects_query(database: str, meter: str, *, start: datetime | None = None, end: datetime | None = None,
                    generation: int | None = None) -> Query:
     """Distinct subjects with data for a meter. No FINAL: duplicates cannot change a DISTINCT set."""
-    params = Params({"meter": meter})
-    where = ["meter = {meter:String}"]
-    _generation(params, where, generation)
-    _window_range(params, where, start, end)
-    sql = (
-        f"SELECT DISTINCT subject\nFROM {qualified(database, METER_WINDOWS)}\n"
-        f"WHERE {' AND '.join(where)}\nORDER BY subject"
-    )
-    return Query(sql, params.values)
+    return _distinct(database, "subject", "subject", Params({"meter": meter}), ["meter = {meter:String}"],
+                     start, end, generation)
 
 
 def group_values_query(
@@ -291,13 +284,20 @@ def group_values_query(
     generation: int | None = None,
 ) -> Query:
     """Distinct values of one groupBy key (rows without the key have no value to list)."""
-    params = Params({"meter": meter, "key": key})
-    where = ["meter = {meter:String}", "mapContains(group, {key:String})"]
+    return _distinct(database, "group[{key:String}] AS value", "value", Params({"meter": meter, "key": key}),
+                     ["meter = {meter:String}", "mapContains(group, {key:String})"], start, end, generation)
+
+
+def _distinct(
+    database: str, select: str, order_by: str, params: Params, where: list[str],
+    start: datetime | None, end: datetime | None, generation: int | None,
+) -> Query:
+    """`SELECT DISTINCT` over one meter's windows in the active generation and [start, end]."""
     _generation(params, where, generation)
     _window_range(params, where, start, end)
     sql = (
-        f"SELECT DISTINCT group[{{key:String}}] AS value\nFROM {qualified(database, METER_WINDOWS)}\n"
-        f"WHERE {' AND '.join(where)}\nORDER BY value"
+        f"SELECT DISTINCT {select}\nFROM {qualified(database, METER_WINDOWS)}\n"
+        f"WHERE {' AND '.join(where)}\nORDER BY {order_by}"
     )
     return Query(sql, params.values)
 
