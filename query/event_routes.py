@@ -27,10 +27,11 @@ from meterline.core.errors import InvalidQueryError
 from meterline.core.times import as_utc
 from query import openapi
 from query.filters import FilterString, FilterTime, parse_filter, parse_time_filter
-from query.params import instant, integer, one, query_store
+from query.params import instant, integer, one
 from query.request import CUSTOMER_REASON
 from query.shapes import ingested_event
 from query.sql import events_query, events_v2_query
+from query.store import WindowStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,11 @@ _V1_PARAMS = frozenset({"clientId", "ingestedAtFrom", "ingestedAtTo", "id", "sub
 _V2_PARAMS = frozenset({"cursor", "limit", "clientId", "filter"})
 _STRING_FILTERS = ("id", "source", "subject", "type")
 _TIME_FILTERS = ("time", "ingestedAt")
+
+
+def _store(request: Request) -> WindowStore:
+    store: WindowStore = request.app.state.query_store
+    return store
 
 
 def _check(request: Request, allowed: frozenset[str]) -> None:
@@ -81,10 +87,10 @@ def list_events(request: Request) -> list[dict[str, Any]]:
     if ingested_from is not None and ingested_to is not None and ingested_from > ingested_to:
         raise InvalidQueryError("ingestedAtFrom", "must not be after 'ingestedAtTo'")
     query = events_query(
-        query_store(request).database, start=start, end=end, ingested_from=ingested_from, ingested_to=ingested_to,
+        _store(request).database, start=start, end=end, ingested_from=ingested_from, ingested_to=ingested_to,
         id_contains=_text(request, "id"), subject_contains=_text(request, "subject"), limit=integer(request, "limit", MAX_LIMIT, 1, MAX_LIMIT),
     )
-    return [ingested_event(r) for r in query_store(request).rows(query)]
+    return [ingested_event(r) for r in _store(request).rows(query)]
 
 
 def encode_cursor(time: datetime, key: bytes) -> str:
@@ -140,8 +146,8 @@ def list_events_v2(request: Request) -> dict[str, Any]:
     filters = {} if filter_text is None else parse_event_filter(filter_text)
     cursor_text = one(request, "cursor")
     cursor = None if cursor_text is None else decode_cursor(cursor_text)
-    query = events_v2_query(query_store(request).database, filters=filters, cursor=cursor, limit=integer(request, "limit", MAX_LIMIT, 1, MAX_LIMIT))
-    rows = query_store(request).rows(query)
+    query = events_v2_query(_store(request).database, filters=filters, cursor=cursor, limit=integer(request, "limit", MAX_LIMIT, 1, MAX_LIMIT))
+    rows = _store(request).rows(query)
     body: dict[str, Any] = {"items": [ingested_event(r) for r in rows]}
     if rows:
         last = rows[-1]

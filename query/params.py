@@ -11,14 +11,7 @@ from datetime import datetime
 from fastapi import Request
 
 from meterline.core.errors import InvalidQueryError
-from query.store import WindowStore
 from query.windowing import parse_instant
-
-
-def query_store(request: Request) -> WindowStore:
-    """The `WindowStore` that `query.app` publishes on the app's state."""
-    store: WindowStore = request.app.state.query_store
-    return store
 
 
 def one(request: Request, name: str) -> str | None:

@@ -28,9 +28,10 @@ from meterline.core.errors import InvalidQueryError, MeterNotFoundError, Storage
 from meterline.core.meters import Meter
 from query import openapi
 from query.export import csv_text, prefers_csv
-from query.params import instant, integer, one, query_store
+from query.params import instant, integer, one
 from query.request import MeterQuery, from_body, from_query_params
 from query.shapes import number
+from query.store import WindowStore
 from query.subject_routes import subjects_by_key
 from query.windowing import MINUTE, bucket_end, format_instant
 
@@ -87,6 +88,11 @@ def _queryable(request: Request, id_or_slug: str) -> tuple[Meter, int]:
     return catalog.queryable(id_or_slug)
 
 
+def _store(request: Request) -> WindowStore:
+    store: WindowStore = request.app.state.query_store
+    return store
+
+
 # -------------------------------------------------------------------------------------------------
 # Routes (list/get/create/update/delete of meters live in query.meter_routes)
 # -------------------------------------------------------------------------------------------------
@@ -137,7 +143,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
     """
     if query.client_id is not None:
         log.info("meter query", extra={"meter": meter.slug, "client_id": query.client_id})
-    rows = query_store(request).meter(
+    rows = _store(request).meter(
         meter, meter.aggregation, start=query.start, end=query.end, window_size=query.window_size,
         tz=query.zone.key, subjects=query.subjects, group_by=query.group_by,
         group_by_subject=query.group_by_subject, filters=query.filters, generation=generation,
@@ -164,7 +170,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
         names: dict[str, dict[str, Any]] = {}
         if query.group_by_subject:
             keys = sorted({r["subject"] for r in data if r["subject"] is not None})
-            names = subjects_by_key(query_store(request), principal_of(request.state).namespace, keys)
+            names = subjects_by_key(_store(request), principal_of(request.state).namespace, keys)
         return _csv(meter, query, data, exact, names)
     body: dict[str, Any] = {}
     if query.start is not None:
@@ -184,7 +190,7 @@ def _complete_until(request: Request) -> str | None:
     acknowledged is included (processor/progress.py); null while unknown. Windows ending before it are
     complete, later ones may still fill."""
     topic, partitions = request.app.state.events_topic
-    until = query_store(request).complete_until(topic, partitions)
+    until = _store(request).complete_until(topic, partitions)
     return None if until is None else format_instant(until)
 
 
@@ -223,7 +229,7 @@ def list_subjects(request: Request, meterIdOrSlug: str) -> list[str]:
     start, end = instant(request, "from"), instant(request, "to")
     if start is not None and end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")
-    return query_store(request).subjects(meter.slug, start=start, end=end, generation=generation)
+    return _store(request).subjects(meter.slug, start=start, end=end, generation=generation)
 
 
 @router.get(
@@ -243,10 +249,10 @@ def list_group_by_values(request: Request, meterIdOrSlug: str, groupByKey: str) 
     if start is None and end is None:
         start = datetime.now(UTC) - timedelta(hours=24)
     if groupByKey == "subject":
-        return query_store(request).subjects(meter.slug, start=start, end=end, generation=generation)
+        return _store(request).subjects(meter.slug, start=start, end=end, generation=generation)
     if groupByKey not in meter.group_by:
         raise InvalidQueryError("groupByKey", f"meter {meter.slug!r} has no groupBy key {groupByKey!r}")
-    return query_store(request).group_values(meter.slug, groupByKey, start=start, end=end, generation=generation)
+    return _store(request).group_values(meter.slug, groupByKey, start=start, end=end, generation=generation)
 
 
 def _only(request: Request, allowed: set[str]) -> None:
@@ -267,7 +273,7 @@ def list_dead_letters(request: Request) -> list[dict[str, Any]]:
     if start is not None and end is not None and start > end:
         raise InvalidQueryError("from", "must not be after 'to'")
     reason = one(request, "reasonCode") or one(request, "reason_code")
-    return query_store(request).dead_letters(
+    return _store(request).dead_letters(
         meter=one(request, "meter"), reason_code=reason, start=start, end=end, limit=integer(request, "limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
     )
 

@@ -32,7 +32,6 @@ from meterline.core.errors import InvalidQueryError
 from meterline.core.schema import SUBJECT_COLUMNS, SUBJECTS
 from meterline.core.times import as_utc, format_time
 from query import openapi
-from query.params import query_store
 from query.sql import ingested_counts_query, subject_entities_query
 from query.store import WindowStore
 from query.windowing import parse_instant
@@ -41,6 +40,11 @@ router = APIRouter(tags=["Subjects"])
 
 MAX_UPSERT = 100
 _FIELDS = ("key", "displayName", "metadata", "currentPeriodStart", "currentPeriodEnd", "stripeCustomerId")
+
+
+def _store(request: Request) -> WindowStore:
+    store: WindowStore = request.app.state.query_store
+    return store
 
 
 def _namespace(request: Request) -> str:
@@ -139,7 +143,7 @@ async def upsert_subjects(request: Request) -> list[dict[str, Any]]:
 
 
 def _upsert(request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    store, namespace = query_store(request), _namespace(request)
+    store, namespace = _store(request), _namespace(request)
     merged: dict[str, dict[str, Any]] = {}
     for item in items:  # the same key twice in one request: later fields win, like two requests
         merged.setdefault(item["key"], {}).update(item)
@@ -158,12 +162,12 @@ def _upsert(request: Request, items: list[dict[str, Any]]) -> list[dict[str, Any
 def list_subjects(request: Request) -> list[dict[str, Any]]:
     for name in request.query_params:
         raise InvalidQueryError(name, "unknown query parameter")
-    store = query_store(request)
+    store = _store(request)
     return [subject_json(r) for r in store.rows(subject_entities_query(store.database, _namespace(request)))]
 
 
 def _find(request: Request, id_or_key: str) -> dict[str, Any] | None:
-    store = query_store(request)
+    store = _store(request)
     rows = store.rows(subject_entities_query(store.database, _namespace(request), id_or_key=id_or_key))
     exact = [r for r in rows if r["key"] == id_or_key] or rows
     return exact[0] if exact else None
@@ -201,7 +205,7 @@ def delete_subject(request: Request, subjectIdOrKey: str) -> Response:
         return row
     now = _now()
     row = {**row, "updated_at": now, "deleted_at": now}
-    store = query_store(request)
+    store = _store(request)
     with storage_errors():
         store.writer.insert(SUBJECTS, [[row[c] for c in SUBJECT_COLUMNS]], column_names=list(SUBJECT_COLUMNS),
                             database=store.database)
@@ -216,7 +220,7 @@ def debug_metrics(request: Request) -> PlainTextResponse:
     """`openmeter_events_total{subject}`: events ingested since midnight UTC (OpenMeter's counters reset daily)."""
     for name in request.query_params:
         raise InvalidQueryError(name, "unknown query parameter")
-    store = query_store(request)
+    store = _store(request)
     midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     family = CounterMetricFamily("openmeter_events", "Number of ingested events", labels=["subject"])
     for row in store.rows(ingested_counts_query(store.database, midnight)):
