@@ -25,6 +25,7 @@ are redelivered; stale-generation events in our own buffer are dropped unacked f
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -32,9 +33,11 @@ from typing import Any
 
 import faust
 
+from meterline.adapters.kafka import log_epoch
+from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 from processor import metrics
-from processor.batch import BatchProcessor, StreamEvent
+from processor.batch import BatchProcessor, LogRestartedError, StreamEvent
 from processor.topics import events_topic
 
 logger = logging.getLogger(__name__)
@@ -82,14 +85,42 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         mine = {tp.partition for tp in assigned if tp.topic == topic.get_topic_name()}
         owned.update(mine)
+        processor.assigned(mine)
+        if mine:
+            try:
+                await check_epoch()
+            except LogRestartedError as exc:
+                await app.crash(exc)
+                return
         processor.progress.assigned(mine, time.time())
         metrics.ASSIGNED.set(len(owned))
 
+    async def check_epoch() -> None:
+        """Stop loudly when the broker's log epoch is not the one this worker writes positions under."""
+        assert settings.kafka_bootstrap is not None
+        try:
+            current = await asyncio.to_thread(log_epoch, settings.kafka_bootstrap, settings.events_topic)
+        except BrokerUnavailableError as exc:
+            logger.info("log epoch unavailable", extra={"error": str(exc)[:300]})
+            return
+        if current != processor.log_epoch:
+            logger.error("the topic's log restarted: stopping so a restart works under the new log epoch",
+                         extra={"log_epoch": processor.log_epoch, "broker_log_epoch": current})
+            raise LogRestartedError(f"log epoch changed from {processor.log_epoch} to {current}")
+
+    processor.check_epoch = check_epoch
+
     @app.timer(interval=LAG_INTERVAL_SECONDS)
     async def observe_lag() -> None:
-        """Per-partition lag and oldest-unprocessed age from the broker's end offsets (processor/progress.py)."""
+        """Per-partition lag and oldest-unprocessed age from the broker's end offsets (processor/progress.py);
+        also notices a log restarted without a rebalance or an offset reset (a re-created topic)."""
         tps = [tp for tp in app.consumer.assignment() if tp.topic == topic.get_topic_name()]
         if not tps:
+            return
+        try:
+            await check_epoch()
+        except LogRestartedError as exc:
+            await app.crash(exc)
             return
         asked_at = time.time()
         try:

@@ -50,6 +50,11 @@ _NO_KEY = b"\x00" * 16
 Message = tuple[int, int, bytes, float | None]
 
 
+class LogRestartedError(RuntimeError):
+    """The topic's log restarted (new cluster or topic id) while this worker ran: its positions would
+    collide with the old log's, so the worker stops; started again, it works under the new epoch."""
+
+
 class Sink(Protocol):
     """Durable storage of a batch's rows and of the first sightings they record."""
 
@@ -120,6 +125,10 @@ class BatchProcessor:
         self.sink = sink
         self.log_epoch = log_epoch
         self.options = RowOptions.from_settings(settings)
+        #: Per partition, the offset after the last one seen in this assignment (see `_offsets_went_back`).
+        self._next_seen: dict[int, int] = {}
+        #: Set by the agent: compares the broker's log epoch with `log_epoch` (raises LogRestartedError).
+        self.check_epoch: Callable[[], Awaitable[None]] | None = None
         self.progress = Progress()
         #: The meter store view; None when meters are fixed (benchmarks, unit tests).
         self.live = live
@@ -153,6 +162,8 @@ class BatchProcessor:
             metrics.STALE.inc(len(events) - len(live))
         if not live:
             return None
+        if self._offsets_went_back(live) and self.check_epoch is not None:
+            await self.check_epoch()  # raises LogRestartedError when the log restarted under us
         messages = [(e.message.partition, e.message.offset, e.value, e.message.timestamp) for e in live]
         wall = time.time()
         for m in messages:
@@ -162,6 +173,22 @@ class BatchProcessor:
         for e in live:
             await ack(e)
         return rows
+
+    def assigned(self, partitions: Iterable[int]) -> None:
+        """A new assignment: offsets may legitimately start below what this worker saw before (replay)."""
+        for p in partitions:
+            self._next_seen.pop(p, None)
+
+    def _offsets_went_back(self, events: Sequence[StreamEvent]) -> bool:
+        """Whether a partition's offsets went backwards within one assignment -- which a consumer does
+        when its position fell out of a restarted log and it was reset to the earliest offset."""
+        went_back = False
+        for e in events:
+            p, off = e.message.partition, e.message.offset
+            if off < self._next_seen.get(p, 0):
+                went_back = True
+            self._next_seen[p] = off + 1
+        return went_back
 
     async def ensure_loaded(self, partitions: set[int]) -> None:
         """Merge the sink's first sightings of newly assigned partitions before deciding anything."""

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import faust
 
-from meterline.adapters.kafka import create_topic_if_missing
+from meterline.adapters.kafka import create_topic_if_missing, log_epoch
 from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 
@@ -37,7 +37,7 @@ def events_topic(app: faust.App, settings: Settings) -> faust.TopicT:
 
 def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout: float = 30.0,
                         replication_factor: int = 1, config: Mapping[str, str] | None = None) -> str:
-    """Create the topic if missing and return the broker's cluster id (the processor's log epoch).
+    """Create the topic if missing and return the log epoch (`meterline.adapters.kafka.log_epoch`).
 
     The cluster id is the log epoch because the local memory broker gets a fresh id per start, so
     offsets of a reset log can never be mistaken for positions already recorded (design.md).
@@ -46,11 +46,9 @@ def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            cluster_id = create_topic_if_missing(bootstrap, topic, partitions, replication_factor=replication_factor,
-                                                 config=config).cluster_id
-            if not cluster_id:
-                raise BrokerUnavailableError(f"broker {bootstrap} reported no cluster id")
-            return str(cluster_id)
+            create_topic_if_missing(bootstrap, topic, partitions, replication_factor=replication_factor,
+                                    config=config)
+            return log_epoch(bootstrap, topic)
         except BrokerUnavailableError as exc:
             if time.monotonic() > deadline:
                 raise BrokerUnavailableError(f"cannot prepare topic {topic} on {bootstrap}: {exc}") from exc

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from meterline.core.errors import BrokerUnavailableError
@@ -31,6 +31,24 @@ def events_topic_config(settings: Settings) -> tuple[int, dict[str, str]]:
         "min.insync.replicas": str(settings.topic_min_insync_replicas),
         "message.timestamp.type": "LogAppendTime",
     }
+
+
+def log_epoch(bootstrap: str, topic: str, timeout: float = 10.0) -> str:
+    """`<cluster id>/<topic id>`: what identifies one run of the topic's log.
+
+    Offsets restart at 0 whenever the log restarts -- a memory broker restarted (new cluster id), a
+    topic deleted and re-created or a Kafka volume lost (new topic id) -- so positions (epoch, partition,
+    offset) must carry both, or rows of the new log would replace rows of the old one.
+    """
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        cluster_id = admin.list_topics(topic=topic, timeout=timeout).cluster_id
+        topic_id = admin.describe_topics(TopicCollection([topic]))[topic].result(timeout).topic_id
+    except KafkaException as exc:
+        raise BrokerUnavailableError(f"cannot describe topic {topic} on {bootstrap}: {exc}") from exc
+    if not cluster_id:
+        raise BrokerUnavailableError(f"broker {bootstrap} reported no cluster id")
+    return f"{cluster_id}/{topic_id}" if topic_id else str(cluster_id)
 
 
 def create_topic_if_missing(bootstrap: str, topic: str, partitions: int, timeout: float = 10.0, *,

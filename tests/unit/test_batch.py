@@ -277,3 +277,27 @@ async def test_a_message_storage_refuses_is_quarantined_and_the_rest_written(tmp
     await worker.processor.handle(stream_events([copy]), 1, acks)
     assert ("id-2" in {r[1] for r in sink.events.values() if r[10] == 3}) is (refused_table == "events")
     worker.stop()
+
+
+async def test_offsets_going_back_within_an_assignment_ask_whether_the_log_restarted(tmp_path: Path) -> None:
+    """A consumer reset into a restarted log shows as offsets going back within one assignment; then the
+    worker checks the broker's log epoch (a replay after a new assignment does not count)."""
+    sink = FakeSink()
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    checks: list[str] = []
+
+    async def check() -> None:
+        checks.append("checked")
+
+    worker.processor.check_epoch = check
+    acks = Acks([])
+    first = [(0, 5, orjson.dumps([event(1, "s", 1, 0)])), (0, 6, orjson.dumps([event(2, "s", 1, 0)]))]
+    await worker.processor.handle(stream_events(first), 1, acks)
+    assert checks == []
+    worker.processor.assigned({0})  # a rebalance: replaying from the committed offset is normal
+    await worker.processor.handle(stream_events(first[:1]), 1, acks)
+    assert checks == []
+    back = [(0, 0, orjson.dumps([event(3, "s", 1, 0)]))]  # same assignment, offset 0 after 5: suspicious
+    await worker.processor.handle(stream_events(back), 1, acks)
+    assert checks == ["checked"]
+    worker.stop()
