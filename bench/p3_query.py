@@ -30,7 +30,7 @@ from clickhouse_connect.driver.client import Client
 from bench.context import BenchContext
 from bench.report import Figure
 from bench.workload import MODELS, SUBJECT_RUN, percentile, write_config
-from meterline.core.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS
+from meterline.core.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS, WINDOW_COLUMNS
 from query.store import MeterRow, WindowStore
 
 METER = "tokens_total"
@@ -62,8 +62,10 @@ def _generator(n: int, subjects: int) -> str:
     """
 
 
-#: The events columns the fill writes (those added later, attributes and stored_at, keep their defaults).
+#: The events columns the fill writes (those added later keep their defaults: namespace `default`).
 _FILLED_EVENT_COLUMNS = EVENT_COLUMNS[: EVENT_COLUMNS.index("validation_errors") + 1]
+#: The meter_windows columns the fill writes (namespace keeps its default, `default`).
+_FILLED_WINDOW_COLUMNS = WINDOW_COLUMNS[: WINDOW_COLUMNS.index("generation") + 1]
 
 
 def fill(client: Client, n: int, subjects: int) -> dict[str, Any]:
@@ -81,7 +83,7 @@ def fill(client: Client, n: int, subjects: int) -> dict[str, Any]:
     )
     client.command(
         f"""
-        INSERT INTO {METER_WINDOWS}  -- the last column: the meter generation `register` makes active
+        INSERT INTO {METER_WINDOWS} ({", ".join(_FILLED_WINDOW_COLUMNS)})  -- generation last: the one `register` makes active
         SELECT '{METER}', subject, toStartOfMinute(t) AS ws, concat('{{"model":"', model, '"}}'), map('model', model),
                'bench', 0, message,
                count(), sum(toDecimal128(tokens, 9)), min(toDecimal128(tokens, 9)), max(toDecimal128(tokens, 9)),

@@ -38,9 +38,10 @@ from meterline.adapters.problems import (
     MalformedBodyError,
     UnsupportedContentTypeError,
 )
+from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.attributes import MAX_LENGTHS
 from meterline.core.errors import BrokerUnavailableError, InvalidEventError, RateLimitedError
-from meterline.core.events import CHUNK_MAX_BYTES, encode_messages, validate_events
+from meterline.core.events import CHUNK_MAX_BYTES, NAMESPACE_ATTRIBUTE, encode_messages, validate_events
 from meterline.core.json_numbers import inexact_numbers
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,10 @@ async def ingest_events(request: Request) -> Response:
     except InvalidEventError:
         EVENTS_REJECTED.labels("invalid").inc(len(items))
         raise
+    namespace = request.state.principal.namespace
+    if namespace != DEFAULT_NAMESPACE:  # the key's tenant travels with each event (absent = default)
+        for event in events:
+            event[NAMESPACE_ATTRIBUTE] = namespace
     if events:
         messages = encode_messages(events, max_bytes=_chunk_bytes(settings.max_message_bytes))
         _refuse_oversized(messages, settings.max_message_bytes)

@@ -31,6 +31,7 @@ from meterline.core.rows import (
     MessagePosition,
     RowOptions,
     Rows,
+    message_namespace,
     message_rows,
     quarantined_rows,
     undecodable_rows,
@@ -107,9 +108,9 @@ class StreamEvent(Protocol):
 Ack = Callable[[StreamEvent], Awaitable[Any]]
 
 
-def _key(event: Any) -> bytes:
+def _key(event: Any, namespace: str) -> bytes:
     try:
-        return dedupe_key(event["source"], event["id"])
+        return dedupe_key(event["source"], event["id"], namespace)
     except (KeyError, TypeError, AttributeError, UnicodeError):
         return _NO_KEY  # invalid event: rows.message_rows dead-letters it before using the key
 
@@ -230,7 +231,8 @@ class BatchProcessor:
                 undecodable_rows(MessagePosition(self.log_epoch, partition, offset), value,
                                  exc.errors[0]["message"] if exc.errors else str(exc), received, rows)
                 continue
-            keys = [_key(e) for e in events]
+            ns = message_namespace(events)
+            keys = [_key(e, ns) for e in events]
             all_keys.extend(keys)
             decoded.append((partition, offset, events, keys, received))
         self.state.prefetch(all_keys)
@@ -323,12 +325,14 @@ class BatchProcessor:
         reason = f"ClickHouse refused this message's {table or 'rows'}: {str(exc)[:2000]}"
         logger.error("message quarantined as a dead letter", extra={
             "partition": partition, "offset": offset, "table": table, "error": str(exc)[:500]})
+        try:
+            events = decode_batch(value)
+        except InvalidEventError:
+            events = []
+        ns = message_namespace(events)
         if table == EVENTS:
-            try:
-                keys = [_key(e) for e in decode_batch(value)]
-            except InvalidEventError:
-                keys = []
+            keys = [_key(e, ns) for e in events]
             self.state.forget_first_sightings(Position(self.log_epoch, partition, offset, 0), keys)
         metrics.QUARANTINED.inc()
         await self.sink.write(quarantined_rows(MessagePosition(self.log_epoch, partition, offset), value,
-                                               reason, received))
+                                               reason, received, ns))

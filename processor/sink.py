@@ -68,10 +68,10 @@ def dedupe_load_query(database: str, partition: int, horizon_days: int,
     `since=(log_epoch, offset)` restricts to what was written after the local marker; no FINAL needed:
     duplicate rows of one key carry the same position. It reads `(source, id)`, not the stored
     `dedupe_key`: rows written before a change of the key encoding carry the old key, and the loader
-    recomputes every key with the current `dedupe_key` (see `positions.KEY_VERSION`).
+    recomputes every key with the current `dedupe_key` (see `positions.KEY_VERSION`), in the row's namespace.
     """
     sql = (
-        "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, "
+        "SELECT source, id, namespace, log_epoch, kafka_partition, kafka_offset, batch_index, "
         "toUnixTimestamp(ingested_at) "
         f"FROM {quote_identifier(database)}.{EVENTS} "
         "WHERE kafka_partition = {partition:UInt32} "
@@ -255,8 +255,8 @@ class ClickHouseSink:
         def rows(stream: Any) -> Iterator[Sequence[Any]]:
             key = dedupe_key
             for block in stream:
-                for source, event_id, *position in block:
-                    yield (key(source, event_id), *position)
+                for source, event_id, namespace, *position in block:
+                    yield (key(source, event_id, namespace), *position)
 
         def op() -> int:
             with storage_errors(), self._connected().query_row_block_stream(

@@ -52,8 +52,9 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
     )
     # The subjects API writes; reads stay on the read-only client.
     writer = await asyncio.to_thread(connect, settings.clickhouse_url, topology=settings.clickhouse_topology)
+    # Unscoped: routes read through `query_store.scoped(namespace)`, and an unscoped read raises.
     app.state.query_store = WindowStore(client, settings.clickhouse_database, max_windows=settings.query_max_windows,
-                                        writer=writer)
+                                        writer=writer, namespace=None)
     catalog = await asyncio.to_thread(open_catalog, settings)
     app.state.catalog = catalog
     app.state.events_topic = (settings.events_topic, settings.topic_partitions)  # for completeUntil

@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 from fastapi import APIRouter, Request
 
+from meterline.adapters.auth import principal_of
 from meterline.core.errors import InvalidQueryError
 from meterline.core.times import as_utc
 from query import openapi
@@ -48,7 +49,7 @@ _TIME_FILTERS = ("time", "ingestedAt")
 
 def _store(request: Request) -> WindowStore:
     store: WindowStore = request.app.state.query_store
-    return store
+    return store.scoped(principal_of(request.state).namespace)  # every read confined to the caller's namespace
 
 
 def _check(request: Request, allowed: frozenset[str]) -> None:

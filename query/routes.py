@@ -90,7 +90,7 @@ def _queryable(request: Request, id_or_slug: str) -> tuple[Meter, int]:
 
 def _store(request: Request) -> WindowStore:
     store: WindowStore = request.app.state.query_store
-    return store
+    return store.scoped(principal_of(request.state).namespace)  # every read confined to the caller's namespace
 
 
 # -------------------------------------------------------------------------------------------------

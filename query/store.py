@@ -19,9 +19,11 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.external import ExternalData
 
 from meterline.adapters.clickhouse import storage_errors
+from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.decimals import average
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
+from meterline.core.schema import NAMESPACED_TABLES, SUBJECTS, Topology, storage_name
 from query.cost import check_cost
 from query.edges import edge_deltas, edge_json, merge_deltas
 from query.filters import FilterString
@@ -83,23 +85,51 @@ def _stamps(values: Sequence[int]) -> list[datetime | None]:
     return [datetime.fromtimestamp(t, UTC) for t in values]
 
 
+CLUSTER = Topology(cluster="any")  # only its table naming is used
+
+
+def namespace_filters(database: str, namespace: str) -> dict[str, str]:
+    """ClickHouse `additional_table_filters` confining every read of a namespaced table to `namespace`.
+
+    Why a server-side setting rather than a WHERE in each query: ClickHouse applies it to every read of
+    those tables in the statement (subqueries, joins, FINAL), so a query that forgets the filter still
+    cannot read another tenant's rows; the SQL builders need not be trusted to remember it.
+    """
+    value = "namespace = '" + namespace.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    tables = (*NAMESPACED_TABLES, SUBJECTS)
+    # In cluster mode the shards read `<table>_local` for a Distributed `<table>`: filter both names.
+    names = [*tables, *(storage_name(t, CLUSTER) for t in tables)]
+    return {f"{database}.{name}": value for name in names}
+
+
 class WindowStore:
     """Runs the queries of `query.sql` on one clickhouse-connect client; driver errors become StorageError."""
 
     def __init__(
-        self, client: Client, database: str, *, max_windows: int = 1_000_000, writer: Client | None = None
+        self, client: Client, database: str, *, max_windows: int = 1_000_000, writer: Client | None = None,
+        namespace: str | None = DEFAULT_NAMESPACE,
     ) -> None:
         self.client = client
         #: Admin writes (subjects): `client` may be read-only (`meterline.adapters.clickhouse.read_guards`).
         self.writer = writer if writer is not None else client
         self.database = database
         self.max_windows = max_windows  # the query cost ceiling checked before ClickHouse (query/cost.py)
+        self.namespace = namespace
+        self._settings = None if namespace is None else {
+            "additional_table_filters": namespace_filters(database, namespace)}
+
+    def scoped(self, namespace: str) -> WindowStore:
+        """This store reading only `namespace`'s rows (what every API route uses: `state.principal`)."""
+        return WindowStore(self.client, self.database, max_windows=self.max_windows, writer=self.writer,
+                           namespace=namespace)
 
     def _run(self, query: Query) -> Any:
+        if self._settings is None:
+            raise RuntimeError("an unscoped WindowStore reads nothing: use store.scoped(principal.namespace)")
         try:
             with storage_errors():
                 if not query.tables:
-                    return self.client.query(query.sql, parameters=query.parameters)
+                    return self.client.query(query.sql, parameters=query.parameters, settings=self._settings)
                 # Temporary tables travel as multipart files: no size limit like a bound parameter's.
                 external: ExternalData | None = None
                 for name, text in query.tables.items():
@@ -109,7 +139,8 @@ class WindowStore:
                     else:
                         external.add_file(data=text.encode(), file_name=name, fmt="JSONEachRow",
                                           structure=list(EDGE_STRUCTURE))
-                return self.client.query(query.sql, parameters=query.parameters, external_data=external)
+                return self.client.query(query.sql, parameters=query.parameters, external_data=external,
+                                         settings=self._settings)
         except Exception as exc:
             cause = exc.__cause__ if exc.__cause__ is not None else exc
             if isinstance(cause, DatabaseError) and "Cannot load time zone" in str(cause):

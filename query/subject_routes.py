@@ -44,7 +44,7 @@ _FIELDS = ("key", "displayName", "metadata", "currentPeriodStart", "currentPerio
 
 def _store(request: Request) -> WindowStore:
     store: WindowStore = request.app.state.query_store
-    return store
+    return store.scoped(principal_of(request.state).namespace)  # every read confined to the caller's namespace
 
 
 def _namespace(request: Request) -> str:

@@ -22,6 +22,9 @@ class Scope(str, Enum):
     PORTAL = "portal"  # a portal token: one subject's query of the meters it lists (never on a key)
 
 
+#: The namespace of keyless local mode and of every row written before namespaces existed.
+DEFAULT_NAMESPACE = "default"
+
 KEY_SCOPES: frozenset[Scope] = frozenset({Scope.INGEST, Scope.READ, Scope.ADMIN})
 
 #: Paths any caller may use: probes, metrics (no tenant data) and the API description.

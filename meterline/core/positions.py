@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 from typing import Final, NamedTuple
 
+from meterline.core.access import DEFAULT_NAMESPACE
+
 #: Version of `dedupe_key`'s input encoding. Keys of different versions never match, so anything that
 #: caches keys (the processor's RocksDB state) records the version it was built with and rebuilds from
 #: ClickHouse's stored `(source, id)` when it differs (processor/dedupe.py). Version 1 hashed
@@ -25,15 +27,23 @@ class Position(NamedTuple):
     index: int  # type: ignore[assignment]  # the design's name; shadows tuple.index, never called here
 
 
-def dedupe_key(source: str, event_id: str) -> bytes:
-    """blake2b-128 of the length-prefixed UTF-8 of `source` then `id`: CloudEvents identity is (source, id).
+def dedupe_key(source: str, event_id: str, namespace: str = DEFAULT_NAMESPACE) -> bytes:
+    """blake2b-128 of the length-prefixed UTF-8 of `source` then `id`: CloudEvents identity is (source, id),
+    within a namespace: one tenant can never make another tenant's event a duplicate.
 
     Why length prefixes: any separator byte can occur inside a string a foreign producer puts on the
     topic, and then two different pairs hash the same input. With each part preceded by its byte length
     the encoding is injective whatever the strings hold (ingest also refuses control characters).
+
+    The default namespace hashes `(source, id)` alone, exactly as before namespaces existed, so stored
+    keys and worker caches stay valid; any other namespace is hashed in as a third length-prefixed part
+    in front. The two encodings never collide: equal first prefixes force equal first parts, equal
+    second prefixes equal second parts, and then the three-part input is the longer one.
     """
     s = source.encode()
     i = event_id.encode()
-    return hashlib.blake2b(
-        len(s).to_bytes(4, "big") + s + len(i).to_bytes(4, "big") + i, digest_size=16
-    ).digest()
+    data = len(s).to_bytes(4, "big") + s + len(i).to_bytes(4, "big") + i
+    if namespace != DEFAULT_NAMESPACE:
+        n = namespace.encode()
+        data = len(n).to_bytes(4, "big") + n + data
+    return hashlib.blake2b(data, digest_size=16).digest()

@@ -5,7 +5,8 @@ Pure on purpose: the worker and `meterline recompute` (which rebuilds a meter's 
 replays would not collapse in ReplacingMergeTree. Nothing here does I/O; dedupe is injected as `decide`.
 
 Row shapes follow `meterline.core.schema` column orders exactly (EVENT_COLUMNS, DEAD_LETTER_COLUMNS,
-WINDOW_COLUMNS).
+WINDOW_COLUMNS). Every row carries the namespace of its message (the `meterline_namespace` attribute
+ingest sets; absent = `default`), and dedupe keys hash it in: tenants never deduplicate each other.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from typing import Any, NamedTuple, Protocol
 
 import orjson
 
+from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.accumulator import MessageWindows, Overflow
 from meterline.core.attributes import storage_problem
-from meterline.core.events.wire import SPECVERSION
+from meterline.core.events.wire import NAMESPACE_ATTRIBUTE, SPECVERSION
 from meterline.core.meters import MISSING, MeterSet
 from meterline.core.positions import Position, dedupe_key
 from meterline.core.reasons import WHOLE_EVENT, ReasonCode, StoredRejection, rejections_of
@@ -105,7 +107,7 @@ def _json_text(value: Any) -> str:
         return repr(value)[:65536]
 
 
-_CORE_ATTRIBUTES = frozenset({"specversion", "id", "source", "type", "subject", "time", "data"})
+_CORE_ATTRIBUTES = frozenset({"specversion", "id", "source", "type", "subject", "time", "data", NAMESPACE_ATTRIBUTE})
 
 
 def _attributes_text(event: Mapping[str, Any]) -> str:
@@ -123,7 +125,10 @@ def _data_text(event: Mapping[str, Any]) -> str:
     return orjson.dumps(event["data"]).decode()
 
 
-def stored_event(event_id: str, source: str, event_type: str, subject: str, time: datetime, data: str) -> dict[str, Any]:
+def stored_event(
+    event_id: str, source: str, event_type: str, subject: str, time: datetime, data: str,
+    namespace: str = DEFAULT_NAMESPACE,
+) -> dict[str, Any]:
     """The event as ingest normalised it, rebuilt from a stored `events` row ("" data = the event had no data).
 
     Recompute and dead-letter replay feed stored events back through `message_rows`; both must rebuild
@@ -135,6 +140,8 @@ def stored_event(event_id: str, source: str, event_type: str, subject: str, time
     }
     if data != "":
         event["data"] = orjson.loads(data)
+    if namespace != DEFAULT_NAMESPACE:
+        event[NAMESPACE_ATTRIBUTE] = namespace
     return event
 
 
@@ -158,26 +165,36 @@ def stored_messages(
             if current is not None:
                 yield current, batch, indexes
             current, batch, indexes = pos, [], []
-        batch.append(stored_event(*row[4:10]))
+        batch.append(stored_event(row[4], row[5], row[6], row[7], row[8], row[9], namespace=row[11]))
         indexes.append(int(row[3]))
     if current is not None:
         yield current, batch, indexes
 
 
+def message_namespace(events: Sequence[Any]) -> str:
+    """The namespace of a message: its first event's (ingest gives every event of a message the same);
+    `default` when absent or not a string (a foreign producer's message)."""
+    first = events[0] if events else None
+    ns = first.get(NAMESPACE_ATTRIBUTE, DEFAULT_NAMESPACE) if isinstance(first, Mapping) else DEFAULT_NAMESPACE
+    return ns if isinstance(ns, str) and ns else DEFAULT_NAMESPACE
+
+
 def _dead(
     rows: Rows, pos: MessagePosition, index: int, meter: str, event: Mapping[str, Any],
     t: datetime, data: str, code: ReasonCode, reason: str, now: datetime, generation: int = 0,
+    namespace: str = DEFAULT_NAMESPACE,
 ) -> None:
     rows.dead_letters.append([
         pos.log_epoch, pos.partition, pos.offset, index, meter,
         str(event.get("id", "")), str(event.get("source", "")), str(event.get("type", "")),
-        str(event.get("subject", "")), t, data, code, reason, now, generation,
+        str(event.get("subject", "")), t, data, code, reason, now, generation, namespace,
     ])
     rows.dead_by_reason[code] = rows.dead_by_reason.get(code, 0) + 1
 
 
 def _overflow_dead_letters(out: Rows, pos: MessagePosition, overflows: Sequence[Overflow],
-                           metered: Sequence[tuple[int, int]], now: datetime) -> None:
+                           metered: Sequence[tuple[int, int]], now: datetime,
+                           namespace: str = DEFAULT_NAMESPACE) -> None:
     """Dead letters (and event errors) for measurements whose value would have taken their window row's sum
     past ±10^29: ClickHouse cannot store that row, so they are refused like any unstorable value. Each goes
     right after its event's other dead letters, as if refused while the event was metered."""
@@ -195,7 +212,7 @@ def _overflow_dead_letters(out: Rows, pos: MessagePosition, overflows: Sequence[
         for o in by_event[number]:
             reason = f"{o.value} would take the sum of its window in this message past ±10^29"
             _dead(letters, pos, index, o.meter, identity, row[5], row[6], ReasonCode.VALUE_OUT_OF_RANGE, reason,
-                  now, o.generation)
+                  now, o.generation, namespace)
             if f"{o.meter}: {reason}" not in row[errors_at]:
                 row[errors_at].append(f"{o.meter}: {reason}")
             if (o.meter, ReasonCode.VALUE_OUT_OF_RANGE) not in row[rejected_at]:
@@ -216,14 +233,17 @@ def undecodable_rows(pos: MessagePosition, payload: bytes, reason: str, now: dat
 WHOLE_MESSAGE_INDEX = 2**32 - 1
 
 
-def quarantined_rows(pos: MessagePosition, payload: bytes, reason: str, now: datetime) -> Rows:
-    """The one dead letter (`invalid_event`) of a message whose rows ClickHouse refused.
+def quarantined_rows(pos: MessagePosition, payload: bytes, reason: str, now: datetime,
+                     namespace: str = DEFAULT_NAMESPACE) -> Rows:
+    """The one dead letter (`invalid_event`) of a message whose rows ClickHouse refused, in the message's
+    namespace (its payload is that tenant's data).
 
     Its index is WHOLE_MESSAGE_INDEX so it never replaces a per-event dead letter of the same message.
     """
     rows = Rows()
     text = payload[:65536].decode("utf-8", "replace")
-    _dead(rows, pos, WHOLE_MESSAGE_INDEX, WHOLE_EVENT, {}, EPOCH_START, text, ReasonCode.INVALID_EVENT, reason, now)
+    _dead(rows, pos, WHOLE_MESSAGE_INDEX, WHOLE_EVENT, {}, EPOCH_START, text, ReasonCode.INVALID_EVENT, reason, now,
+          namespace=namespace)
     return rows
 
 
@@ -256,6 +276,7 @@ def message_rows(
     late_floor = None if options.late_horizon is None else now - options.late_horizon
     strict = options.strict_event_types
     epoch, partition, offset = pos
+    ns = message_namespace(events)
     rank_base = offset * RANK_SCALE
     acc = MessageWindows(options.window_seconds)
     readers = meters.readers
@@ -273,13 +294,15 @@ def message_rows(
             problem = storage_problem(event, t)
             if problem is not None:
                 raise ValueError(f"{problem[0]} {problem[1]}")
+            if event.get(NAMESPACE_ATTRIBUTE, DEFAULT_NAMESPACE) != ns:
+                raise ValueError(f"{NAMESPACE_ATTRIBUTE} differs from the message's ({ns!r})")
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             # Ingest validates every event, so this is a foreign producer: keep it visible, never crash,
             # and never hand ClickHouse a row it must refuse (that batch would be retried for ever).
             _dead(out, pos, index, WHOLE_EVENT, _printable(event), EPOCH_START,
-                  _json_text(event), ReasonCode.INVALID_EVENT, f"invalid event: {exc}", now)
+                  _json_text(event), ReasonCode.INVALID_EVENT, f"invalid event: {exc}", now, namespace=ns)
             continue
-        key = keys[index] if keys is not None else dedupe_key(source, event_id)
+        key = keys[index] if keys is not None else dedupe_key(source, event_id, ns)
         if not decide(key, Position(epoch, partition, offset, index)):
             out.duplicates += 1
             continue
@@ -291,7 +314,7 @@ def message_rows(
         if late_floor is not None and t < late_floor:
             out.late += 1
             reason = f"event time is older than the late horizon ({options.late_horizon})"
-            _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.TOO_LATE, reason, now)
+            _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.TOO_LATE, reason, now, namespace=ns)
             errors.append(f"*: {reason}")
             rejected.append(StoredRejection(WHOLE_EVENT, ReasonCode.TOO_LATE))
         else:
@@ -301,7 +324,7 @@ def message_rows(
                 add(reader, subject, t, rank_base + index, values, group_keys)
                 if tuple in map(type, values):
                     for slug, generation, code, reason in reader.refusals(values, t):
-                        _dead(out, pos, index, slug, event, t, data, code, reason, now, generation)
+                        _dead(out, pos, index, slug, event, t, data, code, reason, now, generation, ns)
                         error = f"{slug}: {reason}"
                         if error not in errors:  # a meter's active and building generation may both refuse
                             errors.append(error)
@@ -310,13 +333,15 @@ def message_rows(
                 metered.append((len(out.events), len(out.dead_letters)))
             elif strict:
                 reason = f"no meter has eventType {etype!r}"
-                _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.UNKNOWN_TYPE, reason, now)
+                _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.UNKNOWN_TYPE, reason, now, namespace=ns)
                 errors.append(f"*: {reason}")
                 rejected.append(StoredRejection(WHOLE_EVENT, ReasonCode.UNKNOWN_TYPE))
         ev_append([key, event_id, source, str(etype), subject, t, data, now,
-                   epoch, partition, offset, index, errors, _attributes_text(event), rejected])
+                   epoch, partition, offset, index, errors, _attributes_text(event), rejected, ns])
     window_rows, overflows = acc.rows(epoch, partition, offset)
+    for row in window_rows:
+        row.append(ns)
     out.windows.extend(window_rows)
     if overflows:
-        _overflow_dead_letters(out, pos, overflows, metered, now)
+        _overflow_dead_letters(out, pos, overflows, metered, now, ns)
     return out

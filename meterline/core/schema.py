@@ -44,27 +44,36 @@ SUBJECT_COLUMNS: tuple[str, ...] = (
     "stripe_customer_id", "created_at", "updated_at", "deleted_at",
 )
 
+#: The tenant a row belongs to (docs/design.md, "Namespaces"). Not in any sorting key: a row's identity is
+#: its log position (or a dedupe key that hashes the namespace in), which one namespace owns; rows from
+#: before namespaces existed belong to `default`. Every read of the query API filters on it (query/store.py).
+NAMESPACE_COLUMN = "namespace LowCardinality(String) DEFAULT 'default'"
+#: The tables whose rows belong to a namespace.
+NAMESPACED_TABLES: tuple[str, ...] = (EVENTS, METER_WINDOWS, DEAD_LETTERS)
+
 EVENT_COLUMNS: tuple[str, ...] = (
     "dedupe_key", "id", "source", "type", "subject", "time", "data", "ingested_at",
     "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "validation_errors", "attributes", "rejections",
+    "namespace",
 )
 """`stored_at` is not written: it defaults to the moment ClickHouse stored the row (OpenMeter's storedAt)."""
 
 STORED_EVENT_COLUMNS: tuple[str, ...] = (
     "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "id", "source", "type", "subject", "time",
-    "data", "rejections",
+    "data", "rejections", "namespace",
 )
 """What `meterline.core.rows.stored_messages` reads back from `events` to re-meter stored events."""
 
 WINDOW_COLUMNS: tuple[str, ...] = (
     "meter", "subject", "window_start", "group_key", "group",
     "log_epoch", "kafka_partition", "kafka_offset",
-    "count", "sum", "min", "max", "uniques", "latest_time", "latest_value", "latest_rank", "generation",
+    "count", "sum", "min", "max", "uniques", "latest_time", "latest_value", "latest_rank", "generation", "namespace",
 )
 
 DEAD_LETTER_COLUMNS: tuple[str, ...] = (
     "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "meter",
     "id", "source", "type", "subject", "time", "data", "reason_code", "reason", "received_at", "generation",
+    "namespace",
 )
 
 WINDOWS_ORDER_BY = "(meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset, generation)"
@@ -203,6 +212,7 @@ TABLES: tuple[Table, ...] = (
             "attributes String DEFAULT ''",
             "stored_at DateTime64(3, 'UTC') DEFAULT now64(3)",
             REJECTIONS_COLUMN,
+            NAMESPACE_COLUMN,
         ),
     ),
     Table(
@@ -229,6 +239,7 @@ TABLES: tuple[Table, ...] = (
         order_by=WINDOWS_ORDER_BY,
         shard_by="cityHash64(subject)",
         partition_by="toYYYYMM(window_start)",
+        added_columns=(NAMESPACE_COLUMN,),
     ),
     Table(
         name=DEAD_LETTERS,
@@ -251,6 +262,7 @@ TABLES: tuple[Table, ...] = (
         """,
         order_by=DEAD_LETTERS_ORDER_BY,
         shard_by="cityHash64(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+        added_columns=(NAMESPACE_COLUMN,),
     ),
     # What `meterline dead-letters replay` did with each dead letter; the newest outcome wins.
     Table(

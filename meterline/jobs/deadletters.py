@@ -44,6 +44,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import create_schema, storage_errors
+from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.meters import MeterSet
 from meterline.core.reasons import ReasonCode, rejections_of
 from meterline.core.rows import MessagePosition, RowOptions, always_accept, message_rows, stored_event
@@ -92,13 +93,15 @@ class DeadLetter:
     reason: str
     received_at: datetime
     generation: int = 0
+    namespace: str = DEFAULT_NAMESPACE
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> DeadLetter:
         (epoch, part, off, idx, meter, id_, source, type_, subject, t, data, code, reason, received,
-         generation) = row[:15]
+         generation, namespace) = row[:16]
         return cls(str(epoch), int(part), int(off), int(idx), str(meter), str(id_), str(source), str(type_),
-                   str(subject), as_utc(t), str(data), str(code), str(reason), as_utc(received), int(generation))
+                   str(subject), as_utc(t), str(data), str(code), str(reason), as_utc(received), int(generation),
+                   str(namespace))
 
     @property
     def identity(self) -> tuple[str, int, int, int, str]:
@@ -106,7 +109,7 @@ class DeadLetter:
 
     def event(self) -> dict[str, Any]:
         """The CloudEvent as ingest normalised it ("" data = the event had no data)."""
-        return stored_event(self.id, self.source, self.type, self.subject, self.time, self.data)
+        return stored_event(self.id, self.source, self.type, self.subject, self.time, self.data, self.namespace)
 
 
 @dataclass

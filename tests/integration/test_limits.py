@@ -38,7 +38,7 @@ def limited(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore]]:
     client = connect(clickhouse_url)
     create_schema(client, database)
     rows = [["calls", f"s{i}", START + timedelta(minutes=i % 7), "[]", {}, "e", 0, i, 1, Decimal(0), None, None,
-             [], START, None, i, GENERATION] for i in range(SUBJECTS)]
+             [], START, None, i, GENERATION, "acme"] for i in range(SUBJECTS)]  # the keys below are acme's
     client.insert(f"{database}.meter_windows", rows, column_names=list(WINDOW_COLUMNS))
     settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", auth_secret=SECRET, auth_local_mode=False,
                         rate_limit_requests="20/minute", query_max_rows=1000, meters=METERS)  # type: ignore[arg-type]

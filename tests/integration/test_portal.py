@@ -38,7 +38,7 @@ def _rows() -> list[list[Any]]:
         subject, value = f"s{i % 3}", Decimal(i + 1)
         for meter in ("calls", "other"):
             rows.append([meter, subject, START + timedelta(minutes=i), "[]", {}, "e", 0, i, 1, value, value, value,
-                         [], START + timedelta(minutes=i), value, i, 1])  # a first definition is generation 1
+                         [], START + timedelta(minutes=i), value, i, 1, "acme"])  # the tenant the keys below read  # a first definition is generation 1
     return rows
 
 

@@ -96,7 +96,7 @@ def _rows(events: list[dict[str, Any]]) -> list[list[Any]]:
             rows.append([
                 f"m_{agg.lower()}", e["subject"], wstart, gkey, e["group"], "epoch", 0, e["offset"],
                 1, value or Decimal(0), value, value, [e["u"]] if agg == "UNIQUE_COUNT" else [],
-                e["time"], value, e["offset"] * 100000, GENERATION,
+                e["time"], value, e["offset"] * 100000, GENERATION, "default",
             ])
     return rows
 
@@ -345,6 +345,7 @@ def test_events_listing(app_client: Any) -> None:
             "validation_errors": ["m_sum: value missing"] if i == 5 else [],
             "attributes": '{"datacontenttype":"application/json","region":"eu"}' if i == 0 else "",
             "rejections": [("m_sum", "value_missing")] if i == 5 else [],
+            "namespace": "default",
         }
         events.append(row)
         rows.append([row[c] for c in EVENT_COLUMNS])
@@ -417,6 +418,7 @@ def test_dead_letters_listing(app_client: Any) -> None:
             "meter": "m_sum" if i % 2 else "", "id": f"d{i}", "source": "src", "type": "ev", "subject": "s",
             "time": base, "data": "{}", "reason_code": "value_missing" if i % 2 else "unknown_type",
             "reason": "why", "received_at": base + timedelta(seconds=i), "generation": GENERATION,
+            "namespace": "default",
         }
         rows.append([row[c] for c in DEAD_LETTER_COLUMNS])
     for _ in range(2):
@@ -512,6 +514,7 @@ def test_debug_metrics_count_todays_ingested_events(app_client: Any) -> None:
                "time": now, "data": "", "ingested_at": ingested, "log_epoch": "epoch", "kafka_partition": 0,
                "kafka_offset": 1000 + i, "batch_index": 0, "validation_errors": [], "attributes": "",
                "rejections": []}
+               "namespace": "default"}
         rows.append([row[c] for c in EVENT_COLUMNS])
     client.insert("events", rows, column_names=list(EVENT_COLUMNS), database=database)
     res = http.get("/api/v1/debug/metrics")

@@ -124,3 +124,21 @@ def test_usable_status() -> None:
     revoked = ApiKey("k", "acme", frozenset({Scope.READ}), "h", "", NOW, revoked_at=NOW + timedelta(minutes=1))
     assert revoked.usable(NOW)
     assert not revoked.usable(NOW + timedelta(minutes=1)) and revoked.status(NOW + timedelta(minutes=2)) == "revoked"
+
+
+@given(st.text(max_size=8), st.text(max_size=8), st.text(max_size=8), st.text(max_size=8),
+       st.sampled_from(["default", "acme", "a"]), st.sampled_from(["default", "acme", "b"]))
+def test_dedupe_keys_never_cross_namespaces(s1: str, i1: str, s2: str, i2: str, n1: str, n2: str) -> None:
+    from meterline.core.positions import dedupe_key
+
+    same = (s1, i1, n1) == (s2, i2, n2)
+    assert (dedupe_key(s1, i1, n1) == dedupe_key(s2, i2, n2)) == same
+
+
+def test_default_namespace_keeps_the_keys_stored_before_namespaces() -> None:
+    from meterline.core.positions import dedupe_key
+
+    s, i = b"chat-app", b"00001"
+    before = hashlib.blake2b(len(s).to_bytes(4, "big") + s + len(i).to_bytes(4, "big") + i, digest_size=16).digest()
+    assert dedupe_key("chat-app", "00001") == dedupe_key("chat-app", "00001", "default") == before
+    assert dedupe_key("chat-app", "00001", "acme") != before

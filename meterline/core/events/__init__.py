@@ -17,6 +17,7 @@ from meterline.core.events.validation import (
 from meterline.core.events.wire import (
     CHUNK_MAX_BYTES,
     CHUNK_MAX_EVENTS,
+    NAMESPACE_ATTRIBUTE,
     SPECVERSION,
     decode_batch,
     encode_messages,
@@ -27,6 +28,7 @@ __all__ = [
     "CHUNK_MAX_EVENTS",
     "DEFAULT_MAX_DATA_BYTES",
     "DEFAULT_MAX_DATA_DEPTH",
+    "NAMESPACE_ATTRIBUTE",
     "OPTIONAL_STRINGS",
     "REQUIRED",
     "SPECVERSION",

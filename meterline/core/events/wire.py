@@ -18,9 +18,13 @@ import orjson
 
 from meterline.core.errors import InvalidEventError
 
-__all__ = ["CHUNK_MAX_BYTES", "CHUNK_MAX_EVENTS", "SPECVERSION", "decode_batch", "encode_messages"]
+__all__ = ["CHUNK_MAX_BYTES", "CHUNK_MAX_EVENTS", "NAMESPACE_ATTRIBUTE", "SPECVERSION", "decode_batch", "encode_messages"]
 
 SPECVERSION: Final = "1.0"
+#: The event attribute ingest sets to the namespace of the key that sent it (absent = `default`).
+#: CloudEvents attribute names are lower-case letters and digits only, and ingest refuses any other,
+#: so no client can set or spoof it; only a producer with broker access could.
+NAMESPACE_ATTRIBUTE: Final = "meterline_namespace"
 #: Kafka message bounds (design.md): ~100-event messages are what make the processor fast, and 512 KiB
 #: stays far below every broker's default `message.max.bytes` (1 MiB) even after framing.
 CHUNK_MAX_EVENTS: Final = 500

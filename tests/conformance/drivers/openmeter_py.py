@@ -1,6 +1,6 @@
 """Drives the published OpenMeter Python SDK (run by the SDK's own virtualenv, never meterline's).
 
-stdin: {"endpoint": url, "calls": [{"op": "meters.query_json", "args": [...], "kwargs": {...}}]}
+stdin: {"endpoint": url, "token": API key or absent, "calls": [{"op": "meters.query_json", "args": [...], "kwargs": {...}}]}
 stdout: one JSON list, per call {"ok": result} or {"error": {"class", "status", "message", "problem"}}.
 
 The calls use the SDK the way its examples do; arguments arrive as JSON and are turned into what the
@@ -46,7 +46,8 @@ def plain(value):
 
 def main():
     request = json.load(sys.stdin)
-    client = Client(endpoint=request["endpoint"])
+    # With a key, as OpenMeter's SDK sends it: `Authorization: Bearer <token>`.
+    client = Client(endpoint=request["endpoint"], token=request.get("token"))
     out = []
     for call in request["calls"]:
         target = client
