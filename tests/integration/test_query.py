@@ -513,8 +513,7 @@ def test_debug_metrics_count_todays_ingested_events(app_client: Any) -> None:
         row = {"dedupe_key": uuid.uuid4().bytes, "id": f"dm{i}", "source": "src", "type": "ev", "subject": subject,
                "time": now, "data": "", "ingested_at": ingested, "log_epoch": "epoch", "kafka_partition": 0,
                "kafka_offset": 1000 + i, "batch_index": 0, "validation_errors": [], "attributes": "",
-               "rejections": []}
-               "namespace": "default"}
+               "rejections": [], "namespace": "default"}
         rows.append([row[c] for c in EVENT_COLUMNS])
     client.insert("events", rows, column_names=list(EVENT_COLUMNS), database=database)
     res = http.get("/api/v1/debug/metrics")
