@@ -27,7 +27,7 @@ def test_every_read_is_confined_to_the_namespace(clickhouse_url: str) -> None:
             row = {"dedupe_key": uuid.uuid4().bytes, "id": f"{ns}-{i}", "source": "s", "type": "t", "subject": ns,
                    "time": datetime(2024, 1, 1, tzinfo=UTC), "data": "", "ingested_at": datetime.now(UTC),
                    "log_epoch": "e", "kafka_partition": 0, "kafka_offset": i, "batch_index": 0,
-                   "validation_errors": [], "attributes": "", "namespace": ns}
+                   "validation_errors": [], "attributes": "", "rejections": [], "namespace": ns}
             rows.append([row[c] for c in EVENT_COLUMNS])
     client.insert("events", rows, column_names=list(EVENT_COLUMNS), database=database)
     try:

@@ -130,7 +130,8 @@ def test_recompute_keeps_too_late_events_unmetered(database: tuple[Client, str],
     for offset, start in enumerate(range(0, len(events), 100)):
         rows = message_rows(events[start : start + 100], MessagePosition("epoch-1", 0, offset), meters,
                             RowOptions(late_horizon=horizon), first_sighting_decider(), now=floor + horizon)
-        client.insert(EVENTS, [r[: len(columns)] for r in rows.events], column_names=columns, database=name)
+        kept = [[v for c, v in zip(EVENT_COLUMNS, r, strict=True) if c in columns] for r in rows.events]
+        client.insert(EVENTS, kept, column_names=columns, database=name)
     if legacy:
         create_schema(client, name)  # what an upgraded service does at start: ADD COLUMN IF NOT EXISTS
 
