@@ -129,7 +129,7 @@ def reference_rows(events: Sequence[Mapping[str, Any]], meters: MeterSet, indexe
         out.windows.append([
             d.meter, d.subject, d.window_start, d.group_key, d.group, POS.log_epoch, POS.partition, POS.offset,
             d.count, d.sum, d.min, d.max, sorted(d.uniques), d.latest_time or d.window_start, d.latest_value,
-            d.latest_rank, d.generation,
+            d.latest_rank, d.generation, "default",  # the message's namespace: none given, `default`
         ])
     return out
 
@@ -175,7 +175,7 @@ def test_many_meters_on_one_event_match_the_reference_and_an_independent_sum() -
     got = message_rows(evs, POS, meters, RowOptions(), always_accept, now=NOW)
     want = reference_rows(evs, meters, list(range(100)), strict=False)
     assert typed(got.windows) == typed(want.windows)
-    sums = {(r[0], r[3]): r[9] for r in got.windows if r[-1] == 0}
+    sums = {(r[0], r[3]): r[9] for r in got.windows if r[-2] == 0}  # generation, before the namespace
     for g in ("x", "y"):
         expected = sum(Decimal(e["data"]["v"]) for e in evs if e["data"]["g"] == g)
         assert sums[("sum_v", f'{{"g":"{g}"}}')] == expected

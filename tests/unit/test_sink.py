@@ -65,9 +65,10 @@ def make_sink(failures: dict[str, list[Exception]], **kwargs: Any) -> tuple[Clic
 
 def rows() -> Rows:
     now = datetime(2024, 1, 1, tzinfo=UTC)
-    return Rows(events=[[b"k" * 16, "id", "src", "t", "s", now, "", now, "e", 0, 0, 0, [], "{}", []]],
-                dead_letters=[["e", 0, 0, 1, "m", "id", "src", "t", "s", now, "", "value_missing", "r", now, 5]],
-                windows=[["m", "s", now, "[]", {}, "e", 0, 0, 1, 0, None, None, [], now, None, 0, 5]])
+    return Rows(events=[[b"k" * 16, "id", "src", "t", "s", now, "", now, "e", 0, 0, 0, [], "{}", [], "default"]],
+                dead_letters=[["e", 0, 0, 1, "m", "id", "src", "t", "s", now, "", "value_missing", "r", now, 5,
+                               "default"]],
+                windows=[["m", "s", now, "[]", {}, "e", 0, 0, 1, 0, None, None, [], now, None, 0, 5, "default"]])
 
 
 def test_inserts_in_design_order_synchronously() -> None:
@@ -138,7 +139,8 @@ def test_cluster_inserts_carry_the_same_token_on_every_retry() -> None:
     sink, log, _, clients = make_sink({"meter_windows": [StorageError("timeout")]}, topology=topology,
                                       token_salt="cfg")
     batch = rows()
-    batch.events.append([b"j" * 16, "id2", "src", "t", "s", batch.events[0][5], "", batch.events[0][5], "e", 3, 7, 0, [], "{}", []])
+    batch.events.append([b"j" * 16, "id2", "src", "t", "s", batch.events[0][5], "", batch.events[0][5], "e", 3, 7, 0, [], "{}", [],
+                          "default"])
     sink.write_sync(batch)
     sent = [entry for client in clients for entry in client.settings]
     assert [table for table, _ in sent] == ["events", "dead_letters", "meter_windows"]
@@ -162,7 +164,7 @@ def test_a_new_meter_generation_gets_a_new_token() -> None:
     for generation in (5, 6):
         sink, _, _, clients = make_sink({}, topology=Topology(cluster="c"))
         batch = rows()
-        batch.windows[0][-1] = generation
+        batch.windows[0][-2] = generation  # the namespace comes after it
         sink.write_sync(batch)
         tokens.append(dict(clients[0].settings)["meter_windows"]["insert_deduplication_token"])
     assert tokens[0] != tokens[1]
