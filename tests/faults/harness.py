@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,6 +89,11 @@ def stream_with_retries(factory: EventFactory, n: int, rng: random.Random, dup_r
     for i in sorted(rng.sample(range(n), int(n * dup_rate)), reverse=True):
         out.insert(rng.randrange(i + 1, len(out) + 1), dict(fresh[i]))
     return out
+
+
+def fault_stream(seed: int, n: int, rng: random.Random, **options: float) -> list[dict[str, Any]]:
+    """`stream_with_retries` over `n` events of the fault span drawn from `seed` (what most scenarios send)."""
+    return stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), n, rng, **options)
 
 
 def batches(events: Sequence[dict[str, Any]], rng: random.Random, low: int = 1, high: int = 300) -> list[list[dict[str, Any]]]:
@@ -348,6 +353,23 @@ class ScenarioRow:
     seconds: float = 0.0
     note: str = ""
 
+
+
+class Scenario(NamedTuple):
+    """What every scenario starts with (unpack it): its clock for the summary's seconds, its summary row,
+    its seed (`fault_seed()` + the scenario's own offset, so scenarios draw different events) and the
+    random numbers drawn from that seed."""
+
+    started: float
+    row: ScenarioRow
+    seed: int
+    rng: random.Random
+
+
+def begin(row: ScenarioRow, seed_offset: int = 0) -> Scenario:
+    """`started, row, seed, rng = begin(summary("name"), offset)` at the top of a scenario."""
+    seed = fault_seed() + seed_offset
+    return Scenario(time.monotonic(), row, seed, random.Random(seed))
 
 def finish(row: ScenarioRow, stack: LocalStack, sender: Sender, counted: Sequence[dict[str, Any]],
            comparison: Comparison, started: float) -> None:

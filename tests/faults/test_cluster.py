@@ -12,7 +12,6 @@ restarts on its data dir and ports. Every window must match the oracle (0 mismat
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,25 +22,23 @@ from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     FAULT_CONFIG,
-    SPAN,
-    START,
     ScenarioRow,
     Sender,
     batches,
+    begin,
     clickhouse_scalar,
     compare,
     env_int,
     fault_events,
-    fault_seed,
+    fault_stream,
     feed_in_background,
     finish,
     log_excerpt,
-    stream_with_retries,
     wait_caught_up,
     wait_until,
     worker_metric,
 )
-from tests.oracle import EventFactory, first_sightings
+from tests.oracle import first_sightings
 
 pytestmark = pytest.mark.faults
 
@@ -50,17 +47,14 @@ def test_shard_killed_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                  make_sender: Callable[..., Sender], summary: Callable[[str], ScenarioRow]) -> None:
     monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
     monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
-    started = time.monotonic()
     outage = env_int("METERLINE_FAULT_CH_OUTAGE_SECONDS", 20)
-    row = summary(f"11 cluster: shard down {outage}s, worker killed")
-    seed = fault_seed() + 11
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary(f"11 cluster: shard down {outage}s, worker killed"), 11)
     config = tmp_path / "config.yaml"
     config.write_text(FAULT_CONFIG)
     with LocalClickHouseCluster(tmp_path / "clickhouse", shards=2) as cluster, LocalStack(
         data_dir=tmp_path, config_file=config, processors=1, partitions=4, clickhouse_cluster=cluster,
     ) as stack:
-        stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 4, rng)
+        stream = fault_stream(seed, fault_events() // 4, rng)
         sender = make_sender(stack.url)
         feeder = feed_in_background(sender, batches(stream, rng), over_seconds=30.0)
         wait_until(lambda: worker_metric(stack, 0, "meterline_processor_batches") > 0, "processor writing", stack)

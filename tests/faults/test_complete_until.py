@@ -7,8 +7,6 @@ every window of every meter, must equal the oracle.
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -23,21 +21,19 @@ from tests.faults.harness import (
     METERS,
     RANGE_FROM,
     RANGE_TO,
-    SPAN,
-    START,
     ScenarioRow,
     Sender,
     batches,
+    begin,
     compare,
     fault_events,
-    fault_seed,
+    fault_stream,
     feed_in_background,
     finish,
     liveness_timeout,
     query,
-    stream_with_retries,
 )
-from tests.oracle import EventFactory, expected, first_sightings, response_windows
+from tests.oracle import expected, first_sightings, response_windows
 
 pytestmark = pytest.mark.faults
 
@@ -52,12 +48,9 @@ def append_empty_message_to_every_partition(stack: LocalStack) -> None:
 def test_complete_until_covers_every_acknowledged_event(make_stack: Callable[..., LocalStack],
                                                          make_sender: Callable[..., Sender],
                                                          summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("13 completeUntil: the answer holds every event acked before it")
-    seed = fault_seed() + 13
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary("13 completeUntil: the answer holds every event acked before it"), 13)
     stack = make_stack(processors=2, partitions=4)
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 4, rng)
+    stream = fault_stream(seed, fault_events() // 4, rng)
     sender = make_sender(stack.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=20.0)
     wait_for(lambda: len(sender.accepted) > len(stream) // 3, timeout=120, what="a third of the events acked")

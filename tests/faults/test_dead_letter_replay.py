@@ -10,7 +10,6 @@ them either.
 
 from __future__ import annotations
 
-import random
 import subprocess
 import sys
 import time
@@ -29,12 +28,12 @@ from tests.faults.harness import (
     ScenarioRow,
     Sender,
     batches,
+    begin,
     compare,
     dead_letter_count,
     fault_events,
-    fault_seed,
+    fault_stream,
     finish,
-    stream_with_retries,
     wait_caught_up,
 )
 from tests.oracle import EventFactory, first_sightings
@@ -89,12 +88,9 @@ def wait_switched(stack: LocalStack, slug: str, old_generation: int, timeout: fl
 
 def test_replay_after_config_fix(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                  summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("dead-letter replay after fix")
-    seed = fault_seed() + 7
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary("dead-letter replay after fix"), 7)
     stack = make_stack(processors=1, config=BROKEN_CONFIG)
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 5, rng,
+    stream = fault_stream(seed, fault_events() // 5, rng,
                                  invalid_rate=0.05)
     sender = make_sender(stack.url)
     sender.send_all(batches(stream, rng))

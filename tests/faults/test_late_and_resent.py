@@ -9,7 +9,6 @@ not metered; their retries are still duplicates.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -23,10 +22,10 @@ from tests.faults.harness import (
     ScenarioRow,
     Sender,
     batches,
+    begin,
     compare,
     dead_letters_api,
     fault_events,
-    fault_seed,
     finish,
     settle,
     stream_with_retries,
@@ -39,10 +38,7 @@ pytestmark = pytest.mark.faults
 
 def test_resent_and_late_events(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                 summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("5 resend 10% + hours/days late")
-    seed = fault_seed() + 5
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary("5 resend 10% + hours/days late"), 5)
     stack = make_stack(processors=1)
     factory = EventFactory(seed=seed, start=START, span=SPAN)
     n = fault_events() // 3
@@ -66,10 +62,7 @@ def test_resent_and_late_events(make_stack: Callable[..., LocalStack], make_send
 
 def test_late_horizon_dead_letters(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                    summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("5b late horizon 1 day")
-    seed = fault_seed() + 55
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary("5b late horizon 1 day"), 55)
     stack = make_stack(processors=1, extra_env={"METERLINE_LATE_HORIZON_DAYS": "1"})
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     # Fresh events 2-12 h old; late ones 2-9 days old: far from the 1-day boundary on purpose, so

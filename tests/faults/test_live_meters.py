@@ -8,7 +8,6 @@ the meter switches, and every HOUR window of it equals the oracle (as do the oth
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
@@ -24,10 +23,11 @@ from tests.faults.harness import (
     ScenarioRow,
     Sender,
     batches,
+    begin,
     clickhouse_scalar,
     compare,
     env_int,
-    fault_seed,
+    fault_stream,
     feed_in_background,
     finish,
     stream_with_retries,
@@ -49,14 +49,11 @@ def rebuild_running(stack: LocalStack) -> bool:
 
 def test_kill_9_mid_rebuild_of_a_new_meter(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                             summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
     n = env_int("METERLINE_FAULT_LIVE_EVENTS", 50_000)
-    row = summary(f"13 new meter over {n // 1000}k stored events, kill -9 mid-rebuild")
-    seed = fault_seed() + 13
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary(f"13 new meter over {n // 1000}k stored events, kill -9 mid-rebuild"), 13)
     stack = make_stack(processors=1, config=CONFIG)
     sender = make_sender(stack.url)
-    sender.send_all(batches(stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), n, rng), rng))
+    sender.send_all(batches(fault_stream(seed, n, rng), rng))
     wait_caught_up(stack, first_sightings(sender.accepted))
 
     # More events arrive during the whole rebuild; then create the meter and kill both processes mid-way.

@@ -14,7 +14,6 @@ as a duplicate, which the oracle's first-sighting rule checks.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,39 +22,34 @@ import pytest
 
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
-    SPAN,
-    START,
     Background,
     ScenarioRow,
     Sender,
     batches,
+    begin,
     compare,
     env_int,
     fault_events,
-    fault_seed,
+    fault_stream,
     feed_in_background,
     finish,
     log_excerpt,
     settle,
-    stream_with_retries,
     wait_caught_up,
     wait_until,
     worker_metric,
 )
-from tests.oracle import EventFactory, first_sightings
+from tests.oracle import first_sightings
 
 pytestmark = pytest.mark.faults
 
 
 def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                          summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
     outage = env_int("METERLINE_FAULT_CH_OUTAGE_SECONDS", 20)
-    row = summary(f"3 ClickHouse down {outage}s")
-    seed = fault_seed() + 3
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary(f"3 ClickHouse down {outage}s"), 3)
     stack = make_stack(processors=1)
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 3, rng)
+    stream = fault_stream(seed, fault_events() // 3, rng)
     sender = make_sender(stack.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=30.0)
     wait_until(lambda: worker_metric(stack, 0, "meterline_processor_batches") > 0, "processor writing", stack)
@@ -81,14 +75,11 @@ def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], 
 
 def test_broker_paused(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                        summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
     produce_timeout = 2.0
     pause_seconds = env_int("METERLINE_FAULT_PAUSE_SECONDS", 15)
-    row = summary(f"4 broker paused {pause_seconds}s")
-    seed = fault_seed() + 4
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary(f"4 broker paused {pause_seconds}s"), 4)
     stack = make_stack(processors=1, extra_env={"METERLINE_PRODUCE_TIMEOUT_SECONDS": str(produce_timeout)})
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 3, rng)
+    stream = fault_stream(seed, fault_events() // 3, rng)
     chunks = batches(stream, rng, 1, 60)
     sender = make_sender(stack.url, retry_delay=0.2)
     refused: list[list[dict[str, Any]]] = []

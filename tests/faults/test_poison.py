@@ -11,7 +11,6 @@ which shared a dedupe key when the key hashed `source NUL id`: both must count.
 from __future__ import annotations
 
 import random
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,9 +26,9 @@ from tests.faults.harness import (
     ScenarioRow,
     Sender,
     batches,
+    begin,
     compare,
     dead_letter_count,
-    fault_seed,
     finish,
     wait_caught_up,
     worker_metric,
@@ -58,9 +57,7 @@ def prompt(factory: EventFactory, subject: str, **over: Any) -> dict[str, Any]:
 def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., LocalStack],
                                                   make_sender: Callable[..., Sender],
                                                   summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("9 poison message (time 9999) on the topic")
-    seed = fault_seed() + 9
+    started, row, seed, _ = begin(summary("9 poison message (time 9999) on the topic"), 9)
     factory = EventFactory(seed=seed, start=START, span=SPAN)
     stack = make_stack(processors=1)
     subject = "customer-1"
@@ -83,9 +80,7 @@ def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., Loca
 def test_nul_separated_pairs_are_distinct_events(make_stack: Callable[..., LocalStack],
                                                  make_sender: Callable[..., Sender],
                                                  summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("10 (a\\0b, c) vs (a, b\\0c) on the topic")
-    seed = fault_seed() + 10
+    started, row, seed, _ = begin(summary("10 (a\\0b, c) vs (a, b\\0c) on the topic"), 10)
     factory = EventFactory(seed=seed, start=START, span=SPAN)
     stack = make_stack(processors=1)
     subject = "customer-2"

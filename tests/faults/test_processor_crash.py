@@ -9,7 +9,6 @@ Both end with every HOUR window of every meter equal to the oracle.
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable
 
@@ -17,35 +16,29 @@ import pytest
 
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
-    SPAN,
-    START,
     ScenarioRow,
     Sender,
     batches,
+    begin,
     env_int,
     fault_events,
-    fault_seed,
+    fault_stream,
     feed_in_background,
     settle,
-    stream_with_retries,
     wait_owners,
     wait_until,
     worker_metric,
 )
-from tests.oracle import EventFactory
 
 pytestmark = pytest.mark.faults
 
 
 def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                      summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
     kills = env_int("METERLINE_FAULT_KILLS", 10)
-    row = summary(f"1 kill -9 processor x{kills}")
-    seed = fault_seed()
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary(f"1 kill -9 processor x{kills}"))
     stack = make_stack(processors=1)
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events(), rng)
+    stream = fault_stream(seed, fault_events(), rng)
     sender = make_sender(stack.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=45.0)  # the kill period
     done = 0
@@ -62,12 +55,9 @@ def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack], make
 
 def test_two_workers_one_killed(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
                                 summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("2 two workers, kill one")
-    seed = fault_seed() + 2
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary("2 two workers, kill one"), 2)
     stack = make_stack(processors=2, partitions=4)
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 2, rng)
+    stream = fault_stream(seed, fault_events() // 2, rng)
     sender = make_sender(stack.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=40.0)
     # Each fault waits until the previous one has visibly landed: the group's assignment moved.

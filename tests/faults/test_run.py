@@ -12,10 +12,8 @@ acknowledged must have been written before the first run stopped: all of them ar
 from __future__ import annotations
 
 import os
-import random
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,22 +27,20 @@ from meterline.localinfra.process import ManagedProcess
 from meterline.localinfra.supervisor import read_status
 from tests.faults.harness import (
     FAULT_CONFIG,
-    SPAN,
-    START,
     ScenarioRow,
     Sender,
     batches,
+    begin,
     compare,
     fault_events,
-    fault_seed,
+    fault_stream,
     feed_in_background,
     finish,
     liveness_timeout,
-    stream_with_retries,
     totals,
     wait_caught_up,
 )
-from tests.oracle import EventFactory, first_sightings
+from tests.oracle import first_sightings
 
 pytestmark = pytest.mark.faults
 
@@ -138,12 +134,9 @@ def make_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
 
 def test_crashed_worker_is_restarted_with_backoff(make_run: Callable[..., Run], make_sender: Callable[..., Sender],
                                                   summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("11 meterline run: kill -9 a worker twice")
-    seed = fault_seed() + 11
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary("11 meterline run: kill -9 a worker twice"), 11)
     run = make_run(processors=2)
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 4, rng)
+    stream = fault_stream(seed, fault_events() // 4, rng)
     sender = make_sender(run.url)
     feeder = feed_in_background(sender, batches(stream, rng), over_seconds=30.0)
     # crash while events flow: once the first ones are counted
@@ -181,13 +174,10 @@ def test_crashed_worker_is_restarted_with_backoff(make_run: Callable[..., Run], 
 def test_ctrl_c_drains_every_acknowledged_event(tmp_path: Path, make_run: Callable[..., Run],
                                                 make_sender: Callable[..., Sender],
                                                 summary: Callable[[str], ScenarioRow]) -> None:
-    started = time.monotonic()
-    row = summary("12 meterline run: burst, Ctrl-C at once, run again")
-    seed = fault_seed() + 12
-    rng = random.Random(seed)
+    started, row, seed, rng = begin(summary("12 meterline run: burst, Ctrl-C at once, run again"), 12)
     data_dir = tmp_path / "data"
     run = make_run(processors=1, data_dir=data_dir)
-    stream = stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), fault_events() // 2, rng)
+    stream = fault_stream(seed, fault_events() // 2, rng)
     sender = make_sender(run.url)
     sender.send_all(batches(stream, rng, 200, 500))
     run.interrupt()  # right after the last 204
