@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 from meterline.localinfra.clickhouse_server import LocalClickHouse
 from meterline.localinfra.ports import HOST, free_port
+from meterline.localinfra.server import Started
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def cluster_config(name: str, tcp_ports: list[list[int]], shard: int, replica: i
     return xml
 
 
-class LocalClickHouseCluster:
+class LocalClickHouseCluster(Started):
     """`shards` local ClickHouse servers forming cluster `name`; node 0 is where clients connect.
 
     Stop it (or use it as a context manager) to stop every node by PID; nodes can be stopped and
@@ -105,14 +105,6 @@ class LocalClickHouseCluster:
                 node.stop()
             except Exception:  # pragma: no cover - best effort cleanup
                 log.exception("could not stop %s", node.url)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def create_schema(self, database: str) -> None:
         """The cluster rendering of every table, created on each node (no `ON CLUSTER`: see module doc)."""

@@ -19,7 +19,34 @@ from meterline.localinfra.process import ManagedProcess
 log = logging.getLogger(__name__)
 
 
-class LocalServer(ABC):
+class Started(ABC):
+    """Something the dev stack starts and stops as a whole; `with` starts it and stops it even on failure.
+
+    Servers, the ClickHouse cluster and the whole `LocalStack` are all used this way by tests and
+    `meterline run`, so the context-manager half is written once here.
+    """
+
+    @abstractmethod
+    def start(self) -> Self:
+        """Start everything and return self once it answers."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop everything that runs (by PID); never raises for what is already down."""
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class LocalServer(Started):
     """One local server subprocess with start (retried on new ports), stop, kill, pause and resume."""
 
     label: ClassVar[str]
@@ -102,14 +129,3 @@ class LocalServer(ABC):
         if self._proc is None:
             raise RuntimeError(f"{type(self).__name__} is not started")
         self._proc.resume()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

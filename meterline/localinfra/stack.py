@@ -16,7 +16,6 @@ import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import Self
 
 import httpx
@@ -26,12 +25,13 @@ from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
 from meterline.localinfra.clickhouse_server import LocalClickHouse
 from meterline.localinfra.ports import free_port, wait_for
 from meterline.localinfra.process import ManagedProcess
+from meterline.localinfra.server import Started
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class LocalStack:
+class LocalStack(Started):
     """Broker + ClickHouse + `processors` Faust workers + one HTTP server (ingest and query).
 
     `config_file` is the config.yaml the services read; `data_dir` holds ClickHouse data (when started
@@ -115,14 +115,6 @@ class LocalStack:
                     infra.stop()
                 except Exception:  # pragma: no cover
                     logger.exception("could not stop %r", infra)
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def assert_running(self) -> None:
         """Raise with the log tail of any meterline process that has exited, so waits fail fast."""
