@@ -15,7 +15,7 @@ import re
 import shutil
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
@@ -69,15 +69,20 @@ def _started(server: ServerT, what: str, env: str, example: str) -> Iterator[Ser
         server.stop()
 
 
+def _wait_external(what: str, answers: Callable[[], bool], env: str, external: str, example: str) -> None:
+    """Wait for a server named by `env`; one that never answers fails the test naming the variable."""
+    try:
+        wait_for(answers, 15, f"{what} at {env}={external}")
+    except Exception as exc:  # noqa: BLE001 - reported as a test failure naming the variable
+        _fail(f"{what} at {external}", env, example, exc)
+
+
 @contextlib.contextmanager
 def kafka(log_dir: Path) -> Iterator[tuple[str, LocalBroker | None]]:
     """Yield ``(bootstrap, LocalBroker or None)``; the broker object only when we started tansu."""
     external = os.environ.get(KAFKA_ENV)
     if external:
-        try:
-            wait_for(lambda: broker_answers(external), 15, f"Kafka at {KAFKA_ENV}={external}")
-        except Exception as exc:  # noqa: BLE001 - reported as a test failure naming the variable
-            _fail(f"Kafka at {external}", KAFKA_ENV, "host:9092", exc)
+        _wait_external("Kafka", lambda: broker_answers(external), KAFKA_ENV, external, "host:9092")
         yield external, None
     elif docker_available():
         from testcontainers.community.kafka import KafkaContainer
@@ -95,10 +100,7 @@ def clickhouse(data_dir: Path) -> Iterator[tuple[str, LocalClickHouse | None]]:
     external = os.environ.get(CLICKHOUSE_ENV)
     if external:
         base = re.sub(r"^(https?://[^/]+).*$", r"\1", external.rstrip("/"))
-        try:
-            wait_for(lambda: ping(base), 15, f"ClickHouse at {CLICKHOUSE_ENV}={external}")
-        except Exception as exc:  # noqa: BLE001 - reported as a test failure naming the variable
-            _fail(f"ClickHouse at {external}", CLICKHOUSE_ENV, "http://host:8123", exc)
+        _wait_external("ClickHouse", lambda: ping(base), CLICKHOUSE_ENV, external, "http://host:8123")
         yield base, None
     elif docker_available():
         from testcontainers.community.clickhouse import ClickHouseContainer
