@@ -24,7 +24,7 @@ from meterline.adapters.clickhouse import connect
 from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
 from meterline.localinfra.stack import LocalStack
 from tests.e2e.conftest import METERS
-from tests.e2e.test_pipeline import END, START, query, wait_until_counted
+from tests.e2e.test_pipeline import START, query, wait_until_counted, windows_and_oracle
 from tests.faults.harness import wait_owners, worker_metric
 from tests.oracle import EventFactory, config_yaml, expected, first_sightings, response_windows
 
@@ -75,13 +75,7 @@ def shard_clients(stack: LocalStack) -> list[Any]:
 @pytest.mark.parametrize("window", ["HOUR", "MINUTE", None])
 def test_every_window_matches_the_oracle_on_a_cluster(cluster_stack: LocalStack, cluster_sent: list[dict[str, Any]],
                                                       slug: str, window: str | None) -> None:
-    meter = METERS[slug]
-    group_by = list(meter.group_fields)
-    params: dict[str, Any] = {"from": START.isoformat(), "to": END.isoformat(), "groupBy": ["subject", *group_by]}
-    if window:
-        params["windowSize"] = window
-    got = response_windows(query(cluster_stack, slug, **params), group_by)
-    want = expected(first_sightings(cluster_sent), meter, start=START, end=END, window=window, group_by=group_by)
+    got, want = windows_and_oracle(cluster_stack, cluster_sent, slug, window)
     assert want and got == want
 
 

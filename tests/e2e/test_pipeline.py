@@ -19,7 +19,15 @@ import pytest
 
 from meterline.localinfra.stack import LocalStack
 from tests.e2e.conftest import METERS
-from tests.oracle import EventFactory, expected, filter_matches, first_sightings, parse_time, response_windows
+from tests.oracle import (
+    EventFactory,
+    Key,
+    expected,
+    filter_matches,
+    first_sightings,
+    parse_time,
+    response_windows,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -86,6 +94,14 @@ def query(stack: LocalStack, slug: str, **params: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("slug", sorted(METERS))
 @pytest.mark.parametrize("window", ["HOUR", "MINUTE", None])
 def test_every_window_matches_the_oracle(stack: LocalStack, sent: list[dict[str, Any]], slug: str, window: str | None) -> None:
+    got, want = windows_and_oracle(stack, sent, slug, window)
+    assert got == want
+
+
+def windows_and_oracle(stack: LocalStack, sent: list[dict[str, Any]], slug: str,
+                       window: str | None) -> tuple[dict[Key, Decimal], dict[Key, Decimal]]:
+    """Every window of `slug` over [START, END) grouped by subject and all its groupBy keys, as the API
+    answers it and as the oracle computes it from the first sightings of `sent`."""
     meter = METERS[slug]
     group_by = list(meter.group_fields)
     params: dict[str, Any] = {"from": START.isoformat(), "to": END.isoformat(), "groupBy": ["subject", *group_by]}
@@ -93,7 +109,7 @@ def test_every_window_matches_the_oracle(stack: LocalStack, sent: list[dict[str,
         params["windowSize"] = window
     got = response_windows(query(stack, slug, **params), group_by)
     want = expected(first_sightings(sent), meter, start=START, end=END, window=window, group_by=group_by)
-    assert got == want
+    return got, want
 
 
 @pytest.mark.parametrize("tz", ["Asia/Kolkata", "Asia/Kathmandu", "America/New_York"])
