@@ -308,15 +308,21 @@ def _distinct(
 
 
 def _inclusive_range(
-    params: dict[str, Any], where: list[str], column: str, start: datetime | None, end: datetime | None
+    params: dict[str, Any], where: list[str], column: str, start: datetime | None, end: datetime | None,
+    names: tuple[str, str] = ("from", "to"),
 ) -> None:
-    """Bind `from <= column <= to` on a DateTime64(6, 'UTC') column, each side only when given."""
-    if start is not None:
-        params["from"] = ts6(start)
-        where.append(f"{column} >= {{from:DateTime64(6, 'UTC')}}")
-    if end is not None:
-        params["to"] = ts6(end)
-        where.append(f"{column} <= {{to:DateTime64(6, 'UTC')}}")
+    """Bind `start <= column <= end` on a DateTime64(6, 'UTC') column, each side only when given, as the
+    parameters `names`."""
+    low, high = names
+    _bind_if(params, where, low, None if start is None else ts6(start), f"{column} >= {{{low}:DateTime64(6, 'UTC')}}")
+    _bind_if(params, where, high, None if end is None else ts6(end), f"{column} <= {{{high}:DateTime64(6, 'UTC')}}")
+
+
+def _bind_if(params: dict[str, Any], where: list[str], name: str, value: Any, condition: str) -> None:
+    """Add `condition` (which reads the parameter `name`) only when a value is given."""
+    if value is not None:
+        params[name] = value
+        where.append(condition)
 
 
 def _listing(
@@ -348,21 +354,10 @@ def events_query(
     params: dict[str, Any] = {"limit": int(limit)}
     where: list[str] = []
     _inclusive_range(params, where, "time", start, end)
-    if ingested_from is not None:
-        params["ingested_from"] = ts6(ingested_from)
-        where.append("ingested_at >= {ingested_from:DateTime64(6, 'UTC')}")
-    if ingested_to is not None:
-        params["ingested_to"] = ts6(ingested_to)
-        where.append("ingested_at <= {ingested_to:DateTime64(6, 'UTC')}")
-    if subject is not None:
-        params["subject"] = subject
-        where.append("subject = {subject:String}")
-    if subject_contains is not None:
-        params["subject_part"] = subject_contains
-        where.append("position(subject, {subject_part:String}) > 0")
-    if id_contains is not None:
-        params["id_part"] = id_contains
-        where.append("position(id, {id_part:String}) > 0")
+    _inclusive_range(params, where, "ingested_at", ingested_from, ingested_to, ("ingested_from", "ingested_to"))
+    _bind_if(params, where, "subject", subject, "subject = {subject:String}")
+    _bind_if(params, where, "subject_part", subject_contains, "position(subject, {subject_part:String}) > 0")
+    _bind_if(params, where, "id_part", id_contains, "position(id, {id_part:String}) > 0")
     return _listing(database, EVENTS, EVENT_LIST_COLUMNS, where, "time DESC, ingested_at DESC, id DESC", params)
 
 
@@ -407,12 +402,8 @@ def dead_letters_query(
     """Newest dead letters first; `from`/`to` bound `received_at` (when metering failed), inclusive."""
     params: dict[str, Any] = {"limit": int(limit)}
     where: list[str] = []
-    if meter is not None:
-        params["meter"] = meter
-        where.append("meter = {meter:String}")
-    if reason_code is not None:
-        params["reason_code"] = reason_code
-        where.append("reason_code = {reason_code:String}")
+    _bind_if(params, where, "meter", meter, "meter = {meter:String}")
+    _bind_if(params, where, "reason_code", reason_code, "reason_code = {reason_code:String}")
     _inclusive_range(params, where, "received_at", start, end)
     order_by = "received_at DESC, log_epoch, kafka_partition, kafka_offset, batch_index, meter"
     return _listing(database, DEAD_LETTERS, DEAD_LETTER_COLUMNS, where, order_by, params)
