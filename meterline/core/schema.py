@@ -77,7 +77,10 @@ DEAD_LETTER_COLUMNS: tuple[str, ...] = (
 )
 
 WINDOWS_ORDER_BY = "(meter, subject, window_start, group_key, log_epoch, kafka_partition, kafka_offset, generation)"
-DEAD_LETTERS_ORDER_BY = "(log_epoch, kafka_partition, kafka_offset, batch_index, meter, generation)"
+DEAD_LETTER_IDENTITY = "log_epoch, kafka_partition, kafka_offset, batch_index, meter"
+"""Which dead letter a row is about (its message position and meter): `dead_letter_replays` is keyed and
+sharded by it, so a dead letter and its replay outcomes land on one shard."""
+DEAD_LETTERS_ORDER_BY = f"({DEAD_LETTER_IDENTITY}, generation)"
 """Both identities end in the meter definition's generation (docs/design.md, "Live meters")."""
 
 #: `events.rejections`: (meter or '' for the whole event, reason code) per rejection, what logic reads
@@ -186,6 +189,15 @@ class Table:
         return statements
 
 
+_DEAD_LETTER_IDENTITY_COLUMNS = """
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            batch_index UInt32,
+            meter LowCardinality(String),"""
+"""The DEAD_LETTER_IDENTITY columns, first in both dead-letter tables."""
+
+
 TABLES: tuple[Table, ...] = (
     Table(
         name=EVENTS,
@@ -243,12 +255,7 @@ TABLES: tuple[Table, ...] = (
     ),
     Table(
         name=DEAD_LETTERS,
-        columns="""
-            log_epoch LowCardinality(String),
-            kafka_partition UInt32,
-            kafka_offset UInt64,
-            batch_index UInt32,
-            meter LowCardinality(String),
+        columns=f"""{_DEAD_LETTER_IDENTITY_COLUMNS}
             id String,
             source String,
             type LowCardinality(String),
@@ -261,24 +268,19 @@ TABLES: tuple[Table, ...] = (
             generation UInt64
         """,
         order_by=DEAD_LETTERS_ORDER_BY,
-        shard_by="cityHash64(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+        shard_by=f"cityHash64({DEAD_LETTER_IDENTITY})",
         added_columns=(NAMESPACE_COLUMN,),
     ),
     # What `meterline dead-letters replay` did with each dead letter; the newest outcome wins.
     Table(
         name=DEAD_LETTER_REPLAYS,
-        columns="""
-            log_epoch LowCardinality(String),
-            kafka_partition UInt32,
-            kafka_offset UInt64,
-            batch_index UInt32,
-            meter LowCardinality(String),
+        columns=f"""{_DEAD_LETTER_IDENTITY_COLUMNS}
             outcome LowCardinality(String),
             detail String,
             replayed_at DateTime64(3, 'UTC')
         """,
-        order_by="(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
-        shard_by="cityHash64(log_epoch, kafka_partition, kafka_offset, batch_index, meter)",
+        order_by=f"({DEAD_LETTER_IDENTITY})",
+        shard_by=f"cityHash64({DEAD_LETTER_IDENTITY})",
         version="replayed_at",
     ),
     # API keys: only an HMAC of each key is stored (meterline/core/keys.py). Revoking writes a newer
