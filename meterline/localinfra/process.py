@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,6 +49,27 @@ def _signal_group(popen: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(popen.pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _group_tasks_stopped(pgid: int) -> bool | None:
+    """True when every thread of every process in group `pgid` is stopped ('T'/'t' in /proc), None
+    where /proc is missing (not Linux): then nothing can be observed."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:  # state, ppid, pgrp
+                continue
+            for task in (entry / "task").iterdir():
+                if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] not in "Tt":
+                    return False
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return True
 
 
 def _stop_popen(popen: subprocess.Popen[bytes], timeout: float, name: str) -> None:
@@ -144,11 +166,20 @@ class ManagedProcess:
             log.info("killed %s pid %d", self.name, self._popen.pid)
         self._close()
 
-    def pause(self) -> None:
-        """Freeze the child (SIGSTOP): its sockets stay open but nothing answers, like a hung server."""
+    def pause(self, timeout: float = 5.0) -> None:
+        """Freeze the child (SIGSTOP): its sockets stay open but nothing answers, like a hung server.
+
+        Returns once /proc shows every thread of the group stopped: `killpg` only queues the signal,
+        and a caller that acts at once (a fault test) must not race a child that still runs.
+        """
         if self._popen is None or not self.running:
             raise RuntimeError(f"{self.name} is not running")
         _signal_group(self._popen, signal.SIGSTOP)
+        deadline = time.monotonic() + timeout
+        while _group_tasks_stopped(self._popen.pid) is False:  # None: no /proc, nothing to observe
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} (pid {self._popen.pid}) not stopped {timeout:g}s after SIGSTOP")
+            time.sleep(0.01)
 
     def resume(self) -> None:
         """Undo `pause` (SIGCONT)."""

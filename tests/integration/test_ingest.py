@@ -14,14 +14,14 @@ import httpx
 import orjson
 import pytest
 import uvicorn
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.app import create_app
 from ingest.producer import EventProducer
 from meterline.core.events import decode_batch
-from meterline.localinfra.broker import ensure_topic
+from meterline.localinfra.broker import broker_answers, ensure_topic
 from meterline.localinfra.ports import free_port
 from meterline.settings import Settings
 from tests.infra import unique
@@ -439,8 +439,12 @@ def test_broker_paused_gives_bounded_503_then_recovers(
 ) -> None:
     if broker is None:
         pytest.skip("needs the locally launched broker (broker fixture) to pause it")
-    broker.pause()
+    broker.pause()  # returns once /proc shows every tansu thread stopped
     try:
+        # Observable proof that nothing answers at the producer's bootstrap: if another process served
+        # this port (a restarted or second broker), the 503 below would be a 204 for that reason.
+        with pytest.raises(KafkaException):
+            broker_answers(app_settings.kafka_bootstrap, timeout=1.0)
         started = time.monotonic()
         r = client.post(
             "/api/v1/events", content=orjson.dumps(make_event(0)), headers={"content-type": SINGLE}
