@@ -56,6 +56,12 @@ class LogRestartedError(RuntimeError):
     collide with the old log's, so the worker stops; started again, it works under the new epoch."""
 
 
+class OffsetResetError(RuntimeError):
+    """A partition's offsets went back within one assignment under an unchanged log epoch: the consumer
+    hit an out-of-range offset and auto-reset to the earliest one. The worker stops loudly instead of
+    silently re-reading (or, past retention, skipping) what the committed offset said was next."""
+
+
 class Sink(Protocol):
     """Durable storage of a batch's rows and of the first sightings they record."""
 
@@ -163,8 +169,15 @@ class BatchProcessor:
             metrics.STALE.inc(len(events) - len(live))
         if not live:
             return None
-        if self._offsets_went_back(live) and self.check_epoch is not None:
-            await self.check_epoch()  # raises LogRestartedError when the log restarted under us
+        went_back = self._offsets_went_back(live)
+        if went_back:
+            if self.check_epoch is not None:
+                await self.check_epoch()  # raises LogRestartedError when the log restarted under us
+            partition, previous, offset = went_back
+            logger.error("offset out of range: the consumer reset the partition to an earlier offset; stopping",
+                         extra={"partition": partition, "expected_offset": previous, "offset": offset})
+            raise OffsetResetError(f"partition {partition}: expected offset {previous}, the consumer "
+                                   f"delivered {offset} (out-of-range reset) under the same log epoch")
         messages = [(e.message.partition, e.message.offset, e.value, e.message.timestamp) for e in live]
         wall = time.time()
         for m in messages:
@@ -173,6 +186,8 @@ class BatchProcessor:
         rows = await self.process(messages)
         for e in live:
             await ack(e)
+            # A failed batch is replayed from the same offsets: only what was acked counts as seen.
+            self._next_seen[e.message.partition] = e.message.offset + 1
         return rows
 
     def assigned(self, partitions: Iterable[int]) -> None:
@@ -180,16 +195,18 @@ class BatchProcessor:
         for p in partitions:
             self._next_seen.pop(p, None)
 
-    def _offsets_went_back(self, events: Sequence[StreamEvent]) -> bool:
-        """Whether a partition's offsets went backwards within one assignment -- which a consumer does
-        when its position fell out of a restarted log and it was reset to the earliest offset."""
-        went_back = False
+    def _offsets_went_back(self, events: Sequence[StreamEvent]) -> tuple[int, int, int] | None:
+        """The first `(partition, expected offset, delivered offset)` whose offsets went backwards within
+        one assignment -- which a consumer does when its position fell out of the log (a restarted log,
+        or an offset out of range) and it was reset to the earliest offset -- else None."""
+        next_seen = dict(self._next_seen)  # advanced only once the batch is acked (see `handle`)
         for e in events:
             p, off = e.message.partition, e.message.offset
-            if off < self._next_seen.get(p, 0):
-                went_back = True
-            self._next_seen[p] = off + 1
-        return went_back
+            expected = next_seen.get(p, 0)
+            if off < expected:
+                return p, expected, off
+            next_seen[p] = off + 1
+        return None
 
     async def ensure_loaded(self, partitions: set[int]) -> None:
         """Merge the sink's first sightings of newly assigned partitions before deciding anything."""

@@ -22,7 +22,7 @@ from meterline.core.errors import StorageError
 from meterline.core.meters import Aggregation, Meter, MeterSet
 from meterline.settings import Settings
 from processor import metrics
-from processor.batch import BatchProcessor
+from processor.batch import BatchProcessor, OffsetResetError
 from processor.dedupe import DedupeState
 from tests.fakes import Acks, FakeMessage, FakeSink, FakeStreamEvent
 
@@ -298,6 +298,10 @@ async def test_offsets_going_back_within_an_assignment_ask_whether_the_log_resta
     await worker.processor.handle(stream_events(first[:1]), 1, acks)
     assert checks == []
     back = [(0, 0, orjson.dumps([event(3, "s", 1, 0)]))]  # same assignment, offset 0 after 5: suspicious
-    await worker.processor.handle(stream_events(back), 1, acks)
+    acked_before, stored_before = len(acks.acked), dict(sink.events)
+    with pytest.raises(OffsetResetError, match="partition 0: expected offset 6"):
+        # The epoch did not change (check returned): an out-of-range reset stops loudly, never re-reads.
+        await worker.processor.handle(stream_events(back), 1, acks)
     assert checks == ["checked"]
+    assert len(acks.acked) == acked_before and sink.events == stored_before  # nothing of it processed
     worker.stop()
