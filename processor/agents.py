@@ -33,7 +33,7 @@ from typing import Any
 
 import faust
 
-from meterline.adapters.kafka import log_epoch
+from meterline.adapters.kafka import committed_offsets, log_epoch
 from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 from processor import metrics
@@ -85,7 +85,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         mine = {tp.partition for tp in assigned if tp.topic == topic.get_topic_name()}
         owned.update(mine)
-        processor.assigned(mine)
+        processor.assigned(mine, await group_committed(mine))
         if mine:
             try:
                 await check_epoch()
@@ -94,6 +94,18 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
                 return
         processor.progress.assigned(mine, time.time())
         metrics.ASSIGNED.set(len(owned))
+
+    async def group_committed(partitions: set[int]) -> dict[int, int]:
+        """The group's committed offsets: the first offset of an assignment below one is an auto-reset."""
+        if not partitions:
+            return {}
+        assert settings.kafka_bootstrap is not None
+        try:
+            return await asyncio.to_thread(committed_offsets, settings.kafka_bootstrap, settings.consumer_group,
+                                           topic.get_topic_name(), partitions)
+        except BrokerUnavailableError as exc:  # the check is skipped for this assignment, processing is not
+            logger.info("committed offsets unavailable", extra={"error": str(exc)[:300]})
+            return {}
 
     async def check_epoch() -> None:
         """Stop loudly when the broker's log epoch is not the one this worker writes positions under."""

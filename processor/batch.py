@@ -19,7 +19,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -190,10 +190,14 @@ class BatchProcessor:
             self._next_seen[e.message.partition] = e.message.offset + 1
         return rows
 
-    def assigned(self, partitions: Iterable[int]) -> None:
-        """A new assignment: offsets may legitimately start below what this worker saw before (replay)."""
+    def assigned(self, partitions: Iterable[int], committed: Mapping[int, int] | None = None) -> None:
+        """A new assignment: offsets may legitimately start below what this worker saw before (replay),
+        but never below the group's `committed` offset: a first offset under it is an out-of-range
+        auto-reset to the earliest (e.g. a commit of a re-created log), which `handle` stops on."""
         for p in partitions:
             self._next_seen.pop(p, None)
+            if committed is not None and p in committed:
+                self._next_seen[p] = committed[p]
 
     def _offsets_went_back(self, events: Sequence[StreamEvent]) -> tuple[int, int, int] | None:
         """The first `(partition, expected offset, delivered offset)` whose offsets went backwards within

@@ -8,9 +8,9 @@ policy. confluent-kafka errors surface as `BrokerUnavailableError`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from confluent_kafka import KafkaError, KafkaException, TopicCollection
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicCollection, TopicPartition
 from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
 
 from meterline.core.errors import BrokerUnavailableError
@@ -49,6 +49,20 @@ def log_epoch(bootstrap: str, topic: str, timeout: float = 10.0) -> str:
     if not cluster_id:
         raise BrokerUnavailableError(f"broker {bootstrap} reported no cluster id")
     return f"{cluster_id}/{topic_id}" if topic_id else str(cluster_id)
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Iterable[int],
+                      timeout: float = 10.0) -> dict[int, int]:
+    """The offsets `group` committed on `topic`'s `partitions` (next offset to read); partitions without
+    a commit are left out. A consumer that never subscribes only fetches offsets: it does not join."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+    except KafkaException as exc:
+        raise BrokerUnavailableError(f"cannot fetch {group}'s offsets on {topic} from {bootstrap}: {exc}") from exc
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in found if tp.error is None and tp.offset >= 0}
 
 
 def create_topic_if_missing(bootstrap: str, topic: str, partitions: int, timeout: float = 10.0, *,

@@ -305,3 +305,21 @@ async def test_offsets_going_back_within_an_assignment_ask_whether_the_log_resta
     assert checks == ["checked"]
     assert len(acks.acked) == acked_before and sink.events == stored_before  # nothing of it processed
     worker.stop()
+
+
+async def test_a_first_offset_below_the_groups_commit_is_an_out_of_range_reset(tmp_path: Path) -> None:
+    """A worker (re)assigned a partition whose committed offset is out of range (a commit of a re-created
+    log, a truncated log) is handed the earliest offset: it stops instead of re-reading from there."""
+    sink = FakeSink()
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    committed = 10
+    acks = Acks([])
+    worker.processor.assigned({0, 1}, {0: committed})  # partition 1: no commit, any start is right
+    await worker.processor.handle(stream_events([(1, 0, orjson.dumps([event(1, "b", 1, 0)]))]), 1, acks)
+    with pytest.raises(OffsetResetError, match=f"expected offset {committed}, the consumer delivered 0"):
+        await worker.processor.handle(stream_events([(0, 0, orjson.dumps([event(2, "a", 1, 0)]))]), 1, acks)
+    assert acks.acked == [(1, 0)]
+    worker.processor.assigned({0}, {0: committed})  # resuming exactly at the commit is the normal case
+    await worker.processor.handle(stream_events([(0, committed, orjson.dumps([event(3, "a", 1, 0)]))]), 1, acks)
+    assert acks.acked == [(1, 0), (0, committed)]
+    worker.stop()
