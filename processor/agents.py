@@ -85,7 +85,9 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
     async def on_assigned(sender: Any, assigned: Any, **kwargs: Any) -> None:
         mine = {tp.partition for tp in assigned if tp.topic == topic.get_topic_name()}
         owned.update(mine)
-        processor.assigned(mine, await group_committed(mine))
+        committed = await group_committed(mine)
+        logger.info("assigned", extra={"partitions": sorted(mine), "committed": committed})
+        processor.assigned(mine, committed)
         if mine:
             try:
                 await check_epoch()
