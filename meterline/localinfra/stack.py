@@ -47,7 +47,11 @@ class LocalStack(Started):
     topic: str | None = None
     database: str | None = None
     partitions: int = 4
-    consumer_group: str = "meterline-processor"
+    #: Default: `meterline-processor` when the topic is given (a stable deployment: its committed offsets
+    #: must survive restarts), else one group per stack beside its generated topic, so stacks sharing a
+    #: broker (the test session's) never share a group: stale members of a stopped stack and members
+    #: subscribed to other topics would otherwise keep every later stack's group rebalancing.
+    consumer_group: str = ""
     extra_env: dict[str, str] = field(default_factory=dict)
     kafka_bootstrap: str | None = None
     clickhouse_url: str | None = None
@@ -66,6 +70,8 @@ class LocalStack(Started):
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         suffix = uuid.uuid4().hex[:8]
+        if not self.consumer_group:
+            self.consumer_group = "meterline-processor" if self.topic else f"meterline-processor-{suffix}"
         self.topic = self.topic or f"meterline-events-{suffix}"
         self.database = self.database or f"meterline_{suffix}"
         if not self.auth_secret_file.exists():  # the servers' HMAC secret for API keys, kept with the data
@@ -96,6 +102,8 @@ class LocalStack(Started):
             for index in range(self.processors):
                 self.add_processor(index)
             self._start_server()
+            wait_for(self._meters_ready, timeout=180,
+                     what=f"every meter built from stored events (see {self.data_dir / 'logs'})")
         except BaseException:
             self.stop()
             raise
@@ -237,6 +245,18 @@ class LocalStack(Started):
         self.server.start()
         if wait:
             wait_for(self._healthy, timeout=60, what=f"meterline HTTP server on {self.url} (see {self.server.log_path})")
+
+    def _meters_ready(self) -> bool:
+        """Up means answering: a meter the controller is still building would answer 503 "building"."""
+        try:
+            resp = httpx.get(self.url + "/api/v1/meters", timeout=5)
+        except httpx.HTTPError:
+            return False
+        if resp.status_code in (401, 403):  # keys required (no local mode): the caller checks with its key
+            return True
+        return resp.status_code == 200 and all(
+            (m.get("annotations") or {}).get("meterline.state") == "ready" for m in resp.json()
+        )
 
     def _healthy(self) -> bool:
         if self.server is not None and not self.server.is_alive():
