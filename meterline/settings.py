@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     #: With a cluster: ReplicatedReplacingMergeTree under the nodes' {shard}/{replica} macros (needs a keeper);
     #: false = shards without replicas (plain ReplacingMergeTree).
     clickhouse_replicated: bool = True
+    #: A cluster without distributed DDL (no keeper, such as the embedded test cluster): the URL of every
+    #: node, comma-separated. Mutations then run on each node's local table instead of `ON CLUSTER`.
+    clickhouse_node_urls: str | None = Field(default=None, min_length=1)
     events_topic: str = Field(default="meterline-events", min_length=1)
     topic_partitions: int = Field(default=8, ge=1)
     consumer_group: str = Field(default="meterline-processor", min_length=1)
@@ -197,7 +200,9 @@ class Settings(BaseSettings):
     @property
     def clickhouse_topology(self) -> Topology:
         """Where the tables live: one server, or every node of `clickhouse_cluster`."""
-        return Topology(cluster=self.clickhouse_cluster, replicated=self.clickhouse_replicated)
+        nodes = tuple(u.strip() for u in (self.clickhouse_node_urls or "").split(",") if u.strip())
+        return Topology(cluster=self.clickhouse_cluster, replicated=self.clickhouse_replicated,
+                        on_cluster=not nodes, nodes=nodes)
 
     @property
     def clickhouse_database(self) -> str:

@@ -126,6 +126,26 @@ def insert_errors() -> Iterator[None]:
             raise StorageRejectedError(f"rows cannot be encoded: {type(exc).__name__}: {exc}") from exc
 
 
+def mutate(client: Client, statement: str, *, topology: Topology = SINGLE_NODE,
+           parameters: dict[str, Any] | None = None, settings: dict[str, Any] | None = None) -> None:
+    """Run a mutation (`DELETE FROM mutation_target(...)`) wherever the rows are stored.
+
+    One statement does it on one server, and on a cluster with distributed DDL (`ON CLUSTER`). A cluster
+    without it (`topology.nodes`, the embedded test cluster) refuses `ON CLUSTER`, and a statement sent
+    to one node would leave the other shards' rows, so it runs on every node's local table in turn.
+    Deletes are idempotent, so a failure part-way is repaired by running the whole mutation again.
+    """
+    if topology.cluster is None or topology.on_cluster or not topology.nodes:
+        client.command(statement, parameters=parameters, settings=settings)
+        return
+    for url in topology.nodes:
+        node = connect(url, database=client.database)
+        try:
+            node.command(statement, parameters=parameters, settings=settings)
+        finally:
+            node.close()
+
+
 def create_schema(client: Client, database: str, topology: Topology = SINGLE_NODE) -> None:
     """Create the database and tables if missing and add missing columns (every statement is idempotent).
 

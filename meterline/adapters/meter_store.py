@@ -20,7 +20,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 from ulid import ULID
 
-from meterline.adapters.clickhouse import storage_errors
+from meterline.adapters.clickhouse import mutate, storage_errors
 from meterline.core import meter_records as mr
 from meterline.core.errors import MeterBuildingError, MeterConflictError, MeterNotFoundError
 from meterline.core.meter_records import API, DEFAULT_NAMESPACE, MeterRecord, MeterState
@@ -113,9 +113,8 @@ class MeterStore:
     def forget_worker(self, worker: str) -> None:
         """A worker that stops cleanly stops counting at once (instead of after its TTL)."""
         with self._lock, storage_errors():
-            self.client.command(f"DELETE FROM {mutation_target(self.database, METER_WORKERS, self.topology)}"
-                                " WHERE worker = {w:String}",
-                                parameters={"w": worker})
+            mutate(self.client, f"DELETE FROM {mutation_target(self.database, METER_WORKERS, self.topology)}"
+                   " WHERE worker = {w:String}", topology=self.topology, parameters={"w": worker})
 
 
 def applied_key(namespace: str, slug: str) -> str:

@@ -107,12 +107,14 @@ class Topology:
     each node's config (False: plain ReplacingMergeTree shards, no replicas). `on_cluster`: DDL and
     mutations carry `ON CLUSTER` so one statement reaches every node through the cluster's keeper; False
     renders per-node statements for a caller that runs them on each node itself (a server without
-    distributed DDL, such as the embedded test cluster).
+    distributed DDL, such as the embedded test cluster). `nodes`: with `on_cluster` False, the URL of
+    every node, where the adapters run each mutation (`meterline.adapters.clickhouse.mutate`).
     """
 
     cluster: str | None = None
     replicated: bool = True
     on_cluster: bool = True
+    nodes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.cluster is not None and not self.cluster:

@@ -43,7 +43,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from meterline.adapters.clickhouse import create_schema, storage_errors
+from meterline.adapters.clickhouse import create_schema, mutate, storage_errors
 from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.meters import MeterSet
 from meterline.core.reasons import ReasonCode, rejections_of
@@ -297,10 +297,12 @@ def _delete_stale(client: Client, database: str, groups: Mapping[ReplayGroup, Se
              if (str(r[4]), int(r[5]), int(r[6])) in wanted_tags
              and (str(r[0]), str(r[1]), as_utc(r[2]), str(r[3]), str(r[4]), int(r[5]), int(r[6])) not in keep]
     for r in stale:
-        client.command(
-            f"DELETE FROM {mutation_target(database, METER_WINDOWS, topology)} WHERE meter = {{m:String}} AND subject = {{s:String}} "
-            "AND window_start = {w:DateTime('UTC')} AND group_key = {g:String} AND log_epoch = {e:String} "
-            "AND kafka_partition = {p:UInt32} AND kafka_offset = {o:UInt64}",
+        mutate(
+            client,
+            f"DELETE FROM {mutation_target(database, METER_WINDOWS, topology)} WHERE meter = {{m:String}} "
+            "AND subject = {s:String} AND window_start = {w:DateTime('UTC')} AND group_key = {g:String} "
+            "AND log_epoch = {e:String} AND kafka_partition = {p:UInt32} AND kafka_offset = {o:UInt64}",
+            topology=topology,
             parameters={"m": r[0], "s": r[1], "w": format_sql_time(r[2]), "g": r[3],
                         "e": r[4], "p": int(r[5]), "o": int(r[6])},
         )

@@ -28,7 +28,7 @@ from pathlib import Path
 from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter, Gauge
 
-from meterline.adapters.clickhouse import storage_errors
+from meterline.adapters.clickhouse import mutate, storage_errors
 from meterline.adapters.meter_store import MeterCatalog, Progress, applied_key
 from meterline.core.errors import ConfigError, MeterlineError
 from meterline.core.meter_records import MeterState
@@ -107,16 +107,23 @@ class MeterController:
         self.reload_config()
         self.catalog.refresh()
         progress = self.catalog.store.progress()
+        failed: MeterlineError | None = None
         for slug, state in sorted(self.catalog.states.items()):
             if self._stop.is_set():
                 return
-            if state.deleted:
-                self._purge(state, progress)
-            elif state.building is not None:
-                self._build(state, progress)
-            elif state.latest.active_generation:
-                self._clean(state, progress)
+            try:
+                if state.deleted:
+                    self._purge(state, progress)
+                elif state.building is not None:
+                    self._build(state, progress)
+                elif state.latest.active_generation:
+                    self._clean(state, progress)
+            except MeterlineError as exc:  # one meter's failing step must not hold up the others' builds
+                logger.warning("meter step failed; retrying next pass", extra={"meter": slug}, exc_info=True)
+                failed = failed or exc
         self.catalog.refresh_progress()
+        if failed is not None:
+            raise failed
 
     def reload_config(self) -> None:
         """Apply config.yaml when its mtime moved; an invalid file keeps the last good meters."""
@@ -224,10 +231,11 @@ class MeterController:
     def _drop(self, slug: str, condition: str, generation: int) -> None:
         with storage_errors():
             for table in (METER_WINDOWS, DEAD_LETTERS):
-                self.client.command(
+                mutate(
+                    self.client,
                     f"DELETE FROM {mutation_target(self.database, table, self.topology)}"
                     f" WHERE meter = {{m:String}} AND {condition}",
-                    parameters={"m": slug, "g": generation}, settings={"mutations_sync": 2},
+                    topology=self.topology, parameters={"m": slug, "g": generation}, settings={"mutations_sync": 2},
                 )
 
     def clean(self, slug: str, timeout: float) -> bool:

@@ -24,7 +24,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
-from meterline.adapters.clickhouse import storage_errors
+from meterline.adapters.clickhouse import mutate, storage_errors
 from meterline.core.meters import Meter, MeterSet
 from meterline.core.reasons import was_too_late
 from meterline.core.rows import RowOptions, Rows, always_accept, message_rows, stored_messages
@@ -108,10 +108,11 @@ def recompute(
     now = datetime.now(UTC)
     with storage_errors():
         for table in (METER_WINDOWS, DEAD_LETTERS) if clear else ():
-            client.command(
+            mutate(
+                client,
                 f"DELETE FROM {mutation_target(database, table, topology)} WHERE meter = {{meter:String}}"
                 " AND generation = {generation:UInt64}",
-                parameters={"meter": meter.slug, "generation": generation},
+                topology=topology, parameters={"meter": meter.slug, "generation": generation},
                 settings={"mutations_sync": 2},
             )
         sql, params = events_query(database, meter)

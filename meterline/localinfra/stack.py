@@ -102,9 +102,8 @@ class LocalStack(Started):
             for index in range(self.processors):
                 self.add_processor(index)
             self._start_server()
-            if self.clickhouse_cluster is None:  # the embedded cluster refuses the controller's ON CLUSTER drop
-                wait_for(self._meters_ready, timeout=180,
-                         what=f"every meter built from stored events (see {self.data_dir / 'logs'})")
+            wait_for(self._meters_ready, timeout=180,
+                     what=f"every meter built from stored events (see {self.data_dir / 'logs'})")
         except BaseException:
             self.stop()
             raise
@@ -166,7 +165,9 @@ class LocalStack(Started):
         )
         if self.clickhouse_cluster is not None:
             env.update(METERLINE_CLICKHOUSE_CLUSTER=self.clickhouse_cluster.name,
-                       METERLINE_CLICKHOUSE_REPLICATED="false")
+                       METERLINE_CLICKHOUSE_REPLICATED="false",
+                       # no keeper, so no ON CLUSTER: mutations run on each node (adapters.clickhouse.mutate)
+                       METERLINE_CLICKHOUSE_NODE_URLS=",".join(n.url for n in self.clickhouse_cluster.nodes))
         env.update(self.extra_env)
         return env
 

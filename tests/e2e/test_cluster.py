@@ -22,11 +22,12 @@ import pytest
 
 from meterline.adapters.clickhouse import connect
 from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
+from meterline.localinfra.ports import wait_for
 from meterline.localinfra.stack import LocalStack
 from tests.e2e.conftest import METERS
-from tests.e2e.test_pipeline import START, query, wait_until_counted, windows_and_oracle
+from tests.e2e.test_pipeline import END, START, query, wait_until_counted, windows_and_oracle
 from tests.faults.harness import wait_owners, worker_metric
-from tests.oracle import EventFactory, config_yaml, expected, first_sightings, response_windows
+from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
 
 pytestmark = pytest.mark.e2e
 
@@ -118,3 +119,50 @@ def test_any_second_is_exact_on_a_cluster(cluster_stack: LocalStack, cluster_sen
         want = expected(first_sightings(cluster_sent), meter, start=start, end=end, window="MINUTE",
                         group_by=group_by)
         assert want and response_windows(body, group_by) == want, slug
+
+
+def test_a_changed_meter_drops_its_old_generation_on_every_shard(cluster_stack: LocalStack,
+                                                                  cluster_sent: list[dict[str, Any]]) -> None:
+    """Live meters on a cluster: a meter created through the API is built from the stored events of both
+    shards; a change rebuilds it, and the old generation's rows go from every shard's local table (the
+    embedded cluster has no ON CLUSTER, so the controller must delete node by node)."""
+    old = OracleMeter("cluster_tokens", "prompt", "SUM", "tokens", ("model",))
+    new = OracleMeter("cluster_tokens", "prompt", "MAX", "tokens", ("type",))
+    url = cluster_stack.url
+    created = httpx.post(f"{url}/api/v1/meters", json={
+        "slug": old.slug, "eventType": old.event_type, "aggregation": old.aggregation,
+        "valueProperty": "$.tokens", "groupBy": {"model": "$.model"}}, timeout=30)
+    assert created.status_code == 201, created.text
+
+    def state() -> dict[str, Any]:
+        body: dict[str, Any] = httpx.get(f"{url}/api/v1/meters/{old.slug}", timeout=10).json()["annotations"]
+        return body
+
+    def answer(meter: OracleMeter) -> tuple[dict[Any, Any], dict[Any, Any]]:
+        group_by = list(meter.group_fields)
+        body = query(cluster_stack, meter.slug, **{"from": START.isoformat(), "to": END.isoformat(),
+                                                  "windowSize": "HOUR", "groupBy": ["subject", *group_by]})
+        want = expected(first_sightings(cluster_sent), meter, start=START, end=END, window="HOUR", group_by=group_by)
+        return response_windows(body, group_by), want
+
+    wait_for(lambda: state()["meterline.state"] == "ready", 120, "the new meter built from both shards")
+    got, want = answer(old)
+    assert want and got == want
+    changed = httpx.put(f"{url}/api/v1/meters/{old.slug}", json={"aggregation": "MAX", "groupBy": {"type": "$.type"}},
+                        timeout=30)
+    assert changed.status_code == 200, changed.text
+    generation = changed.json()["annotations"]["meterline.generation"]
+    wait_for(lambda: state()["meterline.state"] == "ready", 120, "the changed meter rebuilt")
+    got, want = answer(new)
+    assert want and got == want
+    clients = shard_clients(cluster_stack)
+    try:
+        def only_new() -> bool:
+            held = [{r[0] for r in c.query("SELECT DISTINCT generation FROM meter_windows_local WHERE meter = "
+                                           "{m:String}", parameters={"m": old.slug}).result_rows} for c in clients]
+            return all(g <= {generation} for g in held) and any(held)
+
+        wait_for(only_new, 120, "the old generation's rows dropped from every shard")
+    finally:
+        for c in clients:
+            c.close()

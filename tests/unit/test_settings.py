@@ -202,3 +202,7 @@ def test_cluster_settings_become_a_topology(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("METERLINE_CLICKHOUSE_CLUSTER", "prod")
     monkeypatch.setenv("METERLINE_CLICKHOUSE_REPLICATED", "false")
     assert Settings(config_file=str(empty)).clickhouse_topology == Topology(cluster="prod", replicated=False)
+    # A cluster without distributed DDL: no ON CLUSTER, and every node named for per-node mutations.
+    monkeypatch.setenv("METERLINE_CLICKHOUSE_NODE_URLS", "http://a:8123, http://b:8123")
+    assert Settings(config_file=str(empty)).clickhouse_topology == Topology(
+        cluster="prod", replicated=False, on_cluster=False, nodes=("http://a:8123", "http://b:8123"))
