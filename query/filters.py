@@ -20,7 +20,7 @@ from typing import Any
 
 from meterline.core.errors import InvalidQueryError
 from meterline.core.times import format_sql_time
-from query.windowing import parse_instant
+from query.time_ranges import parse_instant
 
 MAX_DEPTH = 8
 MAX_VALUES = 1000

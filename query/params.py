@@ -11,7 +11,7 @@ from datetime import datetime
 from fastapi import Request
 
 from meterline.core.errors import InvalidQueryError
-from query.windowing import parse_instant
+from query.time_ranges import parse_instant
 
 
 def one(request: Request, name: str) -> str | None:

@@ -27,7 +27,7 @@ import orjson
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
 from query.filters import FilterString, parse_filter
-from query.windowing import WINDOW_SIZES, parse_instant, parse_zone
+from query.time_ranges import WINDOW_SIZES, parse_instant, parse_zone
 
 MAX_LIST = 100
 """Most subjects / groupBy keys / customer ids in one query (OpenMeter's maxItems)."""

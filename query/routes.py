@@ -33,7 +33,7 @@ from query.request import MeterQuery, from_body, from_query_params
 from query.shapes import number
 from query.store import WindowStore
 from query.subject_routes import subjects_by_key
-from query.windowing import MINUTE, bucket_end, format_instant
+from query.time_ranges import MINUTE, bucket_end, format_instant
 
 log = logging.getLogger(__name__)
 

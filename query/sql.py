@@ -33,7 +33,7 @@ from meterline.core.schema import (
 )
 from meterline.core.times import format_sql_time
 from query.filters import FilterString, FilterTime, filter_sql, time_filter_sql
-from query.windowing import RangeSplit
+from query.time_ranges import RangeSplit
 
 EVENT_LIST_COLUMNS: tuple[str, ...] = (
     "id", "source", "type", "subject", "time", "data", "ingested_at", "validation_errors", "attributes",

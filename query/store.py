@@ -39,7 +39,7 @@ from query.sql import (
     meter_query,
     subjects_query,
 )
-from query.windowing import RangeSplit, split_range
+from query.time_ranges import RangeSplit, split_range
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from meterline.core.times import as_utc, format_time
 from query import openapi
 from query.sql import ingested_counts_query, subject_entities_query
 from query.store import WindowStore
-from query.windowing import parse_instant
+from query.time_ranges import parse_instant
 
 router = APIRouter(tags=["Subjects"])
 

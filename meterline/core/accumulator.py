@@ -1,6 +1,6 @@
 """The window accumulator: one Kafka message's measurements folded into minute-window delta rows.
 
-(Query-time windows, in a zone and of a size, are `query/windowing.py`.)
+(Query-time windows, in a zone and of a size, are `query/time_ranges.py`.)
 
 Windows follow **event time**, not arrival: a usage report that arrives late (or is
 replayed) must land in the minute it happened, otherwise totals would depend on broker lag.

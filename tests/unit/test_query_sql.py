@@ -19,7 +19,7 @@ from query.sql import (
     meter_query,
 )
 from query.store import meter_values
-from query.windowing import split_range
+from query.time_ranges import split_range
 
 T0 = datetime(2024, 3, 10, 0, 0, tzinfo=UTC)
 T1 = datetime(2024, 3, 11, 0, 0, tzinfo=UTC)

@@ -26,7 +26,7 @@ from query.sql import (
     subject_entities_query,
     subjects_query,
 )
-from query.windowing import split_range
+from query.time_ranges import split_range
 
 MARK = "\u2063"  # INVISIBLE SEPARATOR: never part of meterline's SQL text
 T0 = datetime(2024, 3, 10, 0, 0, 15, tzinfo=UTC)

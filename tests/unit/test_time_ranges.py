@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meterline.core.errors import InvalidQueryError
-from query.windowing import (
+from query.time_ranges import (
     bucket_end,
     format_instant,
     parse_instant,

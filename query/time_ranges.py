@@ -1,4 +1,4 @@
-"""Pure time logic of meter queries: parameter validation and local-time window arithmetic.
+"""A query's time range: parameter validation, whole minutes vs raw edges, and local-time bucket ends.
 
 We store one row per UTC *minute*. A query's `from`/`to` may be any instant: they are cut to the second
 (as OpenMeter does), the whole minutes between them are read from the minute windows and the partial
