@@ -183,9 +183,11 @@ class Background(threading.Thread):
             raise self.error
 
 
-def feed_in_background(sender: Sender, chunks: list[list[dict[str, Any]]], over_seconds: float) -> Background:
-    """Send every chunk from a thread, spread over about `over_seconds` (at most 0.2 s apart), so the
-    faults a test injects meanwhile land while messages are being produced and processed."""
+def feed_in_background(sender: Sender, events: Sequence[dict[str, Any]], rng: random.Random,
+                       over_seconds: float) -> Background:
+    """Send `events` in random `batches` from a thread, spread over about `over_seconds` (at most 0.2 s
+    apart), so the faults a test injects meanwhile land while messages are being produced and processed."""
+    chunks = batches(events, rng)
     pace = max(0.0, min(0.2, over_seconds / len(chunks)))
     feeder = Background(lambda: sender.send_all(chunks, pace=pace))
     feeder.start()
@@ -354,7 +356,6 @@ class ScenarioRow:
     note: str = ""
 
 
-
 class Scenario(NamedTuple):
     """What every scenario starts with (unpack it): its clock for the summary's seconds, its summary row,
     its seed (`fault_seed()` + the scenario's own offset, so scenarios draw different events) and the
@@ -371,9 +372,23 @@ def begin(row: ScenarioRow, seed_offset: int = 0) -> Scenario:
     seed = fault_seed() + seed_offset
     return Scenario(time.monotonic(), row, seed, random.Random(seed))
 
+
+def caught_up(stack: LocalStack, sender: Sender, *, extra: Sequence[dict[str, Any]] = (),
+              stable_seconds: float = 60.0) -> list[dict[str, Any]]:
+    """What the oracle counts -- the first sighting of every accepted event, plus `extra` events a test
+    wrote past ingest -- once the processor has caught up with it (`wait_caught_up`)."""
+    counted = first_sightings(sender.accepted) + list(extra)
+    wait_caught_up(stack, counted, stable_seconds=stable_seconds)
+    return counted
+
+
 def finish(row: ScenarioRow, stack: LocalStack, sender: Sender, counted: Sequence[dict[str, Any]],
-           comparison: Comparison, started: float) -> None:
-    """Fill the summary row from the oracle and ClickHouse, then fail with a diagnosis on any mismatch."""
+           started: float, comparison: Comparison | None = None) -> None:
+    """Fill the summary row from the oracle and ClickHouse, then fail with a diagnosis on any mismatch.
+
+    `comparison` defaults to `compare` over the whole range, every meter."""
+    if comparison is None:
+        comparison = compare(stack, counted)
     row.sent = sender.sent
     row.accepted = len(sender.accepted)
     row.duplicates_dropped = len(sender.accepted) - len(first_sightings(sender.accepted))
@@ -403,6 +418,4 @@ def dead_letters_api(stack: LocalStack, **params: Any) -> list[dict[str, Any]]:
 def settle(row: ScenarioRow, stack: LocalStack, sender: Sender, started: float) -> None:
     """Wait until the processor has caught up with every accepted event, then compare every window
     with the oracle and fill the summary row (fails with a diagnosis on any mismatch)."""
-    counted = first_sightings(sender.accepted)
-    wait_caught_up(stack, counted)
-    finish(row, stack, sender, counted, compare(stack, counted), started)
+    finish(row, stack, sender, caught_up(stack, sender), started)

@@ -23,6 +23,7 @@ from tests.faults.harness import (
     Sender,
     batches,
     begin,
+    caught_up,
     compare,
     dead_letters_api,
     fault_events,
@@ -45,7 +46,7 @@ def test_resent_and_late_events(make_stack: Callable[..., LocalStack], make_send
     sender = make_sender(stack.url)
     # 2% of token counts are 34-digit decimals: late and resent windows must stay exact beyond 28 digits.
     sender.send_all(batches(stream_with_retries(factory, n, rng, dup_rate=0.0, large_rate=0.02), rng))
-    wait_caught_up(stack, first_sightings(sender.accepted))  # every window of the span is written
+    caught_up(stack, sender)  # every window of the span is written
 
     resent = [dict(e) for e in rng.sample(sender.accepted, len(sender.accepted) // 10)]
     hours_late = [factory.event(when=START + timedelta(milliseconds=rng.randrange(int(SPAN.total_seconds() * 1000))))
@@ -93,5 +94,4 @@ def test_late_horizon_dead_letters(make_stack: Callable[..., LocalStack], make_s
     assert got == too_late, f"too_late dead letters differ: missing {len(too_late - got)}, extra {len(got - too_late)}"
     assert all(d["meter"] is None and d["reasonCode"] == "too_late" for d in letters)
     row.late = len(too_late)
-    comparison = compare(stack, counted, start=window_from, end=window_to)
-    finish(row, stack, sender, counted, comparison, started)
+    finish(row, stack, sender, counted, started, compare(stack, counted, start=window_from, end=window_to))

@@ -27,13 +27,12 @@ from tests.faults.harness import (
     Sender,
     batches,
     begin,
-    compare,
+    caught_up,
     dead_letter_count,
     finish,
-    wait_caught_up,
     worker_metric,
 )
-from tests.oracle import EventFactory, first_sightings
+from tests.oracle import EventFactory
 
 pytestmark = pytest.mark.faults
 
@@ -65,10 +64,9 @@ def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., Loca
     sender = make_sender(stack.url)
     valid = [prompt(factory, subject) for _ in range(50)]
     sender.send_all(batches(valid, random.Random(seed), 1, 10))
-    counted = first_sightings(sender.accepted)
+    counted = caught_up(stack, sender, stable_seconds=30)
     assert len(counted) == 50
-    wait_caught_up(stack, counted, stable_seconds=30)
-    finish(row, stack, sender, counted, compare(stack, counted), started)
+    finish(row, stack, sender, counted, started)
     assert dead_letter_count(stack, "invalid_event") == 1
     # Completeness gauges (processor/progress.py): the partition moved past the poison and is caught up.
     assert worker_metric(stack, 0, "meterline_processor_processed_offset") >= 2
@@ -91,7 +89,5 @@ def test_nul_separated_pairs_are_distinct_events(make_stack: Callable[..., Local
     refused = sender.post_once([prompt(factory, subject, source="a\u0000b", id="d")])
     assert refused == 400  # ingest refuses control characters; only the topic can carry them
     sender.unexpected.clear()
-    counted = first_sightings(sender.accepted) + pair
-    wait_caught_up(stack, counted, stable_seconds=30)
-    finish(row, stack, sender, counted, compare(stack, counted), started)
+    finish(row, stack, sender, caught_up(stack, sender, extra=pair, stable_seconds=30), started)
     row.note = "both counted; ingest answers 400 for NUL"

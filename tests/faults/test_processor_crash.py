@@ -18,7 +18,6 @@ from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     ScenarioRow,
     Sender,
-    batches,
     begin,
     env_int,
     fault_events,
@@ -40,7 +39,7 @@ def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack], make
     stack = make_stack(processors=1)
     stream = fault_stream(seed, fault_events(), rng)
     sender = make_sender(stack.url)
-    feeder = feed_in_background(sender, batches(stream, rng), over_seconds=45.0)  # the kill period
+    feeder = feed_in_background(sender, stream, rng, over_seconds=45.0)  # the kill period
     done = 0
     while done < kills:
         time.sleep(rng.uniform(0.5, 6.0))  # sometimes during startup/partition load, sometimes mid-batch
@@ -59,7 +58,7 @@ def test_two_workers_one_killed(make_stack: Callable[..., LocalStack], make_send
     stack = make_stack(processors=2, partitions=4)
     stream = fault_stream(seed, fault_events() // 2, rng)
     sender = make_sender(stack.url)
-    feeder = feed_in_background(sender, batches(stream, rng), over_seconds=40.0)
+    feeder = feed_in_background(sender, stream, rng, over_seconds=40.0)
     # Each fault waits until the previous one has visibly landed: the group's assignment moved.
     wait_owners(stack, [0, 1], 4)
     wait_until(lambda: worker_metric(stack, 1, "meterline_processor_batches") > 0, "worker 1 writing", stack)
