@@ -91,9 +91,14 @@ def stream_with_retries(factory: EventFactory, n: int, rng: random.Random, dup_r
     return out
 
 
+def fault_factory(seed: int) -> EventFactory:
+    """Events of the fault span (START + SPAN), drawn from `seed`."""
+    return EventFactory(seed=seed, start=START, span=SPAN)
+
+
 def fault_stream(seed: int, n: int, rng: random.Random, **options: float) -> list[dict[str, Any]]:
     """`stream_with_retries` over `n` events of the fault span drawn from `seed` (what most scenarios send)."""
-    return stream_with_retries(EventFactory(seed=seed, start=START, span=SPAN), n, rng, **options)
+    return stream_with_retries(fault_factory(seed), n, rng, **options)
 
 
 def batches(events: Sequence[dict[str, Any]], rng: random.Random, low: int = 1, high: int = 300) -> list[list[dict[str, Any]]]:
@@ -155,11 +160,15 @@ class Sender:
                 raise AssertionError(f"batch never accepted; statuses so far {dict(self.statuses)}")
             time.sleep(self.retry_delay)
 
-    def send_all(self, chunks: Iterable[list[dict[str, Any]]], *, pace: float = 0.0) -> None:
+    def send_chunks(self, chunks: Iterable[list[dict[str, Any]]], *, pace: float = 0.0) -> None:
         for chunk in chunks:
             self.send(chunk)
             if pace:
                 time.sleep(pace)
+
+    def send_all(self, events: Sequence[dict[str, Any]], rng: random.Random, low: int = 1, high: int = 300) -> None:
+        """Send `events` in random `batches` of `low`..`high` events, each retried until accepted."""
+        self.send_chunks(batches(events, rng, low, high))
 
 
 class Background(threading.Thread):
@@ -189,7 +198,7 @@ def feed_in_background(sender: Sender, events: Sequence[dict[str, Any]], rng: ra
     apart), so the faults a test injects meanwhile land while messages are being produced and processed."""
     chunks = batches(events, rng)
     pace = max(0.0, min(0.2, over_seconds / len(chunks)))
-    feeder = Background(lambda: sender.send_all(chunks, pace=pace))
+    feeder = Background(lambda: sender.send_chunks(chunks, pace=pace))
     feeder.start()
     return feeder
 
@@ -331,6 +340,12 @@ def dead_letter_count(stack: LocalStack, reason_code: str | None = None) -> int:
 
 def stored_event_count(stack: LocalStack) -> int:
     return int(clickhouse_scalar(stack, "SELECT count() FROM events FINAL"))
+
+
+def assert_worker_alive(stack: LocalStack, when: str, index: int = 0) -> None:
+    """Fail (with the processor logs) if worker `index` has died: the documented behaviour under an
+    outage is to retry, never to crash."""
+    assert stack.workers[index].running, f"processor died {when}:\n{log_excerpt(stack)}"
 
 
 def log_excerpt(stack: LocalStack, lines: int = 15) -> str:

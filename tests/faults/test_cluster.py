@@ -24,6 +24,7 @@ from tests.faults.harness import (
     FAULT_CONFIG,
     ScenarioRow,
     Sender,
+    assert_worker_alive,
     begin,
     caught_up,
     clickhouse_scalar,
@@ -32,7 +33,6 @@ from tests.faults.harness import (
     fault_stream,
     feed_in_background,
     finish,
-    log_excerpt,
     wait_until,
     worker_metric,
 )
@@ -70,11 +70,11 @@ def test_shard_killed_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         stack.workers[0].kill()  # a crash while the shard is down: the restart must reload across shards
         stack.restart_processor(0)
         time.sleep(max(0.0, outage - (time.monotonic() - killed)))  # the fault's length, not a wait for an effect
-        assert stack.workers[0].running, f"processor died while a shard was down:\n{log_excerpt(stack)}"
+        assert_worker_alive(stack, "while a shard was down")
         shard2.restart()
         feeder.join_checked(timeout=600)
         counted = caught_up(stack, sender)
-        assert stack.workers[0].running, f"processor died after the shard came back:\n{log_excerpt(stack)}"
+        assert_worker_alive(stack, "after the shard came back")
         raw = clickhouse_scalar(stack, "SELECT count() FROM meter_windows")
         final = clickhouse_scalar(stack, "SELECT count() FROM meter_windows FINAL")
         row.note = f"2 shards; {raw - final} window row copies collapsed by FINAL"

@@ -23,20 +23,17 @@ from meterline.jobs.deadletters import list_dead_letters
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     FAULT_CONFIG,
-    SPAN,
-    START,
     ScenarioRow,
     Sender,
-    batches,
     begin,
     caught_up,
     compare,
     dead_letter_count,
     fault_events,
+    fault_factory,
     fault_stream,
     finish,
 )
-from tests.oracle import EventFactory
 
 pytestmark = pytest.mark.faults
 
@@ -93,7 +90,7 @@ def test_replay_after_config_fix(make_stack: Callable[..., LocalStack], make_sen
     stream = fault_stream(seed, fault_events() // 5, rng,
                                  invalid_rate=0.05)
     sender = make_sender(stack.url)
-    sender.send_all(batches(stream, rng))
+    sender.send_all(stream, rng)
     counted = caught_up(stack, sender)
     dead = wait_dead_letters_stable(stack)
     broken = compare(stack, counted, slugs=["tokens_total"])
@@ -127,9 +124,9 @@ def test_replay_after_config_fix(make_stack: Callable[..., LocalStack], make_sen
     assert {outcome for _, outcome in left} == {"still_rejected"}, {outcome for _, outcome in left}
 
     # New events after the fix are metered by the processor itself, next to the replayed windows.
-    later = EventFactory(seed=seed + 1, start=START, span=SPAN)
+    later = fault_factory(seed + 1)
     more = [later.event() for _ in range(500)]
-    sender.send_all(batches(more, rng))
+    sender.send_all(more, rng)
     counted = caught_up(stack, sender)
     row.note = f"{dead} dead letters; replay: {first.strip()[:60]}"
     assert first.split(",")[0] == second.split(",")[0], (first, second)

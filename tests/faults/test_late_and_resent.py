@@ -21,12 +21,12 @@ from tests.faults.harness import (
     START,
     ScenarioRow,
     Sender,
-    batches,
     begin,
     caught_up,
     compare,
     dead_letters_api,
     fault_events,
+    fault_factory,
     finish,
     settle,
     stream_with_retries,
@@ -41,11 +41,11 @@ def test_resent_and_late_events(make_stack: Callable[..., LocalStack], make_send
                                 summary: Callable[[str], ScenarioRow]) -> None:
     started, row, seed, rng = begin(summary("5 resend 10% + hours/days late"), 5)
     stack = make_stack(processors=1)
-    factory = EventFactory(seed=seed, start=START, span=SPAN)
+    factory = fault_factory(seed)
     n = fault_events() // 3
     sender = make_sender(stack.url)
     # 2% of token counts are 34-digit decimals: late and resent windows must stay exact beyond 28 digits.
-    sender.send_all(batches(stream_with_retries(factory, n, rng, dup_rate=0.0, large_rate=0.02), rng))
+    sender.send_all(stream_with_retries(factory, n, rng, dup_rate=0.0, large_rate=0.02), rng)
     caught_up(stack, sender)  # every window of the span is written
 
     resent = [dict(e) for e in rng.sample(sender.accepted, len(sender.accepted) // 10)]
@@ -55,7 +55,7 @@ def test_resent_and_late_events(make_stack: Callable[..., LocalStack], make_send
     late = hours_late + days_late
     second = resent + late + [dict(e) for e in rng.sample(late, len(late) // 10)]
     rng.shuffle(second)
-    sender.send_all(batches(second, rng))
+    sender.send_all(second, rng)
     row.late = len(late)
     row.note = f"{len(resent)} resent after the fact"
     settle(row, stack, sender, started)
@@ -76,7 +76,7 @@ def test_late_horizon_dead_letters(make_stack: Callable[..., LocalStack], make_s
     rng.shuffle(stream)
     stream += [dict(e) for e in rng.sample(stream, len(stream) // 10)]  # retries, including of late ones
     sender = make_sender(stack.url)
-    sender.send_all(batches(stream, rng))
+    sender.send_all(stream, rng)
     window_from, window_to = now - timedelta(days=10), now + timedelta(days=1)
     horizon = now - timedelta(days=1)
     firsts = first_sightings(sender.accepted)

@@ -18,11 +18,8 @@ from meterline.localinfra.ports import wait_for
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     METERS,
-    SPAN,
-    START,
     ScenarioRow,
     Sender,
-    batches,
     begin,
     caught_up,
     clickhouse_scalar,
@@ -30,9 +27,8 @@ from tests.faults.harness import (
     fault_stream,
     feed_in_background,
     settle,
-    stream_with_retries,
 )
-from tests.oracle import EventFactory, config_yaml
+from tests.oracle import config_yaml
 
 pytestmark = pytest.mark.faults
 
@@ -52,11 +48,11 @@ def test_kill_9_mid_rebuild_of_a_new_meter(make_stack: Callable[..., LocalStack]
     started, row, seed, rng = begin(summary(f"13 new meter over {n // 1000}k stored events, kill -9 mid-rebuild"), 13)
     stack = make_stack(processors=1, config=CONFIG)
     sender = make_sender(stack.url)
-    sender.send_all(batches(fault_stream(seed, n, rng), rng))
+    sender.send_all(fault_stream(seed, n, rng), rng)
     caught_up(stack, sender)
 
     # More events arrive during the whole rebuild; then create the meter and kill both processes mid-way.
-    more = stream_with_retries(EventFactory(seed=seed + 1, start=START, span=SPAN), n // 10, rng)
+    more = fault_stream(seed + 1, n // 10, rng)
     feeder = feed_in_background(sender, more, rng, over_seconds=30.0)
     r = httpx.post(f"{stack.url}/api/v1/meters", timeout=10, json={
         "slug": NEW.slug, "eventType": NEW.event_type, "aggregation": NEW.aggregation,

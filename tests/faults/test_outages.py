@@ -25,6 +25,7 @@ from tests.faults.harness import (
     Background,
     ScenarioRow,
     Sender,
+    assert_worker_alive,
     batches,
     begin,
     caught_up,
@@ -33,7 +34,6 @@ from tests.faults.harness import (
     fault_stream,
     feed_in_background,
     finish,
-    log_excerpt,
     settle,
     wait_until,
     worker_metric,
@@ -59,13 +59,13 @@ def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], 
     wait_until(lambda: worker_metric(stack, 0, "meterline_processor_write_retries") > retries,
                "processor retrying against the dead ClickHouse", stack)
     time.sleep(max(0.0, outage - (time.monotonic() - killed)))  # the fault's length, not a wait for an effect
-    assert stack.workers[0].running, f"processor died while ClickHouse was down:\n{log_excerpt(stack)}"
+    assert_worker_alive(stack, "while ClickHouse was down")
     old_url = stack.clickhouse.url
     stack.clickhouse.restart()  # same ports: every running process reconnects to the old URL
     assert stack.clickhouse.url == old_url
     feeder.join_checked(timeout=600)
     counted = caught_up(stack, sender)
-    assert stack.workers[0].running, f"processor died after the ClickHouse outage:\n{log_excerpt(stack)}"
+    assert_worker_alive(stack, "after the ClickHouse outage")
     row.note = "processor survived, not restarted"
     finish(row, stack, sender, counted, started)
 
@@ -116,4 +116,4 @@ def test_broker_paused(make_stack: Callable[..., LocalStack], make_sender: Calla
     assert not slow, f"answers slower than {bound}s while paused: {slow[:10]}"
     row.note = f"503 x{sender.statuses[503]}, {len(refused)} batches retried"
     settle(row, stack, sender, started)
-    assert stack.workers[0].running, f"processor died after the broker pause:\n{log_excerpt(stack)}"
+    assert_worker_alive(stack, "after the broker pause")

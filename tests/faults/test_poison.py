@@ -21,14 +21,12 @@ from confluent_kafka import Producer
 from meterline.localinfra.ports import wait_for
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
-    SPAN,
-    START,
     ScenarioRow,
     Sender,
-    batches,
     begin,
     caught_up,
     dead_letter_count,
+    fault_factory,
     finish,
     worker_metric,
 )
@@ -57,13 +55,13 @@ def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., Loca
                                                   make_sender: Callable[..., Sender],
                                                   summary: Callable[[str], ScenarioRow]) -> None:
     started, row, seed, _ = begin(summary("9 poison message (time 9999) on the topic"), 9)
-    factory = EventFactory(seed=seed, start=START, span=SPAN)
+    factory = fault_factory(seed)
     stack = make_stack(processors=1)
     subject = "customer-1"
     produce_raw(stack, [(subject, [prompt(factory, subject, id="poison", time="9999-12-31T23:59:59Z")])])
     sender = make_sender(stack.url)
     valid = [prompt(factory, subject) for _ in range(50)]
-    sender.send_all(batches(valid, random.Random(seed), 1, 10))
+    sender.send_all(valid, random.Random(seed), 1, 10)
     counted = caught_up(stack, sender, stable_seconds=30)
     assert len(counted) == 50
     finish(row, stack, sender, counted, started)
@@ -79,13 +77,13 @@ def test_nul_separated_pairs_are_distinct_events(make_stack: Callable[..., Local
                                                  make_sender: Callable[..., Sender],
                                                  summary: Callable[[str], ScenarioRow]) -> None:
     started, row, seed, _ = begin(summary("10 (a\\0b, c) vs (a, b\\0c) on the topic"), 10)
-    factory = EventFactory(seed=seed, start=START, span=SPAN)
+    factory = fault_factory(seed)
     stack = make_stack(processors=1)
     subject = "customer-2"
     pair = [prompt(factory, subject, source="a\u0000b", id="c"), prompt(factory, subject, source="a", id="b\u0000c")]
     produce_raw(stack, [(subject, pair[:1]), (subject, pair[1:])])
     sender = make_sender(stack.url)
-    sender.send_all(batches([prompt(factory, subject) for _ in range(20)], random.Random(seed), 1, 10))
+    sender.send_all([prompt(factory, subject) for _ in range(20)], random.Random(seed), 1, 10)
     refused = sender.post_once([prompt(factory, subject, source="a\u0000b", id="d")])
     assert refused == 400  # ingest refuses control characters; only the topic can carry them
     sender.unexpected.clear()

@@ -29,7 +29,6 @@ from tests.faults.harness import (
     FAULT_CONFIG,
     ScenarioRow,
     Sender,
-    batches,
     begin,
     fault_events,
     fault_stream,
@@ -174,7 +173,7 @@ def test_ctrl_c_drains_every_acknowledged_event(tmp_path: Path, make_run: Callab
     run = make_run(processors=1, data_dir=data_dir)
     stream = fault_stream(seed, fault_events() // 2, rng)
     sender = make_sender(run.url)
-    sender.send_all(batches(stream, rng, 200, 500))
+    sender.send_all(stream, rng, 200, 500)
     run.interrupt()  # right after the last 204
     assert run.wait_exit(timeout=liveness_timeout()) == 0, run.log()[-3000:]
     assert "drained in" in run.log(), run.log()[-3000:]
