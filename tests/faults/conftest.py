@@ -4,7 +4,7 @@ because it kills, pauses or restarts them. The summary table of all scenarios is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from meterline.localinfra.stack import LocalStack
-from tests.faults.harness import FAULT_CONFIG, ScenarioRow, Sender, fault_seed
+from tests.faults.harness import FAULT_CONFIG, MakeSender, MakeStack, ScenarioRow, Sender, Summary, fault_seed
 
 _ROWS = pytest.StashKey[list[ScenarioRow]]()
 
@@ -23,7 +23,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def summary(pytestconfig: pytest.Config) -> Callable[[str], ScenarioRow]:
+def summary(pytestconfig: pytest.Config) -> Summary:
     """`row = summary("scenario")` adds a row to the table printed after the session."""
 
     def new(name: str) -> ScenarioRow:
@@ -51,7 +51,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
 
 
 @pytest.fixture
-def make_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., LocalStack]]:
+def make_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[MakeStack]:
     """`make_stack(processors=2, extra_env={...}, config=...)` starts a private stack; all are stopped
     (by PID) at the end of the test, even when it fails.
 
@@ -81,7 +81,7 @@ def make_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Call
 
 
 @pytest.fixture
-def make_sender() -> Iterator[Callable[..., Sender]]:
+def make_sender() -> Iterator[MakeSender]:
     """`make_sender(url, **options)`: a retrying HTTP client, closed at the end even when the test fails."""
     senders: list[Sender] = []
 

@@ -166,7 +166,8 @@ class Sender:
             if pace:
                 time.sleep(pace)
 
-    def send_all(self, events: Sequence[dict[str, Any]], rng: random.Random, low: int = 1, high: int = 300) -> None:
+    def send_all(self, events: Sequence[dict[str, Any]], rng: random.Random, low: int = 1,
+                 high: int = 300) -> None:
         """Send `events` in random `batches` of `low`..`high` events, each retried until accepted."""
         self.send_chunks(batches(events, rng, low, high))
 
@@ -371,6 +372,12 @@ class ScenarioRow:
     note: str = ""
 
 
+#: The fixtures of tests/faults/conftest.py, as a scenario's parameters are annotated.
+MakeStack = Callable[..., LocalStack]
+MakeSender = Callable[..., Sender]
+Summary = Callable[[str], ScenarioRow]
+
+
 class Scenario(NamedTuple):
     """What every scenario starts with (unpack it): its clock for the summary's seconds, its summary row,
     its seed (`fault_seed()` + the scenario's own offset, so scenarios draw different events) and the
@@ -398,12 +405,10 @@ def caught_up(stack: LocalStack, sender: Sender, *, extra: Sequence[dict[str, An
 
 
 def finish(row: ScenarioRow, stack: LocalStack, sender: Sender, counted: Sequence[dict[str, Any]],
-           started: float, comparison: Comparison | None = None) -> None:
-    """Fill the summary row from the oracle and ClickHouse, then fail with a diagnosis on any mismatch.
-
-    `comparison` defaults to `compare` over the whole range, every meter."""
-    if comparison is None:
-        comparison = compare(stack, counted)
+           started: float, *, start: datetime = RANGE_FROM, end: datetime = RANGE_TO) -> None:
+    """`compare` every window of every meter in [start, end), fill the summary row from the oracle and
+    ClickHouse, then fail with a diagnosis on any mismatch."""
+    comparison = compare(stack, counted, start=start, end=end)
     row.sent = sender.sent
     row.accepted = len(sender.accepted)
     row.duplicates_dropped = len(sender.accepted) - len(first_sightings(sender.accepted))

@@ -13,7 +13,6 @@ restarts on its data dir and ports. Every window must match the oracle (0 mismat
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,8 @@ from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     FAULT_CONFIG,
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    Summary,
     assert_worker_alive,
     begin,
     caught_up,
@@ -40,8 +39,8 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.faults
 
 
-def test_shard_killed_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 make_sender: Callable[..., Sender], summary: Callable[[str], ScenarioRow]) -> None:
+def test_shard_killed_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_sender: MakeSender,
+                                 summary: Summary) -> None:
     monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
     monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
     outage = env_int("METERLINE_FAULT_CH_OUTAGE_SECONDS", 20)

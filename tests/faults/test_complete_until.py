@@ -7,7 +7,6 @@ every window of every meter, must equal the oracle.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,8 +20,9 @@ from tests.faults.harness import (
     METERS,
     RANGE_FROM,
     RANGE_TO,
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    MakeStack,
+    Summary,
     begin,
     fault_events,
     fault_stream,
@@ -43,9 +43,8 @@ def append_empty_message_to_every_partition(stack: LocalStack) -> None:
     assert producer.flush(30) == 0
 
 
-def test_complete_until_covers_every_acknowledged_event(make_stack: Callable[..., LocalStack],
-                                                         make_sender: Callable[..., Sender],
-                                                         summary: Callable[[str], ScenarioRow]) -> None:
+def test_complete_until_covers_every_acknowledged_event(make_stack: MakeStack, make_sender: MakeSender,
+                                                        summary: Summary) -> None:
     started, row, seed, rng = begin(summary("13 completeUntil: the answer holds every event acked before it"), 13)
     stack = make_stack(processors=2, partitions=4)
     stream = fault_stream(seed, fault_events() // 4, rng)

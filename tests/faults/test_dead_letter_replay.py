@@ -13,7 +13,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -23,8 +22,9 @@ from meterline.jobs.deadletters import list_dead_letters
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     FAULT_CONFIG,
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    MakeStack,
+    Summary,
     begin,
     caught_up,
     compare,
@@ -83,8 +83,7 @@ def wait_switched(stack: LocalStack, slug: str, old_generation: int, timeout: fl
     pytest.fail(f"{slug} did not switch to a rebuilt generation in time; logs in {stack.data_dir}/logs")
 
 
-def test_replay_after_config_fix(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
-                                 summary: Callable[[str], ScenarioRow]) -> None:
+def test_replay_after_config_fix(make_stack: MakeStack, make_sender: MakeSender, summary: Summary) -> None:
     started, row, seed, rng = begin(summary("dead-letter replay after fix"), 7)
     stack = make_stack(processors=1, config=BROKEN_CONFIG)
     stream = fault_stream(seed, fault_events() // 5, rng,

@@ -9,7 +9,6 @@ the meter switches, and every HOUR window of it equals the oracle (as do the oth
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import httpx
 import pytest
@@ -18,8 +17,9 @@ from meterline.localinfra.ports import wait_for
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     METERS,
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    MakeStack,
+    Summary,
     begin,
     caught_up,
     clickhouse_scalar,
@@ -42,8 +42,8 @@ def rebuild_running(stack: LocalStack) -> bool:
     return state == "running"
 
 
-def test_kill_9_mid_rebuild_of_a_new_meter(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
-                                            summary: Callable[[str], ScenarioRow]) -> None:
+def test_kill_9_mid_rebuild_of_a_new_meter(make_stack: MakeStack, make_sender: MakeSender,
+                                           summary: Summary) -> None:
     n = env_int("METERLINE_FAULT_LIVE_EVENTS", 50_000)
     started, row, seed, rng = begin(summary(f"13 new meter over {n // 1000}k stored events, kill -9 mid-rebuild"), 13)
     stack = make_stack(processors=1, config=CONFIG)

@@ -15,16 +15,15 @@ as a duplicate, which the oracle's first-sighting rule checks.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
     Background,
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    MakeStack,
+    Summary,
     assert_worker_alive,
     batches,
     begin,
@@ -42,8 +41,8 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.faults
 
 
-def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
-                                         summary: Callable[[str], ScenarioRow]) -> None:
+def test_clickhouse_killed_and_restarted(make_stack: MakeStack, make_sender: MakeSender,
+                                         summary: Summary) -> None:
     outage = env_int("METERLINE_FAULT_CH_OUTAGE_SECONDS", 20)
     started, row, seed, rng = begin(summary(f"3 ClickHouse down {outage}s"), 3)
     stack = make_stack(processors=1)
@@ -70,8 +69,7 @@ def test_clickhouse_killed_and_restarted(make_stack: Callable[..., LocalStack], 
     finish(row, stack, sender, counted, started)
 
 
-def test_broker_paused(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
-                       summary: Callable[[str], ScenarioRow]) -> None:
+def test_broker_paused(make_stack: MakeStack, make_sender: MakeSender, summary: Summary) -> None:
     produce_timeout = 2.0
     pause_seconds = env_int("METERLINE_FAULT_PAUSE_SECONDS", 15)
     started, row, seed, rng = begin(summary(f"4 broker paused {pause_seconds}s"), 4)

@@ -11,7 +11,6 @@ which shared a dedupe key when the key hashed `source NUL id`: both must count.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -21,8 +20,9 @@ from confluent_kafka import Producer
 from meterline.localinfra.ports import wait_for
 from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    MakeStack,
+    Summary,
     begin,
     caught_up,
     dead_letter_count,
@@ -51,9 +51,8 @@ def prompt(factory: EventFactory, subject: str, **over: Any) -> dict[str, Any]:
             return {**event, "subject": subject, **over}
 
 
-def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., LocalStack],
-                                                  make_sender: Callable[..., Sender],
-                                                  summary: Callable[[str], ScenarioRow]) -> None:
+def test_poison_time_does_not_stall_its_partition(make_stack: MakeStack, make_sender: MakeSender,
+                                                  summary: Summary) -> None:
     started, row, seed, _ = begin(summary("9 poison message (time 9999) on the topic"), 9)
     factory = fault_factory(seed)
     stack = make_stack(processors=1)
@@ -73,9 +72,8 @@ def test_poison_time_does_not_stall_its_partition(make_stack: Callable[..., Loca
     row.note = "poison dead-lettered as invalid_event"
 
 
-def test_nul_separated_pairs_are_distinct_events(make_stack: Callable[..., LocalStack],
-                                                 make_sender: Callable[..., Sender],
-                                                 summary: Callable[[str], ScenarioRow]) -> None:
+def test_nul_separated_pairs_are_distinct_events(make_stack: MakeStack, make_sender: MakeSender,
+                                                 summary: Summary) -> None:
     started, row, seed, _ = begin(summary("10 (a\\0b, c) vs (a, b\\0c) on the topic"), 10)
     factory = fault_factory(seed)
     stack = make_stack(processors=1)

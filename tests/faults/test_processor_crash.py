@@ -10,14 +10,13 @@ Both end with every HOUR window of every meter equal to the oracle.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 
-from meterline.localinfra.stack import LocalStack
 from tests.faults.harness import (
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    MakeStack,
+    Summary,
     begin,
     env_int,
     fault_events,
@@ -32,8 +31,8 @@ from tests.faults.harness import (
 pytestmark = pytest.mark.faults
 
 
-def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
-                                     summary: Callable[[str], ScenarioRow]) -> None:
+def test_kill_9_processor_repeatedly(make_stack: MakeStack, make_sender: MakeSender,
+                                     summary: Summary) -> None:
     kills = env_int("METERLINE_FAULT_KILLS", 10)
     started, row, seed, rng = begin(summary(f"1 kill -9 processor x{kills}"))
     stack = make_stack(processors=1)
@@ -52,8 +51,7 @@ def test_kill_9_processor_repeatedly(make_stack: Callable[..., LocalStack], make
     settle(row, stack, sender, started)
 
 
-def test_two_workers_one_killed(make_stack: Callable[..., LocalStack], make_sender: Callable[..., Sender],
-                                summary: Callable[[str], ScenarioRow]) -> None:
+def test_two_workers_one_killed(make_stack: MakeStack, make_sender: MakeSender, summary: Summary) -> None:
     started, row, seed, rng = begin(summary("2 two workers, kill one"), 2)
     stack = make_stack(processors=2, partitions=4)
     stream = fault_stream(seed, fault_events() // 2, rng)

@@ -27,8 +27,8 @@ from meterline.localinfra.process import ManagedProcess
 from meterline.localinfra.supervisor import read_status
 from tests.faults.harness import (
     FAULT_CONFIG,
-    ScenarioRow,
-    Sender,
+    MakeSender,
+    Summary,
     begin,
     fault_events,
     fault_stream,
@@ -128,8 +128,8 @@ def make_run(tmp_path: Path) -> Iterator[Callable[..., Run]]:
                 run.proc.stop(timeout=60)
 
 
-def test_crashed_worker_is_restarted_with_backoff(make_run: Callable[..., Run], make_sender: Callable[..., Sender],
-                                                  summary: Callable[[str], ScenarioRow]) -> None:
+def test_crashed_worker_is_restarted_with_backoff(make_run: Callable[..., Run], make_sender: MakeSender,
+                                                  summary: Summary) -> None:
     started, row, seed, rng = begin(summary("11 meterline run: kill -9 a worker twice"), 11)
     run = make_run(processors=2)
     stream = fault_stream(seed, fault_events() // 4, rng)
@@ -166,8 +166,7 @@ def test_crashed_worker_is_restarted_with_backoff(make_run: Callable[..., Run], 
 
 
 def test_ctrl_c_drains_every_acknowledged_event(tmp_path: Path, make_run: Callable[..., Run],
-                                                make_sender: Callable[..., Sender],
-                                                summary: Callable[[str], ScenarioRow]) -> None:
+                                                make_sender: MakeSender, summary: Summary) -> None:
     started, row, seed, rng = begin(summary("12 meterline run: burst, Ctrl-C at once, run again"), 12)
     data_dir = tmp_path / "data"
     run = make_run(processors=1, data_dir=data_dir)
