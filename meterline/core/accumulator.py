@@ -37,6 +37,16 @@ __all__ = ["MessageWindows", "Overflow", "WindowAccumulator", "WindowDelta"]
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _window_start(event_time: datetime, window: timedelta) -> datetime:
+    """The start of the window holding `event_time`: windows are counted from the Unix epoch, in UTC.
+
+    Both accumulators call it (on a new event time only: they cache the last one), so they cannot
+    disagree on where a window starts."""
+    if event_time.tzinfo is None or event_time.utcoffset() is None:
+        raise ValueError("event_time must be an aware datetime")
+    return _EPOCH + ((event_time - _EPOCH) // window) * window
+
+
 @dataclass(slots=True)
 class WindowDelta:
     """One meter_windows row minus the position columns (the sink adds those).
@@ -93,11 +103,8 @@ class WindowAccumulator:
         if event_time is self._cache_key:
             ws = self._cache_start
         else:
-            if event_time.tzinfo is None or event_time.utcoffset() is None:
-                raise ValueError("event_time must be an aware datetime")
-            ws = _EPOCH + ((event_time - _EPOCH) // self._window) * self._window
+            ws = self._cache_start = _window_start(event_time, self._window)
             self._cache_key = event_time
-            self._cache_start = ws
         slug = m.meter.slug
         key = (slug, m.generation, subject, ws, m.group_key)
         row = self._rows.get(key)
@@ -185,11 +192,8 @@ class MessageWindows:
         if event_time is self._cache_key:
             ws = self._cache_start
         else:
-            if event_time.tzinfo is None or event_time.utcoffset() is None:
-                raise ValueError("event_time must be an aware datetime")
-            ws = _EPOCH + ((event_time - _EPOCH) // self._window) * self._window
+            ws = self._cache_start = _window_start(event_time, self._window)
             self._cache_key = event_time
-            self._cache_start = ws
         key = (reader, subject, ws)
         st = self._states.get(key)
         if st is None:
