@@ -29,6 +29,7 @@ from meterline.core.schema import (
     STORED_EVENT_COLUMNS,
     SUBJECT_COLUMNS,
     SUBJECTS,
+    bind_if,
     qualified,
 )
 from meterline.core.times import format_sql_time
@@ -314,15 +315,8 @@ def _inclusive_range(
     """Bind `start <= column <= end` on a DateTime64(6, 'UTC') column, each side only when given, as the
     parameters `names`."""
     low, high = names
-    _bind_if(params, where, low, None if start is None else ts6(start), f"{column} >= {{{low}:DateTime64(6, 'UTC')}}")
-    _bind_if(params, where, high, None if end is None else ts6(end), f"{column} <= {{{high}:DateTime64(6, 'UTC')}}")
-
-
-def _bind_if(params: dict[str, Any], where: list[str], name: str, value: Any, condition: str) -> None:
-    """Add `condition` (which reads the parameter `name`) only when a value is given."""
-    if value is not None:
-        params[name] = value
-        where.append(condition)
+    bind_if(params, where, low, None if start is None else ts6(start), f"{column} >= {{{low}:DateTime64(6, 'UTC')}}")
+    bind_if(params, where, high, None if end is None else ts6(end), f"{column} <= {{{high}:DateTime64(6, 'UTC')}}")
 
 
 def _listing(
@@ -355,9 +349,9 @@ def events_query(
     where: list[str] = []
     _inclusive_range(params, where, "time", start, end)
     _inclusive_range(params, where, "ingested_at", ingested_from, ingested_to, ("ingested_from", "ingested_to"))
-    _bind_if(params, where, "subject", subject, "subject = {subject:String}")
-    _bind_if(params, where, "subject_part", subject_contains, "position(subject, {subject_part:String}) > 0")
-    _bind_if(params, where, "id_part", id_contains, "position(id, {id_part:String}) > 0")
+    bind_if(params, where, "subject", subject, "subject = {subject:String}")
+    bind_if(params, where, "subject_part", subject_contains, "position(subject, {subject_part:String}) > 0")
+    bind_if(params, where, "id_part", id_contains, "position(id, {id_part:String}) > 0")
     return _listing(database, EVENTS, EVENT_LIST_COLUMNS, where, "time DESC, ingested_at DESC, id DESC", params)
 
 
@@ -402,8 +396,8 @@ def dead_letters_query(
     """Newest dead letters first; `from`/`to` bound `received_at` (when metering failed), inclusive."""
     params: dict[str, Any] = {"limit": int(limit)}
     where: list[str] = []
-    _bind_if(params, where, "meter", meter, "meter = {meter:String}")
-    _bind_if(params, where, "reason_code", reason_code, "reason_code = {reason_code:String}")
+    bind_if(params, where, "meter", meter, "meter = {meter:String}")
+    bind_if(params, where, "reason_code", reason_code, "reason_code = {reason_code:String}")
     _inclusive_range(params, where, "received_at", start, end)
     order_by = "received_at DESC, log_epoch, kafka_partition, kafka_offset, batch_index, meter"
     return _listing(database, DEAD_LETTERS, DEAD_LETTER_COLUMNS, where, order_by, params)

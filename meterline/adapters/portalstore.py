@@ -14,7 +14,7 @@ from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import storage_errors
 from meterline.core.portal import PortalClaims
-from meterline.core.schema import PORTAL_TOKEN_COLUMNS, PORTAL_TOKENS, qualified
+from meterline.core.schema import PORTAL_TOKEN_COLUMNS, PORTAL_TOKENS, bind_if, qualified
 from meterline.core.times import as_utc
 
 
@@ -69,12 +69,8 @@ class PortalTokenStore:
                    subject: str | None = None) -> int:
         """Invalidate the namespace's live tokens with this id and/or subject; returns how many."""
         where, params = ["namespace = {ns:String}", "invalidated_at IS NULL"], {"ns": namespace}
-        if token_id is not None:
-            where.append("id = {id:String}")
-            params["id"] = token_id
-        if subject is not None:
-            where.append("subject = {subject:String}")
-            params["subject"] = subject
+        bind_if(params, where, "id", token_id, "id = {id:String}")
+        bind_if(params, where, "subject", subject, "subject = {subject:String}")
         found = self._select(" AND ".join(where), params)
         self._write([_row(r.claims, now, now) for r in found])
         return len(found)

@@ -15,6 +15,7 @@ tables (`mutation_target`), since ClickHouse cannot DELETE through a Distributed
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 EVENTS = "events"
 METER_WINDOWS = "meter_windows"
@@ -461,6 +462,14 @@ def mutation_target(database: str, table: str, topology: Topology = SINGLE_NODE)
 def qualified(database: str, table: str) -> str:
     """`database`.table for SQL text; both names come from config and this module, never from requests."""
     return f"{quote_identifier(database)}.{table}"
+
+
+def bind_if(params: dict[str, Any], where: list[str], name: str, value: Any, condition: str) -> None:
+    """Add `condition` (which reads the query parameter `name`) only when a value is given: the one
+    spelling of an optional filter, for every SQL builder."""
+    if value is not None:
+        params[name] = value
+        where.append(condition)
 
 
 def quote_identifier(name: str) -> str:

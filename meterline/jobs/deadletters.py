@@ -57,6 +57,7 @@ from meterline.core.schema import (
     SINGLE_NODE,
     WINDOW_COLUMNS,
     Topology,
+    bind_if,
     mutation_target,
     qualified,
 )
@@ -168,12 +169,8 @@ def list_dead_letters(client: Client, database: str, *, meter: str | None = None
 def _filters(meter: str | None, reason: str | None) -> tuple[list[str], dict[str, Any]]:
     where: list[str] = []
     params: dict[str, Any] = {}
-    if meter is not None:
-        where.append("meter = {meter:String}")
-        params["meter"] = meter
-    if reason is not None:
-        where.append("reason_code = {reason:String}")
-        params["reason"] = reason
+    bind_if(params, where, "meter", meter, "meter = {meter:String}")
+    bind_if(params, where, "reason", reason, "reason_code = {reason:String}")
     return where, params
 
 
