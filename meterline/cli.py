@@ -130,8 +130,12 @@ def run(
         ) from exc
     from meterline.settings import config_path
 
-    settings = _settings()
-    settings.meters()  # fail fast, before starting anything, on an invalid config.yaml
+    settings = _settings()  # fails fast on an invalid setting; meters are checked by each process
+    try:
+        settings.meters()
+    except ConfigError as exc:
+        console.print(f"config.yaml meters are invalid and NOT applied; the processes run with the meters already "
+                      f"stored (a first start with none refuses):\n{exc}", markup=False, style="bold red")
     stack = LocalStack(
         data_dir=data_dir.resolve(),
         config_file=config_path().resolve(),

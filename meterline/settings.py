@@ -3,12 +3,16 @@
 Sources, highest priority first: keyword arguments (tests), environment (`METERLINE_<FIELD>`, plus the
 unprefixed `KAFKA_BOOTSTRAP` / `CLICKHOUSE_URL` that deploy tooling conventionally sets), then the
 top-level keys of config.yaml (pydantic-settings' own `YamlConfigSettingsSource`). Meters come from
-config.yaml's `meters:` list and are validated by `meterline.core.meters`.
+config.yaml's `meters:` list and are validated by `meterline.core.meters`, apart from the settings:
+`Settings()` raises only for settings, and `Settings.meters()` for meters. Why: meters live in the durable
+meter store, so a process with a broken `meters:` list (even one that is not YAML) starts with the stored
+meters and says loudly why the file was not applied (docs/design.md, "Live meters"); settings exist only
+here, so a process never guesses them.
 
 Why unknown keys are errors: a misspelt key (`late_horizon_day: 1`) that is silently ignored leaves the
 default in force while `meterline validate-config` says OK, so an operator believes a rule is active
-that is not. Every problem is raised as one `ConfigError` naming where it came from (file and key, or
-the environment variable), which `validate-config` prints and every process refuses to start with.
+that is not. Every settings problem is raised as one `ConfigError` naming where it came from (file and
+key, or the environment variable), which `validate-config` prints and every process refuses to start with.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-import yaml
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -30,7 +33,7 @@ from pydantic_settings import (
 )
 
 from meterline.core.errors import ConfigError
-from meterline.core.meters import Meter, validate_meters
+from meterline.core.meters import Meter, read_config, validate_meters
 from meterline.core.schema import Topology
 
 DEFAULT_CONFIG = "config.yaml"
@@ -159,7 +162,8 @@ class Settings(BaseSettings):
     query_max_rows: int = Field(default=100_000, ge=1000)  # rows (windows x series with data) of an answer
     query_timeout_seconds: float = Field(default=30.0, gt=0)  # ClickHouse max_execution_time of reads
 
-    meters_raw: list[Any] = Field(default_factory=list, validation_alias=AliasChoices("meters", "meters_raw"))
+    #: config.yaml's `meters:` as written (validated by `meters()`, not here: see the module docstring).
+    meters_raw: Any = Field(default_factory=list, validation_alias=AliasChoices("meters", "meters_raw"))
 
     @model_validator(mode="after")
     def _passwords_from_files(self) -> Settings:
@@ -223,7 +227,7 @@ class Settings(BaseSettings):
         return value.encode()
 
     def meters(self) -> list[Meter]:
-        """The validated meters of config.yaml."""
+        """The validated meters of config.yaml; ConfigError listing every meter problem."""
         return validate_meters({"meters": self.meters_raw}, self.config_file)
 
 
@@ -242,7 +246,8 @@ class ConfigFileSource(YamlConfigSettingsSource):
     """config.yaml's top-level keys, the lowest-priority source, so one file holds meters and settings.
 
     Refuses a file that is not YAML or not a mapping with `ConfigError` naming the file (pydantic-settings
-    would raise a bare parser or `TypeError`).
+    would raise a bare parser or `TypeError`), except a YAML error inside the `meters:` block alone: the
+    settings are then read and `meters` carries the error (`meterline.core.meters.read_config`).
     """
 
     def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
@@ -251,12 +256,10 @@ class ConfigFileSource(YamlConfigSettingsSource):
 
     def _read_file(self, file_path: Any) -> dict[str, Any]:
         try:
-            data = super()._read_file(file_path)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{file_path}: invalid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{file_path}: top level must be a mapping, got {type(data).__name__}")
-        return data
+            text = Path(file_path).read_text(encoding=self.yaml_file_encoding or "utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{file_path}: cannot read: {exc.strerror or exc}") from None
+        return read_config(text, str(file_path))
 
 
 def _problems(cls: type[Settings], exc: ValidationError, given: dict[str, Any]) -> list[str]:

@@ -54,8 +54,12 @@ def state_dir_for(settings: Settings, worker_id: str) -> Path:
 def rows_digest(settings: Settings) -> str:
     """A digest of every setting that shapes a message's rows besides its position: the salt of insert
     tokens, so a replay under a changed config is never dropped as a duplicate of the old rows."""
+    try:
+        meters: Any = [m.model_dump(mode="json", by_alias=True) for m in settings.meters()]
+    except ConfigError:  # the worker runs with the stored meters; the file's text still salts the tokens
+        meters = repr(settings.meters_raw)
     shape = {
-        "meters": [m.model_dump(mode="json", by_alias=True) for m in settings.meters()],
+        "meters": meters,
         "window": settings.window_size_seconds, "late": settings.late_horizon_days,
         "strict": settings.strict_event_types, "dedupe": settings.dedupe_horizon_days,
     }
@@ -143,8 +147,10 @@ def _register_views(app: faust.App, processor: BatchProcessor) -> None:
     @app.page("/readyz")
     async def readyz(web: Any, request: Any) -> Any:
         ok = not processor.sink.failing
-        body = {"status": "ok" if ok else "unavailable", "clickhouse": not processor.sink.failing,
-                "log_epoch": processor.log_epoch}
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "clickhouse": not processor.sink.failing,
+                                "log_epoch": processor.log_epoch}
+        if processor.live is not None:  # a broken config.yaml is reported, not fatal: stored meters run
+            body["config"] = processor.live.config.as_dict()
         return web.json(body, status=200 if ok else 503)
 
     @app.page("/metrics")
@@ -158,13 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m processor", description="meterline processor worker")
     parser.add_argument("--web-port", type=int, default=None, help="web port for /healthz /readyz /metrics (0 = free)")
     args = parser.parse_args(argv)
-    try:
+    try:  # settings only: a broken meters list runs with the stored meters (start_meters)
         settings = Settings() if args.web_port is None else Settings(processor_web_port=args.web_port)
-        settings.meters()
     except ConfigError as exc:
         sys.exit(f"meterline processor: invalid configuration\n{exc}")
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        sys.exit(f"meterline processor: invalid configuration\n{exc}")
     from faust.worker import Worker
 
     processor: BatchProcessor = app.meterline  # type: ignore[attr-defined]

@@ -3,6 +3,10 @@
 Order matters (docs/design.md, "Live meters"): a worker records a heartbeat *before* it first reads the
 store, so a rebuild that starts after that read sees this worker and waits until it applies the new
 version; from then on every batch it writes carries the building generation too.
+
+A broken config.yaml does not stop a worker whose store has meters: it meters with those and reports the
+file (log, `meterline_config_valid`, /readyz `config`) until it is fixed; the meter controller applies the
+fixed file and the worker picks it up from the store (`meterline.adapters.config_status`).
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import logging
 import time
 
 from meterline.adapters.clickhouse import connect
+from meterline.adapters.config_status import ConfigStatus, recheck, start_meters
 from meterline.adapters.meter_store import MeterCatalog, MeterStore
-from meterline.core.errors import ConfigError, MeterlineError
+from meterline.core.errors import MeterlineError
 from meterline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -31,22 +36,21 @@ class LiveMeters:
                                 topology=settings.clickhouse_topology)
         self.catalog = MeterCatalog(self.store)
         self.applied: dict[str, int] = {}
+        self.config = ConfigStatus(settings.config_file)
         self._last_ok = 0.0
 
     def start(self) -> None:
-        """Register, sync config.yaml if it is newer than the store's copy, load, report."""
+        """Register, sync config.yaml if it is newer than the store's copy, load, report.
+
+        ConfigError only for a broken file on a first start (no meter in the store)."""
         self.store.heartbeat(self.worker_id, {})
-        try:
-            for problem in self.catalog.sync_settings(self.settings, actor=f"processor:{self.worker_id}"):
-                logger.warning("config meter not applied: %s", problem)
-        except ConfigError as exc:
-            logger.error("config.yaml is invalid; metering with the meters in the store: %s", exc)
-        self.catalog.refresh(force=True)
+        self.config = start_meters(self.catalog, self.settings, actor=f"processor:{self.worker_id}")
         self.applied = self.catalog.applied()
         self._last_ok = time.monotonic()
         self.beat()
 
     def refresh(self) -> bool:
+        recheck(self.config)
         changed = self.catalog.refresh()
         self._last_ok = time.monotonic()
         return changed

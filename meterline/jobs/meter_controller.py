@@ -22,13 +22,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from clickhouse_connect.driver.client import Client
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter
 
 from meterline.adapters.clickhouse import mutate, storage_errors
+from meterline.adapters.config_status import CONFIG_ERRORS, CONFIG_RELOADS, ConfigStatus
 from meterline.adapters.meter_store import MeterCatalog, Progress, applied_key
 from meterline.core.errors import ConfigError, MeterlineError
 from meterline.core.meter_records import MeterState
@@ -37,31 +37,9 @@ from meterline.jobs.recompute import Abandoned, count_query, recompute
 
 logger = logging.getLogger(__name__)
 
-CONFIG_VALID = Gauge("meterline_config_valid", "1 if the last config.yaml read was valid, else 0")
-CONFIG_RELOADS = Counter("meterline_config_reloads_total", "config.yaml changes applied")
-CONFIG_ERRORS = Counter("meterline_config_reload_errors_total", "config.yaml changes refused as invalid")
 REBUILT_EVENTS = Counter("meterline_rebuild_events_total", "stored events replayed into new meter generations")
 
 PROGRESS_EVERY_SECONDS = 0.5
-
-
-@dataclass
-class ConfigStatus:
-    """What /readyz and the log say about config.yaml."""
-
-    path: str
-    valid: bool = True
-    detail: str = ""
-    problems: list[str] = field(default_factory=list)
-    mtime: float | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        out: dict[str, object] = {"path": self.path, "status": "valid" if self.valid else "invalid"}
-        if self.detail:
-            out["detail"] = self.detail
-        if self.problems:
-            out["notApplied"] = self.problems
-        return out
 
 
 class MeterController:
@@ -132,14 +110,12 @@ class MeterController:
             return
         path = Path(status.path)
         if not path.exists():  # meters then come only through the API (and the settings given in code)
-            status.valid, status.detail = True, "no config file"
-            CONFIG_VALID.set(1)
+            status.mark_valid("no config file")
             return
         try:
             mtime = path.stat().st_mtime
         except OSError as exc:
-            status.valid, status.detail = False, f"cannot read: {exc.strerror or exc}"
-            CONFIG_VALID.set(0)
+            status.mark_invalid(f"cannot read: {exc.strerror or exc}")
             return
         if mtime == status.mtime:
             return
@@ -147,15 +123,13 @@ class MeterController:
             status.problems = self.catalog.sync_file(path, only_if_newer=status.mtime is None)
         except ConfigError as exc:
             status.mtime = mtime
-            status.valid, status.detail = False, str(exc)
-            CONFIG_VALID.set(0)
+            status.mark_invalid(str(exc))
             CONFIG_ERRORS.inc()
-            logger.error("config.yaml is invalid; keeping the last good meters:\n%s", exc)
+            logger.error("config.yaml is invalid; NOT applied, keeping the last good meters:\n%s", exc)
             return
         first = status.mtime is None
         status.mtime = mtime
-        status.valid, status.detail = True, ""
-        CONFIG_VALID.set(1)
+        status.mark_valid()
         if not first:
             CONFIG_RELOADS.inc()
             logger.info("config.yaml reloaded", extra={"path": str(path)})

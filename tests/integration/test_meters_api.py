@@ -295,3 +295,36 @@ def test_cli_meters_status_lists_state(env: tuple[TestClient, Client, str, Path]
     result = CliRunner().invoke(app, ["meters", "status", "--watch"])
     assert result.exit_code == 0, result.output
     assert "prompt_count" in result.output and "ready" in result.output and "file:" in result.output
+
+
+def test_restart_with_a_broken_file_serves_the_stored_meters_then_applies_the_fix(
+        clickhouse_url: str, tmp_path: Path) -> None:
+    """An API restarted while config.yaml is not even YAML in its meters block starts with the meters of
+    the store (it used to refuse to start), reports the file (/readyz, /metrics), and applies it once
+    fixed, as hot reload does."""
+    database = f"meters_{uuid.uuid4().hex[:10]}"
+    client = connect(clickhouse_url)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml([FILE_METER]))
+
+    def settings() -> Settings:
+        return Settings(clickhouse_url=f"{clickhouse_url}/{database}", config_file=str(config),
+                        meter_poll_seconds=0.2, meter_worker_ttl_seconds=30)
+
+    try:
+        with TestClient(build_app("query", settings())) as http:
+            wait_state(http, "prompt_count", "ready")
+        config.write_text(config_yaml([FILE_METER]) + "  - slug: storage\n    groupBy: {tier: $.tier\n")
+        with TestClient(build_app("query", settings())) as http:
+            assert [m["slug"] for m in http.get("/api/v1/meters").json()] == ["prompt_count"]
+            ready = http.get("/readyz").json()["config"]
+            assert ready["status"] == "invalid" and "meters: invalid YAML" in ready["detail"], ready
+            assert "meterline_config_valid 0.0" in http.get("/metrics").text
+            added = OracleMeter("storage", "storage", "LATEST", "bytes", ("tier",))
+            config.write_text(config_yaml([FILE_METER, added]))
+            wait_state(http, "storage", "ready")
+            assert http.get("/readyz").json()["config"]["status"] == "valid"
+            assert "meterline_config_valid 1.0" in http.get("/metrics").text
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+        client.close()

@@ -20,11 +20,13 @@ from decimal import Context, Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 from confluent_kafka import Producer
 
 from meterline.adapters.clickhouse import connect
+from meterline.localinfra.ports import free_port, wait_for
 from processor.topics import ensure_events_topic
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,15 +124,15 @@ def world(kafka_bootstrap: str, clickhouse_url: str, unique_name: Callable[[str]
                METERLINE_PROCESSOR_BATCH_MESSAGES="20")
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start() -> subprocess.Popen[bytes]:
+    def start(**extra: str) -> subprocess.Popen[bytes]:
         log = open(tmp_path / f"worker-{len(procs)}.log", "wb")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([sys.executable, "-m", "processor"], cwd=ROOT, env=env, stdout=log, stderr=log)
+        p = subprocess.Popen([sys.executable, "-m", "processor"], cwd=ROOT, env=env | extra, stdout=log, stderr=log)
         procs.append(p)
         return p
 
     client = connect(clickhouse_url, database="default")
     try:
-        yield {"topic": topic, "db": db, "start": start, "client": client, "tmp": tmp_path}
+        yield {"topic": topic, "db": db, "start": start, "client": client, "tmp": tmp_path, "config": config}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -260,3 +262,64 @@ def test_a_restarted_log_stops_the_worker_and_never_overwrites_old_positions(
     assert "the topic's log restarted" in log
     wait_exact(world, expected, unique)  # nothing of the old log was overwritten
     # (Resuming the new log from its start despite the group's old committed offsets is not done yet.)
+
+
+# config.yaml with a YAML error inside its meters block (the settings block stays readable).
+BROKEN = """
+processor_batch_seconds: 0.2
+meters:
+  - slug: tokens
+    eventType: prompt
+    aggregation: SUM
+    valueProperty: $.tokens
+    groupBy: {model: $.model
+"""
+
+
+def worker_logs(world: dict[str, Any]) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted(world["tmp"].glob("worker-*.log")))
+
+
+def test_a_restart_with_a_broken_config_meters_with_the_stored_meters(
+        world: dict[str, Any], kafka_bootstrap: str) -> None:
+    """Hot reload keeps the last good meters on a broken file; a restart must too: the worker starts with
+    the meters in the store, meters every event exactly, says why the file was not applied (log,
+    meterline_config_valid 0, /readyz `config`) and reports the file valid again once it is fixed."""
+    rnd = random.Random(23)
+    first = messages(generate(rnd, 800))
+    produce(kafka_bootstrap, world["topic"], first)
+    worker = world["start"]()
+    expected, unique = oracle(first)
+    wait_exact(world, expected, unique)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(30)
+
+    world["config"].write_text(BROKEN)
+    second = messages(generate(rnd, 800, start=20_000))
+    produce(kafka_bootstrap, world["topic"], second)
+    port = free_port()
+    worker = world["start"](METERLINE_PROCESSOR_WEB_PORT=str(port))
+    expected, unique = oracle(first + second)  # both meters of the store, not the file's broken list
+    wait_exact(world, expected, unique)
+    assert worker.poll() is None, worker_logs(world)
+    web = f"http://127.0.0.1:{port}"
+    assert "meterline_config_valid 0.0" in httpx.get(f"{web}/metrics", timeout=10).text
+    config = httpx.get(f"{web}/readyz", timeout=10).json()["config"]
+    assert config["status"] == "invalid" and "meters: invalid YAML" in config["detail"], config
+    assert "config.yaml NOT applied" in worker_logs(world)
+
+    world["config"].write_text(CONFIG)
+    os.utime(world["config"], (time.time() + 5, time.time() + 5))  # an mtime that surely moved
+    wait_for(lambda: httpx.get(f"{web}/readyz", timeout=10).json()["config"]["status"] == "valid", 30,
+             "the fixed file reported valid")
+    assert "meterline_config_valid 1.0" in httpx.get(f"{web}/metrics", timeout=10).text
+
+
+def test_a_first_start_with_a_broken_config_refuses_naming_the_file(world: dict[str, Any]) -> None:
+    """No meter in the store and none readable from the file: nothing to meter with, so the worker exits
+    and says why (a store with meters starts instead: the test above)."""
+    world["config"].write_text(BROKEN)
+    worker = world["start"]()
+    assert worker.wait(120) != 0
+    log = worker_logs(world)
+    assert f"{world['config']}: meters: invalid YAML" in log and "holds no meter yet" in log, log

@@ -7,6 +7,7 @@ test wrote, never read back through meterline.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,3 +207,44 @@ def test_cluster_settings_become_a_topology(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("METERLINE_CLICKHOUSE_NODE_URLS", "http://a:8123, http://b:8123")
     assert Settings(config_file=str(empty)).clickhouse_topology == Topology(
         cluster="prod", replicated=False, on_cluster=False, nodes=("http://a:8123", "http://b:8123"))
+
+
+BROKEN_METERS = """
+late_horizon_days: 3
+meters:
+- slug: calls
+  eventType: prompt
+  aggregation: COUNT
+  groupBy: {model: $.model
+window_size_seconds: 120
+"""
+
+
+@pytest.mark.parametrize(("meters", "fragment"), [
+    (BROKEN_METERS, "meters: invalid YAML"),  # not YAML inside the meters block only
+    ("late_horizon_days: 3\nwindow_size_seconds: 120\nmeters: {calls: 1}\n", "meters: must be a list"),
+    ("late_horizon_days: 3\nwindow_size_seconds: 120\nmeters:\n  - slug: c\n    aggregation: MEDIAN\n",
+     "meters[0] (c).eventType"),
+])
+def test_broken_meters_leave_the_settings_readable(tmp_path: Path, meters: str, fragment: str) -> None:
+    """Meters live in the store (a process starts with the stored ones); settings only here: a broken
+    meters list must not make the settings unreadable, and meters() still names every problem."""
+    path = write(tmp_path, meters)
+    settings = Settings(config_file=str(path))
+    assert (settings.late_horizon_days, settings.window_size_seconds) == (3, 120)
+    with pytest.raises(ConfigError, match=re.escape(fragment)) as caught:
+        settings.meters()
+    assert str(path) in str(caught.value)
+    result = CliRunner().invoke(app, ["validate-config", str(path)])
+    assert result.exit_code == 1 and fragment in result.output and "OK" not in result.output
+
+
+@pytest.mark.parametrize("text", [
+    "late_horizon_days: [3\nmeters: []\n",  # the settings block is broken: settings unknown
+    "meters:\n  - &m {slug: a, eventType: x, aggregation: COUNT}\n  - [\nevents_topic: *m\n",  # an alias into meters
+    "---\nmeters: [\n",  # not a plain block-style file
+])
+def test_a_file_whose_settings_cannot_be_read_still_refuses(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        Settings(config_file=str(path))

@@ -14,7 +14,7 @@ This package re-exports the public names, so callers import from ``meterline.cor
 from __future__ import annotations
 
 from meterline.core.meters.aggregation import Aggregation, WindowSize
-from meterline.core.meters.config import load_meters, validate_meters
+from meterline.core.meters.config import UnreadableMeters, load_meters, read_config, validate_meters
 from meterline.core.meters.jsonpath import MISSING, compile_path
 from meterline.core.meters.measuring import Measurement, MeterSet, Rejection
 from meterline.core.meters.model import Meter
@@ -28,9 +28,11 @@ __all__ = [
     "MeterSet",
     "NumericValueError",
     "Rejection",
+    "UnreadableMeters",
     "WindowSize",
     "compile_path",
     "load_meters",
     "parse_numeric",
+    "read_config",
     "validate_meters",
 ]

@@ -1,8 +1,17 @@
-"""The ``meters`` list of config.yaml: validated all at once, every problem listed with file and key."""
+"""The ``meters`` list of config.yaml: validated all at once, every problem listed with file and key.
+
+config.yaml holds two things with different lives: service settings (read only from the file and the
+environment) and meters (synced into the durable meter store, where the last good ones stay). So a YAML
+error confined to the ``meters:`` block must not make the settings unreadable: `read_config` then returns
+the settings with ``meters`` set to an `UnreadableMeters`, and a process starts with the stored meters
+(docs/design.md, "Live meters", hot reload and restart).
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +21,7 @@ from pydantic import ValidationError
 from meterline.core.errors import ConfigError
 from meterline.core.meters.model import Meter
 
-__all__ = ["load_meters", "validate_meters"]
+__all__ = ["UnreadableMeters", "load_meters", "read_config", "validate_meters"]
 
 
 _IGNORED_KEYS = frozenset({"windowSize"})
@@ -36,6 +45,8 @@ def validate_meters(raw: Any, source: str) -> list[Meter]:
     """
     if isinstance(raw, Mapping):
         raw = raw.get("meters")
+    if isinstance(raw, UnreadableMeters):
+        raise ConfigError(raw.problem)
     if raw is None:
         return []
     if not isinstance(raw, list):
@@ -69,6 +80,75 @@ def validate_meters(raw: Any, source: str) -> list[Meter]:
     return meters
 
 
+@dataclass(frozen=True, slots=True)
+class UnreadableMeters:
+    """The value of a ``meters:`` block that is not valid YAML while the rest of the file is."""
+
+    problem: str
+
+
+_TOP_KEY = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(?:\s|$)")
+
+
+def read_config(text: str, source: str) -> dict[str, Any]:
+    """The top-level mapping of a config file (empty for an empty one).
+
+    A YAML error inside the ``meters:`` block alone yields the other keys plus ``meters`` =
+    `UnreadableMeters`; any other unreadable file raises ConfigError naming it.
+    """
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        return _beside_broken_meters(text, source, exc)
+    if doc is None:
+        return {}
+    if not isinstance(doc, Mapping):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(doc).__name__}")
+    return dict(doc)
+
+
+def _beside_broken_meters(text: str, source: str, error: yaml.YAMLError) -> dict[str, Any]:
+    """Parse each top-level block on its own; only a broken ``meters`` block is tolerated.
+
+    Splitting is attempted only on plain block-style files: every line at column 0 is blank, a comment
+    or an unquoted ``key:``. Anything else (document markers, directives, flow text at column 0), a
+    repeated key, an alias into another block, or a settings block that does not parse on its own
+    raises the whole file's error: the settings are then unknown and the process must not guess.
+    """
+    refused = ConfigError(f"{source}: invalid YAML: {error}")
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            if current is not None:
+                current.append(line)
+            continue
+        if line[0] in " \t" or line == "-" or line.startswith("- "):  # indented, or a compact list item
+            if current is None:
+                raise refused
+            current.append(line)
+            continue
+        match = _TOP_KEY.match(line)
+        if match is None or match.group(1) in blocks:
+            raise refused
+        current = blocks[match.group(1)] = [line]
+    out: dict[str, Any] = {}
+    for key, lines in blocks.items():
+        try:
+            part = yaml.safe_load("\n".join(lines))
+        except yaml.YAMLError:
+            if key != "meters":
+                raise refused from None
+            out[key] = UnreadableMeters(f"{source}: meters: invalid YAML: {error}")
+            continue
+        if not isinstance(part, Mapping) or list(part) != [key]:
+            raise refused
+        out[key] = part[key]
+    if not isinstance(out.get("meters"), UnreadableMeters):
+        raise refused  # every block parses alone, so the error spans blocks: nothing is safe to read
+    return out
+
+
 def load_meters(path: str | Path) -> list[Meter]:
     """Read ``meters`` from a config.yaml (other top-level keys are service settings)."""
     source = str(path)
@@ -76,12 +156,4 @@ def load_meters(path: str | Path) -> list[Meter]:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
-    if doc is None:
-        return []
-    if not isinstance(doc, Mapping):
-        raise ConfigError(f"{source}: top level must be a mapping, got {type(doc).__name__}")
-    return validate_meters(doc.get("meters"), source)
+    return validate_meters(read_config(text, source).get("meters"), source)
