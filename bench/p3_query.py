@@ -116,8 +116,8 @@ def register(client: Client, database: str, work_dir: Path) -> None:
     config = write_config(work_dir / f"p3-meters-{database}")
     catalog = MeterCatalog(MeterStore(client, database))
     catalog.sync_meters(load_meters(config), config, config.stat().st_mtime)
-    for slug in list(catalog.states):
-        assert catalog.activate(slug, GENERATION, actor="bench"), slug
+    for ns, slug in list(catalog.states):
+        assert catalog.activate(ns, slug, GENERATION, actor="bench"), slug
 
 
 def raw_answer(client: Client, *, subject: str | None, group_by_model: bool) -> list[tuple[Any, ...]]:

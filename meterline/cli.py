@@ -229,7 +229,7 @@ def dead_letters_replay(
     settings = _settings()
     with _catalog(settings, "dead-letters replay") as (client, catalog):
         # Every live generation of the store's meters (active and building), as the workers write them.
-        active = {slug: s.latest.active_generation for slug, s in catalog.states.items() if not s.deleted}
+        active = {key: s.latest.active_generation for key, s in catalog.states.items() if not s.deleted}
         report = replay(client, settings.clickhouse_database, catalog.meter_set(),
                         RowOptions.from_settings(settings), meter=meter, reason=reason,
                         topology=settings.clickhouse_topology, active=active)
@@ -268,6 +268,7 @@ def _progress_columns() -> tuple[Any, ...]:
 def recompute(
     meter: Annotated[str, typer.Argument(help="slug or id of the meter to rebuild")],
     config: Annotated[Path | None, typer.Option(help="sync this config.yaml's meters to the store first")] = None,
+    namespace: Annotated[str, typer.Option(help="the tenant whose meter it is (config.yaml's: default)")] = "default",
 ) -> None:
     """Rebuild a meter's history from stored raw events in the foreground, with a progress bar.
 
@@ -285,7 +286,7 @@ def recompute(
         if config is not None:
             for problem in catalog.sync_file(config):
                 console.print(f"[yellow]{problem}[/yellow]")
-        state = catalog.find(meter)
+        state = catalog.find(meter, namespace=namespace)
         controller = MeterController(catalog, client, settings.clickhouse_database, config_file=None,
                                      worker_ttl_seconds=settings.meter_worker_ttl_seconds,
                                      window_seconds=settings.window_size_seconds, owner="cli",
@@ -301,23 +302,24 @@ def recompute(
                 progress.update(task, description=f"rebuilding {state.slug}")
                 done = controller.rebuild(state, on_progress=lambda n, total: progress.update(task, completed=n,
                                                                                               total=total))
-                if not done or not catalog.activate(state.slug, generation, actor="cli"):
+                if not done or not catalog.activate(namespace, state.slug, generation, actor="cli"):
                     console.print(f"[red]{state.slug} changed during the rebuild; not switched[/red]")
                     raise typer.Exit(1)
                 events = progress.tasks[0].completed
                 progress.update(task, description=f"{state.slug}: dropping the previous generation")
-                if not controller.clean(state.slug, timeout=settings.meter_worker_ttl_seconds * 4):
+                if not controller.clean(state.slug, timeout=settings.meter_worker_ttl_seconds * 4,
+                                        namespace=namespace):
                     console.print("[yellow]switched; the previous generation's rows are left to the meter "
                                   "controller (processor workers did not apply the switch in time)[/yellow]")
             else:
                 active = state.active
                 assert active is not None
-                sql, params = count_query(settings.clickhouse_database, active.meter)
+                sql, params = count_query(settings.clickhouse_database, active.meter, namespace)
                 progress.update(task, total=int(client.query(sql, parameters=params).result_rows[0][0]))
                 result = rebuild(client, settings.clickhouse_database, active.meter,
                                  window_seconds=settings.window_size_seconds,
                                  generation=state.latest.active_generation, clear=True,
-                                 topology=settings.clickhouse_topology,
+                                 topology=settings.clickhouse_topology, namespace=namespace,
                                  on_progress=lambda n: progress.advance(task, n))
                 events = result.events
     console.print(f"[green]{state.slug}[/green]: {int(events)} events rebuilt")
@@ -340,27 +342,29 @@ def meters_status(
 
     settings = _settings()
     with _catalog(settings, "meters status") as (_, catalog):
-        table = Table("slug", "id", "managed by", "version", "state", "generation", "active")
-        for slug, s in sorted(catalog.states.items()):
-            table.add_row(slug, s.latest.id, s.latest.managed_by, str(s.latest.version), s.status,
+        table = Table("namespace", "slug", "id", "managed by", "version", "state", "generation", "active")
+        for (ns, slug), s in sorted(catalog.states.items()):
+            table.add_row(ns, slug, s.latest.id, s.latest.managed_by, str(s.latest.version), s.status,
                           str(s.latest.generation), str(s.latest.active_generation))
         Console(soft_wrap=True).print(table)
         if not watch:
             return
         with Progress(*_progress_columns(), console=console) as progress:
-            tasks: dict[str, Any] = {}
+            tasks: dict[tuple[str, str], Any] = {}
             while True:
-                building = {slug: s for slug, s in catalog.states.items() if s.building is not None}
-                for slug, s in building.items():
-                    p = catalog.progress(slug, s.latest.generation)
-                    if slug not in tasks:
-                        tasks[slug] = progress.add_task(slug, total=None)
+                building = {key: s for key, s in catalog.states.items() if s.building is not None}
+                for (ns, slug), s in building.items():
+                    p = catalog.progress(ns, slug, s.latest.generation)
+                    name = slug if ns == "default" else f"{ns}/{slug}"
+                    if (ns, slug) not in tasks:
+                        tasks[(ns, slug)] = progress.add_task(name, total=None)
                     if p is not None:
-                        progress.update(tasks[slug], completed=p.done, total=p.total or None,
-                                        description=f"{slug} ({p.state})")
-                for slug, task in tasks.items():
-                    if slug not in building:
-                        progress.update(task, description=f"{slug} (switched)", completed=1, total=1)
+                        progress.update(tasks[(ns, slug)], completed=p.done, total=p.total or None,
+                                        description=f"{name} ({p.state})")
+                for key, task in tasks.items():
+                    if key not in building:
+                        name = key[1] if key[0] == "default" else f"{key[0]}/{key[1]}"
+                        progress.update(task, description=f"{name} (switched)", completed=1, total=1)
                 if not building:
                     break
                 time.sleep(settings.meter_poll_seconds)

@@ -1,7 +1,8 @@
 """Meters API (OpenMeter v1 `listMeters`, `getMeter`, `createMeter`, `updateMeter`, `deleteMeter`).
 
 Meters live in the meter store (`meterline.adapters.meter_store`); this module only maps HTTP to the
-catalog and the catalog's records to OpenMeter's `Meter` object. System state that OpenMeter has no
+catalog and the catalog's records to OpenMeter's `Meter` object. Every call names the caller's namespace:
+a tenant lists, reads and changes only its own meters, and another tenant's slug is simply not found. System state that OpenMeter has no
 field for (who manages the meter, its version and generations, rebuild progress) goes into
 `annotations`, which OpenMeter defines as "key-value pairs managed by the system".
 """
@@ -15,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from meterline.adapters.auth import principal_of
 from meterline.adapters.meter_store import MeterCatalog
 from meterline.adapters.problems import ProblemResponse, problem
 from meterline.core import meter_records as mr
@@ -39,13 +41,18 @@ def catalog(request: Request) -> MeterCatalog:
     return found
 
 
+def namespace(request: Request) -> str:
+    """The caller's namespace: the one every meter it names is looked up in."""
+    return principal_of(request.state).namespace
+
+
 def _time(t: datetime | None) -> str | None:
     if t is None:
         return None
     return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def meter_json(state: MeterState, cat: MeterCatalog) -> dict[str, Any]:
+def meter_json(state: MeterState, cat: MeterCatalog, ns: str) -> dict[str, Any]:
     """OpenMeter's `Meter` object for the meter's newest definition (what it is becoming)."""
     r = state.latest
     m = r.meter
@@ -75,7 +82,7 @@ def meter_json(state: MeterState, cat: MeterCatalog) -> dict[str, Any]:
         "meterline.activeGeneration": r.active_generation,
     }
     if state.building is not None:
-        progress = cat.progress(r.slug, r.generation)
+        progress = cat.progress(ns, r.slug, r.generation)
         annotations["meterline.rebuild.state"] = progress.state if progress else "waiting"
         annotations["meterline.rebuild.eventsDone"] = progress.done if progress else 0
         annotations["meterline.rebuild.eventsTotal"] = progress.total if progress else 0
@@ -110,18 +117,18 @@ def list_meters(request: Request) -> list[dict[str, Any]]:
     deleted = (one(request, "includeDeleted") or "false").lower()
     if deleted not in ("true", "false"):
         raise InvalidQueryError("includeDeleted", f"must be true or false, got {deleted!r}")
-    cat = catalog(request)
-    states = [s for s in cat.states.values() if deleted == "true" or not s.deleted]
+    cat, ns = catalog(request), namespace(request)
+    states = [s for s in cat.in_namespace(ns).values() if deleted == "true" or not s.deleted]
     states.sort(key=lambda s: (_SORT_KEYS[order_by](s), s.slug), reverse=order == "DESC")
     window = states[(page - 1) * size : page * size]
-    return [meter_json(s, cat) for s in window]
+    return [meter_json(s, cat, ns) for s in window]
 
 
 @router.get("/api/v1/meters/{meterIdOrSlug}", summary="Get meter", response_model=None, operation_id="getMeter",
             responses=openapi.NOT_FOUND, openapi_extra=openapi.METER)
 def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
-    cat = catalog(request)
-    return meter_json(cat.find(meterIdOrSlug), cat)
+    cat, ns = catalog(request), namespace(request)
+    return meter_json(cat.find(meterIdOrSlug, namespace=ns), cat, ns)
 
 
 def _actor(request: Request) -> str:
@@ -145,9 +152,10 @@ async def create_meter(request: Request) -> JSONResponse:
         "event_from": req.event_from, "aggregation": req.aggregation, "value_property": req.value_property,
         "group_by": req.group_by or {},
     })
-    cat = catalog(request)
-    state = await asyncio.to_thread(cat.create, meter, name=req.name, metadata=req.metadata, actor=_actor(request))
-    return JSONResponse(meter_json(state, cat), status_code=201)
+    cat, ns = catalog(request), namespace(request)
+    state = await asyncio.to_thread(cat.create, meter, namespace=ns, name=req.name, metadata=req.metadata,
+                                    actor=_actor(request))
+    return JSONResponse(meter_json(state, cat, ns), status_code=201)
 
 
 @router.put("/api/v1/meters/{meterIdOrSlug}", summary="Update meter", response_model=None,
@@ -156,9 +164,9 @@ async def create_meter(request: Request) -> JSONResponse:
 async def update_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
     req: MeterUpdate = mr.parse_request(MeterUpdate, await _body(request))
     change = req.model_dump(exclude_unset=True)
-    cat = catalog(request)
-    state = await asyncio.to_thread(cat.update, meterIdOrSlug, change, actor=_actor(request))
-    return meter_json(state, cat)
+    cat, ns = catalog(request), namespace(request)
+    state = await asyncio.to_thread(cat.update, meterIdOrSlug, change, namespace=ns, actor=_actor(request))
+    return meter_json(state, cat, ns)
 
 
 @router.delete("/api/v1/meters/{meterIdOrSlug}", summary="Delete meter", status_code=204, response_model=None,
@@ -166,7 +174,7 @@ async def update_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
                responses={**openapi.NOT_FOUND, **openapi.CONFLICT})
 async def delete_meter(request: Request, meterIdOrSlug: str) -> Response:
     cat = catalog(request)
-    await asyncio.to_thread(cat.delete, meterIdOrSlug, actor=_actor(request))
+    await asyncio.to_thread(cat.delete, meterIdOrSlug, namespace=namespace(request), actor=_actor(request))
     return Response(status_code=204)
 
 

@@ -93,7 +93,7 @@ async def create_portal_token(request: Request) -> Response:
         if not isinstance(slug, str):
             raise InvalidQueryError(f"allowedMeterSlugs[{i}]", "must be a string")
         try:
-            request.app.state.catalog.find(slug)
+            request.app.state.catalog.find(slug, namespace=principal.namespace)
         except MeterNotFoundError:
             raise InvalidQueryError(f"allowedMeterSlugs[{i}]", f"no meter {slug!r}") from None
     now = datetime.now(UTC).replace(microsecond=0)

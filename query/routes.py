@@ -85,7 +85,7 @@ def install_query_problem_handlers(app: FastAPI) -> None:
 def _queryable(request: Request, id_or_slug: str) -> tuple[Meter, int]:
     """The meter's answering definition and generation (404 unknown/deleted, 503 still building)."""
     catalog: MeterCatalog = request.app.state.catalog
-    return catalog.queryable(id_or_slug)
+    return catalog.queryable(id_or_slug, namespace=principal_of(request.state).namespace)
 
 
 def _store(request: Request) -> WindowStore:

@@ -4,6 +4,11 @@
 `MeterCatalog` holds the last loaded states, refreshes them when the fingerprint moves, and applies
 changes (API and config.yaml) through the pure rules of `meterline.core.meter_records`, one at a time per
 process (a lock), so a process always sees its own change at once (docs/design.md, "Live meters").
+
+Meters belong to a namespace (docs/design.md, "Tenants"): a process loads every namespace's meters (the
+processor meters every tenant's events, the controller rebuilds every tenant's meters), and every
+method an API request reaches takes the caller's namespace, so one tenant can neither see nor change
+another's meter, and each may use any slug. config.yaml's meters belong to the default namespace.
 """
 
 from __future__ import annotations
@@ -59,11 +64,9 @@ def _now() -> datetime:
 class MeterStore:
     """SQL of the meter tables on one client (guarded by a lock: the client is shared by threads)."""
 
-    def __init__(self, client: Client, database: str, namespace: str = DEFAULT_NAMESPACE,
-                 topology: Topology = SINGLE_NODE) -> None:
+    def __init__(self, client: Client, database: str, topology: Topology = SINGLE_NODE) -> None:
         self.client = client
         self.database = database
-        self.namespace = namespace
         self.topology = topology
         self._lock = threading.Lock()
 
@@ -77,28 +80,28 @@ class MeterStore:
                                settings={"async_insert": 0})
 
     def fingerprint(self) -> tuple[int, int]:
-        """Changes whenever a record is added (count and sum of versions of the namespace)."""
-        r = self._query(f"SELECT count(), sum(version) FROM {qualified(self.database, METER_VERSIONS)} FINAL"
-                        " WHERE namespace = {ns:String}", ns=self.namespace)
+        """Changes whenever a record is added (count and sum of versions, every namespace)."""
+        r = self._query(f"SELECT count(), sum(version) FROM {qualified(self.database, METER_VERSIONS)} FINAL")
         count, total = r.result_rows[0]
         return int(count), int(total or 0)
 
     def records(self) -> list[MeterRecord]:
         r = self._query(f"SELECT {', '.join(mr.RECORD_COLUMNS)} FROM {qualified(self.database, METER_VERSIONS)}"
-                        " FINAL WHERE namespace = {ns:String} ORDER BY slug, version", ns=self.namespace)
+                        " FINAL ORDER BY namespace, slug, version")
         return [mr.from_row(dict(zip(r.column_names, row, strict=True))) for row in r.result_rows]
 
     def append(self, record: MeterRecord) -> None:
         self._insert(METER_VERSIONS, [mr.to_row(record)], mr.RECORD_COLUMNS)
 
-    def progress(self) -> dict[tuple[str, int], Progress]:
-        r = self._query(f"SELECT slug, generation, state, events_done, events_total, owner, updated_at"
-                        f" FROM {qualified(self.database, METER_REBUILDS)} FINAL WHERE namespace = {{ns:String}}",
-                        ns=self.namespace)
-        return {(s, int(g)): Progress(st, int(d), int(t), o, u) for s, g, st, d, t, o, u in r.result_rows}
+    def progress(self) -> dict[tuple[str, str, int], Progress]:
+        """Rebuild progress by (namespace, slug, generation)."""
+        r = self._query(f"SELECT namespace, slug, generation, state, events_done, events_total, owner, updated_at"
+                        f" FROM {qualified(self.database, METER_REBUILDS)} FINAL")
+        return {(ns, s, int(g)): Progress(st, int(d), int(t), o, u) for ns, s, g, st, d, t, o, u in r.result_rows}
 
-    def set_progress(self, slug: str, generation: int, state: str, done: int, total: int, owner: str) -> None:
-        self._insert(METER_REBUILDS, [[self.namespace, slug, generation, state, done, total, owner, _now()]],
+    def set_progress(self, namespace: str, slug: str, generation: int, state: str, done: int, total: int,
+                     owner: str) -> None:
+        self._insert(METER_REBUILDS, [[namespace, slug, generation, state, done, total, owner, _now()]],
                      REBUILD_COLUMNS)
 
     def heartbeat(self, worker: str, applied: dict[str, int]) -> None:
@@ -133,8 +136,8 @@ class MeterCatalog:
         self.store = store
         self._lock = threading.RLock()
         self._fingerprint: tuple[int, int] | None = None
-        self._states: dict[str, MeterState] = {}
-        self._progress: dict[tuple[str, int], Progress] = {}
+        self._states: dict[tuple[str, str], MeterState] = {}
+        self._progress: dict[tuple[str, str, int], Progress] = {}
         self.listeners: list[Callable[[], None]] = []
 
     # -- reading ---------------------------------------------------------------------------------
@@ -145,7 +148,7 @@ class MeterCatalog:
             if not force and fingerprint == self._fingerprint:
                 return False
             records = self.store.records()
-            self._states = {slug: s for (_, slug), s in mr.derive_states(records).items()}
+            self._states = mr.derive_states(records)
             self._fingerprint = fingerprint
         for listener in self.listeners:
             listener()
@@ -155,36 +158,52 @@ class MeterCatalog:
         self._progress = self.store.progress()
 
     @property
-    def states(self) -> dict[str, MeterState]:
+    def states(self) -> dict[tuple[str, str], MeterState]:
+        """Every namespace's meters by (namespace, slug): for the processor and the controller, never
+        for an API request (those read `in_namespace`)."""
         return self._states
+
+    def in_namespace(self, namespace: str) -> dict[str, MeterState]:
+        """One namespace's meters by slug."""
+        return {slug: s for (ns, slug), s in self._states.items() if ns == namespace}
 
     def applied(self) -> dict[str, int]:
         """`{namespace/slug: version}` of every meter as loaded: what a worker reports it applies."""
-        return {applied_key(s.latest.namespace, slug): s.latest.version for slug, s in self._states.items()}
+        return {applied_key(ns, slug): s.latest.version for (ns, slug), s in self._states.items()}
 
     def meter_set(self) -> MeterSet:
-        """Every live generation (active and building) for the processor's row builder."""
-        live = mr.live_meters(self._states.values())
-        return MeterSet([m for m, _ in live], [g for _, g in live])
+        """Every live generation (active and building) of every namespace, for the processor's row builder."""
+        meters: list[Meter] = []
+        generations: list[int] = []
+        namespaces: list[str] = []
+        for (ns, _), state in self._states.items():
+            for meter, generation in mr.live_meters([state]):
+                meters.append(meter)
+                generations.append(generation)
+                namespaces.append(ns)
+        return MeterSet(meters, generations, namespaces)
 
-    def find(self, id_or_slug: str, *, include_deleted: bool = False) -> MeterState:
-        state = self._states.get(id_or_slug)
+    def find(self, id_or_slug: str, *, namespace: str, include_deleted: bool = False) -> MeterState:
+        """`namespace`'s meter by slug or id. Another namespace's meter is not found, exactly as a meter
+        that does not exist, so the answer never tells whether another tenant has it."""
+        state = self._states.get((namespace, id_or_slug))
         if state is None:
-            state = next((s for s in self._states.values() if s.latest.id == id_or_slug and not s.deleted), None)
+            state = next((s for (ns, _), s in self._states.items()
+                          if ns == namespace and s.latest.id == id_or_slug and not s.deleted), None)
         if state is None or (state.deleted and not include_deleted):
             raise MeterNotFoundError(id_or_slug)
         return state
 
-    def queryable(self, id_or_slug: str) -> tuple[Meter, int]:
+    def queryable(self, id_or_slug: str, *, namespace: str) -> tuple[Meter, int]:
         """The definition and generation a query answers from; 503-worthy while a new meter builds."""
-        state = self.find(id_or_slug)
+        state = self.find(id_or_slug, namespace=namespace)
         if state.active is None:
-            progress = self._progress.get((state.slug, state.latest.generation))
+            progress = self._progress.get((namespace, state.slug, state.latest.generation))
             raise MeterBuildingError(state.slug, progress.done if progress else 0, progress.total if progress else 0)
         return state.active.meter, state.latest.active_generation
 
-    def progress(self, slug: str, generation: int) -> Progress | None:
-        return self._progress.get((slug, generation))
+    def progress(self, namespace: str, slug: str, generation: int) -> Progress | None:
+        return self._progress.get((namespace, slug, generation))
 
     # -- changing --------------------------------------------------------------------------------
     def _apply(self, record: MeterRecord | None) -> MeterRecord | None:
@@ -193,14 +212,15 @@ class MeterCatalog:
             self.refresh(force=True)
         return record
 
-    def create(self, meter: Meter, *, name: str | None, metadata: dict[str, str] | None, actor: str) -> MeterState:
+    def create(self, meter: Meter, *, namespace: str, name: str | None, metadata: dict[str, str] | None,
+               actor: str) -> MeterState:
         with self._lock:
             self.refresh()
-            prev = self._states.get(meter.slug)
-            record = mr.create(prev, meter, id=str(ULID()), name=name, metadata=metadata, managed_by=API,
-                               actor=actor, now=_now())
+            prev = self._states.get((namespace, meter.slug))
+            record = mr.create(prev, meter, namespace=namespace, id=str(ULID()), name=name, metadata=metadata,
+                               managed_by=API, actor=actor, now=_now())
             self._apply(record)
-            return self._states[meter.slug]
+            return self._states[(namespace, meter.slug)]
 
     def _writable(self, state: MeterState) -> None:
         if state.latest.managed_by != API:
@@ -208,11 +228,11 @@ class MeterCatalog:
             raise MeterConflictError(state.slug, f"meter {state.slug!r} is managed by the config file {path}: "
                                      "change it there", state.latest.managed_by)
 
-    def update(self, id_or_slug: str, change: dict[str, Any], *, actor: str) -> MeterState:
+    def update(self, id_or_slug: str, change: dict[str, Any], *, namespace: str, actor: str) -> MeterState:
         """Apply a MeterUpdate (`change`: snake_case fields that were given)."""
         with self._lock:
             self.refresh()
-            state = self.find(id_or_slug)
+            state = self.find(id_or_slug, namespace=namespace)
             self._writable(state)
             last = state.latest
             fields = last.meter.model_dump()
@@ -224,20 +244,20 @@ class MeterCatalog:
             meter = mr.build_meter(fields)
             metadata = change.get("metadata", last.metadata)
             self._apply(mr.update(state, meter, name=change.get("name"), metadata=metadata, actor=actor, now=_now()))
-            return self._states[state.slug]
+            return self._states[(namespace, state.slug)]
 
-    def delete(self, id_or_slug: str, *, actor: str) -> None:
+    def delete(self, id_or_slug: str, *, namespace: str, actor: str) -> None:
         with self._lock:
             self.refresh()
-            state = self.find(id_or_slug)
+            state = self.find(id_or_slug, namespace=namespace)
             self._writable(state)
             self._apply(mr.delete(state, actor=actor, now=_now()))
 
-    def activate(self, slug: str, generation: int, *, actor: str) -> bool:
+    def activate(self, namespace: str, slug: str, generation: int, *, actor: str) -> bool:
         """Switch queries to `generation` if the meter still wants it; True if switched."""
         with self._lock:
             self.refresh()
-            state = self._states.get(slug)
+            state = self._states.get((namespace, slug))
             if state is None:
                 return False
             return self._apply(mr.activate(state, generation, actor=actor, now=_now())) is not None
@@ -261,12 +281,14 @@ class MeterCatalog:
 
     def sync_meters(self, meters: Sequence[Meter], path: str | Path, mtime: float, *, only_if_newer: bool = False,
                     actor: str = "") -> list[str]:
-        """`sync_file` with the meters already read."""
+        """`sync_file` with the meters already read, into the default namespace (a config file is the
+        operator's, not a tenant's: tenants manage their meters through the API with an admin key)."""
         tag = file_tag(path)
         problems: list[str] = []
         with self._lock:
             self.refresh()
-            synced = max((s.latest.file_mtime for s in self._states.values() if s.latest.managed_by == tag),
+            states = self.in_namespace(DEFAULT_NAMESPACE)
+            synced = max((s.latest.file_mtime for s in states.values() if s.latest.managed_by == tag),
                          default=None)
             if only_if_newer and synced is not None and mtime <= synced:
                 return []
@@ -274,7 +296,7 @@ class MeterCatalog:
             actor = actor or tag
             wanted = {m.slug: m for m in meters}
             for slug, meter in wanted.items():
-                prev = self._states.get(slug)
+                prev = states.get(slug)
                 if prev is not None and not prev.deleted and prev.latest.managed_by != tag:
                     problems.append(f"{path}: meter {slug!r} exists, managed by {prev.latest.managed_by}; "
                                     "not applied")
@@ -288,7 +310,7 @@ class MeterCatalog:
                     record = mr.update(prev, meter, name=prev.latest.name, metadata=prev.latest.metadata,
                                        actor=actor, now=now, file_mtime=mtime)
                 self._apply(record)
-            for slug, state in list(self._states.items()):
+            for slug, state in self.in_namespace(DEFAULT_NAMESPACE).items():
                 if state.latest.managed_by == tag and not state.deleted and slug not in wanted:
                     self._apply(mr.delete(state, actor=actor, now=now))
         return problems

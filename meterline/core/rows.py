@@ -279,7 +279,7 @@ def message_rows(
     ns = message_namespace(events)
     rank_base = offset * RANK_SCALE
     acc = MessageWindows(options.window_seconds)
-    readers = meters.readers
+    readers = meters.readers_of(ns)
     add = acc.add
     ev_append = out.events.append
     #: per event handed to `acc`: (its events row, where its dead letters end), for overflow dead letters

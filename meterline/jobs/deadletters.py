@@ -183,20 +183,23 @@ def _load(client: Client, database: str, meter: str | None, reason: str | None) 
         return [DeadLetter.from_row(r) for r in client.query(sql, parameters=params).result_rows]
 
 
-def _first_sightings(client: Client, database: str, letters: Iterable[DeadLetter]) -> dict[tuple[str, str], tuple[Any, ...]]:
-    """(source, id) -> (log_epoch, partition, offset, index, rejections) from `events` FINAL."""
+def _first_sightings(client: Client, database: str,
+                     letters: Iterable[DeadLetter]) -> dict[tuple[str, str, str], tuple[Any, ...]]:
+    """(namespace, source, id) -> (log_epoch, partition, offset, index, rejections) from `events` FINAL
+    (two tenants may send the same (source, id): each is its own event)."""
     letters = list(letters)
     if not letters:
         return {}
     sql = (
-        "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, rejections "
+        "SELECT source, id, log_epoch, kafka_partition, kafka_offset, batch_index, rejections, namespace "
         f"FROM {qualified(database, EVENTS)} FINAL "
         "WHERE subject IN {subjects:Array(String)} AND id IN {ids:Array(String)}"
     )
     params = {"subjects": sorted({d.subject for d in letters}), "ids": sorted({d.id for d in letters})}
     with storage_errors():
         rows = client.query(sql, parameters=params).result_rows
-    return {(str(r[0]), str(r[1])): (str(r[2]), int(r[3]), int(r[4]), int(r[5]), rejections_of(r[6])) for r in rows}
+    return {(str(r[7]), str(r[0]), str(r[1])): (str(r[2]), int(r[3]), int(r[4]), int(r[5]), rejections_of(r[6]))
+            for r in rows}
 
 
 def _still_failing(letter: DeadLetter, sighting: tuple[Any, ...] | None) -> bool:
@@ -208,10 +211,11 @@ def _still_failing(letter: DeadLetter, sighting: tuple[Any, ...] | None) -> bool
 
 def replay(client: Client, database: str, meters: MeterSet, options: RowOptions, *, meter: str | None = None,
            reason: str | None = None, topology: Topology = SINGLE_NODE,
-           active: Mapping[str, int] | None = None) -> ReplayReport:
+           active: Mapping[tuple[str, str], int] | None = None) -> ReplayReport:
     """Re-meter dead letters under the current config (see the module docstring); idempotent.
 
-    `active` maps each meter to the generation queries read (live meters, docs/design.md). A changed
+    `active` maps each (namespace, meter) to the generation queries read (live meters, docs/design.md);
+    a dead letter is re-metered by its own namespace's meters only. A changed
     definition already rebuilt its history from every stored event, so a meter's dead letter of any
     other generation, and an `unknown_type` one whose type has a meter now, is `superseded`: replaying
     it would count the event twice. Replayed windows go to the active generation only.
@@ -227,13 +231,13 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
         if d.reason_code in NOT_REPLAYABLE:
             report.not_replayable += 1
             continue
-        if not _still_failing(d, sightings.get((d.source, d.id))):
+        if not _still_failing(d, sightings.get((d.namespace, d.source, d.id))):
             report.superseded += 1
             outcomes.append([*d.identity, "superseded", "the processor metered or dropped it since", now])
             continue
         if active is not None and (
-            (d.meter and active.get(d.meter) != d.generation)
-            or (not d.meter and d.reason_code == ReasonCode.UNKNOWN_TYPE and meters.for_type(d.type))
+            (d.meter and active.get((d.namespace, d.meter)) != d.generation)
+            or (not d.meter and d.reason_code == ReasonCode.UNKNOWN_TYPE and meters.for_type(d.type, d.namespace))
         ):
             report.superseded += 1
             outcomes.append([*d.identity, "superseded", "rebuilt from stored events under a newer definition", now])
@@ -249,7 +253,7 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
                             MessagePosition(replay_epoch(code, slug, epoch), partition, offset), meters,
                             options, always_accept, now=received, indexes=[d.index for d in members])
         windows = [r for r in rows.windows if (not slug or r[0] == slug)
-                   and (active is None or r[WINDOW_GENERATION] == active.get(str(r[0])))]
+                   and (active is None or r[WINDOW_GENERATION] == active.get((str(r[-1]), str(r[0]))))]
         new_rows.extend(windows)
         rejected = {(int(r[3]), str(r[4])): str(r[11]) for r in rows.dead_letters}
         for d in members:

@@ -13,6 +13,7 @@ of it from the live path, so the rebuild must see it; one stored after has. Star
 every live worker applied the version makes the two sets cover every event (docs/design.md).
 
 Every step is idempotent: a crash at any point repeats the step with the same deterministic rows.
+It drives every namespace's meters; each step touches only the rows of the meter's own namespace.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prometheus_client import Counter
 from meterline.adapters.clickhouse import mutate, storage_errors
 from meterline.adapters.config_status import CONFIG_ERRORS, CONFIG_RELOADS, ConfigStatus
 from meterline.adapters.meter_store import MeterCatalog, Progress, applied_key
+from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.errors import ConfigError, MeterlineError
 from meterline.core.meter_records import MeterState
 from meterline.core.schema import DEAD_LETTERS, METER_WINDOWS, SINGLE_NODE, Topology, mutation_target
@@ -86,7 +88,7 @@ class MeterController:
         self.catalog.refresh()
         progress = self.catalog.store.progress()
         failed: MeterlineError | None = None
-        for slug, state in sorted(self.catalog.states.items()):
+        for (ns, slug), state in sorted(self.catalog.states.items()):
             if self._stop.is_set():
                 return
             try:
@@ -97,7 +99,8 @@ class MeterController:
                 elif state.latest.active_generation:
                     self._clean(state, progress)
             except MeterlineError as exc:  # one meter's failing step must not hold up the others' builds
-                logger.warning("meter step failed; retrying next pass", extra={"meter": slug}, exc_info=True)
+                logger.warning("meter step failed; retrying next pass", extra={"namespace": ns, "meter": slug},
+                               exc_info=True)
                 failed = failed or exc
         self.catalog.refresh_progress()
         if failed is not None:
@@ -152,32 +155,34 @@ class MeterController:
         return True
 
     # -- build, switch, clean --------------------------------------------------------------------
-    def _build(self, state: MeterState, progress: dict[tuple[str, int], Progress]) -> None:
+    def _build(self, state: MeterState, progress: dict[tuple[str, str, int], Progress]) -> None:
         assert state.building is not None
-        slug, generation = state.slug, state.latest.generation
-        known = progress.get((slug, generation))
+        ns, slug, generation = state.latest.namespace, state.slug, state.latest.generation
+        known = progress.get((ns, slug, generation))
         if known is None or known.state not in ("built", "clean"):
             if not self.workers_applied(state, generation):
                 if known is None:
-                    self.catalog.store.set_progress(slug, generation, "waiting", 0, 0, self.owner)
+                    self.catalog.store.set_progress(ns, slug, generation, "waiting", 0, 0, self.owner)
                 return
             if not self.rebuild(state):
                 return
-        if self.catalog.activate(slug, generation, actor=self.owner):
-            logger.info("meter switched to its rebuilt generation", extra={"meter": slug, "generation": generation})
+        if self.catalog.activate(ns, slug, generation, actor=self.owner):
+            logger.info("meter switched to its rebuilt generation",
+                        extra={"namespace": ns, "meter": slug, "generation": generation})
 
     def rebuild(self, state: MeterState, on_progress: Callable[[int, int], None] | None = None) -> bool:
         """Replay stored events into the building generation; False if the meter moved on meanwhile."""
         assert state.building is not None
-        slug, generation, meter = state.slug, state.latest.generation, state.building.meter
+        ns, slug, generation, meter = state.latest.namespace, state.slug, state.latest.generation, state.building.meter
         store = self.catalog.store
         with storage_errors():
-            sql, params = count_query(self.database, meter)
+            sql, params = count_query(self.database, meter, ns)
             total = int(self.client.query(sql, parameters=params).result_rows[0][0])
         done = 0
         last = 0.0
-        store.set_progress(slug, generation, "running", 0, total, self.owner)
-        logger.info("rebuilding meter history", extra={"meter": slug, "generation": generation, "events": total})
+        store.set_progress(ns, slug, generation, "running", 0, total, self.owner)
+        logger.info("rebuilding meter history",
+                    extra={"namespace": ns, "meter": slug, "generation": generation, "events": total})
 
         def advance(n: int) -> None:
             nonlocal done, last
@@ -188,59 +193,63 @@ class MeterController:
             now = time.monotonic()
             if now - last >= PROGRESS_EVERY_SECONDS:
                 last = now
-                current = self.catalog.states.get(slug)
+                current = self.catalog.states.get((ns, slug))
                 if self._stop.is_set() or current is None or current.latest.generation != generation:
                     raise Abandoned(slug)
-                store.set_progress(slug, generation, "running", done, max(total, done), self.owner)
+                store.set_progress(ns, slug, generation, "running", done, max(total, done), self.owner)
 
         try:
             recompute(self.client, self.database, meter, window_seconds=self.window_seconds,
-                      on_progress=advance, generation=generation, clear=False, topology=self.topology)
+                      on_progress=advance, generation=generation, clear=False, topology=self.topology,
+                      namespace=ns)
         except Abandoned:
             logger.info("rebuild abandoned: the meter changed or the controller stops", extra={"meter": slug})
             return False
-        store.set_progress(slug, generation, "built", done, max(total, done), self.owner)
+        store.set_progress(ns, slug, generation, "built", done, max(total, done), self.owner)
         return True
 
-    def _drop(self, slug: str, condition: str, generation: int) -> None:
+    def _drop(self, namespace: str, slug: str, condition: str, generation: int) -> None:
+        """Delete rows of one namespace's meter (another namespace's meter of the same slug is untouched)."""
         with storage_errors():
             for table in (METER_WINDOWS, DEAD_LETTERS):
                 mutate(
                     self.client,
                     f"DELETE FROM {mutation_target(self.database, table, self.topology)}"
-                    f" WHERE meter = {{m:String}} AND {condition}",
-                    topology=self.topology, parameters={"m": slug, "g": generation}, settings={"mutations_sync": 2},
+                    f" WHERE namespace = {{ns:String}} AND meter = {{m:String}} AND {condition}",
+                    topology=self.topology, parameters={"ns": namespace, "m": slug, "g": generation},
+                    settings={"mutations_sync": 2},
                 )
 
-    def clean(self, slug: str, timeout: float) -> bool:
+    def clean(self, slug: str, timeout: float, namespace: str = DEFAULT_NAMESPACE) -> bool:
         """Wait (up to `timeout`) until workers applied the switch, then drop the other generations."""
         self.catalog.refresh()
-        state = self.catalog.states[slug]
+        state = self.catalog.states[(namespace, slug)]
         if not self.wait_workers(state, state.latest.version, timeout):
             return False
         self._clean(state, self.catalog.store.progress())
         return True
 
-    def _clean(self, state: MeterState, progress: dict[tuple[str, int], Progress]) -> None:
+    def _clean(self, state: MeterState, progress: dict[tuple[str, str, int], Progress]) -> None:
         """After a switch, drop the other generations once no worker writes them any more."""
-        slug, generation = state.slug, state.latest.active_generation
-        known = progress.get((slug, generation))
+        ns, slug, generation = state.latest.namespace, state.slug, state.latest.active_generation
+        known = progress.get((ns, slug, generation))
         if known is not None and known.state == "clean":
             return
         if not self.workers_applied(state, state.latest.version):
             return
-        self._drop(slug, "generation != {g:UInt64}", generation)
+        self._drop(ns, slug, "generation != {g:UInt64}", generation)
         done = known.done if known else 0
-        self.catalog.store.set_progress(slug, generation, "clean", done, known.total if known else done, self.owner)
+        self.catalog.store.set_progress(ns, slug, generation, "clean", done, known.total if known else done,
+                                        self.owner)
 
-    def _purge(self, state: MeterState, progress: dict[tuple[str, int], Progress]) -> None:
+    def _purge(self, state: MeterState, progress: dict[tuple[str, str, int], Progress]) -> None:
         """A deleted meter's rows go once no worker writes them (a re-created slug has higher generations)."""
-        slug, version = state.slug, state.latest.version
-        known = progress.get((slug, version))
+        ns, slug, version = state.latest.namespace, state.slug, state.latest.version
+        known = progress.get((ns, slug, version))
         if known is not None and known.state == "clean":
             return
         if not self.workers_applied(state, version):
             return
-        self._drop(slug, "generation < {g:UInt64}", version)
-        self.catalog.store.set_progress(slug, version, "clean", 0, 0, self.owner)
-        logger.info("deleted meter's windows dropped", extra={"meter": slug})
+        self._drop(ns, slug, "generation < {g:UInt64}", version)
+        self.catalog.store.set_progress(ns, slug, version, "clean", 0, 0, self.owner)
+        logger.info("deleted meter's windows dropped", extra={"namespace": ns, "meter": slug})

@@ -12,6 +12,9 @@ a meter in the background into that generation (`generation=`, without clearing:
 answering until the switch, docs/design.md "Live meters"); `meterline recompute` runs the same in the
 foreground. Messages the live workers process meanwhile are written with the same identities under the
 same generation, so overlapping work converges instead of adding up.
+
+A meter belongs to one namespace: it is rebuilt from that namespace's events only, and only that
+namespace's rows of the slug are replaced (another tenant may have a meter with the same slug).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import mutate, storage_errors
+from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.meters import Meter, MeterSet
 from meterline.core.reasons import was_too_late
 from meterline.core.rows import RowOptions, Rows, always_accept, message_rows, stored_messages
@@ -60,24 +64,25 @@ class Abandoned(Exception):
     """The rebuild was told to stop (its generation is no longer wanted)."""
 
 
-def _where(meter: Meter) -> tuple[str, dict[str, Any]]:
-    """Events of the meter's type, from eventFrom on (earlier ones never count)."""
-    where, params = "type = {type:String}", {"type": meter.event_type}
+def _where(meter: Meter, namespace: str) -> tuple[str, dict[str, Any]]:
+    """Events of the meter's namespace and type, from eventFrom on (earlier ones never count)."""
+    where = "namespace = {namespace:String} AND type = {type:String}"
+    params: dict[str, Any] = {"namespace": namespace, "type": meter.event_type}
     if meter.event_from is not None:
         where += " AND time >= {event_from:DateTime64(6, 'UTC')}"
         params["event_from"] = format_sql_time(meter.event_from, micro=True)
     return where, params
 
 
-def count_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
+def count_query(database: str, meter: Meter, namespace: str = DEFAULT_NAMESPACE) -> tuple[str, dict[str, Any]]:
     """How many stored events feed the meter: the progress bar's total."""
-    where, params = _where(meter)
+    where, params = _where(meter, namespace)
     return f"SELECT count() FROM {qualified(database, EVENTS)} FINAL WHERE {where}", params
 
 
-def events_query(database: str, meter: Meter) -> tuple[str, dict[str, Any]]:
+def events_query(database: str, meter: Meter, namespace: str = DEFAULT_NAMESPACE) -> tuple[str, dict[str, Any]]:
     """Stored events of the meter's type in log order, so each message's events arrive together."""
-    where, params = _where(meter)
+    where, params = _where(meter, namespace)
     sql = (
         f"SELECT {', '.join(STORED_EVENT_COLUMNS)}"
         f" FROM {qualified(database, EVENTS)} FINAL WHERE {where}"
@@ -96,13 +101,14 @@ def recompute(
     topology: Topology = SINGLE_NODE,
     generation: int = 0,
     clear: bool = True,
+    namespace: str = DEFAULT_NAMESPACE,
 ) -> RecomputeResult:
     """Rebuild the meter's windows and dead letters of `generation` from `events`.
 
     With `clear`, that generation's rows are deleted first (a repair in place). `on_progress` may raise
     `Abandoned` to stop early; rows written so far are valid rows of the generation.
     """
-    only = MeterSet([meter], [generation])
+    only = MeterSet([meter], [generation], [namespace])
     options = RowOptions(window_seconds=window_seconds)
     result = RecomputeResult(meter.slug)
     now = datetime.now(UTC)
@@ -110,12 +116,12 @@ def recompute(
         for table in (METER_WINDOWS, DEAD_LETTERS) if clear else ():
             mutate(
                 client,
-                f"DELETE FROM {mutation_target(database, table, topology)} WHERE meter = {{meter:String}}"
-                " AND generation = {generation:UInt64}",
-                topology=topology, parameters={"meter": meter.slug, "generation": generation},
+                f"DELETE FROM {mutation_target(database, table, topology)} WHERE namespace = {{namespace:String}}"
+                " AND meter = {meter:String} AND generation = {generation:UInt64}",
+                topology=topology, parameters={"namespace": namespace, "meter": meter.slug, "generation": generation},
                 settings={"mutations_sync": 2},
             )
-        sql, params = events_query(database, meter)
+        sql, params = events_query(database, meter, namespace)
         pending = Rows()
         with client.query_rows_stream(sql, parameters=params) as stream:
             # Events the worker refused as too late were never metered; recompute keeps that decision.

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
+from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.errors import ConfigError, MeterNotFoundError
 from meterline.core.meters.aggregation import Aggregation
 from meterline.core.meters.jsonpath import MISSING, Many, compile_path
@@ -142,42 +143,52 @@ class _CompiledMeter:
             return exc.code, f"valueProperty {path}: {exc}"
 
 
+_NO_READERS: Mapping[str, EventReader] = {}
+
+
 class MeterSet:
-    """All live meters, indexed by slug and event type; immutable, built once.
+    """All live meters, indexed by namespace, slug and event type; immutable, built once.
 
     ``generations`` (parallel to ``meters``) lets one slug appear once per generation: while a meter's
     history is rebuilt, the processor meters each event under the active and the building definition
     (docs/design.md, "Live meters"). Without it every meter is generation 0.
+
+    ``namespaces`` (parallel too) says whose meter each is: a meter only ever meters events of its own
+    namespace, and two tenants may each have a meter with the same slug (docs/design.md, "Tenants").
+    Without it every meter belongs to the default namespace.
     """
 
-    __slots__ = ("_by_slug", "_by_type", "_compiled_by_type", "_meters", "_time_bound", "readers")
+    __slots__ = ("_by_slug", "_by_type", "_compiled_by_type", "_meters", "_readers", "_time_bound")
 
-    def __init__(self, meters: Sequence[Meter], generations: Sequence[int] | None = None) -> None:
+    def __init__(self, meters: Sequence[Meter], generations: Sequence[int] | None = None,
+                 namespaces: Sequence[str] | None = None) -> None:
         gens = list(generations) if generations is not None else [0] * len(meters)
-        if len(gens) != len(meters):
-            raise ValueError("generations must be parallel to meters")
-        by_slug: dict[str, Meter] = {}
-        seen: set[tuple[str, int]] = set()
-        for m, g in zip(meters, gens, strict=True):
-            if (m.slug, g) in seen:
+        nss = list(namespaces) if namespaces is not None else [DEFAULT_NAMESPACE] * len(meters)
+        if len(gens) != len(meters) or len(nss) != len(meters):
+            raise ValueError("generations and namespaces must be parallel to meters")
+        by_slug: dict[tuple[str, str], Meter] = {}
+        seen: set[tuple[str, str, int]] = set()
+        for m, g, ns in zip(meters, gens, nss, strict=True):
+            if (ns, m.slug, g) in seen:
                 raise ConfigError(f"duplicate meter slug {m.slug!r}")
-            seen.add((m.slug, g))
-            by_slug.setdefault(m.slug, m)
+            seen.add((ns, m.slug, g))
+            by_slug.setdefault((ns, m.slug), m)
         self._meters = tuple(meters)
         self._by_slug = by_slug
-        by_type: dict[str, list[Meter]] = {}
-        compiled: dict[str, list[_CompiledMeter]] = {}
-        for m, g in zip(meters, gens, strict=True):
-            by_type.setdefault(m.event_type, []).append(m)
-            compiled.setdefault(m.event_type, []).append(_CompiledMeter(m, g))
-        self._by_type = {t: tuple(ms) for t, ms in by_type.items()}
-        self._compiled_by_type = {t: tuple(cs) for t, cs in compiled.items()}
-        self._time_bound = {t for t, cs in compiled.items() if any(c.event_from is not None for c in cs)}
-        #: event type -> the shared reads of its meters (`meterline.core.meters.reading`): the hot path.
-        pairs: dict[str, list[tuple[Meter, int]]] = {}
-        for m, g in zip(meters, gens, strict=True):
-            pairs.setdefault(m.event_type, []).append((m, g))
-        self.readers: dict[str, EventReader] = {t: EventReader(ps) for t, ps in pairs.items()}
+        by_type: dict[tuple[str, str], list[Meter]] = {}
+        compiled: dict[tuple[str, str], list[_CompiledMeter]] = {}
+        #: namespace -> event type -> its meters' (definition, generation) pairs
+        pairs: dict[str, dict[str, list[tuple[Meter, int]]]] = {}
+        for m, g, ns in zip(meters, gens, nss, strict=True):
+            by_type.setdefault((ns, m.event_type), []).append(m)
+            compiled.setdefault((ns, m.event_type), []).append(_CompiledMeter(m, g))
+            pairs.setdefault(ns, {}).setdefault(m.event_type, []).append((m, g))
+        self._by_type = {k: tuple(ms) for k, ms in by_type.items()}
+        self._compiled_by_type = {k: tuple(cs) for k, cs in compiled.items()}
+        self._time_bound = {k for k, cs in compiled.items() if any(c.event_from is not None for c in cs)}
+        #: namespace -> event type -> the shared reads of its meters (`meterline.core.meters.reading`).
+        self._readers: dict[str, dict[str, EventReader]] = {
+            ns: {t: EventReader(ps) for t, ps in by_type_.items()} for ns, by_type_ in pairs.items()}
 
     def __iter__(self) -> Any:
         return iter(self._meters)
@@ -189,24 +200,28 @@ class MeterSet:
     def meters(self) -> tuple[Meter, ...]:
         return self._meters
 
-    def for_type(self, event_type: str) -> Sequence[Meter]:
-        """Meters fed by events of this type (empty when none)."""
-        return self._by_type.get(event_type, ())
+    def readers_of(self, namespace: str) -> Mapping[str, EventReader]:
+        """Event type -> the reader of `namespace`'s meters of that type: the processor's hot path."""
+        return self._readers.get(namespace, _NO_READERS)
 
-    def get(self, slug: str) -> Meter:
-        """The meter with this slug; raises MeterNotFoundError so callers can map it to 404."""
+    def for_type(self, event_type: str, namespace: str = DEFAULT_NAMESPACE) -> Sequence[Meter]:
+        """`namespace`'s meters fed by events of this type (empty when none)."""
+        return self._by_type.get((namespace, event_type), ())
+
+    def get(self, slug: str, namespace: str = DEFAULT_NAMESPACE) -> Meter:
+        """`namespace`'s meter with this slug; raises MeterNotFoundError so callers can map it to 404."""
         try:
-            return self._by_slug[slug]
+            return self._by_slug[(namespace, slug)]
         except KeyError:
             raise MeterNotFoundError(slug) from None
 
     def measure(
-        self, event: Mapping[str, Any], time: datetime | None = None
+        self, event: Mapping[str, Any], time: datetime | None = None, namespace: str = DEFAULT_NAMESPACE,
     ) -> tuple[list[Measurement], list[Rejection]]:
-        """Evaluate every meter whose eventType == event["type"] against event["data"].
+        """Evaluate every meter of `namespace` whose eventType == event["type"] against event["data"].
 
         One `Measurement` or `Rejection` per meter: the plain statement of the rules. The processor
-        reads through ``readers`` instead (same answers, shared work; property-tested against this).
+        reads through ``readers_of`` instead (same answers, shared work; property-tested against this).
 
         An event with no matching meter yields ([], []); deciding whether that is an error
         (strict_event_types) is the processor's business. Meters whose ``eventFrom`` is after the
@@ -214,10 +229,10 @@ class MeterSet:
         rejected.
         """
         etype = event.get("type")
-        compiled = self._compiled_by_type.get(etype)  # type: ignore[arg-type]
+        compiled = self._compiled_by_type.get((namespace, etype))  # type: ignore[arg-type]
         if not compiled:
             return [], []
-        if etype in self._time_bound:
+        if (namespace, etype) in self._time_bound:
             if time is None:
                 time = parse_time(event["time"])
             compiled = tuple(c for c in compiled if c.event_from is None or time >= c.event_from)
