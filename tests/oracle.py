@@ -46,6 +46,16 @@ def config_yaml(meters: Iterable[OracleMeter]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def meter_body(m: OracleMeter) -> dict[str, Any]:
+    """The `POST /api/v1/meters` body that means exactly what this oracle meter means (as `config_yaml`)."""
+    body: dict[str, Any] = {"slug": m.slug, "eventType": m.event_type, "aggregation": m.aggregation}
+    if m.value_field:
+        body["valueProperty"] = f"$.{m.value_field}"
+    if m.group_fields:
+        body["groupBy"] = {g: f"$.{g}" for g in m.group_fields}
+    return body
+
+
 def numeric(value: Any) -> Decimal | None:
     """The metered number, or None when the value must not be metered."""
     if isinstance(value, bool) or value is None:

@@ -75,9 +75,19 @@ def test_keys_scopes_and_refusals(env: tuple[str, KeyStore]) -> None:
     _, ingester = _new_key(store, "acme", Scope.INGEST)
     _, expired = _new_key(store, "acme", Scope.READ, expires_at=datetime.now(UTC) - timedelta(seconds=1))
     _, foreign = _new_key(store, "acme", Scope.READ, secret="another-servers-secret-0123456789abc")
+    _, operator = _new_key(store, "default", Scope.READ)
     with TestClient(create_app(_settings(url))) as http:
-        ok = http.get("/api/v1/meters", headers=_bearer(reader))
+        ok = http.get("/api/v1/meters", headers=_bearer(operator))
         assert ok.status_code == 200 and [m["slug"] for m in ok.json()] == ["calls"]
+        # config.yaml's meters (here `settings.meters`) are the default namespace's: another tenant has none,
+        # and asking for one is the 404 of a meter that does not exist.
+        ok = http.get("/api/v1/meters", headers=_bearer(reader))
+        assert ok.status_code == 200 and ok.json() == []
+        theirs = http.get("/api/v1/meters/calls", headers=_bearer(reader))
+        nobodys = http.get("/api/v1/meters/no_such_meter", headers=_bearer(reader))
+        assert theirs.status_code == nobodys.status_code == 404
+        assert theirs.headers["content-type"] == "application/problem+json"
+        assert theirs.text.replace("calls", "M") == nobodys.text.replace("no_such_meter", "M")
 
         missing = http.get("/api/v1/meters")
         assert missing.status_code == 401

@@ -38,7 +38,7 @@ def limited(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore]]:
     client = connect(clickhouse_url)
     create_schema(client, database)
     rows = [["calls", f"s{i}", START + timedelta(minutes=i % 7), "[]", {}, "e", 0, i, 1, Decimal(0), None, None,
-             [], START, None, i, GENERATION, "acme"] for i in range(SUBJECTS)]  # the keys below are acme's
+             [], START, None, i, GENERATION, "default"] for i in range(SUBJECTS)]  # config meters: default's
     client.insert(f"{database}.meter_windows", rows, column_names=list(WINDOW_COLUMNS))
     settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", auth_secret=SECRET, auth_local_mode=False,
                         rate_limit_requests="20/minute", query_max_rows=1000, meters=METERS)  # type: ignore[arg-type]
@@ -61,7 +61,7 @@ def limited(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore]]:
 
 def _key(store: KeyStore) -> dict[str, str]:
     key_id, key = generate_key()
-    store.add(ApiKey(key_id, "acme", frozenset({Scope.READ}), key_hash(SECRET.encode(), key), "",
+    store.add(ApiKey(key_id, "default", frozenset({Scope.READ}), key_hash(SECRET.encode(), key), "",
                      datetime.now(UTC) - timedelta(minutes=1)))
     return {"Authorization": f"Bearer {key}"}
 

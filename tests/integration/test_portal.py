@@ -2,7 +2,8 @@
 and listed meters, tamper-proof, invalidated within seconds, and private to their namespace.
 
 Usage rows are written straight into `meter_windows`; the expected answers are summed here from the
-rows the test wrote, per subject.
+rows the test wrote, per subject. Each tenant creates its meters through the API (config.yaml's, here
+`settings.meters`, are the default namespace's and give no tenant a meter).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from meterline.core.access import Scope
 from meterline.core.keys import ApiKey, generate_key, key_hash
 from meterline.core.schema import WINDOW_COLUMNS
 from meterline.settings import Settings
+from tests.tenants import create_meters
 
 SECRET = "portal-test-server-secret-0123456789abcdef"
 METERS = [
@@ -38,13 +40,12 @@ def _rows() -> list[list[Any]]:
         subject, value = f"s{i % 3}", Decimal(i + 1)
         for meter in ("calls", "other"):
             rows.append([meter, subject, START + timedelta(minutes=i), "[]", {}, "e", 0, i, 1, value, value, value,
-                         [], START + timedelta(minutes=i), value, i, 1, "acme"])  # the tenant the keys below read  # a first definition is generation 1
+                         [], START + timedelta(minutes=i), value, i, 1, "acme"])  # acme's first definition: generation 1
     return rows
 
 
 @pytest.fixture(scope="module")
 def portal(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore, list[list[Any]]]]:
-    from meterline.localinfra.ports import wait_for
     from meterline.server import build_app
     from tests.infra import unique
 
@@ -57,11 +58,9 @@ def portal(clickhouse_url: str) -> Iterator[tuple[TestClient, KeyStore, list[lis
                         auth_refresh_seconds=0.2, meters=METERS)  # type: ignore[arg-type]
     try:
         with TestClient(build_app("query", settings)) as http:
-            # The meter controller activates the meters once their (empty) rebuild from `events` is done.
             admin = KeyStore(client, database)
-            headers = _key(admin, "default", Scope.READ)
-            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
-                                 for m in http.get("/api/v1/meters", headers=headers).json()), 30, "meters ready")
+            for tenant in ("acme", "tenant-a"):  # the meter controller activates them after an (empty) rebuild
+                create_meters(http, _key(admin, tenant, Scope.ADMIN, Scope.READ), METERS)
             yield http, admin, rows
     finally:
         client.command(f"DROP DATABASE IF EXISTS {database}")
