@@ -14,7 +14,8 @@ import httpx
 import pytest
 
 from meterline.localinfra.stack import LocalStack
-from tests.oracle import OracleMeter, config_yaml
+from tests.oracle import OracleMeter, config_yaml, meter_body
+from tests.tenants import create_meters
 
 pytestmark = pytest.mark.e2e
 
@@ -60,6 +61,9 @@ def test_cli_keys_scopes_and_revocation(keyed_stack: LocalStack) -> None:
     events = _events(7)
     batch = {"Content-Type": "application/cloudevents-batch+json"}
     with httpx.Client(base_url=url, timeout=10) as http:
+        # acme's own meter (config.yaml's belong to the default namespace), made with an admin key
+        create_meters(http, {"Authorization": f"Bearer {create_key(keyed_stack, 'acme', 'read,admin')}"},
+                      [meter_body(METER)])
         assert http.post("/api/v1/events", json=events, headers=batch).status_code == 401
         assert http.post("/api/v1/events", json=events,
                          headers={**batch, "Authorization": f"Bearer {read_key}"}).status_code == 403

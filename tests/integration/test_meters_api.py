@@ -61,11 +61,13 @@ def env(clickhouse_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Clien
         client.close()
 
 
-def store_history(client: Client, database: str, events: list[dict[str, Any]]) -> None:
-    """Store events in 100-event messages as the processor does (no meter: only `events` rows)."""
+def store_history(client: Client, database: str, events: list[dict[str, Any]], epoch: str = "epoch") -> None:
+    """Store events in 100-event messages as the processor does (no meter: only `events` rows). Events
+    carrying `meterline_namespace` are that tenant's (give each tenant its own `epoch`: positions are
+    unique per message, and a message is one tenant's)."""
     decide = first_sighting_decider()
     for offset, i in enumerate(range(0, len(events), 100)):
-        rows = message_rows(events[i : i + 100], MessagePosition("epoch", 0, offset), MeterSet([]), RowOptions(),
+        rows = message_rows(events[i : i + 100], MessagePosition(epoch, 0, offset), MeterSet([]), RowOptions(),
                             decide)
         client.insert(f"{database}.{EVENTS}", rows.events, column_names=list(EVENT_COLUMNS))
 
@@ -87,9 +89,11 @@ def wait_state(http: TestClient, slug: str, state: str) -> dict[str, Any]:
     return meter(http, slug)
 
 
-def answer(http: TestClient, slug: str, group_by: tuple[str, ...]) -> dict[Any, Decimal]:
+def answer(http: TestClient, slug: str, group_by: tuple[str, ...], headers: dict[str, str] | None = None,
+           ) -> dict[Any, Decimal]:
     resp = http.get(f"/api/v1/meters/{slug}/query", params={"from": START.isoformat(), "to": END.isoformat(),
-                                                            "windowSize": "HOUR", "groupBy": list(group_by)})
+                                                            "windowSize": "HOUR", "groupBy": list(group_by)},
+                    headers=headers)
     assert resp.status_code == 200, resp.text
     return response_windows(resp.json(), group_by)
 
@@ -257,6 +261,83 @@ def test_redefinition_answers_old_until_switch(env: tuple[TestClient, Client, st
         return [r[0] for r in rows.result_rows] == [new_generation]
 
     wait_for(only_active, 60, "the old generation's rows dropped")
+
+
+def test_tenants_rebuild_and_drop_only_their_own_meter(clickhouse_url: str, tmp_path: Path) -> None:
+    """Two namespaces with a meter of the same slug, defined differently, over a shared history: each is
+    built from its own namespace's events only, and redefining or deleting one drops only its rows."""
+    from meterline.adapters.keystore import KeyStore
+    from meterline.core.access import Scope
+    from meterline.core.events.wire import NAMESPACE_ATTRIBUTE
+    from meterline.core.keys import ApiKey, generate_key, key_hash
+
+    secret = "tenant-meters-secret-0123456789abcdef"
+    database = f"meters_{uuid.uuid4().hex[:10]}"
+    client = connect(clickhouse_url)
+    create_schema(client, database)
+    factory = EventFactory(seed=23, start=START, span=timedelta(hours=8))
+    ours = [factory.event(invalid_rate=0.05) for _ in range(1500)]
+    theirs = [{**e, NAMESPACE_ATTRIBUTE: "acme"} for e in (factory.event() for _ in range(1000))]
+    theirs += [{**e, NAMESPACE_ATTRIBUTE: "acme"} for e in ours[:300]]  # the same (source, id): acme's own event
+    store_history(client, database, ours)
+    store_history(client, database, theirs, epoch="acme-epoch")
+    key_id, key = generate_key()
+    KeyStore(client, database).add(ApiKey(key_id, "acme", frozenset({Scope.READ, Scope.ADMIN}),
+                                          key_hash(secret.encode(), key), "", datetime.now(UTC) - timedelta(minutes=1)))
+    acme = {"Authorization": f"Bearer {key}"}
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml([FILE_METER]))
+    settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", config_file=str(config), auth_secret=secret,
+                        auth_local_mode=True, meter_poll_seconds=0.2, meter_worker_ttl_seconds=30)
+    count = OracleMeter("m", "prompt", "COUNT", None, ("model",))
+    total = OracleMeter("m", "prompt", "SUM", "tokens", ("model",))
+    peak = OracleMeter("m", "prompt", "MAX", "tokens", ("type",))
+
+    def ready(headers: dict[str, str] | None) -> dict[str, Any]:
+        def state() -> Any:
+            return http.get("/api/v1/meters/m", headers=headers).json()["annotations"]["meterline.state"]
+        wait_for(lambda: state() == "ready", 60, "m ready")
+        return dict(http.get("/api/v1/meters/m", headers=headers).json())
+
+    try:
+        with TestClient(build_app("query", settings)) as http:
+            # Keyless requests act in the default namespace (local mode); the key in acme.
+            assert http.post("/api/v1/meters", json={"slug": "m", "eventType": "prompt", "aggregation": "COUNT",
+                                                     "groupBy": {"model": "$.model"}}).status_code == 201
+            assert http.post("/api/v1/meters", headers=acme, json={
+                "slug": "m", "eventType": "prompt", "aggregation": "SUM", "valueProperty": "$.tokens",
+                "groupBy": {"model": "$.model"}}).status_code == 201
+            ready(None), ready(acme)
+            assert answer(http, "m", ("model",)) == oracle(ours, count)
+            assert answer(http, "m", ("model",), acme) == oracle(theirs, total)
+            # acme sees its meter only; config.yaml's is the default namespace's.
+            assert [m["slug"] for m in http.get("/api/v1/meters", headers=acme).json()] == ["m"]
+            problem(http.get("/api/v1/meters/prompt_count", headers=acme), 404)
+
+            # acme redefines its `m`: rebuilt from acme's events, and the clean-up of its old generation
+            # leaves the default namespace's `m` (the same slug and generation number) whole.
+            assert http.put("/api/v1/meters/m", headers=acme,
+                            json={"aggregation": "MAX", "groupBy": {"type": "$.type"}}).status_code == 200
+            switched = ready(acme)
+            assert answer(http, "m", ("type",), acme) == oracle(theirs, peak)
+
+            def generations() -> set[tuple[str, int]]:
+                rows = client.query(f"SELECT DISTINCT namespace, generation FROM {database}.meter_windows"
+                                    " WHERE meter = 'm'").result_rows
+                return {(str(ns), int(g)) for ns, g in rows}
+
+            wait_for(lambda: generations() == {("default", 1), ("acme", switched["annotations"]["meterline.generation"])},
+                     60, "acme's old generation dropped")
+            assert answer(http, "m", ("model",)) == oracle(ours, count)
+
+            # Deleting acme's `m` purges acme's rows only; the default namespace's `m` still answers.
+            assert http.delete("/api/v1/meters/m", headers=acme).status_code == 204
+            problem(http.get("/api/v1/meters/m", headers=acme), 404)
+            wait_for(lambda: generations() == {("default", 1)}, 60, "acme's rows purged")
+            assert answer(http, "m", ("model",)) == oracle(ours, count)
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS {database}")
+        client.close()
 
 
 def test_config_reload_and_broken_file(env: tuple[TestClient, Client, str, Path]) -> None:

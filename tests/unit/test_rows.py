@@ -206,3 +206,34 @@ def test_events_rows_carry_typed_rejections_and_stored_messages_rebuild_the_work
     assert rebuilt.windows == worker.windows
     kept = [i for _, _, idx in stored_messages(_stored(worker), skip=was_too_late) for i in idx]
     assert kept == [1, 2, 3, 4]
+
+
+def test_each_namespace_is_metered_by_its_own_meters_only() -> None:
+    """Two tenants with a `calls` meter each (different meanings) and one with none: a message is metered
+    by its namespace's meters alone, and in strict mode a tenant without a meter for the type dead-letters."""
+    tenant_meters = MeterSet([
+        Meter(slug="calls", eventType="prompt", aggregation="COUNT"),
+        Meter(slug="calls", eventType="prompt", aggregation="SUM", valueProperty="$.tokens"),
+        Meter(slug="tokens", eventType="prompt", aggregation="SUM", valueProperty="$.tokens"),
+    ], [1, 1, 1], ["acme", "beta", "acme"])
+    sent = {ns: [{**ev(i, i + 1), "meterline_namespace": ns} for i in range(n)]
+            for ns, n in (("acme", 4), ("beta", 3), ("gamma", 2))}
+    # The oracle: what each tenant's own definitions mean over its own events.
+    expected = {
+        "acme": {"calls": Decimal(len(sent["acme"])), "tokens": Decimal(sum(e["data"]["tokens"] for e in sent["acme"]))},
+        "beta": {"calls": Decimal(sum(e["data"]["tokens"] for e in sent["beta"]))},
+        "gamma": {},
+    }
+    for offset, (ns, events) in enumerate(sent.items()):
+        rows = message_rows(events, POS._replace(offset=offset), tenant_meters, RowOptions(strict_event_types=True),
+                            always_accept, now=NOW)
+        assert {col(r, WINDOW_COLUMNS, "namespace") for r in rows.windows} <= {ns}
+        got: dict[str, Decimal] = {}
+        for r in rows.windows:
+            meter, agg = r[0], "count" if (ns, r[0]) == ("acme", "calls") else "sum"
+            got[meter] = got.get(meter, Decimal(0)) + Decimal(col(r, WINDOW_COLUMNS, agg))
+        assert got == expected[ns]
+        unknown = [d for d in rows.dead_letters if col(d, DEAD_LETTER_COLUMNS, "reason_code") == ReasonCode.UNKNOWN_TYPE]
+        assert len(unknown) == (len(events) if ns == "gamma" else 0)
+    assert tenant_meters.for_type("prompt", "beta")[0].aggregation.value == "SUM"
+    assert tenant_meters.for_type("prompt") == ()  # the default namespace has none of these
