@@ -14,6 +14,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,22 @@ def _same_not_found(theirs: httpx.Response, nobodys: httpx.Response, name: str, 
     assert theirs.text.replace(name, "X") == nobodys.text.replace(missing, "X")
 
 
-def test_namespaces_are_isolated_end_to_end(tenants: LocalStack) -> None:
+@dataclass(frozen=True)
+class Populated:
+    """What the two tenants did: their keys and what each sent (acme's `only-a` and beta's `only-b` are
+    dead letters; `secret-subject-a` is a subject only acme has)."""
+
+    a: str
+    b_admin: str
+    b: str
+    sent: dict[str, list[dict[str, Any]]]
+    only_a: dict[str, Any]
+    only_b: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def populated(tenants: LocalStack) -> Populated:
+    """Both tenants' meters created and their events sent (the tests wait for them to be counted)."""
     a = create_key(tenants, "acme", "ingest,read,admin")
     b_admin, b = create_key(tenants, "beta", "ingest,read,admin"), create_key(tenants, "beta", "read")
     sent = {"acme": _events("acme", 10), "beta": _events("beta", 6)}
@@ -101,7 +117,13 @@ def test_namespaces_are_isolated_end_to_end(tenants: LocalStack) -> None:
         post(a, sent["acme"])
         post(a, sent["acme"])  # a retry inside A: duplicates, counted once
         post(a, [only_a])  # no `n`: a `tokens` dead letter, and a subject only A has
+    return Populated(a, b_admin, b, sent, only_a, only_b)
 
+
+def test_namespaces_are_isolated_end_to_end(tenants: LocalStack, populated: Populated) -> None:
+    p = populated
+    a, b_admin, b, sent, only_b = p.a, p.b_admin, p.b, p.sent, p.only_b
+    with httpx.Client(base_url=tenants.url, timeout=10) as http:
         # The oracle: each tenant's meters over each tenant's first sightings only.
         expected = {
             "acme": {"calls": len(sent["acme"]) + 1, "tokens": sum(e["data"]["n"] for e in sent["acme"])},
@@ -213,6 +235,50 @@ def test_namespaces_are_isolated_end_to_end(tenants: LocalStack) -> None:
                          headers=_bearer(b_admin)).status_code == 204
         assert http.get(f"/api/v1/portal/meters/tokens/query?{RANGE}", headers=portal).status_code == 200
         assert http.get(f"/api/v1/meters/calls/query?{RANGE}", headers=portal).status_code == 403
+
+
+def test_fuzzing_every_read_with_each_tenants_key_never_shows_the_other_tenant(
+        tenants: LocalStack, populated: Populated) -> None:
+    """Schemathesis over every read operation (GETs and the POST query), once per tenant's read key: no
+    answer is a 5xx, and no answer carries anything of the other tenant (its ids, subjects, data, meter id),
+    with meter paths drawn from both tenants' slugs and the other tenant's meter id."""
+    import schemathesis
+
+    with httpx.Client(base_url=tenants.url, timeout=10) as http:
+        # Counted first, so the fuzz reads tenants whose windows, subjects and dead letters exist.
+        _wait(lambda: len(_get(http, populated.a, "/api/v1/dead-letters")) == 1
+              and len(_get(http, populated.b, "/api/v1/dead-letters")) == 1, tenants, "dead letters never stored")
+        tokens_id = _get(http, populated.a, "/api/v1/meters/tokens")["id"]
+    schema = schemathesis.openapi.from_url(f"{tenants.url}/openapi.json")
+    reads = [op for op in (r.ok() for r in schema.get_all_operations())
+             if op.method.upper() == "GET" or (op.method.upper() == "POST" and op.path.endswith("/query"))]
+    assert len(reads) >= 12, [op.path for op in reads]
+    #: what would betray the other tenant: its event ids, subject, data and meter id
+    others = {populated.b: ("only-a", "secret-subject-a", "acme", tokens_id), populated.a: ("only-b", "beta")}
+    for key, foreign in others.items():
+        for operation in reads:
+            _fuzz(operation, tenants.url, key, foreign, ["calls", "tokens", tokens_id])
+
+
+def _fuzz(operation: Any, url: str, key: str, foreign: tuple[str, ...], slugs: list[str]) -> None:
+    """A few schemathesis cases of one operation with `key`: never a 5xx, never a `foreign` string."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.checks import not_a_server_error
+
+    @given(case=operation.as_strategy(), slug=st.sampled_from(slugs))
+    @settings(max_examples=8, deadline=None, suppress_health_check=list(HealthCheck))
+    def check(case: Any, slug: str) -> None:
+        if case.path_parameters and "meterIdOrSlug" in case.path_parameters:
+            case.path_parameters["meterIdOrSlug"] = slug
+        response = case.call(base_url=url, headers=_bearer(key))
+        assert response.status_code < 500, (case.method, case.path, case.query, response.text)
+        case.validate_response(response, checks=[not_a_server_error])
+        asked = f"{response.request.url} {response.request.body!r}"  # an error may echo what was asked
+        leaked = [f for f in foreign if f in response.text and f not in asked]
+        assert not leaked, (case.method, case.formatted_path, case.query, leaked, response.text[:500])
+
+    check()
 
 
 def test_openmeter_python_sdk_with_a_key(tenants: LocalStack) -> None:
