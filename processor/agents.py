@@ -33,7 +33,7 @@ from typing import Any
 
 import faust
 
-from meterline.adapters.kafka import committed_offsets, log_epoch
+from meterline.adapters.kafka import committed_offsets, log_epoch, partition_count
 from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 from processor import metrics
@@ -76,7 +76,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
     async def on_revoked(sender: Any, revoked: Any, **kwargs: Any) -> None:
         # Another worker may write first sightings for these partitions while we do not own them.
         gone = {tp.partition for tp in revoked if tp.topic == topic.get_topic_name()}
-        processor.state.forget_partitions(gone)
+        processor.revoked(gone)
         processor.progress.revoked(gone)
         owned.difference_update(gone)
         metrics.ASSIGNED.set(len(owned))
@@ -86,6 +86,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
         mine = {tp.partition for tp in assigned if tp.topic == topic.get_topic_name()}
         owned.update(mine)
         committed = await group_committed(mine)
+        processor.partitions = max(processor.partitions, await topic_partitions(), max(mine, default=-1) + 1)
         logger.info("assigned", extra={"partitions": sorted(mine), "committed": committed})
         processor.assigned(mine, committed)
         if mine:
@@ -108,6 +109,15 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
         except BrokerUnavailableError as exc:  # the check is skipped for this assignment, processing is not
             logger.info("committed offsets unavailable", extra={"error": str(exc)[:300]})
             return {}
+
+    async def topic_partitions() -> int:
+        """How many partitions the topic has now (it may have grown): every one is deduped against."""
+        assert settings.kafka_bootstrap is not None
+        try:
+            return await asyncio.to_thread(partition_count, settings.kafka_bootstrap, topic.get_topic_name())
+        except BrokerUnavailableError as exc:
+            logger.info("partition count unavailable", extra={"error": str(exc)[:300]})
+            return 0
 
     async def check_epoch() -> None:
         """Stop loudly when the broker's log epoch is not the one this worker writes positions under."""

@@ -82,6 +82,12 @@ class Sink(Protocol):
         as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking. Keys are
         computed with the current `dedupe_key` from the stored `(source, id)` (see KEY_VERSION)."""
 
+    def tail_keys(self, since: dict[int, tuple[str, int]], horizon_days: int,
+                  merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
+        """Feed the first sightings stored for each partition of `since` after its marker `(log_epoch,
+        next_offset)` to `merge(partition, rows)`, rows as in `load_dedupe`; blocking. Cheap (a range
+        per partition): it runs before every batch to see what other workers stored."""
+
     def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
         """Store `partition_progress` rows once (no retry; blocking). Raises StorageError."""
 
@@ -137,6 +143,10 @@ class BatchProcessor:
         #: Set by the agent: compares the broker's log epoch with `log_epoch` (raises LogRestartedError).
         self.check_epoch: Callable[[], Awaitable[None]] | None = None
         self.progress = Progress()
+        #: Partitions this worker owns now, and how many the topic has: the keys of every other partition
+        #: are merged into the dedupe state before each batch (`merge_foreign`: global dedupe).
+        self.owned: set[int] = set()
+        self.partitions = settings.topic_partitions
         #: The meter store view; None when meters are fixed (benchmarks, unit tests).
         self.live = live
         #: Held while a batch is built and written: meters change only between batches.
@@ -194,10 +204,16 @@ class BatchProcessor:
         """A new assignment: offsets may legitimately start below what this worker saw before (replay),
         but never below the group's `committed` offset: a first offset under it is an out-of-range
         auto-reset to the earliest (e.g. a commit of a re-created log), which `handle` stops on."""
+        self.owned.update(partitions)
         for p in partitions:
             self._next_seen.pop(p, None)
             if committed is not None and p in committed:
                 self._next_seen[p] = committed[p]
+
+    def revoked(self, partitions: Iterable[int]) -> None:
+        """Partitions another worker may own now: their keys are merged from storage from now on."""
+        self.owned.difference_update(partitions)
+        self.state.forget_partitions(partitions)
 
     def _offsets_went_back(self, events: Sequence[StreamEvent]) -> tuple[int, int, int] | None:
         """The first `(partition, expected offset, delivered offset)` whose offsets went backwards within
@@ -231,6 +247,34 @@ class BatchProcessor:
             metrics.DEDUPE_LOADED.inc(n)
             logger.info("dedupe state loaded", extra={"partition": p, "keys": n, "since": since,
                                                      "seconds": round(time.perf_counter() - started, 3)})
+
+    async def merge_foreign(self, skip: set[int]) -> None:
+        """Merge the keys other workers stored for every partition this worker does not own (nor has in
+        `skip`), so a copy of an event on another partition is a duplicate here too (global dedupe).
+
+        A partition first met (no marker of this epoch) is loaded from `events` like an owned one; after
+        that only what was stored past its marker is read, from `dedupe_keys` (one query for all)."""
+        foreign = set(range(self.partitions)) - self.owned - skip
+        if not foreign:
+            return
+        epoch_no = self.state.epoch_no(self.log_epoch)
+        since: dict[int, tuple[str, int]] = {}
+        for p in sorted(foreign):
+            marker = self.state.marker(p)
+            if marker is not None and marker[0] == epoch_no:
+                since[p] = (self.log_epoch, marker[1])
+                continue
+            n = await asyncio.to_thread(
+                self.sink.load_dedupe, p, self.settings.dedupe_horizon_days, None,
+                functools.partial(self.state.load_rows, self.log_epoch, p, owned=False))
+            metrics.DEDUPE_LOADED.inc(n)
+            logger.info("dedupe keys of another worker's partition loaded", extra={"partition": p, "keys": n})
+        conflicts = self.state.conflicts
+        n = await asyncio.to_thread(
+            self.sink.tail_keys, since, self.settings.dedupe_horizon_days,
+            lambda p, rows: self.state.load_rows(self.log_epoch, p, rows, owned=False))
+        metrics.DEDUPE_LOADED.inc(n)
+        metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
 
     def build(self, messages: list[Message], now: datetime | None = None) -> Rows:
         """Rows of a batch of messages, deciding dedupe in log order.
@@ -276,7 +320,11 @@ class BatchProcessor:
             return await self._process(messages)
 
     async def _process(self, messages: list[Message]) -> Rows:
-        await self.ensure_loaded({m[0] for m in messages})
+        partitions = {m[0] for m in messages}
+        conflicts = self.state.conflicts
+        await self.ensure_loaded(partitions)
+        metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
+        await self.merge_foreign(partitions)
         started = time.perf_counter()
         rows = self.build(messages)
         built = time.perf_counter()

@@ -28,9 +28,13 @@ Marker semantics: for partition p, marker (E, M) means the cache holds every key
 partition p in epoch E below offset M, and every key of older epochs (within the horizon). A restart then
 loads only `log_epoch = E AND kafka_offset >= M`; a different epoch (broker log reset) reloads fully.
 
-Cross-partition duplicates (same source+id, different subject => different partition) are caught only
-when the same worker holds both partitions (the cache is shared by all partitions of a worker); ingest
-keys by subject, and CloudEvents producers retry with the same subject, so this is the rare case.
+Global per namespace: the cache is shared by all partitions of a worker and also holds the keys other
+workers stored for the partitions it does not own (loaded from `events` once, then tailed from the
+`dedupe_keys` table before every batch: `load_rows(..., owned=False)`), so a copy of an event on another
+partition (a retry under another subject, a partition-count change, a message produced straight onto
+any partition) is dropped like a copy on the same partition. Limit: two copies decided by different
+workers before either was written both count; the worker that later meets the second stored key logs
+it and counts it in `conflicts` (docs/design.md, "Exactly-once effect").
 """
 
 from __future__ import annotations
@@ -103,6 +107,8 @@ class DedupeState:
         self._io = threading.Lock()
         self._closed = False
         self._sync = sync
+        #: Keys found stored at two positions by a load (both copies were counted: see module doc).
+        self.conflicts = 0
         next_no = 0
         for k, v in self._db.items(from_key=_EPOCH_PREFIX):
             if not k.startswith(_EPOCH_PREFIX):
@@ -158,17 +164,19 @@ class DedupeState:
     # ------------------------------------------------------------------ loading from ClickHouse
     def load_rows(
         self, log_epoch: str, partition: int, rows: Iterable[Sequence[Any]], *, now: float | None = None,
-        generation: int | None = None,
+        generation: int | None = None, owned: bool = True,
     ) -> int:
         """Merge `events` rows (dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index,
         ingested_at unix seconds) of one partition into the cache and advance its marker.
 
         A cached record is never overwritten: ClickHouse and the cache agree on the first sighting of
         every key, except for rows the cache has that ClickHouse does not (written locally before a
-        failed write), and those are exactly the ones a replay must still accept.
+        failed write), and those are exactly the ones a replay must still accept. A row whose key is
+        cached at another position is a key stored (or about to be) twice: counted in `conflicts`.
 
         Runs in a thread: it raises `DedupeStateClosedError` instead of writing once `close` was called,
-        and marks the partition loaded only if it was not revoked since `generation` was taken.
+        and marks the partition loaded only if it was not revoked since `generation` was taken. With
+        `owned=False` (another worker's partition, merged for global dedupe) it only advances the marker.
         """
         generation = self.generation(partition) if generation is None else generation
         now = time.time() if now is None else now
@@ -177,15 +185,26 @@ class DedupeState:
             current_no = self.epoch_no(log_epoch)
         max_next = 0
         n = 0
-        wb = WriteBatch(raw_mode=True)
         chunk: list[tuple[bytes, bytes]] = []
 
         def write_chunk() -> None:
+            # Each chunk is written before the next is read, so the first stored row of a key wins.
+            wb = WriteBatch(raw_mode=True)
             with self._open():
                 existing = self._db[[k for k, _ in chunk]]
+            first: dict[bytes, bytes] = {}
             for (k, v), old in zip(chunk, existing):
+                old = first.get(k) if old is None else old
                 if old is None:
+                    first[k] = v
                     wb.put(k, v)
+                elif old[:20] != v[:20]:
+                    self.conflicts += 1
+                    logger.error("a dedupe key is stored at two positions: both copies were counted",
+                                 extra={"dedupe_key": k[1:].hex(), "cached": self._describe(old),
+                                        "stored": self._describe(v)})
+            with self._open():
+                self._db.write(wb)
 
         for key, epoch, part, offset, index, seen in rows:
             seen_s = int(seen)
@@ -206,13 +225,17 @@ class DedupeState:
         if chunk:
             write_chunk()
         with self._open():
-            self._db.write(wb)
             marker = self.marker(partition)
             if marker is None or marker[0] != current_no or max_next > marker[1]:
                 self._set_marker(partition, current_no, max_next)
-            if self._generations.get(partition, 0) == generation:
+            if owned and self._generations.get(partition, 0) == generation:
                 self._loaded.add(partition)
         return n
+
+    def _describe(self, record: bytes) -> str:
+        no, part, offset, index = _POS.unpack_from(record)
+        names = {n: e for e, n in self._epochs.items()}
+        return f"{names.get(no, f'#{no}')}:{part}:{offset}:{index}"
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[None]:

@@ -25,6 +25,10 @@ WRITE_SECONDS = Histogram(
 WRITE_RETRIES = Counter("meterline_processor_write_retries_total", "Failed ClickHouse operations retried", ["operation"])
 LAST_WRITE = Gauge("meterline_processor_last_write_timestamp_seconds", "Unix time of the last successful batch write")
 DEDUPE_LOADED = Counter("meterline_processor_dedupe_keys_loaded_total", "Dedupe keys loaded from ClickHouse")
+DEDUPE_CONFLICTS = Counter(
+    "meterline_processor_dedupe_conflicts_total",
+    "Dedupe keys found stored at two positions (copies on two partitions decided by two workers before "
+    "either was written: both counted); alert on any increase")
 QUARANTINED = Counter("meterline_processor_quarantined_messages_total",
                       "Messages whose rows ClickHouse refused, dead-lettered whole as invalid_event")
 PROCESSED_OFFSET = Gauge("meterline_processor_processed_offset",

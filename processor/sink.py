@@ -37,6 +37,8 @@ from meterline.core.rows import Rows
 from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,
+    DEDUPE_KEY_COLUMNS,
+    DEDUPE_KEYS,
     EVENT_COLUMNS,
     EVENTS,
     METER_WINDOWS,
@@ -56,6 +58,9 @@ INSERT_SETTINGS: dict[str, object] = {"async_insert": 0, "wait_for_async_insert"
 # Where (log_epoch, kafka_partition, kafka_offset) start in an events row and a dead-letter row.
 EVENT_EPOCH = EVENT_COLUMNS.index("log_epoch")
 DEAD_EPOCH = DEAD_LETTER_COLUMNS.index("log_epoch")
+# What a `dedupe_keys` row copies from its `events` row (DEDUPE_KEY_COLUMNS order).
+KEY_FROM_EVENT = tuple(EVENT_COLUMNS.index(c) for c in (
+    "dedupe_key", "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "ingested_at"))
 # Which meter version built a row: part of the insert tokens' salt.
 WINDOW_METER, WINDOW_GENERATION = WINDOW_COLUMNS.index("meter"), WINDOW_COLUMNS.index("generation")
 DEAD_METER, DEAD_GENERATION = DEAD_LETTER_COLUMNS.index("meter"), DEAD_LETTER_COLUMNS.index("generation")
@@ -81,6 +86,29 @@ def dedupe_load_query(database: str, partition: int, horizon_days: int,
     if since is not None:
         sql += " AND log_epoch = {epoch:String} AND kafka_offset >= {offset:UInt64}"
         params["epoch"], params["offset"] = since
+    return sql, params
+
+
+def dedupe_key_rows(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """The `dedupe_keys` rows of a batch's `events` rows."""
+    return [[row[i] for i in KEY_FROM_EVENT] for row in events]
+
+
+def foreign_keys_query(database: str, since: dict[int, tuple[str, int]], horizon_days: int
+                       ) -> tuple[str, dict[str, Any]]:
+    """SQL + parameters of the stored keys of partitions `since` names, each after its marker
+    `(log_epoch, next_offset)`: a range of `dedupe_keys`' sorting key per partition."""
+    ranges = []
+    params: dict[str, Any] = {"days": horizon_days}
+    for i, (partition, (epoch, offset)) in enumerate(sorted(since.items())):
+        ranges.append(f"(kafka_partition = {{p{i}:UInt32}} AND log_epoch = {{e{i}:String}} "
+                      f"AND kafka_offset >= {{o{i}:UInt64}})")
+        params[f"p{i}"], params[f"e{i}"], params[f"o{i}"] = partition, epoch, offset
+    sql = (
+        "SELECT dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, toUnixTimestamp(seen_at) "
+        f"FROM {quote_identifier(database)}.{DEDUPE_KEYS} "
+        f"WHERE ({' OR '.join(ranges) or '0'}) AND seen_at >= now() - toIntervalDay({{days:UInt32}})"
+    )
     return sql, params
 
 
@@ -154,6 +182,11 @@ class ClickHouseSink:
             if rows.events:
                 self.retry("insert events", lambda: self._insert(EVENTS, rows.events, EVENT_COLUMNS, batch),
                             rows=len(rows.events))
+                # After events: a key row is never there without its event. (A crash in between leaves
+                # the batch unacked; its replay writes the key rows.)
+                keys = dedupe_key_rows(rows.events)
+                self.retry("insert dedupe_keys", lambda: self._insert(DEDUPE_KEYS, keys, DEDUPE_KEY_COLUMNS, batch),
+                            rows=len(keys))
             if rows.dead_letters:
                 self.retry("insert dead_letters",
                             lambda: self._insert(DEAD_LETTERS, rows.dead_letters, DEAD_LETTER_COLUMNS, batch),
@@ -265,3 +298,23 @@ class ClickHouseSink:
 
         with self._lock:
             return int(self.retry(f"load dedupe partition {partition}", op, rows=0))
+
+    def tail_keys(self, since: dict[int, tuple[str, int]], horizon_days: int,
+                  merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
+        """Feed the keys stored for each partition of `since` after its marker to `merge(partition, rows)`
+        (blocking; rows as in `load_dedupe`). One query, one range of `dedupe_keys` per partition."""
+        if not since:
+            return 0
+        sql, params = foreign_keys_query(self.database, since, horizon_days)
+
+        def op() -> int:
+            with storage_errors():
+                found = self._connected().query(sql, parameters=params,
+                                                settings=exact_read_settings(self.topology) or None).result_rows
+            by_partition: dict[int, list[Sequence[Any]]] = {p: [] for p in since}
+            for row in found:
+                by_partition[int(row[2])].append(row)
+            return sum(merge(p, rows) for p, rows in by_partition.items())
+
+        with self._lock:
+            return int(self.retry("tail dedupe keys", op, rows=0))

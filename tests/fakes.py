@@ -88,6 +88,19 @@ class FakeSink:
         self.journal.append(f"load partition {partition}")
         return merge(found)
 
+    def tail_keys(self, since: dict[int, tuple[str, int]], horizon_days: int,
+                  merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
+        floor = time.time() - horizon_days * 86_400
+        found: dict[int, list[Any]] = {p: [] for p in since}
+        for row in self.events.values():
+            epoch, part, offset = row[_COL["log_epoch"]], row[_COL["kafka_partition"]], row[_COL["kafka_offset"]]
+            seen = row[_COL["ingested_at"]].timestamp()
+            if part in since and epoch == since[part][0] and offset >= since[part][1] and seen >= floor:
+                found[part].append((row[_COL["dedupe_key"]], epoch, part, offset, row[_COL["batch_index"]], seen))
+        if since:
+            self.journal.append(f"tail partitions {sorted(since)}")
+        return sum(merge(p, rows) for p, rows in found.items())
+
     def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
         self.journal.append(f"progress {len(rows)} partitions")
 

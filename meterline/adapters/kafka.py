@@ -51,6 +51,16 @@ def log_epoch(bootstrap: str, topic: str, timeout: float = 10.0) -> str:
     return f"{cluster_id}/{topic_id}" if topic_id else str(cluster_id)
 
 
+def partition_count(bootstrap: str, topic: str, timeout: float = 10.0) -> int:
+    """How many partitions `topic` has (0 when it does not exist)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    try:
+        found = admin.list_topics(topic=topic, timeout=timeout).topics.get(topic)
+    except KafkaException as exc:
+        raise BrokerUnavailableError(f"cannot describe topic {topic} on {bootstrap}: {exc}") from exc
+    return 0 if found is None or found.error is not None else len(found.partitions)
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Iterable[int],
                       timeout: float = 10.0) -> dict[int, int]:
     """The offsets `group` committed on `topic`'s `partitions` (next offset to read); partitions without

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 EVENTS = "events"
+DEDUPE_KEYS = "dedupe_keys"
 METER_WINDOWS = "meter_windows"
 DEAD_LETTERS = "dead_letters"
 DEAD_LETTER_REPLAYS = "dead_letter_replays"
@@ -64,6 +65,11 @@ STORED_EVENT_COLUMNS: tuple[str, ...] = (
     "data", "rejections", "namespace",
 )
 """What `meterline.core.rows.stored_messages` reads back from `events` to re-meter stored events."""
+
+DEDUPE_KEY_COLUMNS: tuple[str, ...] = (
+    "dedupe_key", "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "seen_at",
+)
+"""One `dedupe_keys` row per `events` row: its key, position and broker time (`events.ingested_at`)."""
 
 WINDOW_COLUMNS: tuple[str, ...] = (
     "meter", "subject", "window_start", "group_key", "group",
@@ -229,6 +235,23 @@ TABLES: tuple[Table, ...] = (
             REJECTIONS_COLUMN,
             NAMESPACE_COLUMN,
         ),
+    ),
+    # Every stored first sighting's key, ordered by log position: what a worker tails, partition by
+    # partition, to see the keys other workers stored (global dedupe, docs/design.md "Exactly-once
+    # effect"). Sharded by partition so one insert of a partition's keys is visible on one shard at once.
+    Table(
+        name=DEDUPE_KEYS,
+        columns="""
+            dedupe_key FixedString(16),
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            batch_index UInt32,
+            seen_at DateTime64(3, 'UTC')
+        """,
+        order_by="(kafka_partition, log_epoch, kafka_offset, batch_index)",
+        shard_by="cityHash64(kafka_partition)",
+        partition_by="toYYYYMM(seen_at)",
     ),
     Table(
         name=METER_WINDOWS,

@@ -323,3 +323,53 @@ def test_a_first_start_with_a_broken_config_refuses_naming_the_file(world: dict[
     assert worker.wait(120) != 0
     log = worker_logs(world)
     assert f"{world['config']}: meters: invalid YAML" in log and "holds no meter yet" in log, log
+
+
+def assignments(world: dict[str, Any], workers: int, partitions: int = 4, timeout: float = 60.0) -> list[set[int]]:
+    """Each worker's partitions once the group has settled: every partition owned by exactly one worker
+    (read from the workers' "assigned" log records)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        owned: list[set[int]] = []
+        for i in range(workers):
+            records = [orjson.loads(line) for line in (world["tmp"] / f"worker-{i}.log").read_bytes().splitlines()
+                       if line.startswith(b"{") and b'"assigned"' in line]
+            mine = [r["partitions"] for r in records if r.get("event") == "assigned"]
+            owned.append(set(mine[-1]) if mine else set())
+        if all(owned) and sum(map(len, owned)) == partitions and set().union(*owned) == set(range(partitions)):
+            return owned
+        time.sleep(0.3)
+    pytest.fail(f"the group did not settle on {workers} workers")
+
+
+def produce_to(bootstrap: str, topic: str, partition: int, msgs: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """Produce onto one partition whatever the key says (a foreign producer, or a partition-count change)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for subject, evs in msgs:
+        producer.produce(topic, orjson.dumps(evs), key=subject.encode(), partition=partition)
+    assert producer.flush(30) == 0
+
+
+def test_copies_on_partitions_of_two_workers_count_once(world: dict[str, Any], kafka_bootstrap: str) -> None:
+    """Dedupe is global per namespace: copies of events (same source and id, another subject) on a
+    partition another worker owns are dropped -- a client retry under another subject, a partition-count
+    change or a message produced straight onto another partition -- and the retry's new events count."""
+    world["start"](METERLINE_STATE_DIR=str(world["tmp"] / "a"))  # one RocksDB directory per live worker
+    world["start"](METERLINE_STATE_DIR=str(world["tmp"] / "b"))
+    one, two = assignments(world, 2)
+    rnd = random.Random(23)
+    originals = generate(rnd, 400, dup_rate=0)
+    first = messages(originals, size=40)
+    produce_to(kafka_bootstrap, world["topic"], min(one), first)
+    expected, unique = oracle(first)
+    wait_exact(world, expected, unique)
+    retried = [dict(e, subject="retry-" + e["subject"]) for e in rnd.sample(originals, 150)]
+    fresh = generate(rnd, 100, start=5_000, dup_rate=0)
+    second = messages(retried + fresh, size=40)
+    produce_to(kafka_bootstrap, world["topic"], min(two), second)
+    # More copies on the first worker's partition (its own keys), then one new event behind them.
+    third = messages(retried[:30], size=10) + messages(generate(rnd, 1, start=9_000, dup_rate=0))
+    produce_to(kafka_bootstrap, world["topic"], max(one), third)
+    expected, unique = oracle(first + second + third)
+    assert unique == 501
+    wait_exact(world, expected, unique)

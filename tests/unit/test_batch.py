@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 from collections import Counter
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -48,9 +49,10 @@ def event(n: int, subject: str, tokens: int, minute: int) -> dict[str, Any]:
 class Worker:
     """One processor process: a BatchProcessor on a (possibly surviving) RocksDB cache dir."""
 
-    def __init__(self, tmp_path: Path, sink: FakeSink, state_dir: Path) -> None:
+    def __init__(self, tmp_path: Path, sink: FakeSink, state_dir: Path, owns: Iterable[int] = range(8)) -> None:
         self.state = DedupeState(str(state_dir), 32)
         self.processor = BatchProcessor(settings(tmp_path), METERS, self.state, sink, EPOCH)
+        self.processor.assigned(owns)  # every partition of the topic unless a test splits them
 
     def stop(self) -> None:
         self.state.close()
@@ -224,6 +226,40 @@ async def test_duplicates_are_decided_in_log_order(tmp_path: Path) -> None:
     assert positions == {"id-1": (0, 0), "id-2": (0, 2), "id-3": (1, 1)}
     assert sum(row[9] for row in sink.windows.values() if row[0] == "tokens") == 60
     worker.stop()
+
+
+async def test_a_copy_on_another_workers_partition_is_a_duplicate_whoever_writes_first(tmp_path: Path) -> None:
+    """Dedupe is global per namespace: a copy of an event on a partition another worker owns (a retry
+    under another subject, a partition-count change, a message produced onto any partition) is dropped,
+    whichever worker stored its key first; replays, also by a worker with a lost cache, decide the same."""
+    sink = FakeSink()
+    one = Worker(tmp_path, sink, tmp_path / "one", owns={0, 1, 2, 3})
+    two = Worker(tmp_path, sink, tmp_path / "two", owns={4, 5, 6, 7})
+    original = [event(1, "a", 10, 0), event(2, "a", 20, 0), event(3, "a", 30, 0)]
+    retry = [dict(e, subject="b") for e in original[:2]] + [event(4, "b", 40, 0)]
+    first = stream_events([(0, 0, orjson.dumps(original))])
+    copies = stream_events([(5, 0, orjson.dumps(retry))])
+    rows = await one.processor.handle(first, 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (3, 0)
+    rows = await two.processor.handle(copies, 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (1, 2)
+    # Later copies on a third partition (the first worker's): dropped too; then every replay agrees.
+    third = stream_events([(2, 0, orjson.dumps([dict(retry[2], subject="c"), dict(original[2], subject="c")]))])
+    rows = await one.processor.handle(third, 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (0, 2)
+    for worker, batch, decided in ((two, copies, (1, 2)), (one, first, (3, 0)), (one, third, (0, 2))):
+        worker.processor.assigned(worker.processor.owned)  # a replay comes with a new assignment
+        rows = await worker.processor.handle(batch, 1, Acks([]))
+        assert rows is not None and (rows.accepted, rows.duplicates) == decided
+    one.stop()
+    two.stop()
+    fresh = Worker(tmp_path, sink, tmp_path / "fresh", owns={4, 5, 6, 7})  # the second worker's cache lost
+    rows = await fresh.processor.handle(copies, 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (1, 2)
+    fresh.stop()
+    assert sorted(row[1] for row in sink.events.values()) == ["id-1", "id-2", "id-3", "id-4"]
+    assert stored_windows(sink) == {("tokens", "a", T0): 60, ("prompts", "a", T0): 3,
+                                    ("tokens", "b", T0): 40, ("prompts", "b", T0): 1}
 
 
 async def test_takeover_worker_loads_first_sightings_from_the_sink(tmp_path: Path) -> None:

@@ -216,6 +216,24 @@ def test_load_respects_horizon_and_keeps_cached_records(tmp_path: Path) -> None:
     state.close()
 
 
+def test_a_key_stored_at_two_positions_is_a_conflict_and_the_first_record_stays(tmp_path: Path) -> None:
+    """Two workers that decided copies before either was written both counted them: merging the other's
+    stored key must say so (metric, log), keep this cache's record, and merge a foreign partition
+    without marking it loaded (it is not this worker's to process)."""
+    state = DedupeState(str(tmp_path / "s"), horizon_days=1)
+    k1, k2 = dedupe_key("s", "1"), dedupe_key("s", "2")
+    state.decide(k1, Position(EPOCH, 0, 7, 0))
+    state.flush()
+    now = time.time()
+    rows = [(k1, EPOCH, 5, 2, 0, now), (k2, EPOCH, 5, 3, 0, now), (k2, EPOCH, 5, 3, 0, now),
+            (k2, EPOCH, 6, 1, 0, now)]  # k2 twice at one position (a rewritten row), then elsewhere
+    assert state.load_rows(EPOCH, 5, rows, owned=False) == 4
+    assert state.conflicts == 2
+    assert state.lookup(k1) == Position(EPOCH, 0, 7, 0) and state.lookup(k2) == Position(EPOCH, 5, 3, 0)
+    assert state.marker(5) == (state.epoch_no(EPOCH), 4) and not state.is_loaded(5)
+    state.close()
+
+
 def test_a_cache_of_another_key_version_is_rebuilt(tmp_path: Path) -> None:
     """Keys cached under an older dedupe_key encoding would never match new keys: the cache (keys and
     markers) is dropped so every partition reloads from ClickHouse under the current encoding."""

@@ -17,8 +17,8 @@ import pytest
 from meterline.core.cluster import insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.rows import Rows
-from meterline.core.schema import SINGLE_NODE, Topology
-from processor.sink import ClickHouseSink
+from meterline.core.schema import EVENT_COLUMNS, SINGLE_NODE, Topology
+from processor.sink import ClickHouseSink, dedupe_key_rows
 
 
 class ScriptedClient:
@@ -74,8 +74,16 @@ def rows() -> Rows:
 def test_inserts_in_design_order_synchronously() -> None:
     sink, log, sleeps, _ = make_sink({})
     sink.write_sync(rows())
-    assert log == [("insert", "events", 1, 0), ("insert", "dead_letters", 1, 0), ("insert", "meter_windows", 1, 0)]
+    assert log == [("insert", "events", 1, 0), ("insert", "dedupe_keys", 1, 0), ("insert", "dead_letters", 1, 0),
+                   ("insert", "meter_windows", 1, 0)]
     assert sleeps == [] and not sink.failing
+
+
+def test_every_events_row_has_a_dedupe_keys_row_with_its_key_position_and_broker_time() -> None:
+    batch = rows()
+    event = dict(zip(EVENT_COLUMNS, batch.events[0], strict=True))
+    assert dedupe_key_rows(batch.events) == [[event["dedupe_key"], event["log_epoch"], event["kafka_partition"],
+                                              event["kafka_offset"], event["batch_index"], event["ingested_at"]]]
 
 
 def test_each_insert_is_retried_until_it_succeeds_on_a_fresh_connection() -> None:
@@ -84,7 +92,7 @@ def test_each_insert_is_retried_until_it_succeeds_on_a_fresh_connection() -> Non
     sink, log, sleeps, clients = make_sink(failures, backoff_initial=0.4, backoff_max=0.6)
     sink.write_sync(rows())
     assert log == [("failed", "events"), ("failed", "events"), ("insert", "events", 1, 0),
-                   ("insert", "dead_letters", 1, 0), ("failed", "meter_windows"), ("insert", "meter_windows", 1, 0)]
+                   ("insert", "dedupe_keys", 1, 0), ("insert", "dead_letters", 1, 0), ("failed", "meter_windows"), ("insert", "meter_windows", 1, 0)]
     # One wait per failure, jittered in [d/2, d] with d doubling from 0.4 and capped at 0.6, reset per insert.
     bounds = [(0.2, 0.4), (0.3, 0.6), (0.2, 0.4)]
     assert len(sleeps) == 3 and all(lo <= s <= hi for s, (lo, hi) in zip(sleeps, bounds, strict=True))
@@ -129,7 +137,7 @@ def test_stopped_sink_gives_up_and_writes_nothing_after() -> None:
 async def test_async_write_retries_off_the_loop() -> None:
     sink, log, _, _ = make_sink({"dead_letters": [StorageError("down")]})
     await sink.write(rows())
-    assert [entry[:2] for entry in log] == [("insert", "events"), ("failed", "dead_letters"),
+    assert [entry[:2] for entry in log] == [("insert", "events"), ("insert", "dedupe_keys"), ("failed", "dead_letters"),
                                              ("insert", "dead_letters"), ("insert", "meter_windows")]
 
 
@@ -143,7 +151,7 @@ def test_cluster_inserts_carry_the_same_token_on_every_retry() -> None:
                           "default"])
     sink.write_sync(batch)
     sent = [entry for client in clients for entry in client.settings]
-    assert [table for table, _ in sent] == ["events", "dead_letters", "meter_windows"]
+    assert [table for table, _ in sent] == ["events", "dedupe_keys", "dead_letters", "meter_windows"]
     expected = {("e", 0, 0), ("e", 3, 7)}
     for table, settings in sent:
         assert settings["insert_deduplication_token"] == insert_token(table, expected, "cfg|m@5")
