@@ -58,7 +58,7 @@ def test_meter_store_forgets_a_worker_on_every_shard() -> None:
         def __init__(self) -> None:
             self.sql: list[str] = []
 
-        def command(self, sql: str, parameters: object = None) -> None:
+        def command(self, sql: str, parameters: object = None, settings: object = None) -> None:
             self.sql.append(sql)
 
     single, cluster = Recorder(), Recorder()
