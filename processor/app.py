@@ -91,7 +91,8 @@ def create_app(settings: Settings) -> faust.App:
     # Retried like the schema: a worker started while ClickHouse (or one shard of a cluster) is down
     # waits for it instead of crashing (tests/faults/test_cluster.py restarts one during a shard outage).
     sink.retry("start live meters", live.start, rows=0)
-    state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days)
+    state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days,
+                        max_lag_seconds=settings.topic_retention_hours * 3600)
     processor = BatchProcessor(settings, live.catalog.meter_set(), state, sink, log_epoch, live=live)
 
     limit_fetch_wait(settings.processor_fetch_max_wait_ms)

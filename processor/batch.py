@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -76,13 +77,13 @@ class Sink(Protocol):
         `table` set) at once when storage refuses the rows themselves: retrying cannot help.
         """
 
-    def load_dedupe(self, partition: int, horizon_days: int, since: tuple[str, int] | None,
+    def load_dedupe(self, partition: int, keep_days: int, since: tuple[str, int] | None,
                     merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
-        """Feed the stored first sightings of `partition` (within the horizon, after `since`) to `merge`
+        """Feed the stored first sightings of `partition` (of the last `keep_days`, after `since`) to `merge`
         as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking. Keys are
         computed with the current `dedupe_key` from the stored `(source, id)` (see KEY_VERSION)."""
 
-    def tail_keys(self, since: dict[int, tuple[str, int]], horizon_days: int,
+    def tail_keys(self, since: dict[int, tuple[str, int]], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
         """Feed the first sightings stored for each partition of `since` after its marker `(log_epoch,
         next_offset)` to `merge(partition, rows)`, rows as in `load_dedupe`; blocking. Cheap (a range
@@ -138,6 +139,8 @@ class BatchProcessor:
         self.sink = sink
         self.log_epoch = log_epoch
         self.options = RowOptions.from_settings(settings)
+        #: Days of stored keys a load reads: as long as the state keeps them (the horizon plus the maximum lag).
+        self.keep_days = math.ceil(state.keep_seconds / 86_400)
         #: Per partition, the offset after the last one seen in this assignment (see `_offsets_went_back`).
         self._next_seen: dict[int, int] = {}
         #: Set by the agent: compares the broker's log epoch with `log_epoch` (raises LogRestartedError).
@@ -241,7 +244,7 @@ class BatchProcessor:
             # Taken on the event loop, before the load: a revoke while it runs voids its "loaded" mark.
             generation = self.state.generation(p)
             n = await asyncio.to_thread(
-                self.sink.load_dedupe, p, self.settings.dedupe_horizon_days, since,
+                self.sink.load_dedupe, p, self.keep_days, since,
                 functools.partial(self.state.load_rows, self.log_epoch, p, generation=generation),
             )
             metrics.DEDUPE_LOADED.inc(n)
@@ -265,13 +268,13 @@ class BatchProcessor:
                 since[p] = (self.log_epoch, marker[1])
                 continue
             n = await asyncio.to_thread(
-                self.sink.load_dedupe, p, self.settings.dedupe_horizon_days, None,
+                self.sink.load_dedupe, p, self.keep_days, None,
                 functools.partial(self.state.load_rows, self.log_epoch, p, owned=False))
             metrics.DEDUPE_LOADED.inc(n)
             logger.info("dedupe keys of another worker's partition loaded", extra={"partition": p, "keys": n})
         conflicts = self.state.conflicts
         n = await asyncio.to_thread(
-            self.sink.tail_keys, since, self.settings.dedupe_horizon_days,
+            self.sink.tail_keys, since, self.keep_days,
             lambda p, rows: self.state.load_rows(self.log_epoch, p, rows, owned=False))
         metrics.DEDUPE_LOADED.inc(n)
         metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
@@ -304,8 +307,10 @@ class BatchProcessor:
         n_events = 0
         for partition, offset, events, keys, received in decoded:
             n_events += len(events)
+            # Dedupe expiry is judged on the message's broker time, like the late horizon (DedupeState.decide).
+            decide = functools.partial(self.state.decide, seen=int(received.timestamp()))
             message_rows(events, MessagePosition(self.log_epoch, partition, offset), self.meters,
-                         self.options, self.state.decide, now=received, keys=keys, rows=rows)
+                         self.options, decide, now=received, keys=keys, rows=rows)
         metrics.EVENTS.inc(n_events)
         return rows
 

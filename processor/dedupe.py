@@ -14,7 +14,8 @@ disk and only RocksDB's block cache and memtables live in RAM. Nothing holds a P
 only the keys of the batch being processed are held in memory (`prefetch` -> `decide` -> `flush`).
 
 Layout (raw bytes):
-    b"k" + dedupe_key(16)           -> position(20) + seen_at(4)   position = >IIQI (epoch_no, partition, offset, index)
+    b"k" + dedupe_key(16)           -> position(20) + seen_at(4)   position = >IIQI (epoch_no, partition, offset, index),
+                                                                   seen_at = >I broker time of the first sighting
     b"e" + log_epoch (utf-8)         -> >I epoch_no                 small int per Kafka cluster id
     b"p" + >I partition              -> >IQ (epoch_no, next_offset) the "loaded up to" marker
     b"v"                             -> >I KEY_VERSION              the dedupe_key encoding the keys use
@@ -67,6 +68,16 @@ _VERSION_KEY = b"v"
 _DAY = 86_400
 
 
+_RECORD = struct.Struct(">IIQII")  # position + seen_at: what a key's record holds
+
+
+def _expired(old: bytes, new: bytes, horizon_seconds: int) -> bool:
+    """Whether record `new` was first seen (broker time) more than the horizon after record `old`: then
+    `old` had expired when `new` was accepted, and `new` is the sighting later copies are compared with."""
+    return len(old) > 20 and len(new) > 20 and \
+        _SEEN.unpack_from(old, 20)[0] < _SEEN.unpack_from(new, 20)[0] - horizon_seconds
+
+
 class DedupeStateClosedError(RuntimeError):
     """A load tried to write after `DedupeState.close` (the worker is shutting down)."""
 
@@ -79,7 +90,7 @@ class DedupeState:
     ClickHouse has), then `mark_written(partition, next_offset)` after the write succeeded.
     """
 
-    def __init__(self, path: str, horizon_days: int = 32, *, sync: bool = False) -> None:
+    def __init__(self, path: str, horizon_days: int = 32, *, max_lag_seconds: float = 0, sync: bool = False) -> None:
         os.makedirs(path, exist_ok=True)
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
@@ -96,6 +107,10 @@ class DedupeState:
             self._db.put(_VERSION_KEY, version)
         self.path = path
         self.horizon_seconds = horizon_days * _DAY
+        #: How long a key is kept, on the worker's clock: the horizon (judged on log time, see `decide`)
+        #: plus the longest a message can wait in the log before it is processed (the topic's retention),
+        #: so a worker catching up on a backlog still has every key its messages must be compared with.
+        self.keep_seconds = self.horizon_seconds + max_lag_seconds
         self._epochs: dict[str, int] = {}
         self._batch: dict[bytes, bytes | None] = {}
         self._new: dict[bytes, bytes] = {}
@@ -180,7 +195,7 @@ class DedupeState:
         """
         generation = self.generation(partition) if generation is None else generation
         now = time.time() if now is None else now
-        floor = now - self.horizon_seconds
+        floor = now - self.keep_seconds
         with self._open():
             current_no = self.epoch_no(log_epoch)
         max_next = 0
@@ -195,10 +210,10 @@ class DedupeState:
             first: dict[bytes, bytes] = {}
             for (k, v), old in zip(chunk, existing):
                 old = first.get(k) if old is None else old
-                if old is None:
+                if old is None or _expired(old, v, self.horizon_seconds):
                     first[k] = v
                     wb.put(k, v)
-                elif old[:20] != v[:20]:
+                elif old[:20] != v[:20] and not _expired(v, old, self.horizon_seconds):
                     self.conflicts += 1
                     logger.error("a dedupe key is stored at two positions: both copies were counted",
                                  extra={"dedupe_key": k[1:].hex(), "cached": self._describe(old),
@@ -255,7 +270,7 @@ class DedupeState:
         values = self._db[[_KEY_PREFIX + k for k in missing]]
         batch.update(zip(missing, values))
 
-    def decide(self, key: bytes, position: Position) -> bool:
+    def decide(self, key: bytes, position: Position, seen: int | None = None) -> bool:
         """True iff `position` is the first sighting of `key` (recording it when the key is new).
 
         Absent -> record and accept; equal position -> a replay of the original -> accept; any other
@@ -263,19 +278,36 @@ class DedupeState:
         epoch only changes when the broker's log was reset), and a recorded *later* position of the same
         partition can only come from a lost write of the earlier one, whose windows never reached
         ClickHouse while the later one's did -- accepting both would double count, so it stays a drop.
+
+        `seen` is the message's broker time (unix seconds): the record keeps it, and expiry is judged on
+        it, never on the clock of the worker deciding: a copy whose recorded first sighting is more than
+        the horizon older *in the log* is a new first sighting (recorded in its place), however late
+        either is processed. So a replay decides alike, and a worker catching up on a backlog drops a
+        copy sent on day 31.9 (its key is kept for the horizon plus the maximum lag: `keep_seconds`).
+        Without `seen` (tests) `flush` stamps its own clock.
         """
-        packed = _POS.pack(self.epoch_no(position[0]), position[1], position[2], position[3])
+        no = self.epoch_no(position[0])
         batch = self._batch
         if key in batch:
             stored = batch[key]
         else:
             stored = self._db.get(_KEY_PREFIX + key)
         if stored is None:
-            batch[key] = packed
-            self._new[key] = packed
+            record = _POS.pack(no, position[1], position[2], position[3]) if seen is None else _RECORD.pack(
+                no, position[1], position[2], position[3], seen)
+            batch[key] = record
+            self._new[key] = record
+            return True
+        if stored[:20] == _POS.pack(no, position[1], position[2], position[3]):
+            batch[key] = stored
+            return True
+        if seen is not None and len(stored) > 20 and _SEEN.unpack_from(stored, 20)[0] < seen - self.horizon_seconds:
+            record = _RECORD.pack(no, position[1], position[2], position[3], seen)  # the old one expired
+            batch[key] = record
+            self._new[key] = record
             return True
         batch[key] = stored
-        return stored[:20] == packed
+        return False
 
     def flush(self, *, now: float | None = None) -> None:
         """Persist the batch's new first sightings; call before writing the batch to ClickHouse."""
@@ -283,7 +315,7 @@ class DedupeState:
             seen = _SEEN.pack(int(time.time() if now is None else now))
             wb = WriteBatch(raw_mode=True)
             for k, v in self._new.items():
-                wb.put(_KEY_PREFIX + k, v + seen)
+                wb.put(_KEY_PREFIX + k, v if len(v) > 20 else v + seen)
             self._db.write(wb)
         self._new.clear()
         self._batch.clear()
@@ -310,12 +342,13 @@ class DedupeState:
 
     # ------------------------------------------------------------------ maintenance
     def purge(self, *, now: float | None = None) -> int:
-        """Delete keys first seen before the dedupe horizon; returns how many were deleted.
+        """Delete keys first seen (broker time) longer ago than `keep_seconds`; returns how many.
 
         A full scan, run at startup and then every few hours from a thread: RocksDB iterates ~1M
-        keys/s, and keys past the horizon are, by contract, no longer deduplicated.
+        keys/s. Judged on this worker's clock, hence the margin of the maximum lag beyond the horizon:
+        no message still in the log can need a key older than that (see `decide`).
         """
-        floor = (time.time() if now is None else now) - self.horizon_seconds
+        floor = (time.time() if now is None else now) - self.keep_seconds
         wb = WriteBatch(raw_mode=True)
         n = 0
         for k, v in self._db.items(from_key=_KEY_PREFIX):

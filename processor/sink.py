@@ -66,9 +66,10 @@ WINDOW_METER, WINDOW_GENERATION = WINDOW_COLUMNS.index("meter"), WINDOW_COLUMNS.
 DEAD_METER, DEAD_GENERATION = DEAD_LETTER_COLUMNS.index("meter"), DEAD_LETTER_COLUMNS.index("generation")
 
 
-def dedupe_load_query(database: str, partition: int, horizon_days: int,
+def dedupe_load_query(database: str, partition: int, keep_days: int,
                       since: tuple[str, int] | None) -> tuple[str, dict[str, Any]]:
-    """SQL + parameters loading one partition's first sightings within the horizon.
+    """SQL + parameters loading one partition's first sightings of the last `keep_days` (broker time): the
+    dedupe horizon plus the maximum lag, so what a lagging worker still compares with is loaded too.
 
     `since=(log_epoch, offset)` restricts to what was written after the local marker; no FINAL needed:
     duplicate rows of one key carry the same position. It reads `(source, id)`, not the stored
@@ -82,7 +83,7 @@ def dedupe_load_query(database: str, partition: int, horizon_days: int,
         "WHERE kafka_partition = {partition:UInt32} "
         "AND ingested_at >= now() - toIntervalDay({days:UInt32})"
     )
-    params: dict[str, Any] = {"partition": partition, "days": horizon_days}
+    params: dict[str, Any] = {"partition": partition, "days": keep_days}
     if since is not None:
         sql += " AND log_epoch = {epoch:String} AND kafka_offset >= {offset:UInt64}"
         params["epoch"], params["offset"] = since
@@ -94,12 +95,12 @@ def dedupe_key_rows(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [[row[i] for i in KEY_FROM_EVENT] for row in events]
 
 
-def foreign_keys_query(database: str, since: dict[int, tuple[str, int]], horizon_days: int
+def foreign_keys_query(database: str, since: dict[int, tuple[str, int]], keep_days: int
                        ) -> tuple[str, dict[str, Any]]:
     """SQL + parameters of the stored keys of partitions `since` names, each after its marker
     `(log_epoch, next_offset)`: a range of `dedupe_keys`' sorting key per partition."""
     ranges = []
-    params: dict[str, Any] = {"days": horizon_days}
+    params: dict[str, Any] = {"days": keep_days}
     for i, (partition, (epoch, offset)) in enumerate(sorted(since.items())):
         ranges.append(f"(kafka_partition = {{p{i}:UInt32}} AND log_epoch = {{e{i}:String}} "
                       f"AND kafka_offset >= {{o{i}:UInt64}})")
@@ -277,13 +278,13 @@ class ClickHouseSink:
                 delay = min(delay * 2, self.backoff_max)
 
     # ------------------------------------------------------------------ dedupe loading
-    def load_dedupe(self, partition: int, horizon_days: int, since: tuple[str, int] | None,
+    def load_dedupe(self, partition: int, keep_days: int, since: tuple[str, int] | None,
                     merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
         """Stream `(dedupe_key, log_epoch, partition, offset, index, ingested_at)` rows of one partition
         into `merge` (blocking; run it in a thread). Streaming keeps memory flat for millions of keys;
         on failure the whole load is retried, which is harmless because merging is idempotent.
         """
-        sql, params = dedupe_load_query(self.database, partition, horizon_days, since)
+        sql, params = dedupe_load_query(self.database, partition, keep_days, since)
 
         def rows(stream: Any) -> Iterator[Sequence[Any]]:
             key = dedupe_key
@@ -299,13 +300,13 @@ class ClickHouseSink:
         with self._lock:
             return int(self.retry(f"load dedupe partition {partition}", op, rows=0))
 
-    def tail_keys(self, since: dict[int, tuple[str, int]], horizon_days: int,
+    def tail_keys(self, since: dict[int, tuple[str, int]], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
         """Feed the keys stored for each partition of `since` after its marker to `merge(partition, rows)`
         (blocking; rows as in `load_dedupe`). One query, one range of `dedupe_keys` per partition."""
         if not since:
             return 0
-        sql, params = foreign_keys_query(self.database, since, horizon_days)
+        sql, params = foreign_keys_query(self.database, since, keep_days)
 
         def op() -> int:
             with storage_errors():

@@ -73,9 +73,9 @@ class FakeSink:
         self.writes += 1
         self.journal.append(f"write {len(rows.events)} events")
 
-    def load_dedupe(self, partition: int, horizon_days: int, since: tuple[str, int] | None,
+    def load_dedupe(self, partition: int, keep_days: int, since: tuple[str, int] | None,
                     merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
-        floor = time.time() - horizon_days * 86_400
+        floor = time.time() - keep_days * 86_400
         found = []
         for row in self.events.values():
             epoch, part, offset = row[_COL["log_epoch"]], row[_COL["kafka_partition"]], row[_COL["kafka_offset"]]
@@ -88,9 +88,9 @@ class FakeSink:
         self.journal.append(f"load partition {partition}")
         return merge(found)
 
-    def tail_keys(self, since: dict[int, tuple[str, int]], horizon_days: int,
+    def tail_keys(self, since: dict[int, tuple[str, int]], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
-        floor = time.time() - horizon_days * 86_400
+        floor = time.time() - keep_days * 86_400
         found: dict[int, list[Any]] = {p: [] for p in since}
         for row in self.events.values():
             epoch, part, offset = row[_COL["log_epoch"]], row[_COL["kafka_partition"]], row[_COL["kafka_offset"]]

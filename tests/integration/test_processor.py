@@ -373,3 +373,33 @@ def test_copies_on_partitions_of_two_workers_count_once(world: dict[str, Any], k
     expected, unique = oracle(first + second + third)
     assert unique == 501
     wait_exact(world, expected, unique)
+
+
+def test_a_lagging_takeover_judges_the_dedupe_horizon_on_broker_time(world: dict[str, Any], kafka_bootstrap: str) -> None:
+    """Originals appended 33 days ago (producer timestamps: this test's topic keeps CreateTime), retries
+    31.9 days after them, processed by a worker that took over with an empty cache: it loads the keys
+    kept for the horizon plus the maximum lag from ClickHouse and drops every retry."""
+    rnd = random.Random(29)
+    now_ms = int(time.time() * 1000)
+    originals = generate(rnd, 300, dup_rate=0)
+    first = messages(originals, size=30)
+    produce_at(kafka_bootstrap, world["topic"], first, now_ms - 33 * 86_400_000)
+    worker = world["start"](METERLINE_STATE_DIR=str(world["tmp"] / "a"))
+    expected, unique = oracle(first)
+    wait_exact(world, expected, unique)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(30)
+    second = messages(rnd.sample(originals, 120) + generate(rnd, 50, start=7_000, dup_rate=0), size=30)
+    produce_at(kafka_bootstrap, world["topic"], second, now_ms - 33 * 86_400_000 + int(31.9 * 86_400_000))
+    world["start"](METERLINE_STATE_DIR=str(world["tmp"] / "b"))  # a takeover: nothing cached locally
+    expected, unique = oracle(first + second)
+    assert unique == 350
+    wait_exact(world, expected, unique)
+
+
+def produce_at(bootstrap: str, topic: str, msgs: list[tuple[str, list[dict[str, Any]]]], timestamp_ms: int) -> None:
+    """Produce with a chosen message timestamp (the topic's CreateTime): how old the log says they are."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for subject, evs in msgs:
+        producer.produce(topic, orjson.dumps(evs), key=subject.encode(), timestamp=timestamp_ms)
+    assert producer.flush(30) == 0

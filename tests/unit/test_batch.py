@@ -50,8 +50,9 @@ class Worker:
     """One processor process: a BatchProcessor on a (possibly surviving) RocksDB cache dir."""
 
     def __init__(self, tmp_path: Path, sink: FakeSink, state_dir: Path, owns: Iterable[int] = range(8)) -> None:
-        self.state = DedupeState(str(state_dir), 32)
-        self.processor = BatchProcessor(settings(tmp_path), METERS, self.state, sink, EPOCH)
+        config = settings(tmp_path)
+        self.state = DedupeState(str(state_dir), 32, max_lag_seconds=config.topic_retention_hours * 3600)  # as app.py
+        self.processor = BatchProcessor(config, METERS, self.state, sink, EPOCH)
         self.processor.assigned(owns)  # every partition of the topic unless a test splits them
 
     def stop(self) -> None:
@@ -260,6 +261,33 @@ async def test_a_copy_on_another_workers_partition_is_a_duplicate_whoever_writes
     assert sorted(row[1] for row in sink.events.values()) == ["id-1", "id-2", "id-3", "id-4"]
     assert stored_windows(sink) == {("tokens", "a", T0): 60, ("prompts", "a", T0): 3,
                                     ("tokens", "b", T0): 40, ("prompts", "b", T0): 1}
+
+
+async def test_a_lagging_worker_judges_the_dedupe_horizon_on_broker_time(tmp_path: Path) -> None:
+    """The original was appended 33 days ago, its retry 31.9 days after it; the worker processing the
+    retry lags 1.1 days and has just taken the partition over (empty cache): it must still load the
+    original's key (kept for the horizon plus the maximum lag) and drop the retry. A copy appended 33
+    days after the original is a new event (the horizon is judged on broker time, not processing time)."""
+    sink = FakeSink()
+    now = time.time()
+    original = now - 33 * 86_400
+    e = event(1, "a", 5, 0)
+
+    def at(offset: int, broker_time: float, payload: bytes) -> list[FakeStreamEvent]:
+        return [FakeStreamEvent(payload, FakeMessage(0, offset, broker_time, 1))]
+
+    first = Worker(tmp_path, sink, tmp_path / "first")
+    rows = await first.processor.handle(at(0, original, orjson.dumps([e])), 1, Acks([]))
+    assert rows is not None and rows.accepted == 1
+    first.stop()
+    takeover = Worker(tmp_path, sink, tmp_path / "takeover")
+    rows = await takeover.processor.handle(at(1, original + 31.9 * 86_400, orjson.dumps([e])), 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (0, 1)
+    rows = await takeover.processor.handle(at(2, original + 33 * 86_400, orjson.dumps([e])), 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (1, 0)
+    rows = await takeover.processor.handle(at(3, now, orjson.dumps([e])), 1, Acks([]))
+    assert rows is not None and (rows.accepted, rows.duplicates) == (0, 1)
+    takeover.stop()
 
 
 async def test_takeover_worker_loads_first_sightings_from_the_sink(tmp_path: Path) -> None:

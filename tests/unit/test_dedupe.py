@@ -234,6 +234,48 @@ def test_a_key_stored_at_two_positions_is_a_conflict_and_the_first_record_stays(
     state.close()
 
 
+DAY = 86_400
+
+
+def test_expiry_is_judged_on_log_time_and_keys_outlive_the_horizon_by_the_maximum_lag(tmp_path: Path) -> None:
+    """A copy is a duplicate iff its broker time is within the horizon of the recorded first sighting's,
+    whenever either is processed; the worker's clock only decides when a key may be deleted: after the
+    horizon plus the maximum lag (a worker 10 days behind still has every key it needs)."""
+    state = DedupeState(str(tmp_path / "s"), horizon_days=32, max_lag_seconds=14 * DAY)
+    t0 = 1_700_000_000
+    k = dedupe_key("s", "retried")
+    assert state.decide(k, Position(EPOCH, 0, 1, 0), seen=t0)
+    state.flush(now=t0 + 3 * DAY)  # processed late: the record keeps the broker time
+    assert state.purge(now=t0 + 42 * DAY) == 0  # a worker catching up 10 days behind
+    assert not state.decide(k, Position(EPOCH, 1, 5, 0), seen=t0 + int(31.9 * DAY))  # day 31.9: duplicate
+    assert state.decide(k, Position(EPOCH, 1, 9, 0), seen=t0 + 33 * DAY)  # day 33: the first sighting expired
+    state.flush(now=t0 + 50 * DAY)
+    assert state.lookup(k) == Position(EPOCH, 1, 9, 0)
+    assert not state.decide(k, Position(EPOCH, 2, 0, 0), seen=t0 + 40 * DAY)  # within 32 days of day 33
+    assert state.decide(k, Position(EPOCH, 1, 9, 0), seen=t0 + 33 * DAY)  # replays decide alike
+    assert not state.decide(k, Position(EPOCH, 1, 5, 0), seen=t0 + int(31.9 * DAY))
+    state.flush()
+    assert state.purge(now=t0 + (33 + 32 + 14) * DAY - 1) == 0
+    assert state.purge(now=t0 + (33 + 32 + 14) * DAY + 1) == 1
+    state.close()
+
+
+def test_a_load_keeps_the_sighting_later_copies_compare_with(tmp_path: Path) -> None:
+    """Stored: a first sighting and, more than the horizon later in log time, a new one of the same key
+    (the old had expired). Whatever order a load meets them in, the cache keeps the later one, and
+    neither is a conflict; a key's records closer than the horizon are one."""
+    t0 = 1_700_000_000
+    k = dedupe_key("s", "twice")
+    old, new = (k, EPOCH, 0, 1, 0, t0), (k, EPOCH, 3, 7, 0, t0 + 33 * DAY)
+    for i, rows in enumerate(([old, new], [new, old])):
+        state = DedupeState(str(tmp_path / f"s{i}"), horizon_days=32, max_lag_seconds=14 * DAY)
+        assert state.load_rows(EPOCH, 0, rows[:1], now=t0 + 40 * DAY) == 1
+        assert state.load_rows(EPOCH, 3, rows[1:], now=t0 + 40 * DAY, owned=False) == 1
+        assert state.lookup(k) == Position(EPOCH, 3, 7, 0) and state.conflicts == 0
+        assert not state.decide(k, Position(EPOCH, 5, 0, 0), seen=t0 + 40 * DAY)
+        state.close()
+
+
 def test_a_cache_of_another_key_version_is_rebuilt(tmp_path: Path) -> None:
     """Keys cached under an older dedupe_key encoding would never match new keys: the cache (keys and
     markers) is dropped so every partition reloads from ClickHouse under the current encoding."""
