@@ -5,6 +5,11 @@ catalog and the catalog's records to OpenMeter's `Meter` object. Every call name
 a tenant lists, reads and changes only its own meters, and another tenant's slug is simply not found. System state that OpenMeter has no
 field for (who manages the meter, its version and generations, rebuild progress) goes into
 `annotations`, which OpenMeter defines as "key-value pairs managed by the system".
+
+Optimistic concurrency: a meter's `ETag` is its version (`"7"`, also `annotations["meterline.version"]`);
+a PUT or DELETE with `If-Match` applies only if that is still the newest version, else 412 problem+json
+naming both versions, also when another writer's change lands between the check and the append
+(`MeterStore.append`). Without If-Match the change applies to whatever version is newest.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from meterline.core.errors import (
     InvalidQueryError,
     MeterBuildingError,
     MeterConflictError,
+    MeterVersionConflictError,
 )
 from meterline.core.meter_records import MeterCreate, MeterState, MeterUpdate
 from query import openapi
@@ -126,9 +132,26 @@ def list_meters(request: Request) -> list[dict[str, Any]]:
 
 @router.get("/api/v1/meters/{meterIdOrSlug}", summary="Get meter", response_model=None, operation_id="getMeter",
             responses=openapi.NOT_FOUND, openapi_extra=openapi.METER)
-def get_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
+def get_meter(request: Request, meterIdOrSlug: str, response: Response) -> dict[str, Any]:
     cat, ns = catalog(request), namespace(request)
-    return meter_json(cat.find(meterIdOrSlug, namespace=ns), cat, ns)
+    state = cat.find(meterIdOrSlug, namespace=ns)
+    response.headers["ETag"] = etag(state)
+    return meter_json(state, cat, ns)
+
+
+def etag(state: MeterState) -> str:
+    """The meter's entity tag: its version (strong: a version is one exact record)."""
+    return f'"{state.latest.version}"'
+
+
+def if_match(request: Request) -> list[int] | None:
+    """The versions an `If-Match` header allows (None: no header, or `*`). A weak or non-version tag can
+    never match (RFC 9110 compares If-Match strongly), so it yields no version and the change gets 412."""
+    header = request.headers.get("if-match")
+    if header is None or header.strip() == "*":
+        return None
+    tags = [t.strip() for t in header.split(",")]
+    return [int(t[1:-1]) for t in tags if len(t) > 2 and t[0] == t[-1] == '"' and t[1:-1].isdigit()]
 
 
 def _actor(request: Request) -> str:
@@ -155,26 +178,30 @@ async def create_meter(request: Request) -> JSONResponse:
     cat, ns = catalog(request), namespace(request)
     state = await asyncio.to_thread(cat.create, meter, namespace=ns, name=req.name, metadata=req.metadata,
                                     actor=_actor(request))
-    return JSONResponse(meter_json(state, cat, ns), status_code=201)
+    return JSONResponse(meter_json(state, cat, ns), status_code=201, headers={"ETag": etag(state)})
 
 
 @router.put("/api/v1/meters/{meterIdOrSlug}", summary="Update meter", response_model=None,
             operation_id="updateMeter",
-            responses={**openapi.ERRORS, **openapi.NOT_FOUND, **openapi.CONFLICT}, openapi_extra=openapi.METER_UPDATE)
-async def update_meter(request: Request, meterIdOrSlug: str) -> dict[str, Any]:
+            responses={**openapi.ERRORS, **openapi.NOT_FOUND, **openapi.CONFLICT, **openapi.PRECONDITION},
+            openapi_extra=openapi.METER_UPDATE)
+async def update_meter(request: Request, meterIdOrSlug: str, response: Response) -> dict[str, Any]:
     req: MeterUpdate = mr.parse_request(MeterUpdate, await _body(request))
     change = req.model_dump(exclude_unset=True)
     cat, ns = catalog(request), namespace(request)
-    state = await asyncio.to_thread(cat.update, meterIdOrSlug, change, namespace=ns, actor=_actor(request))
+    state = await asyncio.to_thread(cat.update, meterIdOrSlug, change, namespace=ns, actor=_actor(request),
+                                    expected_version=if_match(request))
+    response.headers["ETag"] = etag(state)
     return meter_json(state, cat, ns)
 
 
 @router.delete("/api/v1/meters/{meterIdOrSlug}", summary="Delete meter", status_code=204, response_model=None,
                operation_id="deleteMeter",
-               responses={**openapi.NOT_FOUND, **openapi.CONFLICT})
+               responses={**openapi.NOT_FOUND, **openapi.CONFLICT, **openapi.PRECONDITION})
 async def delete_meter(request: Request, meterIdOrSlug: str) -> Response:
     cat = catalog(request)
-    await asyncio.to_thread(cat.delete, meterIdOrSlug, namespace=namespace(request), actor=_actor(request))
+    await asyncio.to_thread(cat.delete, meterIdOrSlug, namespace=namespace(request), actor=_actor(request),
+                            expected_version=if_match(request))
     return Response(status_code=204)
 
 
@@ -196,6 +223,13 @@ async def _conflict(request: Request, exc: Exception) -> ProblemResponse:
                    type_="https://meterline.dev/problems/meter-conflict")
 
 
+async def _version_conflict(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, MeterVersionConflictError)
+    return problem(412, "Meter changed", str(exc), instance=request.url.path,
+                   errors=[{"field": "If-Match", "message": str(exc)}], headers={"ETag": f'"{exc.current}"'},
+                   extra={"currentVersion": exc.current}, type_="https://meterline.dev/problems/meter-version-conflict")
+
+
 async def _building(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, MeterBuildingError)
     return problem(503, "Meter still building", str(exc), instance=request.url.path,
@@ -205,4 +239,5 @@ async def _building(request: Request, exc: Exception) -> ProblemResponse:
 def install_meter_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidMeterChangeError, _invalid_change)
     app.add_exception_handler(MeterConflictError, _conflict)
+    app.add_exception_handler(MeterVersionConflictError, _version_conflict)
     app.add_exception_handler(MeterBuildingError, _building)

@@ -53,6 +53,10 @@ CONFLICT: dict[int | str, dict[str, Any]] = {
     409: {"description": "Slug taken, or the meter is managed by a config file", **PROBLEM}
 }
 
+PRECONDITION: dict[int | str, dict[str, Any]] = {
+    412: {"description": "If-Match names a version that is no longer the meter's newest", **PROBLEM}
+}
+
 LIST_METERS: dict[str, Any] = {
     "parameters": [
         _param("page", {"type": "integer", "minimum": 1, "default": 1}, "Page index."),

@@ -153,7 +153,8 @@ def create_schema(client: Client, database: str, topology: Topology = SINGLE_NOD
     ON CLUSTER statement is a task every node executes through the keeper, too much for every worker start.
     """
     with storage_errors():
-        if topology.cluster is not None and not missing_columns(client, database, topology):
+        if topology.cluster is not None and not missing_columns(client, database, topology) \
+                and not missing_settings(client, database, topology):
             return
         for statement in ddl(database, topology):
             client.command(statement)
@@ -165,6 +166,19 @@ def create_schema(client: Client, database: str, topology: Topology = SINGLE_NOD
             if not has:  # a table from before live meters (docs/design.md)
                 for statement in statements:
                     client.command(statement)
+
+
+def missing_settings(client: Client, database: str, topology: Topology = SINGLE_NODE) -> list[str]:
+    """`table.setting` of `Table.settings` that the connected node's table was created without."""
+    wanted = {storage_name(t.name, topology): [x.split("=")[0].strip() for x in t.settings] for t in TABLES
+              if t.settings}
+    rows = client.query(
+        "SELECT name, create_table_query FROM system.tables WHERE database = {db:String} AND name IN {n:Array(String)}",
+        parameters={"db": database, "n": sorted(wanted)},
+    ).result_rows
+    created: dict[str, str] = {str(name): str(query) for name, query in rows}
+    return sorted(f"{table}.{name}" for table, names in wanted.items() for name in names
+                  if name not in created.get(table, ""))
 
 
 def missing_columns(client: Client, database: str, topology: Topology = SINGLE_NODE) -> list[str]:

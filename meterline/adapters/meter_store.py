@@ -9,19 +9,25 @@ Meters belong to a namespace (docs/design.md, "Tenants"): a process loads every 
 processor meters every tenant's events, the controller rebuilds every tenant's meters), and every
 method an API request reaches takes the caller's namespace, so one tenant can neither see nor change
 another's meter, and each may use any slug. config.yaml's meters belong to the default namespace.
+
+Across processes there is no lock: each change is appended as the meter's next version with
+compare-and-set semantics (`MeterStore.append`), and a change that lost the version to another writer is
+recomputed on the newer state (or refused, when the caller named the version it read: HTTP If-Match).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar, cast
 
+import orjson
 from clickhouse_connect.driver.client import Client
 from ulid import ULID
 
@@ -90,8 +96,31 @@ class MeterStore:
                         " FINAL ORDER BY namespace, slug, version")
         return [mr.from_row(dict(zip(r.column_names, row, strict=True))) for row in r.result_rows]
 
-    def append(self, record: MeterRecord) -> None:
-        self._insert(METER_VERSIONS, [mr.to_row(record)], mr.RECORD_COLUMNS)
+    def append(self, record: MeterRecord) -> bool:
+        """Store `record` as its meter's version `record.version` unless that version is taken; True if
+        the stored version is this record.
+
+        ClickHouse has no transactions, so the version number is the lock: the insert's
+        insert_deduplication_token names (namespace, slug, version), and meter_versions keeps a
+        deduplication window (core/schema.py), so when two writers computed the same next version only
+        the first insert is stored and the second is dropped as a duplicate (a retried insert of the
+        same record likewise). Reading the version back then tells each writer whether it won.
+        """
+        token = orjson.dumps([record.namespace, record.slug, record.version]).decode()
+        with self._lock, storage_errors():
+            self.client.insert(qualified(self.database, METER_VERSIONS), [mr.to_row(record)],
+                               column_names=list(mr.RECORD_COLUMNS),
+                               settings={"async_insert": 0, "insert_deduplicate": 1,
+                                         "insert_deduplication_token": token})
+        stored = self.record_at(record.namespace, record.slug, record.version)
+        return stored is not None and mr.to_row(stored) == mr.to_row(record)
+
+    def record_at(self, namespace: str, slug: str, version: int) -> MeterRecord | None:
+        r = self._query(f"SELECT {', '.join(mr.RECORD_COLUMNS)} FROM {qualified(self.database, METER_VERSIONS)}"
+                        " FINAL WHERE namespace = {ns:String} AND slug = {slug:String} AND version = {v:UInt64}",
+                        ns=namespace, slug=slug, v=version)
+        rows = [mr.from_row(dict(zip(r.column_names, row, strict=True))) for row in r.result_rows]
+        return rows[0] if rows else None
 
     def progress(self) -> dict[tuple[str, str, int], Progress]:
         """Rebuild progress by (namespace, slug, generation)."""
@@ -118,6 +147,47 @@ class MeterStore:
         with self._lock, storage_errors():
             mutate(self.client, f"DELETE FROM {mutation_target(self.database, METER_WORKERS, self.topology)}"
                    " WHERE worker = {w:String}", topology=self.topology, parameters={"w": worker})
+
+
+class _LostVersion(Exception):  # a signal between _apply and _retrying, never raised out of the catalog
+    """Another writer stored the version this change computed first (`MeterStore.append`)."""
+
+    def __init__(self, slug: str, version: int) -> None:
+        self.slug = slug
+        self.version = version
+        super().__init__(f"{slug} version {version}")
+
+
+#: How often a change is recomputed after losing its version before it is refused (409): each loss means
+#: another change of the same meter landed in between, so this many in a row is a hot spot, not a race.
+CHANGE_ATTEMPTS = 8
+
+_Change = TypeVar("_Change", bound=Callable[..., Any])
+
+
+def _retrying(change: _Change) -> _Change:
+    """Re-run a catalog change on the newer state when another writer took its version.
+
+    The change is then applied on top of the other one (without If-Match the later writer wins, as in
+    one process, but no version is ever written twice and neither change is silently dropped), or
+    refused by a check inside it that the newer state fails (If-Match, slug taken, meter deleted).
+    """
+
+    @functools.wraps(change)
+    def run(self: MeterCatalog, *args: Any, **kwargs: Any) -> Any:
+        lost: _LostVersion | None = None
+        for _ in range(CHANGE_ATTEMPTS):
+            try:
+                return change(self, *args, **kwargs)
+            except _LostVersion as exc:
+                lost = exc
+                logger.info("meter change lost its version to another writer; recomputing on the newer state",
+                            extra={"meter": exc.slug, "version": exc.version})
+        assert lost is not None
+        raise MeterConflictError(lost.slug, f"meter {lost.slug!r} kept changing under this change "
+                                 f"({CHANGE_ATTEMPTS} attempts lost the version to other writers): try again")
+
+    return cast(_Change, run)
 
 
 def applied_key(namespace: str, slug: str) -> str:
@@ -207,11 +277,15 @@ class MeterCatalog:
 
     # -- changing --------------------------------------------------------------------------------
     def _apply(self, record: MeterRecord | None) -> MeterRecord | None:
+        """Append `record`; _LostVersion if another writer took its version first (see `_retrying`)."""
         if record is not None:
-            self.store.append(record)
+            won = self.store.append(record)
             self.refresh(force=True)
+            if not won:
+                raise _LostVersion(record.slug, record.version)
         return record
 
+    @_retrying
     def create(self, meter: Meter, *, namespace: str, name: str | None, metadata: dict[str, str] | None,
                actor: str) -> MeterState:
         with self._lock:
@@ -228,12 +302,16 @@ class MeterCatalog:
             raise MeterConflictError(state.slug, f"meter {state.slug!r} is managed by the config file {path}: "
                                      "change it there", state.latest.managed_by)
 
-    def update(self, id_or_slug: str, change: dict[str, Any], *, namespace: str, actor: str) -> MeterState:
-        """Apply a MeterUpdate (`change`: snake_case fields that were given)."""
+    @_retrying
+    def update(self, id_or_slug: str, change: dict[str, Any], *, namespace: str, actor: str,
+               expected_version: Collection[int] | None = None) -> MeterState:
+        """Apply a MeterUpdate (`change`: snake_case fields that were given), if the meter is still at one
+        of `expected_version` (the version the caller read; None: whatever is newest)."""
         with self._lock:
             self.refresh()
             state = self.find(id_or_slug, namespace=namespace)
             self._writable(state)
+            mr.check_version(state, expected_version)
             last = state.latest
             fields = last.meter.model_dump()
             for key in ("description", "group_by", "event_type", "event_from", "aggregation", "value_property"):
@@ -246,13 +324,17 @@ class MeterCatalog:
             self._apply(mr.update(state, meter, name=change.get("name"), metadata=metadata, actor=actor, now=_now()))
             return self._states[(namespace, state.slug)]
 
-    def delete(self, id_or_slug: str, *, namespace: str, actor: str) -> None:
+    @_retrying
+    def delete(self, id_or_slug: str, *, namespace: str, actor: str,
+               expected_version: Collection[int] | None = None) -> None:
         with self._lock:
             self.refresh()
             state = self.find(id_or_slug, namespace=namespace)
             self._writable(state)
+            mr.check_version(state, expected_version)
             self._apply(mr.delete(state, actor=actor, now=_now()))
 
+    @_retrying
     def activate(self, namespace: str, slug: str, generation: int, *, actor: str) -> bool:
         """Switch queries to `generation` if the meter still wants it; True if switched."""
         with self._lock:
@@ -295,23 +377,38 @@ class MeterCatalog:
             now = _now()
             actor = actor or tag
             wanted = {m.slug: m for m in meters}
-            for slug, meter in wanted.items():
-                prev = states.get(slug)
-                if prev is not None and not prev.deleted and prev.latest.managed_by != tag:
-                    problems.append(f"{path}: meter {slug!r} exists, managed by {prev.latest.managed_by}; "
-                                    "not applied")
-                    continue
-                if prev is None or prev.deleted:
-                    version = 1 if prev is None else prev.latest.version + 1
-                    record: MeterRecord | None = mr.create(
-                        prev, meter, id=mr.file_id(DEFAULT_NAMESPACE, slug, version), name=None, metadata=None,
-                        managed_by=tag, actor=actor, now=now, file_mtime=mtime)
-                else:
-                    record = mr.update(prev, meter, name=prev.latest.name, metadata=prev.latest.metadata,
-                                       actor=actor, now=now, file_mtime=mtime)
-                self._apply(record)
+            for meter in wanted.values():
+                problems += self._sync_one(meter, path, tag, mtime, actor=actor, now=now)
             for slug, state in self.in_namespace(DEFAULT_NAMESPACE).items():
                 if state.latest.managed_by == tag and not state.deleted and slug not in wanted:
-                    self._apply(mr.delete(state, actor=actor, now=now))
+                    self._unsync_one(slug, tag, actor=actor, now=now)
         return problems
+
+    @_retrying
+    def _sync_one(self, meter: Meter, path: str | Path, tag: str, mtime: float, *, actor: str,
+                  now: datetime) -> list[str]:
+        """Make one meter of file `path` current (each its own change: retried alone on a lost version)."""
+        self.refresh()
+        slug = meter.slug
+        prev = self._states.get((DEFAULT_NAMESPACE, slug))
+        if prev is not None and not prev.deleted and prev.latest.managed_by != tag:
+            return [f"{path}: meter {slug!r} exists, managed by {prev.latest.managed_by}; not applied"]
+        if prev is None or prev.deleted:
+            version = 1 if prev is None else prev.latest.version + 1
+            record: MeterRecord | None = mr.create(
+                prev, meter, id=mr.file_id(DEFAULT_NAMESPACE, slug, version), name=None, metadata=None,
+                managed_by=tag, actor=actor, now=now, file_mtime=mtime)
+        else:
+            record = mr.update(prev, meter, name=prev.latest.name, metadata=prev.latest.metadata,
+                               actor=actor, now=now, file_mtime=mtime)
+        self._apply(record)
+        return []
+
+    @_retrying
+    def _unsync_one(self, slug: str, tag: str, *, actor: str, now: datetime) -> None:
+        """Delete a meter the file no longer lists (unless another writer already did, or took it over)."""
+        self.refresh()
+        state = self._states.get((DEFAULT_NAMESPACE, slug))
+        if state is not None and state.latest.managed_by == tag and not state.deleted:
+            self._apply(mr.delete(state, actor=actor, now=now))
 

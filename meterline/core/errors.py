@@ -62,6 +62,18 @@ class MeterConflictError(MeterChangeError):
         super().__init__(message)
 
 
+class MeterVersionConflictError(MeterChangeError):
+    """A change made against a version of the meter (HTTP If-Match) that is no longer its newest."""
+
+    def __init__(self, slug: str, expected: list[int], current: int) -> None:
+        self.slug = slug
+        self.expected = expected
+        self.current = current
+        read = " or ".join(str(v) for v in expected)
+        super().__init__(f"meter {slug!r} is at version {current}, not {read} (If-Match): it changed since it "
+                         "was read; read it again and reapply the change")
+
+
 class InvalidMeterChangeError(MeterChangeError):
     """A meter create/update request is invalid; `errors` holds `{field, message}` per problem."""
 

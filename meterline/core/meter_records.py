@@ -14,7 +14,7 @@ collapses instead of forking the history.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
@@ -23,7 +23,12 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from meterline.core.errors import InvalidMeterChangeError, MeterConflictError, MeterNotFoundError
+from meterline.core.errors import (
+    InvalidMeterChangeError,
+    MeterConflictError,
+    MeterNotFoundError,
+    MeterVersionConflictError,
+)
 from meterline.core.meters import Meter
 from meterline.core.times import as_utc
 
@@ -37,6 +42,7 @@ __all__ = [
     "MeterState",
     "MeterUpdate",
     "activate",
+    "check_version",
     "create",
     "delete",
     "derive_states",
@@ -246,6 +252,13 @@ def _crockford(value: int) -> str:
         out.append(_ALPHABET[value & 31])
         value >>= 5
     return "".join(reversed(out))
+
+
+def check_version(prev: MeterState, expected: Collection[int] | None) -> None:
+    """Optimistic concurrency: refuse a change made against a version that is no longer the newest
+    (`expected` None: the caller read no version, and the change applies to whatever is newest)."""
+    if expected is not None and prev.latest.version not in expected:
+        raise MeterVersionConflictError(prev.slug, sorted(expected), prev.latest.version)
 
 
 def create(

@@ -34,6 +34,9 @@ PORTAL_TOKEN_COLUMNS: tuple[str, ...] = (
     "id", "namespace", "subject", "allowed_meters", "created_at", "expires_at", "invalidated_at", "updated_at",
 )
 METER_VERSIONS = "meter_versions"
+#: Inserts into meter_versions remembered for deduplication: two writers racing for one version insert
+#: within milliseconds, far fewer than this many other meter changes apart.
+METER_VERSIONS_DEDUP_WINDOW = 1000
 METER_REBUILDS = "meter_rebuilds"
 METER_WORKERS = "meter_workers"
 PARTITION_PROGRESS = "partition_progress"
@@ -146,6 +149,8 @@ class Table:
     share an identity must land on the same shard. `version` is ReplacingMergeTree's version column.
     `added_columns` are column definitions added after the table first shipped: created with the
     table, and added by `ALTER ... ADD COLUMN IF NOT EXISTS` to tables created before them.
+    `settings` (`name = value`) are storage settings: created with the table and set by
+    `ALTER ... MODIFY SETTING` on tables created before them.
     """
 
     name: str
@@ -155,6 +160,7 @@ class Table:
     partition_by: str | None = None
     version: str | None = None
     added_columns: tuple[str, ...] = ()
+    settings: tuple[str, ...] = ()
 
     def column_names(self) -> list[str]:
         """Every column's name, in table order."""
@@ -182,8 +188,12 @@ class Table:
             f"CREATE TABLE IF NOT EXISTS {storage} ({columns}\n)\n"
             f"ENGINE = {self.engine(topology)}\n{partition}ORDER BY {self.order_by}"
         )
+        if self.settings:
+            create += f"\nSETTINGS {', '.join(self.settings)}"
         statements = [create]
         statements += [f"ALTER TABLE {storage} ADD COLUMN IF NOT EXISTS {c}" for c in self.added_columns]
+        if self.settings:
+            statements.append(f"ALTER TABLE {storage} MODIFY SETTING {', '.join(self.settings)}")
         if topology.cluster is not None:
             distributed = ", ".join([
                 quote_string(topology.cluster), quote_string(database),
@@ -385,6 +395,10 @@ TABLES: tuple[Table, ...] = (
         """,
         order_by="(namespace, slug, version)",
         shard_by="cityHash64(namespace, slug)",
+        # Appending is compare-and-set on the version (adapters/meter_store.py, MeterStore.append): of two
+        # inserts of one version with the same insert_deduplication_token, the second is dropped. A plain
+        # MergeTree deduplicates only with a window (replicated tables have one by default).
+        settings=(f"non_replicated_deduplication_window = {METER_VERSIONS_DEDUP_WINDOW}",),
     ),
     # Progress of a generation's rebuild from stored events; the newest row wins.
     Table(

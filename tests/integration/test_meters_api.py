@@ -9,7 +9,9 @@ what lets this test look at a meter *while* it is building. Faust workers run in
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,6 +24,8 @@ from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 
 from meterline.adapters.clickhouse import connect, create_schema
+from meterline.adapters.meter_store import MeterCatalog, MeterStore
+from meterline.core.errors import MeterVersionConflictError
 from meterline.core.meters import MeterSet
 from meterline.core.rows import MessagePosition, RowOptions, message_rows
 from meterline.core.schema import EVENT_COLUMNS, EVENTS
@@ -409,3 +413,112 @@ def test_restart_with_a_broken_file_serves_the_stored_meters_then_applies_the_fi
     finally:
         client.command(f"DROP DATABASE IF EXISTS {database}")
         client.close()
+
+
+def other_process(clickhouse_url: str, database: str) -> MeterCatalog:
+    """A catalog on its own client: what another API process holds (no lock shared with this one)."""
+    catalog = MeterCatalog(MeterStore(connect(f"{clickhouse_url}/{database}"), database))
+    catalog.refresh(force=True)
+    return catalog
+
+
+def history(client: Client, database: str, slug: str) -> list[tuple[int, str, dict[str, Any]]]:
+    """Every stored record of `slug` WITHOUT FINAL (two records sharing a version would both show): its
+    versions must be 1..n, each once; then the changes, without the controller's activate records."""
+    rows = client.query(f"SELECT version, action, actor, definition FROM {database}.meter_versions"
+                        " WHERE slug = {s:String} ORDER BY version, actor", parameters={"s": slug}).result_rows
+    assert [int(v) for v, *_ in rows] == list(range(1, len(rows) + 1)), rows
+    return [(int(v), a, json.loads(d)) for v, action, a, d in rows if action != "activate"]
+
+
+API_METER = {"slug": "tokens", "eventType": "prompt", "aggregation": "SUM", "valueProperty": "$.tokens"}
+
+
+@pytest.mark.parametrize("if_match", [False, True])
+def test_a_change_that_loses_its_version_to_another_writer_is_never_silently_dropped(
+        env: tuple[TestClient, Client, str, Path], clickhouse_url: str, if_match: bool) -> None:
+    """Two API processes change one meter; A's change lands between B's read (version v) and B's append.
+    Without If-Match, B's change applies on top of A's (v + 2); with If-Match v, B is refused naming v + 1.
+    Either way each version is stored once and A's change is kept."""
+    http, client, database, _ = env
+    assert http.post("/api/v1/meters", json=API_METER).status_code == 201
+    v = wait_state(http, "tokens", "ready")["annotations"]["meterline.version"]  # no activate record races in
+    a, b = other_process(clickhouse_url, database), other_process(clickhouse_url, database)
+    append = b.store.append
+    fired: list[int] = []
+
+    def append_after_a(record: Any) -> bool:
+        if not fired:
+            fired.append(record.version)
+            a.update("tokens", {"description": "from A"}, namespace="default", actor="a")
+        return append(record)
+
+    b.store.append = append_after_a  # type: ignore[method-assign]
+    try:
+        if if_match:
+            with pytest.raises(MeterVersionConflictError) as refused:
+                b.update("tokens", {"name": "from B"}, namespace="default", actor="b", expected_version=[v])
+            assert refused.value.current == v + 1
+        else:
+            b.update("tokens", {"name": "from B"}, namespace="default", actor="b")
+    finally:
+        for catalog in (a, b):
+            catalog.store.client.close()
+    assert fired == [v + 1]  # B computed the next version from what it read
+    stored = history(client, database, "tokens")
+    wanted = [("create", None), ("a", "from A")] + ([] if if_match else [("b", "from A")])
+    assert [(actor if i else "create", d.get("description") if i else None)
+            for i, (_, actor, d) in enumerate(stored)] == wanted
+    assert stored[-1][2]["name"] == ("tokens" if if_match else "from B")
+
+
+def test_if_match_and_etag_over_http(env: tuple[TestClient, Client, str, Path]) -> None:
+    http, _, _, _ = env
+    created = http.post("/api/v1/meters", json=API_METER)
+    assert created.status_code == 201 and created.headers["etag"] == '"1"'
+    v = wait_state(http, "tokens", "ready")["annotations"]["meterline.version"]  # the controller activated it
+    assert http.get("/api/v1/meters/tokens").headers["etag"] == f'"{v}"'
+    ok = http.put("/api/v1/meters/tokens", json={"name": "T"}, headers={"If-Match": f'"{v}"'})
+    assert ok.status_code == 200 and ok.headers["etag"] == f'"{v + 1}"'
+    assert ok.json()["annotations"]["meterline.version"] == v + 1
+    for stale in (f'"{v}"', f'W/"{v + 1}"', '"two"'):  # an old version; a weak tag never matches; not a version
+        body = problem(http.put("/api/v1/meters/tokens", json={"name": "X"}, headers={"If-Match": stale}), 412,
+                       "If-Match")
+        assert body["currentVersion"] == v + 1 and f"version {v + 1}" in body["detail"], body
+    assert http.put("/api/v1/meters/tokens", json={"name": "U"},
+                    headers={"If-Match": f'"{v}", "{v + 1}"'}).status_code == 200
+    assert http.put("/api/v1/meters/tokens", json={"name": "V"}, headers={"If-Match": "*"}).status_code == 200
+    assert http.put("/api/v1/meters/tokens", json={"name": "W"}).status_code == 200  # no If-Match: newest
+    problem(http.delete("/api/v1/meters/tokens", headers={"If-Match": f'"{v + 3}"'}), 412)
+    assert http.get("/api/v1/meters/tokens").json()["name"] == "W"
+    assert http.delete("/api/v1/meters/tokens", headers={"If-Match": f'"{v + 4}"'}).status_code == 204
+
+
+def test_concurrent_writers_in_two_processes_store_every_change_once(
+        env: tuple[TestClient, Client, str, Path], clickhouse_url: str) -> None:
+    """Real threads, two catalogs (processes), no If-Match: every change succeeds and the history holds
+    each of them exactly once, at versions 1..n+1 with no version written twice."""
+    http, client, database, _ = env
+    assert http.post("/api/v1/meters", json=API_METER).status_code == 201
+    catalogs = [other_process(clickhouse_url, database) for _ in range(2)]
+    errors: list[BaseException] = []
+
+    def write(w: int) -> None:
+        try:
+            for k in range(8):
+                catalogs[w % 2].update("tokens", {"description": f"w{w}-{k}"}, namespace="default", actor=f"w{w}")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for catalog in catalogs:
+        catalog.store.client.close()
+    assert not errors, errors
+    stored = history(client, database, "tokens")
+    written = {f"w{w}-{k}" for w in range(4) for k in range(8)}
+    assert len(stored) == len(written) + 1
+    assert sorted(d.get("description", "") for _, _, d in stored[1:]) == sorted(written)

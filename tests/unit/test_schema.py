@@ -69,9 +69,13 @@ def test_single_node_ddl_has_no_cluster_constructs() -> None:
             assert banned not in sql
         expected_engine = f"ReplacingMergeTree({table.version})" if table.version else "ReplacingMergeTree"
         assert f"ENGINE = {expected_engine}\n" in sql
-        assert sql.endswith(f"ORDER BY {table.order_by}")
+        assert sql.endswith(f"ORDER BY {table.order_by}{settings_clause(table)}")
         for column in declared_columns(table):
             assert f"\n            {column} " in sql
+
+
+def settings_clause(table: Table) -> str:
+    return f"\nSETTINGS {', '.join(table.settings)}" if table.settings else ""
 
 
 def creates(statements: list[str]) -> list[str]:
@@ -86,7 +90,7 @@ def test_cluster_ddl_is_local_table_plus_distributed_table(topology: Topology) -
     tables = creates(statements)
     assert len(tables) == 2 * len(TABLES)
     alters = [sql for sql in statements if sql.startswith("ALTER")]
-    assert len(alters) == 2 * sum(len(t.added_columns) for t in TABLES)
+    assert len(alters) == sum(2 * len(t.added_columns) + bool(t.settings) for t in TABLES)  # settings: storage only
     assert all(sql.count(" ON CLUSTER `prod` ") == topology.on_cluster for sql in alters)
     for i, table in enumerate(TABLES):
         local, distributed = tables[2 * i], tables[2 * i + 1]
@@ -101,7 +105,8 @@ def test_cluster_ddl_is_local_table_plus_distributed_table(topology: Topology) -
                     f"'/clickhouse/tables/{{shard}}/{{database}}/{{table}}', '{{replica}}'{version})\n") in local
         else:
             assert "Replicated" not in local
-        assert local.endswith(f"ORDER BY {table.order_by}")
+        assert local.endswith(f"ORDER BY {table.order_by}{settings_clause(table)}")
+        assert "SETTINGS" not in distributed
         if not topology.on_cluster:
             assert "ON CLUSTER" not in local + distributed
 
