@@ -4,8 +4,9 @@ Meters live in the durable meter store; config.yaml is one way to change them. S
 applied never stops a process that already has meters in the store: hot reload keeps the last good
 meters, and a restart starts with them too. Either way the process says loudly why the file was not
 applied: an ERROR log, `meterline_config_valid` 0 on its /metrics, the `config` detail of its /readyz
-(and `meterline validate-config` exits 1). Only a first start (the store holds no meter at all) with a
-broken file has nothing to run with, and refuses naming the file (docs/design.md, "Live meters").
+(and `meterline validate-config` exits 1). Only a processor's first start (the store holds no meter at
+all) with a broken file has nothing to run with, and refuses naming the file (docs/design.md, "Live
+meters"); the API then starts anyway, so meters can be created through it.
 
 The gauges live here, not in a process package, because the API (meter controller) and the processor
 both report them and one Python process (tests) may import both.
