@@ -5,6 +5,7 @@
     meterline validate-config [FILE]    check config.yaml without starting anything
     meterline recompute METER           rebuild a meter's windows from stored raw events
     meterline dead-letters list|replay  inspect, or re-meter after a config fix
+    meterline compact                   merge closed months' window deltas (one row per key and minute)
 """
 
 from __future__ import annotations
@@ -238,6 +239,23 @@ def dead_letters_replay(
         f"superseded {report.superseded}, not replayable {report.not_replayable}; "
         f"{report.window_rows} window rows written, {report.stale_rows_deleted} stale rows deleted"
     )
+
+
+@app.command("compact")
+def compact(
+    partition: Annotated[list[str] | None, typer.Option(help="only this month (YYYYMM); repeatable")] = None,
+) -> None:
+    """Compact the windows of closed months (see meterline/jobs/compaction.py); safe to run at any time."""
+    from meterline.jobs.compaction import compact_with_settings
+
+    settings = _settings()
+    with _catalog(settings, "compact") as (client, catalog):
+        report = compact_with_settings(client, settings, catalog, owner="cli", only=partition or None,
+                                       step=lambda p, name: console.print(f"{p}: {name}"))
+    out = Console(soft_wrap=True)
+    out.print(f"closed before {report.cutoff.isoformat() if report.cutoff else '- (no partition progress yet)'}")
+    for r in report.partitions:
+        out.print(f"{r.partition}: {r.outcome} ({r.rows_before} -> {r.rows_after} rows, {r.seconds} s)")
 
 
 @contextlib.contextmanager

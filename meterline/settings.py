@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     dedupe_horizon_days: int = Field(default=32, ge=1)
     late_horizon_days: int | None = Field(default=None, ge=1)
     window_size_seconds: int = Field(default=60, ge=1)
+    #: Windows compaction (meterline/jobs/compaction.py): a month is compacted once it ended this long
+    #: before `complete_until - late horizon`; also the clock skew tolerated between hosts (half of it).
+    compaction_margin_minutes: int = Field(default=60, ge=1)
+    #: The API process compacts every this many seconds beside the meter controller (None: only
+    #: `meterline compact`).
+    compaction_interval_seconds: float | None = Field(default=None, gt=0)
     strict_event_types: bool = False
 
     # ingest

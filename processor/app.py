@@ -21,6 +21,7 @@ from typing import Any
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from meterline.adapters.compactions import replay_guard
 from meterline.adapters.kafka import events_topic_config
 from meterline.adapters.logs import configure_logging, logging_config
 from meterline.core.errors import ConfigError
@@ -85,7 +86,8 @@ def create_app(settings: Settings) -> faust.App:
     log_epoch = ensure_events_topic(settings.kafka_bootstrap, settings.events_topic, settings.topic_partitions,
                                     replication_factor=replication, config=topic_config)
     sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database,
-                          topology=settings.clickhouse_topology, token_salt=rows_digest(settings))
+                          topology=settings.clickhouse_topology, token_salt=rows_digest(settings),
+                          replay_guard=replay_guard(settings, worker_id))
     sink.ensure_schema()
     live = LiveMeters(settings, worker_id)
     # Retried like the schema: a worker started while ClickHouse (or one shard of a cluster) is down

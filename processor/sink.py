@@ -30,6 +30,7 @@ from clickhouse_connect.driver import options as driver_options
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import connect, create_schema, insert_errors, storage_errors
+from meterline.adapters.compactions import ReplayGuard
 from meterline.core.cluster import MessagePosition, exact_read_settings, insert_settings, insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.positions import dedupe_key
@@ -122,12 +123,15 @@ class ClickHouseSink:
 
     def __init__(self, url: str, database: str, *, backoff_initial: float = 0.2, backoff_max: float = 10.0,
                  connect: Callable[..., Client] = connect, sleep: Callable[[float], None] = time.sleep,
-                 topology: Topology = SINGLE_NODE, token_salt: str = "") -> None:
+                 topology: Topology = SINGLE_NODE, token_salt: str = "",
+                 replay_guard: ReplayGuard | None = None) -> None:
         self.url = url
         self.database = database
         self.topology = topology
         #: Digest of what shapes rows besides their positions (meters, row options): see `insert_token`.
         self.token_salt = token_salt
+        #: Drops replayed window rows of compacted partitions (meterline/adapters/compactions.py).
+        self.replay_guard = replay_guard
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._connect = connect
@@ -194,7 +198,7 @@ class ClickHouseSink:
                             rows=len(rows.dead_letters))
             if rows.windows:
                 self.retry("insert meter_windows",
-                            lambda: self._insert(METER_WINDOWS, rows.windows, WINDOW_COLUMNS, batch),
+                            lambda: self._insert_windows(rows.windows, batch),
                             rows=len(rows.windows))
             metrics.WRITE_SECONDS.observe(time.perf_counter() - started)
             metrics.LAST_WRITE.set(time.time())
@@ -223,6 +227,14 @@ class ClickHouseSink:
         versions |= {(r[DEAD_METER], r[DEAD_GENERATION]) for r in rows.dead_letters}
         salt = self.token_salt + "|" + ",".join(f"{m}@{g}" for m, g in sorted(versions))
         return positions, salt
+
+    def _insert_windows(self, rows: Sequence[Sequence[Any]], batch: tuple[list[MessagePosition], str] | None) -> None:
+        if self.replay_guard is None:
+            self._insert(METER_WINDOWS, rows, WINDOW_COLUMNS, batch)
+            return
+        with self.replay_guard.admit(self._connected(), rows) as kept:
+            if kept:
+                self._insert(METER_WINDOWS, kept, WINDOW_COLUMNS, batch)
 
     def _insert(self, table: str, rows: Sequence[Sequence[Any]], columns: Sequence[str],
                 batch: tuple[list[MessagePosition], str] | None = None) -> None:

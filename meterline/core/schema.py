@@ -40,6 +40,13 @@ METER_VERSIONS_DEDUP_WINDOW = 1000
 METER_REBUILDS = "meter_rebuilds"
 METER_WORKERS = "meter_workers"
 PARTITION_PROGRESS = "partition_progress"
+WINDOW_COMPACTIONS = "window_compactions"
+WINDOW_WRITERS = "window_writers"
+WINDOW_COMPACTION_COLUMNS: tuple[str, ...] = (
+    "partition", "compaction_id", "state", "watermarks", "rows_before", "rows_after", "owner",
+)
+"""`updated_at` is not written: it defaults to ClickHouse's clock, which every reader compares with."""
+WINDOW_WRITER_COLUMNS: tuple[str, ...] = ("writer", "partitions", "state")
 PARTITION_PROGRESS_COLUMNS: tuple[str, ...] = (
     "topic", "kafka_partition", "log_epoch", "next_offset", "complete_until", "updated_at",
 )
@@ -431,6 +438,39 @@ TABLES: tuple[Table, ...] = (
         """,
         order_by="(topic, kafka_partition)",
         shard_by="cityHash64(topic, kafka_partition)",
+        version="updated_at",
+    ),
+    # Windows compaction (meterline/jobs/compaction.py): one row per state of a partition's compaction;
+    # the newest wins. `updated_at` is ClickHouse's clock at the write: a record not refreshed within the
+    # lease is a compactor that died.
+    Table(
+        name=WINDOW_COMPACTIONS,
+        columns="""
+            partition String,
+            compaction_id String,
+            state LowCardinality(String),
+            watermarks Array(Tuple(String, UInt32, UInt64)),
+            rows_before UInt64,
+            rows_after UInt64,
+            owner String,
+            updated_at DateTime64(6, 'UTC') DEFAULT now64(6)
+        """,
+        order_by="(partition, compaction_id)",
+        shard_by="cityHash64(partition, compaction_id)",
+        version="updated_at",
+    ),
+    # Writers that may write into old `meter_windows` partitions (replays, rebuilds, recompute, dead-letter
+    # replay) announce themselves here before they look for compactions (meterline/adapters/compactions.py).
+    Table(
+        name=WINDOW_WRITERS,
+        columns="""
+            writer String,
+            partitions Array(String),
+            state LowCardinality(String),
+            updated_at DateTime64(6, 'UTC') DEFAULT now64(6)
+        """,
+        order_by="writer",
+        shard_by="cityHash64(writer)",
         version="updated_at",
     ),
     # Which meter versions each processor worker applies (its heartbeat); the newest row wins.

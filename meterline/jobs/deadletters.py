@@ -44,6 +44,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import create_schema, mutate, storage_errors
+from meterline.adapters.compactions import fenced_writes
 from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.meters import MeterSet
 from meterline.core.reasons import ReasonCode, rejections_of
@@ -266,7 +267,8 @@ def replay(client: Client, database: str, meters: MeterSet, options: RowOptions,
                 report.rejected_reasons[again] = report.rejected_reasons.get(again, 0) + 1
                 outcomes.append([*d.identity, "still_rejected", again, now])
 
-    with storage_errors():
+    # Replayed windows may land in compacted months: fenced like every writer of old partitions.
+    with storage_errors(), fenced_writes(client, database, "dead-letter-replay", enabled=topology.cluster is None):
         if new_rows:
             client.insert(qualified(database, METER_WINDOWS), new_rows, column_names=list(WINDOW_COLUMNS),
                           settings={"async_insert": 0})

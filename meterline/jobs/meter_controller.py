@@ -30,6 +30,7 @@ from prometheus_client import Counter
 
 from meterline.adapters.clickhouse import mutate, storage_errors
 from meterline.adapters.config_status import CONFIG_ERRORS, CONFIG_RELOADS, ConfigStatus
+from meterline.adapters.compactions import fenced_writes
 from meterline.adapters.meter_store import MeterCatalog, Progress, applied_key
 from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.errors import ConfigError, MeterlineError
@@ -210,7 +211,9 @@ class MeterController:
 
     def _drop(self, namespace: str, slug: str, condition: str, generation: int) -> None:
         """Delete rows of one namespace's meter (another namespace's meter of the same slug is untouched)."""
-        with storage_errors():
+        # A delete racing a compaction's swap would be undone by it (the merged parts are new parts).
+        with storage_errors(), fenced_writes(self.client, self.database, "meter-controller",
+                                             enabled=self.topology.cluster is None):
             for table in (METER_WINDOWS, DEAD_LETTERS):
                 mutate(
                     self.client,

@@ -28,6 +28,7 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import mutate, storage_errors
+from meterline.adapters.compactions import WriterFence, fenced_writes
 from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.meters import Meter, MeterSet
 from meterline.core.reasons import was_too_late
@@ -112,7 +113,9 @@ def recompute(
     options = RowOptions(window_seconds=window_seconds)
     result = RecomputeResult(meter.slug)
     now = datetime.now(UTC)
-    with storage_errors():
+    # Old months may be compacted meanwhile: announce the writes and wait out a running compaction
+    # (meterline/adapters/compactions.py), so a swap never drops these rows or resurrects deleted ones.
+    with storage_errors(), fenced_writes(client, database, "recompute", enabled=topology.cluster is None) as fence:
         for table in (METER_WINDOWS, DEAD_LETTERS) if clear else ():
             mutate(
                 client,
@@ -130,14 +133,16 @@ def recompute(
                 result.events += len(events)
                 on_progress(len(events))
                 if len(pending.windows) + len(pending.dead_letters) >= INSERT_CHUNK:
-                    _flush(client, database, pending, result)
+                    _flush(client, database, pending, result, fence)
                     pending = Rows()
-        _flush(client, database, pending, result)
+        _flush(client, database, pending, result, fence)
     logger.info("recomputed meter", extra={"meter": meter.slug, "events": result.events, "windows": result.windows})
     return result
 
 
-def _flush(client: Client, database: str, rows: Rows, result: RecomputeResult) -> None:
+def _flush(client: Client, database: str, rows: Rows, result: RecomputeResult, fence: WriterFence | None) -> None:
+    if fence is not None:
+        fence.refresh()
     if rows.windows:
         client.insert(METER_WINDOWS, rows.windows, column_names=list(WINDOW_COLUMNS), database=database)
         result.windows += len(rows.windows)

@@ -1,0 +1,261 @@
+"""Windows compaction: merge the delta rows of closed months into one row per key, one partition at a time.
+
+What and why: docs/design.md, "Windows compaction"; the merged rows and the rules that keep them exact are
+`meterline.core.compaction`; the fence against concurrent writers is `meterline.adapters.compactions`.
+Steps for one partition (a month of `meter_windows`), each recorded in `window_compactions`:
+
+    running   claimed; no announced writer was active (else: aborted, tried again next run)
+              -> merged copy built in a staging table `meter_windows_compacting_<month>_<id>`
+    swapping  watermarks recorded; no writer became active meanwhile
+              -> ALTER TABLE meter_windows REPLACE PARTITION ID '<month>' FROM staging (atomic)
+    done      staging dropped
+
+A kill -9 at any point is safe: before the swap the partition is untouched (the record goes stale after
+the lease and the staging table is dropped by the next run); a swap either happened or not, and the
+watermarks recorded before it drop only rows that the partition already holds in both cases. Running it
+again compacts whatever still has delta rows.
+
+Refused on a ClickHouse cluster (Distributed tables; a partition lives on every shard and the swap would
+be one per shard, not atomic) and without a late horizon (nothing is ever closed).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from clickhouse_connect.driver.client import Client
+
+from meterline.adapters.clickhouse import storage_errors
+from meterline.adapters.compactions import LEASE_SECONDS, active_writers, read_claims, write_claim
+from meterline.adapters.meter_store import MeterCatalog
+from meterline.core.compaction import (
+    ABORTED,
+    COMPACTED_PREFIX,
+    DONE,
+    FITS,
+    KEY,
+    RUNNING,
+    SWAPPING,
+    Watermarks,
+    cutoff,
+    foldable,
+    in_progress,
+    merge_statements,
+    merged_watermarks,
+    partition_end,
+    watermark_query,
+)
+from meterline.core.errors import ConfigError
+from meterline.core.schema import (
+    METER_WINDOWS,
+    PARTITION_PROGRESS,
+    SINGLE_NODE,
+    WINDOW_COLUMNS,
+    Topology,
+    qualified,
+    quote_identifier,
+)
+from meterline.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+STAGING_PREFIX = f"{METER_WINDOWS}_compacting_"
+_PARTITION = re.compile(r"^\d{6}$")
+
+
+@dataclass
+class PartitionResult:
+    partition: str
+    outcome: str  # compacted | nothing to merge | aborted: <why>
+    rows_before: int = 0
+    rows_after: int = 0
+    seconds: float = 0.0
+
+
+@dataclass
+class CompactionReport:
+    cutoff: datetime | None
+    partitions: list[PartitionResult] = field(default_factory=list)
+
+
+def active_generations(catalog: MeterCatalog) -> dict[str, int]:
+    """Each live meter's active generation: the only rows a compaction merges (building ones may still
+    be rewritten by their rebuild, deleted ones are about to go)."""
+    return {slug: s.latest.active_generation for slug, s in catalog.states.items()
+            if not s.deleted and s.latest.active_generation}
+
+
+def compact_with_settings(client: Client, settings: Settings, catalog: MeterCatalog, *, owner: str = "compaction",
+                          only: Sequence[str] | None = None,
+                          step: Callable[[str, str], None] = lambda partition, name: None) -> CompactionReport:
+    """`compact` with everything it needs from the settings and the meter catalog."""
+    return compact(client, settings.clickhouse_database, active_generations(catalog),
+                   late_horizon_days=settings.late_horizon_days,
+                   margin=timedelta(minutes=settings.compaction_margin_minutes), topic=settings.events_topic,
+                   topic_partitions=settings.topic_partitions, topology=settings.clickhouse_topology,
+                   owner=owner, only=only, step=step)
+
+
+class _Expired(Exception):
+    """A step took longer than half the lease: writers may have taken the claim for a dead one."""
+
+
+def compact(client: Client, database: str, active: Mapping[str, int], *, late_horizon_days: int | None,
+            margin: timedelta, topic: str, topic_partitions: int, topology: Topology = SINGLE_NODE,
+            owner: str = "compaction", lease_seconds: float = LEASE_SECONDS, now: datetime | None = None,
+            only: Sequence[str] | None = None, step: Callable[[str, str], None] = lambda partition, name: None,
+            ) -> CompactionReport:
+    """Compact every closed month of `meter_windows` that still has delta rows to merge.
+
+    `active` maps each meter to its active generation (the only rows merged). `only` limits the run to
+    some partitions (still only closed ones). `step(partition, name)` is called after each recorded step
+    (claimed, staged, swapping, swapped, done), for progress output and the fault test.
+    """
+    if topology.cluster is not None:
+        raise ConfigError("windows compaction is not supported on a ClickHouse cluster (clickhouse_cluster is set):"
+                          " a partition lives on every shard and could not be swapped atomically")
+    if late_horizon_days is None:
+        raise ConfigError("windows compaction needs late_horizon_days: without a late horizon a month never closes")
+    report = CompactionReport(cutoff=_cutoff(client, database, topic, topic_partitions,
+                                             timedelta(days=late_horizon_days), margin, now))
+    _drop_abandoned_staging(client, database, lease_seconds)
+    if report.cutoff is None:
+        logger.info("nothing to compact: a partition of the topic has no progress yet", extra={"topic": topic})
+        return report
+    for partition, _rows in _partitions(client, database):
+        if (only is not None and partition not in only) or partition_end(partition) > report.cutoff:
+            continue
+        started = time.monotonic()
+        if not _has_deltas(client, database, partition, active):
+            report.partitions.append(PartitionResult(partition, "nothing to merge"))
+            continue
+        result = _compact_partition(client, database, partition, active, owner, lease_seconds, step)
+        result.seconds = round(time.monotonic() - started, 3)
+        report.partitions.append(result)
+        logger.info("windows compaction", extra={"partition": partition, "outcome": result.outcome,
+                                                 "rows_before": result.rows_before, "rows_after": result.rows_after})
+    return report
+
+
+def _cutoff(client: Client, database: str, topic: str, topic_partitions: int, late_horizon: timedelta,
+            margin: timedelta, now: datetime | None) -> datetime | None:
+    with storage_errors():
+        rows = client.query(
+            f"SELECT kafka_partition, complete_until FROM {qualified(database, PARTITION_PROGRESS)} FINAL"
+            " WHERE topic = {topic:String}", parameters={"topic": topic}).result_rows
+    complete = {int(p): _utc(t) for p, t in rows}
+    return cutoff(now or datetime.now(UTC), [complete.get(p) for p in range(topic_partitions)], late_horizon, margin)
+
+
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _partitions(client: Client, database: str) -> list[tuple[str, int]]:
+    with storage_errors():
+        rows = client.query(
+            "SELECT partition_id, sum(rows) FROM system.parts WHERE database = {db:String} AND table = {t:String}"
+            " AND active GROUP BY partition_id ORDER BY partition_id",
+            parameters={"db": database, "t": METER_WINDOWS}).result_rows
+    return [(str(p), int(n)) for p, n in rows if _PARTITION.match(str(p))]
+
+
+def _has_deltas(client: Client, database: str, partition: str, active: Mapping[str, int]) -> bool:
+    """Whether compacting would change the partition: a key with delta rows that fits one merged row (keys
+    too big for one row stay delta rows and must not make every run compact the partition again)."""
+    params: dict[str, object] = {"partition": partition}
+    fold = foldable(active, params)
+    source = qualified(database, METER_WINDOWS)
+    raw = f"NOT startsWith(log_epoch, '{COMPACTED_PREFIX}')"
+    where = f"_partition_id = {{partition:String}} AND {fold}"
+    with storage_errors():
+        if not int(client.query(f"SELECT count() FROM {source} WHERE {where} AND {raw}",
+                                parameters=params).result_rows[0][0]):
+            return False
+        n = client.query(f"SELECT count() FROM (SELECT {KEY} FROM {source} FINAL WHERE {where} GROUP BY {KEY}"
+                         f" HAVING {FITS} AND countIf({raw}) > 0)", parameters=params).result_rows[0][0]
+    return int(n) > 0
+
+
+def _drop_abandoned_staging(client: Client, database: str, lease_seconds: float) -> None:
+    """Staging tables of compactions that died (no fresh record of their id)."""
+    live = {c.compaction_id for c in in_progress(read_claims(client, database), lease_seconds)}
+    with storage_errors():
+        tables = client.query("SELECT name FROM system.tables WHERE database = {db:String} AND startsWith(name, {p:String})",
+                              parameters={"db": database, "p": STAGING_PREFIX}).result_rows
+        for (name,) in tables:
+            if str(name).rsplit("_", 1)[-1] not in live:
+                client.command(f"DROP TABLE IF EXISTS {qualified(database, quote_identifier(str(name)))}")
+
+
+def _compact_partition(client: Client, database: str, partition: str, active: Mapping[str, int], owner: str,
+                       lease_seconds: float, step: Callable[[str, str], None]) -> PartitionResult:
+    cid = uuid.uuid4().hex
+    source = qualified(database, METER_WINDOWS)
+    staging = qualified(database, quote_identifier(f"{STAGING_PREFIX}{partition}_{cid}"))
+    last = time.monotonic()
+
+    def record(state: str, **fields: object) -> None:
+        nonlocal last
+        if time.monotonic() - last > lease_seconds / 2:
+            raise _Expired(state)
+        write_claim(client, database, partition, cid, state, owner=owner, **fields)  # type: ignore[arg-type]
+        last = time.monotonic()
+
+    def blocked() -> str | None:
+        """Why another party holds the partition (Dekker: checked after our own record is written)."""
+        writers = active_writers(client, database, partition, lease_seconds)
+        if writers:
+            return f"writer {writers[0]} is active"
+        others = [c for c in in_progress(read_claims(client, database, [partition]), lease_seconds)
+                  if c.compaction_id != cid]
+        return f"compaction {others[0].compaction_id} is in progress" if others else None
+
+    def abort(why: str) -> PartitionResult:
+        write_claim(client, database, partition, cid, ABORTED, owner=owner)
+        with storage_errors():
+            client.command(f"DROP TABLE IF EXISTS {staging}")
+        logger.info("windows compaction aborted", extra={"partition": partition, "reason": why})
+        return PartitionResult(partition, f"aborted: {why}")
+
+    record(RUNNING)
+    step(partition, "claimed")
+    if why := blocked():
+        return abort(why)
+    try:
+        with storage_errors():
+            client.command(f"DROP TABLE IF EXISTS {staging}")
+            client.command(f"CREATE TABLE {staging} AS {source}")
+            before = int(client.query(f"SELECT count() FROM {source} FINAL WHERE _partition_id = {{p:String}}",
+                                      parameters={"p": partition}).result_rows[0][0])
+            for sql, params in merge_statements(source, staging, WINDOW_COLUMNS, partition, active):
+                record(RUNNING)
+                client.command(sql, parameters=params)
+            sql, params = watermark_query(source, partition)
+            marks: Watermarks = merged_watermarks(read_claims(client, database, [partition]))
+            for epoch, kp, offset in client.query(sql, parameters=params).result_rows:
+                key = (str(epoch), int(kp))
+                marks[key] = max(marks.get(key, -1), int(offset))
+            after = int(client.query(f"SELECT count() FROM {staging}").result_rows[0][0])
+        step(partition, "staged")
+        record(SWAPPING, watermarks=marks, rows_before=before, rows_after=after)
+    except _Expired as exc:
+        return abort(f"a step took longer than half the lease before {exc}")
+    step(partition, "swapping")
+    if why := blocked():
+        return abort(why)
+    with storage_errors():
+        client.command(f"ALTER TABLE {source} REPLACE PARTITION ID '{partition}' FROM {staging}")
+    step(partition, "swapped")
+    write_claim(client, database, partition, cid, DONE, watermarks=marks, rows_before=before, rows_after=after,
+                owner=owner)
+    with storage_errors():
+        client.command(f"DROP TABLE IF EXISTS {staging}")
+    step(partition, "done")
+    return PartitionResult(partition, "compacted", before, after)

@@ -1,0 +1,226 @@
+"""Windows compaction on real ClickHouse: every answer identical before and after, replays not counted twice.
+
+History crosses a month boundary (two partitions), has two namespaces sharing meters, subjects and minutes
+(the merged rows' identity must keep them apart), a building generation and a dead-letter replay row (both
+copied, not merged) and a key whose total does not fit one Decimal128(9) row (kept as delta rows). Answers
+come from the query API for every aggregation and window size, and are checked against the oracle.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from fastapi.testclient import TestClient
+
+from meterline.adapters.clickhouse import connect, create_schema
+from meterline.adapters.compactions import (
+    ReplayGuard,
+    active_writers,
+    fenced_writes,
+    read_claims,
+    write_claim,
+)
+from meterline.core.compaction import RUNNING
+from meterline.core.errors import ConfigError
+from meterline.core.schema import METER_WINDOWS, WINDOW_COLUMNS, Topology
+from meterline.jobs.compaction import compact
+from meterline.localinfra.ports import wait_for
+from meterline.server import build_app
+from meterline.settings import Settings
+from processor.sink import ClickHouseSink
+from tests import windows_history as history
+from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
+
+METERS = [
+    OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
+    OracleMeter("tokens_avg", "prompt", "AVG", "tokens", ("model",)),
+    OracleMeter("tokens_min", "prompt", "MIN", "tokens"),
+    OracleMeter("tokens_max", "prompt", "MAX", "tokens", ("type",)),
+    OracleMeter("prompt_count", "prompt", "COUNT", None, ("model",)),
+    OracleMeter("active_users", "activity", "UNIQUE_COUNT", "user_id"),
+    OracleMeter("storage_latest", "storage", "LATEST", "bytes", ("tier",)),
+]
+SIZES = (None, "MINUTE", "HOUR", "DAY", "MONTH")
+START = datetime(2024, 1, 31, 21, tzinfo=UTC)  # six hours across the end of January
+FROM, TO = START - timedelta(days=1), START + timedelta(days=2)
+MARGIN = timedelta(hours=1)
+
+
+def compact_all(client: Client, database: str, **options: Any) -> Any:
+    return compact(client, database, {m.slug: history.GENERATION for m in METERS}, late_horizon_days=1,
+                   margin=MARGIN, topic=history.TOPIC, topic_partitions=history.PARTITIONS, **options)
+
+
+@pytest.fixture()
+def env(clickhouse_url: str, tmp_path: Any) -> Iterator[tuple[TestClient, Client, str]]:
+    database = f"compaction_{uuid.uuid4().hex[:10]}"
+    client = connect(clickhouse_url)
+    create_schema(client, database)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(METERS))
+    settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", config_file=str(config))
+    try:
+        with TestClient(build_app("query", settings)) as http:
+            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
+                                 for m in http.get("/api/v1/meters").json()), 30, "meters ready")
+            # After the switch the controller drops other generations (an announced writer): let it finish.
+            wait_for(lambda: {s for (s,) in client.query(
+                f"SELECT state FROM `{database}`.meter_rebuilds FINAL").result_rows} == {"clean"}, 30, "meters clean")
+            wait_for(lambda: not active_writers(client, database, "202401"), 30, "no active writer")
+            yield http, client, database
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS `{database}`")
+        client.close()
+
+
+def answers(http: TestClient) -> dict[tuple[str, str | None], Any]:
+    """Every meter x window size, grouped by subject and the meter's keys: the raw JSON answers."""
+    out = {}
+    for m in METERS:
+        for size in SIZES:
+            params: dict[str, Any] = {"from": FROM.isoformat(), "to": TO.isoformat(),
+                                      "groupBy": ["subject", *m.group_fields]}
+            if size:
+                params["windowSize"] = size
+            res = http.get(f"/api/v1/meters/{m.slug}/query", params=params)
+            assert res.status_code == 200, res.text
+            body = json.loads(res.text, parse_float=Decimal)
+            out[(m.slug, size)] = sorted(body["data"], key=lambda r: json.dumps(r, sort_keys=True, default=str))
+    return out
+
+
+def check_oracle(http: TestClient, counted: list[dict[str, Any]]) -> None:
+    for m in METERS:
+        params = {"from": FROM.isoformat(), "to": TO.isoformat(), "windowSize": "HOUR",
+                  "groupBy": ["subject", *m.group_fields]}
+        body = json.loads(http.get(f"/api/v1/meters/{m.slug}/query", params=params).text, parse_float=Decimal)
+        assert response_windows(body, m.group_fields) == expected(
+            counted, m, start=FROM, end=TO, window="HOUR", group_by=m.group_fields), m.slug
+
+
+def big_events() -> list[dict[str, Any]]:
+    """Two events of one subject, minute and group whose sum (1.2 * 10^29) does not fit Decimal128(9)."""
+    base = {"specversion": "1.0", "source": "big", "type": "prompt", "subject": "big-customer",
+            "time": "2024-01-31T22:00:01.000Z"}
+    return [{**base, "id": f"big-{i}", "data": {"tokens": "60000000000000000000000000000", "model": "m",
+                                                    "type": "input"}} for i in range(2)]
+
+
+def test_compaction_keeps_every_answer(env: tuple[TestClient, Client, str]) -> None:
+    http, client, database = env
+    factory = EventFactory(seed=15, start=START, span=timedelta(hours=6))
+    events = [factory.event() for _ in range(3000)]
+    events += events[:200]  # resent events: duplicates, never counted
+    counted = first_sightings(events) + big_events()
+    batch = history.messages(events) + [(history.MessagePosition(history.EPOCH, 1, 10_000 + i), [e])
+                                        for i, e in enumerate(big_events())]  # one message each: each fits
+    history.write(client, database, history.rows_of(batch, METERS))
+    # Another tenant meters the same subjects and minutes at other positions.
+    other = [{**e, "meterline_namespace": "other"} for e in first_sightings(events)[:500]]
+    other_batch = [(history.MessagePosition("other-epoch", p.partition, p.offset), es)
+                   for p, es in history.messages(other)]
+    history.write(client, database, history.rows_of(other_batch, METERS))
+    history.mark_complete(client, database)
+    check_oracle(http, counted)
+    # A building generation of one meter and a dead-letter replay row are copied, never merged.
+    building = history.rows_of(batch[:20], METERS[:1], generation=7).windows
+    replay_row = list(history.rows_of(batch[:1], METERS[:1]).windows[0])
+    replay_row[WINDOW_COLUMNS.index("log_epoch")] = "replay:value_missing:tokens_total:" + history.EPOCH
+    client.insert(METER_WINDOWS, [*building, replay_row], column_names=list(WINDOW_COLUMNS), database=database)
+
+    before = answers(http)
+    rows_before = history.window_rows(client, database)
+    copied = "SELECT count() FROM {db}.meter_windows FINAL WHERE generation = 7 OR startsWith(log_epoch, 'replay:')"
+
+    report = compact_all(client, database)
+
+    assert [(r.partition, r.outcome) for r in report.partitions] == [("202401", "compacted"), ("202402", "compacted")]
+    assert answers(http) == before
+    assert history.window_rows(client, database) < rows_before
+    assert int(client.query(copied.format(db=database)).result_rows[0][0]) == len(building) + 1
+    keys = client.query(
+        f"SELECT count(), uniqExact(meter, subject, window_start, group_key, generation, namespace)"
+        f" FROM {database}.meter_windows FINAL WHERE generation = 1 AND subject != 'big-customer'"
+        " AND NOT startsWith(log_epoch, 'replay:')").result_rows[0]
+    assert keys[0] == keys[1]  # one row per key
+    # The overflowing key keeps its two delta rows (and its exact 1.2e29 total).
+    big = client.query(f"SELECT count() FROM {database}.meter_windows FINAL WHERE subject = 'big-customer'"
+                       " AND meter = 'tokens_total'").result_rows[0][0]
+    assert big == 2
+    # Running again finds nothing to merge.
+    assert {r.outcome for r in compact_all(client, database).partitions} == {"nothing to merge"}
+    assert answers(http) == before
+
+
+def test_replay_after_compaction_is_not_counted_twice(env: tuple[TestClient, Client, str], clickhouse_url: str) -> None:
+    http, client, database = env
+    factory = EventFactory(seed=16, start=START, span=timedelta(hours=6))
+    events = [factory.event() for _ in range(1500)]
+    batch = history.messages(events)
+    history.write(client, database, history.rows_of(batch, METERS))
+    history.mark_complete(client, database)
+    check_oracle(http, events)
+    compact_all(client, database)
+    check_oracle(http, events)
+
+    guard = ReplayGuard(database, timedelta(days=1), MARGIN, "test-worker")
+    sink = ClickHouseSink(f"{clickhouse_url}/{database}", database, replay_guard=guard)
+    try:
+        # A worker replays the first ten messages (a crash before its ack): every row is dropped.
+        sink.write_sync(history.rows_of(batch[:10], METERS))
+        assert guard.dropped > 0
+        check_oracle(http, events)
+        # A message never written before (beyond the watermark) in the compacted month counts once.
+        late = [factory.event() for _ in range(30)]
+        for e in late:
+            e["subject"] = events[0]["subject"]
+        p = history.kafka_partition(events[0]["subject"])
+        new = [(history.MessagePosition(history.EPOCH, p, 50_000), late)]
+        dropped = guard.dropped
+        sink.write_sync(history.rows_of(new, METERS))
+        assert guard.dropped == dropped
+        check_oracle(http, events + late)
+        # ... and is merged by the next run without changing any answer.
+        assert {r.outcome for r in compact_all(client, database).partitions} == {"compacted"}
+        check_oracle(http, events + late)
+    finally:
+        sink.stop()
+
+
+def test_fence_aborts_and_waits(env: tuple[TestClient, Client, str]) -> None:
+    _, client, database = env
+    events = [EventFactory(seed=17, start=START).event() for _ in range(300)]
+    history.write(client, database, history.rows_of(history.messages(events), METERS))
+    history.mark_complete(client, database)
+    # An announced writer makes the compaction abort, untouched ...
+    with fenced_writes(client, database, "test-writer"):
+        report = compact_all(client, database)
+    assert all(r.outcome.startswith("aborted: writer test-writer") for r in report.partitions)
+    # ... and a compaction in progress makes the processor's rows wait (a retryable StorageError).
+    for partition in ("202401", "202402"):
+        write_claim(client, database, partition, "someone", RUNNING)
+    guard = ReplayGuard(database, timedelta(days=1), MARGIN, "w", lease_seconds=60)
+    rows = history.rows_of(history.messages(events)[:1], METERS).windows
+    with pytest.raises(Exception, match="being compacted"), guard.admit(client, rows):
+        pass
+    # A dead compactor's record goes stale after the lease: writers go on.
+    stale = ReplayGuard(database, timedelta(days=1), MARGIN, "w", lease_seconds=0.001)
+    with stale.admit(client, rows) as kept:
+        assert len(kept) == len(rows)
+    assert {c.state for c in read_claims(client, database) if c.compaction_id == "someone"} == {RUNNING}
+
+
+def test_refused_without_horizon_or_on_cluster(env: tuple[TestClient, Client, str]) -> None:
+    _, client, database = env
+    with pytest.raises(ConfigError, match="late_horizon_days"):
+        compact(client, database, {}, late_horizon_days=None, margin=MARGIN, topic="t", topic_partitions=1)
+    with pytest.raises(ConfigError, match="cluster"):
+        compact(client, database, {}, late_horizon_days=1, margin=MARGIN, topic="t", topic_partitions=1,
+                topology=Topology(cluster="c"))
