@@ -138,15 +138,16 @@ MERGED_COLUMNS = (
 FITS = f"abs(sum(toDecimal256(sum, 9))) < toDecimal256('{SUM_LIMIT}', 9)"
 
 
-def foldable(active: Mapping[str, int], params: dict[str, Any]) -> str:
-    """Condition of the rows a compaction merges: the meter's active generation, not a replay row."""
-    params["active"] = sorted((slug, generation) for slug, generation in active.items())
+def foldable(active: Mapping[tuple[str, str], int], params: dict[str, Any]) -> str:
+    """Condition of the rows a compaction merges: the meter's active generation in the row's namespace
+    (`active`: (namespace, slug) -> generation), not a dead-letter replay row."""
+    params["active"] = sorted((ns, slug, generation) for (ns, slug), generation in active.items())
     return (f"NOT startsWith(log_epoch, '{REPLAY_PREFIX}') "
-            "AND (meter, generation) IN {active:Array(Tuple(String, UInt64))}")
+            "AND (namespace, meter, generation) IN {active:Array(Tuple(String, String, UInt64))}")
 
 
 def merge_statements(source: str, staging: str, columns: Sequence[str], partition: str,
-                     active: Mapping[str, int]) -> list[tuple[str, dict[str, Any]]]:
+                     active: Mapping[tuple[str, str], int]) -> list[tuple[str, dict[str, Any]]]:
     """INSERTs that fill `staging` with the compacted partition: merged rows of every foldable key whose
     sum fits, and every other row unchanged (read with FINAL, so duplicates collapse on the way)."""
     params: dict[str, Any] = {"partition": partition}

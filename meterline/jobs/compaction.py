@@ -84,10 +84,10 @@ class CompactionReport:
     partitions: list[PartitionResult] = field(default_factory=list)
 
 
-def active_generations(catalog: MeterCatalog) -> dict[str, int]:
-    """Each live meter's active generation: the only rows a compaction merges (building ones may still
-    be rewritten by their rebuild, deleted ones are about to go)."""
-    return {slug: s.latest.active_generation for slug, s in catalog.states.items()
+def active_generations(catalog: MeterCatalog) -> dict[tuple[str, str], int]:
+    """Each live meter's active generation by (namespace, slug): the only rows a compaction merges
+    (building ones may still be rewritten by their rebuild, deleted ones are about to go)."""
+    return {key: s.latest.active_generation for key, s in catalog.states.items()
             if not s.deleted and s.latest.active_generation}
 
 
@@ -106,14 +106,14 @@ class _Expired(Exception):
     """A step took longer than half the lease: writers may have taken the claim for a dead one."""
 
 
-def compact(client: Client, database: str, active: Mapping[str, int], *, late_horizon_days: int | None,
+def compact(client: Client, database: str, active: Mapping[tuple[str, str], int], *, late_horizon_days: int | None,
             margin: timedelta, topic: str, topic_partitions: int, topology: Topology = SINGLE_NODE,
             owner: str = "compaction", lease_seconds: float = LEASE_SECONDS, now: datetime | None = None,
             only: Sequence[str] | None = None, step: Callable[[str, str], None] = lambda partition, name: None,
             ) -> CompactionReport:
     """Compact every closed month of `meter_windows` that still has delta rows to merge.
 
-    `active` maps each meter to its active generation (the only rows merged). `only` limits the run to
+    `active` maps each (namespace, meter) to its active generation (the only rows merged). `only` limits the run to
     some partitions (still only closed ones). `step(partition, name)` is called after each recorded step
     (claimed, staged, swapping, swapped, done), for progress output and the fault test.
     """
@@ -166,7 +166,7 @@ def _partitions(client: Client, database: str) -> list[tuple[str, int]]:
     return [(str(p), int(n)) for p, n in rows if _PARTITION.match(str(p))]
 
 
-def _has_deltas(client: Client, database: str, partition: str, active: Mapping[str, int]) -> bool:
+def _has_deltas(client: Client, database: str, partition: str, active: Mapping[tuple[str, str], int]) -> bool:
     """Whether compacting would change the partition: a key with delta rows that fits one merged row (keys
     too big for one row stay delta rows and must not make every run compact the partition again)."""
     params: dict[str, object] = {"partition": partition}
@@ -194,7 +194,7 @@ def _drop_abandoned_staging(client: Client, database: str, lease_seconds: float)
                 client.command(f"DROP TABLE IF EXISTS {qualified(database, quote_identifier(str(name)))}")
 
 
-def _compact_partition(client: Client, database: str, partition: str, active: Mapping[str, int], owner: str,
+def _compact_partition(client: Client, database: str, partition: str, active: Mapping[tuple[str, str], int], owner: str,
                        lease_seconds: float, step: Callable[[str, str], None]) -> PartitionResult:
     cid = uuid.uuid4().hex
     source = qualified(database, METER_WINDOWS)

@@ -29,8 +29,8 @@ from clickhouse_connect.driver.client import Client
 from prometheus_client import Counter
 
 from meterline.adapters.clickhouse import mutate, storage_errors
-from meterline.adapters.config_status import CONFIG_ERRORS, CONFIG_RELOADS, ConfigStatus
 from meterline.adapters.compactions import fenced_writes
+from meterline.adapters.config_status import CONFIG_ERRORS, CONFIG_RELOADS, ConfigStatus
 from meterline.adapters.meter_store import MeterCatalog, Progress, applied_key
 from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.errors import ConfigError, MeterlineError

@@ -54,7 +54,8 @@ MARGIN = timedelta(hours=1)
 
 
 def compact_all(client: Client, database: str, **options: Any) -> Any:
-    return compact(client, database, {m.slug: history.GENERATION for m in METERS}, late_horizon_days=1,
+    active = {(ns, m.slug): history.GENERATION for m in METERS for ns in ("default", "other")}
+    return compact(client, database, active, late_horizon_days=1,
                    margin=MARGIN, topic=history.TOPIC, topic_partitions=history.PARTITIONS, **options)
 
 
