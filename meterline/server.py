@@ -71,6 +71,7 @@ def with_meter_controller(app: FastAPI, settings: Settings) -> FastAPI:
     import asyncio
 
     from meterline.adapters.clickhouse import connect
+    from meterline.jobs.compaction import PeriodicCompaction
     from meterline.jobs.meter_controller import MeterController
 
     inner = app.router.lifespan_context
@@ -79,6 +80,11 @@ def with_meter_controller(app: FastAPI, settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async with inner(app):
             assert settings.clickhouse_url is not None
+            compaction = None
+            if settings.compaction_interval_seconds is not None:  # docs/design.md, "Windows compaction"
+                compaction = PeriodicCompaction(settings, app.state.catalog, lambda: connect(
+                    str(settings.clickhouse_url), database=settings.clickhouse_database,
+                    topology=settings.clickhouse_topology))
             client = await asyncio.to_thread(connect, settings.clickhouse_url, database=settings.clickhouse_database,
                                              topology=settings.clickhouse_topology)
             controller = MeterController(
@@ -89,6 +95,8 @@ def with_meter_controller(app: FastAPI, settings: Settings) -> FastAPI:
             await asyncio.to_thread(controller.reload_config)
             controller.start()
             app.state.meter_controller = controller
+            if compaction is not None:
+                compaction.start()
             if controller.config is not None:
                 config = controller.config
                 # /readyz detail: is config.yaml valid (the last good meters keep running when not).
@@ -96,6 +104,8 @@ def with_meter_controller(app: FastAPI, settings: Settings) -> FastAPI:
             try:
                 yield
             finally:
+                if compaction is not None:
+                    await asyncio.to_thread(compaction.stop)
                 await asyncio.to_thread(controller.stop)
                 await asyncio.to_thread(client.close)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -51,7 +52,7 @@ from meterline.core.compaction import (
     partition_end,
     watermark_query,
 )
-from meterline.core.errors import ConfigError
+from meterline.core.errors import ConfigError, MeterlineError
 from meterline.core.schema import (
     METER_WINDOWS,
     PARTITION_PROGRESS,
@@ -259,3 +260,42 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
         client.command(f"DROP TABLE IF EXISTS {staging}")
     step(partition, "done")
     return PartitionResult(partition, "compacted", before, after)
+
+
+class PeriodicCompaction:
+    """`compaction_interval_seconds`: compaction as a background thread of the API process (beside the
+    meter controller, whose catalog it reads), on its own ClickHouse client. A failed run is logged and
+    tried again at the next interval; each run is as safe to interrupt as `meterline compact`."""
+
+    def __init__(self, settings: Settings, catalog: MeterCatalog, connect: Callable[[], Client]) -> None:
+        if settings.compaction_interval_seconds is None:
+            raise ValueError("compaction_interval_seconds is not set")
+        if settings.clickhouse_topology.cluster is not None or settings.late_horizon_days is None:
+            raise ConfigError("compaction_interval_seconds needs late_horizon_days and a single ClickHouse server"
+                              " (windows compaction is refused on a cluster)")
+        self.settings, self.catalog, self.connect = settings, catalog, connect
+        self.interval = settings.compaction_interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="windows-compaction", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                client = self.connect()
+                try:
+                    compact_with_settings(client, self.settings, self.catalog, owner="api")
+                finally:
+                    client.close()
+            except MeterlineError:
+                logger.warning("windows compaction failed; trying again next interval", exc_info=True)
+            except Exception:
+                logger.exception("windows compaction crashed; trying again next interval")

@@ -9,6 +9,7 @@ come from the query API for every aggregation and window size, and are checked a
 from __future__ import annotations
 
 import json
+import random
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -225,3 +226,45 @@ def test_refused_without_horizon_or_on_cluster(env: tuple[TestClient, Client, st
     with pytest.raises(ConfigError, match="cluster"):
         compact(client, database, {}, late_horizon_days=1, margin=MARGIN, topic="t", topic_partitions=1,
                 topology=Topology(cluster="c"))
+
+
+def test_merged_rows_equal_a_python_rollup(env: tuple[TestClient, Client, str]) -> None:
+    """Random delta rows (NULL minima and latest values, empty uniques, equal latest times) against the
+    roll-up computed here: one merged row per key, every column as a query would roll it up."""
+    _, client, database = env
+    rng = random.Random(99)
+    rows = []
+    for offset in range(2000):
+        value = rng.choice([None, Decimal(rng.randrange(-10**6, 10**6)) / 1000])
+        latest_time = datetime(2024, 1, 10, 3, rng.randrange(3), rng.randrange(2), tzinfo=UTC)
+        rows.append([
+            "tokens_total", rng.choice(["s1", "s2"]), datetime(2024, 1, 10, 3, rng.randrange(3)), "g", {},
+            history.EPOCH, 0, offset, rng.randrange(1, 5), value or Decimal(0), value, value,
+            sorted(rng.sample(["a", "b", "c", "d"], rng.randrange(3))), latest_time, value,
+            offset * 100000 + rng.randrange(3), history.GENERATION, "default",
+        ])
+    client.insert(METER_WINDOWS, rows, column_names=list(WINDOW_COLUMNS), database=database)
+    history.mark_complete(client, database)
+    compact_all(client, database)
+
+    want: dict[tuple[Any, ...], list[Any]] = {}
+    for r in rows:
+        key = (r[1], r[2])
+        acc = want.setdefault(key, [0, Decimal(0), None, None, set(), None])
+        acc[0] += r[8]
+        acc[1] += r[9]
+        if r[10] is not None:
+            acc[2] = r[10] if acc[2] is None else min(acc[2], r[10])
+            acc[3] = r[11] if acc[3] is None else max(acc[3], r[11])
+            if acc[5] is None or (r[13], r[15]) > acc[5][:2]:
+                acc[5] = (r[13], r[15], r[14])
+        acc[4] |= set(r[12])
+    got = client.query(
+        f"SELECT subject, window_start, log_epoch, count, sum, min, max, uniques, latest_time, latest_rank,"
+        f" latest_value FROM `{database}`.meter_windows FINAL").result_rows
+    assert len(got) == len(want)
+    for subject, ws, epoch, count, total, low, high, uniques, lt, rank, latest in got:
+        acc = want[(subject, ws)]
+        assert epoch == "compacted:default"
+        assert (count, total, low, high, uniques) == (acc[0], acc[1], acc[2], acc[3], sorted(acc[4]))
+        assert (lt.replace(tzinfo=UTC), rank, latest) == acc[5] if acc[5] else latest is None
