@@ -86,10 +86,10 @@ def write(client: Client, database: str, rows: Rows) -> None:
         client.insert(METER_WINDOWS, rows.windows, column_names=list(WINDOW_COLUMNS), database=database)
 
 
-def mark_complete(client: Client, database: str, until: datetime | None = None) -> None:
+def mark_complete(client: Client, database: str, until: datetime | None = None, topic: str = TOPIC) -> None:
     """Every partition of the topic is written up to `until` (now)."""
     until = until or datetime.now(UTC)
-    client.insert(PARTITION_PROGRESS, [[TOPIC, p, EPOCH, 1_000_000, until, until] for p in range(PARTITIONS)],
+    client.insert(PARTITION_PROGRESS, [[topic, p, EPOCH, 1_000_000, until, until] for p in range(PARTITIONS)],
                   column_names=list(PARTITION_PROGRESS_COLUMNS), database=database)
 
 
