@@ -83,6 +83,8 @@ def main(
     partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
     http_workers: Annotated[int, typer.Option(envvar="BENCH_HTTP_WORKERS", help="ingest processes for P1")] = 1,
     p3_subjects: Annotated[int, typer.Option(envvar="BENCH_P3_SUBJECTS")] = 100,
+    p3_message_events: Annotated[int, typer.Option(envvar="BENCH_P3_MESSAGE_EVENTS",
+                                                   help="P3 events per Kafka message (1: single-event requests)")] = 100,
     repeats: Annotated[int, typer.Option(envvar="BENCH_REPEATS", help="P3 runs per query")] = 20,
     naive_cap: Annotated[int, typer.Option(envvar="BENCH_NAIVE_CAP", help="max events for the naive Faust baseline")] = 0,
     p4_seconds: Annotated[float, typer.Option(envvar="BENCH_P4_SECONDS", help="P4 sending time per rate")] = 0,
@@ -102,7 +104,7 @@ def main(
         sizes[name] = _sizes(override) or sizes[name]
     wanted = [f.strip().upper() for f in only.split(",") if f.strip()]
     options: dict[str, Any] = {
-        "clients": clients, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_repeats": repeats,
+        "clients": clients, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_message_events": p3_message_events, "p3_repeats": repeats,
         "p1_rounds": 1 if size == "tiny" else 3,
         "naive_cap": naive_cap or {"tiny": 3_000, "small": 30_000, "full": 100_000}[size],
         "p4_seconds": p4_seconds or {"tiny": 3.0, "small": 15.0, "full": 30.0}[size],

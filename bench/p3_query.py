@@ -46,8 +46,9 @@ def _zipf_rank(message: str, subjects: int) -> str:
     return f"least({subjects - 1}, toUInt32(floor(exp({u} * log({subjects + 1}))) - 1))"
 
 
-def _generator(n: int, subjects: int) -> str:
-    """One row per event `n`: the expressions both tables are filled from."""
+def _generator(n: int, subjects: int, message_events: int = SUBJECT_RUN) -> str:
+    """One row per event `n`: the expressions both tables are filled from. `message_events` events of a
+    subject's run share one Kafka message (1: single-event requests, one delta row per event)."""
     span_ms = DAYS * 86_400_000
     models = "[" + ",".join(f"'{m}'" for m in MODELS) + "]"
     return f"""
@@ -57,7 +58,7 @@ def _generator(n: int, subjects: int) -> str:
             addMilliseconds(toDateTime64('{START:%Y-%m-%d %H:%M:%S}', 6, 'UTC'), intDiv(number * {span_ms}, {n})) AS t,
             intHash32(number) % 1000 + 1 AS tokens,
             arrayElement({models}, intHash64(number) % {len(MODELS)} + 1) AS model,
-            intDiv(number, {SUBJECT_RUN}) AS message
+            intDiv(number, {message_events}) AS message
         FROM numbers({n})
     """
 
@@ -68,15 +69,15 @@ _FILLED_EVENT_COLUMNS = EVENT_COLUMNS[: EVENT_COLUMNS.index("validation_errors")
 _FILLED_WINDOW_COLUMNS = WINDOW_COLUMNS[: WINDOW_COLUMNS.index("generation") + 1]
 
 
-def fill(client: Client, n: int, subjects: int) -> dict[str, Any]:
-    gen = _generator(n, subjects)
+def fill(client: Client, n: int, subjects: int, message_events: int = SUBJECT_RUN) -> dict[str, Any]:
+    gen = _generator(n, subjects, message_events)
     t0 = time.perf_counter()
     client.command(
         f"""
         INSERT INTO {EVENTS} ({", ".join(_FILLED_EVENT_COLUMNS)})
         SELECT MD5(toString(n)), toString(n), 'bench', 'prompt', subject, t,
                concat('{{"tokens":', toString(tokens), ',"model":"', model, '","user":"u', toString(n % 997), '"}}'),
-               t, 'bench', 0, message, n % {SUBJECT_RUN}, []
+               t, 'bench', 0, message, n % {message_events}, []
         FROM ({gen})
         """,
         settings={"max_insert_threads": 2},
@@ -99,6 +100,7 @@ def fill(client: Client, n: int, subjects: int) -> dict[str, Any]:
     windows = int(client.command(f"SELECT count() FROM {METER_WINDOWS}"))
     events = int(client.command(f"SELECT count() FROM {EVENTS}"))
     return {"fill_seconds": round(filled, 2), "events_rows": events, "window_rows": windows,
+            "message_events": message_events,
             "events_per_window_row": round(events / max(windows, 1), 2), "subjects": subjects}
 
 
@@ -161,7 +163,7 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
     store = WindowStore(client, database)
     try:
         task = ctx.task(f"P3 fill {size:,} events", None)
-        info = fill(client, size, subjects)
+        info = fill(client, size, subjects, int(ctx.options.get("p3_message_events", SUBJECT_RUN)))
         register(client, database, ctx.work_dir)
         ctx.done(task)
         volumes = client.query(f"SELECT subject, count() AS n FROM {EVENTS} GROUP BY subject ORDER BY n DESC, subject").result_rows
@@ -255,7 +257,7 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
         slow.append((time.perf_counter() - t0) * 1000)
         ctx.progress.advance(task)
     ctx.done(task)
-    details = {**info, "subject": subject, "answers_equal": True, "repeats": repeats,
+    details = {**info, "subject": subject, "answers_equal": True, "repeats": repeats, "answer_rows": len(raw),
                "compaction_seconds": round(seconds, 2),
                "window_rows": {r.partition: [r.rows_before, r.rows_after] for r in report.partitions},
                "heaviest_subject_window_rows": int(subject_rows),

@@ -85,7 +85,7 @@ def test_p6_rebuilt_every_stored_event_beside_p2(results: dict) -> None:
 
 def test_p3_answers_were_equal(results: dict) -> None:
     p3 = [f for f in by_figure(results, "P3") if not f["name"].startswith("auth on:")]
-    assert len(p3) == 6  # heaviest subject, median subject, all subjects; p50 and p95 each
+    assert len(p3) == 8  # heaviest subject, median subject, all subjects, heaviest compacted; p50 and p95 each
     heavy = next(f for f in p3 if "heaviest" in f["name"])["details"]
     median = next(f for f in p3 if "median" in f["name"])["details"]
     assert heavy["subject"] != median["subject"]
@@ -94,6 +94,9 @@ def test_p3_answers_were_equal(results: dict) -> None:
         assert f["details"]["answers_equal"] is True
         assert f["details"]["events_rows"] == f["size"]
         assert f["details"]["answer_rows"] > 0 and f["baseline"] > 0
+    compacted = [f["details"] for f in p3 if "compacted" in f["name"]]
+    assert len(compacted) == 2
+    assert all(0 < after <= before for before, after in compacted[0]["window_rows"].values())
 
 
 def test_p4_every_request_became_visible(results: dict) -> None:
