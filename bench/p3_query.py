@@ -230,6 +230,11 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
     now = datetime.now(UTC)
     client.insert(PARTITION_PROGRESS, [["bench-topic", 0, "bench", 0, now, now]],
                   column_names=list(PARTITION_PROGRESS_COLUMNS))
+    def subject_rows() -> int:
+        return int(client.query(f"SELECT count() FROM {METER_WINDOWS} FINAL WHERE subject = {{s:String}}",
+                                parameters={"s": subject}).result_rows[0][0])
+
+    rows_before = subject_rows()
     task = ctx.task(f"P3 compaction ({size:,})", None)
     t0 = time.perf_counter()
     report = compact(client, database, {("default", METER): GENERATION}, late_horizon_days=1,
@@ -238,8 +243,6 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
     ctx.done(task)
     if not report.partitions or any(r.outcome != "compacted" for r in report.partitions):
         raise AssertionError(f"P3 compaction did not compact: {report.partitions}")
-    subject_rows = client.query(f"SELECT count() FROM {METER_WINDOWS} FINAL WHERE subject = {{s:String}}",
-                                parameters={"s": subject}).result_rows[0][0]
     windows = _normalise(window_answer(store, subject=subject, group_by_model=False), False)
     raw = sorted(raw_answer(client, subject=subject, group_by_model=False), key=lambda x: (x[0], x[1] or ""))
     if windows != raw:
@@ -260,7 +263,7 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
     details = {**info, "subject": subject, "answers_equal": True, "repeats": repeats, "answer_rows": len(raw),
                "compaction_seconds": round(seconds, 2),
                "window_rows": {r.partition: [r.rows_before, r.rows_after] for r in report.partitions},
-               "heaviest_subject_window_rows": int(subject_rows),
+               "heaviest_subject_window_rows": [rows_before, subject_rows()],
                "windows_ms": [round(x, 2) for x in fast], "raw_ms": [round(x, 2) for x in slow]}
     figures = []
     for q in (50, 95):
