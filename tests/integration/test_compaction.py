@@ -19,8 +19,10 @@ from typing import Any
 import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from meterline.adapters.clickhouse import connect, create_schema
+from meterline.cli import app
 from meterline.adapters.compactions import (
     ReplayGuard,
     active_writers,
@@ -198,7 +200,8 @@ def test_replay_after_compaction_is_not_counted_twice(env: tuple[TestClient, Cli
 
 def test_fence_aborts_and_waits(env: tuple[TestClient, Client, str]) -> None:
     _, client, database = env
-    events = [EventFactory(seed=17, start=START).event() for _ in range(300)]
+    factory = EventFactory(seed=17, start=START)
+    events = [factory.event() for _ in range(300)]
     history.write(client, database, history.rows_of(history.messages(events), METERS))
     history.mark_complete(client, database)
     # An announced writer makes the compaction abort, untouched ...
@@ -268,3 +271,26 @@ def test_merged_rows_equal_a_python_rollup(env: tuple[TestClient, Client, str]) 
         assert epoch == "compacted:default"
         assert (count, total, low, high, uniques) == (acc[0], acc[1], acc[2], acc[3], sorted(acc[4]))
         assert (lt.replace(tzinfo=UTC), rank, latest) == acc[5] if acc[5] else latest is None
+
+
+def test_cli_compact(env: tuple[TestClient, Client, str], clickhouse_url: str, tmp_path: Any,
+                     monkeypatch: pytest.MonkeyPatch) -> None:
+    http, client, database = env
+    factory = EventFactory(seed=18, start=START)
+    events = [factory.event() for _ in range(500)]
+    history.write(client, database, history.rows_of(history.messages(events), METERS))
+    history.mark_complete(client, database)
+    config = tmp_path / "cli-config.yaml"
+    config.write_text(config_yaml(METERS))
+    monkeypatch.setenv("CLICKHOUSE_URL", f"{clickhouse_url.rstrip('/')}/{database}")
+    monkeypatch.setenv("METERLINE_CONFIG", str(config))
+    monkeypatch.setenv("METERLINE_EVENTS_TOPIC", history.TOPIC)
+    monkeypatch.setenv("METERLINE_TOPIC_PARTITIONS", str(history.PARTITIONS))
+    runner = CliRunner()
+    refused = runner.invoke(app, ["compact"])  # no late horizon: nothing ever closes
+    assert isinstance(refused.exception, ConfigError) and "late_horizon_days" in str(refused.exception)
+    monkeypatch.setenv("METERLINE_LATE_HORIZON_DAYS", "1")
+    done = runner.invoke(app, ["compact", "--partition", "202401"])
+    assert done.exit_code == 0, done.output
+    assert "202401: compacted" in done.output and "202402" not in done.output
+    check_oracle(http, events)
