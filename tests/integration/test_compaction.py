@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from meterline.adapters.clickhouse import connect, create_schema
-from meterline.cli import app
 from meterline.adapters.compactions import (
     ReplayGuard,
     active_writers,
@@ -30,6 +29,7 @@ from meterline.adapters.compactions import (
     read_claims,
     write_claim,
 )
+from meterline.cli import app
 from meterline.core.compaction import RUNNING
 from meterline.core.errors import ConfigError
 from meterline.core.schema import METER_WINDOWS, WINDOW_COLUMNS, Topology
