@@ -5,6 +5,11 @@
 the method and path need (`meterline.core.access.required_scope`) is checked. The request then carries
 its `Principal` in `request.state.principal` for handlers to scope their reads and writes.
 
+A key verified once is remembered with the very row object of the key view it matched (bounded, per
+process), so a busy key costs one dict lookup instead of an HMAC and a Principal per request; every
+reload of the view replaces the row objects and so re-verifies, and usability (revoked, expired) is
+still checked on every request against the current view: revocation takes effect exactly as without it.
+
 Local mode (`auth_local_mode`, what `make run` uses) lets requests *without* a key act in a default
 namespace with every scope, so the README's curl examples work on a laptop; it is logged loudly at
 startup, `meterline serve` refuses it on any non-loopback address, and a request that *does* present
@@ -44,6 +49,9 @@ from meterline.settings import Settings
 log = logging.getLogger(__name__)
 
 _BEARER = "bearer "
+#: Verified presented keys remembered per process (see `Authenticator.authenticate`); past this many the
+#: memory is dropped and rebuilt, so keys sprayed at the server cannot grow it without bound.
+VERIFIED_CACHE_SIZE = 4096
 
 
 class AuthError(Exception):
@@ -98,6 +106,8 @@ class Authenticator:
         self.portal_store: PortalTokenStore | None = None
         self.portal_key = signing_key(self.secret) if self.secret is not None else None
         self._client: Client | None = None
+        # presented key -> (the stored ApiKey object it was verified against, its Principal)
+        self._verified: dict[str, tuple[ApiKey, Principal]] = {}
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Authenticator]:
@@ -141,19 +151,33 @@ class Authenticator:
         token = authorization[7:].strip()
         if token.startswith(PORTAL_PREFIX):
             return self._portal(token)
-        key_id = key_id_of(token)
-        if key_id is None or self.secret is None or self.keys is None:
+        if self.secret is None or self.keys is None:
             raise AuthError(401, "invalid API key")
-        key = (self.keys.value or {}).get(key_id)
-        if key is None:  # perhaps created a moment ago: look once more (rate-limited)
-            await self.keys.refresh_after_miss()
-            key = (self.keys.value or {}).get(key_id)
-        if key is None or not hash_matches(self.secret, token, key.key_hash):
-            raise AuthError(401, "invalid API key")
+        view = self.keys.value or {}
+        verified = self._verified.get(token)
+        if verified is not None and view.get(verified[0].key_id) is verified[0]:
+            # Checked against this very row of the current view before: the HMAC would give the same answer.
+            # A reload replaces every row object, so each reload (every auth_refresh_seconds) re-verifies.
+            key, principal = verified
+        else:
+            key_id = key_id_of(token)
+            if key_id is None:
+                raise AuthError(401, "invalid API key")
+            stored = view.get(key_id)
+            if stored is None:  # perhaps created a moment ago: look once more (rate-limited)
+                await self.keys.refresh_after_miss()
+                stored = (self.keys.value or {}).get(key_id)
+            if stored is None or not hash_matches(self.secret, token, stored.key_hash):
+                raise AuthError(401, "invalid API key")
+            key = stored
+            principal = Principal(key.namespace, key.scopes, key_id=key.key_id)
+            if len(self._verified) >= VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[token] = (key, principal)
         now = datetime.now(UTC)
-        if not key.usable(now):
-            raise AuthError(401, f"API key {key_id} is {key.status(now)}")
-        return Principal(key.namespace, key.scopes, key_id=key.key_id)
+        if not key.usable(now):  # every request: a revocation or expiry holds from the moment it is seen
+            raise AuthError(401, f"API key {key.key_id} is {key.status(now)}")
+        return principal
 
 
     def _portal(self, token: str) -> Principal:

@@ -1,8 +1,8 @@
 """Per-key limits that keep one tenant from starving the others: request rate, ingest event rate and
 requests in flight, each answered with 429 and `Retry-After`.
 
-Rates are sliding-window counters from the `limits` library (O(1) per hit, ~7 µs), kept in process
-memory: with N ingest or query processes a key may reach N times a limit. That is deliberate: the
+Rates are sliding-window counters (`meterline.core.ratelimit`, O(1) per hit, well under a microsecond;
+the `limits` library only parses the settings' rate text), kept in process memory: with N ingest or query processes a key may reach N times a limit. That is deliberate: the
 limits exist to stop a runaway client from exhausting a process, and a shared counter would put a
 network round trip (and a single point of failure) on every request. The concurrency limit bounds how
 many of a key's requests one process serves at once, so a client that opens hundreds of connections of
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter
 
 from limits import RateLimitItem, parse
-from limits.storage import MemoryStorage
-from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from meterline.adapters.problems import problem
 from meterline.core.access import Principal
 from meterline.core.errors import ConfigError, RateLimitedError
+from meterline.core.ratelimit import SlidingWindow
 from meterline.settings import Settings
 
 
@@ -41,19 +39,17 @@ class Limiter:
         self.requests = _rate("rate_limit_requests", settings.rate_limit_requests)
         self.events = _rate("rate_limit_events", settings.rate_limit_events)
         self.max_in_flight = settings.max_concurrent_requests
-        self._windows = SlidingWindowCounterRateLimiter(MemoryStorage())
-        self.in_flight: Counter[str] = Counter()
-
-    def _retry_after(self, item: RateLimitItem, key: str) -> int:
-        reset = self._windows.get_window_stats(item, key).reset_time
-        return max(1, math.ceil(reset - time.time()))
+        self._request_window = _window(self.requests)
+        self._event_window = _window(self.events)
+        self.in_flight: dict[str, int] = {}  # key -> requests being served; absent when none
 
     def charge_request(self, principal: Principal) -> None:
         """Count one request; RateLimitedError if the key is over its request rate."""
         key = principal.rate_key
-        if not self._windows.hit(self.requests, key):
+        now = time.monotonic()
+        if not self._request_window.hit(key, now):
             raise RateLimitedError(f"request rate limit of {self.requests} exceeded for this key",
-                                   self._retry_after(self.requests, key))
+                                   _seconds(self._request_window.retry_after(key, now)))
 
     def charge_events(self, principal: Principal, count: int) -> None:
         """Count `count` ingested events; RateLimitedError (nothing counted) if they would pass the rate.
@@ -63,12 +59,22 @@ class Limiter:
         if principal.key_id is None:
             return
         key = principal.rate_key
+        now = time.monotonic()
         if count > self.events.amount:
             raise RateLimitedError(f"{count} events exceed the event rate limit of {self.events} in one request; "
-                                   "send smaller batches", self._retry_after(self.events, key))
-        if not self._windows.hit(self.events, key, cost=count):
+                                   "send smaller batches", _seconds(self._event_window.retry_after(key, now)))
+        if not self._event_window.hit(key, now, cost=count):
             raise RateLimitedError(f"event rate limit of {self.events} exceeded for this key",
-                                   self._retry_after(self.events, key))
+                                   _seconds(self._event_window.retry_after(key, now, cost=count)))
+
+
+def _window(item: RateLimitItem) -> SlidingWindow:
+    return SlidingWindow(item.amount, float(item.get_expiry()))
+
+
+def _seconds(wait: float) -> int:
+    """A Retry-After value: whole seconds, at least 1 (a refused client must not retry at once)."""
+    return max(1, math.ceil(wait))
 
 
 class LimitMiddleware:
@@ -84,8 +90,9 @@ class LimitMiddleware:
             await self.app(scope, receive, send)
             return
         key = principal.rate_key
+        in_flight = self.limiter.in_flight
         try:
-            if self.limiter.in_flight[key] >= self.limiter.max_in_flight:
+            if in_flight.get(key, 0) >= self.limiter.max_in_flight:
                 raise RateLimitedError(f"more than {self.limiter.max_in_flight} requests of this key in flight", 1)
             self.limiter.charge_request(principal)
         except RateLimitedError as exc:
@@ -93,10 +100,12 @@ class LimitMiddleware:
                                headers={"Retry-After": str(exc.retry_after)})
             await response(scope, receive, send)
             return
-        self.limiter.in_flight[key] += 1
+        in_flight[key] = in_flight.get(key, 0) + 1
         try:
             await self.app(scope, receive, send)
         finally:
-            self.limiter.in_flight[key] -= 1
-            if not self.limiter.in_flight[key]:
-                del self.limiter.in_flight[key]
+            left = in_flight[key] - 1
+            if left:
+                in_flight[key] = left
+            else:
+                del in_flight[key]

@@ -9,7 +9,7 @@ event exists. Unknown paths are not public: anything under the API that is not a
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 
@@ -103,7 +103,8 @@ class Principal:
             return True
         return needed is Scope.PORTAL and Scope.READ in self.scopes
 
-    @property
-    def rate_key(self) -> str:
-        """The identity that rate and concurrency limits count against."""
-        return f"{self.namespace}/{self.key_id or 'local'}"
+    #: The identity that rate and concurrency limits count against (computed once: read on every request).
+    rate_key: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rate_key", f"{self.namespace}/{self.key_id or 'local'}")
