@@ -3,6 +3,7 @@
     python -m bench                         small sizes (a few minutes on 2 cores)
     python -m bench --size full             the sizes issue 6 quotes (10M events for P3/P5)
     python -m bench --only P1,P3 --p3 2000000,5000000
+    python -m bench --only P1,P3 --auth-rounds 12   auth on beside off, more alternating rounds
     BENCH_SIZE=tiny python -m bench         seconds; what tests/bench runs
 
 Every size option takes a comma-separated list: each figure is measured once per size (the cost
@@ -86,6 +87,8 @@ def main(
     p3_message_events: Annotated[int, typer.Option(envvar="BENCH_P3_MESSAGE_EVENTS",
                                                    help="P3 events per Kafka message (1: single-event requests)")] = 100,
     repeats: Annotated[int, typer.Option(envvar="BENCH_REPEATS", help="P3 runs per query")] = 20,
+    auth_rounds: Annotated[int, typer.Option(envvar="BENCH_AUTH_ROUNDS",
+                                             help="alternating auth off/on rounds (P1, P3; 0 = by size)")] = 0,
     naive_cap: Annotated[int, typer.Option(envvar="BENCH_NAIVE_CAP", help="max events for the naive Faust baseline")] = 0,
     p4_seconds: Annotated[float, typer.Option(envvar="BENCH_P4_SECONDS", help="P4 sending time per rate")] = 0,
     p2_extra: Annotated[int, typer.Option(envvar="BENCH_P2_EXTRA",
@@ -106,6 +109,10 @@ def main(
     options: dict[str, Any] = {
         "clients": clients, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_message_events": p3_message_events, "p3_repeats": repeats,
         "p1_rounds": 1 if size == "tiny" else 3,
+        "auth_rounds": auth_rounds or {"tiny": 2, "small": 8, "full": 10}[size],
+        "auth_events": {"tiny": 1_000, "small": 20_000, "full": 50_000}[size],
+        "auth_single": {"tiny": 300, "small": 2_000, "full": 3_000}[size],
+        "auth_inprocess_requests": {"tiny": 5_000, "small": 20_000, "full": 50_000}[size],
         "naive_cap": naive_cap or {"tiny": 3_000, "small": 30_000, "full": 100_000}[size],
         "p4_seconds": p4_seconds or {"tiny": 3.0, "small": 15.0, "full": 30.0}[size],
         "p2_extra": p2_extra or {"tiny": 2_000, "small": 20_000, "full": 200_000}[size],

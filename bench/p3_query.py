@@ -19,6 +19,7 @@ asserted equal before anything is timed.
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -291,7 +292,7 @@ def _auth_figures(ctx: BenchContext, database: str, subject: str, size: int, rep
 
     import httpx
 
-    from bench.auth import UNLIMITED_ENV, create_key
+    from bench.auth import UNLIMITED_ENV, alternating, create_key, ratio_summary
     from bench.workload import write_config
     from meterline.localinfra.ports import free_port, wait_for
     from meterline.localinfra.process import ManagedProcess
@@ -314,35 +315,55 @@ def _auth_figures(ctx: BenchContext, database: str, subject: str, size: int, rep
         end = START + timedelta(days=DAYS)
         path = (f"/api/v1/meters/{METER}/query?from={START:%Y-%m-%dT%H:%M:%SZ}&to={end:%Y-%m-%dT%H:%M:%SZ}"
                 f"&windowSize=HOUR&subject={subject}")
-        off: list[float] = []
-        on: list[float] = []
-        task = ctx.task(f"P3 over HTTP, key vs none ({size:,})", 2 * repeats)
+        rounds = int(ctx.options.get("auth_rounds", 6))
+        per_round = max(2, repeats // 2)
+        task = ctx.task(f"P3 over HTTP, key vs none ({size:,})", 2 * rounds * per_round)
         with httpx.Client(base_url=url, timeout=30) as http:
             keyed = {"Authorization": f"Bearer {key}"}
             answers = [http.get(path).json(), http.get(path, headers=keyed).json()]
             if answers[0] != answers[1] or not answers[0]["data"]:
                 raise AssertionError("P3 over HTTP: the answers with and without a key differ or are empty")
-            for _ in range(repeats):
-                for headers, out in (({}, off), (keyed, on)):
+            off: list[list[float]] = []
+            on: list[list[float]] = []
+
+            def timed(headers: dict[str, str], out: list[list[float]]) -> float:
+                """One round of `per_round` requests; its median latency (ms)."""
+                got = []
+                for _ in range(per_round):
                     t0 = time.perf_counter()
                     response = http.get(path, headers=headers)
-                    out.append((time.perf_counter() - t0) * 1000)
+                    got.append((time.perf_counter() - t0) * 1000)
                     if response.status_code != 200:
                         raise AssertionError(f"P3 over HTTP answered {response.status_code}: {response.text[:200]}")
                     ctx.progress.advance(task)
+                out.append(got)
+                return statistics.median(got)
+
+            offs, ons = alternating(rounds, lambda: timed({}, off), lambda: timed(keyed, on))
         ctx.done(task)
     finally:
         server.stop()
-    figures = []
-    for q in (50, 95):
-        value, baseline = percentile(on, q), percentile(off, q)
-        figures.append(Figure(
-            "P3", f"auth on: hourly 30d over HTTP, heaviest subject, with an API key p{q}", size, value, "ms", baseline,
-            "same request without a key (local mode: no verification, no limiter)", higher_is_better=False,
-            target=f">= {AUTH_TARGET:.2f}x", passed=baseline / value >= AUTH_TARGET,
-            details={"subject": subject, "repeats": repeats, "with_key_ms": [round(x, 2) for x in on],
-                     "without_key_ms": [round(x, 2) for x in off], "answer_rows": len(answers[0]["data"])},
-        ))
+    summary = ratio_summary(offs, ons, higher_is_better=False)
+    flat_on = [x for r in on for x in r]
+    flat_off = [x for r in off for x in r]
+    details = {**summary, "subject": subject, "requests_per_round": per_round,
+               "round_median_ms": {"with_key": [round(x, 3) for x in ons], "without_key": [round(x, 3) for x in offs]},
+               "with_key_ms": [round(x, 2) for x in flat_on], "without_key_ms": [round(x, 2) for x in flat_off],
+               "auth_cost_ms_median": round(statistics.median(n - f for f, n in zip(offs, ons, strict=True)), 3),
+               "answer_rows": len(answers[0]["data"])}
+    figures = [Figure(
+        "P3", "auth on: hourly 30d over HTTP, heaviest subject, with an API key p50", size,
+        statistics.median(ons), "ms", statistics.median(offs),
+        "same request without a key (local mode: no verification, no limiter)", higher_is_better=False,
+        ratio=summary["ratio_median"], target=f">= {AUTH_TARGET:.2f}x (median of rounds)",
+        passed=summary["ratio_median"] >= AUTH_TARGET, details=details,
+    )]
+    value, baseline = percentile(flat_on, 95), percentile(flat_off, 95)
+    figures.append(Figure(
+        "P3", "auth on: hourly 30d over HTTP, heaviest subject, with an API key p95", size, value, "ms", baseline,
+        "same request without a key (local mode: no verification, no limiter)", higher_is_better=False,
+        target="(no target: tail of every request)", passed=None, details=details,
+    ))
     return figures
 
 
