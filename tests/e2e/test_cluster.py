@@ -6,14 +6,19 @@ so it writes and reads through the Distributed tables. Events (with resent dupli
 two processor workers share the partitions (the second one joins mid-stream, so partitions move and
 dedupe state is loaded from `events` across both shards), and every window of every meter is compared
 with tests/oracle.py. Then the rows themselves: both shards hold data, each subject lives on exactly
-one shard, and the Distributed answer equals the sum of the shards' own FINAL answers.
+one shard, and the Distributed answer equals the sum of the shards' own FINAL answers. Last, two
+namespaces' keys on the same cluster: each reads only its own rows through the Distributed tables.
 """
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,16 @@ from meterline.localinfra.stack import LocalStack
 from tests.e2e.conftest import METERS
 from tests.e2e.test_pipeline import END, START, query, wait_until_counted, windows_and_oracle
 from tests.faults.harness import wait_owners, worker_metric
-from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
+from tests.oracle import (
+    EventFactory,
+    OracleMeter,
+    config_yaml,
+    expected,
+    first_sightings,
+    meter_body,
+    response_windows,
+)
+from tests.tenants import create_meters
 
 pytestmark = pytest.mark.e2e
 
@@ -163,6 +177,89 @@ def test_a_changed_meter_drops_its_old_generation_on_every_shard(cluster_stack: 
             return all(g <= {generation} for g in held) and any(held)
 
         wait_for(only_new, 120, "the old generation's rows dropped from every shard")
+    finally:
+        for c in clients:
+            c.close()
+
+
+#: Two tenants' meters on the cluster: the same slug, their own meanings (tests/e2e/test_namespaces.py
+#: checks every endpoint on one server; here the reads go through Distributed tables across both shards).
+CLUSTER_TENANT_METERS = {
+    "acme": OracleMeter("ns_calls", "ns_call", "SUM", "n", ("tenant",)),
+    "beta": OracleMeter("ns_calls", "ns_call", "COUNT", None, ("tenant",)),
+}
+NS_RANGE = {"from": "2024-05-01T00:00:00Z", "to": "2024-05-02T00:00:00Z"}
+
+
+def _tenant_events(tenant: str, n: int) -> list[dict[str, Any]]:
+    """The same (source, id) pairs for both tenants, over 8 subjects (so both shards hold each tenant)."""
+    return [{"specversion": "1.0", "type": "ns_call", "id": f"ns{i}", "source": "cluster-tenants",
+             "subject": f"ns-s{i % 8}", "time": f"2024-05-01T01:{i:02d}:00Z", "data": {"n": i + 1, "tenant": tenant}}
+            for i in range(n)]
+
+
+def _cluster_key(stack: LocalStack, namespace: str) -> str:
+    """`meterline keys create` as an operator runs it against a cluster: with the stack's settings
+    (METERLINE_CLICKHOUSE_CLUSTER set), so the key is written to its shard before the command returns."""
+    out = subprocess.run([sys.executable, "-m", "meterline.cli", "keys", "create", "--namespace", namespace,
+                          "--scopes", "ingest,read,admin"], env=stack.env(), capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out.startswith("mlk_"), out
+    return out
+
+
+def test_namespaces_stay_isolated_on_a_cluster(cluster_stack: LocalStack) -> None:
+    """Keys of two namespaces on the sharded stack: each reads only its own events, windows and subjects
+    through the Distributed tables (additional_table_filters name `<table>` and `<table>_local`), though
+    both sent the same (source, id) pairs and each namespace's rows lie on both shards."""
+    keys = {ns: _cluster_key(cluster_stack, ns) for ns in CLUSTER_TENANT_METERS}
+    bearer = {ns: {"Authorization": f"Bearer {k}"} for ns, k in keys.items()}
+    sent = {"acme": _tenant_events("acme", 24), "beta": _tenant_events("beta", 16)}
+    # The oracle: each namespace's own meter over its own first sightings, per subject.
+    want: dict[str, dict[str, Decimal]] = {}
+    for ns, events in sent.items():
+        meter = CLUSTER_TENANT_METERS[ns]
+        per_subject: dict[str, Decimal] = {}
+        for e in events:
+            add = Decimal(e["data"]["n"]) if meter.aggregation == "SUM" else Decimal(1)
+            per_subject[e["subject"]] = per_subject.get(e["subject"], Decimal(0)) + add
+        want[ns] = per_subject
+    with httpx.Client(base_url=cluster_stack.url, timeout=30) as http:
+        for ns in sent:
+            wait_for(lambda ns=ns: http.get("/api/v1/meters", headers=bearer[ns]).status_code == 200, 30,
+                     f"{ns}'s key known to the server")
+            create_meters(http, bearer[ns], [meter_body(CLUSTER_TENANT_METERS[ns])])
+        for ns, events in (("beta", sent["beta"]), ("acme", sent["acme"]), ("acme", sent["acme"][:5])):  # + a retry
+            r = http.post("/api/v1/events", json=events,
+                          headers={"content-type": "application/cloudevents-batch+json", **bearer[ns]})
+            assert r.status_code == 204, r.text
+
+        def answer(ns: str) -> dict[str, Decimal]:
+            r = http.get("/api/v1/meters/ns_calls/query", params={**NS_RANGE, "groupBy": "subject"}, headers=bearer[ns])
+            assert r.status_code == 200, r.text
+            body = json.loads(r.text, parse_float=Decimal)
+            return {d["subject"]: Decimal(str(d["value"])) for d in body["data"] if d["value"]}
+
+        wait_for(lambda: all(answer(ns) == want[ns] for ns in sent), 120, f"each namespace's answer is {want}")
+        for ns, other in (("acme", "beta"), ("beta", "acme")):
+            listed = http.get("/api/v1/events", params={"from": NS_RANGE["from"], "limit": 100}, headers=bearer[ns])
+            assert listed.status_code == 200, listed.text
+            seen = listed.json()
+            assert sorted(e["event"]["id"] for e in seen) == sorted(e["id"] for e in sent[ns])
+            assert {e["event"]["data"]["tenant"] for e in seen} == {ns}
+            values = http.get("/api/v1/meters/ns_calls/group-by/tenant/values", params=NS_RANGE, headers=bearer[ns])
+            assert values.status_code == 200 and values.json() == [ns], values.text
+        # The keyless default namespace sees none of the tenants' events, and has no `ns_calls`.
+        mine = httpx.get(f"{cluster_stack.url}/api/v1/events", params={"from": NS_RANGE["from"], "id": "ns0"}, timeout=30)
+        assert mine.status_code == 200 and mine.json() == [], mine.text
+        assert httpx.get(f"{cluster_stack.url}/api/v1/meters/ns_calls", timeout=30).status_code == 404
+    # Really sharded: each namespace's rows lie on both shards, so the answers above merged both.
+    clients = shard_clients(cluster_stack)
+    try:
+        for ns in sent:
+            held = [{r[0] for r in c.query("SELECT DISTINCT subject FROM events_local WHERE namespace = {ns:String}",
+                                           parameters={"ns": ns}).result_rows} for c in clients]
+            assert all(held) and held[0] | held[1] == set(want[ns]), (ns, held)
     finally:
         for c in clients:
             c.close()
