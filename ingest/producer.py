@@ -28,7 +28,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
-from meterline.adapters.kafka import create_topic_if_missing, events_topic_config
+from meterline.adapters.kafka import create_topic_if_missing, events_topic_config, kafka_client_config
 from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 
@@ -58,7 +58,7 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     """librdkafka settings for the ingest producer (a function so tests and bench can inspect them)."""
     timeout_ms = max(1, int(settings.produce_timeout_seconds * 1000))
     return {
-        "bootstrap.servers": settings.kafka_bootstrap,
+        **kafka_client_config(settings),  # bootstrap servers and, if configured, SASL credentials
         "client.id": "meterline-ingest",
         "enable.idempotence": True,
         "acks": "all",
@@ -78,7 +78,7 @@ def ensure_topic(settings: Settings, timeout: float = 10.0) -> None:
     error). Only with `ingest_creates_topic`: in production the processor or the operator creates it."""
     replication, config = events_topic_config(settings)
     try:
-        create_topic_if_missing(str(settings.kafka_bootstrap), settings.events_topic, settings.topic_partitions,
+        create_topic_if_missing(kafka_client_config(settings), settings.events_topic, settings.topic_partitions,
                                 timeout, replication_factor=replication, config=config)
     except Exception as exc:  # noqa: BLE001 - best effort by design; publish reports real failures
         logger.warning("could not ensure topic %s: %s", settings.events_topic, exc)

@@ -63,6 +63,15 @@ class Settings(BaseSettings):
     clickhouse_url: str | None = Field(
         default=None, validation_alias=AliasChoices("CLICKHOUSE_URL", "METERLINE_CLICKHOUSE_URL", "clickhouse_url")
     )
+    # Kafka authentication (meterline/adapters/kafka.py `kafka_client_config`; deploy/ uses SASL/SCRAM). No
+    # username = no authentication (PLAINTEXT); a username alone implies SASL_PLAINTEXT. The password is
+    # given inline or as a file (a compose/Kubernetes secret), like the other secrets.
+    kafka_security_protocol: Literal["PLAINTEXT", "SASL_PLAINTEXT", "SASL_SSL"] | None = None
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "SCRAM-SHA-512"
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_sasl_password_file: str | None = None
+    kafka_ssl_cafile: str | None = None  # SASL_SSL: the CA that signed the brokers' certificates (else the system's)
     #: The password of clickhouse_url's user, read from a file (a compose/Kubernetes secret) rather than
     #: written into the URL; the query API's reads may use another (read-only) user: clickhouse_read_url.
     clickhouse_password_file: str | None = None

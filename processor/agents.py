@@ -33,7 +33,7 @@ from typing import Any
 
 import faust
 
-from meterline.adapters.kafka import committed_offsets, log_epoch, partition_count
+from meterline.adapters.kafka import committed_offsets, kafka_client_config, log_epoch, partition_count
 from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 from processor import metrics
@@ -104,7 +104,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
             return {}
         assert settings.kafka_bootstrap is not None
         try:
-            return await asyncio.to_thread(committed_offsets, settings.kafka_bootstrap, settings.consumer_group,
+            return await asyncio.to_thread(committed_offsets, kafka_client_config(settings), settings.consumer_group,
                                            topic.get_topic_name(), partitions)
         except BrokerUnavailableError as exc:  # the check is skipped for this assignment, processing is not
             logger.info("committed offsets unavailable", extra={"error": str(exc)[:300]})
@@ -114,7 +114,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
         """How many partitions the topic has now (it may have grown): every one is deduped against."""
         assert settings.kafka_bootstrap is not None
         try:
-            return await asyncio.to_thread(partition_count, settings.kafka_bootstrap, topic.get_topic_name())
+            return await asyncio.to_thread(partition_count, kafka_client_config(settings), topic.get_topic_name())
         except BrokerUnavailableError as exc:
             logger.info("partition count unavailable", extra={"error": str(exc)[:300]})
             return 0
@@ -123,7 +123,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
         """Stop loudly when the broker's log epoch is not the one this worker writes positions under."""
         assert settings.kafka_bootstrap is not None
         try:
-            current = await asyncio.to_thread(log_epoch, settings.kafka_bootstrap, settings.events_topic)
+            current = await asyncio.to_thread(log_epoch, kafka_client_config(settings), settings.events_topic)
         except BrokerUnavailableError as exc:
             logger.info("log epoch unavailable", extra={"error": str(exc)[:300]})
             return

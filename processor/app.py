@@ -22,7 +22,7 @@ import faust
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from meterline.adapters.compactions import replay_guard
-from meterline.adapters.kafka import events_topic_config
+from meterline.adapters.kafka import events_topic_config, kafka_client_config, sasl_credentials
 from meterline.adapters.logs import configure_logging, logging_config
 from meterline.core.errors import ConfigError
 from meterline.settings import Settings
@@ -67,6 +67,21 @@ def rows_digest(settings: Settings) -> str:
     return hashlib.blake2b(json.dumps(shape, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
+def broker_credentials(settings: Settings) -> faust.SASLCredentials | None:
+    """Faust's (aiokafka's) SASL credentials: the same `kafka_sasl_*` settings the confluent-kafka clients
+    get from `kafka_client_config`, so the consumer authenticates exactly like the admin calls beside it."""
+    auth = sasl_credentials(settings)
+    if auth is None:
+        return None
+    protocol, mechanism, username, password = auth
+    context = None
+    if protocol == "SASL_SSL":
+        import ssl
+
+        context = ssl.create_default_context(cafile=settings.kafka_ssl_cafile)
+    return faust.SASLCredentials(username=username, password=password, mechanism=mechanism, ssl_context=context)
+
+
 def create_app(settings: Settings) -> faust.App:
     """Build the Faust app: broker and ClickHouse must be reachable (both are retried for a while).
 
@@ -83,7 +98,7 @@ def create_app(settings: Settings) -> faust.App:
     state_dir = state_dir_for(settings, worker_id)
 
     replication, topic_config = events_topic_config(settings)
-    log_epoch = ensure_events_topic(settings.kafka_bootstrap, settings.events_topic, settings.topic_partitions,
+    log_epoch = ensure_events_topic(kafka_client_config(settings), settings.events_topic, settings.topic_partitions,
                                     replication_factor=replication, config=topic_config)
     sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database,
                           topology=settings.clickhouse_topology, token_salt=rows_digest(settings),
@@ -101,6 +116,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.consumer_group,
         broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",") if b.strip()],
+        broker_credentials=broker_credentials(settings),
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",

@@ -35,7 +35,7 @@ def events_topic(app: faust.App, settings: Settings) -> faust.TopicT:
     )
 
 
-def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout: float = 30.0,
+def ensure_events_topic(bootstrap: str | Mapping[str, str], topic: str, partitions: int, *, timeout: float = 30.0,
                         replication_factor: int = 1, config: Mapping[str, str] | None = None) -> str:
     """Create the topic if missing and return the log epoch (`meterline.adapters.kafka.log_epoch`).
 
@@ -51,6 +51,6 @@ def ensure_events_topic(bootstrap: str, topic: str, partitions: int, *, timeout:
             return log_epoch(bootstrap, topic)
         except BrokerUnavailableError as exc:
             if time.monotonic() > deadline:
-                raise BrokerUnavailableError(f"cannot prepare topic {topic} on {bootstrap}: {exc}") from exc
-            logger.warning("broker not ready; retrying", extra={"bootstrap": bootstrap, "error": str(exc)})
+                raise BrokerUnavailableError(f"cannot prepare topic {topic}: {exc}") from exc
+            logger.warning("broker not ready; retrying", extra={"error": str(exc)})
             time.sleep(1.0)

@@ -69,7 +69,7 @@ def test_environment_points_at_the_compose_infrastructure(service: str, compose_
     settings = Settings()
     assert settings.meters(), "the shipped config defines meters"
     kafka_host, kafka_port = str(settings.kafka_bootstrap).split(":")
-    assert kafka_host in SERVICES and f"PLAINTEXT://:{kafka_port}" in SERVICES[kafka_host]["environment"]["KAFKA_LISTENERS"]
+    assert kafka_host in SERVICES and f"://:{kafka_port}" in SERVICES[kafka_host]["environment"]["KAFKA_LISTENERS"]
     ch = urlsplit(str(settings.clickhouse_url))
     assert ch.hostname in SERVICES and f"localhost:{ch.port}" in " ".join(SERVICES[ch.hostname]["healthcheck"]["test"])
     assert set(SERVICES[service]["depends_on"]) == {kafka_host, ch.hostname}
@@ -198,3 +198,86 @@ def test_processor_health_is_reachable_by_the_orchestrator() -> None:
     assert settings.processor_web_host == "0.0.0.0"
     assert f":{settings.processor_web_port}/readyz" in " ".join(processor["healthcheck"]["test"])
     assert "ports" not in processor  # the compose network only
+
+
+def _kafka_listeners() -> dict[str, tuple[str, str]]:
+    """Listener name -> (bind address, security protocol), from the broker's compose environment."""
+    env = SERVICES["kafka"]["environment"]
+    protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    out = {}
+    for listener in env["KAFKA_LISTENERS"].split(","):
+        name, address = listener.split("://")
+        out[name] = (address.rsplit(":", 1)[0], protocols[name])
+    return out
+
+
+def _broker_script(tmp_path: Path, password: str) -> tuple[dict[str, str], str]:
+    """Run the broker's start script as compose would (`$$` -> `$`), with its secret and output paths
+    moved under tmp_path and the image's `run` replaced by `env`: (the environment it hands over, the
+    client.properties it wrote)."""
+    import subprocess
+
+    (tmp_path / "kafka_password").write_text(password + "\n")
+    kafka = SERVICES["kafka"]
+    assert kafka["entrypoint"] == ["/bin/sh", "-c"] and "exec /etc/kafka/docker/run" in kafka["command"][0]
+    script = (kafka["command"][0].replace("$$", "$")
+              .replace("/run/secrets/kafka_password", str(tmp_path / "kafka_password"))
+              .replace("/tmp/client.properties", str(tmp_path / "client.properties"))
+              .replace("exec /etc/kafka/docker/run", "exec env -0"))
+    out = subprocess.run(["/bin/sh", "-c", script], capture_output=True, check=True, env={"PATH": os.environ["PATH"]})
+    env = dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
+    properties = tmp_path / "client.properties"
+    assert properties.stat().st_mode & 0o077 == 0, "client.properties holds the password: owner only"
+    return env, properties.read_text()
+
+
+def test_kafka_takes_only_authenticated_clients_on_the_network(tmp_path: Path) -> None:
+    """Every listener the compose network can reach is SASL; the JAAS users are built from the secret,
+    for the listener and mechanism the broker enables, with the user and password meterline sends."""
+    env = SERVICES["kafka"]["environment"]
+    listeners = _kafka_listeners()
+    exposed = {name: proto for name, (host, proto) in listeners.items() if host not in ("127.0.0.1", "localhost")}
+    assert exposed and all(proto.startswith("SASL_") for proto in exposed.values()), listeners
+    advertised = {a.split("://")[0] for a in env["KAFKA_ADVERTISED_LISTENERS"].split(",")}
+    assert advertised <= set(exposed) and env["KAFKA_INTER_BROKER_LISTENER_NAME"] in exposed
+    assert "kafka_password" in SERVICES["kafka"]["secrets"]
+    assert not any("password" in str(v).lower() for v in env.values()), "no password in the broker's environment"
+    mechanism = env["KAFKA_SASL_ENABLED_MECHANISMS"]
+    assert mechanism == "PLAIN" == env["KAFKA_SASL_MECHANISM_INTER_BROKER_PROTOCOL"]
+    password = "pw+/=0123456789abcdefABCDEF"  # what `openssl rand -base64 32` may contain
+    handed, client = _broker_script(tmp_path, password)
+    for name in exposed:  # the image maps KAFKA_LISTENER_NAME_<L>_<M>_SASL_JAAS_CONFIG to listener.name.<l>.<m>...
+        jaas = handed[f"KAFKA_LISTENER_NAME_{name}_{mechanism}_SASL_JAAS_CONFIG"]
+        assert jaas.startswith("org.apache.kafka.common.security.plain.PlainLoginModule required ") and jaas.endswith(";")
+        options = dict(re.findall(r'(\w+)="([^"]*)"', jaas))
+        for service in OURS:  # every meterline process can log in as the user it is configured with
+            user = SERVICES[service]["environment"]["METERLINE_KAFKA_SASL_USERNAME"]
+            assert options[f"user_{user}"] == password
+        assert options["username"] in {k.removeprefix("user_") for k in options if k.startswith("user_")}
+    props = dict(line.split("=", 1) for line in client.splitlines() if line)
+    assert props["security.protocol"] == exposed[env["KAFKA_INTER_BROKER_LISTENER_NAME"]] and props["sasl.mechanism"] == mechanism
+    assert dict(re.findall(r'(\w+)="([^"]*)"', props["sasl.jaas.config"]))["password"] == password
+    assert "--command-config /tmp/client.properties" in " ".join(SERVICES["kafka"]["healthcheck"]["test"])
+
+
+@pytest.mark.parametrize("service", OURS)
+def test_meterline_clients_authenticate_with_the_secret(service: str, compose_env: None,
+                                                        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The client config each service builds from its compose environment: SASL on the listener's
+    protocol and the broker's mechanism, the password read from its secret file (never from compose)."""
+    from meterline.adapters.kafka import kafka_client_config
+
+    for k, v in _with_secret_files(service, tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("METERLINE_CONFIG", str(ROOT / "config.yaml"))
+    config = kafka_client_config(Settings())
+    host, port = config["bootstrap.servers"].split(":")
+    (listener,) = [name for name, (_, _) in _kafka_listeners().items()
+                   if f"{name}://:{port}" in SERVICES[host]["environment"]["KAFKA_LISTENERS"]]
+    assert config == {
+        "bootstrap.servers": "kafka:9092",
+        "security.protocol": _kafka_listeners()[listener][1],
+        "sasl.mechanism": SERVICES["kafka"]["environment"]["KAFKA_SASL_ENABLED_MECHANISMS"],
+        "sasl.username": SERVICES[service]["environment"]["METERLINE_KAFKA_SASL_USERNAME"],
+        "sasl.password": (tmp_path / "kafka_password").read_text().strip(),
+    }
