@@ -33,7 +33,13 @@ from typing import Any
 
 import faust
 
-from meterline.adapters.kafka import committed_offsets, kafka_client_config, log_epoch, partition_count
+from meterline.adapters.kafka import (
+    committed_offsets,
+    kafka_client_config,
+    log_epoch,
+    log_start_offsets,
+    partition_count,
+)
 from meterline.core.errors import BrokerUnavailableError
 from meterline.settings import Settings
 from processor import metrics
@@ -132,7 +138,19 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
                          extra={"log_epoch": processor.log_epoch, "broker_log_epoch": current})
             raise LogRestartedError(f"log epoch changed from {processor.log_epoch} to {current}")
 
+    async def log_start(partition: int) -> int | None:
+        """The partition's log start now, to tell a gap in offsets from messages lost to retention."""
+        assert settings.kafka_bootstrap is not None
+        try:
+            found = await asyncio.to_thread(log_start_offsets, kafka_client_config(settings),
+                                            topic.get_topic_name(), [partition])
+        except BrokerUnavailableError as exc:  # the check is skipped for this gap, processing is not
+            logger.info("log start unavailable", extra={"partition": partition, "error": str(exc)[:300]})
+            return None
+        return found.get(partition)
+
     processor.check_epoch = check_epoch
+    processor.log_start = log_start
 
     @app.timer(interval=LAG_INTERVAL_SECONDS)
     async def observe_lag() -> None:

@@ -63,6 +63,11 @@ class OffsetResetError(RuntimeError):
     silently re-reading (or, past retention, skipping) what the committed offset said was next."""
 
 
+class RetentionLossError(OffsetResetError):
+    """Offsets jumped forward past messages retention deleted before they were processed: they are lost.
+    The worker stops loudly instead of going on as if they had never existed (README, "Kafka offsets")."""
+
+
 class Sink(Protocol):
     """Durable storage of a batch's rows and of the first sightings they record."""
 
@@ -145,6 +150,8 @@ class BatchProcessor:
         self._next_seen: dict[int, int] = {}
         #: Set by the agent: compares the broker's log epoch with `log_epoch` (raises LogRestartedError).
         self.check_epoch: Callable[[], Awaitable[None]] | None = None
+        #: Set by the agent: a partition's log start offset now (None when the broker cannot say).
+        self.log_start: Callable[[int], Awaitable[int | None]] | None = None
         self.progress = Progress()
         #: Partitions this worker owns now, and how many the topic has: the keys of every other partition
         #: are merged into the dedupe state before each batch (`merge_foreign`: global dedupe).
@@ -191,6 +198,7 @@ class BatchProcessor:
                          extra={"partition": partition, "expected_offset": previous, "offset": offset})
             raise OffsetResetError(f"partition {partition}: expected offset {previous}, the consumer "
                                    f"delivered {offset} (out-of-range reset) under the same log epoch")
+        await self._check_skipped(live)
         messages = [(e.message.partition, e.message.offset, e.value, e.message.timestamp) for e in live]
         wall = time.time()
         for m in messages:
@@ -217,6 +225,44 @@ class BatchProcessor:
         """Partitions another worker may own now: their keys are merged from storage from now on."""
         self.owned.difference_update(partitions)
         self.state.forget_partitions(partitions)
+
+    async def _check_skipped(self, events: Sequence[StreamEvent]) -> None:
+        """Stop when offsets jumped forward over messages retention deleted before they were processed.
+
+        A gap between the offset expected (after the last acked one, or the group's committed offset on a
+        new assignment) and the one delivered is harmless when those offsets hold no data (transaction
+        markers, compacted records) and a loss when the consumer fell out of the log's start and was
+        reset to the earliest offset, past unprocessed messages. The log start tells the two apart: if
+        it is now above the expected offset, the messages in between are gone.
+        """
+        if self.log_start is None:
+            return
+        for partition, expected, offset in self._offsets_skipped(events):
+            start = await self.log_start(partition)
+            if start is None or start <= expected:
+                logger.info("offsets skipped without data loss (transaction markers or compaction)",
+                            extra={"partition": partition, "expected_offset": expected, "offset": offset,
+                                   "log_start": start})
+                continue
+            metrics.RETENTION_LOST.labels(partition=str(partition)).inc(start - expected)
+            logger.error("messages deleted by retention before they were processed: stopping",
+                         extra={"partition": partition, "expected_offset": expected, "offset": offset,
+                                "log_start": start, "lost_offsets": start - expected})
+            raise RetentionLossError(
+                f"partition {partition}: offsets {expected}..{start - 1} were deleted by retention before "
+                f"being processed (the consumer reset to {offset}); see README 'Kafka offsets' to go on")
+
+    def _offsets_skipped(self, events: Sequence[StreamEvent]) -> list[tuple[int, int, int]]:
+        """`(partition, expected offset, delivered offset)` of every forward gap, where the expected
+        offset is known (after an acked offset, or the committed offset of a new assignment)."""
+        next_seen = dict(self._next_seen)
+        gaps = []
+        for e in events:
+            p, off = e.message.partition, e.message.offset
+            if p in next_seen and off > next_seen[p]:
+                gaps.append((p, next_seen[p], off))
+            next_seen[p] = off + 1
+        return gaps
 
     def _offsets_went_back(self, events: Sequence[StreamEvent]) -> tuple[int, int, int] | None:
         """The first `(partition, expected offset, delivered offset)` whose offsets went backwards within

@@ -29,6 +29,9 @@ DEDUPE_CONFLICTS = Counter(
     "meterline_processor_dedupe_conflicts_total",
     "Dedupe keys found stored at two positions (copies on two partitions decided by two workers before "
     "either was written: both counted); alert on any increase")
+RETENTION_LOST = Counter(
+    "meterline_processor_retention_lost_offsets_total",
+    "Offsets retention deleted before they were processed (the worker stops on them)", ["partition"])
 QUARANTINED = Counter("meterline_processor_quarantined_messages_total",
                       "Messages whose rows ClickHouse refused, dead-lettered whole as invalid_event")
 PROCESSED_OFFSET = Gauge("meterline_processor_processed_offset",

@@ -78,6 +78,20 @@ def committed_offsets(bootstrap: str | Mapping[str, str], group: str, topic: str
     return {tp.partition: tp.offset for tp in found if tp.error is None and tp.offset >= 0}
 
 
+def log_start_offsets(bootstrap: str | Mapping[str, str], topic: str, partitions: Iterable[int],
+                      timeout: float = 10.0) -> dict[int, int]:
+    """Each partition's log start offset (the low watermark): offsets below it were deleted by retention
+    (or DeleteRecords). Asked of the partition leaders, not cached."""
+    consumer = Consumer({**_client(bootstrap), "group.id": "meterline-watermarks", "enable.auto.commit": False})
+    try:
+        return {p: int(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout, cached=False)[0])
+                for p in partitions}
+    except KafkaException as exc:
+        raise BrokerUnavailableError(f"cannot read the log start of {topic} on {_address(bootstrap)}: {exc}") from exc
+    finally:
+        consumer.close()
+
+
 def create_topic_if_missing(bootstrap: str | Mapping[str, str], topic: str, partitions: int, timeout: float = 10.0, *,
                             replication_factor: int = 1, config: Mapping[str, str] | None = None
                             ) -> ClusterMetadata:

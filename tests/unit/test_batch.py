@@ -23,7 +23,7 @@ from meterline.core.errors import StorageError
 from meterline.core.meters import Aggregation, Meter, MeterSet
 from meterline.settings import Settings
 from processor import metrics
-from processor.batch import BatchProcessor, OffsetResetError
+from processor.batch import BatchProcessor, OffsetResetError, RetentionLossError
 from processor.dedupe import DedupeState
 from tests.fakes import Acks, FakeMessage, FakeSink, FakeStreamEvent
 
@@ -386,4 +386,44 @@ async def test_a_first_offset_below_the_groups_commit_is_an_out_of_range_reset(t
     worker.processor.assigned({0}, {0: committed})  # resuming exactly at the commit is the normal case
     await worker.processor.handle(stream_events([(0, committed, orjson.dumps([event(3, "a", 1, 0)]))]), 1, acks)
     assert acks.acked == [(1, 0), (0, committed)]
+    worker.stop()
+
+
+async def test_offsets_jumping_past_messages_retention_deleted_stop_the_worker(tmp_path: Path) -> None:
+    """A forward gap in offsets is a loss when the log now starts above the expected offset (the consumer
+    fell out of the log and was reset to its start, past unprocessed messages), within an assignment as
+    at its first offset after the group's commit; a gap the log still covers (transaction markers,
+    compaction) is not. Nothing of a stopped batch is processed or acked."""
+    sink = FakeSink()
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    log_start = {0: 0, 1: 0}
+    asked: list[int] = []
+
+    async def start_of(partition: int) -> int:
+        asked.append(partition)
+        return log_start[partition]
+
+    worker.processor.log_start = start_of
+    acks = Acks([])
+    worker.processor.assigned({0, 1}, {0: 10})
+    await worker.processor.handle(stream_events([(0, 10, orjson.dumps([event(1, "a", 1, 0)])),
+                                                 (0, 11, orjson.dumps([event(2, "a", 1, 0)])),
+                                                 (1, 0, orjson.dumps([event(3, "b", 1, 0)]))]), 1, acks)
+    assert asked == []  # contiguous offsets: nothing to ask
+    await worker.processor.handle(stream_events([(0, 14, orjson.dumps([event(4, "a", 1, 0)]))]), 1, acks)
+    assert asked == [0] and acks.acked[-1] == (0, 14)  # 12 and 13 held no data: the log still starts at 0
+    lost_before = metrics.RETENTION_LOST.labels(partition="0")._value.get()
+    log_start[0] = 40
+    acked_before, stored_before = list(acks.acked), dict(sink.events)
+    with pytest.raises(RetentionLossError, match="partition 0: offsets 15..39 were deleted by retention"):
+        await worker.processor.handle(stream_events([(1, 1, orjson.dumps([event(5, "b", 1, 0)])),
+                                                     (0, 40, orjson.dumps([event(6, "a", 1, 0)]))]), 1, acks)
+    assert acks.acked == acked_before and sink.events == stored_before
+    assert metrics.RETENTION_LOST.labels(partition="0")._value.get() - lost_before == 25
+    # A new assignment resuming from a commit retention has passed: the same stop, before any processing.
+    log_start[1] = 7
+    worker.processor.assigned({1}, {1: 1})
+    with pytest.raises(RetentionLossError, match="partition 1: offsets 1..6"):
+        await worker.processor.handle(stream_events([(1, 7, orjson.dumps([event(7, "b", 1, 0)]))]), 1, acks)
+    assert isinstance(RetentionLossError("x"), OffsetResetError)
     worker.stop()
