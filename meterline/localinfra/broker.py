@@ -22,6 +22,7 @@ import logging
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Self
 
 from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
@@ -89,6 +90,7 @@ class LocalBroker(LocalServer):
         self.port: int | None = None
         self.cluster_id: str | None = None
         self._binary: Path | None = None
+        self._reuse_port = False
 
     @property
     def bootstrap(self) -> str:
@@ -100,11 +102,26 @@ class LocalBroker(LocalServer):
     def log_path(self) -> Path | None:
         return self._proc.log_path if self._proc is not None else None
 
+    def restart(self) -> Self:
+        """After `stop`/`kill`: a new, empty broker on the SAME port with a new cluster id -- what clients
+        meet when a broker is re-created (its log lost, offsets from 0 again under a new log epoch). Processes
+        configured with the old bootstrap reconnect on their own. One attempt: another port would defeat
+        the purpose. Topics are gone; call `ensure_topic` again."""
+        if self.port is None:
+            raise RuntimeError("LocalBroker was never started; use start()")
+        self._reuse_port = True
+        try:
+            return self.start(attempts=1)
+        finally:
+            self._reuse_port = False
+
     def _prepare(self) -> None:
         self._binary = self.binary if self.binary is not None else tansu_path()
 
     def _new_process(self) -> ManagedProcess:
-        self.port, self.cluster_id = free_port(), new_cluster_id()
+        if not self._reuse_port or self.port is None:
+            self.port = free_port()
+        self.cluster_id = new_cluster_id()
         url = f"tcp://{HOST}:{self.port}"
         return ManagedProcess(
             [str(self._binary), "broker", "--listener-url", url, "--advertised-listener-url", url,

@@ -165,6 +165,29 @@ def test_broker_stop_leaves_no_process_even_with_clients_or_paused(tmp_path: Pat
     b.stop()  # twice is fine
 
 
+def test_broker_restart_is_a_new_empty_log_on_the_same_port(fresh_broker: LocalBroker) -> None:
+    """The broker re-created under running clients (tests/faults/test_broker_epoch.py): same address, new
+    cluster id (= new log epoch), no topics, offsets from 0 again."""
+    ensure_topic(fresh_broker.bootstrap, "events", 1)
+    produce_all(fresh_broker.bootstrap, "events", [(b"k", b"old-%d" % i) for i in range(5)])
+    bootstrap, cluster_id, pid = fresh_broker.bootstrap, fresh_broker.cluster_id, fresh_broker.pid
+    fresh_broker.stop()
+    fresh_broker.restart()
+    assert fresh_broker.bootstrap == bootstrap and fresh_broker.pid != pid and pid_gone(pid)
+    assert fresh_broker.cluster_id != cluster_id
+    metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=5)
+    assert metadata.cluster_id == fresh_broker.cluster_id and "events" not in metadata.topics
+    ensure_topic(bootstrap, "events", 1)
+    produce_all(bootstrap, "events", [(b"k", b"new")])
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "reader", "enable.auto.commit": False})
+    try:
+        low, high = consumer.get_watermark_offsets(TopicPartition("events", 0), timeout=10)
+    finally:
+        consumer.close()
+    assert (low, high) == (0, 1)
+    assert [v for _, _, v in consume_assigned(bootstrap, "events", 1, 1)] == [b"new"]
+
+
 def test_tansu_path_and_fetch_are_idempotent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = fetch_tansu.tansu_path()
     assert fetch_tansu.binary_version(path) == "tansu 0.6.0"
