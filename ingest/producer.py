@@ -12,6 +12,10 @@ Why this shape:
 * `message.timeout.ms` = `produce_timeout_seconds` bounds how long a message may wait for the broker, so
   a stalled broker turns into `BrokerUnavailableError` (HTTP 503) instead of a hung request. `publish`
   also has its own deadline (timeout + slack) as a safety net in case a report never arrives.
+* A broker re-created under the same address (a new cluster id: e.g. the local memory broker started
+  again) leaves librdkafka's idempotent producer timing out every message for ever; librdkafka only logs
+  CLUSTERID ("a client must not be simultaneously connected to multiple clusters"). That log line
+  replaces the producer like a poisoned one (`_ClusterWatch`; tests/faults/test_broker_epoch.py).
 * Keys are hashed with `murmur2_random`, the Java/aiokafka default, so any other client producing to
   the topic (replay tools, Faust) maps a subject to the same partition.
 
@@ -52,6 +56,21 @@ _POISONED = frozenset(
         KafkaError.INVALID_PRODUCER_ID_MAPPING,
     }
 )
+
+
+class _ClusterWatch:
+    """The logger librdkafka logs through (forwarding to `confluent_kafka`), noting a CLUSTERID line:
+    the broker at the bootstrap address now belongs to another cluster. Logs are served by `poll`, on
+    the loop, so `_poll_tick` checks `changed` right after polling."""
+
+    def __init__(self) -> None:
+        self._logger = logging.getLogger("confluent_kafka")
+        self.changed = False
+
+    def log(self, level: int, msg: str, *args: Any, **kwargs: Any) -> None:
+        if args and args[0] == "CLUSTERID":  # confluent-kafka calls log(level, "%s [%s] %s", fac, name, text)
+            self.changed = True
+        self._logger.log(level, msg, *args, **kwargs)
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -101,6 +120,7 @@ class EventProducer:
         # The loop whose timer serves delivery reports, and that timer (see `_poll_soon`).
         self._poll_loop: asyncio.AbstractEventLoop | None = None
         self._poll_timer: asyncio.TimerHandle | None = None
+        self._watch = _ClusterWatch()
 
     # ----------------------------------------------------------------------------------- lifecycle
     def start(self, *, create_topic: bool | None = None) -> None:
@@ -124,7 +144,8 @@ class EventProducer:
                 logger.warning("producer closed with %d undelivered message(s)", remaining)
 
     def _new_producer(self) -> Producer:
-        return Producer(producer_config(self._settings), logger=logging.getLogger("confluent_kafka"))
+        self._watch = _ClusterWatch()
+        return Producer(producer_config(self._settings), logger=self._watch)
 
     def _poll_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         """Make sure `loop` polls within BUSY_POLL_SECONDS (a publish just queued messages)."""
@@ -146,6 +167,8 @@ class EventProducer:
             producer.poll(0)
         except Exception:
             logger.exception("producer poll failed")
+        if self._watch.changed:
+            self._replace(producer, "the broker at the bootstrap address reports another cluster id")
         producer = self._producer  # a report may have replaced a poisoned producer
         busy = producer is not None and len(producer) > 0
         self._poll_timer = loop.call_later(BUSY_POLL_SECONDS if busy else IDLE_POLL_SECONDS, self._poll_tick, loop)
@@ -160,11 +183,15 @@ class EventProducer:
         """
         if not (err.fatal() or err.code() in _POISONED):
             return
+        self._replace(failed, f"poisoned ({err})")
+
+    def _replace(self, failed: Producer, why: str) -> None:
+        """Swap `failed` for a new producer (unless another request already did) and fail its messages."""
         with self._lock:
             if self._producer is not failed:  # another request already replaced it
                 return
             old = self._producer
-            logger.error("producer poisoned (%s), recreating it", err)
+            logger.error("producer %s, recreating it", why)
             self._producer = self._new_producer()
         if old is not None:
             old.purge()  # fail its queued messages now rather than at their timeout...

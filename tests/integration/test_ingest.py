@@ -8,6 +8,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Self
 
 import httpx
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 from ingest.app import create_app
 from ingest.producer import EventProducer
 from meterline.core.events import decode_batch
-from meterline.localinfra.broker import broker_answers, ensure_topic
+from meterline.core.errors import BrokerUnavailableError
+from meterline.localinfra.broker import LocalBroker, broker_answers, ensure_topic
 from meterline.localinfra.ports import free_port
 from meterline.settings import Settings
 from tests.infra import unique
@@ -467,6 +469,46 @@ def test_broker_paused_gives_bounded_503_then_recovers(
             break
         time.sleep(0.5)
     assert status == 204
+
+
+async def test_a_broker_recreated_at_the_same_address_gets_a_new_producer(app_settings: Settings,
+                                                                          tmp_path: Path) -> None:
+    """librdkafka's idempotent producer times out every message for ever once the broker at its address
+    is another cluster (a re-created memory broker); ingest must replace it, so after at most a few 503s
+    publishing works again, on the new broker."""
+    broker = LocalBroker(tmp_path).start()
+    try:
+        settings = app_settings.model_copy(update={"kafka_bootstrap": broker.bootstrap,
+                                                   "produce_timeout_seconds": 2.0})
+        ensure_topic(broker.bootstrap, settings.events_topic, PARTITIONS)
+        producer = EventProducer(settings)
+        await asyncio.to_thread(producer.start)
+        try:
+            await producer.publish([(b"cust-1", orjson.dumps([make_event(0)]))])
+            await asyncio.to_thread(broker.stop)
+            await asyncio.to_thread(broker.restart)  # same port, new cluster id, empty
+            ensure_topic(broker.bootstrap, settings.events_topic, PARTITIONS)
+            refused = 0
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    await producer.publish([(b"cust-1", orjson.dumps([make_event(1)]))])
+                    break
+                except BrokerUnavailableError:
+                    refused += 1
+                    assert time.monotonic() < deadline, f"still refused after {refused} tries"
+                    await asyncio.sleep(0.2)
+        finally:
+            await asyncio.to_thread(producer.close)
+        consumer = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "reader"})
+        try:
+            ends = [consumer.get_watermark_offsets(TopicPartition(settings.events_topic, p), timeout=10)[1]
+                    for p in range(PARTITIONS)]
+        finally:
+            consumer.close()
+        assert sum(ends) >= 1  # the new broker has the event published after its restart
+    finally:
+        broker.stop()
 
 
 def test_while_the_drain_file_exists_ingest_answers_503_and_publishes_nothing(
