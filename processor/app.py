@@ -30,7 +30,7 @@ from processor import metrics  # noqa: F401  (registers the collectors served at
 from processor.agents import register_agent
 from processor.batch import BatchProcessor
 from processor.dedupe import DedupeState
-from processor.fetching import limit_fetch_wait
+from processor.fetching import limit_fetch_wait, stop_without_hanging
 from processor.live_meters import LiveMeters
 from processor.sink import ClickHouseSink
 from processor.topics import ensure_events_topic
@@ -113,6 +113,7 @@ def create_app(settings: Settings) -> faust.App:
     processor = BatchProcessor(settings, live.catalog.meter_set(), state, sink, log_epoch, live=live)
 
     limit_fetch_wait(settings.processor_fetch_max_wait_ms)
+    stop_without_hanging()
     app = faust.App(
         settings.consumer_group,
         broker=[f"kafka://{b.strip()}" for b in settings.kafka_bootstrap.split(",") if b.strip()],
