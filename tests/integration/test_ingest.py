@@ -21,8 +21,8 @@ from hypothesis import strategies as st
 
 from ingest.app import create_app
 from ingest.producer import EventProducer
-from meterline.core.events import decode_batch
 from meterline.core.errors import BrokerUnavailableError
+from meterline.core.events import decode_batch
 from meterline.localinfra.broker import LocalBroker, broker_answers, ensure_topic
 from meterline.localinfra.ports import free_port
 from meterline.settings import Settings
