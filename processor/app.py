@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import logging
+import math
 import shutil
 import socket
 import sys
@@ -103,13 +104,14 @@ def create_app(settings: Settings) -> faust.App:
     sink = ClickHouseSink(settings.clickhouse_url, settings.clickhouse_database,
                           topology=settings.clickhouse_topology, token_salt=rows_digest(settings),
                           replay_guard=replay_guard(settings, worker_id))
-    sink.ensure_schema()
+    max_lag_seconds = settings.topic_retention_hours * 3600
+    # One day beyond what a load reads (BatchProcessor.keep_days): a TTL merge never races a load.
+    sink.ensure_schema(keys_keep_days=math.ceil(settings.dedupe_horizon_days + max_lag_seconds / 86_400) + 1)
     live = LiveMeters(settings, worker_id)
     # Retried like the schema: a worker started while ClickHouse (or one shard of a cluster) is down
     # waits for it instead of crashing (tests/faults/test_cluster.py restarts one during a shard outage).
     sink.retry("start live meters", live.start, rows=0)
-    state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days,
-                        max_lag_seconds=settings.topic_retention_hours * 3600)
+    state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days, max_lag_seconds=max_lag_seconds)
     processor = BatchProcessor(settings, live.catalog.meter_set(), state, sink, log_epoch, live=live)
 
     limit_fetch_wait(settings.processor_fetch_max_wait_ms)

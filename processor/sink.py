@@ -29,7 +29,13 @@ from typing import Any
 from clickhouse_connect.driver import options as driver_options
 from clickhouse_connect.driver.client import Client
 
-from meterline.adapters.clickhouse import connect, create_schema, insert_errors, storage_errors
+from meterline.adapters.clickhouse import (
+    connect,
+    create_schema,
+    insert_errors,
+    keep_dedupe_keys,
+    storage_errors,
+)
 from meterline.adapters.compactions import ReplayGuard
 from meterline.core.cluster import MessagePosition, exact_read_settings, insert_settings, insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
@@ -157,12 +163,15 @@ class ClickHouseSink:
             with contextlib.suppress(Exception):  # closing a broken client must not mask the real error
                 client.close()
 
-    def ensure_schema(self) -> None:
-        """Create database and tables (idempotent), retrying like writes: startup waits for ClickHouse."""
+    def ensure_schema(self, keys_keep_days: int | None = None) -> None:
+        """Create database and tables (idempotent), retrying like writes: startup waits for ClickHouse.
+        `keys_keep_days`: how long `dedupe_keys` rows are kept (a TTL; see `keep_dedupe_keys`)."""
         def op() -> None:
             client = self._connect(self.url, database="default", topology=self.topology)
             try:
                 create_schema(client, self.database, self.topology)
+                if keys_keep_days is not None:
+                    keep_dedupe_keys(client, self.database, keys_keep_days, self.topology)
             finally:
                 client.close()
         self.retry("create_schema", op, rows=0)

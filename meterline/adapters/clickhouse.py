@@ -18,11 +18,13 @@ from clickhouse_connect.driver.exceptions import ClickHouseError, DataError, Err
 
 from meterline.core.errors import QueryTimeoutError, QueryTooLargeError, StorageError, StorageRejectedError
 from meterline.core.schema import (
+    DEDUPE_KEYS,
     SINGLE_NODE,
     TABLES,
     Topology,
     ddl,
     generation_migrations,
+    mutation_target,
     storage_name,
 )
 
@@ -166,6 +168,25 @@ def create_schema(client: Client, database: str, topology: Topology = SINGLE_NOD
             if not has:  # a table from before live meters (docs/design.md)
                 for statement in statements:
                     client.command(statement)
+
+
+def keep_dedupe_keys(client: Client, database: str, days: int, topology: Topology = SINGLE_NODE) -> bool:
+    """Give `dedupe_keys` a TTL of `days` after each key's broker time unless it has it; True if changed.
+
+    The table only serves dedupe (docs/design.md, "Exactly-once effect" 7), so its rows may go once no
+    message still in the log can need them: the processor passes the horizon plus the maximum lag. The
+    days come from settings, so the TTL is set here rather than in the table's one declaration.
+    """
+    ttl = f"toDateTime(seen_at) + toIntervalDay({int(days)})"
+    with storage_errors():
+        engine = client.query(
+            "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
+            parameters={"db": database, "t": storage_name(DEDUPE_KEYS, topology)},
+        ).result_rows
+        if engine and f"TTL {ttl}" in str(engine[0][0]):
+            return False
+        client.command(f"ALTER TABLE {mutation_target(database, DEDUPE_KEYS, topology)} MODIFY TTL {ttl}")
+    return True
 
 
 def missing_settings(client: Client, database: str, topology: Topology = SINGLE_NODE) -> list[str]:

@@ -25,7 +25,7 @@ import orjson
 import pytest
 from confluent_kafka import Producer
 
-from meterline.adapters.clickhouse import connect
+from meterline.adapters.clickhouse import connect, keep_dedupe_keys
 from meterline.localinfra.ports import free_port, wait_for
 from processor.topics import ensure_events_topic
 
@@ -390,6 +390,11 @@ def test_a_lagging_takeover_judges_the_dedupe_horizon_on_broker_time(world: dict
     worker = world["start"](METERLINE_STATE_DIR=str(world["tmp"] / "a"))
     expected, unique = oracle(first)
     wait_exact(world, expected, unique)
+    # dedupe_keys rows live as long as a load reads keys (32 + 14 days) plus one day, then go.
+    engine = world["client"].command(f"SELECT engine_full FROM system.tables WHERE database = '{world['db']}' "
+                                     "AND name = 'dedupe_keys'")
+    assert "TTL toDateTime(seen_at) + toIntervalDay(47)" in str(engine)
+    assert not keep_dedupe_keys(world["client"], world["db"], 47)  # already so: no second ALTER
     worker.send_signal(signal.SIGTERM)
     worker.wait(30)
     second = messages(rnd.sample(originals, 120) + generate(rnd, 50, start=7_000, dup_rate=0), size=30)
