@@ -88,11 +88,12 @@ class Sink(Protocol):
         as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking. Keys are
         computed with the current `dedupe_key` from the stored `(source, id)` (see KEY_VERSION)."""
 
-    def tail_keys(self, since: dict[int, tuple[str, int]], keep_days: int,
+    def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
         """Feed the first sightings stored for each partition of `since` after its marker `(log_epoch,
-        next_offset)` to `merge(partition, rows)`, rows as in `load_dedupe`; blocking. Cheap (a range
-        per partition): it runs before every batch to see what other workers stored."""
+        next_offset)` (None: all of the last `keep_days`, any epoch) to `merge(partition, rows)`, rows as in
+        `load_dedupe`; blocking. Cheap (a range per partition): it runs before every batch to see what
+        other workers stored."""
 
     def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
         """Store `partition_progress` rows once (no retry; blocking). Raises StorageError."""
@@ -301,23 +302,17 @@ class BatchProcessor:
         """Merge the keys other workers stored for every partition this worker does not own (nor has in
         `skip`), so a copy of an event on another partition is a duplicate here too (global dedupe).
 
-        A partition first met (no marker of this epoch) is loaded from `events` like an owned one; after
-        that only what was stored past its marker is read, from `dedupe_keys` (one query for all)."""
+        One query reads `dedupe_keys` (a range of its sorting key per partition): past each partition's
+        `foreign_marker`, or all of it within the kept days when the partition is met for the first time
+        (or under another epoch)."""
         foreign = set(range(self.partitions)) - self.owned - skip
         if not foreign:
             return
         epoch_no = self.state.epoch_no(self.log_epoch)
-        since: dict[int, tuple[str, int]] = {}
+        since: dict[int, tuple[str, int] | None] = {}
         for p in sorted(foreign):
-            marker = self.state.marker(p)
-            if marker is not None and marker[0] == epoch_no:
-                since[p] = (self.log_epoch, marker[1])
-                continue
-            n = await asyncio.to_thread(
-                self.sink.load_dedupe, p, self.keep_days, None,
-                functools.partial(self.state.load_rows, self.log_epoch, p, owned=False))
-            metrics.DEDUPE_LOADED.inc(n)
-            logger.info("dedupe keys of another worker's partition loaded", extra={"partition": p, "keys": n})
+            marker = self.state.foreign_marker(p)
+            since[p] = (self.log_epoch, marker[1]) if marker is not None and marker[0] == epoch_no else None
         conflicts = self.state.conflicts
         n = await asyncio.to_thread(
             self.sink.tail_keys, since, self.keep_days,

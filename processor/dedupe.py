@@ -18,6 +18,8 @@ Layout (raw bytes):
                                                                    seen_at = >I broker time of the first sighting
     b"e" + log_epoch (utf-8)         -> >I epoch_no                 small int per Kafka cluster id
     b"p" + >I partition              -> >IQ (epoch_no, next_offset) the "loaded up to" marker
+    b"f" + >I partition              -> >IQ (epoch_no, next_offset) the same, of `dedupe_keys` rows merged
+                                        while another worker owns the partition (`foreign_marker`)
     b"v"                             -> >I KEY_VERSION              the dedupe_key encoding the keys use
 
 Key version: `meterline.core.positions.dedupe_key` changed encoding once (length prefixes, v2). A cache
@@ -30,8 +32,8 @@ partition p in epoch E below offset M, and every key of older epochs (within the
 loads only `log_epoch = E AND kafka_offset >= M`; a different epoch (broker log reset) reloads fully.
 
 Global per namespace: the cache is shared by all partitions of a worker and also holds the keys other
-workers stored for the partitions it does not own (loaded from `events` once, then tailed from the
-`dedupe_keys` table before every batch: `load_rows(..., owned=False)`), so a copy of an event on another
+workers stored for the partitions it does not own (read from the `dedupe_keys` table before every
+batch, each partition from its `foreign_marker`: `load_rows(..., owned=False)`), so a copy of an event on another
 partition (a retry under another subject, a partition-count change, a message produced straight onto
 any partition) is dropped like a copy on the same partition. Limit: two copies decided by different
 workers before either was written both count; the worker that later meets the second stored key logs
@@ -64,6 +66,7 @@ _PARTITION = struct.Struct(">I")
 _KEY_PREFIX = b"k"
 _EPOCH_PREFIX = b"e"
 _MARKER_PREFIX = b"p"
+_FOREIGN_PREFIX = b"f"
 _VERSION_KEY = b"v"
 _DAY = 86_400
 
@@ -149,8 +152,15 @@ class DedupeState:
         v = self._db.get(_MARKER_PREFIX + _PARTITION.pack(partition))
         return None if v is None else _MARKER.unpack(v)  # type: ignore[return-value]
 
-    def _set_marker(self, partition: int, epoch_no: int, next_offset: int) -> None:
-        self._db.put(_MARKER_PREFIX + _PARTITION.pack(partition), _MARKER.pack(epoch_no, next_offset))
+    def _set_marker(self, partition: int, epoch_no: int, next_offset: int, prefix: bytes = _MARKER_PREFIX) -> None:
+        self._db.put(prefix + _PARTITION.pack(partition), _MARKER.pack(epoch_no, next_offset))
+
+    def foreign_marker(self, partition: int) -> tuple[int, int] | None:
+        """(epoch_no, next_offset) below which the `dedupe_keys` rows of `partition` -- a partition another
+        worker owns -- are merged. Kept apart from `marker`: `dedupe_keys` lacks keys stored before the
+        table existed, which the `events` loads of an owned partition (from `marker`) must still read."""
+        v = self._db.get(_FOREIGN_PREFIX + _PARTITION.pack(partition))
+        return None if v is None else _MARKER.unpack(v)  # type: ignore[return-value]
 
     def is_loaded(self, partition: int) -> bool:
         """Whether this process already merged ClickHouse's keys of `partition` since it was assigned."""
@@ -191,7 +201,8 @@ class DedupeState:
 
         Runs in a thread: it raises `DedupeStateClosedError` instead of writing once `close` was called,
         and marks the partition loaded only if it was not revoked since `generation` was taken. With
-        `owned=False` (another worker's partition, merged for global dedupe) it only advances the marker.
+        `owned=False` (`dedupe_keys` rows of another worker's partition, merged for global dedupe) it
+        advances `foreign_marker` instead, and marks nothing loaded.
         """
         generation = self.generation(partition) if generation is None else generation
         now = time.time() if now is None else now
@@ -240,9 +251,9 @@ class DedupeState:
         if chunk:
             write_chunk()
         with self._open():
-            marker = self.marker(partition)
+            marker = self.marker(partition) if owned else self.foreign_marker(partition)
             if marker is None or marker[0] != current_no or max_next > marker[1]:
-                self._set_marker(partition, current_no, max_next)
+                self._set_marker(partition, current_no, max_next, _MARKER_PREFIX if owned else _FOREIGN_PREFIX)
             if owned and self._generations.get(partition, 0) == generation:
                 self._loaded.add(partition)
         return n

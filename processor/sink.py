@@ -102,16 +102,20 @@ def dedupe_key_rows(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
     return [[row[i] for i in KEY_FROM_EVENT] for row in events]
 
 
-def foreign_keys_query(database: str, since: dict[int, tuple[str, int]], keep_days: int
+def foreign_keys_query(database: str, since: dict[int, tuple[str, int] | None], keep_days: int
                        ) -> tuple[str, dict[str, Any]]:
     """SQL + parameters of the stored keys of partitions `since` names, each after its marker
-    `(log_epoch, next_offset)`: a range of `dedupe_keys`' sorting key per partition."""
+    `(log_epoch, next_offset)` or, for None, all of it: a range of `dedupe_keys`' sorting key per partition."""
     ranges = []
     params: dict[str, Any] = {"days": keep_days}
-    for i, (partition, (epoch, offset)) in enumerate(sorted(since.items())):
+    for i, (partition, marker) in enumerate(sorted(since.items())):
+        params[f"p{i}"] = partition
+        if marker is None:
+            ranges.append(f"(kafka_partition = {{p{i}:UInt32}})")
+            continue
         ranges.append(f"(kafka_partition = {{p{i}:UInt32}} AND log_epoch = {{e{i}:String}} "
                       f"AND kafka_offset >= {{o{i}:UInt64}})")
-        params[f"p{i}"], params[f"e{i}"], params[f"o{i}"] = partition, epoch, offset
+        params[f"e{i}"], params[f"o{i}"] = marker
     sql = (
         "SELECT dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, toUnixTimestamp(seen_at) "
         f"FROM {quote_identifier(database)}.{DEDUPE_KEYS} "
@@ -321,10 +325,11 @@ class ClickHouseSink:
         with self._lock:
             return int(self.retry(f"load dedupe partition {partition}", op, rows=0))
 
-    def tail_keys(self, since: dict[int, tuple[str, int]], keep_days: int,
+    def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
-        """Feed the keys stored for each partition of `since` after its marker to `merge(partition, rows)`
-        (blocking; rows as in `load_dedupe`). One query, one range of `dedupe_keys` per partition."""
+        """Feed the keys stored for each partition of `since` after its marker (None: all of it) to
+        `merge(partition, rows)` (blocking; rows as in `load_dedupe`). One query, one range of
+        `dedupe_keys` per partition."""
         if not since:
             return 0
         sql, params = foreign_keys_query(self.database, since, keep_days)

@@ -88,14 +88,15 @@ class FakeSink:
         self.journal.append(f"load partition {partition}")
         return merge(found)
 
-    def tail_keys(self, since: dict[int, tuple[str, int]], keep_days: int,
+    def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
         floor = time.time() - keep_days * 86_400
         found: dict[int, list[Any]] = {p: [] for p in since}
         for row in self.events.values():
             epoch, part, offset = row[_COL["log_epoch"]], row[_COL["kafka_partition"]], row[_COL["kafka_offset"]]
             seen = row[_COL["ingested_at"]].timestamp()
-            if part in since and epoch == since[part][0] and offset >= since[part][1] and seen >= floor:
+            marker = since.get(part)
+            if part in since and (marker is None or (epoch == marker[0] and offset >= marker[1])) and seen >= floor:
                 found[part].append((row[_COL["dedupe_key"]], epoch, part, offset, row[_COL["batch_index"]], seen))
         if since:
             self.journal.append(f"tail partitions {sorted(since)}")

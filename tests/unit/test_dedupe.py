@@ -230,7 +230,8 @@ def test_a_key_stored_at_two_positions_is_a_conflict_and_the_first_record_stays(
     assert state.load_rows(EPOCH, 5, rows, owned=False) == 4
     assert state.conflicts == 2
     assert state.lookup(k1) == Position(EPOCH, 0, 7, 0) and state.lookup(k2) == Position(EPOCH, 5, 3, 0)
-    assert state.marker(5) == (state.epoch_no(EPOCH), 4) and not state.is_loaded(5)
+    assert state.foreign_marker(5) == (state.epoch_no(EPOCH), 4) and state.marker(5) is None
+    assert not state.is_loaded(5)
     state.close()
 
 

@@ -18,7 +18,7 @@ from meterline.core.cluster import insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.rows import Rows
 from meterline.core.schema import EVENT_COLUMNS, SINGLE_NODE, Topology
-from processor.sink import ClickHouseSink, dedupe_key_rows
+from processor.sink import ClickHouseSink, dedupe_key_rows, foreign_keys_query
 
 
 class ScriptedClient:
@@ -176,3 +176,13 @@ def test_a_new_meter_generation_gets_a_new_token() -> None:
         sink.write_sync(batch)
         tokens.append(dict(clients[0].settings)["meter_windows"]["insert_deduplication_token"])
     assert tokens[0] != tokens[1]
+
+
+def test_the_tail_of_foreign_keys_reads_one_sorting_key_range_per_partition() -> None:
+    """A partition met for the first time is read whole (any epoch, within the kept days); the others
+    from their marker, in the current epoch only: ranges of dedupe_keys' (partition, epoch, offset) key."""
+    sql, params = foreign_keys_query("db", {3: ("E", 40), 1: None}, 47)
+    assert "FROM `db`.dedupe_keys WHERE ((kafka_partition = {p0:UInt32}) OR (kafka_partition = {p1:UInt32} " \
+           "AND log_epoch = {e1:String} AND kafka_offset >= {o1:UInt64})) AND seen_at >= now() - " \
+           "toIntervalDay({days:UInt32})" in sql
+    assert params == {"days": 47, "p0": 1, "p1": 3, "e1": "E", "o1": 40}
