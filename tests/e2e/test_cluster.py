@@ -71,6 +71,9 @@ def cluster_sent(cluster_stack: LocalStack) -> list[dict[str, Any]]:
         while i < len(stream):
             if len(cluster_stack.workers) == 1 and i >= len(stream) // 2:
                 cluster_stack.add_processor()  # rebalance: partitions move, their dedupe keys are reloaded
+                # The rest only once both own partitions: sent at once, it could all be processed by the
+                # first worker before the second joined, and the moved partitions would see no resend.
+                wait_owners(cluster_stack, [0, 1], cluster_stack.partitions)
             chunk = stream[i : i + rng.randrange(20, 200)]
             resp = client.post("/api/v1/events", json=chunk, headers={"content-type": "application/json"})
             assert resp.status_code == 204, resp.text
