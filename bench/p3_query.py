@@ -21,8 +21,10 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +150,22 @@ def window_answer(store: WindowStore, *, subject: str | None, group_by_model: bo
     )
 
 
+def _alternating(ctx: BenchContext, title: str, repeats: int, fast: Callable[[], object],
+                 slow: Callable[[], object]) -> tuple[list[float], list[float]]:
+    """Milliseconds of `fast` and `slow`, each run `repeats` times in turn, so drift on the machine
+    hits both equally (the ratio of the two is the figure)."""
+    task = ctx.task(title, 2 * repeats)
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for run_once, out in ((fast, times[0]), (slow, times[1])):
+            t0 = time.perf_counter()
+            run_once()
+            out.append((time.perf_counter() - t0) * 1000)
+            ctx.progress.advance(task)
+    ctx.done(task)
+    return times
+
+
 def _normalise(rows: list[MeterRow], group_by_model: bool) -> list[tuple[Any, ...]]:
     assert all(r.bucket is not None for r in rows)
     out = [
@@ -181,19 +199,11 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
             if windows != raw:
                 raise AssertionError(f"P3 {label}: windows and raw answers differ ({len(windows)} vs {len(raw)} rows)")
             total = sum((v for _, _, v in raw), Decimal(0))
-            task = ctx.task(f"P3 {label} ({size:,})", 2 * repeats)
-            fast: list[float] = []
-            slow: list[float] = []
-            for _ in range(repeats):  # interleaved, so drift on the machine hits both equally
-                t0 = time.perf_counter()
-                window_answer(store, subject=subject, group_by_model=by_model)
-                fast.append((time.perf_counter() - t0) * 1000)
-                ctx.progress.advance(task)
-                t0 = time.perf_counter()
-                raw_answer(client, subject=subject, group_by_model=by_model)
-                slow.append((time.perf_counter() - t0) * 1000)
-                ctx.progress.advance(task)
-            ctx.done(task)
+            fast, slow = _alternating(
+                ctx, f"P3 {label} ({size:,})", repeats,
+                partial(window_answer, store, subject=subject, group_by_model=by_model),
+                partial(raw_answer, client, subject=subject, group_by_model=by_model),
+            )
             details = {**info, "subject": subject, "answer_rows": len(raw), "answer_total": str(total), "answers_equal": True,
                        "repeats": repeats, "windows_ms": [round(x, 2) for x in fast], "raw_ms": [round(x, 2) for x in slow]}
             if label.startswith("hourly 30d, heaviest"):
@@ -248,19 +258,9 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
     raw = sorted(raw_answer(client, subject=subject, group_by_model=False), key=lambda x: (x[0], x[1] or ""))
     if windows != raw:
         raise AssertionError("P3 compacted: windows and raw answers differ")
-    task = ctx.task(f"P3 compacted, heaviest subject ({size:,})", 2 * repeats)
-    fast: list[float] = []
-    slow: list[float] = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        window_answer(store, subject=subject, group_by_model=False)
-        fast.append((time.perf_counter() - t0) * 1000)
-        ctx.progress.advance(task)
-        t0 = time.perf_counter()
-        raw_answer(client, subject=subject, group_by_model=False)
-        slow.append((time.perf_counter() - t0) * 1000)
-        ctx.progress.advance(task)
-    ctx.done(task)
+    fast, slow = _alternating(ctx, f"P3 compacted, heaviest subject ({size:,})", repeats,
+                              lambda: window_answer(store, subject=subject, group_by_model=False),
+                              lambda: raw_answer(client, subject=subject, group_by_model=False))
     details = {**info, "subject": subject, "answers_equal": True, "repeats": repeats, "answer_rows": len(raw),
                "compaction_seconds": round(seconds, 2),
                "window_rows": {r.partition: [r.rows_before, r.rows_after] for r in report.partitions},
