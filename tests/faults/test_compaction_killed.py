@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from meterline.adapters.clickhouse import connect
-from meterline.adapters.compactions import ReplayGuard
+from meterline.adapters.compactions import ReplayGuard, read_claims
 from meterline.adapters.meter_store import MeterCatalog, MeterStore
+from meterline.core.compaction import in_progress
 from meterline.jobs.compaction import active_generations, compact
+from meterline.localinfra.ports import wait_for
 from meterline.localinfra.stack import LocalStack
 from processor.sink import ClickHouseSink
 from tests import windows_history as history
@@ -96,6 +98,10 @@ def test_compaction_killed_at_every_step(make_stack: Callable[..., LocalStack], 
     exact("before")
     dropped = 0
     for stop_at in ("claimed", "staged", "swapping", "swapped"):
+        # The compactor killed last time holds its claim until the lease runs out: a run started before
+        # that aborts ("compaction ... is in progress") and never reaches `stop_at`.
+        wait_for(lambda: not in_progress(read_claims(client, str(stack.database)), LEASE), 60,
+                 "the killed compactor's claim to go stale")
         proc = subprocess.Popen([sys.executable, str(script), str(stack.clickhouse_url), str(stack.database),
                                  str(stack.topic), stop_at, str(LEASE)], stdout=subprocess.PIPE, text=True)
         try:
