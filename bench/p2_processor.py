@@ -4,7 +4,8 @@ Besides the standard figure (3 meters), P2 measures how the rate holds with real
 (1, 3, 10, 20 meters on one LLM event type, `bench.meters_workload`): once in-process on
 `message_rows` alone (CPU time, so other load on the machine moves it less; ratio to 3 meters) and
 once through a worker (ratio to the naive agent); and the scaling curve of 1, 2 and 4 workers on 8
-partitions. Those runs use `p2_extra` events (small by default).
+partitions. Those runs use `p2_extra` events: enough for several batches, or a run is one batch after
+the worker's start and measures the start, not the rate.
 
 N events are produced beforehand in ingest's wire format (1000-event requests cut by
 `meterline.core.events.encode_messages`, ~100 events per message) into a fresh topic; then one worker
