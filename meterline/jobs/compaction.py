@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -52,7 +51,7 @@ from meterline.core.compaction import (
     partition_end,
     watermark_query,
 )
-from meterline.core.errors import ConfigError, MeterlineError
+from meterline.core.errors import ConfigError
 from meterline.core.schema import (
     METER_WINDOWS,
     PARTITION_PROGRESS,
@@ -62,6 +61,7 @@ from meterline.core.schema import (
     qualified,
     quote_identifier,
 )
+from meterline.jobs.background import BackgroundLoop
 from meterline.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -262,10 +262,13 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
     return PartitionResult(partition, "compacted", before, after)
 
 
-class PeriodicCompaction:
+class PeriodicCompaction(BackgroundLoop):
     """`compaction_interval_seconds`: compaction as a background thread of the API process (beside the
     meter controller, whose catalog it reads), on its own ClickHouse client. A failed run is logged and
     tried again at the next interval; each run is as safe to interrupt as `meterline compact`."""
+
+    thread_name = "windows-compaction"
+    what = "windows compaction"
 
     def __init__(self, settings: Settings, catalog: MeterCatalog, connect: Callable[[], Client]) -> None:
         if settings.compaction_interval_seconds is None:
@@ -273,29 +276,12 @@ class PeriodicCompaction:
         if settings.clickhouse_topology.cluster is not None or settings.late_horizon_days is None:
             raise ConfigError("compaction_interval_seconds needs late_horizon_days and a single ClickHouse server"
                               " (windows compaction is refused on a cluster)")
+        super().__init__(settings.compaction_interval_seconds, run_at_start=False, join_seconds=60)
         self.settings, self.catalog, self.connect = settings, catalog, connect
-        self.interval = settings.compaction_interval_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="windows-compaction", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                client = self.connect()
-                try:
-                    compact_with_settings(client, self.settings, self.catalog, owner="api")
-                finally:
-                    client.close()
-            except MeterlineError:
-                logger.warning("windows compaction failed; trying again next interval", exc_info=True)
-            except Exception:
-                logger.exception("windows compaction crashed; trying again next interval")
+    def run_pass(self) -> None:
+        client = self.connect()
+        try:
+            compact_with_settings(client, self.settings, self.catalog, owner="api")
+        finally:
+            client.close()

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from meterline.core.access import DEFAULT_NAMESPACE
 from meterline.core.errors import ConfigError, MeterlineError
 from meterline.core.meter_records import MeterState
 from meterline.core.schema import DEAD_LETTERS, METER_WINDOWS, SINGLE_NODE, Topology, mutation_target
+from meterline.jobs.background import BackgroundLoop
 from meterline.jobs.recompute import Abandoned, count_query, recompute
 
 logger = logging.getLogger(__name__)
@@ -45,12 +45,16 @@ REBUILT_EVENTS = Counter("meterline_rebuild_events_total", "stored events replay
 PROGRESS_EVERY_SECONDS = 0.5
 
 
-class MeterController:
+class MeterController(BackgroundLoop):
     """One loop; `step()` does one pass (tests call it directly), `start()` runs it in a thread."""
+
+    thread_name = "meter-controller"
+    what = "meter controller step"
 
     def __init__(self, catalog: MeterCatalog, client: Client, database: str, *, config_file: str | None,
                  poll_seconds: float = 1.0, worker_ttl_seconds: float = 15.0, window_seconds: int = 60,
                  owner: str = "", topology: Topology = SINGLE_NODE) -> None:
+        super().__init__(poll_seconds, run_at_start=True)
         self.topology = topology
         self.catalog = catalog
         self.client = client
@@ -60,28 +64,9 @@ class MeterController:
         self.worker_ttl_seconds = worker_ttl_seconds
         self.window_seconds = window_seconds
         self.owner = owner or f"controller-{os.getpid()}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
 
-    # -- lifecycle -------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="meter-controller", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.step()
-            except MeterlineError:
-                logger.warning("meter controller step failed; retrying", exc_info=True)
-            except Exception:
-                logger.exception("meter controller step crashed; retrying")
-            self._stop.wait(self.poll_seconds)
+    def run_pass(self) -> None:
+        self.step()
 
     # -- one pass --------------------------------------------------------------------------------
     def step(self) -> None:
@@ -90,7 +75,7 @@ class MeterController:
         progress = self.catalog.store.progress()
         failed: MeterlineError | None = None
         for (ns, slug), state in sorted(self.catalog.states.items()):
-            if self._stop.is_set():
+            if self.stopping:
                 return
             try:
                 if state.deleted:
@@ -150,7 +135,7 @@ class MeterController:
     def wait_workers(self, state: MeterState, version: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while not self.workers_applied(state, version):
-            if time.monotonic() > deadline or self._stop.is_set():
+            if time.monotonic() > deadline or self.stopping:
                 return False
             time.sleep(0.2)
         return True
@@ -195,7 +180,7 @@ class MeterController:
             if now - last >= PROGRESS_EVERY_SECONDS:
                 last = now
                 current = self.catalog.states.get((ns, slug))
-                if self._stop.is_set() or current is None or current.latest.generation != generation:
+                if self.stopping or current is None or current.latest.generation != generation:
                     raise Abandoned(slug)
                 store.set_progress(ns, slug, generation, "running", done, max(total, done), self.owner)
 
