@@ -44,7 +44,7 @@ def test_shard_killed_mid_stream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("KAFKA_BOOTSTRAP", raising=False)
     monkeypatch.delenv("CLICKHOUSE_URL", raising=False)
     outage = env_int("METERLINE_FAULT_CH_OUTAGE_SECONDS", 20)
-    started, row, seed, rng = begin(summary(f"11 cluster: shard down {outage}s, worker killed"), 11)
+    started, row, seed, rng = begin(summary(f"18 cluster: shard down {outage}s, worker killed"), 11)
     config = tmp_path / "config.yaml"
     config.write_text(FAULT_CONFIG)
     with LocalClickHouseCluster(tmp_path / "clickhouse", shards=2) as cluster, LocalStack(

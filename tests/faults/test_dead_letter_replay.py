@@ -84,7 +84,7 @@ def wait_switched(stack: LocalStack, slug: str, old_generation: int, timeout: fl
 
 
 def test_replay_after_config_fix(make_stack: MakeStack, make_sender: MakeSender, summary: Summary) -> None:
-    started, row, seed, rng = begin(summary("dead-letter replay after fix"), 7)
+    started, row, seed, rng = begin(summary("20 dead-letter replay after fix"), 7)
     stack = make_stack(processors=1, config=BROKEN_CONFIG)
     stream = fault_stream(seed, fault_events() // 5, rng,
                                  invalid_rate=0.05)

@@ -45,7 +45,7 @@ def rebuild_running(stack: LocalStack) -> bool:
 def test_kill_9_mid_rebuild_of_a_new_meter(make_stack: MakeStack, make_sender: MakeSender,
                                            summary: Summary) -> None:
     n = env_int("METERLINE_FAULT_LIVE_EVENTS", 50_000)
-    started, row, seed, rng = begin(summary(f"13 new meter over {n // 1000}k stored events, kill -9 mid-rebuild"), 13)
+    started, row, seed, rng = begin(summary(f"19 new meter over {n // 1000}k stored events, kill -9 mid-rebuild"), 13)
     stack = make_stack(processors=1, config=CONFIG)
     sender = make_sender(stack.url)
     sender.send_all(fault_stream(seed, n, rng), rng)
