@@ -39,6 +39,8 @@ from processor.topics import ensure_events_topic
 logger = logging.getLogger(__name__)
 
 PURGE_INTERVAL_SECONDS = 6 * 3600.0
+#: How often an idle worker looks for conflicts to repair (one `dedupe_keys` range read when nothing is new).
+RECONCILE_INTERVAL_SECONDS = 2.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -145,6 +147,10 @@ def create_app(settings: Settings) -> faust.App:
     @app.timer(interval=settings.meter_poll_seconds)
     async def poll_meters() -> None:
         await processor.poll_meters()
+
+    @app.timer(interval=RECONCILE_INTERVAL_SECONDS)
+    async def reconcile_dedupe() -> None:
+        await processor.reconcile()
 
     @app.timer(interval=PURGE_INTERVAL_SECONDS)
     async def purge_dedupe() -> None:

@@ -28,6 +28,7 @@ from meterline.core.errors import InvalidEventError, StorageError, StorageReject
 from meterline.core.events import decode_batch
 from meterline.core.meters import MeterSet
 from meterline.core.positions import Position, dedupe_key
+from meterline.core.retraction import Loser, replacement_windows
 from meterline.core.rows import (
     MessagePosition,
     RowOptions,
@@ -50,6 +51,9 @@ _NO_KEY = b"\x00" * 16
 
 #: (partition, offset, value, broker timestamp in epoch seconds or None): what a batch is made of.
 Message = tuple[int, int, bytes, float | None]
+
+#: (message, its stored events that stay, its stored window identities, its broker time) -> window rows.
+Rebuild = Callable[[MessagePosition, list[Sequence[Any]], list[Sequence[Any]], datetime | None], list[list[Any]]]
 
 
 class LogRestartedError(RuntimeError):
@@ -97,6 +101,11 @@ class Sink(Protocol):
 
     def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
         """Store `partition_progress` rows once (no retry; blocking). Raises StorageError."""
+
+    def retract(self, losers: Sequence[Loser], rebuild: Rebuild) -> list[tuple[Loser, bool]]:
+        """Make stored copies that lost to another copy of their key stop counting: replace their messages'
+        window rows with `rebuild`'s, then delete their rows; blocking, retried. Returns each loser with
+        whether it is undone (False: it can no longer be, e.g. its windows were compacted)."""
 
     def stop(self) -> None:
         """Make pending retries give up (shutdown)."""
@@ -320,6 +329,49 @@ class BatchProcessor:
         metrics.DEDUPE_LOADED.inc(n)
         metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
 
+    async def retract_losers(self) -> int:
+        """Undo the stored copies this worker's cache found losing to another copy of their key
+        (`DedupeState.pending_retractions`), on the partitions it owns; returns how many were undone.
+
+        Runs under the batch lock, after the merges and before deciding: the loser's partition is written
+        by this worker only, so nothing of its messages is written meanwhile. Copies on partitions other
+        workers own stay pending here (their owner finds the same conflict); they are done here if this
+        worker comes to own the partition first. Each is forgotten only once the sink says it is done.
+        """
+        pending = [loser for loser in self.state.pending_retractions() if loser.loser.partition in self.owned]
+        if not pending:
+            return 0
+        meters, options = self.meters, self.options
+
+        def rebuild(message: MessagePosition, events: list[Sequence[Any]], windows: list[Sequence[Any]],
+                    received: datetime | None) -> list[list[Any]]:
+            return replacement_windows(message, events, windows, meters, options, received)
+
+        results = await asyncio.to_thread(self.sink.retract, pending, rebuild)
+        for loser, undone in results:
+            extra = {"dedupe_key": loser.key.hex(), "loser": list(loser.loser), "winner": list(loser.winner)}
+            if undone:
+                metrics.DEDUPE_RETRACTED.inc()
+                logger.info("a copy stored after another copy of its key was retracted", extra=extra)
+            else:
+                metrics.DEDUPE_UNREPAIRED.inc()
+                logger.error("a copy stored after another copy of its key cannot be retracted (its month's "
+                             "windows were compacted first): it stays counted", extra=extra)
+            self.state.retracted(loser)
+        return sum(1 for _, undone in results if undone)
+
+    async def reconcile(self) -> None:
+        """Between batches (a timer): load the owned partitions, merge the other workers' keys and retract
+        losers, so a conflict is repaired even when no more messages come to this worker."""
+        if not self.owned:
+            return
+        async with self.batch_lock:
+            conflicts = self.state.conflicts
+            await self.ensure_loaded(set(self.owned))  # a partition that gets no message still is checked
+            metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
+            await self.merge_foreign(set())
+            await self.retract_losers()
+
     def build(self, messages: list[Message], now: datetime | None = None) -> Rows:
         """Rows of a batch of messages, deciding dedupe in log order.
 
@@ -371,6 +423,7 @@ class BatchProcessor:
         await self.ensure_loaded(partitions)
         metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
         await self.merge_foreign(partitions)
+        await self.retract_losers()
         started = time.perf_counter()
         rows = self.build(messages)
         built = time.perf_counter()

@@ -35,9 +35,19 @@ Global per namespace: the cache is shared by all partitions of a worker and also
 workers stored for the partitions it does not own (read from the `dedupe_keys` table before every
 batch, each partition from its `foreign_marker`: `load_rows(..., owned=False)`), so a copy of an event on another
 partition (a retry under another subject, a partition-count change, a message produced straight onto
-any partition) is dropped like a copy on the same partition. Limit: two copies decided by different
-workers before either was written both count; the worker that later meets the second stored key logs
-it and counts it in `conflicts` (docs/design.md, "Exactly-once effect").
+any partition) is dropped like a copy on the same partition.
+
+Conflicts: two copies decided by different workers before either was written are both stored. A load
+that meets a key stored (or decided here) at another position within the horizon counts a conflict,
+keeps the copy `positions.first_sighting` ranks first -- every worker meeting the two picks the same one
+-- and records the other as a pending retraction, in the same RocksDB write:
+
+    b"r" + dedupe_key(16) + loser position(20) -> loser record(24) + winner record(24)
+
+The owner of the loser's partition undoes it (processor/retraction.py) and then deletes the record
+(`retracted`); until then the record survives a crash, and a lost cache finds the conflict again in the
+stored rows (the loser's `events` row is deleted last). Since the cache now holds the winner, a replay
+of the loser's message drops it, as the retraction did (docs/design.md, "Exactly-once effect").
 """
 
 from __future__ import annotations
@@ -53,7 +63,8 @@ from typing import Any
 
 from rocksdict import Options, Rdict, WriteBatch
 
-from meterline.core.positions import KEY_VERSION, Position
+from meterline.core.positions import KEY_VERSION, Position, Sighting, first_sighting
+from meterline.core.retraction import Loser
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +78,7 @@ _KEY_PREFIX = b"k"
 _EPOCH_PREFIX = b"e"
 _MARKER_PREFIX = b"p"
 _FOREIGN_PREFIX = b"f"
+_RETRACT_PREFIX = b"r"
 _VERSION_KEY = b"v"
 _DAY = 86_400
 
@@ -79,6 +91,11 @@ def _expired(old: bytes, new: bytes, horizon_seconds: int) -> bool:
     `old` had expired when `new` was accepted, and `new` is the sighting later copies are compared with."""
     return len(old) > 20 and len(new) > 20 and \
         _SEEN.unpack_from(old, 20)[0] < _SEEN.unpack_from(new, 20)[0] - horizon_seconds
+
+
+def _record(record: bytes) -> bytes:
+    """A record with its broker time (tests may decide without one: 0)."""
+    return record if len(record) > 20 else record + _SEEN.pack(0)
 
 
 class DedupeStateClosedError(RuntimeError):
@@ -125,7 +142,8 @@ class DedupeState:
         self._io = threading.Lock()
         self._closed = False
         self._sync = sync
-        #: Keys found stored at two positions by a load (both copies were counted: see module doc).
+        #: Keys found stored at two positions by a load (both copies were counted until the loser is
+        #: retracted: see module doc).
         self.conflicts = 0
         next_no = 0
         for k, v in self._db.items(from_key=_EPOCH_PREFIX):
@@ -219,16 +237,22 @@ class DedupeState:
             with self._open():
                 existing = self._db[[k for k, _ in chunk]]
             first: dict[bytes, bytes] = {}
-            for (k, v), old in zip(chunk, existing):
-                old = first.get(k) if old is None else old
+            for (k, v), cached in zip(chunk, existing):
+                old = first.get(k, cached)
                 if old is None or _expired(old, v, self.horizon_seconds):
                     first[k] = v
                     wb.put(k, v)
                 elif old[:20] != v[:20] and not _expired(v, old, self.horizon_seconds):
                     self.conflicts += 1
-                    logger.error("a dedupe key is stored at two positions: both copies were counted",
-                                 extra={"dedupe_key": k[1:].hex(), "cached": self._describe(old),
-                                        "stored": self._describe(v)})
+                    winner, loser = (old, v) if first_sighting(self._sighting(old), self._sighting(v)) \
+                        == self._sighting(old) else (v, old)
+                    if winner is v:
+                        first[k] = v
+                        wb.put(k, v)
+                    wb.put(_RETRACT_PREFIX + k[1:] + loser[:20], _record(loser) + _record(winner))
+                    logger.warning("a dedupe key is stored at two positions: the later copy is retracted",
+                                   extra={"dedupe_key": k[1:].hex(), "winner": self._describe(winner),
+                                          "loser": self._describe(loser)})
             with self._open():
                 self._db.write(wb)
 
@@ -257,6 +281,36 @@ class DedupeState:
             if owned and self._generations.get(partition, 0) == generation:
                 self._loaded.add(partition)
         return n
+
+    def _sighting(self, record: bytes) -> Sighting:
+        no, part, offset, index = _POS.unpack_from(record)
+        return Sighting(_SEEN.unpack_from(record, 20)[0] if len(record) > 20 else 0, self._name(no), part, offset,
+                        index)
+
+    def _name(self, epoch_no: int) -> str:
+        for name, no in self._epochs.items():
+            if no == epoch_no:
+                return name
+        return f"#{epoch_no}"
+
+    # ------------------------------------------------------------------ retractions
+    def pending_retractions(self) -> list[Loser]:
+        """Copies found stored after another copy of their key that ranks first (see module doc), not yet
+        retracted, in key order."""
+        out = []
+        with self._open():
+            for k, v in self._db.items(from_key=_RETRACT_PREFIX):
+                if not k.startswith(_RETRACT_PREFIX):
+                    break
+                out.append(Loser(k[1:17], self._sighting(v[:24]), self._sighting(v[24:])))
+        return out
+
+    def retracted(self, loser: Loser) -> None:
+        """The loser's rows are undone: forget the pending retraction."""
+        no = self.epoch_no(loser.loser.log_epoch)
+        with self._open():
+            self._db.delete(_RETRACT_PREFIX + loser.key + _POS.pack(no, loser.loser.partition, loser.loser.offset,
+                                                                    loser.loser.index))
 
     def _describe(self, record: bytes) -> str:
         no, part, offset, index = _POS.unpack_from(record)
@@ -371,6 +425,11 @@ class DedupeState:
                 if n % 100_000 == 0:
                     self._db.write(wb)
                     wb = WriteBatch(raw_mode=True)
+        for k, v in self._db.items(from_key=_RETRACT_PREFIX):
+            if not k.startswith(_RETRACT_PREFIX):
+                break
+            if _SEEN.unpack_from(v, 20)[0] < floor:  # its rows are past every horizon too
+                wb.delete(k)
         self._db.write(wb)
         return n
 

@@ -28,7 +28,14 @@ DEDUPE_LOADED = Counter("meterline_processor_dedupe_keys_loaded_total", "Dedupe 
 DEDUPE_CONFLICTS = Counter(
     "meterline_processor_dedupe_conflicts_total",
     "Dedupe keys found stored at two positions (copies on two partitions decided by two workers before "
-    "either was written: both counted); alert on any increase")
+    "either was written); the later copy is retracted by its partition's owner")
+DEDUPE_RETRACTED = Counter(
+    "meterline_processor_dedupe_retracted_total",
+    "Stored copies retracted after losing to another copy of their key (their windows replaced, rows deleted)")
+DEDUPE_UNREPAIRED = Counter(
+    "meterline_processor_dedupe_unrepaired_total",
+    "Stored copies that lost to another copy of their key but could not be retracted (their month's "
+    "windows were compacted first): counted twice; alert on any increase")
 RETENTION_LOST = Counter(
     "meterline_processor_retention_lost_offsets_total",
     "Offsets retention deleted before they were processed (the worker stops on them)", ["partition"])

@@ -24,6 +24,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from datetime import datetime
 from typing import Any
 
 from clickhouse_connect.driver import options as driver_options
@@ -34,12 +35,15 @@ from meterline.adapters.clickhouse import (
     create_schema,
     insert_errors,
     keep_dedupe_keys,
+    mutate,
     storage_errors,
 )
 from meterline.adapters.compactions import ReplayGuard
 from meterline.core.cluster import MessagePosition, exact_read_settings, insert_settings, insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
 from meterline.core.positions import dedupe_key
+from meterline.core.retraction import WINDOW_IDENTITY_COLUMNS, Loser
+from meterline.core.rows import MessagePosition as RowsMessagePosition
 from meterline.core.rows import Rows
 from meterline.core.schema import (
     DEAD_LETTER_COLUMNS,
@@ -52,10 +56,14 @@ from meterline.core.schema import (
     PARTITION_PROGRESS,
     PARTITION_PROGRESS_COLUMNS,
     SINGLE_NODE,
+    STORED_EVENT_COLUMNS,
     WINDOW_COLUMNS,
     Topology,
+    mutation_target,
+    qualified,
     quote_identifier,
 )
+from meterline.core.times import as_utc
 from processor import metrics
 from processor.columns import to_columns
 
@@ -122,6 +130,62 @@ def foreign_keys_query(database: str, since: dict[int, tuple[str, int] | None], 
         f"WHERE ({' OR '.join(ranges) or '0'}) AND seen_at >= now() - toIntervalDay({{days:UInt32}})"
     )
     return sql, params
+
+
+_MESSAGES = "(log_epoch, kafka_partition, kafka_offset) IN {messages:Array(Tuple(String, UInt32, UInt64))}"
+_POSITIONS = ("(log_epoch, kafka_partition, kafka_offset, batch_index) IN "
+              "{positions:Array(Tuple(String, UInt32, UInt64, UInt32))}")
+
+#: Rebuilds a loser's message's window rows: (message, its stored events that stay, its stored window
+#: identities, its broker time or None) -> replacement rows (`meterline.core.retraction.replacement_windows`).
+Rebuild = Callable[[RowsMessagePosition, list[Sequence[Any]], list[Sequence[Any]], datetime | None], list[list[Any]]]
+
+
+def retraction_reads(database: str, losers: Sequence[Loser]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """SQL + parameters of what a retraction reads (no FINAL: copies of one key that share the `events`
+    identity collapse into one row, whose position must not hide the loser's message's other events):
+
+    * `events`: the stored events of the losers' messages (STORED_EVENT_COLUMNS + broker time), one per
+      position, in log order;
+    * `windows`: the identities of those messages' stored window rows (WINDOW_IDENTITY_COLUMNS + message);
+    * `keys`: every stored position of the losers' keys (is the winner's `events` row there?);
+    * `claims`: the losers' `dedupe_keys` rows (a range of its sorting key each): a loser with neither
+      this row nor its `events` row was retracted already (or never stored) and needs nothing more.
+
+    Each scans its table (nothing is ordered by position): retractions are rare, and batched.
+    """
+    messages = sorted({tuple(loser.message) for loser in losers})
+    keys = sorted({loser.key.hex().upper() for loser in losers})
+    identity = ", ".join(c for c in WINDOW_IDENTITY_COLUMNS if c not in ("group", "namespace"))
+    read = ", ".join(f"any({c})" if c in ("group", "namespace") else c for c in WINDOW_IDENTITY_COLUMNS)
+    positions = sorted(loser.position for loser in losers)
+    return {
+        "events": (
+            (f"SELECT {', '.join(STORED_EVENT_COLUMNS)}, ingested_at FROM {qualified(database, EVENTS)} "
+             f"WHERE {_MESSAGES} ORDER BY log_epoch, kafka_partition, kafka_offset, batch_index "
+             "LIMIT 1 BY log_epoch, kafka_partition, kafka_offset, batch_index"),
+            {"messages": messages}),
+        "windows": (
+            (f"SELECT {read}, log_epoch, kafka_partition, kafka_offset "
+             f"FROM {qualified(database, METER_WINDOWS)} WHERE {_MESSAGES} "
+             f"GROUP BY {identity}, log_epoch, kafka_partition, kafka_offset"),
+            {"messages": messages}),
+        "keys": (
+            ("SELECT hex(dedupe_key), log_epoch, kafka_partition, kafka_offset, batch_index "
+             f"FROM {qualified(database, EVENTS)} WHERE hex(dedupe_key) IN {{keys:Array(String)}}"),
+            {"keys": keys}),
+        "claims": (
+            ("SELECT log_epoch, kafka_partition, kafka_offset, batch_index "
+             f"FROM {qualified(database, DEDUPE_KEYS)} WHERE {_POSITIONS}"),
+            {"positions": positions}),
+    }
+
+
+def retraction_deletes(database: str, table: str, positions: Sequence[tuple[str, int, int, int]],
+                       topology: Topology = SINGLE_NODE) -> tuple[str, dict[str, Any]]:
+    """The lightweight DELETE of the rows of `table` (events, dead_letters, dedupe_keys) at `positions`."""
+    return (f"DELETE FROM {mutation_target(database, table, topology)} WHERE {_POSITIONS}",
+            {"positions": sorted(positions)})
 
 
 class ClickHouseSink:
@@ -345,3 +409,84 @@ class ClickHouseSink:
 
         with self._lock:
             return int(self.retry("tail dedupe keys", op, rows=0))
+
+    # ------------------------------------------------------------------ retractions
+    def retract(self, losers: Sequence[Loser], rebuild: Rebuild) -> list[tuple[Loser, bool]]:
+        """Make stored copies that lost (`meterline.core.retraction`) stop counting; blocking, retried
+        like writes. Returns each loser with whether it is undone (False: its month's windows were
+        compacted before the retraction, which can no longer replace its rows; it stays counted).
+
+        Order, so that a crash anywhere leaves the conflict to be found again: the windows of each
+        loser's message are replaced first; then its dead letters and `dedupe_keys` rows are deleted;
+        its `events` row goes last -- and only where the winner's `events` row is stored: copies with the
+        same subject and time share the row's identity, and when ClickHouse has already collapsed the two
+        into the loser's, deleting it would lose the event from the raw reads (that row then stays; it
+        counts once anyway). Every step is idempotent: the rows are rebuilt from what is stored.
+        """
+        if not losers:
+            return []
+        reads = retraction_reads(self.database, losers)
+
+        def read(name: str) -> list[Sequence[Any]]:
+            sql, params = reads[name]
+            with storage_errors():
+                return list(self._connected().query(
+                    sql, parameters=params, settings=exact_read_settings(self.topology) or None).result_rows)
+
+        def op() -> list[tuple[Loser, bool]]:
+            keys, claims = read("keys"), read("claims")
+            in_events = {(str(e), int(p), int(o), int(i)) for _, e, p, o, i in keys}
+            stored = in_events | {(str(e), int(p), int(o), int(i)) for e, p, o, i in claims}
+            todo = [loser for loser in losers if loser.position in stored]
+            if not todo:
+                return [(loser, True) for loser in losers]
+            events, windows = read("events"), read("windows")
+            lost = {loser.position for loser in losers}
+            rows: list[list[Any]] = []
+            for message in sorted({loser.message for loser in todo}):
+                mine = [r for r in events if tuple(r[:3]) == tuple(message)]
+                received = as_utc(mine[0][len(STORED_EVENT_COLUMNS)]) if mine else None
+                kept = [r[:len(STORED_EVENT_COLUMNS)] for r in mine if tuple(r[:4]) not in lost]
+                identities = [r[:len(WINDOW_IDENTITY_COLUMNS)] for r in windows if tuple(r[-3:]) == tuple(message)]
+                rows += rebuild(message, kept, identities, received)
+            undone = set(self._replace_windows(rows, todo))
+            done = [loser for loser in todo if loser.message in undone]
+            positions = [loser.position for loser in done]
+            if positions:
+                for table in (DEAD_LETTERS, DEDUPE_KEYS):
+                    self._delete(table, positions)
+                safe = [loser.position for loser in done
+                        if loser.winner_position in in_events]
+                if safe:
+                    self._delete(EVENTS, safe)
+            return [(loser, loser not in todo or loser.message in undone) for loser in losers]
+
+        with self._lock:
+            return list(self.retry("retract losing copies", op, rows=len(losers)))
+
+    def _replace_windows(self, rows: list[list[Any]], losers: Sequence[Loser]) -> list[RowsMessagePosition]:
+        """Insert the replacement window rows; returns the messages whose rows all got in (a compacted
+        month's fence drops rows at or below its watermark: those messages cannot be undone any more)."""
+        messages = sorted({loser.message for loser in losers})
+        if not rows:
+            return messages
+        batch = None
+        if self.topology.cluster is not None:
+            salt = "retract|" + self.token_salt + "|" + ",".join(
+                f"{e}:{p}:{o}:{i}" for e, p, o, i in sorted(x.position for x in losers))
+            batch = ([tuple(m) for m in messages], salt)
+        if self.replay_guard is None:
+            self._insert(METER_WINDOWS, rows, WINDOW_COLUMNS, batch)  # type: ignore[arg-type]
+            return messages
+        with self.replay_guard.admit(self._connected(), rows) as kept:
+            if kept:
+                self._insert(METER_WINDOWS, kept, WINDOW_COLUMNS, batch)  # type: ignore[arg-type]
+            identities = {id(r) for r in kept}
+            dropped = {(r[5], r[6], r[7]) for r in rows if id(r) not in identities}
+        return [m for m in messages if tuple(m) not in dropped]
+
+    def _delete(self, table: str, positions: Sequence[tuple[str, int, int, int]]) -> None:
+        sql, params = retraction_deletes(self.database, table, positions, self.topology)
+        with storage_errors():
+            mutate(self._connected(), sql, topology=self.topology, parameters=params,
+                   settings={"mutations_sync": 2})

@@ -182,7 +182,9 @@ def meter_query(
         keys.append(f"group_{i}")
     select.extend(VALUES[agg])
 
-    windows_where = ["meter = {meter:String}"]
+    # A zero row (count 0) replaced the window row of a retracted duplicate (meterline/core/retraction.py):
+    # it must not make an empty bucket or group. Every other row counts at least one event. After FINAL.
+    windows_where = ["meter = {meter:String}", "count > 0"]
     _generation(params, windows_where, generation)
     if split.whole_start is not None:
         params.values["from"] = ts(split.whole_start)

@@ -105,6 +105,11 @@ class FakeSink:
     def write_progress(self, rows: Sequence[Sequence[Any]]) -> None:
         self.journal.append(f"progress {len(rows)} partitions")
 
+    def retract(self, losers: Sequence[Any], rebuild: Callable[..., Any]) -> list[tuple[Any, bool]]:
+        """Keyed by dedupe_key, this store never holds two copies of a key: nothing to undo."""
+        self.journal.append(f"retract {len(losers)}")
+        return [(loser, True) for loser in losers]
+
     def stop(self) -> None:
         self.stopped = True
 

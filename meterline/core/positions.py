@@ -1,7 +1,8 @@
-"""Where an event sits in the log, and the key that identifies it for dedupe.
+"""Where an event sits in the log, the key that identifies it for dedupe, and which of two stored copies
+of one key counts.
 
 Pure and shared: the live processor (`processor.dedupe`), the row builder (`meterline.core.rows`) and the
-offline jobs all decide first sightings by these two values, so they must compute them identically.
+offline jobs all decide first sightings by these values, so they must compute them identically.
 """
 
 from __future__ import annotations
@@ -25,6 +26,32 @@ class Position(NamedTuple):
     partition: int
     offset: int
     index: int  # type: ignore[assignment]  # the design's name; shadows tuple.index, never called here
+
+
+class Sighting(NamedTuple):
+    """A stored copy of a key: its broker time (unix seconds, as `dedupe_keys.seen_at` and the processor's
+    cache record it) and its position. Fields in the order copies are ranked (`first_sighting`)."""
+
+    seen: int
+    log_epoch: str
+    partition: int
+    offset: int
+    index: int  # type: ignore[assignment]  # as in Position
+
+
+def first_sighting(a: Sighting, b: Sighting) -> Sighting:
+    """Which of two stored copies of one key counts: the one with the smaller (broker time, log epoch,
+    partition, offset, index).
+
+    Why a rule at all: two workers that decide copies of one key on partitions they each own before
+    either copy is written both accept theirs (neither could see the other). Once both are stored, every
+    worker that meets the two must agree, without talking to the others, on which copy stays: a total
+    order on what the log and the tables say about each copy gives the same answer to all of them, to a
+    replay and to a restarted worker. The broker time comes first so that the copy sent first wins where
+    the clocks tell; the rest only breaks ties (seconds are coarse) and makes the order total. With more
+    than two copies the smallest wins and every other copy loses to it, in any order of meeting them.
+    """
+    return min(a, b)
 
 
 def dedupe_key(source: str, event_id: str, namespace: str = DEFAULT_NAMESPACE) -> bytes:

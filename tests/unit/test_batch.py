@@ -263,6 +263,27 @@ async def test_a_copy_on_another_workers_partition_is_a_duplicate_whoever_writes
                                     ("tokens", "b", T0): 40, ("prompts", "b", T0): 1}
 
 
+async def test_only_losers_on_owned_partitions_are_retracted_and_each_is_forgotten_once_done(
+        tmp_path: Path) -> None:
+    """The sink retracts the pending losers of the partitions this worker owns, before the batch is
+    decided, and between batches (`reconcile`); the others' stay noted for their owners."""
+    sink = FakeSink()
+    worker = Worker(tmp_path, sink, tmp_path / "w", owns={0})
+    now = int(time.time())
+    key, other = b"k" * 16, b"o" * 16
+    worker.state.load_rows(EPOCH, 0, [(key, EPOCH, 0, 4, 0, now + 1)])          # this worker's copy ...
+    worker.state.load_rows(EPOCH, 3, [(key, EPOCH, 3, 2, 0, now),                # ... loses to partition 3's
+                                      (other, EPOCH, 3, 5, 0, now + 1)], owned=False)
+    worker.state.load_rows(EPOCH, 2, [(other, EPOCH, 2, 1, 0, now)], owned=False)  # 3's copy loses to 2's
+    assert {x.loser.partition for x in worker.state.pending_retractions()} == {0, 3}
+    await worker.processor.reconcile()
+    assert "retract 1" in sink.journal
+    assert [x.loser.partition for x in worker.state.pending_retractions()] == [3]
+    await worker.processor.handle(stream_events([(0, 5, orjson.dumps([event(9, "a", 1, 0)]))]), 1, Acks([]))
+    assert sink.journal.count("retract 1") == 1  # nothing left to do on partition 0
+    worker.stop()
+
+
 async def test_a_lagging_worker_judges_the_dedupe_horizon_on_broker_time(tmp_path: Path) -> None:
     """The original was appended 33 days ago, its retry 31.9 days after it; the worker processing the
     retry lags 1.1 days and has just taken the partition over (empty cache): it must still load the

@@ -216,23 +216,68 @@ def test_load_respects_horizon_and_keeps_cached_records(tmp_path: Path) -> None:
     state.close()
 
 
-def test_a_key_stored_at_two_positions_is_a_conflict_and_the_first_record_stays(tmp_path: Path) -> None:
+def test_a_key_stored_at_two_positions_is_a_conflict_and_the_first_ranked_copy_stays(tmp_path: Path) -> None:
     """Two workers that decided copies before either was written both counted them: merging the other's
-    stored key must say so (metric, log), keep this cache's record, and merge a foreign partition
-    without marking it loaded (it is not this worker's to process)."""
+    stored key must count the conflict, keep the copy `first_sighting` ranks first (broker time, then
+    position) whichever side it is on, note the other as a pending retraction, and merge a foreign
+    partition without marking it loaded (it is not this worker's to process)."""
     state = DedupeState(str(tmp_path / "s"), horizon_days=1)
-    k1, k2 = dedupe_key("s", "1"), dedupe_key("s", "2")
-    state.decide(k1, Position(EPOCH, 0, 7, 0))
+    k1, k2, k3 = dedupe_key("s", "1"), dedupe_key("s", "2"), dedupe_key("s", "3")
+    now = int(time.time())
+    state.decide(k1, Position(EPOCH, 0, 7, 0), seen=now)       # this worker's copy, sent first: stays
+    state.decide(k3, Position(EPOCH, 0, 8, 0), seen=now + 5)   # sent after the other's: loses
     state.flush()
-    now = time.time()
-    rows = [(k1, EPOCH, 5, 2, 0, now), (k2, EPOCH, 5, 3, 0, now), (k2, EPOCH, 5, 3, 0, now),
-            (k2, EPOCH, 6, 1, 0, now)]  # k2 twice at one position (a rewritten row), then elsewhere
-    assert state.load_rows(EPOCH, 5, rows, owned=False) == 4
-    assert state.conflicts == 2
-    assert state.lookup(k1) == Position(EPOCH, 0, 7, 0) and state.lookup(k2) == Position(EPOCH, 5, 3, 0)
-    assert state.foreign_marker(5) == (state.epoch_no(EPOCH), 4) and state.marker(5) is None
+    rows = [(k1, EPOCH, 5, 2, 0, now + 1), (k2, EPOCH, 5, 3, 0, now), (k2, EPOCH, 5, 3, 0, now),
+            (k2, EPOCH, 6, 1, 0, now), (k3, EPOCH, 5, 4, 0, now + 2)]  # k2 twice at one position, then elsewhere
+    assert state.load_rows(EPOCH, 5, rows, owned=False) == 5
+    assert state.conflicts == 3
+    assert state.lookup(k1) == Position(EPOCH, 0, 7, 0)
+    assert state.lookup(k2) == Position(EPOCH, 5, 3, 0)  # same second: the smaller partition
+    assert state.lookup(k3) == Position(EPOCH, 5, 4, 0)  # the earlier broker time, on the other partition
+    pending = {(x.key, x.position, x.winner_position) for x in state.pending_retractions()}
+    assert pending == {(k1, (EPOCH, 5, 2, 0), (EPOCH, 0, 7, 0)), (k2, (EPOCH, 6, 1, 0), (EPOCH, 5, 3, 0)),
+                       (k3, (EPOCH, 0, 8, 0), (EPOCH, 5, 4, 0))}
+    # A replay decides as the retraction does: the loser is a duplicate, the winner is accepted again.
+    assert not state.decide(k3, Position(EPOCH, 0, 8, 0), seen=now + 5)
+    assert state.decide(k1, Position(EPOCH, 0, 7, 0), seen=now)
+    state.flush()
+    assert state.foreign_marker(5) == (state.epoch_no(EPOCH), 5) and state.marker(5) is None
     assert not state.is_loaded(5)
     state.close()
+
+
+def test_a_pending_retraction_survives_a_crash_until_it_is_done(tmp_path: Path) -> None:
+    """The record that a stored copy must be retracted is written with the cache's switch to the winner,
+    so a worker that dies before retracting still has it; `retracted` forgets it."""
+    path = str(tmp_path / "s")
+    state = DedupeState(path, horizon_days=1)
+    k = dedupe_key("s", "1")
+    now = int(time.time())
+    assert state.load_rows(EPOCH, 0, [(k, EPOCH, 0, 3, 1, now + 1)]) == 1
+    assert state.load_rows(EPOCH, 1, [(k, EPOCH, 1, 9, 0, now)], owned=False) == 1
+    state.close()
+    state = DedupeState(path, horizon_days=1)
+    [loser] = state.pending_retractions()
+    assert loser.position == (EPOCH, 0, 3, 1) and loser.winner_position == (EPOCH, 1, 9, 0)
+    assert loser.message == (EPOCH, 0, 3)
+    state.retracted(loser)
+    assert state.pending_retractions() == []
+    assert state.lookup(k) == Position(EPOCH, 1, 9, 0)
+    state.close()
+
+
+def test_whatever_order_a_load_meets_copies_in_the_same_one_stays(tmp_path: Path) -> None:
+    """Within one chunk or across loads, owned or foreign: the smallest copy is cached and every other is
+    pending, so all workers agree and the loser's owner retracts it."""
+    now = int(time.time())
+    k = dedupe_key("s", "x")
+    copies = [(k, EPOCH, 2, 5, 0, now + 1), (k, EPOCH, 0, 9, 0, now + 1), (k, EPOCH, 1, 1, 0, now + 3)]
+    for i, order in enumerate(([0, 1, 2], [2, 1, 0], [1, 2, 0])):
+        state = DedupeState(str(tmp_path / f"s{i}"), horizon_days=1)
+        state.load_rows(EPOCH, 7, [copies[j] for j in order], owned=False)
+        assert state.lookup(k) == Position(EPOCH, 0, 9, 0)
+        assert {x.position for x in state.pending_retractions()} == {(EPOCH, 2, 5, 0), (EPOCH, 1, 1, 0)}
+        state.close()
 
 
 DAY = 86_400

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterline.core.positions import dedupe_key
+from meterline.core.positions import Sighting, dedupe_key, first_sighting
 
 # Text with NULs and other separators over-represented: the inputs a plain separator cannot frame.
 _TEXT = st.text(alphabet=st.sampled_from(["a", "b", "\x00", "\x01", ":", "é"]), max_size=6)
@@ -22,3 +22,29 @@ def test_keys_are_equal_exactly_when_the_pairs_are(s1: str, i1: str, s2: str, i2
 
 def test_key_is_16_bytes() -> None:
     assert len(dedupe_key("source", "id")) == 16
+
+
+# --------------------------------------------------------------------------- which stored copy counts
+_SIGHTINGS = st.builds(Sighting, st.integers(0, 3), st.sampled_from(["c1/t1", "c2/t1"]), st.integers(0, 3),
+                       st.integers(0, 3), st.integers(0, 2))
+
+
+def test_the_copy_sent_first_wins_and_the_position_breaks_ties() -> None:
+    early, late = Sighting(100, "c/t", 5, 900, 3), Sighting(101, "c/t", 0, 1, 0)
+    assert first_sighting(early, late) == first_sighting(late, early) == early
+    same_second = [Sighting(100, "c/t", 2, 7, 1), Sighting(100, "c/t", 1, 9, 0), Sighting(100, "c/t", 1, 8, 4)]
+    assert first_sighting(first_sighting(same_second[0], same_second[1]), same_second[2]) == same_second[2]
+
+
+@given(_SIGHTINGS, _SIGHTINGS, _SIGHTINGS)
+def test_every_worker_picks_the_same_copy_in_whatever_order_it_meets_them(
+        a: Sighting, b: Sighting, c: Sighting) -> None:
+    """The rule is a total order: symmetric, one of the two, and with three copies the order of meeting
+    them does not matter -- so workers that never talk agree, and a copy that lost once never wins."""
+    assert first_sighting(a, b) == first_sighting(b, a) in (a, b)
+    orders = [(a, b, c), (a, c, b), (b, c, a), (c, b, a)]
+    winners = {first_sighting(first_sighting(x, y), z) for x, y, z in orders}
+    assert len(winners) == 1
+    loser = b if first_sighting(a, b) == a and a != b else None
+    if loser is not None:
+        assert first_sighting(first_sighting(a, c), loser) != loser
