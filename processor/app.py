@@ -150,7 +150,10 @@ def create_app(settings: Settings) -> faust.App:
 
     @app.timer(interval=RECONCILE_INTERVAL_SECONDS)
     async def reconcile_dedupe() -> None:
-        await processor.reconcile()
+        try:
+            await processor.reconcile()
+        except Exception:  # a timer must not stop the worker; the next tick or batch does the same work
+            logger.warning("dedupe reconcile failed; retried next time", exc_info=True)
 
     @app.timer(interval=PURGE_INTERVAL_SECONDS)
     async def purge_dedupe() -> None:
