@@ -7,10 +7,11 @@ grows with the subject's events, windows stay bounded by minutes); at the median
 ClickHouse's fixed per-query work (~4 ms for any MergeTree read on the embedded server), which bounds
 that ratio, so it is reported against the latency target only.
 
-ClickHouse is filled directly (`INSERT ... SELECT FROM numbers(N)`), both tables from the same
-expressions, so the `events` rows and the `meter_windows` delta rows describe the same usage:
-one `meter_windows` row per (subject, minute, model, source message), a message being 100 events of
-one subject as ingest cuts them. The windows answer is computed by the real query path
+ClickHouse is filled directly (bench/generate.py: `INSERT ... SELECT FROM numbers(N)`, the rows the
+pipeline would have written, checked against the processor's row builder by
+tests/integration/test_bench_generate.py), so 100M events take minutes instead of hours of ingest:
+one `meter_windows` row per (meter, subject, minute, model, source message), a message being 100
+events of one subject as ingest cuts them. The windows answer is computed by the real query path
 (`query.store.WindowStore.meter`, FINAL included); the baseline aggregates raw events at query time,
 extracting the value and group from each row's JSON `data` (OpenMeter's design). The two answers are
 asserted equal before anything is timed.
@@ -31,9 +32,11 @@ from typing import Any
 from clickhouse_connect.driver.client import Client
 
 from bench.context import BenchContext
+from bench.generate import Layout
+from bench.generate import fill as generate_rows
 from bench.report import Figure
-from bench.workload import MODELS, SUBJECT_RUN, percentile, write_config
-from meterline.core.schema import EVENT_COLUMNS, EVENTS, METER_WINDOWS, WINDOW_COLUMNS
+from bench.workload import SUBJECT_RUN, percentile, write_config
+from meterline.core.schema import EVENTS, METER_WINDOWS
 from query.store import MeterRow, WindowStore
 
 METER = "tokens_total"
@@ -43,68 +46,19 @@ TARGET_RATIO = 20.0
 TARGET_P95_MS = 100.0
 
 
-def _zipf_rank(message: str, subjects: int) -> str:
-    """SQL for a subject rank in [0, subjects) drawn per message: P(rank <= r) = ln(r + 2) / ln(subjects + 1)."""
-    u = f"(intHash64({message}) % 1000000) / 1000000"
-    return f"least({subjects - 1}, toUInt32(floor(exp({u} * log({subjects + 1}))) - 1))"
-
-
-def _generator(n: int, subjects: int, message_events: int = SUBJECT_RUN) -> str:
-    """One row per event `n`: the expressions both tables are filled from. `message_events` events of a
-    subject's run share one Kafka message (1: single-event requests, one delta row per event)."""
-    span_ms = DAYS * 86_400_000
-    models = "[" + ",".join(f"'{m}'" for m in MODELS) + "]"
-    return f"""
-        SELECT
-            number AS n,
-            concat('customer-', toString({_zipf_rank(f"intDiv(number, {SUBJECT_RUN})", subjects)})) AS subject,
-            addMilliseconds(toDateTime64('{START:%Y-%m-%d %H:%M:%S}', 6, 'UTC'), intDiv(number * {span_ms}, {n})) AS t,
-            intHash32(number) % 1000 + 1 AS tokens,
-            arrayElement({models}, intHash64(number) % {len(MODELS)} + 1) AS model,
-            intDiv(number, {message_events}) AS message
-        FROM numbers({n})
-    """
-
-
-#: The events columns the fill writes (those added later keep their defaults: namespace `default`).
-_FILLED_EVENT_COLUMNS = EVENT_COLUMNS[: EVENT_COLUMNS.index("validation_errors") + 1]
-#: The meter_windows columns the fill writes (namespace keeps its default, `default`).
-_FILLED_WINDOW_COLUMNS = WINDOW_COLUMNS[: WINDOW_COLUMNS.index("generation") + 1]
-
-
-def fill(client: Client, n: int, subjects: int, message_events: int = SUBJECT_RUN) -> dict[str, Any]:
-    gen = _generator(n, subjects, message_events)
+def fill(ctx: BenchContext, client: Client, database: str, n: int, subjects: int,
+         message_events: int = SUBJECT_RUN) -> dict[str, Any]:
+    """Write n events of January 2024 and what the pipeline would have written for them (bench/generate.py:
+    their dedupe keys and the three meters' windows, generation `GENERATION`), merged to one layout."""
+    layout = Layout(events=n, start=START, days=DAYS, subjects=subjects, message_events=message_events)
+    task = ctx.task(f"P3 generating {n:,} events (keys, then rows)", 2 * n)
     t0 = time.perf_counter()
-    client.command(
-        f"""
-        INSERT INTO {EVENTS} ({", ".join(_FILLED_EVENT_COLUMNS)})
-        SELECT MD5(toString(n)), toString(n), 'bench', 'prompt', subject, t,
-               concat('{{"tokens":', toString(tokens), ',"model":"', model, '","user":"u', toString(n % 997), '"}}'),
-               t, 'bench', 0, message, n % {message_events}, []
-        FROM ({gen})
-        """,
-        settings={"max_insert_threads": 2},
-    )
-    client.command(
-        f"""
-        INSERT INTO {METER_WINDOWS} ({", ".join(_FILLED_WINDOW_COLUMNS)})  -- generation last: the one `register` makes active
-        SELECT '{METER}', subject, toStartOfMinute(t) AS ws, concat('{{"model":"', model, '"}}'), map('model', model),
-               'bench', 0, message,
-               count(), sum(toDecimal128(tokens, 9)), min(toDecimal128(tokens, 9)), max(toDecimal128(tokens, 9)),
-               [], max(t), argMax(toDecimal128(tokens, 9), t), 0, {GENERATION}
-        FROM ({gen})
-        GROUP BY subject, ws, model, message
-        """
-    )
-    filled = time.perf_counter() - t0
-    # Background merges would get here on their own; do it now so every run reads the same layout.
-    client.command(f"OPTIMIZE TABLE {EVENTS} FINAL")
-    client.command(f"OPTIMIZE TABLE {METER_WINDOWS} FINAL")
-    windows = int(client.command(f"SELECT count() FROM {METER_WINDOWS}"))
-    events = int(client.command(f"SELECT count() FROM {EVENTS}"))
-    return {"fill_seconds": round(filled, 2), "events_rows": events, "window_rows": windows,
-            "message_events": message_events,
-            "events_per_window_row": round(events / max(windows, 1), 2), "subjects": subjects}
+    info = generate_rows(client, ctx.infra.clickhouse_url, database, layout, generation=GENERATION,
+                         on_progress=lambda _, k: ctx.progress.advance(task, k))
+    ctx.done(task)
+    info["fill_seconds"] = round(time.perf_counter() - t0, 2)
+    info["events_per_window_row"] = round(info["events_rows"] / max(info["window_rows"], 1), 2)
+    return info
 
 
 #: The generation the filled windows belong to: a meter's first definition (version 1), made active by
@@ -182,7 +136,7 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
     store = WindowStore(client, database)
     try:
         task = ctx.task(f"P3 fill {size:,} events", None)
-        info = fill(client, size, subjects, int(ctx.options.get("p3_message_events", SUBJECT_RUN)))
+        info = fill(ctx, client, database, size, subjects, int(ctx.options.get("p3_message_events", SUBJECT_RUN)))
         register(client, database, ctx.work_dir)
         ctx.done(task)
         volumes = client.query(f"SELECT subject, count() AS n FROM {EVENTS} GROUP BY subject ORDER BY n DESC, subject").result_rows
