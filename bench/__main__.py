@@ -5,6 +5,8 @@
     python -m bench --only P1,P3 --p3 2000000,5000000
     python -m bench --only P1,P3 --auth-rounds 12   auth on beside off, more alternating rounds
     BENCH_SIZE=tiny python -m bench         seconds; what tests/bench runs
+    python -m bench --only P3 --p3 1e6,1e7,1e8 --repeats 10   the cost curve on generated data
+    python -m bench --only P5R --p5-reload 1e8 --p5-runs 2    a worker reloading 100M stored ids
 
 Every size option takes a comma-separated list: each figure is measured once per size (the cost
 curve). Options also read `BENCH_<OPTION>` from the environment.
@@ -37,12 +39,15 @@ from bench.report import Figure, Report
 
 #: Sizes per figure and preset: P1/P2/P3/P5 in events (P5: distinct ids), P4 in events/s.
 PRESETS: dict[str, dict[str, list[int]]] = {
-    "tiny": {"P1": [2_000], "P2": [3_000], "P3": [20_000], "P4": [200], "P5": [3_000], "P6": [3_000]},
+    "tiny": {"P1": [2_000], "P2": [3_000], "P3": [20_000], "P4": [200], "P5": [3_000], "P5R": [], "P6": [3_000]},
     "small": {"P1": [20_000, 50_000], "P2": [50_000, 200_000], "P3": [1_000_000, 3_000_000],
-              "P4": [1_000, 5_000], "P5": [200_000], "P6": [200_000]},
+              "P4": [1_000, 5_000], "P5": [200_000], "P5R": [], "P6": [200_000]},
     "full": {"P1": [50_000, 200_000], "P2": [200_000, 1_000_000], "P3": [1_000_000, 3_000_000, 10_000_000],
-             "P4": [1_000, 5_000], "P5": [1_000_000, 10_000_000], "P6": [1_000_000]},
+             "P4": [1_000, 5_000], "P5": [1_000_000, 10_000_000], "P5R": [],
+             "P6": [1_000_000]},
 }
+#: P5R: a worker reloading N ids generated in ClickHouse (bench/p5_reload.py), run with P5 when sizes are
+#: given (`--p5-reload`); P5 sizes above `--p5-meter-max` are measured that way too.
 #: P6 reuses P2's run of the same size (its stored events and live rate): keep a P6 size among P2's.
 FIGURES = ("P1", "P2", "P3", "P4", "P5", "P6")
 DEFAULT_RESULTS = Path(__file__).parent / "results"
@@ -65,6 +70,8 @@ def _runner(figure: str) -> Callable[[BenchContext, int], list[Figure]]:
         from bench.p4_freshness import run
     elif figure == "P5":
         from bench.p5_memory import run
+    elif figure == "P5R":
+        from bench.p5_reload import run
     else:
         from bench.p6_rebuild import run
     return run
@@ -79,6 +86,11 @@ def main(
     p3: Annotated[str | None, typer.Option(envvar="BENCH_P3", help="P3 sizes (raw events in ClickHouse)")] = None,
     p4: Annotated[str | None, typer.Option(envvar="BENCH_P4", help="P4 rates (events/s)")] = None,
     p5: Annotated[str | None, typer.Option(envvar="BENCH_P5", help="P5 sizes (distinct ids)")] = None,
+    p5_reload: Annotated[str | None, typer.Option(envvar="BENCH_P5_RELOAD",
+                                                  help="P5 reload sizes (ids generated in ClickHouse)")] = None,
+    p5_runs: Annotated[int, typer.Option(envvar="BENCH_P5_RUNS", help="P5 reload runs (new worker each)")] = 1,
+    p5_meter_max: Annotated[int, typer.Option(envvar="BENCH_P5_METER_MAX",
+                                              help="larger P5 sizes are measured by the reload")] = 20_000_000,
     p6: Annotated[str | None, typer.Option(envvar="BENCH_P6", help="P6 sizes (stored events rebuilt)")] = None,
     clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 16,
     partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
@@ -103,9 +115,12 @@ def main(
     console = Console(width=max(Console().width, 120))
     logging.basicConfig(level=logging.WARNING)
     sizes = dict(PRESETS[size])
-    for name, override in (("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4), ("P5", p5), ("P6", p6)):
+    for name, override in (("P1", p1), ("P2", p2), ("P3", p3), ("P4", p4), ("P5", p5), ("P5R", p5_reload),
+                           ("P6", p6)):
         sizes[name] = _sizes(override) or sizes[name]
     wanted = [f.strip().upper() for f in only.split(",") if f.strip()]
+    if "P5" in wanted and "P5R" not in wanted:
+        wanted.insert(wanted.index("P5") + 1, "P5R")
     options: dict[str, Any] = {
         "clients": clients, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_message_events": p3_message_events, "p3_repeats": repeats,
         "p1_rounds": 1 if size == "tiny" else 3,
@@ -119,6 +134,7 @@ def main(
         # so those rows measured start-up, not throughput.
         "p2_extra": p2_extra or {"tiny": 2_000, "small": 200_000, "full": 400_000}[size],
         "p2_core_events": {"tiny": 2_000, "small": 20_000, "full": 50_000}[size],
+        "p5_runs": p5_runs, "p5_meter_max": p5_meter_max,
     }
     report = Report(size=size, params={"sizes": {f: sizes[f] for f in wanted}, **options})
     scratch = work_dir or Path(tempfile.mkdtemp(prefix="meterline-bench-"))

@@ -2,7 +2,8 @@
 
 The worker meters N fresh events (the P2 run, every event accounted for), then its RSS and peak RSS
 are read from /proc. The baseline is what naive in-memory dedupe costs: a Python process holding the
-same N 16-byte blake2b keys in a `set` (the dedupe key of design.md), measured the same way.
+same N 16-byte blake2b keys in a `set` (the dedupe key of design.md), measured the same way. Sizes above `METER_MAX` (and `--p5-reload`) measure a worker reloading N ids
+generated in ClickHouse instead (bench/p5_reload.py).
 """
 
 from __future__ import annotations
@@ -33,7 +34,16 @@ def naive_set_rss(n: int) -> int:
     return rss
 
 
+#: Above this many ids P5 is measured by `bench.p5_reload` (a worker loading N generated ids) instead of
+#: metering N events through Kafka: 100M events through a worker take hours on two cores.
+METER_MAX = 20_000_000
+
+
 def run(ctx: BenchContext, size: int) -> list[Figure]:
+    if size > int(ctx.options.get("p5_meter_max", METER_MAX)):
+        from bench import p5_reload
+
+        return p5_reload.run(ctx, size)
     mine = meterline_run(ctx, size, label="P5 meterline")
     task = ctx.task(f"P5 naive: Python set of {size:,} dedupe keys", None)
     baseline = naive_set_rss(size)

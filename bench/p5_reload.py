@@ -1,0 +1,214 @@
+"""P5 at sizes metering cannot reach: a worker taking over partitions that hold N stored dedupe ids.
+
+What a cold worker pays when it takes over partitions (a restart on a new disk, a replacement worker, a
+rebalance onto a worker that never owned them): its RocksDB cache is empty, so before it decides any
+message it loads every first sighting of the dedupe horizon of those partitions from ClickHouse
+(`BatchProcessor.ensure_loaded` -> `ClickHouseSink.load_dedupe` -> `DedupeState.load_rows`). With 100M
+ids that is the processor's largest memory and time cost, and a worker does not meter meanwhile.
+
+N events spread over the last 30 days are generated in ClickHouse (bench/generate.py: `events` and
+`dedupe_keys` rows as the sink writes them, under an older log epoch so their positions are not live
+offsets), then one message per partition is produced, each with a copy of a stored event and a fresh
+one, and a real worker (`python -m processor`, empty state dir) is started on them. The figure is read
+from the worker itself: its peak RSS (VmHWM) once every partition is loaded and the fresh events are
+stored, and the seconds of each partition's load from its own log. The copies must be dropped and the
+fresh events stored, or the figure fails: a reload that loaded nothing would be fast too.
+
+Baselines, measured in the same run: for memory, a Python `set` of the N keys (P5's, bench/p5_memory.py);
+for time, the same loads through the sink with a merge that only counts the rows (ClickHouse's read
+and the sink's decoding, without RocksDB). Each run starts a new worker on a new empty state dir.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import Producer
+
+from bench.context import BenchContext
+from bench.generate import Layout
+from bench.generate import fill as generate_rows
+from bench.p2_processor import rss_bytes
+from bench.p5_memory import MB, TARGET_BYTES, naive_set_rss
+from bench.report import Figure
+from bench.workload import SUBJECT_RUN, event, write_config
+from meterline.adapters.clickhouse import connect
+from meterline.core.events import encode_messages
+from meterline.settings import Settings
+from processor.sink import ClickHouseSink
+
+EPOCH = "bench-generated"
+FRESH_SUBJECT = "p5-fresh"
+#: Bytes per key of the naive set, measured at 10M (883 MB): used to decide whether the machine can hold it.
+NAIVE_BYTES_PER_KEY = 100
+LOADED = "dedupe state loaded"
+
+
+def run(ctx: BenchContext, size: int) -> list[Figure]:
+    partitions = int(ctx.options.get("partitions", 4))
+    runs = max(1, int(ctx.options.get("p5_runs", 1)))
+    config = write_config(ctx.work_dir / f"p5-reload-{uuid.uuid4().hex[:8]}")
+    stack = ctx.infra.stack(config, processors=0, partitions=partitions)
+    stack.start()
+    url, database = str(stack.clickhouse_url), str(stack.database)
+    client = connect(url, database=database)
+    try:
+        # Broker times of the last 30 days, an hour back: all inside the horizon a worker loads.
+        start = (datetime.now(UTC) - timedelta(days=30, hours=1)).replace(microsecond=0)
+        layout = Layout(events=size, start=start, days=30, partitions=partitions, log_epoch=EPOCH)
+        task = ctx.task(f"P5 reload: generating {size:,} stored ids", 2 * size)
+        info = generate_rows(client, url, database, layout, windows=False,
+                             on_progress=lambda _, k: ctx.progress.advance(task, k))
+        ctx.done(task)
+        if info["events_rows"] != size or info["dedupe_keys_rows"] != size:
+            raise AssertionError(f"P5 reload: generated {info}, expected {size} rows")
+        measured = [_worker_reload(ctx, stack, client, size, partitions, r) for r in range(runs)]
+        # Every stored id now: the generated ones and each run's fresh events.
+        stored = size + runs * partitions
+        floor = [_sink_read(ctx, url, database, partitions, stored) for _ in range(runs)]
+    finally:
+        client.close()
+        stack.stop()
+    naive = _naive_baseline(ctx, size)
+    peaks = [m["peak_rss_bytes"] for m in measured]
+    seconds = [m["load_seconds"] for m in measured]
+    details: dict[str, Any] = {
+        **info, "runs": measured, "sink_read_seconds": floor, "partitions": partitions, "ids_per_partition":
+        size // partitions, **naive, "all_counted": all(m["all_counted"] for m in measured),
+        "peak_rss_spread_mb": [round(min(peaks) / MB), round(max(peaks) / MB)],
+        "load_seconds_spread": [min(seconds), max(seconds)],
+    }
+    peak, load = statistics.median(peaks), statistics.median(seconds)
+    return [
+        Figure("P5", "processor reload: peak RSS, N stored ids loaded into an empty worker", size, peak / MB, "MB",
+               naive["naive_set_rss_bytes"] / MB, "Python set of N 16-byte dedupe keys (in-memory dedupe)",
+               higher_is_better=False, target="<= 1024 MB", passed=max(peaks) <= TARGET_BYTES, details=details),
+        Figure("P5", f"processor reload: seconds to load N stored ids ({partitions} partitions)", size, load, "s",
+               statistics.median(floor), "the sink's load queries streamed, rows counted, no RocksDB merge",
+               higher_is_better=False, target="(no target)", passed=None, details=details),
+    ]
+
+
+def _messages(run: int, partitions: int, size: int, message_events: int) -> list[tuple[int, bytes, bytes]]:
+    """Per partition one message: a copy of an event stored on that partition (a duplicate) and a fresh
+    event. (A copy of another partition's event is dropped only once that partition is loaded too.)"""
+    out = []
+    for p in range(partitions):
+        copy = event(0, run="copy", subjects=1, subject=FRESH_SUBJECT)
+        stored = (p + partitions * run) * message_events + 7  # on partition p (bench/generate.py's layout)
+        if stored >= size:
+            raise ValueError(f"P5 reload: {size} ids are too few for {partitions} partitions")
+        copy["id"] = str(stored)  # source "bench", as generated
+        fresh = event(p, run=f"fresh{run}", subjects=1, subject=FRESH_SUBJECT)
+        ((key, value),) = encode_messages([copy, fresh])
+        out.append((p, key, value))
+    return out
+
+
+def _worker_reload(ctx: BenchContext, stack: Any, client: Any, size: int, partitions: int, run: int) -> dict[str, Any]:
+    """Start an empty worker on one new message per partition; wait until it stored the fresh events."""
+    producer = Producer({"bootstrap.servers": str(stack.kafka_bootstrap)})
+    for p, key, value in _messages(run, partitions, size, SUBJECT_RUN):
+        producer.produce(str(stack.topic), value=value, key=key, partition=p)
+    if producer.flush(30):
+        raise RuntimeError("P5 reload: could not produce the takeover messages")
+    task = ctx.task(f"P5 reload: worker {run + 1} loading {size:,} ids", None)
+    started = time.monotonic()
+    worker = stack.add_processor(run)  # a new index: a new, empty state dir
+    pid = int(worker.pid or 0)
+    fresh = {f"fresh{run}-{p}" for p in range(partitions)}
+    samples: list[tuple[float, int]] = []
+    stall = float(ctx.options.get("p5_reload_timeout", 1800))
+    try:
+        while True:
+            if not worker.running:
+                raise RuntimeError(f"P5 reload: worker exited; see {worker.log_path}")
+            now = time.monotonic()
+            samples.append((round(now - started, 1), rss_bytes(pid)[0]))
+            # `events` is sorted by subject first: this reads the fresh subject's rows only.
+            stored = {r[0] for r in client.query(
+                "SELECT id FROM events WHERE subject = {s:String}", parameters={"s": FRESH_SUBJECT}).result_rows}
+            if fresh <= stored:
+                break
+            if now - started > stall:
+                raise TimeoutError(f"P5 reload: fresh events not stored after {stall:.0f}s ({worker.log_path})")
+            time.sleep(1.0)
+        wall = time.monotonic() - started
+        rss, peak = rss_bytes(pid)
+    finally:
+        worker.stop()
+        ctx.done(task)
+    loads = _loads(worker.log_path)
+    copies = {r[0] for r in client.query(
+        "SELECT id FROM events WHERE subject = {s:String}", parameters={"s": FRESH_SUBJECT}).result_rows} - {
+        f"fresh{r}-{p}" for r in range(run + 1) for p in range(partitions)}
+    loaded = sum(x["keys"] for x in loads)
+    all_counted = not copies and loaded >= size
+    if not all_counted:
+        raise AssertionError(f"P5 reload: copies stored {sorted(copies)}, {loaded:,} of {size:,} ids loaded")
+    return {"wall_seconds_from_start": round(wall, 1), "load_seconds": round(sum(x["seconds"] for x in loads), 3),
+            "partition_loads": loads, "peak_rss_bytes": peak, "rss_bytes": rss, "keys_loaded": loaded,
+            "rss_timeline": samples[:: max(1, len(samples) // 40)], "all_counted": all_counted,
+            "copies_dropped": partitions}
+
+
+def _loads(log: Path) -> list[dict[str, Any]]:
+    """The worker's own record of each partition load: keys and seconds (`BatchProcessor.ensure_loaded`)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if LOADED not in line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if record.get("event") == LOADED:
+            out.append({"partition": record["partition"], "keys": record["keys"], "seconds": record["seconds"]})
+    return out
+
+
+def _keep_days() -> int:
+    """Days of keys a load reads, as `BatchProcessor.keep_days` computes them: the horizon plus retention."""
+    settings = Settings()
+    return math.ceil((settings.dedupe_horizon_days * 86_400 + settings.topic_retention_hours * 3600) / 86_400)
+
+
+def _sink_read(ctx: BenchContext, url: str, database: str, partitions: int, size: int) -> float:
+    """Seconds of the worker's load queries through `ClickHouseSink.load_dedupe`, rows only counted."""
+    sink = ClickHouseSink(url, database)
+    keep_days = _keep_days()
+    task = ctx.task(f"P5 reload baseline: streaming {size:,} ids without merging", None)
+    t0 = time.perf_counter()
+    n = sum(sink.load_dedupe(p, keep_days, None, lambda rows: sum(1 for _ in rows)) for p in range(partitions))
+    seconds = time.perf_counter() - t0
+    ctx.done(task)
+    if n != size:
+        raise AssertionError(f"P5 reload baseline: streamed {n:,} ids, {size:,} are stored")
+    return round(seconds, 3)
+
+
+def _naive_baseline(ctx: BenchContext, size: int) -> dict[str, Any]:
+    """The Python set of N keys, measured when the machine has room for it (~100 bytes a key: 10 GB at 100M),
+    else measured at the largest size that fits and scaled linearly (flagged)."""
+    available = _mem_available()
+    fits = max(1_000_000, int((available - 4 * 1024**3) / (1.5 * NAIVE_BYTES_PER_KEY)))
+    measured_at = min(size, fits)
+    task = ctx.task(f"P5 naive: Python set of {measured_at:,} dedupe keys", None)
+    rss = naive_set_rss(measured_at)
+    ctx.done(task)
+    return {"naive_set_rss_bytes": rss * size // measured_at, "naive_set_measured_at": measured_at,
+            "naive_set_extrapolated": measured_at != size}
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
