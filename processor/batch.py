@@ -338,7 +338,7 @@ class BatchProcessor:
         workers own stay pending here (their owner finds the same conflict); they are done here if this
         worker comes to own the partition first. Each is forgotten only once the sink says it is done.
         """
-        pending = [loser for loser in self.state.pending_retractions() if loser.loser.partition in self.owned]
+        pending = self.state.pending_retractions(self.owned)
         if not pending:
             return 0
         meters, options = self.meters, self.options

@@ -42,7 +42,7 @@ that meets a key stored (or decided here) at another position within the horizon
 keeps the copy `positions.first_sighting` ranks first -- every worker meeting the two picks the same one
 -- and records the other as a pending retraction, in the same RocksDB write:
 
-    b"r" + dedupe_key(16) + loser position(20) -> loser record(24) + winner record(24)
+    b"r" + >I loser partition + dedupe_key(16) + loser position(20) -> loser record(24) + winner record(24)
 
 The owner of the loser's partition undoes it (processor/retraction.py) and then deletes the record
 (`retracted`); until then the record survives a crash, and a lost cache finds the conflict again in the
@@ -91,6 +91,12 @@ def _expired(old: bytes, new: bytes, horizon_seconds: int) -> bool:
     `old` had expired when `new` was accepted, and `new` is the sighting later copies are compared with."""
     return len(old) > 20 and len(new) > 20 and \
         _SEEN.unpack_from(old, 20)[0] < _SEEN.unpack_from(new, 20)[0] - horizon_seconds
+
+
+def _retraction_key(key: bytes, loser: bytes) -> bytes:
+    """Where a pending retraction is kept: by the loser's partition first, so a worker reads only the
+    ones of the partitions it owns."""
+    return _RETRACT_PREFIX + loser[4:8] + key + loser[:20]
 
 
 def _record(record: bytes) -> bytes:
@@ -249,7 +255,7 @@ class DedupeState:
                     if winner is v:
                         first[k] = v
                         wb.put(k, v)
-                    wb.put(_RETRACT_PREFIX + k[1:] + loser[:20], _record(loser) + _record(winner))
+                    wb.put(_retraction_key(k[1:], loser), _record(loser) + _record(winner))
                     logger.warning("a dedupe key is stored at two positions: the later copy is retracted",
                                    extra={"dedupe_key": k[1:].hex(), "winner": self._describe(winner),
                                           "loser": self._describe(loser)})
@@ -294,23 +300,27 @@ class DedupeState:
         return f"#{epoch_no}"
 
     # ------------------------------------------------------------------ retractions
-    def pending_retractions(self) -> list[Loser]:
+    def pending_retractions(self, partitions: Iterable[int] | None = None) -> list[Loser]:
         """Copies found stored after another copy of their key that ranks first (see module doc), not yet
-        retracted, in key order."""
+        retracted, of the losers' `partitions` (None: all), by partition and key. Cheap when there are
+        none: one seek per partition (it runs before every batch)."""
+        prefixes = [_RETRACT_PREFIX] if partitions is None else \
+            [_RETRACT_PREFIX + _PARTITION.pack(p) for p in sorted(set(partitions))]
         out = []
         with self._open():
-            for k, v in self._db.items(from_key=_RETRACT_PREFIX):
-                if not k.startswith(_RETRACT_PREFIX):
-                    break
-                out.append(Loser(k[1:17], self._sighting(v[:24]), self._sighting(v[24:])))
+            for prefix in prefixes:
+                for k, v in self._db.items(from_key=prefix):
+                    if not k.startswith(prefix):
+                        break
+                    out.append(Loser(k[5:21], self._sighting(v[:24]), self._sighting(v[24:])))
         return out
 
     def retracted(self, loser: Loser) -> None:
         """The loser's rows are undone: forget the pending retraction."""
         no = self.epoch_no(loser.loser.log_epoch)
         with self._open():
-            self._db.delete(_RETRACT_PREFIX + loser.key + _POS.pack(no, loser.loser.partition, loser.loser.offset,
-                                                                    loser.loser.index))
+            self._db.delete(_retraction_key(loser.key, _POS.pack(no, loser.loser.partition, loser.loser.offset,
+                                                                 loser.loser.index)))
 
     def _describe(self, record: bytes) -> str:
         no, part, offset, index = _POS.unpack_from(record)

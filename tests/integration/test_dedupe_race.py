@@ -25,6 +25,8 @@ import pytest
 from meterline.adapters.clickhouse import connect
 from meterline.core.meters import Aggregation, Meter, MeterSet
 from meterline.core.rows import Rows
+from meterline.core.schema import SINGLE_NODE, Topology
+from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
 from meterline.settings import Settings
 from processor.batch import BatchProcessor, Message
 from processor.dedupe import DedupeState
@@ -65,11 +67,19 @@ def database(clickhouse_url: str, unique_name: Callable[[str], str]) -> Iterator
     client.close()
 
 
-def worker(tmp_path: Path, name: str, clickhouse_url: str, database: str, owns: set[int]) -> BatchProcessor:
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClickHouseCluster]:
+    with LocalClickHouseCluster(tmp_path_factory.mktemp("race-cluster") / "clickhouse", shards=2) as running:
+        yield running
+
+
+def worker(tmp_path: Path, name: str, clickhouse_url: str, database: str, owns: set[int],
+           topology: Topology = SINGLE_NODE) -> BatchProcessor:
     settings = Settings(config_file=str(tmp_path / "absent.yaml"), dedupe_horizon_days=32, late_horizon_days=None,
                         topic_partitions=2, window_size_seconds=60)
-    sink = GatedSink(f"{clickhouse_url}/{database}", database, backoff_max=0.5)
-    sink.ensure_schema(keys_keep_days=40)
+    sink = GatedSink(f"{clickhouse_url}/{database}", database, backoff_max=0.5, topology=topology)
+    if topology.cluster is None:  # a cluster's schema is created on every node by the test
+        sink.ensure_schema(keys_keep_days=40)
     state = DedupeState(str(tmp_path / name), 32, max_lag_seconds=3600)
     processor = BatchProcessor(settings, METERS, state, sink, EPOCH)
     processor.assigned(owns)
@@ -168,11 +178,26 @@ async def race(a: BatchProcessor, b: BatchProcessor, log_a: list[Message], log_b
 
 def test_copies_decided_by_two_workers_before_either_wrote_count_once(
         tmp_path: Path, clickhouse_url: str, database: str) -> None:
+    staged_race(tmp_path, clickhouse_url, database)
+
+
+def test_the_race_is_repaired_on_a_cluster(tmp_path: Path, cluster: LocalClickHouseCluster,
+                                           unique_name: Callable[[str], str]) -> None:
+    """2 shards: rows sharded by subject (the two copies of a key mostly on different shards), deletes run
+    on every node's local table (`mutate`), the replacement windows carry their own insert token."""
+    database = unique_name("race")
+    cluster.create_schema(database)
+    topology = Topology(cluster=cluster.name, replicated=False, on_cluster=False,
+                        nodes=tuple(node.url for node in cluster.nodes))
+    staged_race(tmp_path, cluster.url, database, topology)
+
+
+def staged_race(tmp_path: Path, clickhouse_url: str, database: str, topology: Topology = SINGLE_NODE) -> None:
     now = float(int(time.time()))  # broker times are whole milliseconds, as Kafka's are
     log_a, log_b = the_log(now)
     expected, expected_events = oracle(log_a + log_b), winners(log_a + log_b)
-    a = worker(tmp_path, "a", clickhouse_url, database, {0})
-    b = worker(tmp_path, "b", clickhouse_url, database, {1})
+    a = worker(tmp_path, "a", clickhouse_url, database, {0}, topology)
+    b = worker(tmp_path, "b", clickhouse_url, database, {1}, topology)
     client = connect(clickhouse_url, database=database)
 
     async def scenario() -> None:
@@ -197,7 +222,7 @@ def test_copies_decided_by_two_workers_before_either_wrote_count_once(
         assert rollups(client, database) == expected
         assert stored_events(client, database) == expected_events
         # A new owner of B's partition with an empty cache (a lost state dir) finds no conflict left.
-        c = worker(tmp_path, "c", clickhouse_url, database, {1})
+        c = worker(tmp_path, "c", clickhouse_url, database, {1}, topology)
         await c.reconcile()
         await c.process(log_b)
         assert c.state.conflicts == 0 and c.state.pending_retractions() == []
