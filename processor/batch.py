@@ -333,10 +333,13 @@ class BatchProcessor:
         """Undo the stored copies this worker's cache found losing to another copy of their key
         (`DedupeState.pending_retractions`), on the partitions it owns; returns how many were undone.
 
-        Runs under the batch lock, after the merges and before deciding: the loser's partition is written
-        by this worker only, so nothing of its messages is written meanwhile. Copies on partitions other
-        workers own stay pending here (their owner finds the same conflict); they are done here if this
-        worker comes to own the partition first. Each is forgotten only once the sink says it is done.
+        Runs from `reconcile` (a timer), under the batch lock: the loser's partition is written by this
+        worker only, so nothing of its messages is written meanwhile. Not before every batch: the cache
+        already decides as the retraction does (a replay of the loser's message drops it), so nothing waits
+        for it, and a retraction that keeps failing costs a try per tick, not per batch. Copies on
+        partitions other workers own stay pending here (their owner finds the same conflict); they are done
+        here if this worker comes to own the partition first. Each is forgotten only once the sink says it
+        is done.
         """
         pending = self.state.pending_retractions(self.owned)
         if not pending:
@@ -423,7 +426,6 @@ class BatchProcessor:
         await self.ensure_loaded(partitions)
         metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
         await self.merge_foreign(partitions)
-        await self.retract_losers()
         started = time.perf_counter()
         rows = self.build(messages)
         built = time.perf_counter()
