@@ -234,6 +234,7 @@ def test_a_key_stored_at_two_positions_is_a_conflict_and_the_first_ranked_copy_s
     assert state.lookup(k1) == Position(EPOCH, 0, 7, 0)
     assert state.lookup(k2) == Position(EPOCH, 5, 3, 0)  # same second: the smaller partition
     assert state.lookup(k3) == Position(EPOCH, 5, 4, 0)  # the earlier broker time, on the other partition
+    assert [x.position for x in state.pending_retractions([0])] == [(EPOCH, 0, 8, 0)]  # only partition 0's
     pending = {(x.key, x.position, x.winner_position) for x in state.pending_retractions()}
     assert pending == {(k1, (EPOCH, 5, 2, 0), (EPOCH, 0, 7, 0)), (k2, (EPOCH, 6, 1, 0), (EPOCH, 5, 3, 0)),
                        (k3, (EPOCH, 0, 8, 0), (EPOCH, 5, 4, 0))}
