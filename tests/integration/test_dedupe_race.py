@@ -239,3 +239,59 @@ def staged_race(tmp_path: Path, clickhouse_url: str, database: str, topology: To
         client.close()
         a.state.close()
         b.state.close()
+
+
+class CrashingSink(GatedSink):
+    """Dies (a non-storage error, as kill -9 would stop it) right before deleting the losers' `events`
+    rows: their windows are replaced and their `dedupe_keys` rows gone, their `events` rows stay."""
+
+    crash = True
+
+    def _delete(self, table: str, positions: Any) -> None:
+        if table == "events" and self.crash:
+            self.crash = False
+            raise RuntimeError("killed before deleting the losers' events rows")
+        super()._delete(table, positions)
+
+
+def test_a_retraction_cut_short_is_found_again_by_a_worker_with_a_lost_cache(
+        tmp_path: Path, clickhouse_url: str, database: str) -> None:
+    now = float(int(time.time()))
+    log_a, log_b = the_log(now)
+    expected, expected_events = oracle(log_a + log_b), winners(log_a + log_b)
+    a = worker(tmp_path, "a", clickhouse_url, database, {0})
+    b = worker(tmp_path, "b", clickhouse_url, database, {1})
+    client = connect(clickhouse_url, database=database)
+    crashing = CrashingSink(f"{clickhouse_url}/{database}", database, backoff_max=0.5)
+    a.sink = crashing
+
+    async def scenario() -> None:
+        b_sink = b.sink
+        assert isinstance(b_sink, GatedSink)
+        b_sink.hold = True  # this time B stalls; A processes its batch whole
+        task = asyncio.create_task(b.process(log_b))
+        await asyncio.wait_for(b_sink.waiting.wait(), 30)
+        await a.process(log_a)
+        b_sink.gate.set()
+        await asyncio.wait_for(task, 60)
+        b_sink.hold = False
+        await b.reconcile()  # B retracts its late copies
+        with pytest.raises(RuntimeError, match="killed"):
+            await a.reconcile()  # A dies part-way through retracting its 15 losing originals
+        a.state.close()
+        # Restarted without its state dir: the losers' events rows make the conflicts show again.
+        a2 = worker(tmp_path, "a2", clickhouse_url, database, {0})
+        await a2.reconcile()
+        assert a2.state.conflicts == 15 and a2.state.pending_retractions() == []
+        assert rollups(client, database) == expected
+        assert stored_events(client, database) == expected_events
+        await a2.process(log_a)  # and its replay drops them
+        assert rollups(client, database) == expected
+        assert stored_events(client, database) == expected_events
+        a2.state.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()
+        b.state.close()
