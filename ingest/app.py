@@ -14,6 +14,7 @@ from typing import Protocol
 
 from fastapi import FastAPI
 
+from ingest.endpoint import IngestEndpoint
 from ingest.producer import EventProducer
 from ingest.routes import Publisher, router
 from meterline.adapters.auth import install_auth
@@ -21,7 +22,7 @@ from meterline.adapters.health import ReadinessCheck, health_router
 from meterline.adapters.problems import install_problem_handlers
 from meterline.settings import Settings
 
-__all__ = ["ManagedPublisher", "broker_check", "create_app", "ingest_lifespan", "router"]
+__all__ = ["ManagedPublisher", "broker_check", "create_app", "ingest_lifespan", "install_ingest", "router"]
 
 
 class ManagedPublisher(Publisher, Protocol):
@@ -70,6 +71,16 @@ def broker_check(app: FastAPI, timeout: float = 2.0) -> ReadinessCheck:
     return check
 
 
+def install_ingest(app: FastAPI) -> None:
+    """The ingest route (OpenAPI) and `IngestEndpoint`, which serves it without FastAPI's routing.
+
+    Call before `install_auth` (and any middleware that must see ingest requests): a middleware added
+    later wraps this one, so authentication and limits run before it.
+    """
+    app.include_router(router)
+    app.add_middleware(IngestEndpoint)
+
+
 def create_app(settings: Settings, producer: ManagedPublisher | None = None) -> FastAPI:
     """Ingest-only app (deploy/): POST /api/v1/events, /healthz, /readyz, /metrics."""
 
@@ -79,8 +90,8 @@ def create_app(settings: Settings, producer: ManagedPublisher | None = None) -> 
             yield
 
     app = FastAPI(title="meterline ingest", version="0.1.0", lifespan=lifespan)
-    auth = install_auth(app, settings)
     install_problem_handlers(app)
-    app.include_router(router)
+    install_ingest(app)
+    auth = install_auth(app, settings)  # added last: outermost, so ingest runs behind it
     app.include_router(health_router({"broker": broker_check(app)}))
     return app

@@ -19,7 +19,6 @@ The router reads `request.app.state.settings` (`Settings`) and `request.app.stat
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import time
@@ -30,6 +29,8 @@ from typing import Any, Protocol
 import orjson
 from fastapi import APIRouter, Request, Response
 from prometheus_client import Counter, Gauge, Histogram
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive
 
 from meterline.adapters.problems import (
     PROBLEM_MEDIA_TYPE,
@@ -38,7 +39,7 @@ from meterline.adapters.problems import (
     MalformedBodyError,
     UnsupportedContentTypeError,
 )
-from meterline.core.access import DEFAULT_NAMESPACE
+from meterline.core.access import DEFAULT_NAMESPACE, Principal
 from meterline.core.attributes import MAX_LENGTHS
 from meterline.core.errors import BrokerUnavailableError, InvalidEventError, RateLimitedError
 from meterline.core.events import CHUNK_MAX_BYTES, NAMESPACE_ATTRIBUTE, encode_messages, validate_events
@@ -114,8 +115,18 @@ class Publisher(Protocol):
         """
 
 
+#: Accepted Content-Type headers already parsed (clients send one or two spellings): a dict hit instead of
+#: a split per request. Bounded, and only accepted headers enter it.
+_ACCEPTED_HEADERS: dict[str, str] = {}
+_ACCEPTED_HEADERS_MAX = 64
+
+
 def media_type(header: str | None) -> str:
     """Return the accepted media type of a Content-Type header, or raise UnsupportedContentTypeError."""
+    if header is not None:
+        known = _ACCEPTED_HEADERS.get(header)
+        if known is not None:
+            return known
     if not header:
         raise UnsupportedContentTypeError(f"Content-Type is required: one of {SINGLE}, {BATCH}, {PLAIN}")
     main, *params = (p.strip() for p in header.split(";"))
@@ -128,12 +139,17 @@ def media_type(header: str | None) -> str:
         name, _, value = param.partition("=")
         if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
             raise UnsupportedContentTypeError(f"unsupported charset {value.strip()!r}; only utf-8")
+    if len(_ACCEPTED_HEADERS) < _ACCEPTED_HEADERS_MAX:
+        _ACCEPTED_HEADERS[header] = main
     return main
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """Read the body, refusing (413) as soon as it is known to exceed `limit` bytes."""
-    declared = request.headers.get("content-length")
+async def read_body(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """Read the body from the ASGI `receive`, refusing (413) as soon as it is known to exceed `limit` bytes.
+
+    What Starlette's `Request.stream()` does (ClientDisconnect when the client goes), without an async
+    generator per request; a body that arrives in one message (any small request) is used as it is.
+    """
     if declared is not None:
         try:
             if int(declared) > limit:
@@ -142,12 +158,23 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise MalformedBodyError("Content-Length is not a number") from None
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLargeError(f"body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "http.request":
+            chunk: bytes = message.get("body", b"")
+            more = message.get("more_body", False)
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLargeError(f"body exceeds the limit of {limit} bytes")
+                if not more and not chunks:
+                    return chunk
+                chunks.append(chunk)
+            if not more:
+                return b"".join(chunks)
+        elif kind == "http.disconnect":
+            raise ClientDisconnect()
 
 
 def parse_items(body: bytes, kind: str) -> list[Any]:
@@ -214,12 +241,30 @@ def _refuse_oversized(messages: Sequence[tuple[bytes, bytes]], max_message_bytes
     openapi_extra=_OPENAPI_EXTRA,
 )
 async def ingest_events(request: Request) -> Response:
-    """Validate the whole request, publish it grouped by subject, then answer 204."""
-    settings = request.app.state.settings
+    """Validate the whole request, publish it grouped by subject, then answer 204.
+
+    Apps built by `ingest.app` serve this path with `ingest.endpoint.IngestEndpoint` (the same `ingest`,
+    without FastAPI's routing and dependency machinery); this route is what the OpenAPI document shows and
+    what an app that only includes `router` serves.
+    """
+    headers = request.headers
+    await ingest(request.app.state, request.state.principal, headers.get("content-type"),
+                 headers.get("content-length"), request.receive)
+    return Response(status_code=204)
+
+
+async def ingest(state: Any, principal: Principal, content_type: str | None, content_length: str | None,
+                 receive: Receive) -> None:
+    """Read, validate and publish one request's events; return once Kafka acknowledged every one (then
+    the caller answers 204). Raises the errors `meterline.adapters.problems` maps to statuses.
+
+    `state` is the app's state (`settings`, `producer`, `limiter`), `principal` the request's (auth).
+    """
+    settings = state.settings
     received_at = datetime.now(UTC)
     try:
-        kind = media_type(request.headers.get("content-type"))
-        body = await read_body(request, settings.max_body_bytes)
+        kind = media_type(content_type)
+        body = await read_body(receive, content_length, settings.max_body_bytes)
         items = parse_items(body, kind)
         if len(items) > settings.max_batch_events:
             raise BodyTooLargeError(
@@ -235,21 +280,22 @@ async def ingest_events(request: Request) -> Response:
         EVENTS_REJECTED.labels("malformed").inc()
         raise
     try:  # per-key event rate, counted before validation: validation is the CPU it protects
-        request.app.state.limiter.charge_events(request.state.principal, len(items))
+        state.limiter.charge_events(principal, len(items))
     except RateLimitedError:
         EVENTS_REJECTED.labels("rate_limited").inc(len(items))
         raise
     try:
         # Big batches are validated off the event loop (~2 µs an event on the fast path, ~20 on the full
         # SDK path) so small requests keep flowing.
-        validate = functools.partial(
-            _validate, body, items, received_at, settings.max_data_bytes, settings.max_data_depth
-        )
-        events = validate() if len(items) <= OFFLOAD_THRESHOLD else await asyncio.to_thread(validate)
+        limits = (settings.max_data_bytes, settings.max_data_depth)
+        if len(items) <= OFFLOAD_THRESHOLD:
+            events = _validate(body, items, received_at, *limits)
+        else:
+            events = await asyncio.to_thread(_validate, body, items, received_at, *limits)
     except InvalidEventError:
         EVENTS_REJECTED.labels("invalid").inc(len(items))
         raise
-    namespace = request.state.principal.namespace
+    namespace = principal.namespace
     if namespace != DEFAULT_NAMESPACE:  # the key's tenant travels with each event (absent = default)
         for event in events:
             event[NAMESPACE_ATTRIBUTE] = namespace
@@ -265,7 +311,7 @@ async def ingest_events(request: Request) -> Response:
                 EVENTS_REJECTED.labels("draining").inc(len(events))
                 raise BrokerUnavailableError("meterline is stopping: nothing of this request was published; retry")
             try:
-                producer: Publisher = request.app.state.producer
+                producer: Publisher = state.producer
                 await producer.publish(messages)
             except BrokerUnavailableError:
                 EVENTS_REJECTED.labels("broker_unavailable").inc(len(events))
@@ -276,4 +322,3 @@ async def ingest_events(request: Request) -> Response:
         MESSAGES.inc(len(messages))
         EVENTS_ACCEPTED.inc(len(events))
     BATCHES.inc()
-    return Response(status_code=204)

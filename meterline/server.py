@@ -38,8 +38,7 @@ def build_app(which: str, settings: Settings) -> FastAPI:
 
 
 def _combined_app(settings: Settings) -> FastAPI:
-    from ingest.app import broker_check, ingest_lifespan
-    from ingest.routes import router as ingest_router
+    from ingest.app import broker_check, ingest_lifespan, install_ingest
     from meterline.adapters.auth import install_auth
     from meterline.adapters.health import health_router, state_details, supervisor_check
     from meterline.adapters.problems import install_problem_handlers
@@ -55,7 +54,7 @@ def _combined_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="meterline", version="0.1.0", lifespan=lifespan)
     install_problem_handlers(app)
-    app.include_router(ingest_router)
+    install_ingest(app)  # before the query's latency middleware and auth: both wrap it
     install_query(app)
     auth = install_auth(app, settings)  # added last: outermost, so every route is behind it
     checks = {"broker": broker_check(app), "clickhouse": clickhouse_check(app)}
