@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -23,11 +23,14 @@ import orjson
 import pytest
 
 from meterline.adapters.clickhouse import connect
+from meterline.adapters.compactions import ReplayGuard, write_claim
+from meterline.core.compaction import DONE
 from meterline.core.meters import Aggregation, Meter, MeterSet
 from meterline.core.rows import Rows
 from meterline.core.schema import SINGLE_NODE, Topology
 from meterline.localinfra.clickhouse_cluster import LocalClickHouseCluster
 from meterline.settings import Settings
+from processor import metrics
 from processor.batch import BatchProcessor, Message
 from processor.dedupe import DedupeState
 from processor.sink import ClickHouseSink
@@ -91,11 +94,12 @@ def event(source: str, event_id: str, subject: str, t: datetime, tokens: int, mo
             "time": t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "data": {"tokens": tokens, "model": model}}
 
 
-def the_log(now: float) -> tuple[list[Message], list[Message]]:
+def the_log(now: float, age: timedelta = timedelta(minutes=30)) -> tuple[list[Message], list[Message]]:
     """Partition 0 (worker A): originals, some with unique events in the same message; partition 1
     (worker B): copies of most of them under another subject -- half sent before the original (their
-    broker time is earlier: the copy wins), half after -- plus unique events of its own."""
-    t = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0) - timedelta(minutes=30)
+    broker time is earlier: the copy wins), half after -- plus unique events of its own. Event times
+    start `age` before `now`."""
+    t = datetime.fromtimestamp(now, UTC).replace(second=0, microsecond=0) - age
     originals = [event("app", f"e{i}", f"customer-{i % 3}", t + timedelta(seconds=7 * i), 10 + i, f"m{i % 2}")
                  for i in range(40)]
     own_a = [event("app", f"a{i}", "customer-0", t + timedelta(seconds=11 * i), 100, "m0") for i in range(6)]
@@ -116,8 +120,9 @@ def the_log(now: float) -> tuple[list[Message], list[Message]]:
     return a, b
 
 
-def oracle(log: list[Message]) -> dict[Key, tuple[int, Decimal]]:
-    """Each (source, id) counts once: its copy with the smallest (broker second, partition, offset, index)."""
+def oracle(log: list[Message], also: Sequence[Message] = ()) -> dict[Key, tuple[int, Decimal]]:
+    """Each (source, id) counts once: its copy with the smallest (broker second, partition, offset, index);
+    the losing copies in `also` count besides (they could not be retracted)."""
     best: dict[tuple[str, str], tuple[tuple[int, int, int, int], dict[str, Any]]] = {}
     for partition, offset, value, ts in log:
         for index, e in enumerate(orjson.loads(value)):
@@ -125,9 +130,13 @@ def oracle(log: list[Message]) -> dict[Key, tuple[int, Decimal]]:
             key = (e["source"], e["id"])
             if key not in best or rank < best[key][0]:
                 best[key] = (rank, e)
+    counted = [e for _, e in best.values()]
+    for partition, offset, value, ts in also:
+        counted += [e for index, e in enumerate(orjson.loads(value))
+                    if best[(e["source"], e["id"])][0] != (int(ts or 0), partition, offset, index)]
     out: Counter[Key] = Counter()
     calls: Counter[Key] = Counter()
-    for _, e in best.values():
+    for e in counted:
         minute = datetime.strptime(e["time"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC, second=0, microsecond=0)
         out[("tokens", e["subject"], minute, orjson.dumps({"model": e["data"]["model"]}).decode())] += e["data"]["tokens"]
         calls[("calls", e["subject"], minute, "{}")] += 1
@@ -294,4 +303,43 @@ def test_a_retraction_cut_short_is_found_again_by_a_worker_with_a_lost_cache(
         asyncio.run(scenario())
     finally:
         client.close()
+        b.state.close()
+
+
+def test_a_loser_whose_month_was_compacted_first_stays_counted_and_says_so(
+        tmp_path: Path, clickhouse_url: str, database: str) -> None:
+    """The compaction fence: the loser's windows sit in a month compacted before its retraction, so a
+    replacement would be dropped at the watermark. Nothing of it is deleted (its `events` row still
+    matches what is counted), the worker counts it as unrepaired, and the other side's losers are
+    retracted as usual."""
+    now = float(int(time.time()))
+    log_a, log_b = the_log(now, age=timedelta(days=40))  # windows in a closed month
+    a = worker(tmp_path, "a", clickhouse_url, database, {0})
+    b = worker(tmp_path, "b", clickhouse_url, database, {1})
+    for w in (a, b):
+        assert isinstance(w.sink, ClickHouseSink)
+        w.sink.replay_guard = ReplayGuard(database, timedelta(days=1), timedelta(minutes=10), "race-test")
+    client = connect(clickhouse_url, database=database)
+
+    async def scenario() -> None:
+        await race(a, b, log_a, log_b)
+        # Compacted after both copies were written, before any retraction (worker A was down meanwhile).
+        month = datetime.fromtimestamp(now, UTC) - timedelta(days=40)
+        write_claim(client, database, f"{month:%Y%m}", "compactor", DONE,
+                    watermarks={(EPOCH, 0): max(offset for _, offset, _, _ in log_a)})
+        unrepaired = metrics.DEDUPE_UNREPAIRED._value.get()
+        for _ in range(2):
+            await b.reconcile()
+            await a.reconcile()
+        assert metrics.DEDUPE_UNREPAIRED._value.get() - unrepaired == 15
+        assert a.state.pending_retractions([0]) == [] and b.state.pending_retractions([1]) == []
+        assert rollups(client, database) == oracle(log_a + log_b, also=log_a)  # A's 15 losers stay counted
+        stored = stored_events(client, database)
+        assert sum(stored.values()) == sum(winners(log_a + log_b).values()) + 15
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        client.close()
+        a.state.close()
         b.state.close()
