@@ -16,9 +16,17 @@ import pytest
 
 from meterline.core.cluster import insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
+from meterline.core.positions import Sighting
+from meterline.core.retraction import Loser
 from meterline.core.rows import Rows
 from meterline.core.schema import EVENT_COLUMNS, SINGLE_NODE, Topology
-from processor.sink import ClickHouseSink, dedupe_key_rows, foreign_keys_query
+from processor.sink import (
+    ClickHouseSink,
+    dedupe_key_rows,
+    foreign_keys_query,
+    retraction_deletes,
+    retraction_reads,
+)
 
 
 class ScriptedClient:
@@ -186,3 +194,28 @@ def test_the_tail_of_foreign_keys_reads_one_sorting_key_range_per_partition() ->
            "AND log_epoch = {e1:String} AND kafka_offset >= {o1:UInt64})) AND seen_at >= now() - " \
            "toIntervalDay({days:UInt32})" in sql
     assert params == {"days": 47, "p0": 1, "p1": 3, "e1": "E", "o1": 40}
+
+
+def test_retraction_reads_name_the_losers_messages_positions_and_keys() -> None:
+    losers = [Loser(b"\x01" * 16, Sighting(9, "e", 2, 40, 3), Sighting(8, "e", 1, 7, 0)),
+              Loser(b"\xab" * 16, Sighting(9, "e", 2, 40, 5), Sighting(8, "e", 0, 3, 1))]
+    reads = retraction_reads("db", losers)
+    sql, params = reads["events"]
+    assert "FROM `db`.events WHERE (log_epoch, kafka_partition, kafka_offset) IN" in sql and "FINAL" not in sql
+    assert "LIMIT 1 BY log_epoch, kafka_partition, kafka_offset, batch_index" in sql
+    assert params == {"messages": [("e", 2, 40)]}  # one message for both losers
+    sql, params = reads["windows"]
+    assert sql.startswith("SELECT meter, subject, window_start, group_key, any(group), generation, any(namespace)")
+    assert "FROM `db`.meter_windows" in sql and params == {"messages": [("e", 2, 40)]}
+    assert reads["keys"][1] == {"keys": ["01" * 16, "AB" * 16]}
+    sql, params = reads["claims"]
+    assert "FROM `db`.dedupe_keys WHERE (log_epoch, kafka_partition, kafka_offset, batch_index) IN" in sql
+    assert params == {"positions": [("e", 2, 40, 3), ("e", 2, 40, 5)]}
+
+
+def test_retraction_deletes_target_the_stored_rows_on_a_cluster() -> None:
+    sql, params = retraction_deletes("db", "events", [("e", 2, 40, 5), ("e", 2, 40, 3)])
+    assert sql.startswith("DELETE FROM `db`.events WHERE (log_epoch, kafka_partition, kafka_offset, batch_index) IN")
+    assert params == {"positions": [("e", 2, 40, 3), ("e", 2, 40, 5)]}
+    sql, _ = retraction_deletes("db", "dedupe_keys", [], Topology(cluster="c"))
+    assert sql.startswith("DELETE FROM `db`.dedupe_keys_local ON CLUSTER `c` WHERE")
