@@ -23,7 +23,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -41,7 +41,6 @@ from meterline.adapters.clickhouse import (
 from meterline.adapters.compactions import ReplayGuard
 from meterline.core.cluster import MessagePosition, exact_read_settings, insert_settings, insert_token
 from meterline.core.errors import StorageError, StorageRejectedError
-from meterline.core.positions import dedupe_key
 from meterline.core.retraction import WINDOW_IDENTITY_COLUMNS, Loser
 from meterline.core.rows import MessagePosition as RowsMessagePosition
 from meterline.core.rows import Rows
@@ -66,6 +65,7 @@ from meterline.core.schema import (
 from meterline.core.times import as_utc
 from processor import metrics
 from processor.columns import to_columns
+from processor.key_backfill import backfill_dedupe_keys
 
 logger = logging.getLogger(__name__)
 
@@ -86,23 +86,12 @@ def dedupe_load_query(database: str, partition: int, keep_days: int,
     """SQL + parameters loading one partition's first sightings of the last `keep_days` (broker time): the
     dedupe horizon plus the maximum lag, so what a lagging worker still compares with is loaded too.
 
-    `since=(log_epoch, offset)` restricts to what was written after the local marker; no FINAL needed:
-    duplicate rows of one key carry the same position. It reads `(source, id)`, not the stored
-    `dedupe_key`: rows written before a change of the key encoding carry the old key, and the loader
-    recomputes every key with the current `dedupe_key` (see `positions.KEY_VERSION`), in the row's namespace.
+    `since=(log_epoch, offset)` restricts to what was written after the local marker. It reads
+    `dedupe_keys`, a range of its sorting key (partition, epoch, offset), never `events`, whose order serves
+    queries and would be scanned whole: keys stored before `dedupe_keys` existed, or under another key
+    encoding, were copied into it from `events` at schema migration (processor/key_backfill.py).
     """
-    sql = (
-        "SELECT source, id, namespace, log_epoch, kafka_partition, kafka_offset, batch_index, "
-        "toUnixTimestamp(ingested_at) "
-        f"FROM {quote_identifier(database)}.{EVENTS} "
-        "WHERE kafka_partition = {partition:UInt32} "
-        "AND ingested_at >= now() - toIntervalDay({days:UInt32})"
-    )
-    params: dict[str, Any] = {"partition": partition, "days": keep_days}
-    if since is not None:
-        sql += " AND log_epoch = {epoch:String} AND kafka_offset >= {offset:UInt64}"
-        params["epoch"], params["offset"] = since
-    return sql, params
+    return foreign_keys_query(database, {partition: since}, keep_days)
 
 
 def dedupe_key_rows(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -233,13 +222,15 @@ class ClickHouseSink:
 
     def ensure_schema(self, keys_keep_days: int | None = None) -> None:
         """Create database and tables (idempotent), retrying like writes: startup waits for ClickHouse.
-        `keys_keep_days`: how long `dedupe_keys` rows are kept (a TTL; see `keep_dedupe_keys`)."""
+        `keys_keep_days`: how long `dedupe_keys` rows are kept (a TTL; see `keep_dedupe_keys`), and how far
+        back they are filled from `events` if that was never done (`key_backfill`)."""
         def op() -> None:
             client = self._connect(self.url, database="default", topology=self.topology)
             try:
                 create_schema(client, self.database, self.topology)
                 if keys_keep_days is not None:
                     keep_dedupe_keys(client, self.database, keys_keep_days, self.topology)
+                    backfill_dedupe_keys(client, self.database, keys_keep_days)
             finally:
                 client.close()
         self.retry("create_schema", op, rows=0)
@@ -369,22 +360,16 @@ class ClickHouseSink:
     # ------------------------------------------------------------------ dedupe loading
     def load_dedupe(self, partition: int, keep_days: int, since: tuple[str, int] | None,
                     merge: Callable[[Iterable[Sequence[Any]]], int]) -> int:
-        """Stream `(dedupe_key, log_epoch, partition, offset, index, ingested_at)` rows of one partition
-        into `merge` (blocking; run it in a thread). Streaming keeps memory flat for millions of keys;
+        """Stream the `(dedupe_key, log_epoch, partition, offset, index, seen_at)` rows `dedupe_keys` holds for
+        one partition into `merge` (blocking; run it in a thread). Streaming keeps memory flat for millions of keys;
         on failure the whole load is retried, which is harmless because merging is idempotent.
         """
         sql, params = dedupe_load_query(self.database, partition, keep_days, since)
 
-        def rows(stream: Any) -> Iterator[Sequence[Any]]:
-            key = dedupe_key
-            for block in stream:
-                for source, event_id, namespace, *position in block:
-                    yield (key(source, event_id, namespace), *position)
-
         def op() -> int:
             with storage_errors(), self._connected().query_row_block_stream(
                     sql, parameters=params, settings=exact_read_settings(self.topology) or None) as stream:
-                return merge(rows(stream))
+                return merge(row for block in stream for row in block)
 
         with self._lock:
             return int(self.retry(f"load dedupe partition {partition}", op, rows=0))

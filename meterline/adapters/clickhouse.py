@@ -7,6 +7,7 @@ clickhouse-connect failure surfaces as `StorageError`, so callers need not know 
 from __future__ import annotations
 
 import contextlib
+import re
 import struct
 from collections.abc import Iterator
 from typing import Any
@@ -171,11 +172,14 @@ def create_schema(client: Client, database: str, topology: Topology = SINGLE_NOD
 
 
 def keep_dedupe_keys(client: Client, database: str, days: int, topology: Topology = SINGLE_NODE) -> bool:
-    """Give `dedupe_keys` a TTL of `days` after each key's broker time unless it has it; True if changed.
+    """Make `dedupe_keys` keep each row at least `days` after its broker time (a TTL); True if changed.
 
     The table only serves dedupe (docs/design.md, "Exactly-once effect" 7), so its rows may go once no
     message still in the log can need them: the processor passes the horizon plus the maximum lag. The
     days come from settings, so the TTL is set here rather than in the table's one declaration.
+    The TTL is only ever raised: workers configured with different horizons or retentions share the
+    table, and the one that needs keys longest must not lose them to another's shorter TTL (a longer
+    TTL only costs storage). Lowering it is an operator's `ALTER TABLE ... MODIFY TTL`.
     """
     ttl = f"toDateTime(seen_at) + toIntervalDay({int(days)})"
     with storage_errors():
@@ -183,7 +187,8 @@ def keep_dedupe_keys(client: Client, database: str, days: int, topology: Topolog
             "SELECT engine_full FROM system.tables WHERE database = {db:String} AND name = {t:String}",
             parameters={"db": database, "t": storage_name(DEDUPE_KEYS, topology)},
         ).result_rows
-        if engine and f"TTL {ttl}" in str(engine[0][0]):
+        current = re.search(r"TTL toDateTime\(seen_at\) \+ toIntervalDay\((\d+)\)", str(engine[0][0]) if engine else "")
+        if current is not None and int(current.group(1)) >= days:
             return False
         client.command(f"ALTER TABLE {mutation_target(database, DEDUPE_KEYS, topology)} MODIFY TTL {ttl}")
     return True

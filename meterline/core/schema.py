@@ -17,8 +17,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from meterline.core.positions import KEY_VERSION
+
 EVENTS = "events"
-DEDUPE_KEYS = "dedupe_keys"
+
+
+def dedupe_keys_table(key_version: int) -> str:
+    """The table of stored keys of one `dedupe_key` encoding (`positions.KEY_VERSION`).
+
+    Its rows hold computed keys, so keys of two encodings must never share a row identity (a position):
+    a new encoding gets a new table, which the backfill fills from `events`' `(source, id)`
+    (processor/key_backfill.py), and the old one empties by its TTL. Version 2, the encoding the table
+    shipped with, keeps the plain name."""
+    return "dedupe_keys" if key_version == 2 else f"dedupe_keys_v{key_version}"
+
+
+DEDUPE_KEYS = dedupe_keys_table(KEY_VERSION)
+#: One row per completed backfill of `dedupe_keys` from `events` (processor/key_backfill.py).
+DEDUPE_KEY_BACKFILLS = "dedupe_key_backfills"
 METER_WINDOWS = "meter_windows"
 DEAD_LETTERS = "dead_letters"
 DEAD_LETTER_REPLAYS = "dead_letter_replays"
@@ -80,6 +96,9 @@ DEDUPE_KEY_COLUMNS: tuple[str, ...] = (
     "dedupe_key", "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "seen_at",
 )
 """One `dedupe_keys` row per `events` row: its key, position and broker time (`events.ingested_at`)."""
+
+DEDUPE_KEY_BACKFILL_COLUMNS: tuple[str, ...] = ("key_version", "covers_from", "key_rows")
+"""`done_at` is not written: it defaults to ClickHouse's clock."""
 
 WINDOW_COLUMNS: tuple[str, ...] = (
     "meter", "subject", "window_start", "group_key", "group",
@@ -269,6 +288,19 @@ TABLES: tuple[Table, ...] = (
         order_by="(kafka_partition, log_epoch, kafka_offset, batch_index)",
         shard_by="cityHash64(kafka_partition)",
         partition_by="toYYYYMM(seen_at)",
+    ),
+    # That `dedupe_keys` of `key_version` holds every key `events` stored since `covers_from` (broker
+    # time): written once a backfill finished, so a crash part-way makes the next start backfill again.
+    Table(
+        name=DEDUPE_KEY_BACKFILLS,
+        columns="""
+            key_version UInt32,
+            covers_from DateTime('UTC'),
+            key_rows UInt64,
+            done_at DateTime64(3, 'UTC') DEFAULT now64(3)
+        """,
+        order_by="(key_version, covers_from)",
+        shard_by="key_version",
     ),
     Table(
         name=METER_WINDOWS,
