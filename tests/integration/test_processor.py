@@ -405,6 +405,30 @@ def test_a_lagging_takeover_judges_the_dedupe_horizon_on_broker_time(world: dict
     wait_exact(world, expected, unique)
 
 
+def test_copies_of_events_stored_before_dedupe_keys_existed_are_dropped_after_a_restart(
+        world: dict[str, Any], kafka_bootstrap: str) -> None:
+    """Originals stored, then their `dedupe_keys` rows and the backfill record removed: the history a version
+    from before that table left (`events` only). A worker with an empty cache reloads its partitions from
+    `dedupe_keys` alone, so it drops the copies only because its schema step filled the table from `events`."""
+    rnd = random.Random(31)
+    originals = generate(rnd, 400, dup_rate=0)
+    first = messages(originals, size=40)
+    produce(kafka_bootstrap, world["topic"], first)
+    worker = world["start"](METERLINE_STATE_DIR=str(world["tmp"] / "a"))
+    expected, unique = oracle(first)
+    wait_exact(world, expected, unique)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(30)
+    for table in ("dedupe_keys", "dedupe_key_backfills"):
+        world["client"].command(f"TRUNCATE TABLE IF EXISTS `{world['db']}`.{table}")
+    second = messages(rnd.sample(originals, 150) + generate(rnd, 60, start=9_000, dup_rate=0), size=30)
+    produce(kafka_bootstrap, world["topic"], second)
+    world["start"](METERLINE_STATE_DIR=str(world["tmp"] / "b"))  # a restart with nothing cached locally
+    expected, unique = oracle(first + second)
+    assert unique == 460
+    wait_exact(world, expected, unique)
+
+
 def produce_at(bootstrap: str, topic: str, msgs: list[tuple[str, list[dict[str, Any]]]], timestamp_ms: int) -> None:
     """Produce with a chosen message timestamp (the topic's CreateTime): how old the log says they are."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
