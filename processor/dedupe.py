@@ -8,7 +8,8 @@ decision a pure function of the log: a position is accepted iff it is the record
 replaying any suffix of the log reproduces exactly the same accept/drop decisions (docs/design.md,
 "Exactly-once effect").
 
-Storage: ClickHouse `events` is the source of truth (one row per accepted first sighting). This module
+Storage: ClickHouse `events` is the source of truth (one row per accepted first sighting), copied to
+`dedupe_keys` (ordered by position: what loads read). This module
 keeps a per-worker RocksDB cache (rocksdict) so that memory stays bounded: 10M keys are ~250 MB of SST on
 disk and only RocksDB's block cache and memtables live in RAM. Nothing holds a Python dict of all keys;
 only the keys of the batch being processed are held in memory (`prefetch` -> `decide` -> `flush`).
@@ -23,9 +24,10 @@ Layout (raw bytes):
     b"v"                             -> >I KEY_VERSION              the dedupe_key encoding the keys use
 
 Key version: `meterline.core.positions.dedupe_key` changed encoding once (length prefixes, v2). A cache
-written with another version is deleted on open, so every partition reloads from ClickHouse, whose
-loader recomputes keys from the stored `(source, id)` (processor/sink.py) rather than trusting the
-stored `dedupe_key` column: state built after an upgrade never mixes key versions.
+written with another version is deleted on open, so every partition reloads from ClickHouse's
+`dedupe_keys` of the current version, whose keys were computed from the stored `(source, id)`
+(processor/key_backfill.py) rather than copied from the `events.dedupe_key` column: state built after
+an upgrade never mixes key versions.
 
 Marker semantics: for partition p, marker (E, M) means the cache holds every key that ClickHouse holds for
 partition p in epoch E below offset M, and every key of older epochs (within the horizon). A restart then
@@ -181,8 +183,8 @@ class DedupeState:
 
     def foreign_marker(self, partition: int) -> tuple[int, int] | None:
         """(epoch_no, next_offset) below which the `dedupe_keys` rows of `partition` -- a partition another
-        worker owns -- are merged. Kept apart from `marker`: `dedupe_keys` lacks keys stored before the
-        table existed, which the `events` loads of an owned partition (from `marker`) must still read."""
+        worker owns -- are merged. Kept apart from `marker`: the two advance on different reads (the tail
+        before each batch, the load on assignment), and a marker must only ever claim what its read saw."""
         v = self._db.get(_FOREIGN_PREFIX + _PARTITION.pack(partition))
         return None if v is None else _MARKER.unpack(v)  # type: ignore[return-value]
 
@@ -215,8 +217,8 @@ class DedupeState:
         self, log_epoch: str, partition: int, rows: Iterable[Sequence[Any]], *, now: float | None = None,
         generation: int | None = None, owned: bool = True,
     ) -> int:
-        """Merge `events` rows (dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index,
-        ingested_at unix seconds) of one partition into the cache and advance its marker.
+        """Merge `dedupe_keys` rows (dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index,
+        seen_at unix seconds) of one partition into the cache and advance its marker.
 
         A cached record is never overwritten: ClickHouse and the cache agree on the first sighting of
         every key, except for rows the cache has that ClickHouse does not (written locally before a
