@@ -114,6 +114,9 @@ def create_app(settings: Settings) -> faust.App:
     # waits for it instead of crashing (tests/faults/test_cluster.py restarts one during a shard outage).
     sink.retry("start live meters", live.start, rows=0)
     state = DedupeState(str(state_dir / "dedupe"), settings.dedupe_horizon_days, max_lag_seconds=max_lag_seconds)
+    if dropped := state.since_backfill(sink.keys_backfill):
+        logger.info("dedupe_keys were backfilled since other partitions' keys were merged: merging them again",
+                    extra={"partitions": dropped})
     processor = BatchProcessor(settings, live.catalog.meter_set(), state, sink, log_epoch, live=live)
 
     limit_fetch_wait(settings.processor_fetch_max_wait_ms)

@@ -22,6 +22,8 @@ Layout (raw bytes):
     b"f" + >I partition              -> >IQ (epoch_no, next_offset) the same, of `dedupe_keys` rows merged
                                         while another worker owns the partition (`foreign_marker`)
     b"v"                             -> >I KEY_VERSION              the dedupe_key encoding the keys use
+    b"b"                             -> utf-8 stamp                 the newest `dedupe_keys` backfill the foreign
+                                        markers were read after (`since_backfill`)
 
 Key version: `meterline.core.positions.dedupe_key` changed encoding once (length prefixes, v2). A cache
 written with another version is deleted on open, so every partition reloads from ClickHouse's
@@ -82,6 +84,7 @@ _MARKER_PREFIX = b"p"
 _FOREIGN_PREFIX = b"f"
 _RETRACT_PREFIX = b"r"
 _VERSION_KEY = b"v"
+_BACKFILL_KEY = b"b"
 _DAY = 86_400
 
 
@@ -187,6 +190,24 @@ class DedupeState:
         before each batch, the load on assignment), and a marker must only ever claim what its read saw."""
         v = self._db.get(_FOREIGN_PREFIX + _PARTITION.pack(partition))
         return None if v is None else _MARKER.unpack(v)  # type: ignore[return-value]
+
+    def since_backfill(self, stamp: str) -> int:
+        """Drop every `foreign_marker` unless they were read after the backfill `stamp` (the newest recorded
+        fill of `dedupe_keys` from `events`, processor/key_backfill.py). A backfill adds
+        rows *below* positions a marker may have passed (a cache kept across the upgrade that introduced
+        it), so those partitions are tailed again from the start of the kept days. Returns how many it dropped."""
+        if self._db.get(_BACKFILL_KEY) == stamp.encode():
+            return 0
+        wb = WriteBatch(raw_mode=True)
+        n = 0
+        for k in self._db.keys(from_key=_FOREIGN_PREFIX):
+            if not k.startswith(_FOREIGN_PREFIX):
+                break
+            wb.delete(k)
+            n += 1
+        wb.put(_BACKFILL_KEY, stamp.encode())
+        self._db.write(wb)
+        return n
 
     def is_loaded(self, partition: int) -> bool:
         """Whether this process already merged ClickHouse's keys of `partition` since it was assigned."""

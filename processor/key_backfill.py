@@ -91,3 +91,13 @@ def backfill_dedupe_keys(client: Client, database: str, keep_days: int) -> int |
         "key_version": KEY_VERSION, "keep_days": keep_days, "rows": n,
         "seconds": round(time.perf_counter() - started, 3)})
     return n
+
+
+def newest_backfill(client: Client, database: str) -> str:
+    """An identity of the newest recorded backfill of the current key encoding ('' if none): a worker whose
+    cache merged other partitions' keys before it must merge them again (`DedupeState.since_backfill`)."""
+    with storage_errors():
+        found = client.query(
+            f"SELECT toString(max(done_at)), count() FROM {qualified(database, DEDUPE_KEY_BACKFILLS)} "
+            "WHERE key_version = {version:UInt32}", parameters={"version": KEY_VERSION}).result_rows[0]
+    return f"{KEY_VERSION}@{found[0]}" if int(found[1]) else ""

@@ -65,7 +65,7 @@ from meterline.core.schema import (
 from meterline.core.times import as_utc
 from processor import metrics
 from processor.columns import to_columns
-from processor.key_backfill import backfill_dedupe_keys
+from processor.key_backfill import backfill_dedupe_keys, newest_backfill
 
 logger = logging.getLogger(__name__)
 
@@ -206,6 +206,8 @@ class ClickHouseSink:
         self._types: dict[str, tuple[list[Any], dict[int, int]]] = {}
         #: True while the last ClickHouse operation failed (drives /readyz).
         self.failing = False
+        #: `key_backfill.newest_backfill`, read by `ensure_schema` (for `DedupeState.since_backfill`).
+        self.keys_backfill = ""
 
     # ------------------------------------------------------------------ connection
     def _connected(self) -> Client:
@@ -231,6 +233,7 @@ class ClickHouseSink:
                 if keys_keep_days is not None:
                     keep_dedupe_keys(client, self.database, keys_keep_days, self.topology)
                     backfill_dedupe_keys(client, self.database, keys_keep_days)
+                    self.keys_backfill = newest_backfill(client, self.database)
             finally:
                 client.close()
         self.retry("create_schema", op, rows=0)

@@ -402,3 +402,25 @@ def test_closing_during_a_load_stops_the_load_instead_of_writing_to_a_closed_dat
     with pytest.raises(DedupeStateClosedError):
         state.load_rows(EPOCH, 0, rows())
     state.close()  # twice is harmless
+
+
+def test_a_backfill_of_dedupe_keys_makes_the_foreign_partitions_merge_again(tmp_path: Path) -> None:
+    """A backfill adds stored keys below positions a foreign marker passed: those markers must go (the
+    owned-partition markers stay: their loads already read every key stored for them)."""
+    path = str(tmp_path / "s")
+    state = DedupeState(path, horizon_days=1)
+    now = time.time()
+    state.load_rows(EPOCH, 5, [(dedupe_key("s", "1"), EPOCH, 5, 9, 0, now)], owned=False)
+    state.load_rows(EPOCH, 6, [(dedupe_key("s", "2"), EPOCH, 6, 3, 0, now)], owned=False)
+    state.load_rows(EPOCH, 0, [(dedupe_key("s", "3"), EPOCH, 0, 4, 0, now)])
+    assert state.since_backfill("2@2026-12-01 12:00:00.000") == 2  # first met: whatever was merged before
+    assert state.foreign_marker(5) is None and state.foreign_marker(6) is None
+    assert state.marker(0) == (state.epoch_no(EPOCH), 5)
+    state.load_rows(EPOCH, 5, [(dedupe_key("s", "1"), EPOCH, 5, 9, 0, now)], owned=False)
+    state.close()
+    state = DedupeState(path, horizon_days=1)  # a restart: the same backfill keeps the markers
+    assert state.since_backfill("2@2026-12-01 12:00:00.000") == 0
+    assert state.foreign_marker(5) == (state.epoch_no(EPOCH), 10)
+    assert state.since_backfill("2@2026-12-02 08:00:00.000") == 1  # a newer backfill drops them again
+    assert state.foreign_marker(5) is None
+    state.close()
