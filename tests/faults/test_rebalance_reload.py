@@ -1,8 +1,8 @@
 """A rebalance while a worker is still loading its dedupe state, with resends of earlier events.
 
 Scenario 15: the events table holds a long history (1.6M keys within the dedupe horizon, written straight
-into ClickHouse so the test need not send them: they are in no meter's range; into `events` only, as
-keys stored before `dedupe_keys` existed), so loading an owned partition's keys takes seconds. Events are sent through worker 0 and drained. Then a fresh worker 1 (empty cache: a
+into ClickHouse so the test need not send them: they are in no meter's range; into `events` and
+`dedupe_keys`, as the sink stores them), so loading an owned partition's keys takes seconds. Events are sent through worker 0 and drained. Then a fresh worker 1 (empty cache: a
 new machine) joins and must load every partition's keys before deciding anything, while events keep
 coming: new ones, their retries, and resends of the drained ones. While worker 1 is loading, worker 0
 leaves the group (stopped): its partitions move to worker 1 in the middle of the load. Then worker 0
@@ -70,6 +70,10 @@ def store_history(stack: LocalStack, keys: int, partitions: int) -> None:
             "concat('history-', toString(number % 97)), toDateTime64('2023-06-01 00:00:00', 6, 'UTC'), '{}', "
             f"now64(3), 'history-epoch', number % {partitions}, intDiv(number, {partitions}), 0, [] "
             f"FROM numbers({keys})")
+        client.command(  # what the sink writes right after them: what an owned partition's load reads
+            "INSERT INTO dedupe_keys (dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, seen_at) "
+            "SELECT dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, ingested_at FROM events "
+            "WHERE source = 'history'")
     finally:
         client.close()
 
@@ -159,7 +163,7 @@ def test_rebalance_during_dedupe_reload(make_stack: MakeStack, make_sender: Make
     counted = caught_up(stack, sender)
 
     records = log_lines(log, 0)
-    # Its own partitions' loads from `events`, each timed.
+    # Its own partitions' loads (of `dedupe_keys`), each timed.
     loads = [(when(r) - timedelta(seconds=float(str(r["seconds"]))), when(r)) for r in records
              if r.get("event") == "dedupe state loaded"]
     rebalances = [when(r) for r in records if str(r.get("event", "")).startswith(REVOKING)]
