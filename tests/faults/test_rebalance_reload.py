@@ -1,8 +1,9 @@
 """A rebalance while a worker is still loading its dedupe state, with resends of earlier events.
 
-Scenario 15: the events table holds a long history (1.6M keys within the dedupe horizon, written straight
-into ClickHouse so the test need not send them: they are in no meter's range; into `events` and
-`dedupe_keys`, as the sink stores them), so loading an owned partition's keys takes seconds. Events are sent through worker 0 and drained. Then a fresh worker 1 (empty cache: a
+Scenario 15: `dedupe_keys` holds a long history (2.5M keys within the dedupe horizon, written straight
+into ClickHouse so the test need not send them: keys of no event sent; only there, since an owned
+partition's load reads nothing else -- 1.6M, enough while loads scanned `events`, let the range reads
+finish before the rebalance arrived), so loading an owned partition's keys takes seconds. Events are sent through worker 0 and drained. Then a fresh worker 1 (empty cache: a
 new machine) joins and must load every partition's keys before deciding anything, while events keep
 coming: new ones, their retries, and resends of the drained ones. While worker 1 is loading, worker 0
 leaves the group (stopped): its partitions move to worker 1 in the middle of the load. Then worker 0
@@ -59,21 +60,14 @@ REVOKING = "Revoking previously assigned partitions"
 
 
 def store_history(stack: LocalStack, keys: int, partitions: int) -> None:
-    """`keys` first sightings of an older log epoch, ingested now (inside the horizon), spread over every
-    partition, timed long before the compared range so no meter window changes."""
+    """`keys` stored first sightings of an older log epoch, seen now (inside the horizon), spread over every
+    partition: `dedupe_keys` rows as the sink writes them (the keys match no event of the test)."""
     client = connect(str(stack.clickhouse_url), database=str(stack.database))
     try:
         client.command(
-            "INSERT INTO events (dedupe_key, id, source, type, subject, time, data, ingested_at, log_epoch, "
-            "kafka_partition, kafka_offset, batch_index, validation_errors) "
-            "SELECT MD5(toString(number)), concat('h-', toString(number)), 'history', 'prompt', "
-            "concat('history-', toString(number % 97)), toDateTime64('2023-06-01 00:00:00', 6, 'UTC'), '{}', "
-            f"now64(3), 'history-epoch', number % {partitions}, intDiv(number, {partitions}), 0, [] "
-            f"FROM numbers({keys})")
-        client.command(  # what the sink writes right after them: what an owned partition's load reads
             "INSERT INTO dedupe_keys (dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, seen_at) "
-            "SELECT dedupe_key, log_epoch, kafka_partition, kafka_offset, batch_index, ingested_at FROM events "
-            "WHERE source = 'history'")
+            f"SELECT MD5(toString(number)), 'history-epoch', number % {partitions}, intDiv(number, {partitions}), "
+            f"0, now64(3) FROM numbers({keys})")
     finally:
         client.close()
 
@@ -120,7 +114,7 @@ def drained(stack: LocalStack, sender: Sender) -> None:
 
 def test_rebalance_during_dedupe_reload(make_stack: MakeStack, make_sender: MakeSender,
                                         summary: Summary) -> None:
-    history = env_int("METERLINE_FAULT_HISTORY_KEYS", 1_600_000)
+    history = env_int("METERLINE_FAULT_HISTORY_KEYS", 2_500_000)
     started, row, seed, rng = begin(summary("15 rebalance during dedupe reload, resends"), 15)
     stack = make_stack(processors=1, partitions=4)
     # Enough subjects that every partition has traffic (the returned partitions need some).
