@@ -50,7 +50,7 @@ keeps the copy `positions.first_sighting` ranks first -- every worker meeting th
 
 The owner of the loser's partition undoes it (processor/retraction.py) and then deletes the record
 (`retracted`); until then the record survives a crash, and a lost cache finds the conflict again in the
-stored rows (the loser's `events` row is deleted last). Since the cache now holds the winner, a replay
+stored rows (the loser's `dedupe_keys` row, what loads read, is deleted last). Since the cache now holds the winner, a replay
 of the loser's message drops it, as the retraction did (docs/design.md, "Exactly-once effect").
 """
 

@@ -405,11 +405,13 @@ class ClickHouseSink:
         compacted before the retraction, which can no longer replace its rows; it stays counted).
 
         Order, so that a crash anywhere leaves the conflict to be found again: the windows of each
-        loser's message are replaced first; then its dead letters and `dedupe_keys` rows are deleted;
-        its `events` row goes last -- and only where the winner's `events` row is stored: copies with the
-        same subject and time share the row's identity, and when ClickHouse has already collapsed the two
-        into the loser's, deleting it would lose the event from the raw reads (that row then stays; it
-        counts once anyway). Every step is idempotent: the rows are rebuilt from what is stored.
+        loser's message are replaced first; then its dead letters are deleted; then its `events` row --
+        only where the winner's `events` row is stored: copies with the same subject and time share the
+        row's identity, and when ClickHouse has already collapsed the two into the loser's, deleting it
+        would lose the event from the raw reads (that row then stays; it counts once anyway); its
+        `dedupe_keys` row goes last, since that is what a worker's reload of the partition reads (a lost
+        cache meets the conflict there again). Every step is idempotent: the rows are rebuilt from what
+        is stored.
         """
         if not losers:
             return []
@@ -441,12 +443,12 @@ class ClickHouseSink:
             done = [loser for loser in todo if loser.message in undone]
             positions = [loser.position for loser in done]
             if positions:
-                for table in (DEAD_LETTERS, DEDUPE_KEYS):
-                    self._delete(table, positions)
+                self._delete(DEAD_LETTERS, positions)
                 safe = [loser.position for loser in done
                         if loser.winner_position in in_events]
                 if safe:
                     self._delete(EVENTS, safe)
+                self._delete(DEDUPE_KEYS, positions)  # last: what a lost cache's reload finds again
             return [(loser, loser not in todo or loser.message in undone) for loser in losers]
 
         with self._lock:

@@ -251,20 +251,23 @@ def staged_race(tmp_path: Path, clickhouse_url: str, database: str, topology: To
 
 
 class CrashingSink(GatedSink):
-    """Dies (a non-storage error, as kill -9 would stop it) right before deleting the losers' `events`
-    rows: their windows are replaced and their `dedupe_keys` rows gone, their `events` rows stay."""
+    """Dies (a non-storage error, as kill -9 would stop it) right before deleting the losers' rows of
+    `crash_at`: their windows are replaced; their `events` rows (unless deleted before the crash) and
+    their `dedupe_keys` rows (deleted last) stay."""
 
     crash = True
+    crash_at = "events"
 
     def _delete(self, table: str, positions: Any) -> None:
-        if table == "events" and self.crash:
+        if table == self.crash_at and self.crash:
             self.crash = False
-            raise RuntimeError("killed before deleting the losers' events rows")
+            raise RuntimeError(f"killed before deleting the losers' {table} rows")
         super()._delete(table, positions)
 
 
+@pytest.mark.parametrize("crash_at", ["events", "dedupe_keys"])
 def test_a_retraction_cut_short_is_found_again_by_a_worker_with_a_lost_cache(
-        tmp_path: Path, clickhouse_url: str, database: str) -> None:
+        tmp_path: Path, clickhouse_url: str, database: str, crash_at: str) -> None:
     now = float(int(time.time()))
     log_a, log_b = the_log(now)
     expected, expected_events = oracle(log_a + log_b), winners(log_a + log_b)
@@ -272,6 +275,7 @@ def test_a_retraction_cut_short_is_found_again_by_a_worker_with_a_lost_cache(
     b = worker(tmp_path, "b", clickhouse_url, database, {1})
     client = connect(clickhouse_url, database=database)
     crashing = CrashingSink(f"{clickhouse_url}/{database}", database, backoff_max=0.5)
+    crashing.crash_at = crash_at
     a.sink = crashing
 
     async def scenario() -> None:
@@ -288,7 +292,7 @@ def test_a_retraction_cut_short_is_found_again_by_a_worker_with_a_lost_cache(
         with pytest.raises(RuntimeError, match="killed"):
             await a.reconcile()  # A dies part-way through retracting its 15 losing originals
         a.state.close()
-        # Restarted without its state dir: the losers' events rows make the conflicts show again.
+        # Restarted without its state dir: the losers' dedupe_keys rows make the conflicts show again.
         a2 = worker(tmp_path, "a2", clickhouse_url, database, {0})
         await a2.reconcile()
         assert a2.state.conflicts == 15 and a2.state.pending_retractions() == []
