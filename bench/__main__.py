@@ -92,6 +92,8 @@ def main(
     p5_meter_max: Annotated[int, typer.Option(envvar="BENCH_P5_METER_MAX",
                                               help="larger P5 sizes are measured by the reload")] = 20_000_000,
     p6: Annotated[str | None, typer.Option(envvar="BENCH_P6", help="P6 sizes (stored events rebuilt)")] = None,
+    p1_single: Annotated[int, typer.Option(envvar="BENCH_P1_SINGLE",
+                                           help="P1 single-event requests per round (at most the P1 size)")] = 5000,
     clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 16,
     partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
     http_workers: Annotated[int, typer.Option(envvar="BENCH_HTTP_WORKERS", help="ingest processes for P1")] = 1,
@@ -122,7 +124,7 @@ def main(
     if "P5" in wanted and "P5R" not in wanted:
         wanted.insert(wanted.index("P5") + 1, "P5R")
     options: dict[str, Any] = {
-        "clients": clients, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_message_events": p3_message_events, "p3_repeats": repeats,
+        "clients": clients, "p1_single_cap": p1_single, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_message_events": p3_message_events, "p3_repeats": repeats,
         "p1_rounds": 1 if size == "tiny" else 3,
         "auth_rounds": auth_rounds or {"tiny": 2, "small": 8, "full": 10}[size],
         "auth_events": {"tiny": 1_000, "small": 20_000, "full": 50_000}[size],

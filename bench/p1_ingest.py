@@ -14,8 +14,10 @@ measured the client. aiohttp drives the same load with ~0.2 core.
 from __future__ import annotations
 
 import asyncio
+import os
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -103,6 +105,24 @@ async def _post_all(
     return elapsed
 
 
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live descendants (uvicorn's worker processes), from
+    /proc: on a shared machine the server's CPU per request is steadier than its rate."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending.extend(int(c) for c in (task / "children").read_text().split())
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return total
+
+
 def ingest_rate(
     url: str, evs: list[dict[str, Any]], batch: int, clients: int, ctx: BenchContext, key: str | None = None
 ) -> float:
@@ -135,10 +155,17 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
         # Rounds alternate baseline and ingest so drift on a shared machine hits both; medians are reported.
         raw_rates: list[float] = []
         rates: dict[int, list[float]] = {1000: [], 100: [], 1: []}
+        cpu_us: dict[int, list[float]] = {batch: [] for batch in rates}  # server CPU per request
+        server_pid = stack.server.pid if stack.server is not None else None
         for _ in range(rounds):
             raw_rates.append(raw_producer_rate(str(stack.kafka_bootstrap), str(stack.topic), evs, ctx))
             for batch, got in rates.items():
-                got.append(ingest_rate(stack.url, evs if batch > 1 else evs[:single_cap], batch, clients, ctx))
+                sample = evs if batch > 1 else evs[:single_cap]
+                before = process_cpu_seconds(server_pid) if server_pid else 0.0
+                got.append(ingest_rate(stack.url, sample, batch, clients, ctx))
+                if server_pid:
+                    requests_sent = -(-len(sample) // batch)
+                    cpu_us[batch].append((process_cpu_seconds(server_pid) - before) / requests_sent * 1e6)
         raw = statistics.median(raw_rates)
         figures = []
         for batch, got in rates.items():
@@ -151,7 +178,9 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
                 target=f">= {TARGET_BATCH_RATIO:.2f}x" if target else "(no target)",
                 passed=(rate / raw >= TARGET_BATCH_RATIO) if target else None,
                 details={"clients": clients, "http_workers": workers, "rounds": rounds,
-                         "raw_msgs_per_s": [round(r) for r in raw_rates], "ingest_ev_per_s": [round(r) for r in got]},
+                         "raw_msgs_per_s": [round(r) for r in raw_rates], "ingest_ev_per_s": [round(r) for r in got],
+                         "ratio_per_round": [round(r / b, 4) for r, b in zip(got, raw_rates, strict=True)],
+                         "server_cpu_us_per_request": [round(c, 1) for c in cpu_us[batch]]},
             ))
         figures.extend(_auth_figures(ctx, stack.url, key, evs, clients, rates))
         return figures
