@@ -23,6 +23,7 @@ from meterline.core.schema import EVENT_COLUMNS, SINGLE_NODE, Topology
 from processor.sink import (
     ClickHouseSink,
     dedupe_key_rows,
+    dedupe_load_query,
     foreign_keys_query,
     retraction_deletes,
     retraction_reads,
@@ -194,6 +195,13 @@ def test_the_tail_of_foreign_keys_reads_one_sorting_key_range_per_partition() ->
            "AND log_epoch = {e1:String} AND kafka_offset >= {o1:UInt64})) AND seen_at >= now() - " \
            "toIntervalDay({days:UInt32})" in sql
     assert params == {"days": 47, "p0": 1, "p1": 3, "e1": "E", "o1": 40}
+
+
+def test_the_reload_of_an_owned_partition_reads_its_range_of_dedupe_keys_never_events() -> None:
+    sql, params = dedupe_load_query("db", 5, 46, ("E", 9))
+    assert sql == foreign_keys_query("db", {5: ("E", 9)}, 46)[0] and "events" not in sql
+    assert params == {"days": 46, "p0": 5, "e0": "E", "o0": 9}
+    assert dedupe_load_query("db", 5, 46, None) == foreign_keys_query("db", {5: None}, 46)
 
 
 def test_retraction_reads_name_the_losers_messages_positions_and_keys() -> None:
