@@ -18,10 +18,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from fastapi.routing import APIRoute
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ingest.routes import ingest
+from ingest.routes import ingest, router
 
 PATH = "/api/v1/events"
 
@@ -31,14 +32,15 @@ class IngestEndpoint:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._route: Any = None  # the FastAPI route of the path: what the latency histogram labels by
+        # The route FastAPI's router would put in `scope["route"]` (query/latency.py labels requests by it).
+        self._route = next(r for r in router.routes if isinstance(r, APIRoute) and r.path == PATH)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         app = scope["app"]
-        scope["route"] = self._route if self._route is not None else self._find_route(app)
+        scope["route"] = self._route
         content_type = content_length = None
         for name, value in scope["headers"]:  # the first of each, as Starlette's Headers.get
             if name == b"content-type":
@@ -60,13 +62,6 @@ class IngestEndpoint:
         # What `Response(status_code=204)` sends: no headers (no content-length on a 204), an empty body.
         await send({"type": "http.response.start", "status": 204, "headers": []})
         await send({"type": "http.response.body", "body": b""})
-
-    def _find_route(self, app: Any) -> Any:
-        for route in app.routes:
-            if getattr(route, "path", None) == PATH and "POST" in (getattr(route, "methods", None) or ()):
-                self._route = route
-                return route
-        return None
 
 
 def _handler(handlers: dict[Any, Any], exc: Exception) -> Any:

@@ -1,0 +1,158 @@
+"""`ingest.endpoint.IngestEndpoint` answers exactly as the FastAPI route it replaces on the hot path.
+
+The oracle is the FastAPI route itself (`ingest.routes.router`, still declared for OpenAPI): the same app
+is built twice, once serving POST /api/v1/events through the router only and once through the endpoint,
+and every request (accepted, refused for each reason, broker failing) must get the same status, headers
+and body from both, publish the same messages, and leave the same `scope["route"]` for the latency
+histogram (query/latency.py labels ingest requests by it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from ingest.app import ingest_lifespan, install_ingest
+from ingest.routes import router
+from meterline.adapters.auth import install_auth
+from meterline.adapters.problems import install_problem_handlers
+from meterline.core.errors import BrokerUnavailableError
+from meterline.core.times import format_time
+from meterline.settings import Settings
+from tests.fakes import FakePublisher
+
+SINGLE = "application/cloudevents+json"
+BATCH = "application/cloudevents-batch+json"
+
+
+class RouteSeen:
+    """Records the path of `scope["route"]` once the inner app answered (what query/latency.py reads), and
+    whether FastAPI's router dispatched the request (it sets `scope["endpoint"]`)."""
+
+    def __init__(self, app: ASGIApp, seen: list[tuple[str | None, bool]]) -> None:
+        self.app = app
+        self.seen = seen
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+        if scope["type"] == "http":
+            self.seen.append((getattr(scope.get("route"), "path", None), "endpoint" in scope))
+
+
+def build(settings: Settings, publisher: FakePublisher, *, endpoint: bool) -> tuple[FastAPI, list[tuple[str | None, bool]]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with auth.running(), ingest_lifespan(app, settings, publisher):
+            yield
+
+    app = FastAPI(lifespan=lifespan)
+    install_problem_handlers(app)
+    if endpoint:
+        install_ingest(app)
+    else:
+        app.include_router(router)
+    seen: list[tuple[str | None, bool]] = []
+    app.add_middleware(RouteSeen, seen=seen)
+    auth = install_auth(app, settings)
+    return app, seen
+
+
+def event(i: int, **changes: Any) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": f"e{i}", "source": "s", "type": "t", "subject": f"sub-{i % 3}",
+            "time": "2024-01-01T00:00:00.000001Z", "data": {"v": i}, **changes}
+
+
+CASES: list[tuple[str, dict[str, str], bytes]] = [
+    ("single", {"content-type": SINGLE}, orjson.dumps(event(1))),
+    ("single, charset", {"content-type": f"{SINGLE}; charset=utf-8"}, orjson.dumps(event(2))),
+    ("batch", {"content-type": BATCH}, orjson.dumps([event(i) for i in range(7)])),
+    ("plain object", {"content-type": "application/json"}, orjson.dumps(event(3))),
+    ("no time", {"content-type": SINGLE}, orjson.dumps({k: v for k, v in event(4, id="no-time").items() if k != "time"})),
+    ("empty batch", {"content-type": BATCH}, b"[]"),
+    ("no content type", {}, orjson.dumps(event(5))),
+    ("wrong content type", {"content-type": "text/plain"}, orjson.dumps(event(6))),
+    ("wrong charset", {"content-type": f"{SINGLE}; charset=latin-1"}, orjson.dumps(event(7))),
+    ("not json", {"content-type": SINGLE}, b"{nope"),
+    ("empty body", {"content-type": SINGLE}, b""),
+    ("array as single", {"content-type": SINGLE}, orjson.dumps([event(8)])),
+    ("invalid event", {"content-type": BATCH}, orjson.dumps([event(9), event(10, id="")])),
+    ("inexact number", {"content-type": SINGLE}, orjson.dumps(event(11))[:-2] + b',"n":18446744073709551616}}'),
+    ("too many events", {"content-type": BATCH}, orjson.dumps([event(i) for i in range(6)])),
+    ("body too large", {"content-type": BATCH}, orjson.dumps([event(i, data={"pad": "x" * 3000}) for i in range(9)])),
+    ("bad content-length", {"content-type": SINGLE, "content-length": "12x"}, orjson.dumps(event(12))),
+]
+
+
+@pytest.fixture
+def clients(tmp_path: Path) -> Iterator[dict[str, tuple[TestClient, FakePublisher, list[tuple[str | None, bool]]]]]:
+    """The same app twice: POST /api/v1/events through the FastAPI route, and through the endpoint."""
+    settings = Settings(config_file=str(tmp_path / "absent.yaml"), kafka_bootstrap="unused:9092",
+                        auth_local_mode=True, max_batch_events=8, max_body_bytes=20_000)
+    pub_route, pub_fast = FakePublisher(), FakePublisher()
+    app_route, seen_route = build(settings, pub_route, endpoint=False)
+    app_fast, seen_fast = build(settings, pub_fast, endpoint=True)
+    with TestClient(app_route) as via_route, TestClient(app_fast) as via_endpoint:
+        yield {"route": (via_route, pub_route, seen_route), "endpoint": (via_endpoint, pub_fast, seen_fast)}
+
+
+def published(publisher: FakePublisher, before: str, after: str) -> list[tuple[bytes, list[dict[str, Any]]]]:
+    """The published messages, with a receive time (an event sent without `time`) checked to lie within
+    the request and then blanked: the two apps receive the request a moment apart."""
+    out = []
+    for key, value in publisher.messages:
+        events = orjson.loads(value)
+        for e in events:
+            if e["id"] == "no-time":
+                assert before <= e["time"] <= after
+                e["time"] = "received"
+        out.append((key, events))
+    return out
+
+
+def answer(client: TestClient, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+    response = client.post("/api/v1/events", content=body, headers=headers)
+    kept = {k: v for k, v in response.headers.items() if k not in ("date", "server")}
+    return response.status_code, kept, response.content
+
+
+@pytest.mark.parametrize(("name", "headers", "body"), CASES, ids=[c[0] for c in CASES])
+def test_the_endpoint_answers_as_the_route(clients: dict[str, Any], name: str, headers: dict[str, str],
+                                           body: bytes) -> None:
+    via_route, pub_route, seen_route = clients["route"]
+    via_endpoint, pub_fast, seen_fast = clients["endpoint"]
+    before = format_time(datetime.now(UTC))
+    expected = answer(via_route, headers, body)
+    got = answer(via_endpoint, headers, body)
+    after = format_time(datetime.now(UTC))
+    assert got == expected
+    assert published(pub_fast, before, after) == published(pub_route, before, after)
+    assert seen_route == [("/api/v1/events", True)]
+    assert seen_fast == [("/api/v1/events", False)]  # the same route for the histogram, not via the router
+    seen_fast.clear()
+    seen_route.clear()
+    if expected[0] >= 400:
+        assert expected[1]["content-type"] == "application/problem+json"
+
+
+def test_a_broker_failure_is_the_same_503(clients: dict[str, Any]) -> None:
+    for _, publisher, _ in clients.values():
+        publisher.fail_with = BrokerUnavailableError("broker did not acknowledge 1 message(s) within 5s")
+    answers = [answer(client, {"content-type": SINGLE}, orjson.dumps(event(1))) for client, _, _ in clients.values()]
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 503 and answers[0][1]["retry-after"]
+
+
+def test_other_paths_and_methods_reach_the_router(clients: dict[str, Any]) -> None:
+    for path, method in (("/api/v1/events", "GET"), ("/api/v1/events/", "POST"), ("/api/v1/other", "POST")):
+        answers = [client.request(method, path, content=b"{}", headers={"content-type": SINGLE},
+                                  follow_redirects=False).status_code for client, _, _ in clients.values()]
+        assert answers[0] == answers[1] != 204
