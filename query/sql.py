@@ -20,7 +20,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from meterline.core.compaction import coarse_partitions_sql
 from meterline.core.schema import (
+    COARSE_WINDOWS,
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,
     EVENTS,
@@ -34,7 +36,7 @@ from meterline.core.schema import (
 )
 from meterline.core.times import format_sql_time
 from query.filters import FilterString, FilterTime, filter_sql, time_filter_sql
-from query.time_ranges import RangeSplit
+from query.time_ranges import CoarsePlan, RangeSplit
 
 EVENT_LIST_COLUMNS: tuple[str, ...] = (
     "id", "source", "type", "subject", "time", "data", "ingested_at", "validation_errors", "attributes",
@@ -151,13 +153,16 @@ def meter_query(
     filters: Mapping[str, FilterString] | None = None,
     edges: str | None = None,
     generation: int | None = None,
+    coarse: CoarsePlan | None = None,
 ) -> Query:
     """Aggregate one meter's minute deltas, plus the edge minutes' deltas built from raw events
     (`edges`: JSONEachRow text in EDGE_STRUCTURE, sent as the temporary table EDGE_TABLE), into buckets
     of `window_size` local to `tz`.
 
     `group_by` holds meter groupBy keys (not `subject`); a key missing from a row's map is NULL, its
-    own bucket. `filters` maps groupBy keys (or `subject`) to FilterStrings.
+    own bucket. `filters` maps groupBy keys (or `subject`) to FilterStrings. `coarse`: spans of closed
+    months read from their 15-minute rows (`query.time_ranges.coarse_plan`), each only if its month still
+    has the fingerprint they were built for -- checked in this same statement, else its minute rows.
     """
     agg = agg_name(aggregation)
     size = window_size.value if isinstance(window_size, Enum) else window_size
@@ -186,15 +191,16 @@ def meter_query(
     # it must not make an empty bucket or group. Every other row counts at least one event. After FINAL.
     windows_where = ["meter = {meter:String}", "count > 0"]
     _generation(params, windows_where, generation)
-    if split.whole_start is not None:
-        params.values["from"] = ts(split.whole_start)
-        windows_where.append("window_start >= {from:DateTime('UTC')}")
-    if split.whole_end is not None:
-        params.values["to"] = ts(split.whole_end)
-        windows_where.append("window_start < {to:DateTime('UTC')}")
     if subjects:
         params.values["subjects"] = list(subjects)
         windows_where.append("subject IN {subjects:Array(String)}")
+    if coarse is None:
+        if split.whole_start is not None:
+            params.values["from"] = ts(split.whole_start)
+            windows_where.append("window_start >= {from:DateTime('UTC')}")
+        if split.whole_end is not None:
+            params.values["to"] = ts(split.whole_end)
+            windows_where.append("window_start < {to:DateTime('UTC')}")
 
     outer_where: list[str] = []
     for key, f in sorted((filters or {}).items()):
@@ -203,17 +209,21 @@ def meter_query(
         outer_where.append(NOT_NULL[agg])
 
     windows = f"{qualified(database, METER_WINDOWS)} FINAL"
-    if edges is None:
+    if edges is None and coarse is None:
         source = windows
         where = windows_where + outer_where
     else:
-        parts = [] if split.whole_empty else [
-            f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {' AND '.join(windows_where)}"
-        ]
-        parts.append(
-            f"SELECT subject, toDateTime(window_start, 'UTC') AS window_start, group, count, sum, min, max, uniques,"
-            f" latest_time, latest_value, latest_rank FROM {EDGE_TABLE}"
-        )
+        if split.whole_empty:
+            parts = []
+        elif coarse is None:
+            parts = [f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {' AND '.join(windows_where)}"]
+        else:
+            parts = _coarse_parts(database, windows, windows_where, coarse, params)
+        if edges is not None:
+            parts.append(
+                f"SELECT subject, toDateTime(window_start, 'UTC') AS window_start, group, count, sum, min, max, uniques,"
+                f" latest_time, latest_value, latest_rank FROM {EDGE_TABLE}"
+            )
         source = "(\n  " + "\n  UNION ALL\n  ".join(parts) + "\n)"
         where = outer_where
     sql = f"SELECT {', '.join(select)}\nFROM {source}\n"
@@ -221,6 +231,34 @@ def meter_query(
         sql += f"WHERE {' AND '.join(where)}\n"
     sql += f"GROUP BY {', '.join(keys)}\nORDER BY {', '.join(keys)}"
     return Query(sql, params.values, {} if edges is None else {EDGE_TABLE: edges})
+
+
+def _spans(spans: Sequence[tuple[datetime | None, datetime | None]], params: Params) -> str:
+    """`window_start` inside any of `spans` ([start, end), None = unbounded), as primary-key ranges."""
+    out = []
+    for a, b in spans:
+        bounds = ([] if a is None else [f"window_start >= {params.bind(ts(a), DT)}"]) + (
+            [] if b is None else [f"window_start < {params.bind(ts(b), DT)}"])
+        out.append("(" + " AND ".join(bounds or ["1"]) + ")")
+    return "(" + " OR ".join(out) + ")"
+
+
+def _coarse_parts(database: str, windows: str, where: list[str], plan: CoarsePlan, params: Params) -> list[str]:
+    """The whole minutes of a range: coarse rows of the months whose fingerprint still matches (a scalar
+    subquery on system.parts, evaluated once per statement), those months' minute rows otherwise (ClickHouse
+    prunes the partition of the branch that does not apply), and minute rows of every other span."""
+    expected = params.bind(sorted({(p, fp) for p, fp, _, _ in plan.coarse}), "Array(Tuple(String, UInt64))")
+    valid = coarse_partitions_sql(params.bind(database, "String"), params.bind(METER_WINDOWS, "String"), expected)
+    spans = _spans([(a, b) for _, _, a, b in plan.coarse], params)
+    base = " AND ".join(where)
+    parts = [
+        f"SELECT {DELTA_COLUMNS} FROM {qualified(database, COARSE_WINDOWS)} FINAL WHERE {base} AND {spans}"
+        f" AND has({valid}, _partition_id)",
+        f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {base} AND {spans} AND NOT has({valid}, _partition_id)",
+    ]
+    if plan.minutes:
+        parts.append(f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {base} AND {_spans(plan.minutes, params)}")
+    return parts
 
 
 def edge_events_query(

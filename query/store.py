@@ -24,6 +24,7 @@ from meterline.core.decimals import average
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
 from meterline.core.schema import NAMESPACED_TABLES, SUBJECTS, Topology, storage_name
+from query.coarse import CoarseMonths
 from query.cost import check_cost
 from query.edges import edge_deltas, edge_json, merge_deltas
 from query.filters import FilterString
@@ -39,7 +40,7 @@ from query.sql import (
     meter_query,
     subjects_query,
 )
-from query.time_ranges import RangeSplit, split_range
+from query.time_ranges import RangeSplit, coarse_plan, size_name, split_range
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ class WindowStore:
 
     def __init__(
         self, client: Client, database: str, *, max_windows: int = 1_000_000, writer: Client | None = None,
-        namespace: str | None = DEFAULT_NAMESPACE,
+        namespace: str | None = DEFAULT_NAMESPACE, coarse: CoarseMonths | None = None,
     ) -> None:
         self.client = client
         #: Admin writes (subjects): `client` may be read-only (`meterline.adapters.clickhouse.read_guards`).
@@ -115,13 +116,15 @@ class WindowStore:
         self.database = database
         self.max_windows = max_windows  # the query cost ceiling checked before ClickHouse (query/cost.py)
         self.namespace = namespace
+        #: Closed months with 15-minute rows (query/coarse.py), shared by every store scoped from this one.
+        self.coarse = coarse if coarse is not None else CoarseMonths()
         self._settings = None if namespace is None else {
             "additional_table_filters": namespace_filters(database, namespace)}
 
     def scoped(self, namespace: str) -> WindowStore:
         """This store reading only `namespace`'s rows (what every API route uses: `state.principal`)."""
         return WindowStore(self.client, self.database, max_windows=self.max_windows, writer=self.writer,
-                           namespace=namespace)
+                           namespace=namespace, coarse=self.coarse)
 
     def _run(self, query: Query) -> Any:
         if self._settings is None:
@@ -185,10 +188,13 @@ class WindowStore:
             raw = self._run(edge_events_query(self.database, meter.event_type, split.edges, subjects, meter=meter.slug))
             edges = edge_json(merge_deltas(edge_deltas(meter, raw.result_rows)))
         slug = meter.slug if isinstance(meter, Meter) else meter
+        plan = None
+        if not split.whole_empty and size_name(window_size) != "MINUTE":  # minutes never come from coarse rows
+            plan = coarse_plan(split, window_size, tz, self.coarse.fingerprints(self.client, self.database))
         query = meter_query(
             self.database, slug, aggregation, split=split, window_size=window_size, tz=tz,
             subjects=subjects, group_by=group_by, group_by_subject=group_by_subject, filters=all_filters,
-            edges=edges, generation=generation,
+            edges=edges, generation=generation, coarse=plan,
         )
         result = self._run(query)
         n = result.row_count

@@ -6,11 +6,16 @@ minutes at either edge from the stored raw events (`split_range`), so any second
 Buckets in a time zone are computed by ClickHouse (bucket *starts*); this module computes each bucket's
 *end* (the next local bucket start, which is not "start + fixed duration" across DST changes or in
 :30/:45 zones).
+
+Closed months that windows compaction also stored as 15-minute rows (docs/design.md, "Coarse rows") can
+answer their whole quarters from those rows (`coarse_plan`): a quarter hour lies inside one local hour,
+day and month whenever the zone's offset is a multiple of 15 minutes throughout it (`quarters_fit`).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -148,6 +153,87 @@ def bucket_end(start: datetime, size: str | Enum, tz: ZoneInfo) -> datetime:
     else:
         raise InvalidQueryError("windowSize", f"must be one of {', '.join(WINDOW_SIZES)}")
     return nxt.replace(tzinfo=tz).astimezone(UTC)
+
+
+def floor_quarter(t: datetime) -> datetime:
+    return t.replace(minute=t.minute - t.minute % 15, second=0, microsecond=0)
+
+
+def ceil_quarter(t: datetime) -> datetime:
+    floor = floor_quarter(t)
+    return floor if floor == t else floor + _QUARTER
+
+
+def month_bounds(partition: str) -> tuple[datetime, datetime]:
+    """[start, end) in UTC of a `meter_windows` partition (`YYYYMM`, a UTC month)."""
+    year, month = int(partition[:4]), int(partition[4:6])
+    return datetime(year, month, 1, tzinfo=UTC), datetime(year + month // 12, month % 12 + 1, 1, tzinfo=UTC)
+
+
+@functools.cache
+def quarters_fit(zone: str, partition: str) -> bool:
+    """Whether every UTC quarter hour of the month lies inside one local hour (hence day and month) of `zone`:
+    the offset is a multiple of 15 minutes and does not change inside any quarter.
+
+    True for every zone's current rules (Asia/Kathmandu +05:45, Australia/Eucla +08:45, America/St_Johns
+    -03:30, DST changes on the quarter), false for months with an offset such as Africa/Monrovia's -00:44:30
+    (until 1972) or local mean time. Checked at the first and last minute of each quarter (offsets change
+    at most twice a year, never twice within 15 minutes), once per zone and month.
+    """
+    tz = ZoneInfo(zone)
+    start, end = month_bounds(partition)
+    t = start
+    last = timedelta(minutes=14)
+    while t < end:
+        offset = t.astimezone(tz).utcoffset()
+        if offset is None or offset % _QUARTER or (t + last).astimezone(tz).utcoffset() != offset:
+            return False
+        t += _QUARTER
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class CoarsePlan:
+    """A range's whole minutes as spans read from 15-minute rows where their month's rows still match
+    (`coarse`: partition, its fingerprint, [start, end)), and spans read from minute rows (`minutes`,
+    None = unbounded)."""
+
+    coarse: tuple[tuple[str, int, datetime, datetime], ...]
+    minutes: tuple[tuple[datetime | None, datetime | None], ...]
+
+
+def coarse_plan(split: RangeSplit, size: str | Enum | None, zone: str, fingerprints: Mapping[str, int]) -> CoarsePlan | None:
+    """Which whole minutes of `split` may come from coarse rows (None: none; read minute rows as always).
+
+    `fingerprints`: the partitions with coarse rows and the fingerprint they were built for. Only HOUR, DAY
+    and MONTH buckets (a MINUTE bucket needs minutes), or one bucket over an explicit [from, to) (without
+    them the answer reports the first and last minute with data). Only whole quarters inside a month, in
+    months whose quarters fit the zone; the rest stays minute rows.
+    """
+    name = size_name(size)
+    if split.whole_empty or not fingerprints:
+        return None
+    if name == "MINUTE" or (name is None and (split.start is None or split.end is None)):
+        return None
+    coarse: list[tuple[str, int, datetime, datetime]] = []
+    for partition in sorted(fingerprints):
+        month_start, month_end = month_bounds(partition)
+        a = month_start if split.whole_start is None else max(month_start, split.whole_start)
+        b = month_end if split.whole_end is None else min(month_end, split.whole_end)
+        a, b = ceil_quarter(a), floor_quarter(b)
+        if a < b and (name is None or quarters_fit(zone, partition)):
+            coarse.append((partition, fingerprints[partition], a, b))
+    if not coarse:
+        return None
+    minutes: list[tuple[datetime | None, datetime | None]] = []
+    cursor: datetime | None = split.whole_start
+    for _, _, a, b in coarse:
+        if cursor is None or cursor < a:
+            minutes.append((cursor, a))
+        cursor = b
+    if split.whole_end is None or cursor < split.whole_end:
+        minutes.append((cursor, split.whole_end))
+    return CoarsePlan(tuple(coarse), tuple(minutes))
 
 
 __all__ = ["format_instant"]  # re-exported: routes format window bounds with it

@@ -69,7 +69,8 @@ _START, _EPOCH = WINDOW_COLUMNS.index("window_start"), WINDOW_COLUMNS.index("log
 
 def read_claims(client: Client, database: str, partitions: Sequence[str] | None = None) -> list[Claim]:
     """The newest record of every compaction (of `partitions`), with its age on ClickHouse's clock."""
-    sql = (f"SELECT partition, compaction_id, state, watermarks, dateDiff('millisecond', updated_at, now64(6))"
+    sql = (f"SELECT partition, compaction_id, state, watermarks, dateDiff('millisecond', updated_at, now64(6)),"
+           " fingerprint"
            f" FROM {qualified(database, WINDOW_COMPACTIONS)} FINAL")
     params: dict[str, Any] = {}
     if partitions is not None:
@@ -77,18 +78,19 @@ def read_claims(client: Client, database: str, partitions: Sequence[str] | None 
         params["partitions"] = sorted(partitions)
     with storage_errors():
         rows = client.query(sql, parameters=params).result_rows
-    return [Claim(str(p), str(cid), str(state), int(age) / 1000, {(str(e), int(kp)): int(o) for e, kp, o in wm})
-            for p, cid, state, wm, age in rows]
+    return [Claim(str(p), str(cid), str(state), int(age) / 1000, {(str(e), int(kp)): int(o) for e, kp, o in wm},
+                  int(fp)) for p, cid, state, wm, age, fp in rows]
 
 
 def write_claim(client: Client, database: str, partition: str, compaction_id: str, state: str, *,
                 watermarks: dict[tuple[str, int], int] | None = None, rows_before: int = 0, rows_after: int = 0,
-                owner: str = "") -> None:
-    """Record (or refresh) a compaction's state; `updated_at` is ClickHouse's now."""
+                owner: str = "", fingerprint: int = 0) -> None:
+    """Record (or refresh) a compaction's state; `updated_at` is ClickHouse's now. `fingerprint` (done
+    only): the partition's right after the swaps, when coarse rows were swapped in with it."""
     marks = [(e, kp, o) for (e, kp), o in sorted((watermarks or {}).items())]
     with storage_errors():
         client.insert(qualified(database, WINDOW_COMPACTIONS),
-                      [[partition, compaction_id, state, marks, rows_before, rows_after, owner]],
+                      [[partition, compaction_id, state, marks, rows_before, rows_after, owner, fingerprint]],
                       column_names=list(WINDOW_COMPACTION_COLUMNS), settings={"async_insert": 0})
 
 

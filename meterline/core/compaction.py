@@ -18,6 +18,14 @@ What is NOT folded (copied unchanged): rows of generations other than the meter'
 generation's rebuild may still write rows that overlap the live path's, and only raw rows collapse by
 identity) and dead-letter replay rows (`replay:` epochs: a later replay rewrites them by identity).
 
+Coarse rows: the same compaction also writes the month as 15-minute rows into `meter_windows_coarse`
+(`coarse_statements`), one per (meter, generation, namespace, subject, quarter, group), built from the
+very rows it swaps into `meter_windows`, and swapped in after them. A query may read a month's coarse rows
+instead of its minute rows only while that month of `meter_windows` is exactly what they were built from:
+the newest done compaction of the month records the partition's **fingerprint** (`FINGERPRINT`: the
+largest block number or data version of its active parts) right after its swap; every later insert, swap
+or mutation of the partition raises it (merges never do), so an equal fingerprint means no row changed.
+
 Why a replay after compaction cannot double count: the compaction records per (log epoch, Kafka
 partition) the highest offset among the rows it read (`watermarks`). Every writer of a partition writes
 its messages in offset order, so every message at or below the watermark was already in the partition:
@@ -33,6 +41,8 @@ from typing import Any
 
 #: Position prefix of merged rows; the namespace follows (`compacted:default`).
 COMPACTED_PREFIX = "compacted:"
+#: Position prefix of coarse rows (`meter_windows_coarse`); the namespace follows (`coarse:default`).
+COARSE_PREFIX = "coarse:"
 #: Position prefix of dead-letter replay rows (meterline/jobs/deadletters.py): never folded.
 REPLAY_PREFIX = "replay:"
 #: Largest |sum| a Decimal128(9) row holds (29 integer digits).
@@ -93,6 +103,7 @@ class Claim:
     state: str
     age_seconds: float
     watermarks: Watermarks = field(default_factory=dict)
+    fingerprint: int = 0
 
     def fresh(self, lease_seconds: float) -> bool:
         """Its compactor is alive (it refreshes the record more often than the lease)."""
@@ -112,6 +123,17 @@ def merged_watermarks(claims: Iterable[Claim]) -> Watermarks:
             for key, offset in c.watermarks.items():
                 out[key] = max(out.get(key, -1), offset)
     return out
+
+
+def coarse_fingerprints(claims: Iterable[Claim]) -> dict[str, int]:
+    """Per partition, the fingerprint its coarse rows were built for: the newest done compaction's, when
+    it built them (0: a compaction from before coarse rows, or none). Only while `meter_windows` still
+    has that fingerprint (`coarse_partitions_sql`) do the coarse rows equal its minute rows."""
+    newest: dict[str, Claim] = {}
+    for c in claims:
+        if c.state == DONE and (c.partition not in newest or c.age_seconds < newest[c.partition].age_seconds):
+            newest[c.partition] = c
+    return {p: c.fingerprint for p, c in newest.items() if c.fingerprint}
 
 
 def replayed(epoch: str, kafka_partition: int, kafka_offset: int, watermarks: Mapping[tuple[str, int], int]) -> bool:
@@ -175,3 +197,62 @@ def watermark_query(source: str, partition: str) -> tuple[str, dict[str, Any]]:
         "GROUP BY log_epoch, kafka_partition"
     )
     return sql, {"partition": partition}
+
+
+# -- Coarse rows ---------------------------------------------------------------------------------------
+
+#: The quarter hour of a minute row: every UTC offset in use is a multiple of 15 minutes, so a 15-minute row
+#: lies inside one local hour, day and month of every zone whose offset is such a multiple.
+QUARTER = "toStartOfFifteenMinutes(window_start)"
+COARSE_KEY = f"meter, subject, {QUARTER}, group_key, generation, namespace"
+#: The coarse row in WINDOW_COLUMNS order: the merged row of a quarter instead of a minute.
+COARSE_COLUMNS = tuple(
+    QUARTER if c == "window_start" else f"concat('{COARSE_PREFIX}', namespace)" if c.startswith("concat(") else c
+    for c in MERGED_COLUMNS
+)
+#: `meter_windows`' partition fingerprint: the largest block number or data version among its active parts.
+#: An insert or a swap adds parts with new block numbers and a mutation (DELETE) new data versions; a merge
+#: keeps the largest of both, so the value changes exactly when the partition's rows may have.
+FINGERPRINT = "max(greatest(max_block_number, data_version))"
+
+
+def coarse_statements(staging: str, coarse_staging: str, columns: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+    """INSERTs that fill `coarse_staging` from a compaction's finished `staging` (the partition as it will be
+    swapped in): one merged row per quarter of every key whose quarter total fits, and the rows of every
+    other (key, quarter) unchanged -- a minute row lies inside its quarter, so a query over whole quarters
+    reads it the same way. Every row of the partition is included, whatever its generation or epoch."""
+    names = ", ".join(columns)
+    merged = (
+        f"INSERT INTO {coarse_staging} ({names})\nSELECT {', '.join(COARSE_COLUMNS)}\nFROM {staging} FINAL\n"
+        f"GROUP BY {COARSE_KEY}\nHAVING {FITS}"
+    )
+    too_big = f"SELECT {COARSE_KEY} FROM {staging} FINAL GROUP BY {COARSE_KEY} HAVING NOT ({FITS})"
+    kept = (
+        f"INSERT INTO {coarse_staging} ({names})\nSELECT {names}\nFROM {staging} FINAL\n"
+        f"WHERE ({COARSE_KEY}) IN ({too_big})"
+    )
+    return [(merged, {}), (kept, {})]
+
+
+def fingerprint_query(database: str, table: str, partitions: Sequence[str]) -> tuple[str, dict[str, Any]]:
+    """The current fingerprint of each of `table`'s `partitions` (those with active parts)."""
+    sql = (
+        f"SELECT partition_id, {FINGERPRINT} FROM system.parts WHERE database = {{db:String}}"
+        " AND table = {table:String} AND active AND partition_id IN {partitions:Array(String)} GROUP BY partition_id"
+    )
+    return sql, {"db": database, "table": table, "partitions": sorted(partitions)}
+
+
+def coarse_partitions_sql(database: str, table: str, expected: str) -> str:
+    """A scalar subquery: the partitions whose coarse rows may answer, i.e. whose fingerprint is still the one
+    they were built for. `database` and `table` are bound-parameter placeholders (`{p0:String}`),
+    `expected` one of type Array(Tuple(String, UInt64)) with (partition, fingerprint) pairs.
+
+    Evaluated inside the query that reads the rows, so no write can slip between the check and the read
+    of a month's minute rows; a partition written since is read from its minute rows instead."""
+    return (
+        f"(SELECT groupArray(partition_id) FROM (SELECT partition_id, {FINGERPRINT} AS fingerprint"
+        f" FROM system.parts WHERE database = {database} AND table = {table} AND active"
+        f" AND partition_id IN arrayMap(x -> x.1, {expected}) GROUP BY partition_id)"
+        f" WHERE has({expected}, (partition_id, fingerprint)))"
+    )

@@ -36,6 +36,8 @@ DEDUPE_KEYS = dedupe_keys_table(KEY_VERSION)
 #: One row per completed backfill of `dedupe_keys` from `events` (processor/key_backfill.py).
 DEDUPE_KEY_BACKFILLS = "dedupe_key_backfills"
 METER_WINDOWS = "meter_windows"
+#: Closed months' windows as 15-minute rows, written only by windows compaction (docs/design.md).
+COARSE_WINDOWS = "meter_windows_coarse"
 DEAD_LETTERS = "dead_letters"
 DEAD_LETTER_REPLAYS = "dead_letter_replays"
 API_KEYS = "api_keys"
@@ -59,7 +61,7 @@ PARTITION_PROGRESS = "partition_progress"
 WINDOW_COMPACTIONS = "window_compactions"
 WINDOW_WRITERS = "window_writers"
 WINDOW_COMPACTION_COLUMNS: tuple[str, ...] = (
-    "partition", "compaction_id", "state", "watermarks", "rows_before", "rows_after", "owner",
+    "partition", "compaction_id", "state", "watermarks", "rows_before", "rows_after", "owner", "fingerprint",
 )
 """`updated_at` is not written: it defaults to ClickHouse's clock, which every reader compares with."""
 WINDOW_WRITER_COLUMNS: tuple[str, ...] = ("writer", "partitions", "state")
@@ -77,7 +79,7 @@ SUBJECT_COLUMNS: tuple[str, ...] = (
 #: before namespaces existed belong to `default`. Every read of the query API filters on it (query/store.py).
 NAMESPACE_COLUMN = "namespace LowCardinality(String) DEFAULT 'default'"
 #: The tables whose rows belong to a namespace.
-NAMESPACED_TABLES: tuple[str, ...] = (EVENTS, METER_WINDOWS, DEAD_LETTERS)
+NAMESPACED_TABLES: tuple[str, ...] = (EVENTS, METER_WINDOWS, COARSE_WINDOWS, DEAD_LETTERS)
 
 EVENT_COLUMNS: tuple[str, ...] = (
     "dedupe_key", "id", "source", "type", "subject", "time", "data", "ingested_at",
@@ -234,6 +236,28 @@ class Table:
         return statements
 
 
+_WINDOW_COLUMNS_DDL = f"""
+            meter LowCardinality(String),
+            subject String,
+            window_start DateTime('UTC'),
+            group_key String,
+            group Map(String, String),
+            log_epoch LowCardinality(String),
+            kafka_partition UInt32,
+            kafka_offset UInt64,
+            count UInt64,
+            sum {DECIMAL},
+            min Nullable({DECIMAL}),
+            max Nullable({DECIMAL}),
+            uniques Array(String),
+            latest_time DateTime64(6, 'UTC'),
+            latest_value Nullable({DECIMAL}),
+            latest_rank UInt64,
+            generation UInt64
+        """
+"""`meter_windows` and `meter_windows_coarse` (namespace is added after them: NAMESPACE_COLUMN)."""
+
+
 _DEAD_LETTER_IDENTITY_COLUMNS = """
             log_epoch LowCardinality(String),
             kafka_partition UInt32,
@@ -304,25 +328,18 @@ TABLES: tuple[Table, ...] = (
     ),
     Table(
         name=METER_WINDOWS,
-        columns=f"""
-            meter LowCardinality(String),
-            subject String,
-            window_start DateTime('UTC'),
-            group_key String,
-            group Map(String, String),
-            log_epoch LowCardinality(String),
-            kafka_partition UInt32,
-            kafka_offset UInt64,
-            count UInt64,
-            sum {DECIMAL},
-            min Nullable({DECIMAL}),
-            max Nullable({DECIMAL}),
-            uniques Array(String),
-            latest_time DateTime64(6, 'UTC'),
-            latest_value Nullable({DECIMAL}),
-            latest_rank UInt64,
-            generation UInt64
-        """,
+        columns=_WINDOW_COLUMNS_DDL,
+        order_by=WINDOWS_ORDER_BY,
+        shard_by="cityHash64(subject)",
+        partition_by="toYYYYMM(window_start)",
+        added_columns=(NAMESPACE_COLUMN,),
+    ),
+    # The same rows per 15 minutes for closed months, filled and swapped in only by windows compaction
+    # (meterline/jobs/compaction.py); a query reads them only where `window_compactions` says they
+    # match the month's minute rows (docs/design.md, "Coarse rows").
+    Table(
+        name=COARSE_WINDOWS,
+        columns=_WINDOW_COLUMNS_DDL,
         order_by=WINDOWS_ORDER_BY,
         shard_by="cityHash64(subject)",
         partition_by="toYYYYMM(window_start)",
@@ -490,6 +507,9 @@ TABLES: tuple[Table, ...] = (
         order_by="(partition, compaction_id)",
         shard_by="cityHash64(partition, compaction_id)",
         version="updated_at",
+        # `meter_windows`' partition fingerprint right after the swaps of a done compaction (0: no
+        # coarse rows were built): coarse rows answer only while the partition still has it.
+        added_columns=("fingerprint UInt64 DEFAULT 0",),
     ),
     # Writers that may write into old `meter_windows` partitions (replays, rebuilds, recompute, dead-letter
     # replay) announce themselves here before they look for compactions (meterline/adapters/compactions.py).

@@ -6,14 +6,17 @@ Steps for one partition (a month of `meter_windows`), each recorded in `window_c
 
     running   claimed; no announced writer was active (else: aborted, tried again next run)
               -> merged copy built in a staging table `meter_windows_compacting_<month>_<id>`
+              -> the month's 15-minute rows built from it in `..._<month>_coarse_<id>`
     swapping  watermarks recorded; no writer became active meanwhile
               -> ALTER TABLE meter_windows REPLACE PARTITION ID '<month>' FROM staging (atomic)
-    done      staging dropped
+              -> the partition's fingerprint read, then meter_windows_coarse's month replaced the same way
+    done      with the fingerprint: from now on queries may read the coarse rows (while it holds); staging dropped
 
 A kill -9 at any point is safe: before the swap the partition is untouched (the record goes stale after
 the lease and the staging table is dropped by the next run); a swap either happened or not, and the
-watermarks recorded before it drop only rows that the partition already holds in both cases. Running it
-again compacts whatever still has delta rows.
+watermarks recorded before it drop only rows that the partition already holds in both cases. Coarse rows
+answer only after `done` (its fingerprint), so a kill between the two swaps leaves queries on minute rows.
+Running it again compacts whatever still has delta rows, or coarse rows that no longer match their month.
 
 Refused on a ClickHouse cluster (Distributed tables; a partition lives on every shard and the swap would
 be one per shard, not atomic) and without a late horizon (nothing is ever closed).
@@ -43,7 +46,10 @@ from meterline.core.compaction import (
     RUNNING,
     SWAPPING,
     Watermarks,
+    coarse_fingerprints,
+    coarse_statements,
     cutoff,
+    fingerprint_query,
     foldable,
     in_progress,
     merge_statements,
@@ -53,6 +59,7 @@ from meterline.core.compaction import (
 )
 from meterline.core.errors import ConfigError
 from meterline.core.schema import (
+    COARSE_WINDOWS,
     METER_WINDOWS,
     PARTITION_PROGRESS,
     SINGLE_NODE,
@@ -133,7 +140,7 @@ def compact(client: Client, database: str, active: Mapping[tuple[str, str], int]
         if (only is not None and partition not in only) or partition_end(partition) > report.cutoff:
             continue
         started = time.monotonic()
-        if not _has_deltas(client, database, partition, active):
+        if not _has_deltas(client, database, partition, active) and _coarse_current(client, database, partition):
             report.partitions.append(PartitionResult(partition, "nothing to merge"))
             continue
         result = _compact_partition(client, database, partition, active, owner, lease_seconds, step)
@@ -184,6 +191,21 @@ def _has_deltas(client: Client, database: str, partition: str, active: Mapping[t
     return int(n) > 0
 
 
+def fingerprint(client: Client, database: str, partition: str) -> int:
+    """`meter_windows`' partition fingerprint now (0: no active part)."""
+    sql, params = fingerprint_query(database, METER_WINDOWS, [partition])
+    with storage_errors():
+        rows = client.query(sql, parameters=params).result_rows
+    return int(rows[0][1]) if rows else 0
+
+
+def _coarse_current(client: Client, database: str, partition: str) -> bool:
+    """Whether the partition's coarse rows were built from exactly its rows (nothing written, swapped or
+    deleted since the newest done compaction); if not, the partition is compacted again to rebuild them."""
+    built_for = coarse_fingerprints(read_claims(client, database, [partition])).get(partition)
+    return built_for is not None and built_for == fingerprint(client, database, partition)
+
+
 def _drop_abandoned_staging(client: Client, database: str, lease_seconds: float) -> None:
     """Staging tables of compactions that died (no fresh record of their id)."""
     live = {c.compaction_id for c in in_progress(read_claims(client, database), lease_seconds)}
@@ -200,6 +222,8 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
     cid = uuid.uuid4().hex
     source = qualified(database, METER_WINDOWS)
     staging = qualified(database, quote_identifier(f"{STAGING_PREFIX}{partition}_{cid}"))
+    coarse = qualified(database, COARSE_WINDOWS)
+    coarse_staging = qualified(database, quote_identifier(f"{STAGING_PREFIX}{partition}_coarse_{cid}"))
     last = time.monotonic()
 
     def record(state: str, **fields: object) -> None:
@@ -222,6 +246,7 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
         write_claim(client, database, partition, cid, ABORTED, owner=owner)
         with storage_errors():
             client.command(f"DROP TABLE IF EXISTS {staging}")
+            client.command(f"DROP TABLE IF EXISTS {coarse_staging}")
         logger.info("windows compaction aborted", extra={"partition": partition, "reason": why})
         return PartitionResult(partition, f"aborted: {why}")
 
@@ -236,6 +261,11 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
             before = int(client.query(f"SELECT count() FROM {source} FINAL WHERE _partition_id = {{p:String}}",
                                       parameters={"p": partition}).result_rows[0][0])
             for sql, params in merge_statements(source, staging, WINDOW_COLUMNS, partition, active):
+                record(RUNNING)
+                client.command(sql, parameters=params)
+            client.command(f"DROP TABLE IF EXISTS {coarse_staging}")
+            client.command(f"CREATE TABLE {coarse_staging} AS {coarse}")
+            for sql, params in coarse_statements(staging, coarse_staging, WINDOW_COLUMNS):
                 record(RUNNING)
                 client.command(sql, parameters=params)
             sql, params = watermark_query(source, partition)
@@ -253,11 +283,18 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
         return abort(why)
     with storage_errors():
         client.command(f"ALTER TABLE {source} REPLACE PARTITION ID '{partition}' FROM {staging}")
+    # Read at once: writers still wait for this compaction, so this is the fingerprint of exactly the
+    # staging rows the coarse rows are built from.
+    swapped = fingerprint(client, database, partition)
     step(partition, "swapped")
+    with storage_errors():
+        client.command(f"ALTER TABLE {coarse} REPLACE PARTITION ID '{partition}' FROM {coarse_staging}")
+    step(partition, "coarse swapped")
     write_claim(client, database, partition, cid, DONE, watermarks=marks, rows_before=before, rows_after=after,
-                owner=owner)
+                owner=owner, fingerprint=swapped)
     with storage_errors():
         client.command(f"DROP TABLE IF EXISTS {staging}")
+        client.command(f"DROP TABLE IF EXISTS {coarse_staging}")
     step(partition, "done")
     return PartitionResult(partition, "compacted", before, after)
 
