@@ -251,9 +251,9 @@ def _coarse_parts(database: str, windows: str, where: list[str], plan: CoarsePla
     valid = coarse_partitions_sql(params.bind(database, "String"), params.bind(METER_WINDOWS, "String"), expected)
     spans = _spans([(a, b) for _, _, a, b in plan.coarse], params)
     base = " AND ".join(where)
+    coarse = qualified(database, COARSE_WINDOWS)
     parts = [
-        f"SELECT {DELTA_COLUMNS} FROM {qualified(database, COARSE_WINDOWS)} FINAL WHERE {base} AND {spans}"
-        f" AND has({valid}, _partition_id)",
+        f"SELECT {DELTA_COLUMNS} FROM {coarse} FINAL WHERE {base} AND {spans} AND has({valid}, _partition_id)",
         f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {base} AND {spans} AND NOT has({valid}, _partition_id)",
     ]
     if plan.minutes:

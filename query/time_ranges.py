@@ -231,8 +231,9 @@ def coarse_plan(split: RangeSplit, size: str | Enum | None, zone: str, fingerpri
         if cursor is None or cursor < a:
             minutes.append((cursor, a))
         cursor = b
-    if split.whole_end is None or cursor < split.whole_end:
-        minutes.append((cursor, split.whole_end))
+    last = coarse[-1][3]
+    if split.whole_end is None or last < split.whole_end:
+        minutes.append((last, split.whole_end))
     return CoarsePlan(tuple(coarse), tuple(minutes))
 
 

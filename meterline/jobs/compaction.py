@@ -289,7 +289,7 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
     step(partition, "swapped")
     with storage_errors():
         client.command(f"ALTER TABLE {coarse} REPLACE PARTITION ID '{partition}' FROM {coarse_staging}")
-    step(partition, "coarse swapped")
+    step(partition, "coarse-swapped")
     write_claim(client, database, partition, cid, DONE, watermarks=marks, rows_before=before, rows_after=after,
                 owner=owner, fingerprint=swapped)
     with storage_errors():

@@ -1,0 +1,172 @@
+"""Coarse (15-minute) rows of compacted months on real ClickHouse: every answer equals the oracle computed
+here from the raw events, before compaction, after it, and after later writes into a compacted month.
+
+History: two weeks across the end of February 2024 (two closed months) with the DST change of 10 March
+inside (America/New_York, America/St_Johns), metered for every aggregation; another tenant meters the same
+subjects and minutes. Queries cut into minutes at both ends (raw-event edges, minute rows) around the
+coarse interior, for every window size, in UTC and zones at +05:45, +08:45 and -03:30, grouped by subject
+and the meters' keys, and with subject and groupBy filters.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from fastapi.testclient import TestClient
+
+from meterline.adapters.clickhouse import connect, create_schema
+from meterline.adapters.compactions import active_writers
+from meterline.core.schema import COARSE_WINDOWS, WINDOW_COLUMNS
+from meterline.jobs.compaction import compact
+from meterline.localinfra.ports import wait_for
+from meterline.server import build_app
+from meterline.settings import Settings
+from tests import windows_history as history
+from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
+
+METERS = [
+    OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
+    OracleMeter("tokens_avg", "prompt", "AVG", "tokens", ("model",)),
+    OracleMeter("tokens_min", "prompt", "MIN", "tokens"),
+    OracleMeter("tokens_max", "prompt", "MAX", "tokens", ("type",)),
+    OracleMeter("prompt_count", "prompt", "COUNT", None, ("model",)),
+    OracleMeter("active_users", "activity", "UNIQUE_COUNT", "user_id"),
+    OracleMeter("storage_latest", "storage", "LATEST", "bytes", ("tier",)),
+]
+SIZES = (None, "MINUTE", "HOUR", "DAY", "MONTH")
+ZONES = ("UTC", "Asia/Kathmandu", "Australia/Eucla", "America/St_Johns", "America/New_York")
+START = datetime(2024, 2, 27, 20, tzinfo=UTC)
+SPAN = timedelta(days=13)  # into 12 March: the DST change of 10 March is inside
+# Edges cut into minutes (raw events) and quarters (minute rows) on both sides of the coarse interior.
+FROM, TO = START + timedelta(minutes=7, seconds=30), START + SPAN - timedelta(minutes=21, seconds=15)
+
+
+@pytest.fixture()
+def env(clickhouse_url: str, tmp_path: Any) -> Iterator[tuple[TestClient, Client, str]]:
+    database = f"coarse_{uuid.uuid4().hex[:10]}"
+    client = connect(clickhouse_url)
+    create_schema(client, database)
+    config = tmp_path / "config.yaml"
+    config.write_text(config_yaml(METERS))
+    settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", config_file=str(config))
+    try:
+        with TestClient(build_app("query", settings)) as http:
+            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
+                                 for m in http.get("/api/v1/meters").json()), 30, "meters ready")
+            wait_for(lambda: {s for (s,) in client.query(
+                f"SELECT state FROM `{database}`.meter_rebuilds FINAL").result_rows} == {"clean"}, 30, "meters clean")
+            wait_for(lambda: not active_writers(client, database, "202402"), 30, "no active writer")
+            yield http, client, database
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS `{database}`")
+        client.close()
+
+
+def compact_all(client: Client, database: str) -> Any:
+    active = {(ns, m.slug): history.GENERATION for m in METERS for ns in ("default", "other")}
+    return compact(client, database, active, late_horizon_days=1, margin=timedelta(hours=1),
+                   topic=history.TOPIC, topic_partitions=history.PARTITIONS)
+
+
+def ask(http: TestClient, m: OracleMeter, size: str | None, zone: str, **extra: Any) -> dict[Any, Decimal]:
+    params: dict[str, Any] = {"from": FROM.isoformat(), "to": TO.isoformat(), "windowTimeZone": zone,
+                              "groupBy": ["subject", *m.group_fields], **extra}
+    if size:
+        params["windowSize"] = size
+    res = http.get(f"/api/v1/meters/{m.slug}/query", params=params)
+    assert res.status_code == 200, res.text
+    return response_windows(json.loads(res.text, parse_float=Decimal), m.group_fields)
+
+
+def check_all(http: TestClient, counted: list[dict[str, Any]], when: str) -> int:
+    """Every meter x window size x zone, and filtered queries, against the oracle; returns windows checked."""
+    checked = 0
+    for m in METERS:
+        for size in SIZES:
+            for zone in ZONES if size != "MINUTE" else ZONES[:2]:  # MINUTE buckets are UTC minutes in any zone
+                want = expected(counted, m, start=FROM, end=TO, window=size, tz=zone, group_by=m.group_fields)
+                got = ask(http, m, size, zone)
+                assert got == want, f"{when}: {m.slug} {size} {zone}: {sorted(set(got.items()) ^ set(want.items()))[:6]}"
+                checked += len(want)
+    m = METERS[0]
+    subjects = ("customer-1", "customer-3")
+    for zone in ("Asia/Kathmandu", "America/St_Johns"):
+        want = expected(counted, m, start=FROM, end=TO, window="HOUR", tz=zone, group_by=m.group_fields,
+                        where=lambda e: e["subject"] in subjects and (e["data"] or {}).get("model") == "claude")
+        got = ask(http, m, "HOUR", zone, subject=list(subjects), **{"filterGroupBy[model]": "claude"})
+        assert want and got == want, f"{when}: filtered {zone}"
+        checked += len(want)
+    return checked
+
+
+def test_coarse_rows_answer_exactly(env: tuple[TestClient, Client, str]) -> None:
+    http, client, database = env
+    factory = EventFactory(seed=16, start=START, span=SPAN)
+    events = [factory.event() for _ in range(3000)]
+    events += events[:200]  # resent: duplicates, never counted
+    counted = first_sightings(events)
+    batch = history.messages(events)
+    history.write(client, database, history.rows_of(batch, METERS))
+    other = [{**e, "meterline_namespace": "other"} for e in counted[:800]]  # another tenant, same keys
+    history.write(client, database, history.rows_of(
+        [(history.MessagePosition("other-epoch", p.partition, p.offset), es) for p, es in history.messages(other)],
+        METERS))
+    history.mark_complete(client, database)
+    store = http.app.state.query_store  # type: ignore[attr-defined]
+
+    check_all(http, counted, "before compaction")
+    report = compact_all(client, database)
+    assert [(r.partition, r.outcome) for r in report.partitions] == [("202402", "compacted"), ("202403", "compacted")]
+    store.coarse.reload()
+    assert set(store.coarse.fingerprints(client, database)) == {"202402", "202403"}
+    coarse_rows = int(client.query(f"SELECT count() FROM `{database}`.{COARSE_WINDOWS}").result_rows[0][0])
+    assert 0 < coarse_rows < history.window_rows(client, database)
+    assert check_all(http, counted, "after compaction") > 1000
+
+    # The coarse rows are what answers: a row planted in March's (never done for real) shows in UTC hours...
+    rows = history.rows_of(batch, METERS[:1]).windows
+    start_at, subject_at = WINDOW_COLUMNS.index("window_start"), WINDOW_COLUMNS.index("subject")
+    planted = list(next(r for r in rows if datetime(2024, 3, 2, tzinfo=UTC) <= r[start_at].replace(tzinfo=UTC)))
+    minute = planted[start_at]
+    planted[start_at] = minute.replace(minute=minute.minute - minute.minute % 15)
+    planted[WINDOW_COLUMNS.index("log_epoch")] = "planted"
+    client.insert(COARSE_WINDOWS, [planted], column_names=list(WINDOW_COLUMNS), database=database)
+    m = METERS[0]
+
+    def split_by_month(answer: dict[Any, Decimal]) -> tuple[dict[Any, Decimal], dict[Any, Decimal]]:
+        march = datetime(2024, 3, 1, tzinfo=UTC)
+        return {k: v for k, v in answer.items() if k[0] < march}, {k: v for k, v in answer.items() if k[0] >= march}
+
+    hours = expected(counted, m, start=FROM, end=TO, window="HOUR", group_by=m.group_fields)
+    assert split_by_month(ask(http, m, "HOUR", "UTC"))[1] != split_by_month(hours)[1]
+    # ...but never in minutes, and not once the month's minute rows change: a late event written into
+    # compacted February after compaction (a new message) counts at once, from February's minute rows.
+    assert ask(http, m, "MINUTE", "UTC") == expected(counted, m, start=FROM, end=TO, window="MINUTE",
+                                                     group_by=m.group_fields)
+    late = {**factory.event(when=datetime(2024, 2, 29, 12, 0, 1, tzinfo=UTC)), "type": "prompt",
+            "subject": planted[subject_at], "data": {"tokens": 7, "model": "claude", "type": "input"}}
+    history.write(client, database, history.rows_of([(history.MessagePosition(history.EPOCH, 0, 900_000), [late])],
+                                                    METERS))
+    counted.append(late)
+    february, march = split_by_month(ask(http, m, "HOUR", "UTC"))
+    want_february, want_march = split_by_month(expected(counted, m, start=FROM, end=TO, window="HOUR",
+                                                        group_by=m.group_fields))
+    assert february == want_february and february != split_by_month(hours)[0]  # the late event, at once
+    assert march != want_march  # March's coarse rows still answer (the planted row)
+    client.command(f"ALTER TABLE `{database}`.{COARSE_WINDOWS} DELETE WHERE log_epoch = 'planted'"
+                   " SETTINGS mutations_sync = 2")
+    check_all(http, counted, "after a write into a compacted month")
+
+    # The next run rebuilds the month whose minute rows changed; the other has nothing to do.
+    report = compact_all(client, database)
+    assert sorted((r.partition, r.outcome) for r in report.partitions) == [("202402", "compacted"),
+                                                                           ("202403", "nothing to merge")]
+    store.coarse.reload()
+    check_all(http, counted, "after compacting again")
