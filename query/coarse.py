@@ -21,13 +21,17 @@ from meterline.core.compaction import coarse_fingerprints
 class CoarseMonths:
     """Partition -> the fingerprint its coarse rows were built for, reloaded every `refresh_seconds`."""
 
-    def __init__(self, refresh_seconds: float = 5.0) -> None:
+    def __init__(self, refresh_seconds: float = 5.0, *, enabled: bool = True) -> None:
         self.refresh_seconds = refresh_seconds
+        #: False: every query reads minute rows (the bench's A/B of the two paths on the same data).
+        self.enabled = enabled
         self._fingerprints: dict[str, int] = {}
         self._loaded = float("-inf")
         self._lock = threading.Lock()
 
     def fingerprints(self, client: Client, database: str) -> dict[str, int]:
+        if not self.enabled:
+            return {}
         if time.monotonic() - self._loaded >= self.refresh_seconds:
             with self._lock:
                 if time.monotonic() - self._loaded >= self.refresh_seconds:
