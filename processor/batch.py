@@ -323,11 +323,17 @@ class BatchProcessor:
             marker = self.state.foreign_marker(p)
             since[p] = (self.log_epoch, marker[1]) if marker is not None and marker[0] == epoch_no else None
         conflicts = self.state.conflicts
+        started = time.perf_counter()
         n = await asyncio.to_thread(
             self.sink.tail_keys, since, self.keep_days,
             lambda p, rows: self.state.load_rows(self.log_epoch, p, rows, owned=False))
         metrics.DEDUPE_LOADED.inc(n)
         metrics.DEDUPE_CONFLICTS.inc(self.state.conflicts - conflicts)
+        seconds = time.perf_counter() - started
+        if seconds >= 1:  # a partition met for the first time: its whole history holds up the batch
+            logger.info("foreign dedupe keys merged", extra={
+                "partitions": sorted(p for p, m in since.items() if m is None), "keys": n,
+                "seconds": round(seconds, 3)})
 
     async def retract_losers(self) -> int:
         """Undo the stored copies this worker's cache found losing to another copy of their key
