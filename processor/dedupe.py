@@ -65,7 +65,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from rocksdict import Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch
 
 from meterline.core.positions import KEY_VERSION, Position, Sighting, first_sighting
 from meterline.core.retraction import Loser
@@ -126,6 +126,14 @@ class DedupeState:
         opts = Options(raw_mode=True)
         opts.create_if_missing(True)
         opts.set_write_buffer_size(32 * 1024 * 1024)
+        # Most keys a batch looks up are new, i.e. misses: without filters each one searches the memtable
+        # and every SST's index. Bloom filters on both (10 bits a key: ~12 MB per 10M keys) answered a
+        # batch's 20k lookups in a third of the time once 400k keys were cached (README "Performance").
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        opts.set_block_based_table_factory(table)
+        opts.set_memtable_prefix_bloom_ratio(0.1)
+        opts.set_memtable_whole_key_filtering(True)
         self._db = Rdict(path, opts)
         version = _EPOCH_NO.pack(KEY_VERSION)
         if self._db.get(_VERSION_KEY) != version:
