@@ -19,6 +19,7 @@ STAGES = {
     "meterline_processor_build_seconds": "build (decode, dedupe, meters, rows)",
     "meterline_processor_dedupe_flush_seconds": "dedupe flush (RocksDB write)",
     "meterline_processor_write_seconds": "ClickHouse inserts (events, dead letters, windows)",
+    "meterline_processor_write_wait_seconds": "wait for the previous batch's write after deciding (not hidden)",
 }
 
 

@@ -151,6 +151,7 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
 
     processor.check_epoch = check_epoch
     processor.log_start = log_start
+    processor.crash = app.crash
 
     @app.timer(interval=LAG_INTERVAL_SECONDS)
     async def observe_lag() -> None:
@@ -193,7 +194,9 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
                                               within=settings.processor_batch_seconds):
             metrics.BATCH_WAIT_SECONDS.observe(time.perf_counter() - waiting)
             try:
-                await processor.handle(events, app.consumer_generation_id, ack)
+                # Returns once the batch's write started and the batch before it was written and acked:
+                # the next batch is decided while this one is inserted (processor/batch.py, "Pipelining").
+                await processor.dispatch(events, app.consumer_generation_id, ack)
             except Exception as exc:
                 # Nothing of this batch is acked, so crashing loses nothing: the supervisor (or the next
                 # worker) replays it. Continuing would stall the partition behind the unacked offsets.
@@ -202,3 +205,4 @@ def register_agent(app: faust.App, settings: Settings, processor: BatchProcessor
                 await app.crash(exc)
                 raise
             waiting = time.perf_counter()
+        await processor.settle()

@@ -11,6 +11,15 @@ partitions, decide every event in log order, persist the decisions locally, writ
 then ack the messages, in offset order. Events of a stale consumer generation (a rebalance happened
 since they were fetched) are dropped *unacked*: another worker may own their partition now, and an ack
 could commit an offset past rows nobody wrote (see processor/agents.py for Faust's holes).
+
+Pipelining (`dispatch`): the worker decides batch N+1 while batch N's rows are being inserted -- the
+insert is mostly ClickHouse's time, the decisions Python's, and doing them one after the other left one
+idle while the other ran. The order above holds per batch, and between batches: N+1's decisions are
+taken after N's were persisted (so they see N's first sightings) but persisted only once N is written
+and acked, so a crash loses or acks nothing out of order. Should storage refuse N (its messages are then
+written one by one and refused ones quarantined, which forgets their first sightings), N+1's decisions
+are dropped and taken again, as a replay would take them. A batch no other follows is settled (acked)
+as soon as its write returns.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -136,6 +146,24 @@ class StreamEvent(Protocol):
 Ack = Callable[[StreamEvent], Awaitable[Any]]
 
 
+async def _no_ack(event: StreamEvent) -> None:
+    """What `process` acks with when its caller acks nothing (the events are then empty anyway)."""
+
+
+@dataclass
+class _InFlight:
+    """A batch whose rows are being written: what settling it (acks included) needs."""
+
+    messages: list[Message]
+    events: list[StreamEvent]
+    ack: Ack
+    rows: Rows
+    write: asyncio.Task[None]
+    #: Per partition, the offset after the batch's last one: `_next_seen` once it is acked (a partition
+    #: assigned again meanwhile is dropped from it: its offsets start again from the group's commit).
+    next_offsets: dict[int, int]
+
+
 def _key(event: Any, namespace: str) -> bytes:
     try:
         return dedupe_key(event["source"], event["id"], namespace)
@@ -169,8 +197,17 @@ class BatchProcessor:
         self.partitions = settings.topic_partitions
         #: The meter store view; None when meters are fixed (benchmarks, unit tests).
         self.live = live
-        #: Held while a batch is built and written: meters change only between batches.
+        #: Held while a batch is built and while one is settled: meters change only between batches
+        #: (`poll_meters` settles the batch in flight before it swaps them).
         self.batch_lock = asyncio.Lock()
+        #: The batch being written while the next one is decided (see module doc, "Pipelining").
+        self._inflight: _InFlight | None = None
+        #: The `_settle_when_idle` tasks not yet done (the loop keeps only weak references to tasks).
+        self._settlers: set[asyncio.Future[None]] = set()
+        #: Set by the agent: stops the worker when settling a batch in the background failed.
+        self.crash: Callable[[BaseException], Awaitable[Any]] | None = None
+        #: Why settling a batch in the background failed: the next batch raises it instead of going on.
+        self._failure: BaseException | None = None
 
     async def poll_meters(self) -> None:
         """Swap in changed meters between batches, then report the applied versions (docs/design.md)."""
@@ -183,6 +220,8 @@ class BatchProcessor:
             return
         if changed:
             async with self.batch_lock:
+                if self._inflight is not None:  # rows built with the old meters are written before they go
+                    await self._settle(self._inflight)
                 self.meters = self.live.catalog.meter_set()
                 self.live.applied = self.live.catalog.applied()
             logger.info("meters reloaded", extra={"meters": len(self.meters), "applied": self.live.applied})
@@ -194,6 +233,15 @@ class BatchProcessor:
         Stale-generation events are neither processed nor acked (they are redelivered to whoever owns
         the partition now). If processing raises, nothing is acked and the error propagates.
         """
+        rows = await self.dispatch(events, generation, ack)
+        await self.settle()
+        return rows
+
+    async def dispatch(self, events: Sequence[StreamEvent], generation: int | None, ack: Ack) -> Rows | None:
+        """`handle` without waiting for the write: returns once the batch's decisions are persisted and
+        its write started, after the batch before it was written and acked (module doc, "Pipelining").
+        Its events are acked when the next batch is dispatched, `settle` is called, or -- when neither
+        comes first -- as soon as the write returns. Raises what the previous batch's write raised."""
         live = [e for e in events if e.message.generation_id == generation]
         if len(live) != len(events):
             metrics.STALE.inc(len(events) - len(live))
@@ -214,12 +262,48 @@ class BatchProcessor:
         for m in messages:
             if m[3]:
                 metrics.MESSAGE_AGE_SECONDS.observe(max(0.0, wall - m[3]))
-        rows = await self.process(messages)
-        for e in live:
-            await ack(e)
+        return await self.process(messages, live, ack)
+
+    async def settle(self) -> None:
+        """Wait for the batch in flight to be written, then ack it (raises what its write raised)."""
+        async with self.batch_lock:
+            if self._inflight is not None:
+                await self._settle(self._inflight)
+
+    async def _settle(self, inflight: _InFlight) -> None:
+        """Finish `inflight` (the batch lock held, no undecided batch in the state): its write (messages
+        one by one if storage refused the batch), the written markers and metrics, then its acks."""
+        try:
+            try:
+                await inflight.write
+            except StorageRejectedError as exc:
+                logger.error("storage refused a batch; writing its messages one by one",
+                             extra={"messages": len(inflight.messages), "error": str(exc)[:500]})
+                await self._write_each(inflight.messages)
+            self._written(inflight.messages, inflight.rows)
+            for e in inflight.events:
+                await inflight.ack(e)
             # A failed batch is replayed from the same offsets: only what was acked counts as seen.
-            self._next_seen[e.message.partition] = e.message.offset + 1
-        return rows
+            self._next_seen.update(inflight.next_offsets)
+        finally:
+            if self._inflight is inflight:
+                self._inflight = None
+
+    async def _settle_when_idle(self, inflight: _InFlight) -> None:
+        """Settle `inflight` as soon as its write returned, unless the next batch settles it first."""
+        task = asyncio.current_task()
+        if task is not None:
+            task.add_done_callback(self._settlers.discard)
+        try:
+            async with self.batch_lock:
+                if self._inflight is inflight:
+                    await self._settle(inflight)
+        except Exception as exc:
+            logger.exception("batch failed; stopping the worker so the batch is replayed",
+                             extra={"messages": len(inflight.messages)})
+            self._failure = exc
+            if self.crash is not None:
+                await self.crash(exc)
 
     def assigned(self, partitions: Iterable[int], committed: Mapping[int, int] | None = None) -> None:
         """A new assignment: offsets may legitimately start below what this worker saw before (replay),
@@ -228,6 +312,8 @@ class BatchProcessor:
         self.owned.update(partitions)
         for p in partitions:
             self._next_seen.pop(p, None)
+            if self._inflight is not None:
+                self._inflight.next_offsets.pop(p, None)
             if committed is not None and p in committed:
                 self._next_seen[p] = committed[p]
 
@@ -265,7 +351,7 @@ class BatchProcessor:
     def _offsets_skipped(self, events: Sequence[StreamEvent]) -> list[tuple[int, int, int]]:
         """`(partition, expected offset, delivered offset)` of every forward gap, where the expected
         offset is known (after an acked offset, or the committed offset of a new assignment)."""
-        next_seen = dict(self._next_seen)
+        next_seen = self._seen()
         gaps = []
         for e in events:
             p, off = e.message.partition, e.message.offset
@@ -278,7 +364,7 @@ class BatchProcessor:
         """The first `(partition, expected offset, delivered offset)` whose offsets went backwards within
         one assignment -- which a consumer does when its position fell out of the log (a restarted log,
         or an offset out of range) and it was reset to the earliest offset -- else None."""
-        next_seen = dict(self._next_seen)  # advanced only once the batch is acked (see `handle`)
+        next_seen = self._seen()
         for e in events:
             p, off = e.message.partition, e.message.offset
             expected = next_seen.get(p, 0)
@@ -286,6 +372,14 @@ class BatchProcessor:
                 return p, expected, off
             next_seen[p] = off + 1
         return None
+
+    def _seen(self) -> dict[int, int]:
+        """Per partition, the offset expected next: after the last acked one (`_next_seen`, advanced only
+        once a batch is acked) or after the batch in flight."""
+        seen = dict(self._next_seen)
+        if self._inflight is not None:
+            seen.update(self._inflight.next_offsets)
+        return seen
 
     async def ensure_loaded(self, partitions: set[int]) -> None:
         """Merge the sink's first sightings of newly assigned partitions before deciding anything."""
@@ -416,17 +510,21 @@ class BatchProcessor:
         metrics.EVENTS.inc(n_events)
         return rows
 
-    async def process(self, messages: list[Message]) -> Rows:
-        """Load, decide, persist decisions locally, write to the sink; the caller acks afterwards."""
+    async def process(self, messages: list[Message], events: Sequence[StreamEvent] = (),
+                      ack: Ack | None = None) -> Rows:
+        """Load, decide, settle the batch in flight, persist the decisions locally, start the write;
+        `events` are acked with `ack` once it is written (`settle`)."""
         if self.live is not None and self.live.stale():
             # This worker may have been silent past its TTL (paused, starved): a rebuild may have started
             # without it, so catch up with the store before writing (docs/design.md). When the store is
             # unreachable the batch goes on to the sink, which stalls on the same ClickHouse anyway.
             await self.poll_meters()
         async with self.batch_lock:
-            return await self._process(messages)
+            return await self._process(messages, list(events), ack)
 
-    async def _process(self, messages: list[Message]) -> Rows:
+    async def _process(self, messages: list[Message], events: list[StreamEvent], ack: Ack | None) -> Rows:
+        if self._failure is not None:
+            raise self._failure
         partitions = {m[0] for m in messages}
         conflicts = self.state.conflicts
         await self.ensure_loaded(partitions)
@@ -435,15 +533,34 @@ class BatchProcessor:
         started = time.perf_counter()
         rows = self.build(messages)
         built = time.perf_counter()
-        self.state.flush()
         metrics.BUILD_SECONDS.observe(built - started)
-        metrics.FLUSH_SECONDS.observe(time.perf_counter() - built)
-        try:
-            await self.sink.write(rows)
-        except StorageRejectedError as exc:
-            logger.error("storage refused a batch; writing its messages one by one",
-                         extra={"messages": len(messages), "error": str(exc)[:500]})
-            await self._write_each(messages)
+        inflight = self._inflight
+        if inflight is not None:
+            await asyncio.wait([inflight.write])
+            metrics.WRITE_WAIT_SECONDS.observe(time.perf_counter() - built)
+            refused = not inflight.write.cancelled() and isinstance(inflight.write.exception(), StorageRejectedError)
+            if refused:  # its messages are rebuilt one by one: decide this batch again afterwards
+                self.state.discard_batch()
+            try:
+                await self._settle(inflight)
+            except BaseException:
+                self.state.discard_batch()  # this batch's decisions were never persisted: a replay takes them
+                raise
+            if refused:
+                rows = self.build(messages)
+        flushing = time.perf_counter()
+        self.state.flush()
+        metrics.FLUSH_SECONDS.observe(time.perf_counter() - flushing)
+        next_offsets: dict[int, int] = {}
+        for e in events:
+            next_offsets[e.message.partition] = e.message.offset + 1
+        write = asyncio.ensure_future(self.sink.write(rows))
+        inflight = self._inflight = _InFlight(messages, events, ack or _no_ack, rows, write, next_offsets)
+        write.add_done_callback(lambda _: self._settlers.add(asyncio.ensure_future(self._settle_when_idle(inflight))))
+        return rows
+
+    def _written(self, messages: list[Message], rows: Rows) -> None:
+        """After a batch's rows are stored: its partitions' written markers, progress and metrics."""
         last: dict[int, int] = {}
         for p, off, _, _ in messages:
             if off >= last.get(p, -1):
@@ -460,7 +577,6 @@ class BatchProcessor:
         for code, n in rows.dead_by_reason.items():
             metrics.DEAD_LETTERS.labels(reason_code=code).inc(n)
         metrics.BATCHES.inc()
-        return rows
 
     async def record_progress(self, topic: str, complete: dict[int, tuple[int, float]]) -> None:
         """Store each partition's written offset and complete_until (best effort: a failure only delays

@@ -66,3 +66,8 @@ BUILD_SECONDS = Histogram("meterline_processor_build_seconds", "CPU work of one 
                           buckets=_STAGE_BUCKETS)
 FLUSH_SECONDS = Histogram("meterline_processor_dedupe_flush_seconds", "Persisting one batch's dedupe decisions",
                           buckets=_STAGE_BUCKETS)
+WRITE_WAIT_SECONDS = Histogram(
+    "meterline_processor_write_wait_seconds",
+    "Time a decided batch waited for the previous batch's write (the part of the write its build did not hide)",
+    buckets=_STAGE_BUCKETS,
+)

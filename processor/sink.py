@@ -201,6 +201,10 @@ class ClickHouseSink:
         self._sleep = sleep
         self._client: Client | None = None
         self._lock = threading.Lock()
+        #: `tail_keys` has a client of its own: it runs before each batch is decided, while the previous
+        #: batch is being written on `_client` (processor/batch.py, "Pipelining").
+        self._tail_client: Client | None = None
+        self._tail_lock = threading.Lock()
         self._stopping = False
         #: table -> (clickhouse-connect column types, DateTime64 column index -> precision), learnt once
         self._types: dict[str, tuple[list[Any], dict[int, int]]] = {}
@@ -220,6 +224,12 @@ class ClickHouseSink:
         client, self._client = self._client, None
         if client is not None:
             with contextlib.suppress(Exception):  # closing a broken client must not mask the real error
+                client.close()
+
+    def _reset_tail(self) -> None:
+        client, self._tail_client = self._tail_client, None
+        if client is not None:
+            with contextlib.suppress(Exception):
                 client.close()
 
     def ensure_schema(self, keys_keep_days: int | None = None) -> None:
@@ -330,10 +340,11 @@ class ClickHouseSink:
             self._types[table] = (types, datetime64)
         return self._types[table]
 
-    def retry(self, what: str, op: Callable[[], Any], *, rows: int) -> Any:
+    def retry(self, what: str, op: Callable[[], Any], *, rows: int, reset: Callable[[], None] | None = None) -> Any:
         """Run `op` until it succeeds: exponential backoff with jitter (a wait in [d/2, d], d doubling
         from `backoff_initial` up to `backoff_max`). Only storage and socket errors are retried;
-        after `stop()` the next failure is raised instead."""
+        after `stop()` the next failure is raised instead. `reset` drops the client `op` used (default:
+        the writes' client)."""
         attempt = 0
         delay = self.backoff_initial
         while True:
@@ -348,7 +359,7 @@ class ClickHouseSink:
                 attempt += 1
                 self.failing = True
                 metrics.WRITE_RETRIES.labels(operation=what.split()[0]).inc()
-                self._reset()
+                (reset or self._reset)()
                 if self._stopping:
                     raise
                 sleep = random.uniform(delay / 2, delay)
@@ -388,15 +399,17 @@ class ClickHouseSink:
 
         def op() -> int:
             with storage_errors():
-                found = self._connected().query(sql, parameters=params,
+                if self._tail_client is None:
+                    self._tail_client = self._connect(self.url, database=self.database, topology=self.topology)
+                found = self._tail_client.query(sql, parameters=params,
                                                 settings=exact_read_settings(self.topology) or None).result_rows
             by_partition: dict[int, list[Sequence[Any]]] = {p: [] for p in since}
             for row in found:
                 by_partition[int(row[2])].append(row)
             return sum(merge(p, rows) for p, rows in by_partition.items())
 
-        with self._lock:
-            return int(self.retry("tail dedupe keys", op, rows=0))
+        with self._tail_lock:
+            return int(self.retry("tail dedupe keys", op, rows=0, reset=self._reset_tail))
 
     # ------------------------------------------------------------------ retractions
     def retract(self, losers: Sequence[Loser], rebuild: Rebuild) -> list[tuple[Loser, bool]]:

@@ -7,6 +7,7 @@ at its first occurrence in log order, whatever crashes, replays, lost caches and
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 from collections import Counter
@@ -447,4 +448,111 @@ async def test_offsets_jumping_past_messages_retention_deleted_stop_the_worker(t
     with pytest.raises(RetentionLossError, match="partition 1: offsets 1..6"):
         await worker.processor.handle(stream_events([(1, 7, orjson.dumps([event(7, "b", 1, 0)]))]), 1, acks)
     assert isinstance(RetentionLossError("x"), OffsetResetError)
+    worker.stop()
+
+
+class GatedSink(FakeSink):
+    """A sink whose writes wait, while `hold` is set, until the test opens their gate: what happens while
+    a batch is being written (the next one being decided) becomes observable."""
+
+    def __init__(self, journal: list[str]) -> None:
+        super().__init__(journal)
+        self.hold = True
+        self.gates: list[asyncio.Event] = []
+
+    async def write(self, rows: Any) -> None:
+        if self.hold:
+            gate = asyncio.Event()
+            self.gates.append(gate)
+            self.journal.append(f"writing {len(rows.events)} events")
+            await gate.wait()
+        await super().write(rows)
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("condition never met")
+
+
+async def test_the_next_batch_is_decided_while_one_is_written_and_acks_stay_in_order(tmp_path: Path) -> None:
+    """Pipelining (processor/batch.py): `dispatch` decides batch B while batch A's write runs, B's
+    decisions see A's first sightings, A is acked before B is written, B only once B is written; a batch
+    nothing follows is acked as soon as its write returns."""
+    journal: list[str] = []
+    sink = GatedSink(journal)
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    acks = Acks(journal)
+    e1, e2, e3 = event(1, "a", 10, 0), event(2, "a", 20, 0), event(3, "a", 30, 0)
+    await worker.processor.dispatch(stream_events([(0, 0, orjson.dumps([e1])), (0, 1, orjson.dumps([e2]))]), 1, acks)
+    await _until(lambda: sink.gates)
+    assert journal == ["load partition 0", "writing 2 events"] and acks.acked == []
+    second = asyncio.ensure_future(worker.processor.dispatch(
+        stream_events([(0, 2, orjson.dumps([e2, e3]))]), 1, acks))
+    await asyncio.sleep(0.01)
+    assert not second.done() and acks.acked == []  # decided, waiting for the first write
+    sink.gates[0].set()
+    rows = await second
+    assert rows is not None and (rows.accepted, rows.duplicates) == (1, 1)  # e2 was first seen in the first batch
+    assert journal[2:] == ["write 2 events", "ack 0:0", "ack 0:1", "writing 1 events"]
+    assert worker.state.marker(0) == (worker.state.epoch_no(EPOCH), 2)
+    sink.gates[1].set()
+    await _until(lambda: acks.acked[-1:] == [(0, 2)])  # nothing follows: acked once written
+    assert journal[-2:] == ["write 1 events", "ack 0:2"]
+    assert worker.state.marker(0) == (worker.state.epoch_no(EPOCH), 3)
+    assert sorted(r[1] for r in sink.events.values()) == ["id-1", "id-2", "id-3"]
+    worker.stop()
+
+
+async def test_a_refused_batch_in_flight_makes_the_next_one_decide_again(tmp_path: Path) -> None:
+    """Storage refuses batch A while batch B is being decided: A's messages are written one by one and
+    the refused one quarantined (its first sightings forgotten), then B is decided again -- so B's copy of
+    a quarantined event is its first sighting, as a replay (and the sequential worker) would decide."""
+    sink = GatedSink([])
+    sink.reject = lambda rows: "events" if any(r[4] == "bad" for r in rows.events) else None
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    acks = Acks([])
+    bad = [event(2, "bad", 7, 0), event(3, "bad", 1, 0)]
+    await worker.processor.dispatch(stream_events([(0, 0, orjson.dumps([event(1, "ok", 5, 0)])),
+                                                   (0, 1, orjson.dumps(bad))]), 1, acks)
+    second = asyncio.ensure_future(worker.processor.dispatch(
+        stream_events([(0, 2, orjson.dumps([event(2, "ok", 7, 0), event(4, "ok", 9, 1)]))]), 1, acks))
+    await asyncio.sleep(0.01)
+    sink.hold = False
+    sink.gates[0].set()
+    rows = await second
+    assert rows is not None and (rows.accepted, rows.duplicates) == (2, 0)
+    await worker.processor.settle()
+    assert acks.acked == [(0, 0), (0, 1), (0, 2)]
+    assert sorted((r[1], r[10]) for r in sink.events.values()) == [("id-1", 0), ("id-2", 2), ("id-4", 2)]
+    assert [k[:4] for k, r in sink.dead_letters.items() if r[11] == "invalid_event"] == [(EPOCH, 0, 1, 2**32 - 1)]
+    worker.stop()
+
+
+async def test_a_failed_write_in_flight_acks_neither_batch_and_a_restart_replays_both(tmp_path: Path) -> None:
+    """Batch A's write fails (the sink was stopped mid-outage) while B is decided: `dispatch` of B raises,
+    nothing is acked, and a worker restarted on the same cache replays A and B to the same decisions."""
+    sink = GatedSink([])
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    acks = Acks([])
+    a = stream_events([(0, 0, orjson.dumps([event(1, "a", 5, 0), event(2, "a", 6, 0)]))])
+    b = stream_events([(0, 1, orjson.dumps([event(2, "a", 6, 0), event(3, "a", 7, 0)]))])
+    await worker.processor.dispatch(a, 1, acks)
+    second = asyncio.ensure_future(worker.processor.dispatch(b, 1, acks))
+    await asyncio.sleep(0.01)
+    sink.hold = False
+    sink.fail_writes = 1
+    sink.gates[0].set()
+    with pytest.raises(StorageError):
+        await second
+    assert acks.acked == [] and sink.events == {}
+    worker.stop()
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    first = await worker.processor.handle(a, 1, acks)
+    rows = await worker.processor.handle(b, 1, acks)
+    assert first is not None and rows is not None
+    assert (first.accepted, rows.accepted, rows.duplicates) == (2, 1, 1)
+    assert acks.acked == [(0, 0), (0, 1)]
     worker.stop()
