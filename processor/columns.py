@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-__all__ = ["to_columns"]
+__all__ = ["ticked", "to_columns"]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
@@ -44,7 +44,12 @@ def _ticks(column: Sequence[Any], precision: int) -> list[int] | None:
 
 def to_columns(rows: Sequence[Sequence[Any]], datetime64: dict[int, int]) -> list[Sequence[Any]]:
     """Columns of `rows`; columns whose index is in `datetime64` (index -> precision) as ticks."""
-    columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
+    return ticked(list(zip(*rows, strict=True)), datetime64)
+
+
+def ticked(columns: Sequence[Sequence[Any]], datetime64: dict[int, int]) -> list[Sequence[Any]]:
+    """`columns` (a new list) with those whose index is in `datetime64` as ticks."""
+    columns = list(columns)
     for i, precision in datetime64.items():
         ticks = _ticks(columns[i], precision)
         if ticks is not None:

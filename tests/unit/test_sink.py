@@ -22,6 +22,7 @@ from meterline.core.rows import Rows
 from meterline.core.schema import EVENT_COLUMNS, SINGLE_NODE, Topology
 from processor.sink import (
     ClickHouseSink,
+    dedupe_key_columns,
     dedupe_key_rows,
     dedupe_load_query,
     foreign_keys_query,
@@ -91,8 +92,10 @@ def test_inserts_in_design_order_synchronously() -> None:
 def test_every_events_row_has_a_dedupe_keys_row_with_its_key_position_and_broker_time() -> None:
     batch = rows()
     event = dict(zip(EVENT_COLUMNS, batch.events[0], strict=True))
-    assert dedupe_key_rows(batch.events) == [[event["dedupe_key"], event["log_epoch"], event["kafka_partition"],
-                                              event["kafka_offset"], event["batch_index"], event["ingested_at"]]]
+    keys = dedupe_key_columns(list(zip(*batch.events, strict=True)))
+    assert [list(row) for row in zip(*keys, strict=True)] == [[
+        event["dedupe_key"], event["log_epoch"], event["kafka_partition"], event["kafka_offset"],
+        event["batch_index"], event["ingested_at"]]]
 
 
 def test_each_insert_is_retried_until_it_succeeds_on_a_fresh_connection() -> None:
