@@ -94,6 +94,11 @@ def dedupe_load_query(database: str, partition: int, keep_days: int,
     return foreign_keys_query(database, {partition: since}, keep_days)
 
 
+def dedupe_key_rows(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    """The `dedupe_keys` rows of a batch's `events` rows."""
+    return [[row[i] for i in KEY_FROM_EVENT] for row in events]
+
+
 def dedupe_key_columns(events: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
     """The `dedupe_keys` columns of a batch's `events` columns: the same values, picked, not rebuilt
     (a row-by-row copy cost the worker ~1 µs per event, README "Performance")."""

@@ -92,10 +92,11 @@ def test_inserts_in_design_order_synchronously() -> None:
 def test_every_events_row_has_a_dedupe_keys_row_with_its_key_position_and_broker_time() -> None:
     batch = rows()
     event = dict(zip(EVENT_COLUMNS, batch.events[0], strict=True))
-    keys = dedupe_key_columns(list(zip(*batch.events, strict=True)))
-    assert [list(row) for row in zip(*keys, strict=True)] == [[
-        event["dedupe_key"], event["log_epoch"], event["kafka_partition"], event["kafka_offset"],
-        event["batch_index"], event["ingested_at"]]]
+    expected = [[event["dedupe_key"], event["log_epoch"], event["kafka_partition"], event["kafka_offset"],
+                 event["batch_index"], event["ingested_at"]]]
+    assert dedupe_key_rows(batch.events) == expected
+    keys = dedupe_key_columns(list(zip(*batch.events, strict=True)))  # what the sink inserts
+    assert [list(row) for row in zip(*keys, strict=True)] == expected
 
 
 def test_each_insert_is_retried_until_it_succeeds_on_a_fresh_connection() -> None:
