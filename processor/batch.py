@@ -220,8 +220,7 @@ class BatchProcessor:
             return
         if changed:
             async with self.batch_lock:
-                if self._inflight is not None:  # rows built with the old meters are written before they go
-                    await self._settle(self._inflight)
+                await self._settle_aside()  # rows built with the old meters are written before they go
                 self.meters = self.live.catalog.meter_set()
                 self.live.applied = self.live.catalog.applied()
             logger.info("meters reloaded", extra={"meters": len(self.meters), "applied": self.live.applied})
@@ -289,6 +288,17 @@ class BatchProcessor:
             if self._inflight is inflight:
                 self._inflight = None
 
+    async def _settle_aside(self) -> None:
+        """Settle the batch in flight (batch lock held) for a caller other than the agent's next batch (a
+        timer, a meter swap): a failure is also kept, for the next batch to raise instead of going on."""
+        if self._inflight is None:
+            return
+        try:
+            await self._settle(self._inflight)
+        except Exception as exc:
+            self._failure = exc
+            raise
+
     async def _settle_when_idle(self, inflight: _InFlight) -> None:
         """Settle `inflight` as soon as its write returned, unless the next batch settles it first."""
         task = asyncio.current_task()
@@ -297,11 +307,10 @@ class BatchProcessor:
         try:
             async with self.batch_lock:
                 if self._inflight is inflight:
-                    await self._settle(inflight)
+                    await self._settle_aside()
         except Exception as exc:
             logger.exception("batch failed; stopping the worker so the batch is replayed",
                              extra={"messages": len(inflight.messages)})
-            self._failure = exc
             if self.crash is not None:
                 await self.crash(exc)
 
@@ -433,8 +442,8 @@ class BatchProcessor:
         """Undo the stored copies this worker's cache found losing to another copy of their key
         (`DedupeState.pending_retractions`), on the partitions it owns; returns how many were undone.
 
-        Runs from `reconcile` (a timer), under the batch lock: the loser's partition is written by this
-        worker only, so nothing of its messages is written meanwhile. Not before every batch: the cache
+        Runs from `reconcile` (a timer), under the batch lock, after the batch in flight is settled: the
+        loser's partition is written by this worker only, so nothing of its messages is written meanwhile. Not before every batch: the cache
         already decides as the retraction does (a replay of the loser's message drops it), so nothing waits
         for it, and a retraction that keeps failing costs a try per tick, not per batch. Copies on
         partitions other workers own stay pending here (their owner finds the same conflict); they are done
@@ -444,6 +453,7 @@ class BatchProcessor:
         pending = self.state.pending_retractions(self.owned)
         if not pending:
             return 0
+        await self._settle_aside()  # this worker's own batch in flight is written before anything is read
         meters, options = self.meters, self.options
 
         def rebuild(message: MessagePosition, events: list[Sequence[Any]], windows: list[Sequence[Any]],
