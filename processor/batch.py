@@ -261,7 +261,7 @@ class BatchProcessor:
         for m in messages:
             if m[3]:
                 metrics.MESSAGE_AGE_SECONDS.observe(max(0.0, wall - m[3]))
-        return await self.process(messages, live, ack)
+        return await self._start(messages, live, ack)
 
     async def settle(self) -> None:
         """Wait for the batch in flight to be written, then ack it (raises what its write raised)."""
@@ -520,8 +520,14 @@ class BatchProcessor:
         metrics.EVENTS.inc(n_events)
         return rows
 
-    async def process(self, messages: list[Message], events: Sequence[StreamEvent] = (),
-                      ack: Ack | None = None) -> Rows:
+    async def process(self, messages: list[Message]) -> Rows:
+        """Load, decide, persist decisions locally, write to the sink; returns once written (the caller
+        acks afterwards)."""
+        rows = await self._start(messages, [], None)
+        await self.settle()
+        return rows
+
+    async def _start(self, messages: list[Message], events: Sequence[StreamEvent], ack: Ack | None) -> Rows:
         """Load, decide, settle the batch in flight, persist the decisions locally, start the write;
         `events` are acked with `ack` once it is written (`settle`)."""
         if self.live is not None and self.live.stale():
