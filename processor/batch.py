@@ -159,9 +159,12 @@ class _InFlight:
     ack: Ack
     rows: Rows
     write: asyncio.Task[None]
-    #: Per partition, the offset after the batch's last one: `_next_seen` once it is acked (a partition
-    #: assigned again meanwhile is dropped from it: its offsets start again from the group's commit).
+    #: Per partition, the offset after the batch's last one: `_next_seen` once it is acked, unless the
+    #: partition was assigned again since the batch was dispatched (`assignment`): its late acks are never
+    #: committed, so the new assignment starts again from the group's commit (`BatchProcessor.assigned`).
     next_offsets: dict[int, int]
+    #: `BatchProcessor._assignment` when the batch was dispatched.
+    assignment: int
 
 
 def _key(event: Any, namespace: str) -> bytes:
@@ -202,6 +205,10 @@ class BatchProcessor:
         self.batch_lock = asyncio.Lock()
         #: The batch being written while the next one is decided (see module doc, "Pipelining").
         self._inflight: _InFlight | None = None
+        #: Counts `assigned` calls; `_assigned_at[p]` is the count at partition p's latest assignment. A
+        #: batch dispatched before it must not set p's expected offset (`_expected_after`).
+        self._assignment = 0
+        self._assigned_at: dict[int, int] = {}
         #: The `_settle_when_idle` tasks not yet done (the loop keeps only weak references to tasks).
         self._settlers: set[asyncio.Future[None]] = set()
         #: Set by the agent: stops the worker when settling a batch in the background failed.
@@ -241,6 +248,7 @@ class BatchProcessor:
         its write started, after the batch before it was written and acked (module doc, "Pipelining").
         Its events are acked when the next batch is dispatched, `settle` is called, or -- when neither
         comes first -- as soon as the write returns. Raises what the previous batch's write raised."""
+        assignment = self._assignment  # before any await: a rebalance may land during one
         live = [e for e in events if e.message.generation_id == generation]
         if len(live) != len(events):
             metrics.STALE.inc(len(events) - len(live))
@@ -261,7 +269,7 @@ class BatchProcessor:
         for m in messages:
             if m[3]:
                 metrics.MESSAGE_AGE_SECONDS.observe(max(0.0, wall - m[3]))
-        return await self._start(messages, live, ack)
+        return await self._start(messages, live, ack, assignment)
 
     async def settle(self) -> None:
         """Wait for the batch in flight to be written, then ack it (raises what its write raised)."""
@@ -283,7 +291,7 @@ class BatchProcessor:
             for e in inflight.events:
                 await inflight.ack(e)
             # A failed batch is replayed from the same offsets: only what was acked counts as seen.
-            self._next_seen.update(inflight.next_offsets)
+            self._next_seen.update(self._expected_after(inflight))
         finally:
             if self._inflight is inflight:
                 self._inflight = None
@@ -319,10 +327,10 @@ class BatchProcessor:
         but never below the group's `committed` offset: a first offset under it is an out-of-range
         auto-reset to the earliest (e.g. a commit of a re-created log), which `handle` stops on."""
         self.owned.update(partitions)
+        self._assignment += 1
         for p in partitions:
             self._next_seen.pop(p, None)
-            if self._inflight is not None:
-                self._inflight.next_offsets.pop(p, None)
+            self._assigned_at[p] = self._assignment
             if committed is not None and p in committed:
                 self._next_seen[p] = committed[p]
 
@@ -387,8 +395,14 @@ class BatchProcessor:
         once a batch is acked) or after the batch in flight."""
         seen = dict(self._next_seen)
         if self._inflight is not None:
-            seen.update(self._inflight.next_offsets)
+            seen.update(self._expected_after(self._inflight))
         return seen
+
+    def _expected_after(self, inflight: _InFlight) -> dict[int, int]:
+        """The offsets `inflight` leaves expected next, without the partitions assigned again since it was
+        dispatched: a rebalance during its write (any await of it) means the new assignment replays from
+        the group's commit, which must not look like an out-of-range reset."""
+        return {p: o for p, o in inflight.next_offsets.items() if self._assigned_at.get(p, 0) <= inflight.assignment}
 
     async def ensure_loaded(self, partitions: set[int]) -> None:
         """Merge the sink's first sightings of newly assigned partitions before deciding anything."""
@@ -523,11 +537,12 @@ class BatchProcessor:
     async def process(self, messages: list[Message]) -> Rows:
         """Load, decide, persist decisions locally, write to the sink; returns once written (the caller
         acks afterwards)."""
-        rows = await self._start(messages, [], None)
+        rows = await self._start(messages, [], None, self._assignment)
         await self.settle()
         return rows
 
-    async def _start(self, messages: list[Message], events: Sequence[StreamEvent], ack: Ack | None) -> Rows:
+    async def _start(self, messages: list[Message], events: Sequence[StreamEvent], ack: Ack | None,
+                     assignment: int) -> Rows:
         """Load, decide, settle the batch in flight, persist the decisions locally, start the write;
         `events` are acked with `ack` once it is written (`settle`)."""
         if self.live is not None and self.live.stale():
@@ -536,9 +551,10 @@ class BatchProcessor:
             # unreachable the batch goes on to the sink, which stalls on the same ClickHouse anyway.
             await self.poll_meters()
         async with self.batch_lock:
-            return await self._process(messages, list(events), ack)
+            return await self._process(messages, list(events), ack, assignment)
 
-    async def _process(self, messages: list[Message], events: list[StreamEvent], ack: Ack | None) -> Rows:
+    async def _process(self, messages: list[Message], events: list[StreamEvent], ack: Ack | None,
+                       assignment: int) -> Rows:
         if self._failure is not None:
             raise self._failure
         partitions = {m[0] for m in messages}
@@ -571,7 +587,8 @@ class BatchProcessor:
         for e in events:
             next_offsets[e.message.partition] = e.message.offset + 1
         write = asyncio.ensure_future(self.sink.write(rows))
-        inflight = self._inflight = _InFlight(messages, events, ack or _no_ack, rows, write, next_offsets)
+        inflight = self._inflight = _InFlight(messages, events, ack or _no_ack, rows, write, next_offsets,
+                                                      assignment)
         write.add_done_callback(lambda _: self._settlers.add(asyncio.ensure_future(self._settle_when_idle(inflight))))
         return rows
 

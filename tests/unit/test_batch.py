@@ -393,6 +393,31 @@ async def test_offsets_going_back_within_an_assignment_ask_whether_the_log_resta
     worker.stop()
 
 
+async def test_a_batch_acked_across_a_rebalance_does_not_set_the_new_assignments_start(tmp_path: Path) -> None:
+    """A rebalance lands while a batch is in progress: its late acks are never committed, so the new
+    assignment starts again from the group's commit (none: offset 0). That replay is normal; seen from
+    the batch's offsets it would look like an out-of-range reset (CI saw "expected offset 24, the
+    consumer delivered 0" on the 2-shard cluster)."""
+    sink = FakeSink()
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    acks = Acks([])
+    processor = worker.processor
+    load = processor.ensure_loaded
+
+    async def rebalanced_during_load(partitions: set[int]) -> None:
+        await load(partitions)
+        processor.assigned({0}, {})  # the rebalance callback runs while the batch awaits its load
+
+    processor.ensure_loaded = rebalanced_during_load  # type: ignore[method-assign]
+    batch = [(0, off, orjson.dumps([event(off, "s", 1, 0)])) for off in range(24)]
+    await processor.handle(stream_events(batch), 1, acks)
+    processor.ensure_loaded = load  # type: ignore[method-assign]
+    await processor.handle(stream_events(batch[:3], 2), 2, acks)  # the new assignment replays from 0
+    assert acks.acked == [(0, off) for off in range(24)] + [(0, 0), (0, 1), (0, 2)]
+    assert sorted(r[1] for r in sink.events.values()) == sorted(f"id-{off}" for off in range(24))
+    worker.stop()
+
+
 async def test_a_first_offset_below_the_groups_commit_is_an_out_of_range_reset(tmp_path: Path) -> None:
     """A worker (re)assigned a partition whose committed offset is out of range (a commit of a re-created
     log, a truncated log) is handed the earliest offset: it stops instead of re-reading from there."""
