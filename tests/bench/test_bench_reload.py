@@ -57,7 +57,7 @@ def test_figures_carry_their_baselines_and_spread(reload: list[dict]) -> None:
     assert memory["unit"] == "MB" and memory["baseline"] > 0 and memory["target"] == "<= 1024 MB"
     assert memory["details"]["naive_set_measured_at"] == SIZE and not memory["details"]["naive_set_extrapolated"]
     runs = memory["details"]["runs"]
-    assert len(runs) == RUNS and len(memory["details"]["sink_read_seconds"]) == RUNS
+    assert len(runs) == RUNS and memory["details"]["sink_read_seconds"] > 0
     loads = sorted(r["load_seconds"] for r in runs)
     assert memory["details"]["load_seconds_spread"] == [loads[0], loads[-1]]
     assert seconds["unit"] == "s" and seconds["value"] > 0
