@@ -2,9 +2,9 @@
 
 Windows compaction records in `window_compactions` the fingerprint of each month it swapped coarse rows in
 for (docs/design.md, "Coarse rows"). Reading that table on every meter query would cost a round trip, so
-it is read at most every `refresh_seconds`: a stale copy can only cost speed, never exactness, because the
-query itself checks each month's current fingerprint against the one given here (query/sql.py) and reads
-the month's minute rows when they differ.
+it is read at most every `refresh_seconds`: a stale copy can only cost speed, never exactness, because
+each query reads the months' current fingerprints first and compares them with the ones given here
+(query/store.py), reading a month's minute rows when they differ.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from meterline.core.compaction import coarse_partitions_sql
 from meterline.core.schema import (
     COARSE_WINDOWS,
     DEAD_LETTER_COLUMNS,
@@ -161,8 +160,8 @@ def meter_query(
 
     `group_by` holds meter groupBy keys (not `subject`); a key missing from a row's map is NULL, its
     own bucket. `filters` maps groupBy keys (or `subject`) to FilterStrings. `coarse`: spans of closed
-    months read from their 15-minute rows (`query.time_ranges.coarse_plan`), each only if its month still
-    has the fingerprint they were built for -- checked in this same statement, else its minute rows.
+    months read from their 15-minute rows (`query.time_ranges.coarse_plan`), of months the caller found
+    to still have the fingerprint those rows were built for (query/store.py).
     """
     agg = agg_name(aggregation)
     size = window_size.value if isinstance(window_size, Enum) else window_size
@@ -244,18 +243,11 @@ def _spans(spans: Sequence[tuple[datetime | None, datetime | None]], params: Par
 
 
 def _coarse_parts(database: str, windows: str, where: list[str], plan: CoarsePlan, params: Params) -> list[str]:
-    """The whole minutes of a range: coarse rows of the months whose fingerprint still matches (a scalar
-    subquery on system.parts, evaluated once per statement), those months' minute rows otherwise (ClickHouse
-    prunes the partition of the branch that does not apply), and minute rows of every other span."""
-    expected = params.bind(sorted({(p, fp) for p, fp, _, _ in plan.coarse}), "Array(Tuple(String, UInt64))")
-    valid = coarse_partitions_sql(params.bind(database, "String"), params.bind(METER_WINDOWS, "String"), expected)
+    """The whole minutes of a range: coarse rows for the plan's spans (of months whose fingerprint the caller
+    found unchanged just before), minute rows for every other span."""
     spans = _spans([(a, b) for _, _, a, b in plan.coarse], params)
     base = " AND ".join(where)
-    coarse = qualified(database, COARSE_WINDOWS)
-    parts = [
-        f"SELECT {DELTA_COLUMNS} FROM {coarse} FINAL WHERE {base} AND {spans} AND has({valid}, _partition_id)",
-        f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {base} AND {spans} AND NOT has({valid}, _partition_id)",
-    ]
+    parts = [f"SELECT {DELTA_COLUMNS} FROM {qualified(database, COARSE_WINDOWS)} FINAL WHERE {base} AND {spans}"]
     if plan.minutes:
         parts.append(f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {base} AND {_spans(plan.minutes, params)}")
     return parts

@@ -20,10 +20,11 @@ from clickhouse_connect.driver.external import ExternalData
 
 from meterline.adapters.clickhouse import storage_errors
 from meterline.core.access import DEFAULT_NAMESPACE
+from meterline.core.compaction import fingerprint_query
 from meterline.core.decimals import average
 from meterline.core.errors import InvalidQueryError
 from meterline.core.meters import Meter
-from meterline.core.schema import NAMESPACED_TABLES, SUBJECTS, Topology, storage_name
+from meterline.core.schema import METER_WINDOWS, NAMESPACED_TABLES, SUBJECTS, Topology, storage_name
 from query.coarse import CoarseMonths
 from query.cost import check_cost
 from query.edges import edge_deltas, edge_json, merge_deltas
@@ -40,7 +41,7 @@ from query.sql import (
     meter_query,
     subjects_query,
 )
-from query.time_ranges import RangeSplit, coarse_plan, size_name, split_range
+from query.time_ranges import CoarsePlan, RangeSplit, coarse_plan, size_name, split_range
 
 log = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ class WindowStore:
         slug = meter.slug if isinstance(meter, Meter) else meter
         plan = None
         if not split.whole_empty and size_name(window_size) != "MINUTE":  # minutes never come from coarse rows
-            plan = coarse_plan(split, window_size, tz, self.coarse.fingerprints(self.client, self.database))
+            plan = self._coarse_plan(split, window_size, tz)
         query = meter_query(
             self.database, slug, aggregation, split=split, window_size=window_size, tz=tz,
             subjects=subjects, group_by=group_by, group_by_subject=group_by_subject, filters=all_filters,
@@ -215,6 +216,22 @@ class WindowStore:
             MeterRow(b, f, s, g, v, last)
             for b, f, s, g, v, last in zip(buckets, firsts, subjects_out, groups, values, lasts, strict=True)
         ]
+
+    def _coarse_plan(self, split: RangeSplit, window_size: str | Enum | None, tz: str) -> CoarsePlan | None:
+        """Spans of compacted months to read from their coarse rows: only months whose `meter_windows`
+        partition still has the fingerprint the rows were built for, read from system.parts now, just
+        before the query. Sound because a fingerprint never returns to an old value: a month unchanged at
+        this read is answered as it was at this read, even if a write lands before the query runs; a month
+        written since its compaction is read from its minute rows (docs/design.md, "Coarse rows")."""
+        built_for = self.coarse.fingerprints(self.client, self.database)
+        plan = coarse_plan(split, window_size, tz, built_for)
+        if plan is None:
+            return None
+        sql, params = fingerprint_query(self.database, METER_WINDOWS, [p for p, _, _, _ in plan.coarse])
+        with storage_errors():
+            current = {str(p): int(fp) for p, fp in self.client.query(sql, parameters=params).result_rows}
+        valid = {p: fp for p, fp in built_for.items() if current.get(p) == fp}
+        return plan if len(valid) == len(plan.coarse) else coarse_plan(split, window_size, tz, valid)
 
     def subjects(self, meter: str, *, start: datetime | None = None, end: datetime | None = None,
                  generation: int | None = None) -> list[str]:

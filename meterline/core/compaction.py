@@ -128,7 +128,7 @@ def merged_watermarks(claims: Iterable[Claim]) -> Watermarks:
 def coarse_fingerprints(claims: Iterable[Claim]) -> dict[str, int]:
     """Per partition, the fingerprint its coarse rows were built for: the newest done compaction's, when
     it built them (0: a compaction from before coarse rows, or none). Only while `meter_windows` still
-    has that fingerprint (`coarse_partitions_sql`) do the coarse rows equal its minute rows."""
+    has that fingerprint (`fingerprint_query`) do the coarse rows equal its minute rows."""
     newest: dict[str, Claim] = {}
     for c in claims:
         if c.state == DONE and (c.partition not in newest or c.age_seconds < newest[c.partition].age_seconds):
@@ -241,18 +241,3 @@ def fingerprint_query(database: str, table: str, partitions: Sequence[str]) -> t
         " AND table = {table:String} AND active AND partition_id IN {partitions:Array(String)} GROUP BY partition_id"
     )
     return sql, {"db": database, "table": table, "partitions": sorted(partitions)}
-
-
-def coarse_partitions_sql(database: str, table: str, expected: str) -> str:
-    """A scalar subquery: the partitions whose coarse rows may answer, i.e. whose fingerprint is still the one
-    they were built for. `database` and `table` are bound-parameter placeholders (`{p0:String}`),
-    `expected` one of type Array(Tuple(String, UInt64)) with (partition, fingerprint) pairs.
-
-    Evaluated inside the query that reads the rows, so no write can slip between the check and the read
-    of a month's minute rows; a partition written since is read from its minute rows instead."""
-    return (
-        f"(SELECT groupArray(partition_id) FROM (SELECT partition_id, {FINGERPRINT} AS fingerprint"
-        f" FROM system.parts WHERE database = {database} AND table = {table} AND active"
-        f" AND partition_id IN arrayMap(x -> x.1, {expected}) GROUP BY partition_id)"
-        f" WHERE has({expected}, (partition_id, fingerprint)))"
-    )

@@ -54,26 +54,20 @@ def test_meter_query_with_edges_unions_raw_deltas() -> None:
     assert "meter_windows" not in q.sql  # from and to inside one minute: raw events only
 
 
-def test_meter_query_with_coarse_rows_checks_the_fingerprint_in_the_statement() -> None:
-    """Coarse spans read `meter_windows_coarse` only for months whose fingerprint is still the one given,
-    the same spans' minute rows otherwise, and minute rows around them; edges still come from raw events."""
+def test_meter_query_with_coarse_rows_reads_quarters_and_minutes_around_them() -> None:
+    """Coarse spans read `meter_windows_coarse`, the minutes around them `meter_windows`, edges raw events."""
     split = split_range(datetime(2024, 1, 30, 23, 50, 10, tzinfo=UTC), datetime(2024, 2, 2, 0, 5, tzinfo=UTC))
     plan = coarse_plan(split, "DAY", "Asia/Kathmandu", {"202401": 41, "202402": 57})
     assert plan is not None
     q = meter_query("db", "m", "SUM", split=split, window_size="DAY", tz="Asia/Kathmandu", subjects=["s"],
                     generation=3, coarse=plan, edges="")
-    assert q.sql.count("FROM `db`.meter_windows_coarse FINAL") == 1 and q.sql.count("FROM `db`.meter_windows FINAL") == 2
-    assert q.sql.count("AND has((SELECT groupArray(partition_id)") == 1
-    assert q.sql.count("AND NOT has((SELECT groupArray(partition_id)") == 1
-    assert "FROM system.parts" in q.sql and "FROM meterline_edges" in q.sql
-    values = q.parameters
-    assert [(p, fp) for p, fp in next(v for v in values.values() if isinstance(v, list) and v and
-                                      isinstance(v[0], tuple))] == [("202401", 41), ("202402", 57)]
-    bounds = sorted(v for v in values.values() if isinstance(v, str) and v.startswith("2024-"))
-    # Minutes 23:51..00:00 of 30 Jan, quarters 00:00 31 Jan..00:00 2 Feb, minutes 00:00..00:05 of 2 Feb.
+    assert q.sql.count("FROM `db`.meter_windows_coarse FINAL") == 1 and q.sql.count("FROM `db`.meter_windows FINAL") == 1
+    assert "FROM meterline_edges" in q.sql and q.sql.count("UNION ALL") == 2
+    bounds = sorted(v for v in q.parameters.values() if isinstance(v, str) and v.startswith("2024-"))
+    # Quarters 00:00 31 Jan..00:00 2 Feb; minutes 23:51..00:00 of 30 Jan and 00:00..00:05 of 2 Feb.
     assert bounds == ["2024-01-30 23:51:00", "2024-01-31 00:00:00", "2024-01-31 00:00:00", "2024-02-01 00:00:00",
                       "2024-02-01 00:00:00", "2024-02-02 00:00:00", "2024-02-02 00:00:00", "2024-02-02 00:05:00"]
-    assert "from" not in values and "to" not in values
+    assert "from" not in q.parameters and "to" not in q.parameters
 
 
 def test_database_name_is_quoted() -> None:
