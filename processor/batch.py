@@ -335,9 +335,20 @@ class BatchProcessor:
                 self._next_seen[p] = committed[p]
 
     def revoked(self, partitions: Iterable[int]) -> None:
-        """Partitions another worker may own now: their keys are merged from storage from now on."""
+        """Partitions another worker may own now: their keys are merged from storage from now on.
+
+        Their expected offsets go too, also those a batch in flight would set when it is acked: acks after
+        the revoke are not committed, and when a partition comes back its first batch may be delivered
+        from the group's commit before `assigned` has run (the agent's hook awaits the committed offsets
+        first) -- an expectation left over from the old assignment made that look like an out-of-range
+        reset ('expected offset 129, the consumer delivered 108', fault test two workers, kill one)."""
+        partitions = set(partitions)
         self.owned.difference_update(partitions)
         self.state.forget_partitions(partitions)
+        self._assignment += 1
+        for p in partitions:
+            self._next_seen.pop(p, None)
+            self._assigned_at[p] = self._assignment
 
     async def _check_skipped(self, events: Sequence[StreamEvent]) -> None:
         """Stop when offsets jumped forward over messages retention deleted before they were processed.

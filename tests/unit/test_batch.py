@@ -581,3 +581,24 @@ async def test_a_failed_write_in_flight_acks_neither_batch_and_a_restart_replays
     assert (first.accepted, rows.accepted, rows.duplicates) == (2, 1, 1)
     assert acks.acked == [(0, 0), (0, 1)]
     worker.stop()
+
+
+async def test_a_partition_revoked_with_a_batch_in_flight_may_come_back_from_the_groups_commit(tmp_path: Path) -> None:
+    """A batch in flight when its partition is revoked is acked too late to be committed; the partition
+    comes back and its first batch, replayed from the group's commit, arrives before `assigned` has run:
+    that is no out-of-range reset, and the replay decides as the first pass did."""
+    sink = GatedSink([])
+    worker = Worker(tmp_path, sink, tmp_path / "state")
+    acks = Acks([])
+    msgs = [(1, o, orjson.dumps([event(o, "a", o, 0)])) for o in range(3)]
+    await worker.processor.dispatch(stream_events(msgs), 1, acks)
+    await _until(lambda: sink.gates)
+    worker.processor.revoked({1})
+    sink.hold = False
+    sink.gates[0].set()
+    await worker.processor.settle()
+    assert acks.acked == [(1, 0), (1, 1), (1, 2)]  # acked, but after the revoke: never committed
+    rows = await worker.processor.handle(stream_events(msgs[1:], generation=2), 2, acks)  # from the commit, 1
+    assert rows is not None and (rows.accepted, rows.duplicates) == (2, 0)  # replays of their own positions
+    worker.processor.assigned({1}, {1: 1})
+    worker.stop()
