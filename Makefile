@@ -48,7 +48,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check meterline ingest processor query tests bench
-	$(VENV)/bin/mypy meterline ingest processor query
+	$(VENV)/bin/mypy meterline ingest processor query bench
 	$(VENV)/bin/mypy --strict meterline/core   # the pure core: every other layer leans on its types
 	$(VENV)/bin/lint-imports
 

@@ -30,6 +30,7 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 
+from bench.infra import scalar_int
 from bench.workload import EVENT_TYPE, MODELS, SUBJECT_RUN
 from meterline.adapters.clickhouse import connect
 from meterline.core.rows import RANK_SCALE
@@ -208,7 +209,7 @@ def fill(client: Client, url: str, database: str, layout: Layout, *, windows: bo
         for table in (EVENTS, DEDUPE_KEYS, METER_WINDOWS):
             client.command(f"OPTIMIZE TABLE {table} FINAL")
         timings["optimize_seconds"] = time.perf_counter() - t0
-    counts = {table: int(client.command(f"SELECT count() FROM {table}"))
+    counts = {table: scalar_int(client, f"SELECT count() FROM {table}")
               for table in (EVENTS, DEDUPE_KEYS, METER_WINDOWS)}
     return {"events_rows": counts[EVENTS], "dedupe_keys_rows": counts[DEDUPE_KEYS],
             "window_rows": counts[METER_WINDOWS], "message_events": layout.message_events,

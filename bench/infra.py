@@ -102,3 +102,9 @@ def produce_all(producer: Producer, topic: str, messages: Iterable[tuple[bytes, 
             except BufferError:
                 producer.poll(0.01)
     producer.poll(0)  # serve delivery reports once per call, not per message: keeps the loop cheap
+
+
+def scalar_int(client: Client, sql: str) -> int:
+    """`client.command` of a query answering one number, as an int (its declared result type is a union)."""
+    value: Any = client.command(sql)
+    return int(value)

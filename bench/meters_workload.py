@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bench.workload import MODELS, SUBJECT_RUN
-from meterline.core.meters import Meter
+from meterline.core.meters import Aggregation, Meter
 
 METER_COUNTS = (1, 3, 10, 20)
 FEATURES = ("chat", "summarise", "search", "agent", "embed")
@@ -49,7 +49,7 @@ def meters(count: int) -> list[Meter]:
     if not 1 <= count <= len(LIBRARY):
         raise ValueError(f"meter count must be 1..{len(LIBRARY)}")
     return [
-        Meter(slug=slug, eventType="prompt", aggregation=agg, valueProperty=value, groupBy=group)
+        Meter(slug=slug, eventType="prompt", aggregation=Aggregation(agg), valueProperty=value, groupBy=group)
         for slug, agg, value, group in LIBRARY[:count]
     ]
 

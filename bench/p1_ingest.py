@@ -17,6 +17,7 @@ import asyncio
 import os
 import statistics
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +202,8 @@ def _auth_figures(ctx: BenchContext, url: str, key: str, evs: list[dict[str, Any
     figures = []
     for batch, n in ((100, int(ctx.options.get("auth_events", 20_000))), (1, int(ctx.options.get("auth_single", 2_000)))):
         sample = evs[: min(n, len(evs))]
-        offs, ons = alternating(rounds, lambda s=sample, b=batch: ingest_rate(url, s, b, clients, ctx),
-                                lambda s=sample, b=batch: ingest_rate(url, s, b, clients, ctx, key))
+        offs, ons = alternating(rounds, partial(ingest_rate, url, sample, batch, clients, ctx),
+                                partial(ingest_rate, url, sample, batch, clients, ctx, key))
         summary = ratio_summary(offs, ons, higher_is_better=True)
         off, on = statistics.median(offs), statistics.median(ons)
         figures.append(Figure(

@@ -32,7 +32,7 @@ from confluent_kafka import Producer
 
 from bench import meters_workload, worker_metrics
 from bench.context import BenchContext
-from bench.infra import produce_all
+from bench.infra import produce_all, scalar_int
 from bench.report import Figure
 from bench.workload import CONFIG, events, wire_messages
 from meterline.adapters.clickhouse import connect
@@ -120,8 +120,8 @@ def _meterline_run(ctx: BenchContext, n: int, label: str, meters: int | None, wo
             for w in pool:
                 if not w.running:
                     raise RuntimeError(f"processor exited; see {w.log_path}")
-            seen = int(client.command("SELECT count() FROM events"))
-            counted = int(client.command(f"SELECT sum(count) FROM meter_windows WHERE meter = '{count_meter}'"))
+            seen = scalar_int(client, "SELECT count() FROM events")
+            counted = scalar_int(client, f"SELECT sum(count) FROM meter_windows WHERE meter = '{count_meter}'")
             now = time.monotonic()
             ctx.progress.update(task, completed=min(seen, counted))
             if not timeline or timeline[-1][1] != seen:
@@ -139,10 +139,10 @@ def _meterline_run(ctx: BenchContext, n: int, label: str, meters: int | None, wo
         rss, peak = rss_bytes(int(worker.pid or 0))
         stage_times = [worker_metrics.stages(w) for w in pool]
         ctx.done(task)
-        final_events = int(client.command("SELECT count() FROM events FINAL"))
-        final_count = int(client.command(
-            f"SELECT sum(count) FROM meter_windows FINAL WHERE meter = '{count_meter}'"))
-        final_tokens = int(client.command("SELECT sum(sum) FROM meter_windows FINAL WHERE meter = 'tokens_total'"))
+        final_events = scalar_int(client, "SELECT count() FROM events FINAL")
+        final_count = scalar_int(client,
+            f"SELECT sum(count) FROM meter_windows FINAL WHERE meter = '{count_meter}'")
+        final_tokens = scalar_int(client, "SELECT sum(sum) FROM meter_windows FINAL WHERE meter = 'tokens_total'")
         if (final_events, final_count, final_tokens) != (n, n, tokens):
             raise AssertionError(
                 f"{label}: counted events={final_events} windows={final_count} tokens={final_tokens}, "
@@ -161,7 +161,7 @@ def _meterline_run(ctx: BenchContext, n: int, label: str, meters: int | None, wo
             "rate_includes_startup": not steady,
             "all_counted": True, "events": n, "tokens": tokens, "wall_seconds": round(now - started, 2),
             "rss_bytes": rss, "peak_rss_bytes": peak, "idle_rss_bytes": idle_rss,
-            "window_rows": int(client.command("SELECT count() FROM meter_windows")),
+            "window_rows": scalar_int(client, "SELECT count() FROM meter_windows"),
             "database": str(stack.database),  # P6 rebuilds a meter from the events stored here
             "timeline": timeline[:: max(1, len(timeline) // 50)],
         }

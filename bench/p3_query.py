@@ -167,7 +167,7 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
             )
             details = {**info, "subject": subject, "answer_rows": len(raw), "answer_total": str(total), "answers_equal": True,
                        "repeats": repeats, "windows_ms": [round(x, 2) for x in fast], "raw_ms": [round(x, 2) for x in slow]}
-            if label.startswith("hourly 30d, heaviest"):
+            if label.startswith("hourly 30d, heaviest") and subject is not None:
                 figures.extend(_auth_figures(ctx, database, subject, size, repeats))
             for q in (50, 95):
                 value, baseline = percentile(fast, q), percentile(slow, q)

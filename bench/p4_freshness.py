@@ -165,7 +165,7 @@ def kafka_latencies(ctx: BenchContext, rate: float, seconds: float) -> list[floa
         while not stop.is_set() and len(received) < len(bodies):
             msg = consumer.poll(0.05)
             if msg is not None and msg.error() is None and msg.key() != b"warmup":
-                received.setdefault(msg.key().decode(), time.monotonic())
+                received.setdefault((msg.key() or b"").decode(), time.monotonic())
 
     producer = Producer(producer_config(Settings(kafka_bootstrap=bootstrap)))
     # Like the worker's warm-up request: time only once the consumer owns the partitions and has read.
@@ -187,6 +187,10 @@ def kafka_latencies(ctx: BenchContext, rate: float, seconds: float) -> list[floa
         while sending.is_set():
             producer.poll(0.001)
 
+    def record_ack(err: Any, msg: Any) -> None:
+        if err is None:
+            acked.setdefault((msg.key() or b"").decode(), time.monotonic())
+
     acks = threading.Thread(target=poll_acks, daemon=True)
     acks.start()
     t0 = time.monotonic()
@@ -194,8 +198,7 @@ def kafka_latencies(ctx: BenchContext, rate: float, seconds: float) -> list[floa
         delay = t0 + k * BATCH / rate - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        producer.produce(topic, key=subject.encode(), value=body,
-                         on_delivery=lambda err, msg: err or acked.setdefault(msg.key().decode(), time.monotonic()))
+        producer.produce(topic, key=subject.encode(), value=body, on_delivery=record_ack)
         ctx.progress.advance(task)
     while len(acked) < len(bodies) and time.monotonic() < t0 + seconds + 30:
         time.sleep(0.01)

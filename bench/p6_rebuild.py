@@ -17,11 +17,11 @@ from bench.context import BenchContext
 from bench.p2_processor import meterline_run
 from bench.report import Figure
 from meterline.adapters.clickhouse import connect
-from meterline.core.meters import Meter
+from meterline.core.meters import Aggregation, Meter
 from meterline.jobs.recompute import recompute
 
 GENERATION = 1_000_000_007  # far from any generation a meter definition gets (versions count from 1)
-METER = Meter(slug="tokens_total", eventType="prompt", aggregation="SUM", valueProperty="$.tokens",
+METER = Meter(slug="tokens_total", eventType="prompt", aggregation=Aggregation.SUM, valueProperty="$.tokens",
               groupBy={"model": "$.model"})
 
 
