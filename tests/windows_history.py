@@ -8,13 +8,19 @@ closed for compaction, as they would be for a deployment that ran through them.
 
 from __future__ import annotations
 
+import contextlib
+import uuid
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+from fastapi.testclient import TestClient
 
+from meterline.adapters.clickhouse import connect, create_schema
+from meterline.adapters.compactions import active_writers
 from meterline.core.meters import Meter, MeterSet
 from meterline.core.rows import MessagePosition, RowOptions, Rows, message_rows
 from meterline.core.schema import (
@@ -25,7 +31,10 @@ from meterline.core.schema import (
     PARTITION_PROGRESS_COLUMNS,
     WINDOW_COLUMNS,
 )
-from tests.oracle import OracleMeter, first_sighting_decider
+from meterline.localinfra.ports import wait_for
+from meterline.server import build_app
+from meterline.settings import Settings
+from tests.oracle import OracleMeter, config_yaml, first_sighting_decider
 
 EPOCH = "cluster-1/topic-1"
 TOPIC = "meterline-events"
@@ -95,3 +104,28 @@ def mark_complete(client: Client, database: str, until: datetime | None = None, 
 
 def window_rows(client: Client, database: str) -> int:
     return int(client.query(f"SELECT count() FROM `{database}`.{METER_WINDOWS} FINAL").result_rows[0][0])
+
+
+@contextlib.contextmanager
+def query_api(clickhouse_url: str, config_dir: Path, meters: Sequence[OracleMeter], *, prefix: str,
+              month: str) -> Iterator[tuple[TestClient, Client, str]]:
+    """A fresh database with `meters` from a config.yaml, behind the query API, once every meter is built
+    and clean and no writer is announced on `month` (YYYYMM) -- what a compaction test starts from. The
+    controller drops other generations after the switch (an announced writer): wait for it to finish."""
+    database = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    client = connect(clickhouse_url)
+    create_schema(client, database)
+    config = config_dir / "config.yaml"
+    config.write_text(config_yaml(meters))
+    settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", config_file=str(config))
+    try:
+        with TestClient(build_app("query", settings)) as http:
+            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
+                                 for m in http.get("/api/v1/meters").json()), 30, "meters ready")
+            wait_for(lambda: {s for (s,) in client.query(
+                f"SELECT state FROM `{database}`.meter_rebuilds FINAL").result_rows} == {"clean"}, 30, "meters clean")
+            wait_for(lambda: not active_writers(client, database, month), 30, "no active writer")
+            yield http, client, database
+    finally:
+        client.command(f"DROP DATABASE IF EXISTS `{database}`")
+        client.close()

@@ -11,25 +11,20 @@ and the meters' keys, and with subject and groupBy filters.
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 
-from meterline.adapters.clickhouse import connect, create_schema
-from meterline.adapters.compactions import active_writers
 from meterline.core.schema import COARSE_WINDOWS, WINDOW_COLUMNS
 from meterline.jobs.compaction import compact
-from meterline.localinfra.ports import wait_for
-from meterline.server import build_app
-from meterline.settings import Settings
 from tests import windows_history as history
-from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
+from tests.oracle import EventFactory, OracleMeter, expected, first_sightings, response_windows
 
 METERS = [
     OracleMeter("tokens_total", "prompt", "SUM", "tokens", ("model", "type")),
@@ -49,24 +44,9 @@ FROM, TO = START + timedelta(minutes=7, seconds=30), START + SPAN - timedelta(mi
 
 
 @pytest.fixture()
-def env(clickhouse_url: str, tmp_path: Any) -> Iterator[tuple[TestClient, Client, str]]:
-    database = f"coarse_{uuid.uuid4().hex[:10]}"
-    client = connect(clickhouse_url)
-    create_schema(client, database)
-    config = tmp_path / "config.yaml"
-    config.write_text(config_yaml(METERS))
-    settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", config_file=str(config))
-    try:
-        with TestClient(build_app("query", settings)) as http:
-            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
-                                 for m in http.get("/api/v1/meters").json()), 30, "meters ready")
-            wait_for(lambda: {s for (s,) in client.query(
-                f"SELECT state FROM `{database}`.meter_rebuilds FINAL").result_rows} == {"clean"}, 30, "meters clean")
-            wait_for(lambda: not active_writers(client, database, "202402"), 30, "no active writer")
-            yield http, client, database
-    finally:
-        client.command(f"DROP DATABASE IF EXISTS `{database}`")
-        client.close()
+def env(clickhouse_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Client, str]]:
+    with history.query_api(clickhouse_url, tmp_path, METERS, prefix="coarse", month="202402") as env:
+        yield env
 
 
 def compact_all(client: Client, database: str) -> Any:

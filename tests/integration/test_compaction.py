@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import random
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +21,8 @@ from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from meterline.adapters.clickhouse import connect, create_schema
 from meterline.adapters.compactions import (
     ReplayGuard,
-    active_writers,
     fenced_writes,
     read_claims,
     write_claim,
@@ -34,9 +32,6 @@ from meterline.core.compaction import RUNNING
 from meterline.core.errors import ConfigError
 from meterline.core.schema import METER_WINDOWS, WINDOW_COLUMNS, Topology
 from meterline.jobs.compaction import compact
-from meterline.localinfra.ports import wait_for
-from meterline.server import build_app
-from meterline.settings import Settings
 from processor.sink import ClickHouseSink
 from tests import windows_history as history
 from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
@@ -63,25 +58,9 @@ def compact_all(client: Client, database: str, **options: Any) -> Any:
 
 
 @pytest.fixture()
-def env(clickhouse_url: str, tmp_path: Any) -> Iterator[tuple[TestClient, Client, str]]:
-    database = f"compaction_{uuid.uuid4().hex[:10]}"
-    client = connect(clickhouse_url)
-    create_schema(client, database)
-    config = tmp_path / "config.yaml"
-    config.write_text(config_yaml(METERS))
-    settings = Settings(clickhouse_url=f"{clickhouse_url}/{database}", config_file=str(config))
-    try:
-        with TestClient(build_app("query", settings)) as http:
-            wait_for(lambda: all(m["annotations"]["meterline.state"] == "ready"
-                                 for m in http.get("/api/v1/meters").json()), 30, "meters ready")
-            # After the switch the controller drops other generations (an announced writer): let it finish.
-            wait_for(lambda: {s for (s,) in client.query(
-                f"SELECT state FROM `{database}`.meter_rebuilds FINAL").result_rows} == {"clean"}, 30, "meters clean")
-            wait_for(lambda: not active_writers(client, database, "202401"), 30, "no active writer")
-            yield http, client, database
-    finally:
-        client.command(f"DROP DATABASE IF EXISTS `{database}`")
-        client.close()
+def env(clickhouse_url: str, tmp_path: Path) -> Iterator[tuple[TestClient, Client, str]]:
+    with history.query_api(clickhouse_url, tmp_path, METERS, prefix="compaction", month="202401") as env:
+        yield env
 
 
 def answers(http: TestClient) -> dict[tuple[str, str | None], Any]:
