@@ -48,7 +48,7 @@ keeps the copy `positions.first_sighting` ranks first -- every worker meeting th
 
     b"r" + >I loser partition + dedupe_key(16) + loser position(20) -> loser record(24) + winner record(24)
 
-The owner of the loser's partition undoes it (processor/retraction.py) and then deletes the record
+The owner of the loser's partition undoes it (meterline/core/retraction.py, `ClickHouseSink`) and then deletes the record
 (`retracted`); until then the record survives a crash, and a lost cache finds the conflict again in the
 stored rows (the loser's `dedupe_keys` row, what loads read, is deleted last). Since the cache now holds the winner, a replay
 of the loser's message drops it, as the retraction did (docs/design.md, "Exactly-once effect").
@@ -334,7 +334,7 @@ class DedupeState:
     def pending_retractions(self, partitions: Iterable[int] | None = None) -> list[Loser]:
         """Copies found stored after another copy of their key that ranks first (see module doc), not yet
         retracted, of the losers' `partitions` (None: all), by partition and key. Cheap when there are
-        none: one seek per partition (it runs before every batch)."""
+        none: one seek per partition (the reconcile timer reads it every 2 s)."""
         prefixes = [_RETRACT_PREFIX] if partitions is None else \
             [_RETRACT_PREFIX + _PARTITION.pack(p) for p in sorted(set(partitions))]
         out = []
@@ -355,8 +355,7 @@ class DedupeState:
 
     def _describe(self, record: bytes) -> str:
         no, part, offset, index = _POS.unpack_from(record)
-        names = {n: e for e, n in self._epochs.items()}
-        return f"{names.get(no, f'#{no}')}:{part}:{offset}:{index}"
+        return f"{self._name(no)}:{part}:{offset}:{index}"
 
     @contextlib.contextmanager
     def _open(self) -> Iterator[None]:
@@ -480,8 +479,7 @@ class DedupeState:
         if v is None:
             return None
         no, part, offset, index = _POS.unpack_from(v)
-        names = {n: e for e, n in self._epochs.items()}
-        return Position(names.get(no, f"#{no}"), part, offset, index)
+        return Position(self._name(no), part, offset, index)
 
     def close(self) -> None:
         """Flush memtables and close the database (the WAL already makes writes crash-safe).

@@ -2,7 +2,7 @@
 
 Two workers that decide copies of one key before either is written both store and count theirs; once
 both are stored, `positions.first_sighting` says which one stays, and the owner of the loser's partition
-retracts the loser (processor/retraction.py). Its `events` row can simply be deleted, but its usage sits
+retracts the loser (`ClickHouseSink.retract`, processor/sink.py). Its `events` row can simply be deleted, but its usage sits
 inside window rows shared with the other events of its message, one row per (meter, subject, minute,
 group) keyed by the message's position. Those rows are *replaced*, never deleted: ReplacingMergeTree
 keeps the last row written for an identity, so a replacement swaps a row in one step, and a query never
