@@ -5,8 +5,11 @@ matching over every API route, dependency solving, the request/response wrappers
 layers, its telemetry checks) cost more CPU than reading, validating and publishing the event itself
 (profiled: ~60% of the app's time for a single event; bench P1 in README). This middleware sits inside
 authentication, limits and the latency histogram (so those are unchanged) and answers that one method
-and path with `ingest.routes.ingest`, the code the FastAPI route runs; every other request goes on to
-the router. The FastAPI route stays declared, so the OpenAPI document is unchanged.
+and path with `ingest.routes.ingest`, the code the FastAPI route runs, with its fast path on
+(`ingest.fastpath`: the common request validated and encoded in one pass); every other request goes on
+to the router. The FastAPI route stays declared, so the OpenAPI document is unchanged, and it validates
+with `meterline.core.events` alone: tests/unit/test_ingest_endpoint.py checks every answer of the one
+against the other.
 
 Errors are answered by the app's own exception handlers (`meterline.adapters.problems`), looked up as
 Starlette's ExceptionMiddleware does, so every refusal is the same RFC 7807 problem+json; an exception
@@ -49,7 +52,7 @@ class IngestEndpoint:
             elif name == b"content-length" and content_length is None:
                 content_length = value.decode("latin-1")
         try:
-            await ingest(app.state, scope["state"]["principal"], content_type, content_length, receive)
+            await ingest(app.state, scope["state"]["principal"], content_type, content_length, receive, fast=True)
         except Exception as exc:
             handler = _handler(app.exception_handlers, exc)
             if handler is None:

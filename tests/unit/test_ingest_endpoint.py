@@ -4,11 +4,14 @@ The oracle is the FastAPI route itself (`ingest.routes.router`, still declared f
 is built twice, once serving POST /api/v1/events through the router only and once through the endpoint,
 and every request (accepted, refused for each reason, broker failing) must get the same status, headers
 and body from both, publish the same messages, and leave the same `scope["route"]` for the latency
-histogram (query/latency.py labels ingest requests by it).
+histogram (query/latency.py labels ingest requests by it). The endpoint also takes `ingest.fastpath` and the
+route does not, so the same comparison holds the fast path to the validator and the wire encoder; the
+cases after the first block sit on the edges the fast path decides by itself.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -89,6 +92,24 @@ CASES: list[tuple[str, dict[str, str], bytes]] = [
     ("too many events", {"content-type": BATCH}, orjson.dumps([event(i) for i in range(6)])),
     ("body too large", {"content-type": BATCH}, orjson.dumps([event(i, data={"pad": "x" * 3000}) for i in range(9)])),
     ("bad content-length", {"content-type": SINGLE, "content-length": "12x"}, orjson.dumps(event(12))),
+    # Edges `ingest.fastpath` decides by itself (the endpoint takes it, the route does not).
+    ("batch, one subject cut in two messages", {"content-type": BATCH},
+     orjson.dumps([event(i, subject="big", data={"pad": "x" * 2200}) for i in range(6)])),
+    ("raw C1 control in an id", {"content-type": SINGLE}, orjson.dumps(event(13, id="a\x85b"))),
+    ("escaped C1 control in a subject", {"content-type": SINGLE}, json.dumps(event(14, subject="a\x85b")).encode()),
+    ("escaped newline in a type", {"content-type": BATCH}, json.dumps([event(15), event(16, type="a\nb")]).encode()),
+    ("DEL in a source", {"content-type": SINGLE}, orjson.dumps(event(17, source="a\x7fb"))),
+    ("escapes in data only", {"content-type": BATCH},
+     json.dumps([event(18, data={"q": 'say "hi"\n', "u": "é"}), event(19)]).encode()),
+    ("times: offset, no fraction, short fraction", {"content-type": BATCH},
+     orjson.dumps([event(20, time="2024-01-01T05:30:00.5+05:30"), event(21, time="2024-01-01T00:00:00Z"),
+                   event(22, time="2024-01-01T00:00:00.12Z")])),
+    ("second 60 of a known minute", {"content-type": BATCH},
+     orjson.dumps([event(23, time="2024-01-01T00:00:59.000000Z"), event(24, time="2024-01-01T00:00:60.000000Z")])),
+    ("data null, datacontenttype, extension", {"content-type": BATCH},
+     orjson.dumps([event(25, data=None), event(26, datacontenttype="application/json"), event(27, region="eu")])),
+    ("several without time", {"content-type": BATCH},
+     orjson.dumps([{k: v for k, v in event(i, id="no-time").items() if k != "time"} for i in range(3)])),
 ]
 
 
@@ -96,7 +117,7 @@ CASES: list[tuple[str, dict[str, str], bytes]] = [
 def clients(tmp_path: Path) -> Iterator[dict[str, tuple[TestClient, FakePublisher, list[tuple[str | None, bool]]]]]:
     """The same app twice: POST /api/v1/events through the FastAPI route, and through the endpoint."""
     settings = Settings(config_file=str(tmp_path / "absent.yaml"), kafka_bootstrap="unused:9092",
-                        auth_local_mode=True, max_batch_events=8, max_body_bytes=20_000)
+                        auth_local_mode=True, max_batch_events=8, max_body_bytes=20_000, max_message_bytes=16_384)
     pub_route, pub_fast = FakePublisher(), FakePublisher()
     app_route, seen_route = build(settings, pub_route, endpoint=False)
     app_fast, seen_fast = build(settings, pub_fast, endpoint=True)
@@ -156,3 +177,25 @@ def test_other_paths_and_methods_reach_the_router(clients: dict[str, Any]) -> No
         answers = [client.request(method, path, content=b"{}", headers={"content-type": SINGLE},
                                   follow_redirects=False).status_code for client, _, _ in clients.values()]
         assert answers[0] == answers[1] != 204
+
+
+def test_the_endpoint_takes_the_fast_path_and_the_route_does_not(clients: dict[str, Any],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guard for the comparison above: it compares `ingest.fastpath` with the validator only if the
+    endpoint really publishes through the one and the route through the other."""
+    import ingest.routes
+
+    answered: list[bool] = []
+    real = ingest.routes.fast_messages
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        messages = real(*args, **kwargs)
+        answered.append(messages is not None)
+        return messages
+
+    monkeypatch.setattr(ingest.routes, "fast_messages", spy)
+    body = orjson.dumps([event(i) for i in range(7)])
+    assert answer(clients["route"][0], {"content-type": BATCH}, body)[0] == 204
+    assert answered == []
+    assert answer(clients["endpoint"][0], {"content-type": BATCH}, body)[0] == 204
+    assert answered == [True]
