@@ -61,6 +61,11 @@ class Infra:
     def broker_pid(self) -> int | None:
         return self._broker.pid if self._broker is not None else None
 
+    @property
+    def clickhouse_pid(self) -> int | None:
+        """The local ClickHouse server's PID (None when `CLICKHOUSE_URL` names another server)."""
+        return self._clickhouse.pid if self._clickhouse is not None else None
+
     # ------------------------------------------------------------------------------- per figure
     def topic(self, prefix: str, partitions: int) -> str:
         name = f"bench-{prefix}-{uuid.uuid4().hex[:8]}"

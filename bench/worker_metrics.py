@@ -1,4 +1,5 @@
-"""Where a worker's time went: its stage histograms (processor/metrics.py), read from `/metrics`.
+"""Where a worker's time went: its stage histograms (processor/metrics.py), read from `/metrics`, and the
+CPU per event of the processes around it (from /proc).
 
 P2 (throughput) and P4 (freshness) report these beside their figures, so "where the time goes" in
 the README comes from the same run as the numbers, not from a separate profile.
@@ -6,6 +7,8 @@ the README comes from the same run as the numbers, not from a separate profile.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +24,30 @@ STAGES = {
     "meterline_processor_write_seconds": "ClickHouse inserts (events, dead letters, windows)",
     "meterline_processor_write_wait_seconds": "wait for the previous batch's write after deciding (not hidden)",
 }
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU seconds a process has used so far, from /proc (None: no such local process)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def cpu_us_per_event(before: dict[str, float | None], after: dict[str, float | None], events: int
+                     ) -> dict[str, float | None]:
+    """Per process name, CPU microseconds per event between two `cpu_seconds` readings."""
+    out: dict[str, float | None] = {}
+    for name, start in before.items():
+        end = after.get(name)
+        out[name] = None if start is None or end is None or events <= 0 else round((end - start) / events * 1e6, 2)
+    return out
 
 
 def web_port(worker: ManagedProcess) -> int:
