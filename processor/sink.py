@@ -69,7 +69,12 @@ from processor.key_backfill import backfill_dedupe_keys, newest_backfill
 
 logger = logging.getLogger(__name__)
 
-INSERT_SETTINGS: dict[str, object] = {"async_insert": 0, "wait_for_async_insert": 1}
+#: `optimize_on_insert=0`: ClickHouse would otherwise run ReplacingMergeTree's merge over every inserted block
+#: to collapse rows sharing a sorting key within it, ~25% of the CPU of an `events` or `dedupe_keys` insert
+#: (README, "Where the time goes"). A batch's rows never share an identity (one row per position, window
+#: or first sighting), and where they could, FINAL and merges collapse them exactly as they collapse copies
+#: that arrived in two inserts: the rows a reader sees are the same.
+INSERT_SETTINGS: dict[str, object] = {"async_insert": 0, "wait_for_async_insert": 1, "optimize_on_insert": 0}
 # Where (log_epoch, kafka_partition, kafka_offset) start in an events row and a dead-letter row.
 EVENT_EPOCH = EVENT_COLUMNS.index("log_epoch")
 DEAD_EPOCH = DEAD_LETTER_COLUMNS.index("log_epoch")
