@@ -40,12 +40,23 @@ class ScriptedClient:
         self.closed = False
         self.settings: list[tuple[str, dict[str, Any]]] = []
 
-    def create_insert_context(self, table: str, column_names: list[str]) -> Any:
-        """The sink asks a table's column types once (none here is a DateTime64 the sink converts)."""
-        return SimpleNamespace(column_types=[SimpleNamespace(nullable=False) for _ in column_names])
+    def create_insert_context(self, table: str, column_names: list[str], column_types: Any = None,
+                              column_oriented: bool = False, settings: dict[str, Any] | None = None) -> Any:
+        """The sink asks a table's column types once (none here is a DateTime64 the sink converts), then
+        builds each insert's context with them."""
+        if column_types is None:
+            return SimpleNamespace(column_types=[SimpleNamespace(nullable=False) for _ in column_names])
+        return SimpleNamespace(table=table, column_names=column_names, column_types=column_types,
+                               column_oriented=column_oriented, settings=settings, req_block_size=None)
 
-    def insert(self, table: str, rows: Any, column_names: list[str], settings: dict[str, Any],
-               column_types: Any = None, column_oriented: bool = False) -> None:
+    def insert(self, table: str | None = None, rows: Any = None, column_names: list[str] | None = None,
+               settings: dict[str, Any] | None = None, column_types: Any = None, column_oriented: bool = False,
+               *, data: Any = None, context: Any = None) -> None:
+        if context is not None:  # the sink's path: one Native block of every row
+            table, rows, column_names, settings = context.table, data, context.column_names, context.settings
+            column_types, column_oriented = context.column_types, context.column_oriented
+            assert context.req_block_size == len(rows[0])
+        assert table is not None and column_names is not None and settings is not None
         pending = self.failures.get(table)
         if pending:
             self.log.append(("failed", table))
