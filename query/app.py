@@ -21,6 +21,7 @@ from meterline.adapters.meter_store import MeterCatalog, MeterStore
 from meterline.adapters.problems import install_problem_handlers
 from meterline.core.errors import ConfigError
 from meterline.settings import Settings
+from query.coarse import CoarseMonths
 from query.event_routes import router as events_router
 from query.latency import RequestLatencyMiddleware
 from query.meter_routes import install_meter_problem_handlers
@@ -53,8 +54,10 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
     # The subjects API writes; reads stay on the read-only client.
     writer = await asyncio.to_thread(connect, settings.clickhouse_url, topology=settings.clickhouse_topology)
     # Unscoped: routes read through `query_store.scoped(namespace)`, and an unscoped read raises.
+    # Coarse rows exist only where compaction runs: on a cluster it is refused, and so is reading them.
+    coarse = CoarseMonths(enabled=settings.clickhouse_topology.cluster is None)
     app.state.query_store = WindowStore(client, settings.clickhouse_database, max_windows=settings.query_max_windows,
-                                        writer=writer, namespace=None)
+                                        writer=writer, namespace=None, coarse=coarse)
     catalog = await asyncio.to_thread(open_catalog, settings)
     app.state.catalog = catalog
     app.state.events_topic = (settings.events_topic, settings.topic_partitions)  # for completeUntil

@@ -3,8 +3,11 @@
 Windows compaction records in `window_compactions` the fingerprint of each month it swapped coarse rows in
 for (docs/design.md, "Coarse rows"). Reading that table on every meter query would cost a round trip, so
 it is read at most every `refresh_seconds`: a stale copy can only cost speed, never exactness, because
-each query reads the months' current fingerprints first and compares them with the ones given here
-(query/store.py), reading a month's minute rows when they differ.
+each query's own SQL checks that the month is still marked valid for that fingerprint
+(`query.sql._valid`) and fails before reading anything if not; the query API then reads that month's
+minute rows (query/store.py) and remembers the pair here as `stale`: a month's mark never returns to a
+fingerprint it left (0 until the next compaction, whose fingerprint is a new, larger one), so the pair is
+left out of every later plan without asking ClickHouse again.
 """
 
 from __future__ import annotations
@@ -19,13 +22,16 @@ from meterline.core.compaction import coarse_fingerprints
 
 
 class CoarseMonths:
-    """Partition -> the fingerprint its coarse rows were built for, reloaded every `refresh_seconds`."""
+    """Partition -> the fingerprint its coarse rows were built for, reloaded every `refresh_seconds`,
+    without the (partition, fingerprint) pairs a query found no longer valid."""
 
     def __init__(self, refresh_seconds: float = 5.0, *, enabled: bool = True) -> None:
         self.refresh_seconds = refresh_seconds
-        #: False: every query reads minute rows (the bench's A/B of the two paths on the same data).
+        #: False: every query reads minute rows (a cluster, where compaction is refused; and the bench's A/B
+        #: of the two paths on the same data).
         self.enabled = enabled
         self._fingerprints: dict[str, int] = {}
+        self._stale: set[tuple[str, int]] = set()
         self._loaded = float("-inf")
         self._lock = threading.Lock()
 
@@ -36,8 +42,17 @@ class CoarseMonths:
             with self._lock:
                 if time.monotonic() - self._loaded >= self.refresh_seconds:
                     self._fingerprints = coarse_fingerprints(read_claims(client, database))
+                    self._stale &= set(self._fingerprints.items())  # pairs no record names any more: gone
                     self._loaded = time.monotonic()
-        return self._fingerprints
+        found = self._fingerprints
+        if self._stale:
+            found = {p: fp for p, fp in found.items() if (p, fp) not in self._stale}
+        return found
+
+    def stale(self, partition: str, fingerprint: int) -> None:
+        """A query found `partition` no longer marked valid for `fingerprint`: never plan that pair again."""
+        with self._lock:
+            self._stale.add((partition, fingerprint))
 
     def reload(self) -> None:
         """Read the records again on the next query (tests, and the bench right after compacting)."""

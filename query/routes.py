@@ -143,6 +143,9 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
     """
     if query.client_id is not None:
         log.info("meter query", extra={"meter": meter.slug, "client_id": query.client_id})
+    # Before the data: completeUntil promises what the answer holds, so it must be read before the answer is.
+    csv = prefers_csv(request.headers.get("accept"))
+    complete_until = None if csv else _complete_until(request)
     rows = _store(request).meter(
         meter, meter.aggregation, start=query.start, end=query.end, window_size=query.window_size,
         tz=query.zone.key, subjects=query.subjects, group_by=query.group_by,
@@ -166,7 +169,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
         })
         exact.append(row.value)
 
-    if prefers_csv(request.headers.get("accept")):
+    if csv:
         names: dict[str, dict[str, Any]] = {}
         if query.group_by_subject:
             keys = sorted({r["subject"] for r in data if r["subject"] is not None})
@@ -180,7 +183,7 @@ def _answer(request: Request, meter: Meter, query: MeterQuery, generation: int) 
     if query.window_size is not None:
         body["windowSize"] = query.window_size
     body["windowTimeZone"] = query.zone.key
-    body["completeUntil"] = _complete_until(request)
+    body["completeUntil"] = complete_until
     body["data"] = data
     return Response(orjson.dumps(body), media_type="application/json")  # orjson: number() Fragments
 

@@ -20,7 +20,9 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
+from meterline.core.compaction import STALE_COARSE
 from meterline.core.schema import (
+    COARSE_VALID,
     COARSE_WINDOWS,
     DEAD_LETTER_COLUMNS,
     DEAD_LETTERS,
@@ -31,6 +33,7 @@ from meterline.core.schema import (
     SUBJECT_COLUMNS,
     SUBJECTS,
     bind_if,
+    join_table_name,
     qualified,
 )
 from meterline.core.times import format_sql_time
@@ -160,8 +163,8 @@ def meter_query(
 
     `group_by` holds meter groupBy keys (not `subject`); a key missing from a row's map is NULL, its
     own bucket. `filters` maps groupBy keys (or `subject`) to FilterStrings. `coarse`: spans of closed
-    months read from their 15-minute rows (`query.time_ranges.coarse_plan`), of months the caller found
-    to still have the fingerprint those rows were built for (query/store.py).
+    months read from their 15-minute rows (`query.time_ranges.coarse_plan`); the query fails with
+    `STALE_COARSE` if one of those months is no longer marked valid for the plan's fingerprint (`_valid`).
     """
     agg = agg_name(aggregation)
     size = window_size.value if isinstance(window_size, Enum) else window_size
@@ -243,14 +246,33 @@ def _spans(spans: Sequence[tuple[datetime | None, datetime | None]], params: Par
 
 
 def _coarse_parts(database: str, windows: str, where: list[str], plan: CoarsePlan, params: Params) -> list[str]:
-    """The whole minutes of a range: coarse rows for the plan's spans (of months whose fingerprint the caller
-    found unchanged just before), minute rows for every other span."""
+    """The whole minutes of a range: coarse rows for the plan's spans, minute rows for every other span."""
     spans = _spans([(a, b) for _, _, a, b in plan.coarse], params)
     base = " AND ".join(where)
-    parts = [f"SELECT {DELTA_COLUMNS} FROM {qualified(database, COARSE_WINDOWS)} FINAL WHERE {base} AND {spans}"]
+    valid = " AND ".join(_valid(database, partition, fp, params) for partition, fp, _, _ in plan.coarse)
+    coarse = f"SELECT {DELTA_COLUMNS} FROM {qualified(database, COARSE_WINDOWS)} FINAL WHERE {valid} AND {base} AND {spans}"
+    parts = [coarse]
     if plan.minutes:
         parts.append(f"SELECT {DELTA_COLUMNS} FROM {windows} WHERE {base} AND {_spans(plan.minutes, params)}")
     return parts
+
+
+def _valid(database: str, partition: str, fingerprint: int, params: Params) -> str:
+    """True, or the query fails with STALE_COARSE: `partition` is still marked valid for `fingerprint` in
+    `meter_windows_coarse_valid` (docs/design.md, "Coarse rows").
+
+    Why this shape: every argument is a constant, so ClickHouse folds the whole expression once, while
+    analysing the query, before it reads a row -- `joinGet` reads the in-memory map without a pipeline of
+    its own (free, where a scalar subquery or a separate request measured 0.5-3 ms), and a stale mark turns
+    `toUInt8` of the message into a parse error at once. A filter that merely came out false would not do:
+    no minute row would answer instead, and an empty match never evaluates a per-row check (`throwIf` is not
+    folded). One evaluation per month, so a mark that changes during the query cannot answer a month twice
+    or not at all; a mark only ever leaves a fingerprint for good (0, then a later compaction's).
+    """
+    table = params.bind(join_table_name(database, COARSE_VALID), "String")
+    expected = params.bind(fingerprint, "UInt64")
+    stale = params.bind(f"{STALE_COARSE}: {partition}", "String")
+    return f"toUInt8(if(joinGet({table}, 'fingerprint', {params.bind(partition, 'String')}) = {expected}, '1', {stale})) = 1"
 
 
 def edge_events_query(

@@ -19,13 +19,15 @@ from clickhouse_connect.driver.exceptions import DatabaseError
 from clickhouse_connect.driver.external import ExternalData
 
 from meterline.adapters.clickhouse import storage_errors
+from meterline.adapters.compactions import published_coarse
 from meterline.core.access import DEFAULT_NAMESPACE
-from meterline.core.compaction import fingerprint_query
+from meterline.core.compaction import STALE_COARSE
 from meterline.core.decimals import average
-from meterline.core.errors import InvalidQueryError
+from meterline.core.errors import InvalidQueryError, StorageError
 from meterline.core.meters import Meter
-from meterline.core.schema import METER_WINDOWS, NAMESPACED_TABLES, SUBJECTS, Topology, storage_name
+from meterline.core.schema import NAMESPACED_TABLES, SUBJECTS, Topology, storage_name
 from query.coarse import CoarseMonths
+from query.complete_until import CompleteUntil
 from query.cost import check_cost
 from query.edges import edge_deltas, edge_json, merge_deltas
 from query.filters import FilterString
@@ -110,6 +112,7 @@ class WindowStore:
     def __init__(
         self, client: Client, database: str, *, max_windows: int = 1_000_000, writer: Client | None = None,
         namespace: str | None = DEFAULT_NAMESPACE, coarse: CoarseMonths | None = None,
+        progress: CompleteUntil | None = None,
     ) -> None:
         self.client = client
         #: Admin writes (subjects): `client` may be read-only (`meterline.adapters.clickhouse.read_guards`).
@@ -119,13 +122,15 @@ class WindowStore:
         self.namespace = namespace
         #: Closed months with 15-minute rows (query/coarse.py), shared by every store scoped from this one.
         self.coarse = coarse if coarse is not None else CoarseMonths()
+        #: `complete_until`'s last read (query/complete_until.py), shared the same way.
+        self.progress = progress if progress is not None else CompleteUntil()
         self._settings = None if namespace is None else {
             "additional_table_filters": namespace_filters(database, namespace)}
 
     def scoped(self, namespace: str) -> WindowStore:
         """This store reading only `namespace`'s rows (what every API route uses: `state.principal`)."""
         return WindowStore(self.client, self.database, max_windows=self.max_windows, writer=self.writer,
-                           namespace=namespace, coarse=self.coarse)
+                           namespace=namespace, coarse=self.coarse, progress=self.progress)
 
     def _run(self, query: Query) -> Any:
         if self._settings is None:
@@ -191,13 +196,24 @@ class WindowStore:
         slug = meter.slug if isinstance(meter, Meter) else meter
         plan = None
         if not split.whole_empty and size_name(window_size) != "MINUTE":  # minutes never come from coarse rows
-            plan = self._coarse_plan(split, window_size, tz)
-        query = meter_query(
-            self.database, slug, aggregation, split=split, window_size=window_size, tz=tz,
-            subjects=subjects, group_by=group_by, group_by_subject=group_by_subject, filters=all_filters,
-            edges=edges, generation=generation, coarse=plan,
-        )
-        result = self._run(query)
+            plan = coarse_plan(split, window_size, tz, self.coarse.fingerprints(self.client, self.database))
+        for attempt in range(4):
+            if attempt == 3:
+                plan = None  # marks that keep moving (compactions finishing meanwhile): minute rows only
+            query = meter_query(
+                self.database, slug, aggregation, split=split, window_size=window_size, tz=tz,
+                subjects=subjects, group_by=group_by, group_by_subject=group_by_subject, filters=all_filters,
+                edges=edges, generation=generation, coarse=plan,
+            )
+            try:
+                result = self._run(query)
+                break
+            except StorageError as exc:
+                # The check's own failure (its message, not merely the query text quoted after the error).
+                if plan is None or f"string '{STALE_COARSE}" not in str(exc):
+                    raise
+                # A month was written since its compaction: the same query again, that month from minute rows.
+                plan = self._without_stale(plan, split, window_size, tz)
         n = result.row_count
         if not n:
             return []  # the driver gives no columns at all for an empty answer
@@ -217,21 +233,23 @@ class WindowStore:
             for b, f, s, g, v, last in zip(buckets, firsts, subjects_out, groups, values, lasts, strict=True)
         ]
 
-    def _coarse_plan(self, split: RangeSplit, window_size: str | Enum | None, tz: str) -> CoarsePlan | None:
-        """Spans of compacted months to read from their coarse rows: only months whose `meter_windows`
-        partition still has the fingerprint the rows were built for, read from system.parts now, just
-        before the query. Sound because a fingerprint never returns to an old value: a month unchanged at
-        this read is answered as it was at this read, even if a write lands before the query runs; a month
-        written since its compaction is read from its minute rows (docs/design.md, "Coarse rows")."""
-        built_for = self.coarse.fingerprints(self.client, self.database)
-        plan = coarse_plan(split, window_size, tz, built_for)
-        if plan is None:
+    def _without_stale(self, plan: CoarsePlan, split: RangeSplit, window_size: str | Enum | None,
+                       tz: str) -> CoarsePlan | None:
+        """After a query failed with STALE_COARSE: which of the plan's months lost their mark (one small read,
+        once per month and compaction in this process: `CoarseMonths.stale` keeps them out of later plans),
+        and the plan without them.
+
+        Sound because the check ran inside the failed query before it read anything, and a month's mark never
+        returns to a fingerprint it left. The error names one month; reading the marks tells them all. Each
+        call drops at least one month (none found: no coarse rows at all), so the caller's retries end.
+        """
+        published = published_coarse(self.client, self.database)
+        stale = [(p, fp) for p, fp, _, _ in plan.coarse if published.get(p) != fp]
+        if not stale:
             return None
-        sql, params = fingerprint_query(self.database, METER_WINDOWS, [p for p, _, _, _ in plan.coarse])
-        with storage_errors():
-            current = {str(p): int(fp) for p, fp in self.client.query(sql, parameters=params).result_rows}
-        valid = {p: fp for p, fp in built_for.items() if current.get(p) == fp}
-        return plan if len(valid) == len(plan.coarse) else coarse_plan(split, window_size, tz, valid)
+        for partition, fingerprint in stale:
+            self.coarse.stale(partition, fingerprint)
+        return coarse_plan(split, window_size, tz, self.coarse.fingerprints(self.client, self.database))
 
     def subjects(self, meter: str, *, start: datetime | None = None, end: datetime | None = None,
                  generation: int | None = None) -> list[str]:
@@ -261,12 +279,16 @@ class WindowStore:
 
     def complete_until(self, topic: str, partitions: int) -> datetime | None:
         """The instant before which every acknowledged event is written (None until every partition
-        reported: a partition no worker has written yet could still hold anything)."""
-        result = self._run(complete_until_query(self.database, topic, partitions))
-        reporting, earliest = result.result_rows[0]
-        if int(reporting) < partitions or earliest is None:
-            return None
-        return earliest if earliest.tzinfo else earliest.replace(tzinfo=UTC)
+        reported: a partition no worker has written yet could still hold anything). Read at most once a
+        second (query/complete_until.py): ask before the data query whose answer it describes."""
+        def read() -> datetime | None:
+            result = self._run(complete_until_query(self.database, topic, partitions))
+            reporting, earliest = result.result_rows[0]
+            if int(reporting) < partitions or earliest is None:
+                return None
+            return earliest if earliest.tzinfo else earliest.replace(tzinfo=UTC)
+
+        return self.progress.get(read)
 
     def ping(self) -> bool:
         """Readiness: can we run a trivial query right now?"""

@@ -19,6 +19,11 @@ a writer that sees a compaction in progress waits for it, then drops the rows at
 process that died (kill -9) and is ignored. Timestamps are ClickHouse's (`now64()`), so host clocks
 never meet.
 
+The fence also keeps coarse rows honest: a writer that passed it marks every month with coarse rows it
+is about to write into as invalid in `meter_windows_coarse_valid` (`invalidate_coarse`) before its first
+write, so the next query reads that month's minute rows without a check of its own (docs/design.md,
+"Coarse rows"); the compaction marks a month valid again (`publish_coarse`) once it rebuilt its rows.
+
 On a ClickHouse cluster compaction is refused (meterline/jobs/compaction.py), so there is nothing to fence.
 """
 
@@ -28,7 +33,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -39,6 +44,7 @@ from meterline.core.compaction import (
     ACTIVE,
     FINISHED,
     Claim,
+    coarse_fingerprints,
     in_progress,
     may_be_claimed,
     merged_watermarks,
@@ -47,6 +53,7 @@ from meterline.core.compaction import (
 )
 from meterline.core.errors import StorageError
 from meterline.core.schema import (
+    COARSE_VALID,
     WINDOW_COLUMNS,
     WINDOW_COMPACTION_COLUMNS,
     WINDOW_COMPACTIONS,
@@ -94,6 +101,32 @@ def write_claim(client: Client, database: str, partition: str, compaction_id: st
                       column_names=list(WINDOW_COMPACTION_COLUMNS), settings={"async_insert": 0})
 
 
+def publish_coarse(client: Client, database: str, partition: str, fingerprint: int) -> None:
+    """Let queries read `partition`'s coarse rows, built for `fingerprint` (the compaction, after both swaps
+    and before its done record: a query only knows the fingerprint from that record)."""
+    _set_coarse(client, database, [(partition, fingerprint)])
+
+
+def invalidate_coarse(client: Client, database: str, partitions: Iterable[str]) -> None:
+    """Make queries read these months from their minute rows until the next compaction rebuilds their coarse
+    rows: a writer, after passing the fence and before writing into them. 0 is no fingerprint."""
+    _set_coarse(client, database, [(p, 0) for p in sorted(set(partitions))])
+
+
+def _set_coarse(client: Client, database: str, rows: Sequence[tuple[str, int]]) -> None:
+    if rows:
+        with storage_errors():
+            client.insert(qualified(database, COARSE_VALID), [list(r) for r in rows],
+                          column_names=["partition", "fingerprint"], settings={"async_insert": 0})
+
+
+def published_coarse(client: Client, database: str) -> dict[str, int]:
+    """Partition -> the fingerprint its coarse rows are marked valid for (absent or 0: not valid)."""
+    with storage_errors():
+        rows = client.query(f"SELECT partition, fingerprint FROM {qualified(database, COARSE_VALID)}").result_rows
+    return {str(p): int(fp) for p, fp in rows}
+
+
 def active_writers(client: Client, database: str, partition: str, lease_seconds: float = LEASE_SECONDS) -> list[str]:
     """Writers that announced writes into `partition` (or any) and have not finished or died."""
     sql = (f"SELECT writer FROM {qualified(database, WINDOW_WRITERS)} FINAL WHERE state = '{ACTIVE}'"
@@ -139,9 +172,15 @@ def fenced_writes(client: Client, database: str, owner: str, *, enabled: bool = 
     writer = f"{owner}:{uuid.uuid4().hex}"
     _announce(client, database, writer, [EVERY_PARTITION], ACTIVE)
     try:
-        while busy := in_progress(read_claims(client, database), lease_seconds):
+        while True:
+            claims = read_claims(client, database)
+            if not (busy := in_progress(claims, lease_seconds)):
+                break
             logger.info("waiting for windows compaction to finish", extra={"partitions": [c.partition for c in busy]})
             time.sleep(poll_seconds)
+        # No compaction runs now and none can finish before this writer does (it would see the writer and
+        # abort): months with coarse rows are marked invalid before the first write, for good.
+        invalidate_coarse(client, database, coarse_fingerprints(claims))
         yield WriterFence(client, database, writer, [EVERY_PARTITION], lease_seconds)
     finally:
         with contextlib.suppress(StorageError):  # a stale record is ignored after the lease anyway
@@ -187,6 +226,9 @@ class ReplayGuard:
             marks = {p: merged_watermarks(c for c in claims if c.partition == p) for p in old}
             kept = [r for r in rows if (p := partition_id(r[_START])) not in old
                     or not replayed(str(r[_EPOCH]), int(r[_EPOCH + 1]), int(r[_EPOCH + 2]), marks[p])]
+            # Before the insert: a compacted month these rows change answers from its minute rows from now on.
+            written = {partition_id(r[_START]) for r in kept} & set(coarse_fingerprints(claims))
+            invalidate_coarse(client, self.database, written)
             if len(kept) < len(rows):
                 self.dropped += len(rows) - len(kept)
                 logger.info("replayed window rows of compacted partitions dropped",

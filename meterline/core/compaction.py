@@ -23,8 +23,11 @@ Coarse rows: the same compaction also writes the month as 15-minute rows into `m
 very rows it swaps into `meter_windows`, and swapped in after them. A query may read a month's coarse rows
 instead of its minute rows only while that month of `meter_windows` is exactly what they were built from:
 the newest done compaction of the month records the partition's **fingerprint** (`FINGERPRINT`: the
-largest block number or data version of its active parts) right after its swap; every later insert, swap
-or mutation of the partition raises it (merges never do), so an equal fingerprint means no row changed.
+largest block number or data version of its active parts) right after its swap, and marks the month valid
+for it in `meter_windows_coarse_valid`; every writer that passes the fence into the month replaces that
+mark with 0 before its first write (meterline/adapters/compactions.py). A query checks the mark inside its
+own SQL (`STALE_COARSE`), and the compaction also compares the fingerprint itself (every insert, swap or
+mutation raises it, merges never do) before it calls a month's coarse rows current.
 
 Why a replay after compaction cannot double count: the compaction records per (log epoch, Kafka
 partition) the highest offset among the rows it read (`watermarks`). Every writer of a partition writes
@@ -45,6 +48,10 @@ COMPACTED_PREFIX = "compacted:"
 COARSE_PREFIX = "coarse:"
 #: Position prefix of dead-letter replay rows (meterline/jobs/deadletters.py): never folded.
 REPLAY_PREFIX = "replay:"
+#: The error a query raises, before reading anything, when a month it reads from coarse rows is no longer
+#: marked valid for the fingerprint it expected (query/sql.py: a constant folded at analysis whose failure
+#: is this text failing to parse as a number); the query API then reads that month's minute rows.
+STALE_COARSE = "meterline: coarse rows no longer valid"
 #: Largest |sum| a Decimal128(9) row holds (29 integer digits).
 SUM_LIMIT = "100000000000000000000000000000"
 

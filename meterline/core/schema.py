@@ -38,6 +38,10 @@ DEDUPE_KEY_BACKFILLS = "dedupe_key_backfills"
 METER_WINDOWS = "meter_windows"
 #: Closed months' windows as 15-minute rows, written only by windows compaction (docs/design.md).
 COARSE_WINDOWS = "meter_windows_coarse"
+#: Which closed months' coarse rows may answer, as a key-value map queries read inside their own SQL
+#: (`joinGet`, no round trip): partition -> the fingerprint its coarse rows were built for, 0 once a writer
+#: announced a write into it (docs/design.md, "Coarse rows"). Single server only, like compaction.
+COARSE_VALID = "meter_windows_coarse_valid"
 DEAD_LETTERS = "dead_letters"
 DEAD_LETTER_REPLAYS = "dead_letter_replays"
 API_KEYS = "api_keys"
@@ -564,7 +568,22 @@ def ddl(database: str, topology: Topology = SINGLE_NODE) -> list[str]:
     statements = [f"CREATE DATABASE IF NOT EXISTS {quote_identifier(database)}{on_cluster(topology)}"]
     for table in TABLES:
         statements += table.create(database, topology)
+    if topology.cluster is None:  # compaction, hence coarse rows, exist on a single server only
+        statements.append(coarse_valid_ddl(database))
     return statements
+
+
+def coarse_valid_ddl(database: str) -> str:
+    """`COARSE_VALID`: a Join-engine table, i.e. an in-memory hash map that `joinGet` reads inside any query
+    at no extra cost (a ReplacingMergeTree read would cost a pipeline), persisted by ClickHouse (each
+    insert a small file, reloaded at startup). `join_any_take_last_row`: an insert replaces a key's value."""
+    return (f"CREATE TABLE IF NOT EXISTS {qualified(database, COARSE_VALID)} (partition String, fingerprint UInt64)\n"
+            "ENGINE = Join(ANY, LEFT, partition) SETTINGS join_any_take_last_row = 1")
+
+
+def join_table_name(database: str, table: str) -> str:
+    """A table as `joinGet` names it: `database.table` in a string, unquoted (it does not parse backquotes)."""
+    return f"{database}.{table}"
 
 
 def storage_name(table: str, topology: Topology = SINGLE_NODE) -> str:

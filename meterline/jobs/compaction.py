@@ -10,13 +10,17 @@ Steps for one partition (a month of `meter_windows`), each recorded in `window_c
     swapping  watermarks recorded; no writer became active meanwhile
               -> ALTER TABLE meter_windows REPLACE PARTITION ID '<month>' FROM staging (atomic)
               -> the partition's fingerprint read, then meter_windows_coarse's month replaced the same way
-    done      with the fingerprint: from now on queries may read the coarse rows (while it holds); staging dropped
+              -> the month marked valid for that fingerprint in meter_windows_coarse_valid
+    done      with the fingerprint: from now on queries may read the coarse rows (until a writer marks the
+              month invalid); staging dropped
 
 A kill -9 at any point is safe: before the swap the partition is untouched (the record goes stale after
 the lease and the staging table is dropped by the next run); a swap either happened or not, and the
 watermarks recorded before it drop only rows that the partition already holds in both cases. Coarse rows
 answer only after `done` (its fingerprint), so a kill between the two swaps leaves queries on minute rows.
-Running it again compacts whatever still has delta rows, or coarse rows that no longer match their month.
+Running it again compacts whatever still has delta rows, or coarse rows that no longer match their month
+(its fingerprint moved, or the month is not marked valid for it: a writer invalidated it, or the mark was
+never written or lost).
 
 Refused on a ClickHouse cluster (Distributed tables; a partition lives on every shard and the swap would
 be one per shard, not atomic) and without a late horizon (nothing is ever closed).
@@ -35,7 +39,14 @@ from datetime import UTC, datetime, timedelta
 from clickhouse_connect.driver.client import Client
 
 from meterline.adapters.clickhouse import storage_errors
-from meterline.adapters.compactions import LEASE_SECONDS, active_writers, read_claims, write_claim
+from meterline.adapters.compactions import (
+    LEASE_SECONDS,
+    active_writers,
+    publish_coarse,
+    published_coarse,
+    read_claims,
+    write_claim,
+)
 from meterline.adapters.meter_store import MeterCatalog
 from meterline.core.compaction import (
     ABORTED,
@@ -123,7 +134,7 @@ def compact(client: Client, database: str, active: Mapping[tuple[str, str], int]
 
     `active` maps each (namespace, meter) to its active generation (the only rows merged). `only` limits the run to
     some partitions (still only closed ones). `step(partition, name)` is called after each recorded step
-    (claimed, staged, swapping, swapped, done), for progress output and the fault test.
+    (claimed, staged, swapping, swapped, coarse-swapped, published, done), for progress output and the fault test.
     """
     if topology.cluster is not None:
         raise ConfigError("windows compaction is not supported on a ClickHouse cluster (clickhouse_cluster is set):"
@@ -201,9 +212,11 @@ def fingerprint(client: Client, database: str, partition: str) -> int:
 
 def _coarse_current(client: Client, database: str, partition: str) -> bool:
     """Whether the partition's coarse rows were built from exactly its rows (nothing written, swapped or
-    deleted since the newest done compaction); if not, the partition is compacted again to rebuild them."""
+    deleted since the newest done compaction) and queries may read them (no writer marked the month invalid);
+    if not, the partition is compacted again to rebuild them."""
     built_for = coarse_fingerprints(read_claims(client, database, [partition])).get(partition)
-    return built_for is not None and built_for == fingerprint(client, database, partition)
+    return (built_for is not None and built_for == fingerprint(client, database, partition)
+            and published_coarse(client, database).get(partition) == built_for)
 
 
 def _drop_abandoned_staging(client: Client, database: str, lease_seconds: float) -> None:
@@ -290,6 +303,10 @@ def _compact_partition(client: Client, database: str, partition: str, active: Ma
     with storage_errors():
         client.command(f"ALTER TABLE {coarse} REPLACE PARTITION ID '{partition}' FROM {coarse_staging}")
     step(partition, "coarse-swapped")
+    # Before the done record: a query learns the fingerprint from that record only, so whenever it asks
+    # for a month's coarse rows the mark is already there (or a writer has since replaced it with 0).
+    publish_coarse(client, database, partition, swapped)
+    step(partition, "published")
     write_claim(client, database, partition, cid, DONE, watermarks=marks, rows_before=before, rows_after=after,
                 owner=owner, fingerprint=swapped)
     with storage_errors():

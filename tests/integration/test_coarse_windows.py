@@ -11,7 +11,7 @@ and the meters' keys, and with subject and groupBy filters.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -21,8 +21,10 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 
+from meterline.adapters.compactions import ReplayGuard, fenced_writes
 from meterline.core.schema import COARSE_WINDOWS, WINDOW_COLUMNS
 from meterline.jobs.compaction import compact
+from processor.sink import ClickHouseSink
 from tests import windows_history as history
 from tests.oracle import EventFactory, OracleMeter, expected, first_sightings, response_windows
 
@@ -86,7 +88,7 @@ def check_all(http: TestClient, counted: list[dict[str, Any]], when: str) -> int
     return checked
 
 
-def test_coarse_rows_answer_exactly(env: tuple[TestClient, Client, str]) -> None:
+def test_coarse_rows_answer_exactly(env: tuple[TestClient, Client, str], clickhouse_url: str) -> None:
     http, client, database = env
     factory = EventFactory(seed=16, start=START, span=SPAN)
     events = [factory.event() for _ in range(3000)]
@@ -126,20 +128,30 @@ def test_coarse_rows_answer_exactly(env: tuple[TestClient, Client, str]) -> None
 
     hours = expected(counted, m, start=FROM, end=TO, window="HOUR", group_by=m.group_fields)
     assert split_by_month(ask(http, m, "HOUR", "UTC"))[1] != split_by_month(hours)[1]
-    # ...but never in minutes, and not once the month's minute rows change: a late event written into
-    # compacted February after compaction (a new message) counts at once, from February's minute rows.
+    # One ClickHouse request answers from coarse rows, the months' validity checked inside it (and one reads
+    # the raw events of the range's partial edge minutes).
+    assert requests(store, lambda: ask(http, m, "HOUR", "Asia/Kathmandu")) == ["edges", "coarse rows"]
+    # ...but never in minutes, and not once the month's minute rows change: late events written into
+    # compacted February after compaction (new messages) by the processor's sink, through the fence, count
+    # at once, from February's minute rows. The first query asks only for a subject February's coarse rows
+    # never had: the check must fail the query although no coarse row matches it.
     assert ask(http, m, "MINUTE", "UTC") == expected(counted, m, start=FROM, end=TO, window="MINUTE",
                                                      group_by=m.group_fields)
-    late = {**factory.event(when=datetime(2024, 2, 29, 12, 0, 1, tzinfo=UTC)), "type": "prompt",
-            "subject": planted[subject_at], "data": {"tokens": 7, "model": "claude", "type": "input"}}
-    history.write(client, database, history.rows_of([(history.MessagePosition(history.EPOCH, 0, 900_000), [late])],
-                                                    METERS))
-    counted.append(late)
+    late = [{**factory.event(when=datetime(2024, 2, 29, 12, 0, 1, tzinfo=UTC)), "type": "prompt",
+             "subject": subject, "data": {"tokens": 7, "model": "claude", "type": "input"}}
+            for subject in (planted[subject_at], "late-subject")]
+    sink_write(clickhouse_url, database, [(history.MessagePosition(history.EPOCH, 0, 900_000), late[:1]),
+                                          (history.MessagePosition(history.EPOCH, 1, 900_000), late[1:])])
+    counted += late
+    new_subject = expected(counted, m, start=FROM, end=TO, window="HOUR", group_by=m.group_fields,
+                           where=lambda e: e["subject"] == "late-subject")
+    assert new_subject and ask(http, m, "HOUR", "UTC", subject=["late-subject"]) == new_subject
     february, march = split_by_month(ask(http, m, "HOUR", "UTC"))
     want_february, want_march = split_by_month(expected(counted, m, start=FROM, end=TO, window="HOUR",
                                                         group_by=m.group_fields))
-    assert february == want_february and february != split_by_month(hours)[0]  # the late event, at once
+    assert february == want_february and february != split_by_month(hours)[0]  # the late events, at once
     assert march != want_march  # March's coarse rows still answer (the planted row)
+    assert requests(store, lambda: ask(http, m, "HOUR", "UTC")) == ["edges", "coarse rows"]  # Feb's stale pair: known
     client.command(f"ALTER TABLE `{database}`.{COARSE_WINDOWS} DELETE WHERE log_epoch = 'planted'"
                    " SETTINGS mutations_sync = 2")
     check_all(http, counted, "after a write into a compacted month")
@@ -150,3 +162,54 @@ def test_coarse_rows_answer_exactly(env: tuple[TestClient, Client, str]) -> None
                                                                            ("202403", "nothing to merge")]
     store.coarse.reload()
     check_all(http, counted, "after compacting again")
+
+    # A job's writes (recompute, dead-letter replay, rebuilds: `fenced_writes`) count at once too.
+    job = {**factory.event(when=datetime(2024, 3, 3, 8, 30, 5, tzinfo=UTC)), "type": "prompt", "subject": "job-subject",
+           "data": {"tokens": 11, "model": "claude", "type": "output"}}
+    with fenced_writes(client, database, "test-job"):
+        history.write(client, database, history.rows_of([(history.MessagePosition("job-epoch", 0, 0), [job])], METERS))
+    counted.append(job)
+    for size, zone in (("HOUR", "UTC"), ("DAY", "Asia/Kathmandu"), ("MONTH", "America/St_Johns")):
+        want = expected(counted, m, start=FROM, end=TO, window=size, tz=zone, group_by=m.group_fields)
+        assert ask(http, m, size, zone) == want, f"after a job's write: {size} {zone}"
+    report = compact_all(client, database)  # the job marked every compacted month: both are rebuilt
+    assert sorted((r.partition, r.outcome) for r in report.partitions) == [("202402", "compacted"),
+                                                                           ("202403", "compacted")]
+    store.coarse.reload()
+    check_all(http, counted, "after a job's write and compacting again")
+
+
+def sink_write(clickhouse_url: str, database: str,
+               batch: list[tuple[history.MessagePosition, list[dict[str, Any]]]]) -> None:
+    """Write as a worker does: the processor's sink, its rows of old months through the compaction fence."""
+    guard = ReplayGuard(database, timedelta(days=1), timedelta(hours=1), "late-writer")
+    sink = ClickHouseSink(clickhouse_url, database, replay_guard=guard, backoff_max=1.0)
+    try:
+        sink.write_sync(history.rows_of(batch, METERS))
+    finally:
+        sink.stop()
+    assert guard.dropped == 0
+
+
+def requests(store: Any, run: Callable[[], object]) -> list[str]:
+    """What the query API's store asks ClickHouse during `run`, with completeUntil and the compaction
+    records already read (each is read at most once a second / every 5 s, not per query)."""
+    sent: list[str] = []
+    client = store.client
+    original = client.query
+    ages = store.progress.max_age_seconds, store.coarse.refresh_seconds
+    store.progress.max_age_seconds = store.coarse.refresh_seconds = 3600.0
+    run()  # fills both caches
+
+    def counting(sql: str, *args: Any, **kwargs: Any) -> Any:
+        sent.append("coarse rows" if COARSE_WINDOWS in sql else "edges" if "FROM `" in sql and ".events " in sql
+                    else sql)
+        return original(sql, *args, **kwargs)
+
+    client.query = counting
+    try:
+        run()
+    finally:
+        del client.query
+        store.progress.max_age_seconds, store.coarse.refresh_seconds = ages
+    return sent

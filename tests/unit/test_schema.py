@@ -17,6 +17,7 @@ from meterline.core.schema import (
     TABLES,
     Table,
     Topology,
+    coarse_valid_ddl,
     ddl,
     mutation_target,
     quote_string,
@@ -63,7 +64,9 @@ def test_single_node_ddl_has_no_cluster_constructs() -> None:
     statements = ddl("meterline")
     assert statements[0] == "CREATE DATABASE IF NOT EXISTS `meterline`"
     assert all("ON CLUSTER" not in sql and "_local" not in sql for sql in statements)
-    for table, sql in zip(TABLES, creates(statements), strict=True):
+    # The last: the Join-engine map of valid coarse months (single server only, like compaction).
+    assert statements[-1] == coarse_valid_ddl("meterline") and "ENGINE = Join(ANY, LEFT, partition)" in statements[-1]
+    for table, sql in zip(TABLES, creates(statements[:-1]), strict=True):
         assert sql.startswith(f"CREATE TABLE IF NOT EXISTS `meterline`.{table.name} (")
         for banned in ("ON CLUSTER", "Replicated", "Distributed", "_local"):
             assert banned not in sql
@@ -88,7 +91,7 @@ def test_cluster_ddl_is_local_table_plus_distributed_table(topology: Topology) -
     on_cluster = " ON CLUSTER `prod`" if topology.on_cluster else ""
     assert statements[0] == f"CREATE DATABASE IF NOT EXISTS `meter line`{on_cluster}"
     tables = creates(statements)
-    assert len(tables) == 2 * len(TABLES)
+    assert len(tables) == 2 * len(TABLES)  # no coarse-months map: compaction is refused on a cluster
     alters = [sql for sql in statements if sql.startswith("ALTER")]
     assert len(alters) == sum(2 * len(t.added_columns) + bool(t.settings) for t in TABLES)  # settings: storage only
     assert all(sql.count(" ON CLUSTER `prod` ") == topology.on_cluster for sql in alters)
@@ -113,7 +116,7 @@ def test_cluster_ddl_is_local_table_plus_distributed_table(topology: Topology) -
 
 def test_the_cluster_rendering_differs_from_single_node_only_in_name_and_engine() -> None:
     """Columns, partitioning and sorting key are written once: a cluster's local table has the same."""
-    single = creates(ddl("db"))
+    single = creates(ddl("db"))[:-1]  # the last: the coarse-months map, single server only
     local = creates(ddl("db", CLUSTER))[::2]
     for table, one, other in zip(TABLES, single, local, strict=True):
         strip = re.compile(r"ENGINE = [^\n]*\n")
