@@ -194,7 +194,8 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
     """The heaviest subject's hourly query again after `meterline compact` merged the month's delta rows and
     wrote its 15-minute rows (docs/design.md, "Windows compaction", "Coarse rows"), against the raw scan
     timed in the same interleaved loop. The whole 30 days are whole quarters of the compacted month, so
-    the answer comes from coarse rows (the query still checks the month's fingerprint).
+    the answer comes from coarse rows (the query checks that the month is still marked valid inside its own
+    SQL; `requests_per_query` counts what each path sends ClickHouse).
 
     The fill's month is long closed: one topic partition's progress says everything is written until now.
     """
@@ -230,12 +231,14 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
     minutes = WindowStore(client, database, coarse=CoarseMonths(enabled=False))
     if _normalise(window_answer(minutes, subject=subject, group_by_model=False), False) != raw:
         raise AssertionError("P3 compacted, minute rows: windows and raw answers differ")
+    requests = {"coarse rows": _requests(client, lambda: window_answer(store, subject=subject, group_by_model=False)),
+                "minute rows": _requests(client, lambda: window_answer(minutes, subject=subject, group_by_model=False))}
     fast, slow, minute_path = _rotating(ctx, f"P3 compacted, heaviest subject ({size:,})", repeats,
                                         lambda: window_answer(store, subject=subject, group_by_model=False),
                                         lambda: raw_answer(client, subject=subject, group_by_model=False),
                                         lambda: window_answer(minutes, subject=subject, group_by_model=False))
     details = {**info, "subject": subject, "answers_equal": True, "repeats": repeats, "answer_rows": len(raw),
-               "compaction_seconds": round(seconds, 2),
+               "compaction_seconds": round(seconds, 2), "requests_per_query": requests,
                "window_rows": {r.partition: [r.rows_before, r.rows_after] for r in report.partitions},
                "heaviest_subject_window_rows": [rows_before, subject_rows()],
                "heaviest_subject_coarse_rows": subject_rows(COARSE_WINDOWS),
@@ -259,6 +262,25 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
             passed=None, details=details,
         ))
     return figures
+
+
+def _requests(client: Client, run: Callable[[], object]) -> int:
+    """How many requests `run` sends on `client` (its second run: the compaction records are read by then)."""
+    run()
+    sent = 0
+    original = client.query
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal sent
+        sent += 1
+        return original(*args, **kwargs)
+
+    client.query = counting  # type: ignore[method-assign]
+    try:
+        run()
+    finally:
+        del client.query
+    return sent
 
 
 AUTH_TARGET = 0.95  # the same query with a key answers within 5% of the time without one
