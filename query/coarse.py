@@ -2,7 +2,9 @@
 
 Windows compaction records in `window_compactions` the fingerprint of each month it swapped coarse rows in
 for (docs/design.md, "Coarse rows"). Reading that table on every meter query would cost a round trip, so
-it is read at most every `refresh_seconds`: a stale copy can only cost speed, never exactness, because
+it is read at most every `refresh_seconds` (with the months' current fingerprints: a month whose
+fingerprint moved is left out, even if the write bypassed the fence that marks it invalid); a stale
+copy can only cost speed, never exactness, because
 each query's own SQL checks that the month is still marked valid for that fingerprint
 (`query.sql._valid`) and fails before reading anything if not; the query API then reads that month's
 minute rows (query/store.py) and remembers the pair here as `stale`: a month's mark never returns to a
@@ -17,7 +19,7 @@ import time
 
 from clickhouse_connect.driver.client import Client
 
-from meterline.adapters.compactions import read_claims
+from meterline.adapters.compactions import partition_fingerprints, read_claims
 from meterline.core.compaction import coarse_fingerprints
 
 
@@ -41,7 +43,11 @@ class CoarseMonths:
         if time.monotonic() - self._loaded >= self.refresh_seconds:
             with self._lock:
                 if time.monotonic() - self._loaded >= self.refresh_seconds:
-                    self._fingerprints = coarse_fingerprints(read_claims(client, database))
+                    built_for = coarse_fingerprints(read_claims(client, database))
+                    # A safety net for a write that bypassed the fence (which marks the month invalid): its
+                    # month's fingerprint moved, so it stops answering from coarse rows within a reload.
+                    current = partition_fingerprints(client, database, list(built_for))
+                    self._fingerprints = {p: fp for p, fp in built_for.items() if current.get(p) == fp}
                     self._stale &= set(self._fingerprints.items())  # pairs no record names any more: gone
                     self._loaded = time.monotonic()
         found = self._fingerprints

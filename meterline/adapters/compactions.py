@@ -45,6 +45,7 @@ from meterline.core.compaction import (
     FINISHED,
     Claim,
     coarse_fingerprints,
+    fingerprint_query,
     in_progress,
     may_be_claimed,
     merged_watermarks,
@@ -54,6 +55,7 @@ from meterline.core.compaction import (
 from meterline.core.errors import StorageError
 from meterline.core.schema import (
     COARSE_VALID,
+    METER_WINDOWS,
     WINDOW_COLUMNS,
     WINDOW_COMPACTION_COLUMNS,
     WINDOW_COMPACTIONS,
@@ -118,6 +120,15 @@ def _set_coarse(client: Client, database: str, rows: Sequence[tuple[str, int]]) 
         with storage_errors():
             client.insert(qualified(database, COARSE_VALID), [list(r) for r in rows],
                           column_names=["partition", "fingerprint"], settings={"async_insert": 0})
+
+
+def partition_fingerprints(client: Client, database: str, partitions: Sequence[str]) -> dict[str, int]:
+    """`meter_windows`' current fingerprint of each of `partitions` that has active parts."""
+    if not partitions:
+        return {}
+    sql, params = fingerprint_query(database, METER_WINDOWS, partitions)
+    with storage_errors():
+        return {str(p): int(fp) for p, fp in client.query(sql, parameters=params).result_rows}
 
 
 def published_coarse(client: Client, database: str) -> dict[str, int]:

@@ -42,6 +42,7 @@ from meterline.adapters.clickhouse import storage_errors
 from meterline.adapters.compactions import (
     LEASE_SECONDS,
     active_writers,
+    partition_fingerprints,
     publish_coarse,
     published_coarse,
     read_claims,
@@ -60,7 +61,6 @@ from meterline.core.compaction import (
     coarse_fingerprints,
     coarse_statements,
     cutoff,
-    fingerprint_query,
     foldable,
     in_progress,
     merge_statements,
@@ -204,10 +204,7 @@ def _has_deltas(client: Client, database: str, partition: str, active: Mapping[t
 
 def fingerprint(client: Client, database: str, partition: str) -> int:
     """`meter_windows`' partition fingerprint now (0: no active part)."""
-    sql, params = fingerprint_query(database, METER_WINDOWS, [partition])
-    with storage_errors():
-        rows = client.query(sql, parameters=params).result_rows
-    return int(rows[0][1]) if rows else 0
+    return partition_fingerprints(client, database, [partition]).get(partition, 0)
 
 
 def _coarse_current(client: Client, database: str, partition: str) -> bool:

@@ -3,7 +3,8 @@
 A month-crossing history is written the way workers write it (tests/windows_history.py) into a stack's
 ClickHouse, with every topic partition complete until now, so both months are closed. A compaction runs
 in a subprocess and stops at one step (claimed, staged, swapping, swapped, coarse-swapped: between the swap
-of the minute rows and of the 15-minute rows, then before the done record that lets queries read them);
+of the minute rows and of the 15-minute rows, then published: the month marked valid for its fingerprint,
+before the done record that lets queries read them);
 while it holds, and after it is killed -9 there, every HOUR window of every meter is compared with the
 oracle through the query API (which reads coarse rows only for a month whose done record it has read).
 After the kills at and after `swapping` a worker replays messages through the processor's sink: the
@@ -101,7 +102,7 @@ def test_compaction_killed_at_every_step(make_stack: Callable[..., LocalStack], 
 
     exact("before")
     dropped = 0
-    for stop_at in ("claimed", "staged", "swapping", "swapped", "coarse-swapped"):
+    for stop_at in ("claimed", "staged", "swapping", "swapped", "coarse-swapped", "published"):
         # The compactor killed last time holds its claim until the lease runs out: a run started before
         # that aborts ("compaction ... is in progress") and never reaches `stop_at`.
         wait_for(lambda: not in_progress(read_claims(client, str(stack.database)), LEASE), 60,
@@ -120,7 +121,7 @@ def test_compaction_killed_at_every_step(make_stack: Callable[..., LocalStack], 
             proc.kill()  # SIGKILL
             proc.wait()
         exact(f"after kill -9 at {stop_at}")
-        if stop_at in ("swapping", "swapped", "coarse-swapped"):
+        if stop_at in ("swapping", "swapped", "coarse-swapped", "published"):
             dropped += replay(20)
             exact(f"after a replay following kill -9 at {stop_at}")
     assert dropped > 0

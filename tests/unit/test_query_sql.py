@@ -12,6 +12,7 @@ from decimal import Decimal
 
 import pytest
 
+from meterline.core.compaction import STALE_COARSE
 from query.filters import parse_filter
 from query.shapes import ingested_event
 from query.sql import (
@@ -68,6 +69,11 @@ def test_meter_query_with_coarse_rows_reads_quarters_and_minutes_around_them() -
     assert bounds == ["2024-01-30 23:51:00", "2024-01-31 00:00:00", "2024-01-31 00:00:00", "2024-02-01 00:00:00",
                       "2024-02-01 00:00:00", "2024-02-02 00:00:00", "2024-02-02 00:00:00", "2024-02-02 00:05:00"]
     assert "from" not in q.parameters and "to" not in q.parameters
+    # The coarse read checks each month's mark itself: the map named for joinGet, the plan's fingerprints.
+    coarse = next(part for part in q.sql.split("UNION ALL") if "meter_windows_coarse" in part)
+    assert coarse.count("joinGet(") == 2 and "meter_windows_coarse_valid" not in q.sql
+    assert {"db.meter_windows_coarse_valid", 41, 57, "202401", "202402",
+            f"{STALE_COARSE}: 202401", f"{STALE_COARSE}: 202402"} <= {v for v in q.parameters.values() if not isinstance(v, list)}
 
 
 def test_database_name_is_quoted() -> None:
