@@ -18,7 +18,7 @@ for every event exactly (tokens sum included) or the figure fails. The baseline
 Why the rate is not timed by the polls: every query costs the embedded ClickHouse ~1-2 ms of CPU
 whatever it reads, so the two queries the bench used to send every 20 ms took ~0.15 of a core on a
 2-core machine, as much ClickHouse CPU as the worker's inserts and merges together (README, "Where the
-time goes"). Polls now only detect the end, every 0.1 s, with the windows sum asked only once every
+time goes"). Polls now only detect the end, every 0.25 s, with the windows sum asked only once every
 event is in. Each run reports the CPU microseconds per event of ClickHouse, the workers and the broker
 between the first batch and the last (`cpu_us_per_event`; on a shared machine the steadier figure).
 """
@@ -48,7 +48,7 @@ from meterline.localinfra.ports import free_port
 from meterline.localinfra.process import ManagedProcess
 
 TARGET_RATIO = 5.0
-POLL_SECONDS = 0.1  # only detects the end of a run: the rate comes from `stored_at`
+POLL_SECONDS = 0.25  # only detects the end of a run: the rate comes from `stored_at`
 CHUNK = 20_000  # events generated and produced at a time, so 10M never sit in memory at once
 
 
