@@ -4,6 +4,7 @@
     python -m bench --size full             the sizes issue 6 quotes (10M events for P3/P5)
     python -m bench --only P1,P3 --p3 2000000,5000000
     python -m bench --only P1,P3 --auth-rounds 12   auth on beside off, more alternating rounds
+    python -m bench --only P1 --p1-processes 1,2    P1 with one ingest process, then two (one per core)
     BENCH_SIZE=tiny python -m bench         seconds; what tests/bench runs
     python -m bench --only P3 --p3 1e6,1e7,1e8 --repeats 10   the cost curve on generated data
     python -m bench --only P5R --p5-reload 1e8 --p5-runs 2    a worker reloading 100M stored ids
@@ -97,6 +98,8 @@ def main(
     clients: Annotated[int, typer.Option(envvar="BENCH_CLIENTS", help="concurrent HTTP clients")] = 16,
     partitions: Annotated[int, typer.Option(envvar="BENCH_PARTITIONS")] = 4,
     http_workers: Annotated[int, typer.Option(envvar="BENCH_HTTP_WORKERS", help="ingest processes for P1")] = 1,
+    p1_processes: Annotated[str, typer.Option(envvar="BENCH_P1_PROCESSES",
+                                              help="P1 ingest process counts, each on its own server, e.g. 1,2")] = "",
     p3_subjects: Annotated[int, typer.Option(envvar="BENCH_P3_SUBJECTS")] = 100,
     p3_message_events: Annotated[int, typer.Option(envvar="BENCH_P3_MESSAGE_EVENTS",
                                                    help="P3 events per Kafka message (1: single-event requests)")] = 100,
@@ -124,7 +127,7 @@ def main(
     if "P5" in wanted and "P5R" not in wanted:
         wanted.insert(wanted.index("P5") + 1, "P5R")
     options: dict[str, Any] = {
-        "clients": clients, "p1_single_cap": p1_single, "partitions": partitions, "http_workers": http_workers, "p3_subjects": p3_subjects, "p3_message_events": p3_message_events, "p3_repeats": repeats,
+        "clients": clients, "p1_single_cap": p1_single, "partitions": partitions, "http_workers": http_workers, "p1_processes": p1_processes, "p3_subjects": p3_subjects, "p3_message_events": p3_message_events, "p3_repeats": repeats,
         "p1_rounds": 1 if size == "tiny" else 3,
         "auth_rounds": auth_rounds or {"tiny": 2, "small": 8, "full": 10}[size],
         "auth_events": {"tiny": 1_000, "small": 20_000, "full": 50_000}[size],
