@@ -108,6 +108,8 @@ CASES: list[tuple[str, dict[str, str], bytes]] = [
      orjson.dumps([event(23, time="2024-01-01T00:00:59.000000Z"), event(24, time="2024-01-01T00:00:60.000000Z")])),
     ("data null, datacontenttype, extension", {"content-type": BATCH},
      orjson.dumps([event(25, data=None), event(26, datacontenttype="application/json"), event(27, region="eu")])),
+    ("inexact number in a batch", {"content-type": BATCH},
+     b"[" + orjson.dumps(event(28)) + b"," + orjson.dumps(event(29))[:-2] + b',"n":0.1000000000000000055511}}]'),
     ("several without time", {"content-type": BATCH},
      orjson.dumps([{k: v for k, v in event(i, id="no-time").items() if k != "time"} for i in range(3)])),
 ]
@@ -199,3 +201,25 @@ def test_the_endpoint_takes_the_fast_path_and_the_route_does_not(clients: dict[s
     assert answered == []
     assert answer(clients["endpoint"][0], {"content-type": BATCH}, body)[0] == 204
     assert answered == [True]
+
+
+@pytest.mark.parametrize(("name", "headers", "body"), [c for c in CASES if c[2].startswith(b"[")],
+                         ids=[c[0] for c in CASES if c[2].startswith(b"[")])
+def test_a_big_batch_answers_the_same_on_the_loop_and_in_a_thread(
+    clients: dict[str, Any], monkeypatch: pytest.MonkeyPatch, name: str, headers: dict[str, str], body: bytes
+) -> None:
+    """Batches over OFFLOAD_THRESHOLD: the route validates them in a worker thread, the endpoint tries the
+    fast path on the loop first (up to FAST_OFFLOAD_THRESHOLD) and hands the rest to the thread."""
+    import ingest.routes
+
+    monkeypatch.setattr(ingest.routes, "OFFLOAD_THRESHOLD", 1)
+    # "several without time" (3 events) goes past both thresholds: the fast path is tried in the thread.
+    monkeypatch.setattr(ingest.routes, "FAST_OFFLOAD_THRESHOLD", 2 if "several" in name else 8)
+    via_route, pub_route, _ = clients["route"]
+    via_endpoint, pub_fast, _ = clients["endpoint"]
+    before = format_time(datetime.now(UTC))
+    expected = answer(via_route, headers, body)
+    got = answer(via_endpoint, headers, body)
+    after = format_time(datetime.now(UTC))
+    assert got == expected
+    assert published(pub_fast, before, after) == published(pub_route, before, after)
