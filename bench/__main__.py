@@ -90,6 +90,8 @@ def main(
     p5_reload: Annotated[str | None, typer.Option(envvar="BENCH_P5_RELOAD",
                                                   help="P5 reload sizes (ids generated in ClickHouse)")] = None,
     p5_runs: Annotated[int, typer.Option(envvar="BENCH_P5_RUNS", help="P5 reload runs (new worker each)")] = 1,
+    p5_reload_timeout: Annotated[float, typer.Option(
+        envvar="BENCH_P5_RELOAD_TIMEOUT", help="seconds a reloading worker gets (0: 30 min, or 30 us an id if more)")] = 0,
     p5_meter_max: Annotated[int, typer.Option(envvar="BENCH_P5_METER_MAX",
                                               help="larger P5 sizes are measured by the reload")] = 20_000_000,
     p6: Annotated[str | None, typer.Option(envvar="BENCH_P6", help="P6 sizes (stored events rebuilt)")] = None,
@@ -139,7 +141,7 @@ def main(
         # so those rows measured start-up, not throughput.
         "p2_extra": p2_extra or {"tiny": 2_000, "small": 200_000, "full": 400_000}[size],
         "p2_core_events": {"tiny": 2_000, "small": 20_000, "full": 50_000}[size],
-        "p5_runs": p5_runs, "p5_meter_max": p5_meter_max,
+        "p5_runs": p5_runs, "p5_meter_max": p5_meter_max, "p5_reload_timeout": p5_reload_timeout,
     }
     report = Report(size=size, params={"sizes": {f: sizes[f] for f in wanted}, **options})
     scratch = work_dir or Path(tempfile.mkdtemp(prefix="meterline-bench-"))
