@@ -61,3 +61,14 @@ def test_figures_carry_their_baselines_and_spread(reload: list[dict]) -> None:
     loads = sorted(r["load_seconds"] for r in runs)
     assert memory["details"]["load_seconds_spread"] == [loads[0], loads[-1]]
     assert seconds["unit"] == "s" and seconds["value"] > 0
+
+
+def test_reload_timeout_grows_with_the_ids_unless_given() -> None:
+    from types import SimpleNamespace
+
+    from bench.p5_reload import _timeout
+
+    default = SimpleNamespace(options={"p5_reload_timeout": 0})
+    assert _timeout(default, 1_000) == 30 * 60  # type: ignore[arg-type]
+    assert _timeout(default, 100_000_000) == 100_000_000 * 30 / 1e6  # type: ignore[arg-type]
+    assert _timeout(SimpleNamespace(options={"p5_reload_timeout": 42}), 100_000_000) == 42  # type: ignore[arg-type]
