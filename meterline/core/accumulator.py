@@ -14,14 +14,14 @@ rows that ReplacingMergeTree collapses (exactly-once effect).
 Two accumulators give the same rows in the same order. :class:`WindowAccumulator` folds one
 `Measurement` per meter per event: the plain statement of the rules, kept as the reference the
 property tests check against. :class:`MessageWindows` is what `meterline.core.rows` runs: it takes
-one `EventReader` reading per event and pays per *distinct* groupBy per event, then computes each
-distinct (value path, groupBy) row once per message for all the meters sharing it, with C-level
-`sum`/`min`/`max` over the message's values, so twenty meters cost little more than three.
+a message's `EventReader` readings as columns (one batch per event type), splits them by subject,
+window and *distinct* groupBy key, then computes each distinct (value path, groupBy) row once per
+message for all the meters sharing it, with C-level `sum`/`min`/`max` over the message's values, so
+twenty meters cost little more than three.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 
 from meterline.core.decimals import CONTEXT, MAX_ABS_VALUE, QUANTUM, add, fits_storage
 from meterline.core.meters import Measurement
-from meterline.core.meters.reading import EventReader, Value
+from meterline.core.meters.reading import EMPTY_GROUP_KEY, EventReader, Value
 
 __all__ = ["MessageWindows", "Overflow", "WindowAccumulator", "WindowDelta"]
 
@@ -153,58 +153,49 @@ def _stored(value: int | Decimal) -> Decimal:
     return Decimal(value).quantize(QUANTUM, context=CONTEXT)
 
 
-class _CellState:
-    """One event type's readings for one (subject, window) of one message: a slot per event, and the
-    slots of each distinct groupBy's group keys."""
+Slots = list[int]
+"""Positions of events in one `MessageWindows.add` batch (its columns' indexes), ascending."""
 
-    __slots__ = ("cells", "order", "readings", "times")
 
-    def __init__(self, groups: int) -> None:
-        self.times: list[tuple[datetime, int]] = []  # (event time, rank) per slot
-        self.order: list[int] = []  # the slot's event number in the message (row order)
-        self.readings: list[list[Value]] = []
-        #: per distinct groupBy: group key -> slots, in first-seen order
-        self.cells: list[defaultdict[str, list[int]]] = [defaultdict(list) for _ in range(groups)]
+def _by_key(keys: Sequence[str], slots: Slots) -> dict[str, Slots]:
+    """`slots` split by their `keys` (a column over the whole batch), keys in first-seen order."""
+    picked = keys if len(slots) == len(keys) else [keys[j] for j in slots]
+    distinct = dict.fromkeys(picked)
+    if len(distinct) == 1:
+        return {picked[0]: slots}
+    out: dict[str, Slots] = {k: [] for k in distinct}
+    for j, k in zip(slots, picked, strict=True):
+        out[k].append(j)
+    return out
 
 
 class MessageWindows:
     """Folds one message's `EventReader` readings into the rows `WindowAccumulator` would give.
 
-    Per event: one slot, and one append per distinct groupBy. Per message: each distinct
-    (value path, groupBy) signature is aggregated once per row and copied to every meter sharing it.
-    Sums run in the wide Decimal context (exact); ints stay ints until the stored results.
+    Readings come in as columns, one batch per event type (`EventReader.read_columns`): per message, the
+    events are split by (subject, window) and then by each distinct groupBy's key -- with C-level checks
+    for the common message (one subject, one window, one key) -- and each distinct (value path, groupBy)
+    signature is aggregated once per row and copied to every meter sharing it. Sums run in the wide
+    Decimal context (exact); ints stay ints until the stored results.
     """
 
-    __slots__ = ("_cache_key", "_cache_start", "_events", "_states", "_window")
+    __slots__ = ("_batches", "_window")
 
     def __init__(self, window_seconds: int = 60) -> None:
         if window_seconds <= 0:
             raise ValueError("window_seconds must be positive")
         self._window = timedelta(seconds=window_seconds)
-        self._states: dict[tuple[EventReader, str, datetime], _CellState] = {}
-        self._events = 0
-        self._cache_key: datetime | None = None
-        self._cache_start: datetime = _EPOCH
+        self._batches: list[tuple[EventReader, Sequence[int], Sequence[str], Sequence[tuple[datetime, int]],
+                                  list[Sequence[Value]], list[Sequence[str] | None]]] = []
 
-    def add(self, reader: EventReader, subject: str, event_time: datetime, rank: int,
-            values: list[Value], group_keys: Sequence[str]) -> None:
-        """Fold one event read by ``reader`` (``reader.read``'s two lists) at ``event_time``, ``rank``."""
-        if event_time is self._cache_key:
-            ws = self._cache_start
-        else:
-            ws = self._cache_start = _window_start(event_time, self._window)
-            self._cache_key = event_time
-        key = (reader, subject, ws)
-        st = self._states.get(key)
-        if st is None:
-            st = self._states[key] = _CellState(len(reader.group_readers))
-        slot = len(st.times)
-        st.times.append((event_time, rank))
-        st.order.append(self._events)
-        self._events += 1
-        st.readings.append(values)
-        for cells, gk in zip(st.cells, group_keys, strict=True):
-            cells[gk].append(slot)
+    def add(self, reader: EventReader, numbers: Sequence[int], subjects: Sequence[str],
+            times: Sequence[tuple[datetime, int]], values: list[Sequence[Value]],
+            group_keys: list[Sequence[str] | None]) -> None:
+        """Fold a batch of events read by ``reader``: per event its number in the message (among the events
+        metered: row order and `Overflow.event`), subject and (event time, rank); and ``reader.read_columns``'
+        two lists of columns over the batch."""
+        if times:
+            self._batches.append((reader, numbers, subjects, times, values, group_keys))
 
     def rows(self, log_epoch: str, partition: int, offset: int) -> tuple[list[list[Any]], list[Overflow]]:
         """`meter_windows` rows (WINDOW_COLUMNS order) in `WindowAccumulator`'s order (by the first event
@@ -213,73 +204,97 @@ class MessageWindows:
         ordered: list[tuple[int, int, list[Any]]] = []
         overflows: list[Overflow] = []
         with localcontext(CONTEXT):
-            for (reader, subject, ws), st in self._states.items():
-                self._fold(reader, subject, ws, st, (log_epoch, partition, offset), ordered, overflows)
+            for reader, numbers, subjects, times, values, group_keys in self._batches:
+                clean = [tuple not in set(map(type, col)) for col in values]  # no refused reading
+                for (subject, ws), slots in self._cells(subjects, times).items():
+                    _fold(reader, subject, ws, slots, numbers, times, values, clean, group_keys,
+                          (log_epoch, partition, offset), ordered, overflows)
         ordered.sort(key=lambda o: (o[0], o[1]))
         overflows.sort(key=lambda o: (o.event, o.position))
         return [r for _, _, r in ordered], overflows
 
-    @staticmethod
-    def _fold(reader: EventReader, subject: str, ws: datetime, st: _CellState, position: tuple[str, int, int],
-              out: list[tuple[int, int, list[Any]]], overflows: list[Overflow]) -> None:
-        epoch, partition, offset = position
-        columns: list[tuple[Value, ...]] = list(zip(*st.readings, strict=True)) if st.readings[0] else []
-        times, order = st.times, st.order
-        latest_of = times.__getitem__
-        latest: list[dict[str, int]] = [
-            {gk: max(slots, key=latest_of) for gk, slots in cells.items()} for cells in st.cells
-        ]
-        for (vi, gi, event_from), sharing in zip(reader.signatures, reader.sharing, strict=True):
-            group_of = reader.group_readers[gi].group
-            col = columns[vi] if vi >= 0 else None
-            latest_in = latest[gi]
-            for gk, slots in st.cells[gi].items():
-                total: Decimal = Decimal()
-                low: Decimal | None = None
-                high: Decimal | None = None
-                uniques: list[Any] = []
-                latest_value: Decimal | None = None
-                filtered = False
-                if event_from is not None:  # these meters skip events before their eventFrom
-                    slots = [j for j in slots if times[j][0] >= event_from]
+    def _cells(self, subjects: Sequence[str], times: Sequence[tuple[datetime, int]]) -> dict[tuple[str, datetime], Slots]:
+        """A batch's events by (subject, window start), in first-seen order."""
+        window = self._window
+        n = len(times)
+        ws = _window_start(min(times)[0], window)
+        if max(times)[0] < ws + window and subjects.count(subjects[0]) == n:  # one cell: no per-event work
+            return {(subjects[0], ws): list(range(n))}
+        cells: dict[tuple[str, datetime], Slots] = {}
+        ws = end = _EPOCH
+        for j, (subject, (t, _)) in enumerate(zip(subjects, times, strict=True)):
+            if not ws <= t < end:  # a window start is aligned: the one holding t is t's
+                ws = _window_start(t, window)
+                end = ws + window
+            slots = cells.get((subject, ws))
+            if slots is None:
+                cells[(subject, ws)] = [j]
+            else:
+                slots.append(j)
+        return cells
+
+
+def _fold(reader: EventReader, subject: str, ws: datetime, slots: Slots, numbers: Sequence[int],
+          times: Sequence[tuple[datetime, int]], values: list[Sequence[Value]], clean: list[bool],
+          group_keys: list[Sequence[str] | None], position: tuple[str, int, int],
+          out: list[tuple[int, int, list[Any]]], overflows: list[Overflow]) -> None:
+    """The rows of one (event type, subject, window) of a message: per signature, per group key."""
+    epoch, partition, offset = position
+    latest_of = times.__getitem__
+    cells = [{EMPTY_GROUP_KEY: slots} if keys is None else _by_key(keys, slots) for keys in group_keys]
+    latest: list[dict[str, int]] = [{gk: max(s, key=latest_of) for gk, s in c.items()} for c in cells]
+    for (vi, gi, event_from), sharing in zip(reader.signatures, reader.sharing, strict=True):
+        group_of = reader.group_readers[gi].group
+        col = values[vi] if vi >= 0 else None
+        latest_in = latest[gi]
+        for gk, group_slots in cells[gi].items():
+            slots = group_slots
+            total: Decimal = Decimal()
+            low: Decimal | None = None
+            high: Decimal | None = None
+            uniques: list[Any] = []
+            latest_value: Decimal | None = None
+            filtered = False
+            if event_from is not None:  # these meters skip events before their eventFrom
+                slots = [j for j in slots if times[j][0] >= event_from]
+                if not slots:
+                    continue
+                filtered = True
+            if col is None:
+                li = max(slots, key=latest_of) if filtered else latest_in[gk]
+            else:
+                vals = [col[j] for j in slots]
+                if not clean[vi] and tuple in map(type, vals):  # refused for every meter on this path: not in its rows
+                    slots = [j for j in slots if type(col[j]) is not tuple]
                     if not slots:
                         continue
+                    vals = [col[j] for j in slots]
                     filtered = True
-                if col is None:
+                if type(vals[0]) is str:  # a UNIQUE_COUNT path: readings are all text
+                    uniques = sorted(set(vals))
                     li = max(slots, key=latest_of) if filtered else latest_in[gk]
                 else:
-                    vals = [col[j] for j in slots]
-                    if tuple in map(type, vals):  # refused for every meter on this path: not in its rows
-                        slots = [j for j in slots if type(col[j]) is not tuple]
-                        if not slots:
-                            continue
-                        vals = [col[j] for j in slots]
-                        filtered = True
-                    if type(vals[0]) is str:  # a UNIQUE_COUNT path: readings are all text
-                        uniques = sorted(set(vals))
-                        li = max(slots, key=latest_of) if filtered else latest_in[gk]
-                    else:
-                        lo, hi = min(vals), max(vals)  # type: ignore[type-var]
-                        if max(-lo, hi) * len(vals) >= MAX_ABS_VALUE:  # type: ignore[operator,type-var]
-                            # Some running sum may leave Decimal128(9): replay WindowAccumulator's checks.
-                            kept = _storable_prefix_sums(slots, col, order, sharing, overflows)
-                            if len(kept) != len(slots):
-                                slots, filtered = kept, True
-                                vals = [col[j] for j in slots]
-                                lo, hi = min(vals), max(vals)  # type: ignore[type-var]
-                        total = _stored(sum(vals))  # type: ignore[arg-type]
-                        low, high = _stored(lo), _stored(hi)  # type: ignore[arg-type]
-                        li = max(slots, key=latest_of) if filtered else latest_in[gk]
-                        latest_value = _stored(col[li])  # type: ignore[arg-type]
-                first = order[slots[0]]
-                latest_time, latest_rank = times[li]
-                group = group_of(gk)
-                count = len(slots)
-                for pos, slug, generation in sharing:
-                    out.append((first, pos, [
-                        slug, subject, ws, gk, group, epoch, partition, offset,
-                        count, total, low, high, uniques, latest_time, latest_value, latest_rank, generation,
-                    ]))
+                    lo, hi = min(vals), max(vals)  # type: ignore[type-var]
+                    if max(-lo, hi) * len(vals) >= MAX_ABS_VALUE:  # type: ignore[operator,type-var]
+                        # Some running sum may leave Decimal128(9): replay WindowAccumulator's checks.
+                        kept = _storable_prefix_sums(slots, col, numbers, sharing, overflows)
+                        if len(kept) != len(slots):
+                            slots, filtered = kept, True
+                            vals = [col[j] for j in slots]
+                            lo, hi = min(vals), max(vals)  # type: ignore[type-var]
+                    total = _stored(sum(vals))  # type: ignore[arg-type]
+                    low, high = _stored(lo), _stored(hi)  # type: ignore[arg-type]
+                    li = max(slots, key=latest_of) if filtered else latest_in[gk]
+                    latest_value = _stored(col[li])  # type: ignore[arg-type]
+            first = numbers[slots[0]]
+            latest_time, latest_rank = times[li]
+            group = group_of(gk)
+            count = len(slots)
+            for pos, slug, generation in sharing:
+                out.append((first, pos, [
+                    slug, subject, ws, gk, group, epoch, partition, offset,
+                    count, total, low, high, uniques, latest_time, latest_value, latest_rank, generation,
+                ]))
 
 
 class Overflow(NamedTuple):
@@ -292,7 +307,7 @@ class Overflow(NamedTuple):
     value: Decimal
 
 
-def _storable_prefix_sums(slots: list[int], col: tuple[Value, ...], order: list[int],
+def _storable_prefix_sums(slots: Slots, col: Sequence[Value], order: Sequence[int],
                           sharing: list[tuple[int, str, int]], overflows: list[Overflow]) -> list[int]:
     """The slots `WindowAccumulator.add` keeps, in order: the first always, then each whose value keeps the
     running sum storable; the others are recorded as overflows of every meter sharing the row."""

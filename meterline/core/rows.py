@@ -11,6 +11,7 @@ ingest sets; absent = `default`), and dedupe keys hash it in: tenants never dedu
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,11 @@ from meterline.core.accumulator import MessageWindows, Overflow
 from meterline.core.attributes import storage_problem
 from meterline.core.events.wire import NAMESPACE_ATTRIBUTE, SPECVERSION
 from meterline.core.meters import MISSING, MeterSet
+from meterline.core.meters.reading import EventReader
 from meterline.core.positions import Position, dedupe_key
 from meterline.core.reasons import WHOLE_EVENT, ReasonCode, StoredRejection, rejections_of
 from meterline.core.schema import EVENT_COLUMNS
-from meterline.core.times import as_utc, format_time, parse_canonical_time
+from meterline.core.times import MAX_TIME, MIN_TIME, as_utc, format_time, parse_canonical_time
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ RANK_SCALE = 100_000
 EPOCH_START = datetime(1970, 1, 1, tzinfo=UTC)
 
 Decide = Callable[[bytes, Position], bool]
+#: `Position(...)` without NamedTuple's Python-level __new__ (the same tuple, a third of the cost per event).
+_position: Callable[[tuple[str, int, int, int]], Position] = functools.partial(tuple.__new__, Position)
 
 
 def always_accept(key: bytes, position: Position) -> bool:
@@ -192,34 +196,37 @@ def _dead(
     rows.dead_by_reason[code] = rows.dead_by_reason.get(code, 0) + 1
 
 
-def _overflow_dead_letters(out: Rows, pos: MessagePosition, overflows: Sequence[Overflow],
-                           metered: Sequence[tuple[int, int]], now: datetime,
+def _metering_dead_letters(out: Rows, pos: MessagePosition, refusals: Mapping[int, list[tuple[str, int, ReasonCode, str]]],
+                           overflows: Sequence[Overflow], metered: Sequence[tuple[int, int]], now: datetime,
                            namespace: str = DEFAULT_NAMESPACE) -> None:
-    """Dead letters (and event errors) for measurements whose value would have taken their window row's sum
-    past ±10^29: ClickHouse cannot store that row, so they are refused like any unstorable value. Each goes
-    right after its event's other dead letters, as if refused while the event was metered."""
+    """Dead letters (and event errors) of metered events, found once the whole message was read: the
+    meters that refused an event's value (`EventReader.refusals`), then the measurements whose value would
+    have taken their window row's sum past ±10^29 (ClickHouse cannot store that row, so they are refused
+    like any unstorable value). Each event's go where it was metered: after the dead letters of the events
+    before it, in the order they would have had if written while the event was metered."""
     errors_at = EVENT_COLUMNS.index("validation_errors")
     rejected_at = EVENT_COLUMNS.index("rejections")
-    by_event: dict[int, list[Overflow]] = {}
+    by_event: dict[int, list[tuple[str, int, ReasonCode, str]]] = {n: list(r) for n, r in refusals.items()}
     for o in overflows:
-        by_event.setdefault(o.event, []).append(o)
+        reason = f"{o.value} would take the sum of its window in this message past ±10^29"
+        by_event.setdefault(o.event, []).append((o.meter, o.generation, ReasonCode.VALUE_OUT_OF_RANGE, reason))
     for number in sorted(by_event, reverse=True):  # inserting from the end keeps earlier places valid
         row_at, dead_at = metered[number]
         row = out.events[row_at]
         identity = {"id": row[1], "source": row[2], "type": row[3], "subject": row[4]}
         index = row[EVENT_COLUMNS.index("batch_index")]
         letters = Rows()
-        for o in by_event[number]:
-            reason = f"{o.value} would take the sum of its window in this message past ±10^29"
-            _dead(letters, pos, index, o.meter, identity, row[5], row[6], ReasonCode.VALUE_OUT_OF_RANGE, reason,
-                  now, o.generation, namespace)
-            if f"{o.meter}: {reason}" not in row[errors_at]:
-                row[errors_at].append(f"{o.meter}: {reason}")
-            if (o.meter, ReasonCode.VALUE_OUT_OF_RANGE) not in row[rejected_at]:
-                row[rejected_at].append(StoredRejection(o.meter, ReasonCode.VALUE_OUT_OF_RANGE))
+        errors, rejected = row[errors_at], row[rejected_at]
+        for slug, generation, code, reason in by_event[number]:
+            _dead(letters, pos, index, slug, identity, row[5], row[6], code, reason, now, generation, namespace)
+            error = f"{slug}: {reason}"
+            if error not in errors:  # a meter's active and building generation may both refuse
+                errors.append(error)
+            if (slug, code) not in rejected:
+                rejected.append(StoredRejection(slug, code))
         out.dead_letters[dead_at:dead_at] = letters.dead_letters
-        for code, n in letters.dead_by_reason.items():
-            out.dead_by_reason[code] = out.dead_by_reason.get(code, 0) + n
+        for counted, n in letters.dead_by_reason.items():
+            out.dead_by_reason[counted] = out.dead_by_reason.get(counted, 0) + n
 
 
 def undecodable_rows(pos: MessagePosition, payload: bytes, reason: str, now: datetime, rows: Rows) -> Rows:
@@ -280,9 +287,12 @@ def message_rows(
     rank_base = offset * RANK_SCALE
     acc = MessageWindows(options.window_seconds)
     readers = meters.readers_of(ns)
-    add = acc.add
     ev_append = out.events.append
-    #: per event handed to `acc`: (its events row, where its dead letters end), for overflow dead letters
+    dumps = orjson.dumps
+    core_attributes = _CORE_ATTRIBUTES
+    #: per event type: its metered events' (number, subject, (time, rank), data), read once the loop is done
+    pending: dict[EventReader, list[tuple[int, str, tuple[datetime, int], Any]]] = {}
+    #: per metered event (by number): (its events row, where its dead letters go)
     metered: list[tuple[int, int]] = []
     for index, event in (enumerate(events) if indexes is None else zip(indexes, events, strict=True)):
         try:
@@ -291,9 +301,11 @@ def message_rows(
             subject = event["subject"]
             etype = event["type"]
             t = parse_canonical_time(event["time"])
-            problem = storage_problem(event, t)
-            if problem is not None:
-                raise ValueError(f"{problem[0]} {problem[1]}")
+            if not (type(source) is str and type(event_id) is str and type(subject) is str and type(etype) is str
+                    and source and event_id and subject and etype and MIN_TIME <= t < MAX_TIME):
+                problem = storage_problem(event, t)  # says which rule, in the order it checks them
+                if problem is not None:
+                    raise ValueError(f"{problem[0]} {problem[1]}")
             if event.get(NAMESPACE_ATTRIBUTE, DEFAULT_NAMESPACE) != ns:
                 raise ValueError(f"{NAMESPACE_ATTRIBUTE} differs from the message's ({ns!r})")
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
@@ -303,11 +315,12 @@ def message_rows(
                   _json_text(event), ReasonCode.INVALID_EVENT, f"invalid event: {exc}", now, namespace=ns)
             continue
         key = keys[index] if keys is not None else dedupe_key(source, event_id, ns)
-        if not decide(key, Position(epoch, partition, offset, index)):
+        if not decide(key, _position((epoch, partition, offset, index))):
             out.duplicates += 1
             continue
         out.accepted += 1
-        data = _data_text(event)
+        content = event.get("data", MISSING)
+        data = "" if content is MISSING else dumps(content).decode()  # _data_text, inline
         # Per event, for the `events` row: what people read, and what logic reads (reasons.py).
         errors: list[str] = []
         rejected: list[StoredRejection] = []
@@ -320,28 +333,34 @@ def message_rows(
         else:
             reader = readers.get(etype)
             if reader is not None and (reader.applies_from is None or t >= reader.applies_from):
-                values, group_keys = reader.read(event.get("data", MISSING))
-                add(reader, subject, t, rank_base + index, values, group_keys)
-                if tuple in map(type, values):
-                    for slug, generation, code, reason in reader.refusals(values, t):
-                        _dead(out, pos, index, slug, event, t, data, code, reason, now, generation, ns)
-                        error = f"{slug}: {reason}"
-                        if error not in errors:  # a meter's active and building generation may both refuse
-                            errors.append(error)
-                        if (slug, code) not in rejected:
-                            rejected.append(StoredRejection(slug, code))
+                batch = pending.get(reader)
+                if batch is None:
+                    batch = pending[reader] = []
+                batch.append((len(metered), subject, (t, rank_base + index), content))
                 metered.append((len(out.events), len(out.dead_letters)))
             elif strict:
                 reason = f"no meter has eventType {etype!r}"
                 _dead(out, pos, index, WHOLE_EVENT, event, t, data, ReasonCode.UNKNOWN_TYPE, reason, now, namespace=ns)
                 errors.append(f"*: {reason}")
                 rejected.append(StoredRejection(WHOLE_EVENT, ReasonCode.UNKNOWN_TYPE))
-        ev_append([key, event_id, source, str(etype), subject, t, data, now,
-                   epoch, partition, offset, index, errors, _attributes_text(event), rejected, ns])
+        ev_append([key, event_id, source, etype, subject, t, data, now, epoch, partition, offset, index, errors,
+                   "" if event.keys() <= core_attributes else _attributes_text(event), rejected, ns])
+    refusals: dict[int, list[tuple[str, int, ReasonCode, str]]] = {}
+    for reader, batch in pending.items():
+        numbers, subjects, times, contents = zip(*batch, strict=True)
+        values, group_keys = reader.read_columns(contents)
+        acc.add(reader, numbers, subjects, times, values, group_keys)
+        if reader.refusers:
+            refused = sorted({j for col in values if tuple in set(map(type, col))
+                              for j, v in enumerate(col) if type(v) is tuple})
+            for j in refused:
+                found = reader.refusals([col[j] for col in values], times[j][0])
+                if found:
+                    refusals[numbers[j]] = found
     window_rows, overflows = acc.rows(epoch, partition, offset)
     for row in window_rows:
         row.append(ns)
     out.windows.extend(window_rows)
-    if overflows:
-        _overflow_dead_letters(out, pos, overflows, metered, now, ns)
+    if refusals or overflows:
+        _metering_dead_letters(out, pos, refusals, overflows, metered, now, ns)
     return out

@@ -94,10 +94,8 @@ def parse_canonical_time(value: Any) -> datetime:
     parser. It accepts far more than RFC 3339 (week dates, comma fractions), so only strings with every
     separator of `YYYY-MM-DDTHH:MM:SS.ffffffZ` in place go to it; the rest take `parse_time`.
     """
-    if (
-        type(value) is str and len(value) == _CANONICAL_LEN and value[26] == "Z" and value[19] == "."
-        and value[10] == "T" and value[4] == "-" and value[7] == "-" and value[13] == ":" and value[16] == ":"
-    ):
+    # value[4:20:3] is the characters at 4, 7, 10, 13, 16 and 19: every separator but the 'Z', in one slice.
+    if type(value) is str and len(value) == _CANONICAL_LEN and value[4:20:3] == "--T::." and value[26] == "Z":
         try:
             return datetime.fromisoformat(value)
         except ValueError:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from meterline.core.meters import MISSING, Meter, MeterSet, Rejection
 from meterline.core.reasons import WHOLE_EVENT, ReasonCode, StoredRejection
 from meterline.core.rows import MessagePosition, RowOptions, Rows, always_accept, message_rows
 from meterline.core.schema import EVENT_COLUMNS
+from meterline.core.times import parse_time
 
 NOW = datetime(2024, 5, 1, 13, 0, tzinfo=UTC)
 BASE = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -95,14 +97,14 @@ def as_events(specs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def reference_rows(events: Sequence[Mapping[str, Any]], meters: MeterSet, indexes: Sequence[int], strict: bool,
-                   offset: int = POS.offset) -> Rows:
+                   offset: int = POS.offset, window_seconds: int = 60) -> Rows:
     """Windows, dead letters and events' errors, one meter at a time (the pre-sharing algorithm)."""
     from meterline.core.rows import _data_text, _dead  # the same row helpers: only metering differs
 
     out = Rows()
-    acc = WindowAccumulator(60)
+    acc = WindowAccumulator(window_seconds)
     for index, event in zip(indexes, events, strict=True):
-        t = datetime.fromisoformat(event["time"])
+        t = parse_time(event["time"])  # the strict parser: any RFC 3339 shape
         data = _data_text(event)
         errors: list[str] = []
         rejected: list[StoredRejection] = []
@@ -219,3 +221,106 @@ def test_measurements_that_would_overflow_their_row_are_dead_lettered_like_the_r
     assert {(i, m) for i, m in overflowed if m in ("sum_v", "max_v")} == {(i, m) for i in (1, 5) for m in ("sum_v", "max_v")}
     errors = EVENT_COLUMNS.index("validation_errors")
     assert all(any("past ±10^29" in e for e in got.events[i][errors]) for i, _ in overflowed)
+
+
+#: Times as a foreign producer may write them (the worker's fast paths only know ingest's shape): with an
+#: offset, without a fraction, with nanoseconds.
+SHAPES = ("%Y-%m-%dT%H:%M:%S.%fZ", "%Y-%m-%dT%H:%M:%SZ", "%Y-%m-%dT%H:%M:%S.%f789Z", "offset")
+
+
+def shaped(t: datetime, shape: str) -> str:
+    if shape == "offset":
+        return (t + timedelta(hours=1, minutes=30)).strftime("%Y-%m-%dT%H:%M:%S.%f+01:30")
+    return t.strftime(shape)
+
+
+@given(
+    specs=events,
+    chosen=st.lists(st.sampled_from(range(len(LIBRARY))), min_size=1, max_size=len(LIBRARY), unique=True),
+    window_seconds=st.sampled_from([1, 7, 60, 90, 3600]),
+    shapes=st.lists(st.sampled_from(SHAPES), min_size=1, max_size=40),
+)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_window_size_and_time_shape_match_the_reference(specs: list[dict[str, Any]], chosen: list[int],
+                                                             window_seconds: int, shapes: list[str]) -> None:
+    """Window starts are reused while events stay in one window and a message of one subject and window is
+    one cell: neither may hold for other window sizes, unordered times or times not in ingest's shape."""
+    meters = meter_set([LIBRARY[i] for i in chosen])
+    evs = as_events(specs)
+    for i, e in enumerate(evs):
+        e["time"] = shaped(parse_time(e["time"]), shapes[i % len(shapes)])
+    got = message_rows(evs, POS, meters, RowOptions(window_seconds=window_seconds), always_accept, now=NOW)
+    want = reference_rows(evs, meters, list(range(len(evs))), False, window_seconds=window_seconds)
+    assert typed(got.windows) == typed(want.windows)
+    assert typed(got.dead_letters) == typed(want.dead_letters)
+
+
+#: Group values whose hashes are equal though their keys differ (1, True, 1.0 and "1"), beside strings.
+group_values = st.one_of(st.sampled_from(["x", "y", "1", "", 1, True, 1.0, None, 0, False]), values)
+column_datas = st.one_of(
+    st.fixed_dictionaries({}, optional={"v": values, "w": values, "u": values, "g": group_values,
+                                        "h": group_values, "l": st.lists(scalars, max_size=3)}),
+    st.fixed_dictionaries({"v": st.integers(-(10**30), 10**30), "g": st.sampled_from(["x", "y", "z"]),
+                           "h": st.sampled_from(["p", "q"]), "u": st.sampled_from(["a", "b"]), "w": st.integers()}),
+    scalars,
+    st.just(MISSING),
+)
+
+
+@given(
+    datas=st.lists(column_datas, min_size=1, max_size=30),
+    chosen=st.lists(st.sampled_from(range(len(LIBRARY))), min_size=1, max_size=len(LIBRARY), unique=True),
+    repeat=st.booleans(),
+)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_reading_a_column_of_events_is_reading_each_event(datas: list[Any], chosen: list[int], repeat: bool) -> None:
+    """`EventReader.read_columns` (what the worker runs) gives per event exactly `EventReader.read`'s
+    readings and keys, which the test above ties to the per-meter reference; memos warmed by a first
+    message (``repeat``) must not make a value of another type (True for 1, 1.0 for "1") reuse a key."""
+    meters = meter_set([LIBRARY[i] for i in chosen])
+    for reader in meters.readers_of("default").values():
+        if repeat:
+            reader.read_columns(datas[::-1])
+        values, keys = reader.read_columns(datas)
+        want = [reader.read(d) for d in datas]
+        for j, (want_values, want_keys) in enumerate(want):
+            assert typed([[col[j] for col in values]]) == typed([list(want_values)])
+            assert [want_keys[gi] if col is None else col[j] for gi, col in enumerate(keys)] == list(want_keys)
+            assert all(want_keys[gi] == "{}" for gi, col in enumerate(keys) if col is None)
+
+
+def test_messages_gathered_in_one_rows_keep_each_message_s_dead_letters_in_place() -> None:
+    """Refusals and overflows are found after a message's loop and put back where their event was metered;
+    with several messages in one `Rows` (a worker's batch) each lands among its own message's letters."""
+    meters = meter_set([m for m in LIBRARY if m["slug"] in ("sum_v", "max_v", "uniq_u")])
+    big = "60000000000000000000000000000"
+    data = [{"v": big, "g": "x"}, {"v": "no", "g": "x"}, {"v": big, "g": "x"}, {"g": "x", "u": "a"}, {"v": 1}]
+    evs = as_events([{"type": "a", "subject": "s1", "offset_us": i, "data": d} for i, d in enumerate(data)])
+    evs.insert(2, {"id": "broken"})  # an invalid event between them: its letter is written in the loop
+    gathered = Rows()
+    apart = []
+    for offset in (1, 2):
+        message_rows(evs, POS._replace(offset=offset), meters, RowOptions(), always_accept, now=NOW, rows=gathered)
+        apart.append(message_rows(evs, POS._replace(offset=offset), meters, RowOptions(), always_accept, now=NOW))
+    assert typed(gathered.dead_letters) == typed(apart[0].dead_letters + apart[1].dead_letters)
+    assert typed(gathered.events) == typed(apart[0].events + apart[1].events)
+    # by hand (sum_v twice: its active and building generation): each event's letters after the last event's
+    assert [d[3] for d in apart[0].dead_letters] == [0, 1, 1, 1, 1, 2, 3, 3, 3, 3, 4, 4, 4, 5]
+    assert [d[11] for d in apart[0].dead_letters if d[3] == 3] == ["value_missing"] + ["value_out_of_range"] * 3
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"id": "", "source": 7}, "id must be a non-empty string"),
+    ({"source": 7, "subject": ""}, "source must be a non-empty string"),
+    ({"subject": b"s"}, "subject must be a non-empty string"),
+    ({"type": "", "time": "2106-01-01T00:00:00.000000Z"}, "type must be a non-empty string"),
+    ({"time": "2106-01-01T00:00:00.000000Z"}, "time must be between"),
+    ({"time": "1969-12-31T23:59:59.999999Z"}, "time must be between"),
+])
+def test_an_unstorable_event_s_reason_names_the_first_rule_it_breaks(changes: dict[str, Any], reason: str) -> None:
+    """The row builder checks the common event in one expression and asks `storage_problem` only when it
+    fails, so the reason is still the first broken rule in `storage_problem`'s order."""
+    [event] = as_events([{"type": "a", "subject": "s1", "offset_us": 0, "data": {"v": 1}}])
+    rows = message_rows([{**event, **changes}], POS, meter_set(LIBRARY[:1]), RowOptions(), always_accept, now=NOW)
+    [dead] = rows.dead_letters
+    assert dead[12].startswith(f"invalid event: {reason}") and not rows.events

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from decimal import Decimal
+from itertools import repeat
 from operator import itemgetter
 from typing import Any
 
@@ -38,6 +39,8 @@ __all__ = ["EMPTY_GROUP_KEY", "EventReader", "Refusal", "Value"]
 
 EMPTY_GROUP_KEY = "{}"
 _BOUND = int(MAX_ABS_VALUE)
+_STR: frozenset[type] = frozenset({str})
+_INT: frozenset[type] = frozenset({int})
 _GROUP_MEMO_LIMIT = 65_536
 """Distinct raw groupBy values remembered per groupBy; past it the memo starts again (bounded memory)."""
 
@@ -138,6 +141,20 @@ class _GroupReader:
             return key
         return self._text(raws)
 
+    def keys_of_column(self, raws: Sequence[Any], all_str: bool) -> list[str]:
+        """`key_of` of many events: ``raws`` holds each event's raw value (one path) or tuple of raw values
+        (several paths); ``all_str`` says every raw value is a string, so one C-level pass over the memo
+        answers every event seen before."""
+        one = len(self._getters) == 1
+        if not all_str:
+            return [self.key_of((r,) if one else r) for r in raws]
+        keys: list[Any] = list(map(self._memo.get, raws))
+        if None in keys:
+            for j, key in enumerate(keys):
+                if key is None:
+                    keys[j] = self.key_of((raws[j],) if one else raws[j])
+        return keys
+
     def _remember(self, raw: Any, key: str) -> None:
         if len(self._memo) >= _GROUP_MEMO_LIMIT:
             self._memo.clear()
@@ -195,7 +212,7 @@ class EventReader:
     the events before it, as `MeterSet.measure` skips them for that meter.
     """
 
-    __slots__ = ("_all_str", "_combos", "_fast", "_group_plan", "_group_raws", "_keys", "_readers", "_slow_values",
+    __slots__ = ("_all_str", "_combos", "_empty_groups", "_fast", "_group_plan", "_group_raws", "_keys", "_readers", "_slow_values",
                  "_value_plan", "applies_from", "group_readers", "meters", "refusers", "sharing", "signatures", "value_paths")
 
     def __init__(self, meters: Sequence[tuple[Meter, int]]) -> None:
@@ -241,6 +258,7 @@ class EventReader:
             (tuple(keys.index(tops[p]) for _, p in spec) if self._fast else (), reader)  # type: ignore[arg-type]
             for spec, reader in zip(group_index, self.group_readers, strict=True)
         )
+        self._empty_groups = tuple(not spec for spec in group_index)
         # Every groupBy's key at once, memoised by the raw strings of all grouped fields: events of one
         # customer repeat a few (model, feature, region) combinations, so this is one lookup per event.
         grouped = sorted({i for idx, _ in self._group_plan for i in idx})
@@ -289,6 +307,43 @@ class EventReader:
                 self._combos[combo] = group_keys
             return values, group_keys
         return values, self._group_keys(raws)
+
+    def read_columns(self, datas: Sequence[Any]) -> tuple[list[Sequence[Value]], list[Sequence[str] | None]]:
+        """`read` of a message's events of this type at once, as columns: per distinct value path the
+        readings of every event, per distinct groupBy the key of every event, or None for an empty groupBy
+        (every key is EMPTY_GROUP_KEY). Exactly `read`'s answers (property-tested), for a fraction of the
+        cost: one C-level pass per top-level key, and per column a type check that lets the common column
+        (all in-range ints, all strings) through untouched, instead of Python work per event."""
+        if not self._fast or set(map(type, datas)) != {dict}:
+            readings = [self.read(d) for d in datas]
+            values: list[Sequence[Value]] = [list(c) for c in zip(*(r[0] for r in readings), strict=True)]
+            if not values:
+                values = [[] for _ in self.value_paths]
+            keyed = [list(c) for c in zip(*(r[1] for r in readings), strict=True)]
+            return values, [None if empty else keyed[gi] for gi, empty in enumerate(self._empty_groups)]
+        n = len(datas)
+        cols: list[list[Any]] = [list(map(dict.get, datas, repeat(k, n), repeat(MISSING, n))) for k in self._keys]
+        kinds = [set(map(type, c)) for c in cols]
+        bound = _BOUND
+        values = []
+        for (i, unique), slow in zip(self._value_plan, self._slow_values, strict=True):
+            col = cols[i]
+            if unique:
+                values.append(col if kinds[i] == _STR else [v if type(v) is str else slow(v) for v in col])
+            elif kinds[i] == _INT and -bound < min(col) and max(col) < bound:
+                values.append(col)
+            else:
+                values.append([v if type(v) is int and -bound < v < bound else slow(v) for v in col])
+        groups: list[Sequence[str] | None] = []
+        for (idx, reader), empty in zip(self._group_plan, self._empty_groups, strict=True):
+            if empty:
+                groups.append(None)
+            elif len(idx) == 1:
+                groups.append(reader.keys_of_column(cols[idx[0]], kinds[idx[0]] == _STR))
+            else:
+                raws = list(zip(*(cols[i] for i in idx), strict=True))
+                groups.append(reader.keys_of_column(raws, all(kinds[i] == _STR for i in idx)))
+        return values, groups
 
     def _group_keys(self, raws: Sequence[Any]) -> tuple[str, ...]:
         return tuple(
