@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
+from operator import itemgetter
 from typing import Any, NamedTuple
 
 from meterline.core.decimals import CONTEXT, MAX_ABS_VALUE, QUANTUM, add, fits_storage
@@ -146,11 +147,30 @@ class WindowAccumulator:
         return len(self._rows)
 
 
+_STORED_INTS: dict[int, Decimal] = {}
+_STORED_LIMIT = 65_536
+"""Ints remembered as their stored Decimal; past it the memo starts again (bounded memory)."""
+
+
 def _stored(value: int | Decimal) -> Decimal:
-    """A reading as the 9-decimal Decimal `parse_numeric` gives (readers keep in-range ints as ints)."""
+    """A reading as the 9-decimal Decimal `parse_numeric` gives (readers keep in-range ints as ints).
+
+    Memoised: minima, maxima and latest values repeat from row to row (a Decimal is immutable), and a
+    quantize costs ~25 dict lookups."""
     if type(value) is Decimal:
         return value
-    return Decimal(value).quantize(QUANTUM, context=CONTEXT)
+    stored = _STORED_INTS.get(value)  # type: ignore[arg-type]
+    if stored is None:
+        stored = Decimal(value).quantize(QUANTUM, context=CONTEXT)
+        if len(_STORED_INTS) >= _STORED_LIMIT:
+            _STORED_INTS.clear()
+        _STORED_INTS[value] = stored  # type: ignore[index]
+    return stored
+
+
+def _pick(column: Sequence[Any], slots: Slots) -> Sequence[Any]:
+    """``column``'s values at ``slots`` (one C call: `itemgetter` returns a tuple for two or more)."""
+    return itemgetter(*slots)(column) if len(slots) > 1 else (column[slots[0]],)
 
 
 Slots = list[int]
@@ -159,7 +179,7 @@ Slots = list[int]
 
 def _by_key(keys: Sequence[str], slots: Slots) -> dict[str, Slots]:
     """`slots` split by their `keys` (a column over the whole batch), keys in first-seen order."""
-    picked = keys if len(slots) == len(keys) else [keys[j] for j in slots]
+    picked = keys if len(slots) == len(keys) else _pick(keys, slots)
     distinct = dict.fromkeys(picked)
     if len(distinct) == 1:
         return {picked[0]: slots}
@@ -263,27 +283,27 @@ def _fold(reader: EventReader, subject: str, ws: datetime, slots: Slots, numbers
             if col is None:
                 li = max(slots, key=latest_of) if filtered else latest_in[gk]
             else:
-                vals = [col[j] for j in slots]
+                vals = _pick(col, slots)
                 if not clean[vi] and tuple in map(type, vals):  # refused for every meter on this path: not in its rows
                     slots = [j for j in slots if type(col[j]) is not tuple]
                     if not slots:
                         continue
-                    vals = [col[j] for j in slots]
+                    vals = _pick(col, slots)
                     filtered = True
                 if type(vals[0]) is str:  # a UNIQUE_COUNT path: readings are all text
                     uniques = sorted(set(vals))
                     li = max(slots, key=latest_of) if filtered else latest_in[gk]
                 else:
-                    lo, hi = min(vals), max(vals)  # type: ignore[type-var]
-                    if max(-lo, hi) * len(vals) >= MAX_ABS_VALUE:  # type: ignore[operator,type-var]
+                    lo, hi = min(vals), max(vals)
+                    if max(-lo, hi) * len(vals) >= MAX_ABS_VALUE:
                         # Some running sum may leave Decimal128(9): replay WindowAccumulator's checks.
                         kept = _storable_prefix_sums(slots, col, numbers, sharing, overflows)
                         if len(kept) != len(slots):
                             slots, filtered = kept, True
-                            vals = [col[j] for j in slots]
-                            lo, hi = min(vals), max(vals)  # type: ignore[type-var]
-                    total = _stored(sum(vals))  # type: ignore[arg-type]
-                    low, high = _stored(lo), _stored(hi)  # type: ignore[arg-type]
+                            vals = _pick(col, slots)
+                            lo, hi = min(vals), max(vals)
+                    total = _stored(sum(vals))
+                    low, high = _stored(lo), _stored(hi)
                     li = max(slots, key=latest_of) if filtered else latest_in[gk]
                     latest_value = _stored(col[li])  # type: ignore[arg-type]
             first = numbers[slots[0]]
