@@ -22,7 +22,8 @@ twenty meters cost little more than three.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
@@ -168,6 +169,13 @@ def _stored(value: int | Decimal) -> Decimal:
     return stored
 
 
+_ROW_ORDER = itemgetter(0, 1)  # (first event, meter position)
+
+
+def _last(slots: Slots) -> int:
+    return slots[-1]
+
+
 def _pick(column: Sequence[Any], slots: Slots) -> Sequence[Any]:
     """``column``'s values at ``slots`` (one C call: `itemgetter` returns a tuple for two or more)."""
     return itemgetter(*slots)(column) if len(slots) > 1 else (column[slots[0]],)
@@ -226,10 +234,12 @@ class MessageWindows:
         with localcontext(CONTEXT):
             for reader, numbers, subjects, times, values, group_keys in self._batches:
                 clean = [tuple not in set(map(type, col)) for col in values]  # no refused reading
+                # Events usually come in time order: then the latest of any slots is the last (ranks are unique).
+                latest_of = _last if sorted(times) == list(times) else functools.partial(max, key=times.__getitem__)
                 for (subject, ws), slots in self._cells(subjects, times).items():
-                    _fold(reader, subject, ws, slots, numbers, times, values, clean, group_keys,
+                    _fold(reader, subject, ws, slots, numbers, times, values, clean, group_keys, latest_of,
                           (log_epoch, partition, offset), ordered, overflows)
-        ordered.sort(key=lambda o: (o[0], o[1]))
+        ordered.sort(key=_ROW_ORDER)
         overflows.sort(key=lambda o: (o.event, o.position))
         return [r for _, _, r in ordered], overflows
 
@@ -256,13 +266,13 @@ class MessageWindows:
 
 def _fold(reader: EventReader, subject: str, ws: datetime, slots: Slots, numbers: Sequence[int],
           times: Sequence[tuple[datetime, int]], values: list[Sequence[Value]], clean: list[bool],
-          group_keys: list[Sequence[str] | None], position: tuple[str, int, int],
+          group_keys: list[Sequence[str] | None], latest_of: Callable[[Slots], int], position: tuple[str, int, int],
           out: list[tuple[int, int, list[Any]]], overflows: list[Overflow]) -> None:
-    """The rows of one (event type, subject, window) of a message: per signature, per group key."""
+    """The rows of one (event type, subject, window) of a message: per signature, per group key.
+    ``latest_of(slots)`` is the slot of the greatest (time, rank) among ``slots``."""
     epoch, partition, offset = position
-    latest_of = times.__getitem__
     cells = [{EMPTY_GROUP_KEY: slots} if keys is None else _by_key(keys, slots) for keys in group_keys]
-    latest: list[dict[str, int]] = [{gk: max(s, key=latest_of) for gk, s in c.items()} for c in cells]
+    latest: list[dict[str, int]] = [{gk: latest_of(s) for gk, s in c.items()} for c in cells]
     for (vi, gi, event_from), sharing in zip(reader.signatures, reader.sharing, strict=True):
         group_of = reader.group_readers[gi].group
         col = values[vi] if vi >= 0 else None
@@ -281,7 +291,7 @@ def _fold(reader: EventReader, subject: str, ws: datetime, slots: Slots, numbers
                     continue
                 filtered = True
             if col is None:
-                li = max(slots, key=latest_of) if filtered else latest_in[gk]
+                li = latest_of(slots) if filtered else latest_in[gk]
             else:
                 vals = _pick(col, slots)
                 if not clean[vi] and tuple in map(type, vals):  # refused for every meter on this path: not in its rows
@@ -292,7 +302,7 @@ def _fold(reader: EventReader, subject: str, ws: datetime, slots: Slots, numbers
                     filtered = True
                 if type(vals[0]) is str:  # a UNIQUE_COUNT path: readings are all text
                     uniques = sorted(set(vals))
-                    li = max(slots, key=latest_of) if filtered else latest_in[gk]
+                    li = latest_of(slots) if filtered else latest_in[gk]
                 else:
                     lo, hi = min(vals), max(vals)
                     if max(-lo, hi) * len(vals) >= MAX_ABS_VALUE:
@@ -304,7 +314,7 @@ def _fold(reader: EventReader, subject: str, ws: datetime, slots: Slots, numbers
                             lo, hi = min(vals), max(vals)
                     total = _stored(sum(vals))
                     low, high = _stored(lo), _stored(hi)
-                    li = max(slots, key=latest_of) if filtered else latest_in[gk]
+                    li = latest_of(slots) if filtered else latest_in[gk]
                     latest_value = _stored(col[li])  # type: ignore[arg-type]
             first = numbers[slots[0]]
             latest_time, latest_rank = times[li]
