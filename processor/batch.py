@@ -25,11 +25,13 @@ as soon as its write returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import gc
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -165,6 +167,26 @@ class _InFlight:
     next_offsets: dict[int, int]
     #: `BatchProcessor._assignment` when the batch was dispatched.
     assignment: int
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No automatic cyclic GC while a batch is built; the next allocation after it collects as usual.
+
+    Why: a build allocates a few containers per event (decoded events, `events` rows and their lists)
+    that all live until the build ends or the rows are written. The collector, triggered by allocation
+    counts, traversed them again and again within the batch: ~2 µs an event, a sixth of a worker's build
+    (measured in process with the worker's thresholds, batch N's rows alive while N+1 is built). None of
+    them is cyclic garbage; after the build the decoded events are gone and there is far less to walk.
+    """
+    if not gc.isenabled():  # someone else paused it: leave it so
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
 
 
 def _key(event: Any, namespace: str) -> bytes:
@@ -517,7 +539,13 @@ class BatchProcessor:
         a replay after a crash must decide "too late" exactly as the first pass did, or an event near
         the horizon could be both metered (first pass) and dead-lettered (replay). `now` overrides it
         (tests, benchmarks) and stands in for messages without a timestamp.
+
+        The cyclic GC is paused meanwhile (`_gc_paused`).
         """
+        with _gc_paused():
+            return self._build(messages, now)
+
+    def _build(self, messages: list[Message], now: datetime | None) -> Rows:
         fallback = datetime.now(UTC) if now is None else now
         decoded: list[tuple[int, int, Any, list[bytes], datetime]] = []
         all_keys: list[bytes] = []

@@ -602,3 +602,43 @@ async def test_a_partition_revoked_with_a_batch_in_flight_may_come_back_from_the
     assert rows is not None and (rows.accepted, rows.duplicates) == (2, 0)  # replays of their own positions
     worker.processor.assigned({1}, {1: 1})
     worker.stop()
+
+
+def test_a_build_pauses_the_cyclic_gc_and_restores_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a batch runs without automatic collections (processor/batch.py `_gc_paused`); afterwards
+    the collector is as it was -- also when the build raises, and left off when someone else turned it off."""
+    import gc
+
+    from processor import batch
+
+    seen: list[bool] = []
+    real = batch.message_rows
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(batch, "message_rows", spy)
+    worker = Worker(tmp_path, FakeSink(), tmp_path / "state")
+    message = (0, 0, orjson.dumps([event(1, "a", 5, 0)]), 1.7e9)
+    try:
+        assert gc.isenabled()
+        rows = worker.processor.build([message])
+        assert rows.accepted == 1 and seen == [False] and gc.isenabled()
+
+        def fail(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(batch, "message_rows", fail)
+        with pytest.raises(RuntimeError):
+            worker.processor.build([message])
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            monkeypatch.setattr(batch, "message_rows", spy)
+            worker.processor.build([message])
+            assert not gc.isenabled() and seen == [False, False]
+        finally:
+            gc.enable()
+    finally:
+        worker.stop()
