@@ -89,7 +89,9 @@ def create_app(settings: Settings, producer: ManagedPublisher | None = None) -> 
         async with auth.running(), ingest_lifespan(app, settings, producer):
             yield
 
-    app = FastAPI(title="meterline ingest", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="meterline ingest", version="0.1.0", lifespan=lifespan,
+                  # nothing here uses OpenTelemetry; on, FastAPI probes three providers per request
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     install_problem_handlers(app)
     install_ingest(app)
     auth = install_auth(app, settings)  # added last: outermost, so ingest runs behind it

@@ -52,7 +52,9 @@ def _combined_app(settings: Settings) -> FastAPI:
             await stack.enter_async_context(query_lifespan(app, settings))
             yield
 
-    app = FastAPI(title="meterline", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="meterline", version="0.1.0", lifespan=lifespan,
+                  # nothing here uses OpenTelemetry; on, FastAPI probes three providers per request
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     install_problem_handlers(app)
     install_ingest(app)  # before the query's latency middleware and auth: both wrap it
     install_query(app)

@@ -135,7 +135,9 @@ def create_app(settings: Settings) -> FastAPI:
         async with auth.running(), query_lifespan(app, settings):
             yield
 
-    app = FastAPI(title="meterline query", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="meterline query", version="0.1.0", lifespan=lifespan,
+                  # nothing here uses OpenTelemetry; on, FastAPI probes three providers per request
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     install_problem_handlers(app)
     install_query(app)
     auth = install_auth(app, settings)  # added last: outermost, before latency and every route
