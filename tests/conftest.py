@@ -9,6 +9,7 @@ import os
 from collections.abc import Callable, Iterator
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from meterline.localinfra.broker import LocalBroker
 from meterline.localinfra.clickhouse_server import LocalClickHouse
@@ -17,6 +18,12 @@ from tests import infra
 # Apps the tests build in process (TestClient) serve keyless requests in the default namespace, as
 # `make run` does; tests of keys (tests/integration/test_auth.py) turn local mode off explicitly.
 os.environ.setdefault("METERLINE_AUTH_LOCAL_MODE", "true")
+
+# Property tests check results, never speed: hypothesis's default 200 ms deadline per example and its
+# too-slow health check fail a correct test on a loaded 2-core machine (test_limits's window walk did,
+# 3 runs in 5 under load). A test's own @settings still chooses its example count.
+settings.register_profile("meterline", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("meterline")
 
 
 @pytest.fixture(scope="session")
