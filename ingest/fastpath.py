@@ -39,7 +39,7 @@ from meterline.core.events import (
     OPTIONAL_STRINGS,
     REQUIRED,
 )
-from meterline.core.events.validation import _ESCAPE_FACTOR, _FRAMING_BYTES
+from meterline.core.events.validation import _ESCAPE_FACTOR, _FRAMING_BYTES, _depth_exceeds
 from meterline.core.events.wire import SPECVERSION
 from meterline.core.times import normalize_time_text
 
@@ -71,24 +71,6 @@ def _time(raw: str) -> str | None:
             _MINUTES.clear()
         _MINUTES.add(raw[:_MINUTE_LEN])
     return normalized
-
-
-def _depth_exceeds(value: Any, limit: int) -> bool:
-    """True when `value` nests containers deeper than `limit` (iterative, as the validator's check)."""
-    stack: list[tuple[Any, int]] = [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if type(node) is dict:
-            children: Any = node.values()
-        elif type(node) is list:
-            children = node
-        else:
-            continue
-        depth += 1
-        if depth > limit:
-            return True
-        stack.extend((child, depth) for child in children if type(child) is dict or type(child) is list)
-    return False
 
 
 def fast_messages(
