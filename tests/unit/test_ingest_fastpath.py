@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from ingest import fastpath
 from ingest.fastpath import fast_messages
+from meterline.core.attributes import MAX_LENGTHS
 from meterline.core.errors import InvalidEventError
 from meterline.core.events import NAMESPACE_ATTRIBUTE, encode_messages, validate_events
 from meterline.core.times import format_time
@@ -143,6 +144,19 @@ def test_a_control_character_in_an_identity_attribute_is_left_to_the_validator(t
         body = encoder([common(1), common(2, **{name: text})])
         assert fast(orjson.loads(body), body) is None
         assert authority(orjson.loads(body), None, 64 * 1024, 32, 500_000, 500) is None
+
+
+@pytest.mark.parametrize("name", ["id", "source", "type", "subject"])
+def test_an_identity_attribute_at_its_length_limit_is_decided_as_the_validator_does(name: str) -> None:
+    """A clean body skips the control-character scan, leaving only the length limits: hold them at the edge
+    (the drawn texts above are far from every limit)."""
+    limit = MAX_LENGTHS[name]
+    at_limit = orjson.dumps([common(1, **{name: "x" * limit})])
+    got = fast(orjson.loads(at_limit), at_limit)
+    assert got is not None and got == authority(orjson.loads(at_limit), None, 64 * 1024, 32, 500_000, 500)
+    over = orjson.dumps([common(1, **{name: "x" * (limit + 1)})])
+    assert fast(orjson.loads(over), over) is None
+    assert authority(orjson.loads(over), None, 64 * 1024, 32, 500_000, 500) is None
 
 
 def test_a_second_of_a_known_minute_is_checked_by_itself() -> None:
