@@ -31,22 +31,16 @@ from typing import Any, Final
 
 import orjson
 
-from meterline.core.attributes import MAX_LENGTHS, identity_ok
 from meterline.core.events import (
     CHUNK_MAX_BYTES,
     CHUNK_MAX_EVENTS,
     NAMESPACE_ATTRIBUTE,
-    OPTIONAL_STRINGS,
-    REQUIRED,
 )
-from meterline.core.events.validation import _ESCAPE_FACTOR, _FRAMING_BYTES, _depth_exceeds
-from meterline.core.events.wire import SPECVERSION
+from meterline.core.events.validation import _ESCAPE_FACTOR, _FRAMING_BYTES, fast_heads
 from meterline.core.times import normalize_time_text
 
 __all__ = ["fast_messages"]
 
-#: Attributes this path understands (as `validation._fast_event`); anything else takes the full path.
-_KEYS: Final = frozenset({*REQUIRED, *OPTIONAL_STRINGS, "time", "data"})
 #: The UTF-8 of a C1 control (U+0080-U+009F).
 _C1: Final = re.compile(rb"\xc2[\x80-\x9f]")
 #: The canonical time's tail after its minute, `:SS.ffffffZ` (ASCII digits only, as `normalize_time_text`).
@@ -56,7 +50,6 @@ _MINUTE_LEN: Final = len("2024-01-01T00:00")
 #: Minutes (`YYYY-MM-DDTHH:MM`) of canonical times `normalize_time_text` returned unchanged; bounded.
 _MINUTES: set[str] = set()
 _MINUTES_MAX: Final = 4096
-_ID_MAX, _SOURCE_MAX, _TYPE_MAX, _SUBJECT_MAX = (MAX_LENGTHS[n] for n in ("id", "source", "type", "subject"))
 
 
 def _time(raw: str) -> str | None:
@@ -97,54 +90,19 @@ def fast_messages(
     # (substring searches: a regex alternation scanned a 20 kB body ~30x slower).
     clean = not (b"\\" in body or b"\x7f" in body or (b"\xc2" in body and _C1.search(body)))
     groups: dict[str, list[bytes]] = {}
-    default_time: str | None = None
-    for item in items:
-        if type(item) is not dict or not _KEYS.issuperset(item) or item.get("specversion") != SPECVERSION:
-            return None
-        get = item.get
-        event_id, source, event_type, subject = get("id"), get("source"), get("type"), get("subject")
-        if not (type(event_id) is str and event_id and type(source) is str and source
-                and type(event_type) is str and event_type and type(subject) is str and subject):
-            return None
-        if clean:
-            if (len(event_id) > _ID_MAX or len(source) > _SOURCE_MAX or len(event_type) > _TYPE_MAX
-                    or len(subject) > _SUBJECT_MAX):
-                return None
-        elif not identity_ok(event_id, source, event_type, subject):
-            return None
-        text_chars = len(event_id) + len(source) + len(event_type) + len(subject)
-        if "datacontenttype" in item or "dataschema" in item:
-            for name in OPTIONAL_STRINGS:
-                if name in item:
-                    value = item[name]
-                    if type(value) is not str or not value:
-                        return None
-                    text_chars += len(value)
-        raw_time = get("time")
-        if raw_time is None:
-            if default_time is None:
-                default_time = received_time()
-            time_text = default_time
-        elif type(raw_time) is str:
-            normalized = _time(raw_time)
-            if normalized is None:
-                return None
-            time_text = normalized
-        else:
-            return None
-        event = item.copy()  # the sender's key order, as the validator's fast path keeps it
-        event["time"] = time_text
-        data = get("data")
-        if data is None:
-            event.pop("data", None)
-        elif type(data) is dict:
-            for v in data.values():
-                if type(v) is dict or type(v) is list:
-                    if _depth_exceeds(data, max_data_depth):
-                        return None
-                    break
-        elif type(data) is list and _depth_exceeds(data, max_data_depth):
-            return None
+    formatted: list[str] = []
+
+    def default_time() -> str:  # formatted once, and only for an event without a time
+        if not formatted:
+            formatted.append(received_time())
+        return formatted[0]
+
+    heads = fast_heads(items, default_time, max_data_depth, clean, _time)
+    if heads is None:
+        return None
+    for event, text_chars in heads:
+        data = event.get("data")
+        subject = event["subject"]
         if namespace is not None:
             event[NAMESPACE_ATTRIBUTE] = namespace
         try:
