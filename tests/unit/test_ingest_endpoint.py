@@ -147,17 +147,24 @@ def answer(client: TestClient, headers: dict[str, str], body: bytes) -> tuple[in
     return response.status_code, kept, response.content
 
 
-@pytest.mark.parametrize(("name", "headers", "body"), CASES, ids=[c[0] for c in CASES])
-def test_the_endpoint_answers_as_the_route(clients: dict[str, Any], name: str, headers: dict[str, str],
-                                           body: bytes) -> None:
-    via_route, pub_route, seen_route = clients["route"]
-    via_endpoint, pub_fast, seen_fast = clients["endpoint"]
+def same_answer(clients: dict[str, Any], headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request to the route and to the endpoint: the same answer and the same published messages."""
+    via_route, pub_route, _ = clients["route"]
+    via_endpoint, pub_fast, _ = clients["endpoint"]
     before = format_time(datetime.now(UTC))
     expected = answer(via_route, headers, body)
     got = answer(via_endpoint, headers, body)
     after = format_time(datetime.now(UTC))
     assert got == expected
     assert published(pub_fast, before, after) == published(pub_route, before, after)
+    return expected
+
+
+@pytest.mark.parametrize(("name", "headers", "body"), CASES, ids=[c[0] for c in CASES])
+def test_the_endpoint_answers_as_the_route(clients: dict[str, Any], name: str, headers: dict[str, str],
+                                           body: bytes) -> None:
+    seen_route, seen_fast = clients["route"][2], clients["endpoint"][2]
+    expected = same_answer(clients, headers, body)
     assert seen_route == [("/api/v1/events", True)]
     assert seen_fast == [("/api/v1/events", False)]  # the same route for the histogram, not via the router
     seen_fast.clear()
@@ -215,11 +222,4 @@ def test_a_big_batch_answers_the_same_on_the_loop_and_in_a_thread(
     monkeypatch.setattr(ingest.routes, "OFFLOAD_THRESHOLD", 1)
     # "several without time" (3 events) goes past both thresholds: the fast path is tried in the thread.
     monkeypatch.setattr(ingest.routes, "FAST_OFFLOAD_THRESHOLD", 2 if "several" in name else 8)
-    via_route, pub_route, _ = clients["route"]
-    via_endpoint, pub_fast, _ = clients["endpoint"]
-    before = format_time(datetime.now(UTC))
-    expected = answer(via_route, headers, body)
-    got = answer(via_endpoint, headers, body)
-    after = format_time(datetime.now(UTC))
-    assert got == expected
-    assert published(pub_fast, before, after) == published(pub_route, before, after)
+    same_answer(clients, headers, body)
