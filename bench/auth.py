@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from meterline.adapters.clickhouse import connect
 from meterline.adapters.keystore import KeyStore
@@ -46,15 +46,18 @@ def create_key(clickhouse_url: str, database: str, secret_file: Path, namespace:
     return key
 
 
-def alternating(rounds: int, off: Callable[[], float], on: Callable[[], float]) -> tuple[list[float], list[float]]:
+T = TypeVar("T")  #: one measurement (a rate, a latency, or a tuple of them)
+
+
+def alternating(rounds: int, off: Callable[[], T], on: Callable[[], T]) -> tuple[list[T], list[T]]:
     """Measure `off` and `on` once per round, in ABBA order (off, on, on, off, ...).
 
     Why: on a shared 2-core machine the load of other work drifts over seconds. Pairing each `on` with
     the `off` measured next to it, and flipping which goes first every round, makes a linear drift hit
     both sides alike; the per-round ratios then carry the comparison, not the absolute numbers.
     """
-    offs: list[float] = []
-    ons: list[float] = []
+    offs: list[T] = []
+    ons: list[T] = []
     for i in range(rounds):
         if i % 2 == 0:
             offs.append(off())

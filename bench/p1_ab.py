@@ -22,7 +22,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from bench.auth import UNLIMITED_ENV
+from bench.auth import UNLIMITED_ENV, alternating
 from bench.context import BenchContext
 from bench.infra import Infra
 from bench.p1_ingest import ingest_rate, process_cpu_seconds
@@ -51,20 +51,6 @@ def measure(stack: LocalStack, sample: list[dict[str, object]], batch: int, clie
         return rate, (process_cpu_seconds(pid) - before) / requests * 1e6
 
     return run
-
-
-def abba(rounds: int, old: Measure, new: Measure) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """`old` and `new` once per round, flipping which goes first (old, new, new, old, ...)."""
-    olds: list[tuple[float, float]] = []
-    news: list[tuple[float, float]] = []
-    for i in range(rounds):
-        if i % 2 == 0:
-            olds.append(old())
-            news.append(new())
-        else:
-            news.append(new())
-            olds.append(old())
-    return olds, news
 
 
 def spread(values: list[float]) -> str:
@@ -111,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
             measure(stack, evs[:1000], 1, args.clients, ctx)()
         for label, batch, sample in (("single events", 1, evs[: args.single]),
                                      ("batches of 100", 100, evs[: args.batch_events])):
-            olds, news = abba(args.rounds, measure(old, sample, batch, args.clients, ctx),
+            olds, news = alternating(args.rounds, measure(old, sample, batch, args.clients, ctx),
                               measure(new, sample, batch, args.clients, ctx))
             report(label, olds, news)
             print(f"load average {os.getloadavg()}")
