@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -28,10 +29,11 @@ from meterline.adapters.compactions import (
     write_claim,
 )
 from meterline.cli import app
-from meterline.core.compaction import RUNNING
-from meterline.core.errors import ConfigError
-from meterline.core.schema import METER_WINDOWS, WINDOW_COLUMNS, Topology
-from meterline.jobs.compaction import compact
+from meterline.core.compaction import RUNNING, SWAPPING, in_progress
+from meterline.core.errors import ConfigError, StorageError
+from meterline.core.schema import COARSE_WINDOWS, METER_WINDOWS, WINDOW_COLUMNS, Topology
+from meterline.jobs import compaction
+from meterline.jobs.compaction import ClaimLease, compact
 from processor.sink import ClickHouseSink
 from tests import windows_history as history
 from tests.oracle import EventFactory, OracleMeter, config_yaml, expected, first_sightings, response_windows
@@ -122,9 +124,23 @@ def test_compaction_keeps_every_answer(env: tuple[TestClient, Client, str]) -> N
     rows_before = history.window_rows(client, database)
     copied = "SELECT count() FROM {db}.meter_windows FINAL WHERE generation = 7 OR startsWith(log_epoch, 'replay:')"
 
-    report = compact_all(client, database)
+    parts: dict[tuple[str, str], int] = {}
+
+    def count_parts(partition: str, name: str) -> None:
+        """Right after each swap: the partition's active parts in the table just swapped."""
+        table = {"swapped": METER_WINDOWS, "coarse-swapped": COARSE_WINDOWS}.get(name)
+        if table is not None:
+            parts[(partition, table)] = int(client.query(
+                "SELECT count() FROM system.parts WHERE database = {db:String} AND table = {t:String} AND active"
+                " AND partition_id = {p:String}", parameters={"db": database, "t": table, "p": partition},
+            ).result_rows[0][0])
+
+    report = compact_all(client, database, step=count_parts)
 
     assert [(r.partition, r.outcome) for r in report.partitions] == [("202401", "compacted"), ("202402", "compacted")]
+    # Merged before the swap: one part each, not the overlapping parts of the INSERTs that every FINAL read
+    # would merge again until a background merge caught up.
+    assert parts == {(p, t): 1 for p in ("202401", "202402") for t in (METER_WINDOWS, COARSE_WINDOWS)}
     assert answers(http) == before
     assert history.window_rows(client, database) < rows_before
     assert int(client.query(copied.format(db=database)).result_rows[0][0]) == len(building) + 1
@@ -199,6 +215,37 @@ def test_fence_aborts_and_waits(env: tuple[TestClient, Client, str]) -> None:
     with stale.admit(client, rows) as kept:
         assert len(kept) == len(rows)
     assert {c.state for c in read_claims(client, database) if c.compaction_id == "someone"} == {RUNNING}
+
+
+def test_claim_stays_fresh_through_a_long_statement(env: tuple[TestClient, Client, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A statement longer than the lease (a merge of a big month) keeps the claim fresh for writers, and a
+    renewal that fails makes the compaction refuse its next step instead of swapping after the fence lapsed."""
+    _, client, database = env
+    lease_seconds = 4.0
+    lease = ClaimLease(client, database, "202401", "long-merge", owner="test", lease_seconds=lease_seconds)
+    lease.record(RUNNING)
+    seen = []
+    with lease.renewed():
+        deadline = time.monotonic() + 1.5 * lease_seconds
+        while time.monotonic() < deadline:  # what a writer sees while the statement runs
+            seen.append([c.compaction_id for c in in_progress(read_claims(client, database), lease_seconds)])
+            time.sleep(0.25)
+    assert seen and all(ids == ["long-merge"] for ids in seen)
+    lease.record(SWAPPING)  # still within the lease: the compaction goes on
+
+    failing = ClaimLease(client, database, "202402", "lost-lease", owner="test", lease_seconds=lease_seconds)
+    failing.record(RUNNING)
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise StorageError("ClickHouse is down")
+
+    monkeypatch.setattr(compaction, "write_claim", down)
+    with failing.renewed():
+        time.sleep(0.6 * lease_seconds)
+    monkeypatch.undo()
+    with pytest.raises(Exception, match=SWAPPING):
+        failing.record(SWAPPING)
+    assert failing.lapsed
 
 
 def test_refused_without_horizon_or_on_cluster(env: tuple[TestClient, Client, str]) -> None:
