@@ -62,10 +62,13 @@ async def query_lifespan(app: FastAPI, settings: Settings) -> AsyncIterator[None
     app.state.catalog = catalog
     app.state.events_topic = (settings.events_topic, settings.topic_partitions)  # for completeUntil
     poller = asyncio.create_task(_poll(catalog, settings.meter_poll_seconds))
+    # The compaction records, read off the requests' path (query/coarse.py).
+    coarse_reader = asyncio.create_task(coarse.keep_fresh(client, settings.clickhouse_database))
     try:
         yield
     finally:
         poller.cancel()
+        coarse_reader.cancel()
         await asyncio.to_thread(catalog.store.client.close)
         await asyncio.to_thread(client.close)
         await asyncio.to_thread(writer.close)

@@ -11,6 +11,8 @@ and the meters' keys, and with subject and groupBy filters.
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -24,6 +26,7 @@ from fastapi.testclient import TestClient
 from meterline.adapters.compactions import ReplayGuard, fenced_writes
 from meterline.core.schema import COARSE_WINDOWS, WINDOW_COLUMNS
 from meterline.jobs.compaction import compact
+from meterline.localinfra.ports import wait_for
 from processor.sink import ClickHouseSink
 from tests import windows_history as history
 from tests.oracle import EventFactory, OracleMeter, expected, first_sightings, response_windows
@@ -221,3 +224,46 @@ def requests(store: Any, run: Callable[[], object]) -> list[str]:
         del client.query
         store.progress.max_age_seconds, store.coarse.refresh_seconds = ages
     return sent
+
+
+def test_compaction_records_are_read_off_the_request_path(env: tuple[TestClient, Client, str]) -> None:
+    """The query API reads the done records in the background: a compaction's months answer from coarse
+    rows without any request reading `window_compactions` or `system.parts`, and the answers are exact."""
+    http, client, database = env
+    factory = EventFactory(seed=21, start=START, span=SPAN)
+    counted = first_sightings([factory.event() for _ in range(600)])
+    history.write(client, database, history.rows_of(history.messages(counted), METERS))
+    history.mark_complete(client, database)
+    store = http.app.state.query_store  # type: ignore[attr-defined]
+    m = METERS[0]
+    want = expected(counted, m, start=FROM, end=TO, window="HOUR", group_by=m.group_fields)
+    assert ask(http, m, "HOUR", "UTC") == want  # the first query read the records: none done yet
+    assert store.coarse.background
+
+    sent: list[tuple[bool, str]] = []
+    reader = store.client  # the API's own client: requests and the refresher share it
+    original = reader.query
+
+    def counting(sql: str, *args: Any, **kwargs: Any) -> Any:
+        background = threading.current_thread().name.startswith("asyncio")  # asyncio.to_thread's pool
+        sent.append((background, "coarse rows" if COARSE_WINDOWS in sql else "records"
+                     if "window_compactions" in sql or "system.parts" in sql else "other"))
+        return original(sql, *args, **kwargs)
+
+    reader.query = counting
+    try:
+        store.coarse.refresh_seconds = 0.5  # from the refresher's next wait on (the first is 5 s)
+        wait_for(lambda: (True, "records") in sent, 10, "the refresher's next read")
+        sent.clear()
+        compact_all(client, database)  # no reload(): the refresher must find the new done records
+        deadline = time.monotonic() + 15
+        while not any(kind == "coarse rows" for _, kind in sent) and time.monotonic() < deadline:
+            assert ask(http, m, "HOUR", "UTC") == want
+            time.sleep(0.1)
+        for _ in range(5):
+            assert ask(http, m, "HOUR", "UTC") == want
+    finally:
+        del reader.query
+    assert any(kind == "coarse rows" for background, kind in sent if not background)
+    assert any(kind == "records" for background, kind in sent if background)
+    assert not [kind for background, kind in sent if not background and kind == "records"]
