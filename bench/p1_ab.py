@@ -8,6 +8,9 @@ must be this venv's), and the same load generator as P1 (`bench.p1_ingest.ingest
 clients) drives them in alternating ABBA rounds, single events and batches of 100. Each round records
 the rate and the server's CPU per request (/proc utime+stime over the round); the per-round ratios of the
 CPU per request are the figure on a loaded machine, the rates only say what that load let through.
+`--app ingest` (the default) serves both as `meterline serve ingest`, the ingest process README "Scaling out"
+recommends, one per core; `--app all` as the combined server of `make run`, whose meter controller (a
+ClickHouse poll every second, which 5a28e31's did not have) counts in the new side's CPU.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--single", type=int, default=5000, help="events per single-event round")
     parser.add_argument("--batch-events", type=int, default=50_000, help="events per batch-of-100 round")
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--app", choices=("ingest", "all"), default="ingest", help="what both servers serve")
     args = parser.parse_args(argv)
     old_dir = args.old.resolve()
     if not (old_dir / "ingest" / "routes.py").exists():
@@ -84,14 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     config = write_config(scratch)
     old = OlderStack(data_dir=scratch / "old", config_file=config, processors=0, partitions=4,
                      kafka_bootstrap=infra.kafka_bootstrap, clickhouse_url=infra.clickhouse_url,
-                     consumer_group="p1-ab-old", extra_env={**UNLIMITED_ENV, "PYTHONPATH": str(old_dir)})
-    new = infra.stack(config, processors=0, partitions=4, extra_env=dict(UNLIMITED_ENV))
+                     consumer_group="p1-ab-old", extra_env={**UNLIMITED_ENV, "PYTHONPATH": str(old_dir)},
+                     http_app=args.app)
+    new = infra.stack(config, processors=0, partitions=4, extra_env=dict(UNLIMITED_ENV), http_app=args.app)
     try:
         old.start()
         new.start()
         ctx = BenchContext(infra, Progress(disable=True), Console(), {})
         evs = events(max(args.single, args.batch_events), subjects=100)
-        print(f"old {old_dir} (pid {old.server and old.server.pid}), new {Path(__file__).resolve().parents[1]} "
+        print(f"`meterline serve {args.app}`: old {old_dir} (pid {old.server and old.server.pid}), "
+              f"new {Path(__file__).resolve().parents[1]} "
               f"(pid {new.server and new.server.pid}); load average {os.getloadavg()}")
         for stack in (old, new):  # warm both (imports, producer, connections) before the first round
             measure(stack, evs[:1000], 1, args.clients, ctx)()
