@@ -9,17 +9,28 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from meterline.settings import Settings
 
 APP_ENV = "METERLINE_SERVE_APP"
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> ASGIApp:
     """uvicorn factory for multi-process serving: each worker process builds its own app (and producer)."""
     import os
 
-    return build_app(os.environ.get(APP_ENV, "all"), Settings())
+    return served(build_app(os.environ.get(APP_ENV, "all"), Settings()))
+
+
+def served(app: FastAPI) -> ASGIApp:
+    """What the server runs: `app` behind `ingest.endpoint.IngestFrontDoor` when it serves ingest (the ingest
+    requests skip FastAPI's entry layers; everything else goes to `app`)."""
+    from ingest.endpoint import IngestEndpoint, IngestFrontDoor
+
+    if any(m.cls is IngestEndpoint for m in app.user_middleware):
+        return IngestFrontDoor(app)
+    return app
 
 
 def build_app(which: str, settings: Settings) -> FastAPI:

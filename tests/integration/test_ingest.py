@@ -25,6 +25,7 @@ from meterline.core.errors import BrokerUnavailableError
 from meterline.core.events import decode_batch
 from meterline.localinfra.broker import LocalBroker, broker_answers, ensure_topic
 from meterline.localinfra.ports import free_port
+from meterline.server import served
 from meterline.settings import Settings
 from tests.infra import unique
 
@@ -39,7 +40,8 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
+        # What `meterline serve ingest` runs: the app behind its front door (ingest/endpoint.py).
+        config = uvicorn.Config(served(create_app(settings)), host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

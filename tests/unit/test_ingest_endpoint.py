@@ -7,6 +7,9 @@ and body from both, publish the same messages, and leave the same `scope["route"
 histogram (query/latency.py labels ingest requests by it). The endpoint also takes `ingest.fastpath` and the
 route does not, so the same comparison holds the fast path to the validator and the wire encoder; the
 cases after the first block sit on the edges the fast path decides by itself.
+
+A third copy of the app is served as a server serves it (`meterline.server.served`: behind
+`IngestFrontDoor`, which hands these requests to the app's middleware chain itself) and must answer the same.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from fastapi.testclient import TestClient
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ingest.app import ingest_lifespan, install_ingest
+from ingest.endpoint import IngestFrontDoor
 from ingest.routes import router
 from meterline.adapters.auth import install_auth
 from meterline.adapters.problems import install_problem_handlers
 from meterline.core.errors import BrokerUnavailableError
 from meterline.core.times import format_time
+from meterline.server import served
 from meterline.settings import Settings
 from tests.fakes import FakePublisher
 
@@ -57,7 +62,7 @@ def build(settings: Settings, publisher: FakePublisher, *, endpoint: bool) -> tu
         async with auth.running(), ingest_lifespan(app, settings, publisher):
             yield
 
-    app = FastAPI(lifespan=lifespan)
+    app = FastAPI(lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})  # as ours
     install_problem_handlers(app)
     if endpoint:
         install_ingest(app)
@@ -120,11 +125,15 @@ def clients(tmp_path: Path) -> Iterator[dict[str, tuple[TestClient, FakePublishe
     """The same app twice: POST /api/v1/events through the FastAPI route, and through the endpoint."""
     settings = Settings(config_file=str(tmp_path / "absent.yaml"), kafka_bootstrap="unused:9092",
                         auth_local_mode=True, max_batch_events=8, max_body_bytes=20_000, max_message_bytes=16_384)
-    pub_route, pub_fast = FakePublisher(), FakePublisher()
+    pub_route, pub_fast, pub_door = FakePublisher(), FakePublisher(), FakePublisher()
     app_route, seen_route = build(settings, pub_route, endpoint=False)
     app_fast, seen_fast = build(settings, pub_fast, endpoint=True)
-    with TestClient(app_route) as via_route, TestClient(app_fast) as via_endpoint:
-        yield {"route": (via_route, pub_route, seen_route), "endpoint": (via_endpoint, pub_fast, seen_fast)}
+    app_door, seen_door = build(settings, pub_door, endpoint=True)
+    door = served(app_door)
+    assert isinstance(door, IngestFrontDoor)
+    with TestClient(app_route) as via_route, TestClient(app_fast) as via_endpoint, TestClient(door) as via_door:
+        yield {"route": (via_route, pub_route, seen_route), "endpoint": (via_endpoint, pub_fast, seen_fast),
+               "door": (via_door, pub_door, seen_door)}
 
 
 def published(publisher: FakePublisher, before: str, after: str) -> list[tuple[bytes, list[dict[str, Any]]]]:
@@ -148,27 +157,30 @@ def answer(client: TestClient, headers: dict[str, str], body: bytes) -> tuple[in
 
 
 def same_answer(clients: dict[str, Any], headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-    """One request to the route and to the endpoint: the same answer and the same published messages."""
+    """One request to the route, the endpoint and the front door: the same answer and the same published
+    messages."""
     via_route, pub_route, _ = clients["route"]
-    via_endpoint, pub_fast, _ = clients["endpoint"]
     before = format_time(datetime.now(UTC))
     expected = answer(via_route, headers, body)
-    got = answer(via_endpoint, headers, body)
+    got = {name: answer(clients[name][0], headers, body) for name in ("endpoint", "door")}
     after = format_time(datetime.now(UTC))
-    assert got == expected
-    assert published(pub_fast, before, after) == published(pub_route, before, after)
+    assert got == {"endpoint": expected, "door": expected}
+    for name in ("endpoint", "door"):
+        assert published(clients[name][1], before, after) == published(pub_route, before, after)
     return expected
 
 
 @pytest.mark.parametrize(("name", "headers", "body"), CASES, ids=[c[0] for c in CASES])
 def test_the_endpoint_answers_as_the_route(clients: dict[str, Any], name: str, headers: dict[str, str],
                                            body: bytes) -> None:
-    seen_route, seen_fast = clients["route"][2], clients["endpoint"][2]
+    seen_route, seen_fast, seen_door = clients["route"][2], clients["endpoint"][2], clients["door"][2]
     expected = same_answer(clients, headers, body)
     assert seen_route == [("/api/v1/events", True)]
     assert seen_fast == [("/api/v1/events", False)]  # the same route for the histogram, not via the router
-    seen_fast.clear()
-    seen_route.clear()
+    assert seen_door == [("/api/v1/events", False)]
+    assert clients["door"][0].app._chain is not None  # served through the chain, not the app's entry
+    for seen in (seen_route, seen_fast, seen_door):
+        seen.clear()
     if expected[0] >= 400:
         assert expected[1]["content-type"] == "application/problem+json"
 
@@ -177,15 +189,34 @@ def test_a_broker_failure_is_the_same_503(clients: dict[str, Any]) -> None:
     for _, publisher, _ in clients.values():
         publisher.fail_with = BrokerUnavailableError("broker did not acknowledge 1 message(s) within 5s")
     answers = [answer(client, {"content-type": SINGLE}, orjson.dumps(event(1))) for client, _, _ in clients.values()]
-    assert answers[0] == answers[1]
+    assert answers[0] == answers[1] == answers[2]
     assert answers[0][0] == 503 and answers[0][1]["retry-after"]
+
+
+def test_an_unexpected_error_is_the_same_500_and_still_raised_to_the_server(
+    clients: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Starlette's ServerErrorMiddleware does for the app (the 500 handler's problem, then the error
+    raised on for the server to log), the front door does too."""
+    answers = []
+    for client, publisher, _ in clients.values():
+        async def broken(messages: Any) -> None:
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(publisher, "publish", broken)
+        with pytest.raises(RuntimeError, match="bug"):
+            answer(client, {"content-type": SINGLE}, orjson.dumps(event(1)))
+        quiet = TestClient(client.app, raise_server_exceptions=False)
+        answers.append(answer(quiet, {"content-type": SINGLE}, orjson.dumps(event(1))))
+    assert answers[0] == answers[1] == answers[2]
+    assert answers[0][0] == 500 and answers[0][1]["content-type"] == "application/problem+json"
 
 
 def test_other_paths_and_methods_reach_the_router(clients: dict[str, Any]) -> None:
     for path, method in (("/api/v1/events", "GET"), ("/api/v1/events/", "POST"), ("/api/v1/other", "POST")):
         answers = [client.request(method, path, content=b"{}", headers={"content-type": SINGLE},
                                   follow_redirects=False).status_code for client, _, _ in clients.values()]
-        assert answers[0] == answers[1] != 204
+        assert answers[0] == answers[1] == answers[2] != 204
 
 
 def test_the_endpoint_takes_the_fast_path_and_the_route_does_not(clients: dict[str, Any],
@@ -223,3 +254,17 @@ def test_a_big_batch_answers_the_same_on_the_loop_and_in_a_thread(
     # "several without time" (3 events) goes past both thresholds: the fast path is tried in the thread.
     monkeypatch.setattr(ingest.routes, "FAST_OFFLOAD_THRESHOLD", 2 if "several" in name else 8)
     same_answer(clients, headers, body)
+
+
+@pytest.mark.parametrize("which", ["ingest", "all"])
+def test_the_served_apps_take_the_front_door(which: str, tmp_path: Path) -> None:
+    """`meterline serve ingest|all` serve ingest requests through the chain, not the FastAPI entry (the
+    door falls back to the app, unseen, when an app is not the shape it was written for)."""
+    from ingest.app import create_app
+    from meterline.server import build_app
+
+    settings = Settings(config_file=str(tmp_path / "absent.yaml"), kafka_bootstrap="unused:9092",
+                        clickhouse_url="http://unused:8123", auth_local_mode=True)
+    door = served(create_app(settings) if which == "ingest" else build_app("all", settings))
+    assert isinstance(door, IngestFrontDoor)
+    assert door._find_chain() is not None
