@@ -13,8 +13,9 @@ from contextlib import asynccontextmanager
 from typing import Protocol
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
-from ingest.endpoint import IngestEndpoint
+from ingest.endpoint import IngestEndpoint, IngestFrontDoor
 from ingest.producer import EventProducer
 from ingest.routes import Publisher, router
 from meterline.adapters.auth import install_auth
@@ -22,7 +23,7 @@ from meterline.adapters.health import ReadinessCheck, health_router
 from meterline.adapters.problems import install_problem_handlers
 from meterline.settings import Settings
 
-__all__ = ["ManagedPublisher", "broker_check", "create_app", "ingest_lifespan", "install_ingest", "router"]
+__all__ = ["ManagedPublisher", "broker_check", "create_app", "front_door", "ingest_lifespan", "install_ingest", "router"]
 
 
 class ManagedPublisher(Publisher, Protocol):
@@ -79,6 +80,14 @@ def install_ingest(app: FastAPI) -> None:
     """
     app.include_router(router)
     app.add_middleware(IngestEndpoint)
+
+
+def front_door(app: FastAPI) -> ASGIApp:
+    """What a server runs for `app`: behind `IngestFrontDoor` when `install_ingest` put the endpoint in it
+    (ingest requests skip FastAPI's entry layers), else `app` itself."""
+    if any(m.cls is IngestEndpoint for m in app.user_middleware):
+        return IngestFrontDoor(app)
+    return app
 
 
 def create_app(settings: Settings, producer: ManagedPublisher | None = None) -> FastAPI:

@@ -24,13 +24,11 @@ def app_from_env() -> ASGIApp:
 
 
 def served(app: FastAPI) -> ASGIApp:
-    """What the server runs: `app` behind `ingest.endpoint.IngestFrontDoor` when it serves ingest (the ingest
-    requests skip FastAPI's entry layers; everything else goes to `app`)."""
-    from ingest.endpoint import IngestEndpoint, IngestFrontDoor
+    """What the server runs: `app` behind `ingest.app.front_door` when it serves ingest (the ingest requests
+    skip FastAPI's entry layers; everything else goes to `app`)."""
+    from ingest.app import front_door
 
-    if any(m.cls is IngestEndpoint for m in app.user_middleware):
-        return IngestFrontDoor(app)
-    return app
+    return front_door(app)
 
 
 def build_app(which: str, settings: Settings) -> FastAPI:
