@@ -348,7 +348,14 @@ class ClickHouseSink:
                 # blocks (3 for 20k events), costing the worker ~7 ms per batch in slicing and per-block
                 # encoding, and ClickHouse squashes them back into one part anyway.
                 context.req_block_size = max(1, len(data[0]) if data else 1)
-                client.insert(data=ticked(data, datetime64), context=context)
+                payload = ticked(data, datetime64)
+                try:
+                    client.insert(data=payload, context=context)
+                finally:
+                    # The context refers to itself (a bound method it keeps), so it lives until the cyclic GC
+                    # runs, and with it whatever `payload` holds: a batch's columns, ~2 lists an event. Emptied,
+                    # the columns go when the write returns, and the worker's GC can run rarely (processor/app.py).
+                    payload.clear()
         except StorageRejectedError as exc:
             exc.table = table  # type: ignore[attr-defined]
             raise
