@@ -116,7 +116,7 @@ class DedupeStateClosedError(RuntimeError):
 class DedupeState:
     """First-sighting positions of the dedupe keys of one worker, cached in RocksDB.
 
-    Per batch: `prefetch(keys)` (one RocksDB multi-get), `decide(key, position)` per event in log order,
+    Per batch: `prefetch(keys)` (a RocksDB get per key), `decide(key, position)` per event in log order,
     `flush()` before the ClickHouse write (so a crash after the write never loses a record that
     ClickHouse has), then `mark_written(partition, next_offset)` after the write succeeded.
     """
@@ -367,13 +367,16 @@ class DedupeState:
 
     # ------------------------------------------------------------------ hot path
     def prefetch(self, keys: Sequence[bytes]) -> None:
-        """One RocksDB multi-get for every key of a batch; `decide` then never touches the disk."""
+        """Look every key of a batch up in RocksDB; `decide` then never touches the disk.
+
+        A `get` per key, not one multi-get: rocksdict's multi-get took 0.64-0.78 µs a key, single gets
+        0.26-0.44 (batches of 20k keys, mostly absent, with 0.2M to 1.6M keys cached; bloom filters on)."""
         batch = self._batch
         missing = [k for k in keys if k not in batch]
         if not missing:
             return
-        values = self._db[[_KEY_PREFIX + k for k in missing]]
-        batch.update(zip(missing, values))
+        get = self._db.get
+        batch.update(zip(missing, [get(_KEY_PREFIX + k) for k in missing]))
 
     def decide(self, key: bytes, position: Position, seen: int | None = None) -> bool:
         """True iff `position` is the first sighting of `key` (recording it when the key is new).
@@ -421,7 +424,9 @@ class DedupeState:
             wb = WriteBatch(raw_mode=True)
             # In key order: each memtable insert then starts near the previous one's place in the skip list
             # (the keys are hashes, so a batch's order is random): ~0.3-0.5 µs less a key, sort included.
-            for k, v in sorted(self._new.items()):
+            new = self._new
+            for k in sorted(new):  # the keys alone: sorting (key, record) pairs compares tuples, twice the time
+                v = new[k]
                 wb.put(_KEY_PREFIX + k, v if len(v) > 20 else v + seen)
             self._db.write(wb)
         self._new.clear()

@@ -270,7 +270,7 @@ def message_rows(
     not be metered (invalid, too late, unknown type in strict mode, per-meter rejections), and one
     `meter_windows` delta row per (meter, subject, minute, group) carrying the message's position.
 
-    `keys` may carry precomputed dedupe keys (the worker hashes them once for its RocksDB multi-get).
+    `keys` may carry precomputed dedupe keys (the worker hashes them once for its RocksDB lookups).
     `rows` accumulates several messages into one set of lists (one ClickHouse insert per batch).
     `indexes` gives each event's original index in its message when `events` is a subset of it
     (recompute and dead-letter replay rebuild from stored rows), so positions and LATEST ranks are
