@@ -64,7 +64,7 @@ from meterline.core.schema import (
 )
 from meterline.core.times import as_utc
 from processor import metrics
-from processor.columns import ticked
+from processor.columns import fast_types, ticked
 from processor.key_backfill import backfill_dedupe_keys, newest_backfill
 
 logger = logging.getLogger(__name__)
@@ -363,7 +363,7 @@ class ClickHouseSink:
     def _column_types(self, client: Client, table: str, columns: Sequence[str]) -> tuple[list[Any], dict[int, int]]:
         """The table's column types, asked once per connection instead of once per insert."""
         if table not in self._types:
-            types = list(client.create_insert_context(table, list(columns)).column_types)
+            types = fast_types(client.create_insert_context(table, list(columns)).column_types)
             datetime64 = {i: int(getattr(t, "scale")) for i, t in enumerate(types)  # noqa: B009 - DateTime64 only
                           if type(t).__name__ == "DateTime64" and not t.nullable}
             self._types[table] = (types, datetime64)
