@@ -567,7 +567,7 @@ class BatchProcessor:
         for partition, offset, events, keys, received in decoded:
             n_events += len(events)
             # Dedupe expiry is judged on the message's broker time, like the late horizon (DedupeState.decide).
-            decide = functools.partial(self.state.decide, seen=int(received.timestamp()))
+            decide = self.state.decider(self.log_epoch, int(received.timestamp()))
             message_rows(events, MessagePosition(self.log_epoch, partition, offset), self.meters,
                          self.options, decide, now=received, keys=keys, rows=rows)
         metrics.EVENTS.inc(n_events)
