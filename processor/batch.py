@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from meterline.core.errors import InvalidEventError, StorageError, StorageRejectedError
 from meterline.core.events import decode_batch
 from meterline.core.meters import MeterSet
-from meterline.core.positions import Position, dedupe_key
+from meterline.core.positions import Position, dedupe_key, message_keys
 from meterline.core.retraction import Loser, replacement_windows
 from meterline.core.rows import (
     MessagePosition,
@@ -189,11 +189,22 @@ def _gc_paused() -> Iterator[None]:
         gc.enable()
 
 
+_KEY_ERRORS = (KeyError, TypeError, AttributeError, UnicodeError)
+
+
 def _key(event: Any, namespace: str) -> bytes:
     try:
         return dedupe_key(event["source"], event["id"], namespace)
-    except (KeyError, TypeError, AttributeError, UnicodeError):
+    except _KEY_ERRORS:
         return _NO_KEY  # invalid event: rows.message_rows dead-letters it before using the key
+
+
+def _keys(events: list[Any], namespace: str) -> list[bytes]:
+    """`_key` of each event of a message: `message_keys`, or event by event when one is invalid."""
+    try:
+        return message_keys(events, namespace)
+    except _KEY_ERRORS:
+        return [_key(e, namespace) for e in events]
 
 
 class BatchProcessor:
@@ -559,7 +570,7 @@ class BatchProcessor:
                                  exc.errors[0]["message"] if exc.errors else str(exc), received, rows)
                 continue
             ns = message_namespace(events)
-            keys = [_key(e, ns) for e in events]
+            keys = _keys(events, ns)
             all_keys.extend(keys)
             decoded.append((partition, offset, events, keys, received))
         self.state.prefetch(all_keys)
@@ -695,7 +706,7 @@ class BatchProcessor:
             events = []
         ns = message_namespace(events)
         if table == EVENTS:
-            keys = [_key(e, ns) for e in events]
+            keys = _keys(events, ns)
             self.state.forget_first_sightings(Position(self.log_epoch, partition, offset, 0), keys)
         metrics.QUARANTINED.inc()
         await self.sink.write(quarantined_rows(MessagePosition(self.log_epoch, partition, offset), value,

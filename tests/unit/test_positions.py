@@ -1,11 +1,17 @@
-"""meterline.core.positions: the dedupe key identifies (source, id) and nothing else."""
+"""meterline.core.positions: the dedupe key identifies (source, id) and nothing else, event by event or a
+message at a time (`message_keys`, and the worker's `processor.batch._keys` around it)."""
 
 from __future__ import annotations
 
+import hashlib
+from typing import Any
+
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meterline.core.positions import Sighting, dedupe_key, first_sighting
+from meterline.core.positions import Sighting, dedupe_key, first_sighting, message_keys
+from processor.batch import _NO_KEY, _keys
 
 # Text with NULs and other separators over-represented: the inputs a plain separator cannot frame.
 _TEXT = st.text(alphabet=st.sampled_from(["a", "b", "\x00", "\x01", ":", "é"]), max_size=6)
@@ -22,6 +28,38 @@ def test_keys_are_equal_exactly_when_the_pairs_are(s1: str, i1: str, s2: str, i2
 
 def test_key_is_16_bytes() -> None:
     assert len(dedupe_key("source", "id")) == 16
+
+
+def oracle_key(source: str, event_id: str, namespace: str) -> bytes:
+    """The encoding written out: length-prefixed UTF-8 of namespace (not for `default`), source, id."""
+    parts = [namespace, source, event_id] if namespace != "default" else [source, event_id]
+    return hashlib.blake2b(b"".join(len(p.encode()).to_bytes(4, "big") + p.encode() for p in parts),
+                           digest_size=16).digest()
+
+
+_NAMESPACES = st.sampled_from(["default", "acme", "a\x00b", "é"])
+
+
+@given(st.lists(st.tuples(st.sampled_from(["src", "a\x00", "é", ""]), _TEXT), max_size=12), _NAMESPACES)
+def test_a_message_s_keys_are_each_event_s_key(pairs: list[tuple[str, str]], namespace: str) -> None:
+    events = [{"source": s, "id": i} for s, i in pairs]
+    expected = [oracle_key(s, i, namespace) for s, i in pairs]
+    assert message_keys(events, namespace) == expected
+    assert [dedupe_key(s, i, namespace) for s, i in pairs] == expected
+
+
+@given(st.lists(st.one_of(st.tuples(st.just("src"), _TEXT), st.tuples(st.sampled_from([None, 3, ["x"]]), _TEXT),
+                          st.tuples(st.just("src"), st.sampled_from([None, 7])), st.just("not an event")),
+                max_size=8), _NAMESPACES)
+def test_an_invalid_event_gets_no_key_and_the_others_theirs(items: list[Any], namespace: str) -> None:
+    events = [{"source": item[0], "id": item[1]} if isinstance(item, tuple) else item for item in items]
+    expected = [oracle_key(item[0], item[1], namespace)
+                if isinstance(item, tuple) and type(item[0]) is str and type(item[1]) is str else _NO_KEY
+                for item in items]
+    assert _keys(events, namespace) == expected
+    if _NO_KEY in expected:
+        with pytest.raises((KeyError, TypeError, AttributeError)):
+            message_keys(events, namespace)
 
 
 # --------------------------------------------------------------------------- which stored copy counts
