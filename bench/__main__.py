@@ -90,6 +90,9 @@ def main(
     p5_reload: Annotated[str | None, typer.Option(envvar="BENCH_P5_RELOAD",
                                                   help="P5 reload sizes (ids generated in ClickHouse)")] = None,
     p5_runs: Annotated[int, typer.Option(envvar="BENCH_P5_RUNS", help="P5 reload runs (new worker each)")] = 1,
+    p5_per_key: Annotated[bool, typer.Option(
+        envvar="BENCH_P5_PER_KEY", help="P5 reload: as many runs of the per-key load (dedupe_bulk_load=false), "
+                                        "alternating, as the baseline")] = False,
     p5_reload_timeout: Annotated[float, typer.Option(
         envvar="BENCH_P5_RELOAD_TIMEOUT", help="seconds a reloading worker gets (0: 30 min, or 30 us an id if more)")] = 0,
     p5_meter_max: Annotated[int, typer.Option(envvar="BENCH_P5_METER_MAX",
@@ -141,7 +144,7 @@ def main(
         # so those rows measured start-up, not throughput.
         "p2_extra": p2_extra or {"tiny": 2_000, "small": 200_000, "full": 400_000}[size],
         "p2_core_events": {"tiny": 2_000, "small": 20_000, "full": 50_000}[size],
-        "p5_runs": p5_runs, "p5_meter_max": p5_meter_max, "p5_reload_timeout": p5_reload_timeout,
+        "p5_runs": p5_runs, "p5_per_key": p5_per_key, "p5_meter_max": p5_meter_max, "p5_reload_timeout": p5_reload_timeout,
     }
     report = Report(size=size, params={"sizes": {f: sizes[f] for f in wanted}, **options})
     scratch = work_dir or Path(tempfile.mkdtemp(prefix="meterline-bench-"))

@@ -17,7 +17,9 @@ fresh events stored, or the figure fails: a reload that loaded nothing would be 
 Baselines, measured in the same run: for memory, a Python `set` of the N keys (P5's, bench/p5_memory.py);
 for time, the same loads through the sink with a merge that only counts the rows (ClickHouse's read
 and the sink's decoding, without RocksDB; once, after the runs). Each run starts a new worker on a new
-empty state dir.
+empty state dir. `--p5-per-key` adds as many runs of the per-key load (`dedupe_bulk_load=false`, what
+takeovers did before SST ingestion), alternating ABBA with the others: the figures stay the default
+load's, the details hold both and their ratio.
 """
 
 from __future__ import annotations
@@ -73,9 +75,14 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
         ctx.done(task)
         if info["events_rows"] != size or info["dedupe_keys_rows"] != size:
             raise AssertionError(f"P5 reload: generated {info}, expected {size} rows")
-        measured = [_worker_reload(ctx, stack, client, size, partitions, r) for r in range(runs)]
+        # ABBA: the per-key load (False) alternates with the default one, so drift hits both alike.
+        modes = [True] * runs if not ctx.options.get("p5_per_key") else \
+            [(r % 4) in (1, 2) for r in range(2 * runs)]
+        both = [_worker_reload(ctx, stack, client, size, partitions, r, bulk) for r, bulk in enumerate(modes)]
+        measured = [m for m, bulk in zip(both, modes) if bulk]
+        per_key = [m for m, bulk in zip(both, modes) if not bulk]
         # Every stored id now: the generated ones and each run's fresh events.
-        stored = size + runs * partitions
+        stored = size + len(modes) * partitions
         floor = _sink_read(ctx, url, database, partitions, stored)
     finally:
         client.close()
@@ -89,6 +96,14 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
         "peak_rss_spread_mb": [round(min(peaks) / MB), round(max(peaks) / MB)],
         "load_seconds_spread": [min(seconds), max(seconds)],
     }
+    if per_key:
+        slow = [m["load_seconds"] for m in per_key]
+        details.update(per_key_runs=per_key, per_key_load_seconds=slow,
+                       per_key_peak_rss_mb=[round(m["peak_rss_bytes"] / MB) for m in per_key],
+                       per_key_over_bulk=round(statistics.median(slow) / statistics.median(seconds), 2))
+        print(f"P5 reload {size:,} ids: default load {seconds} s, peak {[round(p / MB) for p in peaks]} MB; "
+              f"per-key load {slow} s, peak {details['per_key_peak_rss_mb']} MB; "
+              f"median ratio {details['per_key_over_bulk']}x")
     peak, load = statistics.median(peaks), statistics.median(seconds)
     return [
         Figure("P5", "processor reload: peak RSS, N stored ids loaded into an empty worker", size, peak / MB, "MB",
@@ -133,14 +148,17 @@ def _messages(run: int, partitions: int, size: int, message_events: int) -> list
     return out
 
 
-def _worker_reload(ctx: BenchContext, stack: Any, client: Any, size: int, partitions: int, run: int) -> dict[str, Any]:
-    """Start an empty worker on one new message per partition; wait until it stored the fresh events."""
+def _worker_reload(ctx: BenchContext, stack: Any, client: Any, size: int, partitions: int, run: int,
+                   bulk: bool = True) -> dict[str, Any]:
+    """Start an empty worker on one new message per partition; wait until it stored the fresh events.
+    `bulk=False`: the worker loads key by key (`dedupe_bulk_load=false`)."""
     producer = Producer({"bootstrap.servers": str(stack.kafka_bootstrap)})
     for p, key, value in _messages(run, partitions, size, SUBJECT_RUN):
         producer.produce(str(stack.topic), value=value, key=key, partition=p)
     if producer.flush(30):
         raise RuntimeError("P5 reload: could not produce the takeover messages")
-    task = ctx.task(f"P5 reload: worker {run + 1} loading {size:,} ids", None)
+    task = ctx.task(f"P5 reload: worker {run + 1} loading {size:,} ids{'' if bulk else ' key by key'}", None)
+    stack.extra_env["METERLINE_DEDUPE_BULK_LOAD"] = "true" if bulk else "false"
     started = time.monotonic()
     worker = stack.add_processor(run + 1)  # a new index: a new, empty state dir
     pid = int(worker.pid or 0)
@@ -181,7 +199,7 @@ def _worker_reload(ctx: BenchContext, stack: Any, client: Any, size: int, partit
     return {"wall_seconds_from_start": round(wall, 1), "load_seconds": round(sum(x["seconds"] for x in loads), 3),
             "partition_loads": loads, "peak_rss_bytes": peak, "rss_bytes": rss, "keys_loaded": loaded,
             "rss_timeline": samples[:: max(1, len(samples) // 40)], "all_counted": all_counted,
-            "copies_dropped": partitions}
+            "copies_dropped": partitions, "bulk_load": bulk}
 
 
 def _timeout(ctx: BenchContext, size: int) -> float:

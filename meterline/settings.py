@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     ingest_creates_topic: bool = False
 
     dedupe_horizon_days: int = Field(default=32, ge=1)
+    #: A worker taking over a partition it has no keys of loads them sorted by key and writes them as SST
+    #: files RocksDB ingests whole (processor/dedupe.py); false: key by key, as before (a fallback).
+    dedupe_bulk_load: bool = True
     late_horizon_days: int | None = Field(default=None, ge=1)
     window_size_seconds: int = Field(default=60, ge=1)
     #: Windows compaction (meterline/jobs/compaction.py): a month is compacted once it ended this long

@@ -104,6 +104,11 @@ class Sink(Protocol):
         as `(dedupe_key, log_epoch, partition, offset, index, ingested_at unix s)`; blocking. Keys are
         computed with the current `dedupe_key` from the stored `(source, id)` (see KEY_VERSION)."""
 
+    def load_dedupe_by_key(self, partition: int, keep_days: int,
+                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int]) -> int:
+        """`load_dedupe` of all of `partition` (since=None), sorted by key, as blocks of those six columns
+        (ints as ints); blocking."""
+
     def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
         """Feed the first sightings stored for each partition of `since` after its marker `(log_epoch,
@@ -460,10 +465,16 @@ class BatchProcessor:
                 since = (self.log_epoch, marker[1])
             # Taken on the event loop, before the load: a revoke while it runs voids its "loaded" mark.
             generation = self.state.generation(p)
-            n = await asyncio.to_thread(
-                self.sink.load_dedupe, p, self.keep_days, since,
-                functools.partial(self.state.load_rows, self.log_epoch, p, generation=generation),
-            )
+            if since is None and self.settings.dedupe_bulk_load:
+                # A whole partition (a takeover by a worker that has no marker of it): sorted by key,
+                # written as SST files; a load after a marker is small and merged key by key.
+                n = await asyncio.to_thread(
+                    self.sink.load_dedupe_by_key, p, self.keep_days,
+                    functools.partial(self.state.load_sorted, self.log_epoch, p, generation=generation))
+            else:
+                n = await asyncio.to_thread(
+                    self.sink.load_dedupe, p, self.keep_days, since,
+                    functools.partial(self.state.load_rows, self.log_epoch, p, generation=generation))
             metrics.DEDUPE_LOADED.inc(n)
             logger.info("dedupe state loaded", extra={"partition": p, "keys": n, "since": since,
                                                      "seconds": round(time.perf_counter() - started, 3)})

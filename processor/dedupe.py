@@ -56,16 +56,19 @@ of the loser's message drops it, as the retraction did (docs/design.md, "Exactly
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import itertools
 import logging
 import os
+import shutil
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch
+from rocksdict import BlockBasedOptions, IngestExternalFileOptions, Options, Rdict, SstFileWriter, WriteBatch
 
 from meterline.core.positions import KEY_VERSION, Position, Sighting, first_sighting
 from meterline.core.retraction import Loser
@@ -86,6 +89,14 @@ _RETRACT_PREFIX = b"r"
 _VERSION_KEY = b"v"
 _BACKFILL_KEY = b"b"
 _DAY = 86_400
+#: Rows `load_rows` writes per WriteBatch, and `load_sorted` per ingested SST file: big enough that a
+#: file is ~20 MB (fewer, larger files: less for compaction to merge), small enough that a chunk's keys,
+#: records and multi-get results (~0.2 KB a row in Python objects) stay well inside P5's 1 GB.
+_PUT_CHUNK = 10_000
+_INGEST_CHUNK = 500_000
+#: Keys per multi-get of `load_sorted`: one multi-get of a whole chunk cost 1-2 us a key (Python and
+#: RocksDB handling the big lists), slices of ~1k 0.2-0.4 us a key (0.8 when half are cached).
+_GET_SLICE = 1024
 
 
 _UNSEEN: Any = object()  # a key `prefetch` did not look up (None there: looked up, absent)
@@ -102,6 +113,18 @@ def _retraction_key(key: bytes, loser: bytes) -> bytes:
     """Where a pending retraction is kept: by the loser's partition first, so a worker reads only the
     ones of the partitions it owns."""
     return _RETRACT_PREFIX + loser[4:8] + key + loser[:20]
+
+
+def _options() -> Options:
+    """The table options of the database and of the SST files loads write for it (the same filters)."""
+    opts = Options(raw_mode=True)
+    # Most keys a batch looks up are new, i.e. misses: without filters each one searches the memtable
+    # and every SST's index. Bloom filters on both (10 bits a key: ~12 MB per 10M keys) answered a
+    # batch's 20k lookups in a third of the time once 400k keys were cached (README "Performance").
+    table = BlockBasedOptions()
+    table.set_bloom_filter(10, False)
+    opts.set_block_based_table_factory(table)
+    return opts
 
 
 def _record(record: bytes) -> bytes:
@@ -123,18 +146,19 @@ class DedupeState:
 
     def __init__(self, path: str, horizon_days: int = 32, *, max_lag_seconds: float = 0, sync: bool = False) -> None:
         os.makedirs(path, exist_ok=True)
-        opts = Options(raw_mode=True)
+        opts = _options()
         opts.create_if_missing(True)
         opts.set_write_buffer_size(32 * 1024 * 1024)
-        # Most keys a batch looks up are new, i.e. misses: without filters each one searches the memtable
-        # and every SST's index. Bloom filters on both (10 bits a key: ~12 MB per 10M keys) answered a
-        # batch's 20k lookups in a third of the time once 400k keys were cached (README "Performance").
-        table = BlockBasedOptions()
-        table.set_bloom_filter(10, False)
-        opts.set_block_based_table_factory(table)
         opts.set_memtable_prefix_bloom_ratio(0.1)
         opts.set_memtable_whole_key_filtering(True)
         self._db = Rdict(path, opts)
+        #: SST files of `load_sorted` are written here, then moved into the database; what a crashed
+        #: process left is removed (the database's lock is held now: no other process writes here).
+        self._ingest_dir = path.rstrip("/") + ".ingest"
+        shutil.rmtree(self._ingest_dir, ignore_errors=True)
+        self._sst_options = _options()
+        self._ingest_options = IngestExternalFileOptions()
+        self._ingest_options.set_move_files(True)
         version = _EPOCH_NO.pack(KEY_VERSION)
         if self._db.get(_VERSION_KEY) != version:
             # A cache of another key encoding: rebuild it from ClickHouse. (Rdict iterates items.)
@@ -267,32 +291,6 @@ class DedupeState:
         max_next = 0
         n = 0
         chunk: list[tuple[bytes, bytes]] = []
-
-        def write_chunk() -> None:
-            # Each chunk is written before the next is read, so the first stored row of a key wins.
-            wb = WriteBatch(raw_mode=True)
-            with self._open():
-                existing = self._db[[k for k, _ in chunk]]
-            first: dict[bytes, bytes] = {}
-            for (k, v), cached in zip(chunk, existing):
-                old = first.get(k, cached)
-                if old is None or _expired(old, v, self.horizon_seconds):
-                    first[k] = v
-                    wb.put(k, v)
-                elif old[:20] != v[:20] and not _expired(v, old, self.horizon_seconds):
-                    self.conflicts += 1
-                    winner, loser = (old, v) if first_sighting(self._sighting(old), self._sighting(v)) \
-                        == self._sighting(old) else (v, old)
-                    if winner is v:
-                        first[k] = v
-                        wb.put(k, v)
-                    wb.put(_retraction_key(k[1:], loser), _record(loser) + _record(winner))
-                    logger.warning("a dedupe key is stored at two positions: the later copy is retracted",
-                                   extra={"dedupe_key": k[1:].hex(), "winner": self._describe(winner),
-                                          "loser": self._describe(loser)})
-            with self._open():
-                self._db.write(wb)
-
         for key, epoch, part, offset, index, seen in rows:
             seen_s = int(seen)
             if seen_s < floor:
@@ -301,23 +299,149 @@ class DedupeState:
             if no is None:
                 with self._open():
                     no = self.epoch_no(epoch)
-            if no == current_no and int(part) == partition:
-                max_next = max(max_next, int(offset) + 1)
-            k = _KEY_PREFIX + bytes(key)
-            chunk.append((k, _POS.pack(no, int(part), int(offset), int(index)) + _SEEN.pack(seen_s)))
+            part, offset = int(part), int(offset)
+            if no == current_no and part == partition and offset >= max_next:
+                max_next = offset + 1
+            chunk.append((_KEY_PREFIX + bytes(key), _RECORD.pack(no, part, offset, int(index), seen_s)))
             n += 1
-            if len(chunk) >= 10_000:
-                write_chunk()
+            if len(chunk) >= _PUT_CHUNK:
+                self._merge_chunk(chunk)
                 chunk.clear()
         if chunk:
-            write_chunk()
+            self._merge_chunk(chunk)
+        self._loaded_up_to(partition, current_no, max_next, generation, owned)
+        return n
+
+    def load_sorted(
+        self, log_epoch: str, partition: int, blocks: Iterable[Sequence[Sequence[Any]]], *,
+        now: float | None = None, generation: int | None = None,
+    ) -> int:
+        """`load_rows` of an owned partition's whole history, as column blocks (the same six columns, ints
+        as ints) best sorted by key (`ClickHouseSink.load_dedupe_by_key`): what a takeover loads.
+
+        The same decisions, made per chunk of `_INGEST_CHUNK` rows, each written as one sorted SST file
+        that RocksDB ingests whole (`_ingest`) instead of a memtable insert per key that is then flushed
+        and compacted level by level. Sorted rows make one load's files disjoint and its multi-gets read
+        neighbouring keys; a chunk whose keys are all new and increasing (a cold takeover's) is written
+        as it is, without a Python decision per row (a reload spent ~8-17 us a key on per-key writes,
+        README "P5"). Rows in another order are correct too, only slower (each chunk is sorted).
+        """
+        generation = self.generation(partition) if generation is None else generation
+        now = time.time() if now is None else now
+        floor = now - self.keep_seconds
+        with self._open():
+            current_no = self.epoch_no(log_epoch)
+        max_next = 0
+        n = 0
+        keys: list[bytes] = []
+        records: list[bytes] = []
+        for block in blocks:
+            key_col, epoch_col, part_col, offset_col, index_col, seen_col = block
+            if not key_col:
+                continue
+            if min(seen_col) < floor:  # rows of the query's first day older than the kept seconds
+                kept = [i for i, s in enumerate(seen_col) if s >= floor]
+                key_col, epoch_col, part_col, offset_col, index_col, seen_col = (
+                    [col[i] for i in kept] for col in block)
+                if not kept:
+                    continue
+            epochs = set(epoch_col)
+            with self._open():
+                numbers = {e: self.epoch_no(e) for e in epochs}
+            nos: Iterable[int] = itertools.repeat(numbers[epoch_col[0]]) if len(epochs) == 1 else \
+                [numbers[e] for e in epoch_col]
+            if epochs == {log_epoch} and part_col.count(partition) == len(part_col):
+                max_next = max(max_next, max(offset_col) + 1)
+            else:
+                max_next = max([max_next, *(o + 1 for e, p, o in zip(epoch_col, part_col, offset_col)
+                                           if e == log_epoch and p == partition)])
+            keys.extend(map(_KEY_PREFIX.__add__, key_col))
+            records.extend(map(_RECORD.pack, nos, part_col, offset_col, index_col, seen_col))
+            n += len(key_col)
+            if len(keys) >= _INGEST_CHUNK:
+                self._merge_sorted(keys, records)
+                keys, records = [], []
+        if keys:
+            self._merge_sorted(keys, records)
+        self._loaded_up_to(partition, current_no, max_next, generation, True)
+        return n
+
+    def _loaded_up_to(self, partition: int, epoch_no: int, max_next: int, generation: int, owned: bool) -> None:
+        """After a load: advance the partition's marker (`foreign_marker` if not `owned`) to what it read,
+        and mark an owned partition loaded unless it was revoked since `generation`."""
         with self._open():
             marker = self.marker(partition) if owned else self.foreign_marker(partition)
-            if marker is None or marker[0] != current_no or max_next > marker[1]:
-                self._set_marker(partition, current_no, max_next, _MARKER_PREFIX if owned else _FOREIGN_PREFIX)
+            if marker is None or marker[0] != epoch_no or max_next > marker[1]:
+                self._set_marker(partition, epoch_no, max_next, _MARKER_PREFIX if owned else _FOREIGN_PREFIX)
             if owned and self._generations.get(partition, 0) == generation:
                 self._loaded.add(partition)
-        return n
+
+    def _merge_sorted(self, keys: list[bytes], records: list[bytes]) -> None:
+        """One chunk of `load_sorted`: ingested as it is when every key is new and the keys increase
+        strictly (checked in C-level loops), else decided row by row as `load_rows` does."""
+        existing: list[bytes | None] = []
+        with self._open():
+            for i in range(0, len(keys), _GET_SLICE):
+                existing.extend(self._db[keys[i:i + _GET_SLICE]])
+        if existing.count(None) == len(existing) and all(map(bytes.__lt__, keys, itertools.islice(keys, 1, None))):
+            self._ingest(keys, records)
+        else:
+            self._merge_chunk(list(zip(keys, records)), existing, ingest=True)
+
+    def _merge_chunk(self, chunk: Sequence[tuple[bytes, bytes]], existing: list[bytes | None] | None = None, *,
+                     ingest: bool = False) -> None:
+        """Merge one chunk of loaded records (in stream order) into the cache, in one atomic write (an
+        ingested SST file if `ingest`), before the next chunk is read: so the first stored row of a key
+        wins across chunks too. `existing`: the chunk's cached records, if already read."""
+        if existing is None:
+            with self._open():
+                existing = self._db[[k for k, _ in chunk]]
+        first: dict[bytes, bytes] = {}  # the records to write: the first sighting of each key
+        retractions: dict[bytes, bytes] = {}  # a row met twice (not merged yet) records its conflict once
+        for (k, v), cached in zip(chunk, existing):
+            old = first.get(k, cached)
+            if old is None or _expired(old, v, self.horizon_seconds):
+                first[k] = v
+            elif old[:20] != v[:20] and not _expired(v, old, self.horizon_seconds):
+                self.conflicts += 1
+                winner, loser = (old, v) if first_sighting(self._sighting(old), self._sighting(v)) \
+                    == self._sighting(old) else (v, old)
+                if winner is v:
+                    first[k] = v
+                retractions[_retraction_key(k[1:], loser)] = _record(loser) + _record(winner)
+                logger.warning("a dedupe key is stored at two positions: the later copy is retracted",
+                               extra={"dedupe_key": k[1:].hex(), "winner": self._describe(winner),
+                                      "loser": self._describe(loser)})
+        if not first and not retractions:
+            return
+        if ingest:
+            ordered = sorted([*first.items(), *retractions.items()])  # linear when the chunk was sorted
+            self._ingest([k for k, _ in ordered], [v for _, v in ordered])
+            return
+        wb = WriteBatch(raw_mode=True)
+        for k, v in first.items():
+            wb.put(k, v)
+        for k, v in retractions.items():
+            wb.put(k, v)
+        with self._open():
+            self._db.write(wb)
+
+    def _ingest(self, keys: Sequence[bytes], values: Sequence[bytes]) -> None:
+        """Write strictly increasing `keys` and their values as one SST file and ingest it (moved, not
+        copied): one atomic, durable step, as a WriteBatch is. RocksDB places the file as a whole: at
+        the bottom of the tree when no other file overlaps it, else where compaction merges it."""
+        os.makedirs(self._ingest_dir, exist_ok=True)
+        path = os.path.join(self._ingest_dir, f"load-{threading.get_ident()}.sst")
+        writer = SstFileWriter(self._sst_options)
+        writer.open(path)
+        try:
+            collections.deque(map(writer.__setitem__, keys, values), maxlen=0)
+            writer.finish()
+            with self._open():
+                self._db.ingest_external_file([path], self._ingest_options)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
     def _sighting(self, record: bytes) -> Sighting:
         no, part, offset, index = _POS.unpack_from(record)

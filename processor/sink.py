@@ -78,6 +78,10 @@ INSERT_SETTINGS: dict[str, object] = {"async_insert": 0, "wait_for_async_insert"
 # Where (log_epoch, kafka_partition, kafka_offset) start in an events row and a dead-letter row.
 EVENT_EPOCH = EVENT_COLUMNS.index("log_epoch")
 DEAD_EPOCH = DEAD_LETTER_COLUMNS.index("log_epoch")
+#: Bytes a by-key dedupe load may sort in ClickHouse's memory before it sorts on disk: the server
+#: should not have to hold a large partition's sort columns (~40 bytes a key) beside its other work.
+SORT_IN_MEMORY_BYTES = 256 * 1024 * 1024
+
 # What a `dedupe_keys` row copies from its `events` row (DEDUPE_KEY_COLUMNS order).
 KEY_FROM_EVENT = tuple(EVENT_COLUMNS.index(c) for c in (
     "dedupe_key", "log_epoch", "kafka_partition", "kafka_offset", "batch_index", "ingested_at"))
@@ -87,7 +91,7 @@ DEAD_METER, DEAD_GENERATION = DEAD_LETTER_COLUMNS.index("meter"), DEAD_LETTER_CO
 
 
 def dedupe_load_query(database: str, partition: int, keep_days: int,
-                      since: tuple[str, int] | None) -> tuple[str, dict[str, Any]]:
+                      since: tuple[str, int] | None, *, by_key: bool = False) -> tuple[str, dict[str, Any]]:
     """SQL + parameters loading one partition's first sightings of the last `keep_days` (broker time): the
     dedupe horizon plus the maximum lag, so what a lagging worker still compares with is loaded too.
 
@@ -95,8 +99,14 @@ def dedupe_load_query(database: str, partition: int, keep_days: int,
     `dedupe_keys`, a range of its sorting key (partition, epoch, offset), never `events`, whose order serves
     queries and would be scanned whole: keys stored before `dedupe_keys` existed, or under another key
     encoding, were copied into it from `events` at schema migration (processor/key_backfill.py).
+
+    `by_key`: sorted by key (then as the table orders a key's rows), the order of the worker's RocksDB
+    keys, so its load writes sorted SST files without sorting in Python (`DedupeState.load_rows`).
     """
-    return foreign_keys_query(database, {partition: since}, keep_days)
+    sql, params = foreign_keys_query(database, {partition: since}, keep_days)
+    if by_key:
+        sql += " ORDER BY dedupe_key, log_epoch, kafka_offset, batch_index"
+    return sql, params
 
 
 def dedupe_key_rows(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
@@ -416,6 +426,22 @@ class ClickHouseSink:
 
         with self._lock:
             return int(self.retry(f"load dedupe partition {partition}", op, rows=0))
+
+    def load_dedupe_by_key(self, partition: int, keep_days: int,
+                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int]) -> int:
+        """`load_dedupe` of a whole partition sorted by key, streamed as column blocks (the same six
+        columns): what `DedupeState.load_sorted` writes as SST files without a Python step per row.
+        ClickHouse sorts on disk past `SORT_IN_MEMORY_BYTES` (a 25M-key partition is ~1 GB to sort)."""
+        sql, params = dedupe_load_query(self.database, partition, keep_days, None, by_key=True)
+        settings = {**exact_read_settings(self.topology), "max_bytes_before_external_sort": SORT_IN_MEMORY_BYTES}
+
+        def op() -> int:
+            with storage_errors(), self._connected().query_column_block_stream(
+                    sql, parameters=params, settings=settings) as stream:
+                return merge(stream)
+
+        with self._lock:
+            return int(self.retry(f"load dedupe partition {partition} by key", op, rows=0))
 
     def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:

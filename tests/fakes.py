@@ -88,6 +88,15 @@ class FakeSink:
         self.journal.append(f"load partition {partition}")
         return merge(found)
 
+    def load_dedupe_by_key(self, partition: int, keep_days: int,
+                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int]) -> int:
+        rows: list[Sequence[Any]] = []
+        self.load_dedupe(partition, keep_days, None, lambda found: rows.extend(found) or 0)
+        rows.sort(key=lambda r: (bytes(r[0]), r[1], r[3], r[4]))
+        rows = [(*r[:5], int(r[5])) for r in rows]  # ClickHouse's toUnixTimestamp: an int
+        halves = [h for h in (rows[: len(rows) // 2], rows[len(rows) // 2:]) if h]  # blocks, as ClickHouse streams
+        return merge([[list(col) for col in zip(*half)] for half in halves])
+
     def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
         floor = time.time() - keep_days * 86_400

@@ -8,6 +8,7 @@ while reading a range of `dedupe_keys`' sorting key -- not the whole `events` hi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,9 +16,11 @@ from typing import Any
 
 import pytest
 
+import processor.sink as sink_module
 from meterline.adapters.clickhouse import connect, create_schema, keep_dedupe_keys
-from meterline.core.positions import KEY_VERSION, dedupe_key
+from meterline.core.positions import KEY_VERSION, Position, dedupe_key
 from meterline.core.schema import DEDUPE_KEY_BACKFILL_COLUMNS, DEDUPE_KEY_BACKFILLS, EVENT_COLUMNS
+from processor.dedupe import DedupeState
 from processor.key_backfill import backfill_dedupe_keys
 from processor.sink import ClickHouseSink, dedupe_load_query
 
@@ -98,6 +101,34 @@ def test_the_reload_of_one_partition_reads_its_range_and_finds_keys_stored_befor
     assert backfill_dedupe_keys(client, db, KEEP_DAYS) is None
     assert backfill_dedupe_keys(client, db, KEEP_DAYS + 5) == total
     assert reload(sink, 5) == keys[5]  # the same rows again: ReplacingMergeTree identity
+
+
+def test_a_takeover_loads_the_partition_sorted_by_key_into_exactly_its_keys(
+        history: dict[str, Any], tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker without a marker (`load_dedupe_by_key` -> `DedupeState.load_sorted`, SST files): ClickHouse
+    streams the partition sorted by key -- on disk past a sort memory made tiny here -- and the cache
+    ends with exactly the oracle's keys of that partition, at their positions, and nothing of the others."""
+    monkeypatch.setattr(sink_module, "SORT_IN_MEMORY_BYTES", 64 * 1024)
+    sink = ClickHouseSink(history["url"], history["db"])
+    sink.ensure_schema(keys_keep_days=KEEP_DAYS)
+    streamed: list[tuple[Any, ...]] = []
+
+    def collect(blocks: Any) -> int:
+        for block in blocks:
+            streamed.extend(zip(*block, strict=True))
+        return len(streamed)
+
+    sink.load_dedupe_by_key(5, KEEP_DAYS - 1, collect)
+    assert [bytes(r[0]) for r in streamed] == sorted(bytes(r[0]) for r in streamed)
+    assert {(bytes(k), e, p, o, i, s) for k, e, p, o, i, s in streamed} == history["keys"][5]
+
+    state = DedupeState(str(tmp_path / "cache"), horizon_days=KEEP_DAYS - 1)
+    assert sink.load_dedupe_by_key(5, KEEP_DAYS - 1, functools.partial(state.load_sorted, EPOCH, 5)) == PER_PARTITION
+    for key, epoch, p, offset, index, _ in history["keys"][5]:
+        assert state.lookup(key) == Position(epoch, p, offset, index)
+    assert all(state.lookup(key) is None for key, *_ in history["keys"][3])
+    assert state.marker(5) == (state.epoch_no(EPOCH), PER_PARTITION) and state.pending_retractions() == []
+    state.close()
 
 
 def test_the_dedupe_keys_ttl_is_only_ever_raised(history: dict[str, Any]) -> None:

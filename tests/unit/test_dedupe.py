@@ -424,3 +424,51 @@ def test_a_backfill_of_dedupe_keys_makes_the_foreign_partitions_merge_again(tmp_
     assert state.since_backfill("2@2026-12-02 08:00:00.000") == 1  # a newer backfill drops them again
     assert state.foreign_marker(5) is None
     state.close()
+
+
+@pytest.mark.parametrize("order", ["by key", "shuffled"])
+def test_a_sorted_load_caches_exactly_the_first_ranked_copy_of_every_key(tmp_path: Path, monkeypatch: Any,
+                                                                         order: str) -> None:
+    """`load_sorted` (a takeover: SST files ingested whole, in chunks) against an oracle computed here: every
+    key of the rows is cached at its smallest (broker time, epoch, partition, offset, index) copy, rows
+    past the kept days are skipped, a cached record is kept unless a row ranks before it, each other copy
+    is a pending retraction, and the marker covers the partition. Small chunks put copies of one key in
+    different files; shuffled rows (not what ClickHouse sends) must give the same cache."""
+    import processor.dedupe as dedupe_module
+    monkeypatch.setattr(dedupe_module, "_INGEST_CHUNK", 97)
+    rnd = random.Random(order)
+    now = 1_700_000_000
+    state = DedupeState(str(tmp_path / "s"), horizon_days=32, max_lag_seconds=14 * DAY)
+    rows = [(dedupe_key("s", f"k{i}"), EPOCH, 0, i, i % 3, now - rnd.randint(0, 40 * DAY)) for i in range(2000)]
+    kept = [r for r in rows if r[5] >= now - 46 * DAY]
+    copies = [(r[0], EPOCH, 0, 5000 + i, 0, r[5] + rnd.randint(-3, 3)) for i, r in enumerate(rnd.sample(kept, 40))]
+    twice = rnd.sample(kept, 20)  # a row met twice (ReplacingMergeTree has not merged them yet)
+    cached = rnd.sample(kept, 60)  # this worker's own or another partition's records of some keys
+    for i, r in enumerate(cached):
+        state.decide(r[0], Position(EPOCH, 1 + i % 3, 9000 + i, 0), seen=r[5] + rnd.choice([-2, 0, 2]))
+    state.flush()
+    cached_at = {r[0]: (r[5], EPOCH, 1 + i % 3, 9000 + i, 0) for i, r in enumerate(cached)}
+    for i, r in enumerate(cached):  # the records as `decide` stored them, broker time included
+        cached_at[r[0]] = (int.from_bytes(state._db[b"k" + r[0]][20:24], "big"), EPOCH, 1 + i % 3, 9000 + i, 0)
+    loaded = rows + copies + twice
+    loaded.sort(key=lambda r: (r[0], r[3])) if order == "by key" else rnd.shuffle(loaded)
+
+    copies_of: dict[bytes, set[tuple[Any, ...]]] = {}
+    for key, epoch, part, offset, index, seen in loaded:
+        if seen >= now - 46 * DAY:
+            copies_of.setdefault(key, set()).add((seen, epoch, part, offset, index))
+    for key, sighting in cached_at.items():
+        copies_of[key].add(sighting)
+    first = {k: min(c) for k, c in copies_of.items()}
+    losers = {(k, (c[1], c[2], c[3], c[4])) for k, cs in copies_of.items() for c in cs if c != first[k]}
+
+    blocks = [[list(col) for col in zip(*loaded[i:i + 300])] for i in range(0, len(loaded), 300)]
+    assert state.load_sorted(EPOCH, 0, blocks, now=now) == sum(r[5] >= now - 46 * DAY for r in loaded)
+    for key, _, _, _, _, _ in rows:
+        want = first.get(key)
+        assert state.lookup(key) == (None if want is None else Position(*want[1:]))
+    assert {(x.key, tuple(x.position)) for x in state.pending_retractions()} == losers
+    assert state.conflicts >= len(losers) > 0  # counted per meeting: a row met twice may count twice
+    assert state.marker(0) == (state.epoch_no(EPOCH), 5000 + len(copies)) and state.is_loaded(0)
+    state.close()
+    assert not list((tmp_path / "s.ingest").iterdir())  # no SST file left beside the database
