@@ -80,6 +80,7 @@ _SEEN = struct.Struct(">I")
 _EPOCH_NO = struct.Struct(">I")
 _MARKER = struct.Struct(">IQ")
 _PARTITION = struct.Struct(">I")
+_RECORD = struct.Struct(">IIQII")  # position + seen_at: what a loaded key's record holds
 
 _KEY_PREFIX = b"k"
 _EPOCH_PREFIX = b"e"
