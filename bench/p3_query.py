@@ -160,12 +160,15 @@ def run(ctx: BenchContext, size: int) -> list[Figure]:
             if windows != raw:
                 raise AssertionError(f"P3 {label}: windows and raw answers differ ({len(windows)} vs {len(raw)} rows)")
             total = sum((v for _, _, v in raw), Decimal(0))
+            storage = {"before_timing": storage_state(client, database)}
             fast, slow = _alternating(
                 ctx, f"P3 {label} ({size:,})", repeats,
                 partial(window_answer, store, subject=subject, group_by_model=by_model),
                 partial(raw_answer, client, subject=subject, group_by_model=by_model),
             )
+            storage["after_timing"] = storage_state(client, database)
             details = {**info, "subject": subject, "answer_rows": len(raw), "answer_total": str(total), "answers_equal": True,
+                       "storage": storage,
                        "repeats": repeats, "windows_ms": [round(x, 2) for x in fast], "raw_ms": [round(x, 2) for x in slow]}
             if label.startswith("hourly 30d, heaviest") and subject is not None:
                 figures.extend(_auth_figures(ctx, database, subject, size, repeats))
@@ -233,12 +236,14 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
         raise AssertionError("P3 compacted, minute rows: windows and raw answers differ")
     requests = {"coarse rows": _requests(client, lambda: window_answer(store, subject=subject, group_by_model=False)),
                 "minute rows": _requests(client, lambda: window_answer(minutes, subject=subject, group_by_model=False))}
+    storage = {"before_timing": storage_state(client, database)}
     fast, slow, minute_path = _rotating(ctx, f"P3 compacted, heaviest subject ({size:,})", repeats,
                                         lambda: window_answer(store, subject=subject, group_by_model=False),
                                         lambda: raw_answer(client, subject=subject, group_by_model=False),
                                         lambda: window_answer(minutes, subject=subject, group_by_model=False))
+    storage["after_timing"] = storage_state(client, database)
     details = {**info, "subject": subject, "answers_equal": True, "repeats": repeats, "answer_rows": len(raw),
-               "compaction_seconds": round(seconds, 2), "requests_per_query": requests,
+               "compaction_seconds": round(seconds, 2), "requests_per_query": requests, "storage": storage,
                "window_rows": {r.partition: [r.rows_before, r.rows_after] for r in report.partitions},
                "heaviest_subject_window_rows": [rows_before, subject_rows()],
                "heaviest_subject_coarse_rows": subject_rows(COARSE_WINDOWS),
@@ -262,6 +267,19 @@ def _compacted_figures(ctx: BenchContext, client: Client, store: WindowStore, da
             passed=None, details=details,
         ))
     return figures
+
+
+def storage_state(client: Client, database: str) -> dict[str, Any]:
+    """Active parts per table and partition, and merges running: a FINAL read over several overlapping parts
+    merges them on the fly, so a timing taken while a month is unmerged (or being merged) is not the month's
+    steady cost. Recorded around each timing window."""
+    parts = client.query(
+        "SELECT table, partition_id, count() FROM system.parts WHERE database = {db:String} AND active"
+        " AND table IN ('meter_windows', 'meter_windows_coarse') GROUP BY table, partition_id ORDER BY table, partition_id",
+        parameters={"db": database}).result_rows
+    merges = client.query("SELECT count() FROM system.merges WHERE database = {db:String}",
+                          parameters={"db": database}).result_rows[0][0]
+    return {"parts": {f"{t}/{p}": int(n) for t, p, n in parts}, "merges_running": int(merges)}
 
 
 def _requests(client: Client, run: Callable[[], object]) -> int:
