@@ -257,6 +257,15 @@ def _coarse_parts(database: str, windows: str, where: list[str], plan: CoarsePla
     return parts
 
 
+def coarse_check_query(database: str, plan: CoarsePlan) -> Query:
+    """Only the validity checks of `plan`'s months (`_valid`), no table read: what a kept answer
+    (query/coarse_answers.py) costs instead of the query that read it. Fails with STALE_COARSE exactly when
+    that query would."""
+    params = Params()
+    checks = " AND ".join(_valid(database, partition, fp, params) for partition, fp, _, _ in plan.coarse)
+    return Query(f"SELECT {checks} AS valid", params.values)
+
+
 def _valid(database: str, partition: str, fingerprint: int, params: Params) -> str:
     """True, or the query fails with STALE_COARSE: `partition` is still marked valid for `fingerprint` in
     `meter_windows_coarse_valid` (docs/design.md, "Coarse rows").

@@ -27,6 +27,7 @@ from meterline.core.errors import InvalidQueryError, StorageError
 from meterline.core.meters import Meter
 from meterline.core.schema import NAMESPACED_TABLES, SUBJECTS, Topology, storage_name
 from query.coarse import CoarseMonths
+from query.coarse_answers import CoarseAnswers
 from query.complete_until import CompleteUntil
 from query.cost import check_cost
 from query.edges import edge_deltas, edge_json, merge_deltas
@@ -36,6 +37,7 @@ from query.sql import (
     EDGE_STRUCTURE,
     Query,
     agg_name,
+    coarse_check_query,
     complete_until_query,
     dead_letters_query,
     edge_events_query,
@@ -112,7 +114,7 @@ class WindowStore:
     def __init__(
         self, client: Client, database: str, *, max_windows: int = 1_000_000, writer: Client | None = None,
         namespace: str | None = DEFAULT_NAMESPACE, coarse: CoarseMonths | None = None,
-        progress: CompleteUntil | None = None,
+        progress: CompleteUntil | None = None, answers: CoarseAnswers | None = None,
     ) -> None:
         self.client = client
         #: Admin writes (subjects): `client` may be read-only (`meterline.adapters.clickhouse.read_guards`).
@@ -124,13 +126,15 @@ class WindowStore:
         self.coarse = coarse if coarse is not None else CoarseMonths()
         #: `complete_until`'s last read (query/complete_until.py), shared the same way.
         self.progress = progress if progress is not None else CompleteUntil()
+        #: Answers read wholly from coarse rows (query/coarse_answers.py), shared the same way.
+        self.answers = answers if answers is not None else CoarseAnswers()
         self._settings = None if namespace is None else {
             "additional_table_filters": namespace_filters(database, namespace)}
 
     def scoped(self, namespace: str) -> WindowStore:
         """This store reading only `namespace`'s rows (what every API route uses: `state.principal`)."""
         return WindowStore(self.client, self.database, max_windows=self.max_windows, writer=self.writer,
-                           namespace=namespace, coarse=self.coarse, progress=self.progress)
+                           namespace=namespace, coarse=self.coarse, progress=self.progress, answers=self.answers)
 
     def _run(self, query: Query) -> Any:
         if self._settings is None:
@@ -197,16 +201,25 @@ class WindowStore:
         plan = None
         if not split.whole_empty and size_name(window_size) != "MINUTE":  # minutes never come from coarse rows
             plan = coarse_plan(split, window_size, tz, self.coarse.fingerprints(self.client, self.database))
+        shape = (self.database, self.namespace, slug, generation, agg_name(aggregation), size_name(window_size), tz,
+                 tuple(subjects), tuple(group_by), group_by_subject, repr(sorted(all_filters.items())))
         for attempt in range(4):
             if attempt == 3:
                 plan = None  # marks that keep moving (compactions finishing meanwhile): minute rows only
-            query = meter_query(
+            # Wholly from coarse rows: kept by the plan's (month, fingerprint) pairs, which fix those rows.
+            kept_as = (shape, plan.coarse) if plan is not None and not plan.minutes and edges is None else None
+            kept = self.answers.get(kept_as) if kept_as is not None else None
+            query = coarse_check_query(self.database, plan) if kept is not None and plan is not None else meter_query(
                 self.database, slug, aggregation, split=split, window_size=window_size, tz=tz,
                 subjects=subjects, group_by=group_by, group_by_subject=group_by_subject, filters=all_filters,
                 edges=edges, generation=generation, coarse=plan,
             )
             try:
-                result = self._run(query)
+                if kept is not None:
+                    with storage_errors():  # the check alone: no table, so no namespace filter; nothing to parse
+                        self.client.raw_query(query.sql, parameters=query.parameters)
+                else:
+                    result = self._run(query)
                 break
             except StorageError as exc:
                 # The check's own failure (its message, not merely the query text quoted after the error).
@@ -214,6 +227,16 @@ class WindowStore:
                     raise
                 # A month was written since its compaction: the same query again, that month from minute rows.
                 plan = self._without_stale(plan, split, window_size, tz)
+        if kept is not None:
+            return list(kept)  # the months were still valid for their fingerprints: the same rows
+        rows = self._meter_rows(result, aggregation, window_size, group_by_subject, group_by)
+        if kept_as is not None:
+            self.answers.put(kept_as, rows)
+        return rows
+
+    @staticmethod
+    def _meter_rows(result: Any, aggregation: str | Enum, window_size: str | Enum | None, group_by_subject: bool,
+                    group_by: Sequence[str]) -> list[MeterRow]:
         n = result.row_count
         if not n:
             return []  # the driver gives no columns at all for an empty answer

@@ -24,7 +24,7 @@ from clickhouse_connect.driver.client import Client
 from fastapi.testclient import TestClient
 
 from meterline.adapters.compactions import ReplayGuard, fenced_writes
-from meterline.core.schema import COARSE_WINDOWS, WINDOW_COLUMNS
+from meterline.core.schema import COARSE_WINDOWS, METER_WINDOWS, WINDOW_COLUMNS
 from meterline.jobs.compaction import compact
 from meterline.localinfra.ports import wait_for
 from processor.sink import ClickHouseSink
@@ -267,3 +267,74 @@ def test_compaction_records_are_read_off_the_request_path(env: tuple[TestClient,
     assert any(kind == "coarse rows" for background, kind in sent if not background)
     assert any(kind == "records" for background, kind in sent if background)
     assert not [kind for background, kind in sent if not background and kind == "records"]
+
+
+def test_kept_answers_are_exact_and_die_with_their_month(env: tuple[TestClient, Client, str],
+                                                         clickhouse_url: str) -> None:
+    """Answers read wholly from coarse rows are kept in the query process and returned after the validity
+    check alone: equal to the oracle every time, per tenant, and never once a write made a month invalid."""
+    http, client, database = env
+    factory = EventFactory(seed=22, start=START, span=SPAN)
+    counted = first_sightings([factory.event() for _ in range(1500)])
+    history.write(client, database, history.rows_of(history.messages(counted), METERS))
+    # Another tenant with the same keys: the rows of the first 400 events again, in namespace `other`.
+    other = counted[:400]
+    theirs = [list(r) for r in history.rows_of(history.messages(other), METERS).windows]
+    for r in theirs:
+        r[WINDOW_COLUMNS.index("namespace")], r[WINDOW_COLUMNS.index("log_epoch")] = "other", "other-epoch"
+    client.insert(METER_WINDOWS, theirs, column_names=list(WINDOW_COLUMNS), database=database)
+    history.mark_complete(client, database)
+    store = http.app.state.query_store  # type: ignore[attr-defined]
+    assert [r.outcome for r in compact_all(client, database).partitions] == ["compacted", "compacted"]
+    store.coarse.reload()
+    months = (datetime(2024, 2, 1, tzinfo=UTC), datetime(2024, 4, 1, tzinfo=UTC))  # both compacted months, whole
+
+    def ask_months(m: OracleMeter, size: str, zone: str) -> dict[Any, Decimal]:
+        params = {"from": months[0].isoformat(), "to": months[1].isoformat(), "windowSize": size,
+                  "windowTimeZone": zone, "groupBy": ["subject", *m.group_fields]}
+        res = http.get(f"/api/v1/meters/{m.slug}/query", params=params)
+        assert res.status_code == 200, res.text
+        return response_windows(json.loads(res.text, parse_float=Decimal), m.group_fields)
+
+    def check(when: str, *, kept: bool) -> None:
+        """Each shape twice: the second is a kept answer (only the check sent) when `kept`."""
+        for m in METERS:
+            for size, zone in (("HOUR", "UTC"), ("DAY", "Asia/Kathmandu"), ("MONTH", "America/St_Johns")):
+                want = expected(counted, m, start=months[0], end=months[1], window=size, tz=zone,
+                                group_by=m.group_fields)
+                assert ask_months(m, size, zone) == want, f"{when}: {m.slug} {size} {zone}"
+                hits = store.answers.hits
+                assert ask_months(m, size, zone) == want, f"{when}, again: {m.slug} {size} {zone}"
+                assert store.answers.hits == hits + (1 if kept else 0), f"{when}: {m.slug} {size} {zone}"
+
+    check("after compaction", kept=True)
+    assert store.answers.rows > 0
+    # The other tenant's answer of the same shape is its own (the namespace is part of what is kept).
+    m = METERS[0]
+    tenant = store.scoped("other")
+    ours = store.scoped("default").meter(m.slug, "SUM", start=months[0], end=months[1], window_size="DAY",
+                                         group_by=m.group_fields)
+    for kept in (False, True):
+        hits = store.answers.hits
+        got = {(r.bucket, r.group.get("model"), r.group.get("type")): r.value for r in tenant.meter(
+            m.slug, "SUM", start=months[0], end=months[1], window_size="DAY", group_by=m.group_fields)}
+        assert store.answers.hits == hits + kept
+        want_other: dict[Any, Decimal] = {}
+        for (bucket, _, groups), value in expected(other, m, start=months[0], end=months[1], window="DAY",
+                                                   group_by=m.group_fields).items():
+            want_other[(bucket, *groups)] = want_other.get((bucket, *groups), Decimal(0)) + value
+        assert got == want_other and len(got) < len(ours)
+
+    # A late message written into compacted February through the fence: every kept answer of February is
+    # dead at once (the check fails, February is read from minute rows), and the answers count it.
+    late = {**factory.event(when=datetime(2024, 2, 28, 9, 0, 3, tzinfo=UTC)), "type": "prompt",
+            "subject": counted[0]["subject"], "data": {"tokens": 5, "model": "claude", "type": "input"},
+            "id": "late-into-kept"}
+    sink_write(clickhouse_url, database, [(history.MessagePosition(history.EPOCH, 0, 950_000), [late])])
+    counted.append(late)
+    check("after a write into a kept month", kept=False)
+
+    # Compacted again: a new fingerprint, so new answers are kept (and equal the oracle with the write).
+    assert sorted(r.outcome for r in compact_all(client, database).partitions) == ["compacted", "nothing to merge"]
+    store.coarse.reload()
+    check("after compacting again", kept=True)
