@@ -102,9 +102,9 @@ def test_p6_rebuilt_every_stored_event_beside_p2(results: dict) -> None:
 
 def test_p3_answers_were_equal(results: dict) -> None:
     p3 = [f for f in by_figure(results, "P3") if not f["name"].startswith("auth on:")]
-    # heaviest subject, median subject, all subjects, heaviest compacted (coarse rows, and minute rows only);
-    # p50 and p95 each
-    assert len(p3) == 10
+    # heaviest subject, median subject, all subjects, heaviest compacted (kept answer, coarse rows not kept,
+    # and minute rows only); p50 and p95 each
+    assert len(p3) == 12
     heavy = next(f for f in p3 if "heaviest" in f["name"])["details"]
     median = next(f for f in p3 if "median" in f["name"])["details"]
     assert heavy["subject"] != median["subject"]
@@ -114,10 +114,12 @@ def test_p3_answers_were_equal(results: dict) -> None:
         assert f["details"]["events_rows"] == f["size"]
         assert f["details"]["answer_rows"] > 0 and f["baseline"] > 0
     compacted = [f["details"] for f in p3 if "compacted" in f["name"]]
-    assert len(compacted) == 4
+    assert len(compacted) == 6
     assert all(0 < after <= before for before, after in compacted[0]["window_rows"].values())
     assert 0 < compacted[0]["heaviest_subject_coarse_rows"] <= compacted[0]["heaviest_subject_window_rows"][1]
     assert len(compacted[0]["minute_rows_ms"]) == len(compacted[0]["windows_ms"])
+    assert len(compacted[0]["coarse_rows_not_kept_ms"]) == len(compacted[0]["windows_ms"])
+    assert compacted[0]["requests_per_query"]["coarse rows, kept answer"] == 1
 
 
 def test_p4_every_request_became_visible(results: dict) -> None:
