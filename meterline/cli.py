@@ -97,6 +97,7 @@ def serve(
     import uvicorn
 
     from meterline.adapters.auth import check_exposure
+    from meterline.adapters.http_protocol import KeepAliveHttpToolsProtocol
     from meterline.server import APP_ENV, build_app, served
 
     settings = _settings()
@@ -109,6 +110,7 @@ def serve(
         # No `server: uvicorn` on every response: naming the server tells clients nothing they need, and its
         # header checks cost ~0.5 us a request (bench P1); `date` stays (RFC 9110 asks origin servers for it).
         "server_header": False,
+        "http": KeepAliveHttpToolsProtocol,  # uvicorn's httptools protocol without a timer per request
     }
     if workers > 1:
         os.environ[APP_ENV] = which

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from ingest.app import create_app
 from ingest.producer import EventProducer
+from meterline.adapters.http_protocol import KeepAliveHttpToolsProtocol
 from meterline.core.errors import BrokerUnavailableError
 from meterline.core.events import decode_batch
 from meterline.localinfra.broker import LocalBroker, broker_answers, ensure_topic
@@ -40,8 +41,10 @@ class Server:
     def __init__(self, settings: Settings) -> None:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        # What `meterline serve ingest` runs: the app behind its front door (ingest/endpoint.py).
-        config = uvicorn.Config(served(create_app(settings)), host="127.0.0.1", port=self.port, log_level="warning")
+        # What `meterline serve ingest` runs: the app behind its front door (ingest/endpoint.py), uvicorn
+        # with its keep-alive protocol.
+        config = uvicorn.Config(served(create_app(settings)), host="127.0.0.1", port=self.port, log_level="warning",
+                                http=KeepAliveHttpToolsProtocol)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
