@@ -82,12 +82,12 @@ def install_ingest(app: FastAPI) -> None:
     app.add_middleware(IngestEndpoint)
 
 
-def front_door(app: FastAPI) -> ASGIApp:
-    """What a server runs for `app`: behind `IngestFrontDoor` when `install_ingest` put the endpoint in it
-    (ingest requests skip FastAPI's entry layers), else `app` itself."""
+def front_door(app: FastAPI, rest: ASGIApp | None = None) -> ASGIApp:
+    """What a server runs for `app`: `IngestFrontDoor` when `install_ingest` put the endpoint in it (ingest
+    requests skip FastAPI's entry layers; the others go to `rest`, default `app`), else `rest` or `app`."""
     if any(m.cls is IngestEndpoint for m in app.user_middleware):
-        return IngestFrontDoor(app)
-    return app
+        return IngestFrontDoor(app, rest)
+    return app if rest is None else rest
 
 
 def create_app(settings: Settings, producer: ManagedPublisher | None = None) -> FastAPI:

@@ -78,23 +78,25 @@ class IngestEndpoint:
 
 class IngestFrontDoor:
     """The served app: `POST /api/v1/events` into `app`'s middleware chain that ends in `IngestEndpoint`,
-    everything else (lifespan included) into `app` itself."""
+    everything else (lifespan included) into `rest`: `app` itself, or what the server wraps it in for the
+    other requests (`meterline.server.served`: proxy headers, which nothing on the ingest path reads)."""
 
-    def __init__(self, app: FastAPI) -> None:
+    def __init__(self, app: FastAPI, rest: ASGIApp | None = None) -> None:
         self.app = app
+        self.rest = app if rest is None else rest
         self._chain: ASGIApp | None = None
         self._direct = True  # until the first ingest request finds the chain (or does not)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] != PATH or scope["method"] != "POST" or not self._direct:
-            await self.app(scope, receive, send)
+            await self.rest(scope, receive, send)
             return
         chain = self._chain
         if chain is None:
             chain = self._chain = self._find_chain()
             if chain is None:
                 self._direct = False
-                await self.app(scope, receive, send)
+                await self.rest(scope, receive, send)
                 return
         scope["app"] = self.app  # what Starlette.__call__ sets; the endpoint's handlers and state hang on it
         await chain(scope, receive, send)

@@ -344,7 +344,9 @@ async def ingest(state: Any, principal: Principal, content_type: str | None, con
         # knows no request can still publish (meterline/localinfra/supervisor.py).
         IN_FLIGHT.inc()
         try:
-            if settings.drain_file and os.path.exists(settings.drain_file):
+            # os.access, not os.path.exists: the same answer (the file, symlinks followed, is there), without the
+            # stat result and the FileNotFoundError that exists builds and drops on every request (~0.6 us).
+            if settings.drain_file and os.access(settings.drain_file, os.F_OK):
                 EVENTS_REJECTED.labels("draining").inc(accepted)
                 raise BrokerUnavailableError("meterline is stopping: nothing of this request was published; retry")
             try:

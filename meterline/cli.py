@@ -97,8 +97,7 @@ def serve(
     import uvicorn
 
     from meterline.adapters.auth import check_exposure
-    from meterline.adapters.http_protocol import KeepAliveHttpToolsProtocol
-    from meterline.server import APP_ENV, build_app, served
+    from meterline.server import APP_ENV, build_app, serve_options, served
 
     settings = _settings()
     configure_logging(settings.log_level)
@@ -106,11 +105,7 @@ def serve(
     options: dict[str, Any] = {
         "host": host or settings.http_host, "port": settings.http_port if port is None else port,
         "log_level": "warning", "access_log": False, "log_config": logging_config(settings.log_level),
-        "limit_concurrency": settings.http_limit_concurrency,
-        # No `server: uvicorn` on every response: naming the server tells clients nothing they need, and its
-        # header checks cost ~0.5 us a request (bench P1); `date` stays (RFC 9110 asks origin servers for it).
-        "server_header": False,
-        "http": KeepAliveHttpToolsProtocol,  # uvicorn's httptools protocol without a timer per request
+        "limit_concurrency": settings.http_limit_concurrency, **serve_options(),
     }
     if workers > 1:
         os.environ[APP_ENV] = which

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, cast
 
 from fastapi import FastAPI
 from starlette.types import ASGIApp
@@ -24,11 +25,40 @@ def app_from_env() -> ASGIApp:
 
 
 def served(app: FastAPI) -> ASGIApp:
-    """What the server runs: `app` behind `ingest.app.front_door` when it serves ingest (the ingest requests
-    skip FastAPI's entry layers; everything else goes to `app`)."""
+    """What `meterline serve` runs, under uvicorn with `serve_options()`: the ingest requests through
+    `ingest.app.front_door` (FastAPI's entry layers skipped), every other request through uvicorn's
+    ProxyHeadersMiddleware as uvicorn itself would add it (its `proxy_headers` is off in `serve_options`:
+    nothing on the ingest path reads the client address or scheme, so ingest skips that layer too)."""
+    from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+
     from ingest.app import front_door
 
-    return front_door(app)
+    # uvicorn types its ASGI callables more narrowly than Starlette; the same protocol either way
+    proxied: Any = ProxyHeadersMiddleware(cast(Any, app), trusted_hosts=forwarded_allow_ips())
+    return front_door(app, proxied)
+
+
+def forwarded_allow_ips() -> str:
+    """The proxies trusted for X-Forwarded-For/-Proto: uvicorn's default (FORWARDED_ALLOW_IPS, else loopback;
+    tests/unit/test_cli.py holds it to uvicorn's own Config)."""
+    import os
+
+    return os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1,::1")
+
+
+def serve_options() -> dict[str, Any]:
+    """uvicorn options every `meterline serve` runs with (besides host, port, logging and limits)."""
+    from meterline.adapters.http_protocol import KeepAliveHttpToolsProtocol
+
+    return {
+        # uvicorn's httptools protocol without a keep-alive timer armed and cancelled per request
+        "http": KeepAliveHttpToolsProtocol,
+        # `served` adds the proxy-headers layer itself, for every request but ingest's
+        "proxy_headers": False,
+        # No `server: uvicorn` on every response: naming the server tells clients nothing they need, and its
+        # header checks cost ~0.5 us a request (bench P1); `date` stays (RFC 9110 asks origin servers for it).
+        "server_header": False,
+    }
 
 
 def build_app(which: str, settings: Settings) -> FastAPI:

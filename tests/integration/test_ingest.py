@@ -21,12 +21,11 @@ from hypothesis import strategies as st
 
 from ingest.app import create_app
 from ingest.producer import EventProducer
-from meterline.adapters.http_protocol import KeepAliveHttpToolsProtocol
 from meterline.core.errors import BrokerUnavailableError
 from meterline.core.events import decode_batch
 from meterline.localinfra.broker import LocalBroker, broker_answers, ensure_topic
 from meterline.localinfra.ports import free_port
-from meterline.server import served
+from meterline.server import serve_options, served
 from meterline.settings import Settings
 from tests.infra import unique
 
@@ -42,9 +41,9 @@ class Server:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         # What `meterline serve ingest` runs: the app behind its front door (ingest/endpoint.py), uvicorn
-        # with its keep-alive protocol.
+        # with the same options.
         config = uvicorn.Config(served(create_app(settings)), host="127.0.0.1", port=self.port, log_level="warning",
-                                http=KeepAliveHttpToolsProtocol)
+                                **serve_options())
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from meterline.cli import app
+from meterline.server import forwarded_allow_ips, serve_options, served
 
 ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
@@ -63,3 +67,30 @@ def test_serve_bounds_concurrency(monkeypatch: Any, tmp_path: Path) -> None:
     result = runner.invoke(app, ["serve", "query"])
     assert result.exit_code == 0, result.output
     assert captured["limit_concurrency"] == 7
+
+
+@pytest.mark.parametrize("env", [None, "10.0.0.0/8, 127.0.0.1"])
+def test_served_apps_trust_the_proxies_uvicorn_would(monkeypatch: Any, env: str | None) -> None:
+    """`meterline serve` turns uvicorn's proxy headers off and `served` adds them (not for ingest): the
+    same trusted proxies as uvicorn's own Config, and forwarded client addresses reach the routes."""
+    import uvicorn
+
+    if env is None:
+        monkeypatch.delenv("FORWARDED_ALLOW_IPS", raising=False)
+    else:
+        monkeypatch.setenv("FORWARDED_ALLOW_IPS", env)
+    assert forwarded_allow_ips() == uvicorn.Config(FastAPI(), log_config=None).forwarded_allow_ips
+    assert serve_options()["proxy_headers"] is False
+
+    inner = FastAPI()
+
+    @inner.get("/who")
+    def who(request: Request) -> str:
+        return request.client.host if request.client else ""
+
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "*")
+    with TestClient(served(inner)) as client:
+        assert client.get("/who", headers={"x-forwarded-for": "203.0.113.9"}).json() == "203.0.113.9"
+    monkeypatch.setenv("FORWARDED_ALLOW_IPS", "127.0.0.1")
+    with TestClient(served(inner)) as client:  # the test client's address is not a trusted proxy
+        assert client.get("/who", headers={"x-forwarded-for": "203.0.113.9"}).json() == "testclient"
