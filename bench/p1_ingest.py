@@ -5,8 +5,8 @@ with the ingest producer's own librdkafka settings (`ingest.producer.producer_co
 idempotence, lz4, linger 1 ms), timed from the first `produce` to the end of `flush`. Ingest is
 driven by 16 concurrent keep-alive connections (`--clients`) posting pre-encoded bodies (batches of 1000, of
 100, and single events); a request counts once it returned 204, i.e. once the broker acked it.
-`--p1-processes 1,2` measures each ingest process count on its own server (README, "Scaling": about one
-per core), each beside its own raw-producer rounds; every row also has the server's CPU per request
+`--p1-processes 1,2` measures each ingest process count on its own server (`meterline serve ingest`, README,
+"Scaling": about one per core), each beside its own raw-producer rounds; every row also has the server's CPU per request
 (/proc, the server and its workers), the steadier figure on a shared machine.
 
 The load generator is aiohttp, not httpx: on 2 cores the client shares the machine with the server it
@@ -168,8 +168,9 @@ def _run_with(ctx: BenchContext, size: int, workers: int, *, auth: bool, named: 
     single_cap = int(ctx.options.get("p1_single_cap", 5000))
     rounds = int(ctx.options.get("p1_rounds", 3))
     config = write_config(ctx.work_dir)
+    # `meterline serve ingest`: the ingest process README "Scaling out" recommends, one per core
     stack = ctx.infra.stack(config, processors=0, partitions=int(ctx.options.get("partitions", 4)), http_workers=workers,
-                            extra_env=UNLIMITED_ENV)
+                            extra_env=UNLIMITED_ENV, http_app="ingest")
     suffix = f", {workers} ingest process{'es' if workers > 1 else ''}" if named else ""
     try:
         task = ctx.task(f"P1 starting HTTP server ({workers} ingest process(es))", None)

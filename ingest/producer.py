@@ -239,8 +239,8 @@ class EventProducer:
         loop = asyncio.get_running_loop()
         loop_thread = threading.get_ident()
         done: asyncio.Future[None] = loop.create_future()
-        # Reports may fail the future after we gave up waiting; retrieve it so asyncio does not warn.
-        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+        # No done-callback to retrieve a late failure: only this request awaits `done`, and a request that
+        # stops waiting (cancelled) cancels it, after which nothing can set it (settle and _fail check).
         pending = len(messages)
 
         def settle(err: KafkaError | None) -> None:  # runs on the event loop
