@@ -105,9 +105,9 @@ class Sink(Protocol):
         computed with the current `dedupe_key` from the stored `(source, id)` (see KEY_VERSION)."""
 
     def load_dedupe_by_key(self, partition: int, keep_days: int,
-                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int]) -> int:
+                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int], *, foreign: bool = False) -> int:
         """`load_dedupe` of all of `partition` (since=None), sorted by key, as blocks of those six columns
-        (ints as ints); blocking."""
+        (ints as ints); blocking. `foreign`: a partition another worker owns (read like `tail_keys`)."""
 
     def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:
@@ -483,9 +483,10 @@ class BatchProcessor:
         """Merge the keys other workers stored for every partition this worker does not own (nor has in
         `skip`), so a copy of an event on another partition is a duplicate here too (global dedupe).
 
-        One query reads `dedupe_keys` (a range of its sorting key per partition): past each partition's
-        `foreign_marker`, or all of it within the kept days when the partition is met for the first time
-        (or under another epoch)."""
+        One query reads `dedupe_keys` (a range of its sorting key per partition) past each partition's
+        `foreign_marker`; a partition met for the first time (or under another epoch) is all of it within
+        the kept days, streamed sorted by key into SST files (`DedupeState.load_sorted`) unless
+        `dedupe_bulk_load` is off, when the one query reads it too."""
         foreign = set(range(self.partitions)) - self.owned - skip
         if not foreign:
             return
@@ -496,7 +497,17 @@ class BatchProcessor:
             since[p] = (self.log_epoch, marker[1]) if marker is not None and marker[0] == epoch_no else None
         conflicts = self.state.conflicts
         started = time.perf_counter()
-        n = await asyncio.to_thread(
+        n = 0
+        first = sorted(p for p, marker in since.items() if marker is None)
+        if self.settings.dedupe_bulk_load:
+            # A partition met for the first time is its whole history: streamed sorted into SST files
+            # like a takeover's, not held in memory whole by the tail's one query (millions of rows).
+            for p in first:
+                del since[p]
+                n += await asyncio.to_thread(functools.partial(
+                    self.sink.load_dedupe_by_key, p, self.keep_days,
+                    functools.partial(self.state.load_sorted, self.log_epoch, p, owned=False), foreign=True))
+        n += await asyncio.to_thread(
             self.sink.tail_keys, since, self.keep_days,
             lambda p, rows: self.state.load_rows(self.log_epoch, p, rows, owned=False))
         metrics.DEDUPE_LOADED.inc(n)
@@ -504,7 +515,7 @@ class BatchProcessor:
         seconds = time.perf_counter() - started
         if seconds >= 1:  # a partition met for the first time: its whole history holds up the batch
             logger.info("foreign dedupe keys merged", extra={
-                "partitions": sorted(p for p, m in since.items() if m is None), "keys": n,
+                "partitions": first, "keys": n,
                 "seconds": round(seconds, 3)})
 
     async def retract_losers(self) -> int:

@@ -315,10 +315,11 @@ class DedupeState:
 
     def load_sorted(
         self, log_epoch: str, partition: int, blocks: Iterable[Sequence[Sequence[Any]]], *,
-        now: float | None = None, generation: int | None = None,
+        now: float | None = None, generation: int | None = None, owned: bool = True,
     ) -> int:
-        """`load_rows` of an owned partition's whole history, as column blocks (the same six columns, ints
-        as ints) best sorted by key (`ClickHouseSink.load_dedupe_by_key`): what a takeover loads.
+        """`load_rows` of a partition's whole history, as column blocks (the same six columns, ints as ints)
+        best sorted by key (`ClickHouseSink.load_dedupe_by_key`): what a takeover loads, and (`owned=False`)
+        what the first merge of another worker's partition reads.
 
         The same decisions, made per chunk of `_INGEST_CHUNK` rows, each written as one sorted SST file
         that RocksDB ingests whole (`_ingest`) instead of a memtable insert per key that is then flushed
@@ -364,7 +365,7 @@ class DedupeState:
                 keys, records = [], []
         if keys:
             self._merge_sorted(keys, records)
-        self._loaded_up_to(partition, current_no, max_next, generation, True)
+        self._loaded_up_to(partition, current_no, max_next, generation, owned)
         return n
 
     def _loaded_up_to(self, partition: int, epoch_no: int, max_next: int, generation: int, owned: bool) -> None:

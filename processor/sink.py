@@ -428,20 +428,25 @@ class ClickHouseSink:
             return int(self.retry(f"load dedupe partition {partition}", op, rows=0))
 
     def load_dedupe_by_key(self, partition: int, keep_days: int,
-                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int]) -> int:
+                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int], *, foreign: bool = False) -> int:
         """`load_dedupe` of a whole partition sorted by key, streamed as column blocks (the same six
         columns): what `DedupeState.load_sorted` writes as SST files without a Python step per row.
-        ClickHouse sorts on disk past `SORT_IN_MEMORY_BYTES` (a 25M-key partition is ~1 GB to sort)."""
+        ClickHouse sorts on disk past `SORT_IN_MEMORY_BYTES` (a 25M-key partition is ~1 GB to sort).
+        `foreign`: another worker's partition, read on the tail's client (`tail_keys`), which a write in
+        flight does not hold."""
         sql, params = dedupe_load_query(self.database, partition, keep_days, None, by_key=True)
         settings = {**exact_read_settings(self.topology), "max_bytes_before_external_sort": SORT_IN_MEMORY_BYTES}
 
         def op() -> int:
-            with storage_errors(), self._connected().query_column_block_stream(
-                    sql, parameters=params, settings=settings) as stream:
+            if foreign and self._tail_client is None:
+                self._tail_client = self._connect(self.url, database=self.database, topology=self.topology)
+            client = self._tail_client if foreign and self._tail_client is not None else self._connected()
+            with storage_errors(), client.query_column_block_stream(sql, parameters=params, settings=settings) as stream:
                 return merge(stream)
 
-        with self._lock:
-            return int(self.retry(f"load dedupe partition {partition} by key", op, rows=0))
+        with self._tail_lock if foreign else self._lock:
+            return int(self.retry(f"load dedupe partition {partition} by key", op, rows=0,
+                                  reset=self._reset_tail if foreign else None))
 
     def tail_keys(self, since: dict[int, tuple[str, int] | None], keep_days: int,
                   merge: Callable[[int, Iterable[Sequence[Any]]], int]) -> int:

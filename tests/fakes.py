@@ -89,7 +89,7 @@ class FakeSink:
         return merge(found)
 
     def load_dedupe_by_key(self, partition: int, keep_days: int,
-                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int]) -> int:
+                           merge: Callable[[Iterable[Sequence[Sequence[Any]]]], int], *, foreign: bool = False) -> int:
         rows: list[Sequence[Any]] = []
         self.load_dedupe(partition, keep_days, None, lambda found: rows.extend(found) or 0)
         rows.sort(key=lambda r: (bytes(r[0]), r[1], r[3], r[4]))

@@ -22,6 +22,7 @@ import pytest
 
 from meterline.core.errors import StorageError
 from meterline.core.meters import Aggregation, Meter, MeterSet
+from meterline.core.schema import EVENT_COLUMNS
 from meterline.settings import Settings
 from processor import metrics
 from processor.batch import BatchProcessor, OffsetResetError, RetentionLossError
@@ -258,6 +259,15 @@ async def test_a_copy_on_another_workers_partition_is_a_duplicate_whoever_writes
     fresh = Worker(tmp_path, sink, tmp_path / "fresh", owns={4, 5, 6, 7})  # the second worker's cache lost
     rows = await fresh.processor.handle(copies, 1, Acks([]))
     assert rows is not None and (rows.accepted, rows.duplicates) == (1, 2)
+    # Its first merge of the other worker's partitions read each whole, sorted into SST files: the cache
+    # holds exactly the stored first sightings of partitions 0-3, and each foreign marker follows them.
+    col = {c: i for i, c in enumerate(EVENT_COLUMNS)}
+    stored = [r for r in sink.events.values() if r[col["kafka_partition"]] < 4]
+    assert stored and all(fresh.state.lookup(r[col["dedupe_key"]]) == (
+        r[col["log_epoch"]], r[col["kafka_partition"]], r[col["kafka_offset"]], r[col["batch_index"]]) for r in stored)
+    no = fresh.state.epoch_no(EPOCH)
+    assert {p: fresh.state.foreign_marker(p) for p in range(4)} == {p: (no, 1) if any(
+        r[col["kafka_partition"]] == p for r in stored) else (no, 0) for p in range(4)}
     fresh.stop()
     assert sorted(row[1] for row in sink.events.values()) == ["id-1", "id-2", "id-3", "id-4"]
     assert stored_windows(sink) == {("tokens", "a", T0): 60, ("prompts", "a", T0): 3,
