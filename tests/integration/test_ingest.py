@@ -413,6 +413,53 @@ def test_schemathesis_no_server_errors(server: Server) -> None:
         check()
 
 
+def kafka_partition(key: bytes, partitions: int) -> int:
+    """Kafka's default partition for a keyed record (Java's Utils.murmur2, toPositive, mod), written out here as
+    the oracle for the producer's `murmur2_random` partitioner."""
+    m, h = 0x5BD1E995, (0x9747B28C ^ len(key)) & 0xFFFFFFFF
+    whole = len(key) - len(key) % 4
+    for i in range(0, whole, 4):
+        k = (int.from_bytes(key[i:i + 4], "little") * m) & 0xFFFFFFFF
+        k = ((k ^ (k >> 24)) * m) & 0xFFFFFFFF
+        h = ((h * m) & 0xFFFFFFFF) ^ k
+    tail = key[whole:]
+    if tail:
+        h ^= int.from_bytes(tail, "little")
+        h = (h * m) & 0xFFFFFFFF
+    h = ((h ^ (h >> 13)) * m) & 0xFFFFFFFF
+    h ^= h >> 15
+    return (h & 0x7FFFFFFF) % partitions
+
+
+def test_a_request_of_many_subjects_puts_each_on_its_keys_partition(
+    client: httpx.Client, consumer: Consumer, app_settings: Settings
+) -> None:
+    """Each of a request's messages lands on the partition Kafka's partitioner gives its key (the subject), where
+    any other client producing that subject puts it (ingest/producer.py: `murmur2_random`)."""
+    topic = app_settings.events_topic
+    sent = [make_event(i, subject=f"subject-{i}-{uuid.uuid4().hex[:6]}") for i in range(40)]
+    r = client.post("/api/v1/events", content=orjson.dumps(sent), headers={"content-type": BATCH})
+    assert r.status_code == 204, r.text
+    want = {e["id"]: e["subject"] for e in sent}
+    found: dict[str, tuple[int, bytes]] = {}
+    consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in range(PARTITIONS)])
+    try:
+        deadline = time.monotonic() + 20
+        while not want.keys() <= found.keys() and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error():
+                continue
+            for e in decode_batch(msg.value()):
+                if e["id"] in want:
+                    found[e["id"]] = (msg.partition(), msg.key())
+    finally:
+        consumer.unassign()
+    assert found.keys() == want.keys()
+    for event_id, subject in want.items():
+        assert found[event_id] == (kafka_partition(subject.encode(), PARTITIONS), subject.encode())
+    assert len({p for p, _ in found.values()}) > 1  # the request spread over partitions
+
+
 # -------------------------------------------------------------------------------------- the producer
 async def test_close_settles_every_publish_in_flight(app_settings: Settings, consumer: Consumer) -> None:
     """Shutdown flushes from a worker thread (as the lifespan does): every request still waiting for
