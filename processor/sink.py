@@ -227,8 +227,8 @@ class ClickHouseSink:
         self._tail_client: Client | None = None
         self._tail_lock = threading.Lock()
         self._stopping = False
-        #: table -> (clickhouse-connect column types, DateTime64 column index -> precision), learnt once
-        self._types: dict[str, tuple[list[Any], dict[int, int]]] = {}
+        #: table -> (clickhouse-connect insert context, DateTime64 column index -> precision), made once
+        self._types: dict[str, tuple[Any, dict[int, int]]] = {}
         #: True while the last ClickHouse operation failed (drives /readyz).
         self.failing = False
         #: `key_backfill.newest_backfill`, read by `ensure_schema` (for `DedupeState.since_backfill`).
@@ -351,9 +351,8 @@ class ClickHouseSink:
         try:
             with insert_errors():
                 client = self._connected()
-                types, datetime64 = self._column_types(client, table, columns)
-                context = client.create_insert_context(table, list(columns), column_types=types,
-                                                       column_oriented=True, settings=settings)
+                context, datetime64 = self._insert_context(client, table, columns)
+                context.settings = settings
                 # One Native block per insert: clickhouse-connect would cut an `events` batch into ~2 MB
                 # blocks (3 for 20k events), costing the worker ~7 ms per batch in slicing and per-block
                 # encoding, and ClickHouse squashes them back into one part anyway.
@@ -362,21 +361,26 @@ class ClickHouseSink:
                 try:
                     client.insert(data=payload, context=context)
                 finally:
-                    # The context refers to itself (a bound method it keeps), so it lives until the cyclic GC
-                    # runs, and with it whatever `payload` holds: a batch's columns, ~2 lists an event. Emptied,
-                    # the columns go when the write returns, and the worker's GC can run rarely (processor/app.py).
+                    # The context keeps what it was handed until its next insert: emptied, the batch's columns
+                    # (~2 lists an event) go when the write returns.
+                    context.data = None
                     payload.clear()
         except StorageRejectedError as exc:
             exc.table = table  # type: ignore[attr-defined]
             raise
 
-    def _column_types(self, client: Client, table: str, columns: Sequence[str]) -> tuple[list[Any], dict[int, int]]:
-        """The table's column types, asked once per connection instead of once per insert."""
+    def _insert_context(self, client: Client, table: str, columns: Sequence[str]) -> tuple[Any, dict[int, int]]:
+        """The table's insert context (and its DateTime64 columns: index -> precision), made once per
+        connection instead of once per insert: its column types are asked once, not by a `DESCRIBE` per
+        insert, and reused (clickhouse-connect's documented use of a context). A context refers to itself
+        (a bound method it keeps), so one made per insert was cyclic garbage, ~5 objects an insert, left for
+        the worker's GC, which runs rarely (processor/app.py)."""
         if table not in self._types:
             types = fast_types(client.create_insert_context(table, list(columns)).column_types)
             datetime64 = {i: int(getattr(t, "scale")) for i, t in enumerate(types)  # noqa: B009 - DateTime64 only
                           if type(t).__name__ == "DateTime64" and not t.nullable}
-            self._types[table] = (types, datetime64)
+            context = client.create_insert_context(table, list(columns), column_types=types, column_oriented=True)
+            self._types[table] = (context, datetime64)
         return self._types[table]
 
     def retry(self, what: str, op: Callable[[], Any], *, rows: int, reset: Callable[[], None] | None = None) -> Any:
