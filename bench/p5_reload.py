@@ -3,7 +3,8 @@
 What a cold worker pays when it takes over partitions (a restart on a new disk, a replacement worker, a
 rebalance onto a worker that never owned them): its RocksDB cache is empty, so before it decides any
 message it loads every first sighting of the dedupe horizon of those partitions from ClickHouse
-(`BatchProcessor.ensure_loaded` -> `ClickHouseSink.load_dedupe` -> `DedupeState.load_rows`). With 100M
+(`BatchProcessor.ensure_loaded` -> `ClickHouseSink.load_dedupe_by_key` -> `DedupeState.load_sorted`; with
+`--p5-per-key` also `load_dedupe` -> `load_rows`, the key-by-key way). With 100M
 ids that is the processor's largest memory and time cost, and a worker does not meter meanwhile.
 
 N events spread over the last 30 days are generated in ClickHouse (bench/generate.py: `events` and
