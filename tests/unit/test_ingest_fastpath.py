@@ -137,6 +137,20 @@ def test_the_common_request_is_taken(namespace: str | None) -> None:
         assert got == authority(orjson.loads(body), namespace, 64 * 1024, 32, 500_000, 500)
 
 
+@pytest.mark.parametrize("subjects", [1, 2, fastpath._SPLIT_SUBJECTS_MAX, fastpath._SPLIT_SUBJECTS_MAX + 1, 40])
+def test_every_grouping_of_subjects_is_taken_as_the_encoder_groups_it(subjects: int) -> None:
+    """One subject, a few (split by subject, one encoding a subject) and many (encoded event by event), and a
+    subject whose events together pass `max_data_bytes` though each is under it (event by event again)."""
+    fastpath._MINUTES.clear()
+    items = [common(i, subject=f"s-{(i * 7) % subjects}") for i in range(120)]
+    body = orjson.dumps(items)
+    for max_data_bytes in (64 * 1024, 2_000):
+        got = fast(orjson.loads(body), body, "tenant-a", max_data_bytes=max_data_bytes)
+        assert got is not None
+        assert got == authority(orjson.loads(body), "tenant-a", max_data_bytes, 32, 500_000, 500)
+        assert len(got) == subjects
+
+
 @pytest.mark.parametrize("text", ["a\x85b", "a\x7fb", "a\x00b", "a\nb"])
 @pytest.mark.parametrize("encoder", [orjson.dumps, lambda v: json.dumps(v).encode()])
 def test_a_control_character_in_an_identity_attribute_is_left_to_the_validator(text: str, encoder: Any) -> None:

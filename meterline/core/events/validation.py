@@ -12,7 +12,8 @@ This module does no I/O.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+import re
+from collections.abc import Callable, Container, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -94,6 +95,10 @@ _FAST_KEYS: Final = frozenset({*REQUIRED, *OPTIONAL_STRINGS, "time", "data"})
 _ESCAPE_FACTOR: Final = 6
 _FRAMING_BYTES: Final = 512
 _ID_MAX, _SOURCE_MAX, _TYPE_MAX, _SUBJECT_MAX = (MAX_LENGTHS[n] for n in ("id", "source", "type", "subject"))
+_CANONICAL_TIME_LEN: Final = len("2024-01-01T00:00:00.000000Z")
+_MINUTE_LEN: Final = len("2024-01-01T00:00")
+#: Canonical times of known minutes, joined: each a minute (already known valid) and `:SS.ffffffZ`.
+_CANONICAL_TAILS: Final = re.compile(r"(?:.{16}:[0-5]\d\.\d{6}Z)*", re.ASCII | re.DOTALL)
 
 
 def fast_heads(
@@ -102,6 +107,7 @@ def fast_heads(
     max_data_depth: int,
     clean: bool = False,
     normalize_time: Callable[[str], str | None] = normalize_time_text,
+    canonical_minutes: Container[str] | None = None,
 ) -> list[tuple[dict[str, Any], int]] | None:
     """The checks both fast paths share, for every item: shape, identity, optional strings, time, data depth.
 
@@ -113,22 +119,27 @@ def fast_heads(
     receive time, formatted, or a function giving it (asked only for an event without a time, so
     ingest/fastpath.py formats it only then); `clean` says the request body can hold no control character
     (ingest/fastpath.py scans it once), so the identity attributes need only their length limits;
-    `normalize_time` may memoise `normalize_time_text`.
+    `normalize_time` may memoise `normalize_time_text`. `canonical_minutes` holds minutes
+    (`YYYY-MM-DDTHH:MM`) whose canonical times `normalize_time_text` returns unchanged: a time of that
+    length and minute is kept as sent and its tail (`:SS.ffffffZ`) checked with every other such time of
+    the list by one regex match after the loop (~0.2 us an event less than a call per event: bench P1,
+    batches of 100); should one fail, the list takes the full path.
     """
     heads = []
+    canonical: list[str] = []  # times kept as sent for a known minute; their tails are checked below
     for item in items:
         if type(item) is not dict or not _FAST_KEYS.issuperset(item) or item.get("specversion") != SPECVERSION:
             return None
         get = item.get
         event_id, source, event_type, subject = get("id"), get("source"), get("type"), get("subject")
-        if not (type(event_id) is str and event_id and type(source) is str and source
-                and type(event_type) is str and event_type and type(subject) is str and subject):
+        if not (str is type(event_id) is type(source) is type(event_type) is type(subject)):
             return None
         if clean:
-            if (len(event_id) > _ID_MAX or len(source) > _SOURCE_MAX or len(event_type) > _TYPE_MAX
-                    or len(subject) > _SUBJECT_MAX):
+            if not (0 < len(event_id) <= _ID_MAX and 0 < len(source) <= _SOURCE_MAX
+                    and 0 < len(event_type) <= _TYPE_MAX and 0 < len(subject) <= _SUBJECT_MAX):
                 return None
-        elif not identity_ok(event_id, source, event_type, subject):
+        elif not (event_id and source and event_type and subject
+                  and identity_ok(event_id, source, event_type, subject)):
             return None
         text_chars = len(event_id) + len(source) + len(event_type) + len(subject)
         if "datacontenttype" in item or "dataschema" in item:  # OPTIONAL_STRINGS
@@ -139,17 +150,20 @@ def fast_heads(
                         return None
                     text_chars += len(value)
         raw_time = get("time")
-        if raw_time is None:
-            time_text = default_time if isinstance(default_time, str) else default_time()
-        elif type(raw_time) is str:
-            normalized = normalize_time(raw_time)
-            if normalized is None:
-                return None
-            time_text = normalized
+        event = item.copy()  # keeps the sender's key order; time and data are normalised below
+        if type(raw_time) is str:
+            if (canonical_minutes is not None and len(raw_time) == _CANONICAL_TIME_LEN
+                    and raw_time[:_MINUTE_LEN] in canonical_minutes):
+                canonical.append(raw_time)  # canonical if its tail is: checked after the loop
+            else:
+                normalized = normalize_time(raw_time)
+                if normalized is None:
+                    return None
+                event["time"] = normalized
+        elif raw_time is None:
+            event["time"] = default_time if isinstance(default_time, str) else default_time()
         else:
             return None
-        event = item.copy()  # keeps the sender's key order; time and data are normalised below
-        event["time"] = time_text
         data = get("data")
         if data is None:
             event.pop("data", None)  # "data": null means no data, as on the full path
@@ -162,6 +176,8 @@ def fast_heads(
         elif type(data) is list and _depth_exceeds(data, max_data_depth):
             return None
         heads.append((event, text_chars))
+    if canonical and _CANONICAL_TAILS.fullmatch("".join(canonical)) is None:
+        return None
     return heads
 
 
