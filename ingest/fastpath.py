@@ -26,7 +26,9 @@ This module does no I/O.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from itertools import chain, repeat
+from operator import getitem, itemgetter
 from typing import Any, Final
 
 import orjson
@@ -35,8 +37,18 @@ from meterline.core.events import (
     CHUNK_MAX_BYTES,
     CHUNK_MAX_EVENTS,
     NAMESPACE_ATTRIBUTE,
+    REQUIRED,
 )
-from meterline.core.events.validation import _ESCAPE_FACTOR, _FRAMING_BYTES, fast_heads
+from meterline.core.events.validation import (
+    _ESCAPE_FACTOR,
+    _FRAMING_BYTES,
+    _ID_MAX,
+    _SOURCE_MAX,
+    _SUBJECT_MAX,
+    _TYPE_MAX,
+    fast_heads,
+)
+from meterline.core.events.wire import SPECVERSION
 from meterline.core.times import normalize_time_text
 
 __all__ = ["fast_messages"]
@@ -53,6 +65,14 @@ _MINUTES_MAX: Final = 4096
 #: A request of up to this many subjects has its events split by subject with a list comprehension a
 #: subject (then one `orjson.dumps` each); more take the per-event loop.
 _SPLIT_SUBJECTS_MAX: Final = 8
+#: What `_columns` reads of each event, in `REQUIRED` order, then `time` and `data`.
+_ROW_KEYS: Final = (*REQUIRED, "time", "data")
+_ROW: Final = itemgetter(*_ROW_KEYS)
+_MINUTE_SLICE: Final = slice(0, _MINUTE_LEN)
+#: Canonical times of minutes already known valid, joined: each a minute and `:SS.ffffffZ`.
+_CANONICAL_TIMES: Final = re.compile(r"(?:.{16}:[0-5]\d\.\d{6}Z)*", re.ASCII | re.DOTALL)
+#: JSON values orjson parses that nest nothing (`data` of only these is one level deep).
+_SCALARS: Final = frozenset({str, int, float, bool, type(None)})
 
 
 def _time(raw: str) -> str | None:
@@ -99,41 +119,100 @@ def fast_messages(
             formatted.append(received_time())
         return formatted[0]
 
+    if clean:
+        columns = _columns(items, max_data_depth)
+        if columns is not None:
+            subjects, widest_text = columns
+            events = items if namespace is None else [{**item, NAMESPACE_ATTRIBUTE: namespace} for item in items]
+            messages = _by_subject(events, subjects, widest_text, max_data_bytes=max_data_bytes,
+                                   max_bytes=max_bytes, max_events=max_events)
+            if messages is not _UNBOUNDED:
+                return messages
     heads = fast_heads(items, default_time, max_data_depth, clean, _time, _MINUTES)
     if heads is None:
         return None
     if namespace is not None:
         for event, _ in heads:
             event[NAMESPACE_ATTRIBUTE] = namespace
-    # Every subject's events encoded with one `orjson.dumps` of the list: what `b"[" + b",".join(each event
-    # encoded) + b"]"` gives, without a call and a size check per event. A list that small bounds each of
-    # its events' sizes as the per-event check below would; otherwise (or should grouping find more
-    # subjects than is cheap to split this way) each event is encoded and checked alone.
-    subjects = [event["subject"] for event, _ in heads]
+    messages = _by_subject([event for event, _ in heads], [event["subject"] for event, _ in heads],
+                           max(text_chars for _, text_chars in heads), max_data_bytes=max_data_bytes,
+                           max_bytes=max_bytes, max_events=max_events)
+    if messages is not _UNBOUNDED:
+        return messages
+    return _per_event(heads, max_data_bytes=max_data_bytes, max_bytes=max_bytes, max_events=max_events)
+
+
+def _columns(items: list[Any], max_data_depth: int) -> tuple[Sequence[str], int] | None:
+    """The subjects of a request whose events are all as common as can be, and a bound on each event's
+    text attributes' length; None for anything else (`fast_heads` then looks at each event).
+
+    As common as can be: a JSON object with exactly the required attributes, `time` and `data` (so
+    nothing to normalise or drop: each event is its own normalised form, no copy), short non-empty text
+    attributes in a body `fast_messages` found clean, canonical times of minutes `_time` already
+    checked, and `data` an object of scalars. Why: the same checks as `fast_heads` makes, each over all
+    events at once by C loops (`map`, `set`, `min`/`max`, one regex over the joined times) instead of a
+    Python loop's ~25 steps an event (~1 us of a ~4 us event in a batch of 100: bench P1, README).
+    """
+    if max_data_depth < 1 or set(map(type, items)) != {dict} or set(map(len, items)) != {len(_ROW_KEYS)}:
+        return None
+    try:
+        # Seven columns (with the length above: exactly those attributes), each a tuple in event order.
+        specversions, ids, sources, types, subjects, times, datas = zip(*map(_ROW, items), strict=True)
+    except KeyError:
+        return None
+    texts = ids + sources + types + subjects
+    try:
+        "".join(texts)  # a TypeError unless every one is a string
+        joined_times = "".join(times)
+    except TypeError:
+        return None
+    if specversions.count(SPECVERSION) != len(items) or "" in texts:
+        return None
+    widest = (id_len := max(map(len, ids))) + (source_len := max(map(len, sources))) + (
+        type_len := max(map(len, types))) + (subject_len := max(map(len, subjects)))
+    if id_len > _ID_MAX or source_len > _SOURCE_MAX or type_len > _TYPE_MAX or subject_len > _SUBJECT_MAX:
+        return None
+    if (set(map(len, times)) != {_CANONICAL_LEN}
+            or not _MINUTES.issuperset(map(getitem, times, repeat(_MINUTE_SLICE)))
+            or _CANONICAL_TIMES.fullmatch(joined_times) is None):
+        return None
+    if set(map(type, datas)) != {dict} or not _SCALARS.issuperset(
+            map(type, chain.from_iterable(map(dict.values, datas)))):
+        return None  # data absent, null, nested or not an object: `fast_heads` decides
+    return subjects, widest
+
+
+#: `_by_subject`'s answer when an event may need its `data` measured: `_per_event` then bounds each alone.
+_UNBOUNDED: Final[list[tuple[bytes, bytes]]] = []
+
+
+def _by_subject(events: list[dict[str, Any]], subjects: Sequence[str], widest_text: int, *, max_data_bytes: int,
+                max_bytes: int, max_events: int) -> list[tuple[bytes, bytes]] | None:
+    """Every subject's events (normalised) encoded with one `orjson.dumps` of the list: what `b"[" +
+    b",".join(each event encoded) + b"]"` gives, without a call and a size check per event. A list that
+    small bounds each of its events' sizes as `_per_event`'s check would; otherwise, or should grouping
+    find more subjects than is cheap to split this way, `_UNBOUNDED`. None as `fast_messages`."""
     first = subjects[0]
     if subjects.count(first) == len(subjects):
-        runs: dict[str, list[dict[str, Any]]] | None = {first: [event for event, _ in heads]}
+        runs = {first: events}
     elif len(distinct := dict.fromkeys(subjects)) <= _SPLIT_SUBJECTS_MAX:
-        runs = {s: [event for (event, _), t in zip(heads, subjects, strict=True) if t == s] for s in distinct}
+        runs = {s: [event for event, t in zip(events, subjects, strict=True) if t == s] for s in distinct}
     else:
-        runs = None
-    if runs is not None:
-        widest = _ESCAPE_FACTOR * max(text_chars for _, text_chars in heads) + _FRAMING_BYTES
-        messages = []
-        for subject, events in runs.items():
-            try:
-                value = orjson.dumps(events)
-            except TypeError:
-                return None
-            size = len(value)  # each event's encoding is at most size - 2
-            if size > max_data_bytes or widest + size > CHUNK_MAX_BYTES:
-                break  # some event may need its data measured: per event below
-            if len(events) > max_events or size > max_bytes:
-                return None  # to be cut into several messages: the wire encoder does that
-            messages.append((subject.encode(), value))
-        else:
-            return messages
-    return _per_event(heads, max_data_bytes=max_data_bytes, max_bytes=max_bytes, max_events=max_events)
+        return _UNBOUNDED
+    widest = _ESCAPE_FACTOR * widest_text + _FRAMING_BYTES
+    messages = []
+    for subject, run in runs.items():
+        try:
+            value = orjson.dumps(run)
+        except TypeError:
+            return None
+        size = len(value)  # each event's encoding is at most size - 2
+        if size > max_data_bytes or widest + size > CHUNK_MAX_BYTES:
+            return _UNBOUNDED  # some event may need its data measured
+        if len(run) > max_events or size > max_bytes:
+            return None  # to be cut into several messages: the wire encoder does that
+        messages.append((subject.encode(), value))
+    return messages
 
 
 def _per_event(heads: list[tuple[dict[str, Any], int]], *, max_data_bytes: int, max_bytes: int,

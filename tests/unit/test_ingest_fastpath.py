@@ -137,6 +137,32 @@ def test_the_common_request_is_taken(namespace: str | None) -> None:
         assert got == authority(orjson.loads(body), namespace, 64 * 1024, 32, 500_000, 500)
 
 
+@pytest.mark.parametrize("change", [
+    {}, {"specversion": "0.3"}, {"specversion": 1.0}, {"id": ""}, {"id": 7}, {"id": "x" * 1000}, {"subject": None},
+    {"source": ["a"]}, {"type": "é"}, {"time": "2024-06-01T10:20:60.000000Z"}, {"time": "2024-06-01T10:20:07.12345Z"},
+    {"time": "2024-06-01T10:21:07.123456Z"}, {"time": "2024-06-01T10:20:07.123456+00:00"}, {"time": None},
+    {"time": 5}, {"data": None}, {"data": [1]}, {"data": {"a": {"b": 1}}}, {"data": {"a": [1]}}, {"data": 3},
+    {"data": {}}, {"data": {"a": None, "b": True, "c": 1.5, "d": "s"}}, {"extra": "x"}, {"dataschema": "s"},
+])
+@pytest.mark.parametrize("namespace", [None, "tenant-a"])
+def test_one_uncommon_event_among_common_ones_is_decided_as_the_validator_does(
+        change: dict[str, Any], namespace: str | None) -> None:
+    """The column checks (`_columns`, all events at once) take a request only when each event is as common
+    as can be; one event otherwise, anywhere, is left to `fast_heads` or the validator, with the same answer."""
+    fastpath._MINUTES.clear()
+    warm = orjson.dumps([common(0)])
+    assert fast(orjson.loads(warm), warm) is not None  # the minute 2024-06-01T10:20 is now known
+    for position in (0, 57, 99):
+        items = [common(i) for i in range(100)]
+        items[position] = {k: v for k, v in {**items[position], **change}.items() if v is not None or k != "subject"}
+        body = orjson.dumps(items)
+        expected = authority(orjson.loads(body), namespace, 64 * 1024, 2, 500_000, 500)
+        got = fast(orjson.loads(body), body, namespace, max_data_depth=2)
+        assert got is None or got == expected
+        if not change:
+            assert fastpath._columns(orjson.loads(body), 2) is not None and got == expected
+
+
 @pytest.mark.parametrize("subjects", [1, 2, fastpath._SPLIT_SUBJECTS_MAX, fastpath._SPLIT_SUBJECTS_MAX + 1, 40])
 def test_every_grouping_of_subjects_is_taken_as_the_encoder_groups_it(subjects: int) -> None:
     """One subject, a few (split by subject, one encoding a subject) and many (encoded event by event), and a
