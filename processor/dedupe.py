@@ -284,11 +284,7 @@ class DedupeState:
         `owned=False` (`dedupe_keys` rows of another worker's partition, merged for global dedupe) it
         advances `foreign_marker` instead, and marks nothing loaded.
         """
-        generation = self.generation(partition) if generation is None else generation
-        now = time.time() if now is None else now
-        floor = now - self.keep_seconds
-        with self._open():
-            current_no = self.epoch_no(log_epoch)
+        generation, floor, current_no = self._load_start(log_epoch, partition, generation, now)
         max_next = 0
         n = 0
         chunk: list[tuple[bytes, bytes]] = []
@@ -328,11 +324,7 @@ class DedupeState:
         as it is, without a Python decision per row (a reload spent ~8-17 us a key on per-key writes,
         README "P5"). Rows in another order are correct too, only slower (each chunk is sorted).
         """
-        generation = self.generation(partition) if generation is None else generation
-        now = time.time() if now is None else now
-        floor = now - self.keep_seconds
-        with self._open():
-            current_no = self.epoch_no(log_epoch)
+        generation, floor, current_no = self._load_start(log_epoch, partition, generation, now)
         max_next = 0
         n = 0
         keys: list[bytes] = []
@@ -367,6 +359,15 @@ class DedupeState:
             self._merge_sorted(keys, records)
         self._loaded_up_to(partition, current_no, max_next, generation, owned)
         return n
+
+    def _load_start(self, log_epoch: str, partition: int, generation: int | None,
+                    now: float | None) -> tuple[int, float, int]:
+        """What a load needs before its first row: the partition's generation (taken now unless given, so a
+        revocation during the load is seen), the oldest `seen_at` still kept, and the log epoch's number."""
+        generation = self.generation(partition) if generation is None else generation
+        floor = (time.time() if now is None else now) - self.keep_seconds
+        with self._open():
+            return generation, floor, self.epoch_no(log_epoch)
 
     def _loaded_up_to(self, partition: int, epoch_no: int, max_next: int, generation: int, owned: bool) -> None:
         """After a load: advance the partition's marker (`foreign_marker` if not `owned`) to what it read,
