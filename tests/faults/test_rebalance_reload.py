@@ -1,8 +1,10 @@
 """A rebalance while a worker is still loading its dedupe state, with resends of earlier events.
 
-Scenario 15: `dedupe_keys` holds a long history (1.6M keys within the dedupe horizon, written straight
+Scenario 15: `dedupe_keys` holds a long history (5M keys within the dedupe horizon, written straight
 into ClickHouse so the test need not send them: keys of no event sent; only there, since a load reads
-nothing else), so loading an owned partition's keys takes seconds. Events are sent through worker 0 and drained. Then a fresh worker 1 (empty cache: a
+nothing else), so loading an owned partition's keys takes seconds. (1.6M keys were enough while a load
+wrote key by key; loaded as SST files they took ~3 s in all on a quiet machine, over before worker 0's
+leave reached worker 1, and the test failed its own check that a rebalance landed inside a load.) Events are sent through worker 0 and drained. Then a fresh worker 1 (empty cache: a
 new machine) joins and must load every partition's keys before deciding anything, while events keep
 coming: new ones, their retries, and resends of the drained ones. While worker 1 is loading, worker 0
 leaves the group (stopped): its partitions move to worker 1 in the middle of the load. Then worker 0
@@ -113,7 +115,7 @@ def drained(stack: LocalStack, sender: Sender) -> None:
 
 def test_rebalance_during_dedupe_reload(make_stack: MakeStack, make_sender: MakeSender,
                                         summary: Summary) -> None:
-    history = env_int("METERLINE_FAULT_HISTORY_KEYS", 1_600_000)
+    history = env_int("METERLINE_FAULT_HISTORY_KEYS", 5_000_000)
     started, row, seed, rng = begin(summary("15 rebalance during dedupe reload, resends"), 15)
     stack = make_stack(processors=1, partitions=4)
     # Enough subjects that every partition has traffic (the returned partitions need some).
