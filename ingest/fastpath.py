@@ -2,7 +2,7 @@
 
 Why: a batch of 100 events spent ~3 us an event in `meterline.core.events` (validation that copies each
 event and encodes its `data` to measure it, then the wire encoder encoding every event again), more than
-orjson's parse of the body (bench P1, README "Where the time goes"). This module takes the common
+orjson's parse of the body (bench P1, docs/performance.md, "Where the time goes"). This module takes the common
 request in fewer steps and encodes each event once:
 
 * control characters: orjson refuses raw C0 controls and invalid UTF-8 in strings, so a decoded string

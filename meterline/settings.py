@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     processor_batch_seconds: float = Field(default=0.2, gt=0)
     #: How long the worker's consumer lets the broker hold a fetch for more data. Faust hard-codes
     #: aiokafka's 1500 ms, and against the local broker a fetch then answers only every ~0.5 s however
-    #: much is waiting: half of P4's freshness (README "Performance"). 50 ms costs an idle worker 20 small
+    #: much is waiting: half of P4's freshness (docs/performance.md). 50 ms costs an idle worker 20 small
     #: fetches a second.
     processor_fetch_max_wait_ms: int = Field(default=50, ge=1, le=60_000)
     #: How often every process looks for meter changes, and how long a silent processor worker still

@@ -44,7 +44,7 @@ PURGE_INTERVAL_SECONDS = 6 * 3600.0
 #: "Pipelining"): ~3 tracked lists an event (the `events` row, its errors and rejections), ~130k for two
 #: batches of 20k events. With 100k every batch crossed it and the collection walked those rows, ~1.5-1.9 µs
 #: an event (in process, CPU time); none of them is garbage. 1M is crossed by growth or cyclic garbage only
-#: (README "Performance"), which is then collected as before.
+#: (docs/performance.md), which is then collected as before.
 GC_THRESHOLD = 1_000_000
 #: How often an idle worker looks for conflicts to repair (one `dedupe_keys` range read when nothing is new).
 RECONCILE_INTERVAL_SECONDS = 2.0

@@ -1,6 +1,6 @@
 """A batch's rows as the columns clickhouse-connect writes fastest.
 
-Profiling the worker (README "Performance") showed a third of the insert thread's time in
+Profiling the worker (docs/performance.md) showed a third of the insert thread's time in
 clickhouse-connect turning rows into columns and every DateTime64 into ticks through
 `datetime.timestamp()`, plus one `DESCRIBE` round trip per insert to learn the column types. Here
 rows are transposed by `zip` (C), DateTime64 columns become exact integer ticks (clickhouse-connect

@@ -121,7 +121,7 @@ def _options() -> Options:
     opts = Options(raw_mode=True)
     # Most keys a batch looks up are new, i.e. misses: without filters each one searches the memtable
     # and every SST's index. Bloom filters on both (10 bits a key: ~12 MB per 10M keys) answered a
-    # batch's 20k lookups in a third of the time once 400k keys were cached (README "Performance").
+    # batch's 20k lookups in a third of the time once 400k keys were cached (docs/performance.md).
     table = BlockBasedOptions()
     table.set_bloom_filter(10, False)
     opts.set_block_based_table_factory(table)
@@ -322,7 +322,7 @@ class DedupeState:
         and compacted level by level. Sorted rows make one load's files disjoint and its multi-gets read
         neighbouring keys; a chunk whose keys are all new and increasing (a cold takeover's) is written
         as it is, without a Python decision per row (a reload spent ~8-17 us a key on per-key writes,
-        README "P5"). Rows in another order are correct too, only slower (each chunk is sorted).
+        docs/performance.md). Rows in another order are correct too, only slower (each chunk is sorted).
         """
         generation, floor, current_no = self._load_start(log_epoch, partition, generation, now)
         max_next = 0

@@ -50,7 +50,7 @@ OLDEST_UNPROCESSED_AGE = Gauge(
     "Per owned partition: upper bound of the age of the oldest message not yet written (0 when caught up); "
     "alert well before it reaches the topic's retention", ["partition"])
 
-# Where a batch's time goes (P2's throughput and P4's freshness are read from these; README "Performance").
+# Where a batch's time goes (P2's throughput and P4's freshness are read from these; docs/performance.md).
 _STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_WAIT_SECONDS = Histogram(
     "meterline_processor_batch_wait_seconds",

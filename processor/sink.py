@@ -71,7 +71,7 @@ logger = logging.getLogger(__name__)
 
 #: `optimize_on_insert=0`: ClickHouse would otherwise run ReplacingMergeTree's merge over every inserted block
 #: to collapse rows sharing a sorting key within it, ~25% of the CPU of an `events` or `dedupe_keys` insert
-#: (README, "Where the time goes"). A batch's rows never share an identity (one row per position, window
+#: (docs/performance.md, "Where the time goes"). A batch's rows never share an identity (one row per position, window
 #: or first sighting), and where they could, FINAL and merges collapse them exactly as they collapse copies
 #: that arrived in two inserts: the rows a reader sees are the same.
 INSERT_SETTINGS: dict[str, object] = {"async_insert": 0, "wait_for_async_insert": 1, "optimize_on_insert": 0}
@@ -101,7 +101,7 @@ def dedupe_load_query(database: str, partition: int, keep_days: int,
     encoding, were copied into it from `events` at schema migration (processor/key_backfill.py).
 
     `by_key`: sorted by key (then as the table orders a key's rows), the order of the worker's RocksDB
-    keys, so its load writes sorted SST files without sorting in Python (`DedupeState.load_rows`).
+    keys, so its load writes sorted SST files without sorting in Python (`DedupeState.load_sorted`).
     """
     sql, params = foreign_keys_query(database, {partition: since}, keep_days)
     if by_key:
@@ -116,7 +116,7 @@ def dedupe_key_rows(events: Sequence[Sequence[Any]]) -> list[list[Any]]:
 
 def dedupe_key_columns(events: Sequence[Sequence[Any]]) -> list[Sequence[Any]]:
     """The `dedupe_keys` columns of a batch's `events` columns: the same values, picked, not rebuilt
-    (a row-by-row copy cost the worker ~1 µs per event, README "Performance")."""
+    (a row-by-row copy cost the worker ~1 µs per event, docs/performance.md)."""
     return [events[i] for i in KEY_FROM_EVENT]
 
 

@@ -2,7 +2,7 @@
 
 Why: uvicorn arms a keep-alive timer (`call_later`) when each response completes and cancels it when the
 next request's first bytes arrive. On uvloop a timer armed and cancelled costs ~1.8 us, of a ~90 us
-single-event ingest request (bench P1, README "Performance"). Here the timer is armed when a connection
+single-event ingest request (bench P1, docs/performance.md). Here the timer is armed when a connection
 goes idle and no timer is pending; when it fires it closes the connection only if it is still idle and
 has been for `timeout_keep_alive` seconds, else re-arms for the rest of that time (or, while a request
 is being served, leaves the next idle stretch to arm it). An idle connection is still closed
